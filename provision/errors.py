@@ -1,0 +1,181 @@
+"""Typed errors and the exit-code table: the one place both are defined.
+
+Every failure a stage can report is a ``ProvisionError`` subclass that carries its exit
+code, a one-sentence message (what is wrong and what to do next) and context attributes
+for the ``--json`` report. Classes also inherit from the closest builtin so library users
+can catch ``OSError``/``ValueError`` as usual. This module does not print or exit:
+``cli.main`` turns these into exit codes.
+
+Exit codes::
+
+    0   ok
+    1   unexpected error (a bug: run again with PROVISION_DEBUG=1 for the traceback)
+    2   usage: a malformed command-line argument
+    3   manifest or config: a bad manifest, params.json or option combination
+    4   fetch: network, not found, auth, stalled
+    5   verification: size, hash, structure, hostile content
+    6   resources: disk, GPU memory, a lock held too long
+    7   conversion
+    8   smoke test
+    130 interrupted by SIGINT
+    143 terminated by SIGTERM
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+EXIT_OK = 0
+EXIT_UNEXPECTED = 1
+EXIT_USAGE = 2
+EXIT_MANIFEST = 3
+EXIT_FETCH = 4
+EXIT_VERIFY = 5
+EXIT_RESOURCES = 6
+EXIT_CONVERT = 7
+EXIT_SMOKE = 8
+EXIT_SIGINT = 130
+EXIT_SIGTERM = 143
+
+EXIT_CODES: dict[int, str] = {
+    EXIT_OK: "ok",
+    EXIT_UNEXPECTED: "unexpected error",
+    EXIT_USAGE: "usage: a malformed command-line argument",
+    EXIT_MANIFEST: "manifest or config: a bad manifest, params.json or option combination",
+    EXIT_FETCH: "fetch: network, not found, auth, stalled",
+    EXIT_VERIFY: "verification: size, hash, structure, hostile content",
+    EXIT_RESOURCES: "resources: disk, GPU memory, a lock held too long",
+    EXIT_CONVERT: "conversion",
+    EXIT_SMOKE: "smoke test",
+    EXIT_SIGINT: "interrupted (SIGINT)",
+    EXIT_SIGTERM: "terminated (SIGTERM)",
+}
+
+
+class ProvisionError(Exception):
+    """Base of every expected failure. ``str(err)`` is the one-line message."""
+
+    exit_code: int = EXIT_UNEXPECTED
+    kind: str = "error"
+
+    def __init__(self, message: str, *, hint: str | None = None, **context: Any) -> None:
+        super().__init__(message)
+        self.message = message
+        self.hint = hint
+        self.context: dict[str, Any] = context
+
+    def __str__(self) -> str:
+        return self.message if not self.hint else f"{self.message} {self.hint}"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "kind": self.kind,
+            "exit_code": self.exit_code,
+            "message": str(self),
+            "context": {k: _jsonable(v) for k, v in self.context.items()},
+        }
+
+
+def _jsonable(v: Any) -> Any:
+    if isinstance(v, (str, int, float, bool)) or v is None:
+        return v
+    if isinstance(v, (list, tuple)):
+        return [_jsonable(x) for x in v]
+    if isinstance(v, dict):
+        return {str(k): _jsonable(x) for k, x in v.items()}
+    return str(v)
+
+
+class UsageError(ProvisionError, ValueError):
+    exit_code = EXIT_USAGE
+    kind = "usage"
+
+
+class ManifestError(ProvisionError, ValueError):
+    """A manifest, params.json or configuration is malformed or inconsistent."""
+
+    exit_code = EXIT_MANIFEST
+    kind = "manifest"
+
+
+class ParamsError(ManifestError):
+    kind = "params"
+
+
+class FetchError(ProvisionError, ConnectionError):
+    exit_code = EXIT_FETCH
+    kind = "fetch"
+
+
+class NotFoundError(FetchError):
+    kind = "not_found"
+
+
+class AuthError(FetchError):
+    kind = "auth"
+
+
+class StallError(FetchError):
+    kind = "stalled"
+
+
+class VerifyError(ProvisionError):
+    exit_code = EXIT_VERIFY
+    kind = "verify"
+
+
+class HashMismatchError(VerifyError):
+    kind = "hash_mismatch"
+
+
+class SizeMismatchError(VerifyError):
+    kind = "size_mismatch"
+
+
+class StructureError(VerifyError):
+    kind = "structure"
+
+
+class HostileContentError(VerifyError):
+    """A path that escapes the destination, a symlink out, a pickle, an absurd header."""
+
+    kind = "hostile"
+
+
+class ResourceError(ProvisionError, OSError):
+    exit_code = EXIT_RESOURCES
+    kind = "resources"
+
+
+class DiskSpaceError(ResourceError):
+    kind = "disk"
+
+
+class GPUMemoryError(ResourceError):
+    kind = "gpu_memory"
+
+
+class LockTimeoutError(ResourceError):
+    kind = "lock"
+
+
+class ConvertError(ProvisionError):
+    exit_code = EXIT_CONVERT
+    kind = "convert"
+
+
+class SmokeError(ProvisionError):
+    exit_code = EXIT_SMOKE
+    kind = "smoke"
+
+
+class Interrupted(ProvisionError, KeyboardInterrupt):  # type: ignore[misc]
+    """Raised by the SIGTERM handler (and used for SIGINT) so ``finally`` blocks run."""
+
+    exit_code = EXIT_SIGINT
+    kind = "interrupted"
+
+    def __init__(self, message: str = "Interrupted.", *, signum: int = 2, **context: Any) -> None:
+        super().__init__(message, **context)
+        self.signum = signum
+        self.exit_code = EXIT_SIGTERM if signum == 15 else EXIT_SIGINT

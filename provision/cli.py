@@ -49,9 +49,12 @@ class LazyGroup(click.Group):
         return ordered + sorted(found - set(ordered))
 
     def list_commands(self, ctx: click.Context) -> list[str]:
-        return self._names()
+        names = self._names()
+        return names + sorted(set(self.commands) - set(names))
 
     def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        if cmd_name in self.commands:  # added programmatically (plugins, tests)
+            return self.commands[cmd_name]
         if cmd_name not in self._names():
             return None
         mod = import_module(f"provision.commands.{cmd_name.replace('-', '_')}")
@@ -103,16 +106,17 @@ def run_cli(argv: list[str] | None = None) -> int:
         code = rv if isinstance(rv, int) else 0
     except click.exceptions.Exit as e:
         code = e.exit_code
-    except click.exceptions.Abort:
-        code = EXIT_SIGINT
-        _report_error(Interrupted("Interrupted."), code)
+    except click.exceptions.Abort as e:  # click turns KeyboardInterrupt (and our Interrupted) into Abort
+        cause = e.__cause__ if isinstance(e.__cause__, Interrupted) else Interrupted(
+            "Interrupted by SIGINT; progress was saved, run the same command again to resume.")
+        code = cause.exit_code
+        _report_error(cause, code)
     except click.ClickException as e:  # usage errors: bad option, missing argument, bad value
         e.show(file=sys.stderr)
         code = EXIT_USAGE if isinstance(e, click.UsageError) else e.exit_code
         if code == 1:
             code = EXIT_USAGE
-        app = current_app() or app
-        app.fail_report({"kind": "usage", "exit_code": code, "message": e.format_message(), "context": {}}, code)
+        (current_app() or app).fail_report({"kind": "usage", "exit_code": code, "message": e.format_message(), "context": {}}, code)
     except Interrupted as e:
         code = e.exit_code
         _report_error(e, code)

@@ -67,7 +67,7 @@ class Terminal:
         self._log: IO[str] | None = None
         if log_file is not None:
             log_file.parent.mkdir(parents=True, exist_ok=True)
-            self._log = open(log_file, "a", encoding="utf-8")  # noqa: SIM115
+            self._log = open(log_file, "a", encoding="utf-8")
         self._lock = threading.Lock()
         self._progress: Progress | None = None
         self._tasks: dict[str, TaskID] = {}

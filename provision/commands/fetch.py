@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any, TypeVar
 
 import click
 
@@ -24,7 +26,10 @@ def parse_rate(value: str | None) -> int:
     return int(float(m.group(1)) * mult)
 
 
-def torrent_options(f: object) -> object:
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def torrent_options(f: F) -> F:
     """Options shared by `fetch`, `seed` and `run` for BitTorrent."""
     opts = [
         click.option("--network", type=click.Choice(["public", "closed"]), envvar="PROVISION_NETWORK",
@@ -37,7 +42,7 @@ def torrent_options(f: object) -> object:
         click.option("--max-upload-rate", metavar="R", help="Upload limit, e.g. 10M (bytes/s)."),
     ]
     for o in reversed(opts):
-        f = o(f)  # type: ignore[operator]
+        f = o(f)
     return f
 
 

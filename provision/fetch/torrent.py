@@ -47,7 +47,7 @@ def _meta_from_info(ti: object) -> TorrentMeta:
     name = ti.name()
     files = []
     for i in range(fs.num_files()):
-        if fs.pad_file_at(i):
+        if fs.file_flags(i) & lt.file_storage.flag_pad_file:
             continue
         p = fs.file_path(i).replace("\\", "/")
         # strip the torrent's root folder (multi-file torrents put everything under `name/`)

@@ -140,9 +140,9 @@ def run_cli(argv: list[str] | None = None) -> int:
                        "context": {}}, code)
     finally:
         signal.signal(signal.SIGTERM, old)
-        a = current_app()
-        if a is not None:
-            a.terminal.close()
+        last = current_app()
+        if last is not None:
+            last.terminal.close()
     if code == EXIT_SIGTERM:
         sys.stderr.flush()
     return code

@@ -16,6 +16,8 @@ A lock is *stale* (and is taken over) when:
 ``flock`` is an extra guard, never the only one: the holder also takes ``flock(LOCK_EX)`` on the
 file, and a lock whose ``flock`` is visibly held is never judged stale; a ``flock`` that succeeds
 proves nothing (``localflock`` on Lustre, ``nolock`` NFS mounts) and the rules above decide.
+(On NFS, Linux emulates ``flock`` with POSIX locks, which a probe from the holder's own process
+can release: so the guard is advisory there, and nothing depends on it.)
 Taking over a stale lock goes through a short-lived ``<lock>.break`` file and re-reads the lock
 under it, so two waiters cannot both break it or delete a fresh lock made in between.
 
@@ -41,7 +43,7 @@ from types import TracebackType
 from typing import Any
 
 from provision import __version__
-from provision.errors import ResourceError, LockTimeoutError
+from provision.errors import LockTimeoutError, ResourceError
 from provision.state import shared_file_mode
 
 LOCK_KIND = "provision-lock"
@@ -303,7 +305,8 @@ def break_stale(status: LockStatus) -> bool:
 class ModelLock:
     """Hold ``path`` while the ``with`` block runs; see the module docstring for the rules.
 
-    ``timeout``: seconds to wait (0 = one try, None = forever). ``heartbeat``: seconds between
+    ``timeout``: seconds to wait (0 = one try, ``math.inf`` = forever, None = ``PROVISION_LOCK_TIMEOUT``
+    or 60). ``heartbeat``: seconds between
     mtime refreshes (0/None = none). ``stale_after``: how long a lock from another host may go
     without a heartbeat before it is taken over. ``host`` overrides this machine's name (tests).
     """
@@ -321,7 +324,7 @@ class ModelLock:
         what: str | None = None,
     ) -> None:
         self.path = Path(path)
-        self.timeout = default_timeout() if timeout is None and timeout is not ... else timeout
+        self.timeout = default_timeout() if timeout is None else timeout
         self.heartbeat = heartbeat or None
         self.stale_after = default_stale_after() if stale_after is None else stale_after
         self.use_flock = use_flock
@@ -334,12 +337,6 @@ class ModelLock:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._lost = threading.Event()
-
-    @classmethod
-    def forever(cls, path: Path, **kw: Any) -> ModelLock:
-        lk = cls(path, **kw)
-        lk.timeout = None
-        return lk
 
     # -- public -----------------------------------------------------------------------------
     @property
@@ -356,6 +353,7 @@ class ModelLock:
             raise RuntimeError(f"{self.path} is already held by this ModelLock")
         start = time.monotonic()
         delay = 0.02
+        quick = 0
         watched: tuple[tuple[str | None, int | None, int | None], float] | None = None
         while True:
             if self._try_create():
@@ -368,17 +366,18 @@ class ModelLock:
             if st0.state == "live" and now - watched[1] > 0:
                 status = lock_status(self.path, stale_after=self.stale_after, host=self.host,
                                      watched_unchanged_s=now - watched[1], use_flock=self.use_flock)
-            if status.state == "free":
-                continue
             if status.state == "stale" and break_stale(status):
                 self.took_over.append(status)
+                status = lock_status(self.path, stale_after=self.stale_after, host=self.host,
+                                     use_flock=self.use_flock)
+            if status.state == "free" and quick < 3:  # gone meanwhile: try again at once, a few times
+                quick += 1
                 continue
+            quick = 0
             elapsed = time.monotonic() - start
-            if self.timeout is not None and elapsed >= self.timeout:
+            if elapsed >= self.timeout:
                 raise self._timeout_error(status, elapsed)
-            pause = delay * random.uniform(0.8, 1.2)
-            if self.timeout is not None:
-                pause = min(pause, max(self.timeout - elapsed, 0.0))
+            pause = min(delay * random.uniform(0.8, 1.2), max(self.timeout - elapsed, 0.0))
             time.sleep(pause)
             delay = min(delay * 1.5, 1.0)
 

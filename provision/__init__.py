@@ -9,4 +9,15 @@ from __future__ import annotations
 __version__ = "0.1.0"
 JSON_SCHEMA_VERSION = 1
 
-__all__ = ["JSON_SCHEMA_VERSION", "__version__"]
+__all__ = ["JSON_SCHEMA_VERSION", "__version__", "convert", "fetch", "plan", "run", "smoke", "verify"]
+
+_API = {"run", "plan", "fetch", "verify", "convert", "smoke"}
+
+
+def __getattr__(name: str) -> object:
+    """``provision.run`` and the other stage functions load on first use (see ``provision.api``)."""
+    if name in _API:
+        from provision import api
+
+        return getattr(api, name)
+    raise AttributeError(f"module 'provision' has no attribute {name!r}")

@@ -156,7 +156,7 @@ class Terminal:
             return
         self._plain_last[ev.task] = now
         elapsed = max(now - start[0], 1e-9)
-        rate = (ev.done - start[1]) / elapsed
+        rate = max(0.0, (ev.done - start[1]) / elapsed)
         desc = ev.description or ev.task
         if ev.unit == "B":
             done = human_bytes(ev.done)

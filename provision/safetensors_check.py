@@ -14,6 +14,7 @@ imports torch, never reads tensor data and never writes anything.
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import os
@@ -192,12 +193,14 @@ def check_safetensors(path: Path) -> SafetensorsInfo:
         raise _bad(path, "__metadata__ must map strings to strings")
     tensors = {name: _tensor(path, name, entry) for name, entry in header.items()}
     data_len = size - 8 - n
-    cursor = 0
-    prev = ""
-    for name, t in sorted(tensors.items(), key=lambda kv: (kv[1].begin, kv[1].end)):
-        if t.begin < cursor:
-            raise _bad(path, f"tensors {prev!r} and {name!r} overlap (offset {t.begin} < {cursor})",
+    ordered = sorted(tensors.items(), key=lambda kv: (kv[1].begin, kv[1].end))
+    # overlaps first (the hostile case), then gaps and bounds
+    for (prev, p), (name, t) in itertools.pairwise(ordered):
+        if t.begin < p.end:
+            raise _bad(path, f"tensors {prev!r} and {name!r} overlap (bytes {t.begin:,d}..{min(t.end, p.end):,d})",
                        tensor=name, other=prev)
+    cursor = 0
+    for name, t in ordered:
         if t.begin > cursor:
             raise _bad(path, f"{t.begin - cursor} bytes before tensor {name!r} belong to no tensor",
                        tensor=name)
@@ -205,7 +208,6 @@ def check_safetensors(path: Path) -> SafetensorsInfo:
             raise _bad(path, f"tensor {name!r} ends at {t.end:,d}, past the {data_len:,d}-byte data section",
                        tensor=name, expected=data_len, actual=t.end)
         cursor = t.end
-        prev = name
     if cursor != data_len:
         raise _bad(path, f"the tensors cover {cursor:,d} bytes but the data section holds {data_len:,d} "
                          f"(file size {size:,d})", expected=8 + n + cursor, actual=size)

@@ -25,7 +25,6 @@ import hashlib
 import json
 import os
 import re
-import socket
 import threading
 import time
 from collections.abc import Iterable, Iterator
@@ -111,6 +110,7 @@ class RequestRecord:
     authorization: str | None
     range: str | None
     status: int
+    at: float = 0.0  # time.monotonic() when the answer was sent
 
 
 class _Server(ThreadingHTTPServer):
@@ -128,15 +128,15 @@ class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     server: _Server
 
-    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - silence the default stderr log
+    def log_message(self, format: str, *args: Any) -> None:
         return
 
     # --- plumbing -------------------------------------------------------------------------
 
-    def do_GET(self) -> None:  # noqa: N802
+    def do_GET(self) -> None:
         self._dispatch(head=False)
 
-    def do_HEAD(self) -> None:  # noqa: N802
+    def do_HEAD(self) -> None:
         self._dispatch(head=True)
 
     def _dispatch(self, *, head: bool) -> None:
@@ -147,13 +147,14 @@ class _Handler(BaseHTTPRequestHandler):
                 self._cdn(head)
             else:
                 self._hub(head)
-        except (BrokenPipeError, ConnectionResetError, socket.timeout):
+        except (TimeoutError, BrokenPipeError, ConnectionResetError):
             self.close_connection = True
         finally:
             hub._record(RequestRecord(role=self.server.role, port=self.server.server_address[1],
                                       method=self.command, path=self.path,
                                       authorization=self.headers.get("Authorization"),
-                                      range=self.headers.get("Range"), status=self._status))
+                                      range=self.headers.get("Range"), status=self._status,
+                                      at=time.monotonic()))
 
     def _send(self, status: int, headers: dict[str, str], body: bytes = b"", *, head: bool = False) -> None:
         self._status = status
@@ -175,7 +176,7 @@ class _Handler(BaseHTTPRequestHandler):
             h["X-Error-Code"] = code
         self._send(status, h, json.dumps({"error": message}).encode(), head=head)
 
-    def _user(self) -> str | None | bool:
+    def _user(self) -> str | bool | None:
         """The user a bearer token maps to; None without a token; False for an unknown token."""
         auth = self.headers.get("Authorization")
         if not auth:
@@ -361,6 +362,14 @@ class _Handler(BaseHTTPRequestHandler):
             return
         sent = 0
         rate = hub.rate_limit
+        stall_at = hub.stall_after.get(f.path)
+        if stall_at is not None:
+            with open(source, "rb") as fh:
+                self.connection.sendfile(fh, start, min(stall_at, count))
+            hub._count(self.server.role, role_path, min(stall_at, count))
+            hub.stalled.wait(timeout=30)  # hold the connection open, sending nothing, until the test ends
+            self.close_connection = True
+            return
         with open(source, "rb") as fh:
             try:
                 if not rate:
@@ -400,6 +409,8 @@ class LoopbackHub:
         self.fail_once: dict[str, tuple[int, dict[str, str]]] = {}  # repo path -> (status, headers), once
         self.serve_instead: dict[str, Path] = {}  # repo path -> other bytes to serve (same size in tests)
         self.rate_limit: int = 0  # bytes/s per response body, 0 = unlimited
+        self.stall_after: dict[str, int] = {}  # repo path -> send this many body bytes, then nothing
+        self.stalled = threading.Event()  # set on stop: releases stalled responses
         self.requests: list[RequestRecord] = []
         self.unknown_api_calls: list[str] = []
         self.bytes_sent: dict[tuple[str, str], int] = {}  # (role, repo path) -> body bytes
@@ -418,6 +429,7 @@ class LoopbackHub:
         return self
 
     def stop(self) -> None:
+        self.stalled.set()
         for srv in (self._hub, self._cdn):
             srv.shutdown()
             srv.server_close()
@@ -526,3 +538,21 @@ if __name__ == "__main__":  # pragma: no cover - manual use: python -m tests.hub
             while True:
                 time.sleep(3600)
     os._exit(0)
+
+
+# ---------------------------------------------------------------------------------------
+# pytest fixtures (imported by tests/test_hub*.py)
+
+import pytest  # noqa: E402 - fixtures only; the server above does not need pytest
+
+TOKENS = {"hf_alice_token_0123456789": "alice", "hf_bob_token_0123456789": "bob"}
+
+
+@pytest.fixture()
+def hub(tiny_src: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[LoopbackHub]:
+    """The tiny checkpoint served as ``provision/tiny-pixtral`` (its manifest revision, ``main``);
+    HF_ENDPOINT points at it. Tokens: ``TOKENS`` (alice, bob)."""
+    with serve_tiny(tiny_src, tokens=TOKENS) as h:
+        monkeypatch.setenv("HF_ENDPOINT", h.endpoint)
+        monkeypatch.setenv("HF_HUB_DISABLE_TELEMETRY", "1")
+        yield h

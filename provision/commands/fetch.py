@@ -76,14 +76,17 @@ def command(source: str, dest: Path | None, home: Path | None, include: tuple[st
     for p in peers:
         parse_peer(p)
     up, down = parse_rate(max_upload_rate), parse_rate(max_download_rate)
+    hopts = HubOptions(token=token, stall_timeout=stall_timeout)
+    from provision.fetch.hub import use_options
+
+    use_options(hopts)  # the plan's listing of an hf:// repo uses --token and --stall-timeout too
     plan = make_plan(source, settings=app.settings, home=home, dest=dest, include=include,
                      offline=True if source.startswith("magnet:") else False)
     if plan.manifest is not None:
         app.manifest_sha256 = plan.manifest.sha256
     topts = TorrentOptions(peers=peers, trackers=trackers, network=network, listen=listen, seed_for=seed_for,
                            max_upload_rate=up, max_download_rate=down, stall_timeout=stall_timeout,
-                           metadata_timeout=stall_timeout)
-    hopts = HubOptions(token=token, stall_timeout=stall_timeout)
+                           metadata_timeout=stall_timeout, include=include)
     res = fetch(plan, source=source_kind, dest=dest, torrent=topts, hub=hopts, progress=app.terminal.progress)
     app.terminal.success(f"{len(res.files)} files verified in {res.dest} from {res.source}: "
                          f"{human_bytes(res.bytes_downloaded)} downloaded in {res.seconds:.1f} s")

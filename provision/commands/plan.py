@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import click
 
 from provision.app import App, get_app, json_option
+from provision.commands.convert import target_option
 
 
 def render_plan(app: App, plan: object) -> None:
@@ -43,6 +45,50 @@ def render_plan(app: App, plan: object) -> None:
         t.info(f"  note: {n}")
 
 
+def render_profiles(app: App, rows: list[dict[str, Any]], chosen: str | None, target_desc: str) -> None:
+    """The candidate conversion profiles for the target: memory needed, fit, and why not."""
+    from rich.table import Table
+
+    t = app.terminal
+    t.info(f"Conversion profiles for {target_desc}:")
+    table = Table(show_header=True, header_style="bold")
+    for col in ("profile", "activations", "weights", "KV cache", "needed/GPU", "available", "verdict"):
+        table.add_column(col, justify="right" if col not in ("profile", "verdict", "activations") else "left")
+    for r in rows:
+        verdict = "ok" if r["ok"] else str(r["why_not"])
+        mark = " <- chosen" if r["name"] == chosen else ""
+        table.add_row(r["name"], r["activation_dtype"], f"{r['weight_bytes'] / 2**30:.2f} GiB",
+                      f"{r['kv_bytes'] / 2**30:.2f} GiB", f"{r['need_bytes'] / 2**30:.2f} GiB",
+                      f"{r['available_bytes'] / 2**30:.2f} GiB", verdict + mark)
+    t.print(table)
+
+
+def plan_profiles(plan: object, target: str, scheme: str, context: int, params: Path | None) -> dict[str, Any]:
+    """Candidate profiles of the plan's model on ``target`` (needs a params.json: --params or fetched)."""
+    from provision.errors import ProvisionError
+    from provision.hardware import parse_target
+    from provision.model.args import ModelArgs
+    from provision.plan import Plan
+    from provision.profiles import candidates, choose
+
+    assert isinstance(plan, Plan)
+    src = params if params is not None else plan.dest / "params.json"
+    tgt = parse_target(target, hardware=plan.hardware)
+    if not src.is_file():
+        return {"target": tgt.to_dict(), "params": None, "candidates": [], "chosen": None,
+                "note": "profiles need params.json: fetch the model or pass --params FILE"}
+    args = ModelArgs.from_file(src)
+    rows = [p.to_dict() for p in candidates(args, tgt, context=context)]
+    chosen: str | None = None
+    error: dict[str, Any] | None = None
+    try:
+        chosen = choose(args, tgt, scheme, context=context).name
+    except ProvisionError as e:
+        error = e.to_dict()
+    return {"target": tgt.to_dict(), "target_description": tgt.describe(), "params": str(src), "context": context,
+            "scheme": scheme, "candidates": rows, "chosen": chosen, "error": error}
+
+
 @click.command("plan")
 @click.argument("source")
 @click.option("--home", type=click.Path(file_okay=False, path_type=Path), envvar="PROVISION_HOME",
@@ -50,9 +96,12 @@ def render_plan(app: App, plan: object) -> None:
 @click.option("--dest", type=click.Path(file_okay=False, path_type=Path), help="Where the original files go.")
 @click.option("--include", multiple=True, help="Only files matching this glob (repeatable).")
 @click.option("--offline", is_flag=True, help="Never touch the network; show what is unknown instead.")
+@target_option
+@click.option("--params", "params_file", type=click.Path(dir_okay=False, path_type=Path),
+              help="params.json to size the conversion profiles with (default: the fetched one).")
 @json_option
 def command(source: str, home: Path | None, dest: Path | None, include: tuple[str, ...], offline: bool,
-            json_out: bool) -> None:
+            target: str, scheme: str, context: int, params_file: Path | None, json_out: bool) -> None:
     """Show what SOURCE would fetch, its sizes, sources, what is present, hardware and disk."""
     app = get_app(json_out, "plan")
     from provision.plan import make_plan
@@ -61,4 +110,11 @@ def command(source: str, home: Path | None, dest: Path | None, include: tuple[st
     if plan.manifest is not None:
         app.manifest_sha256 = plan.manifest.sha256
     render_plan(app, plan)
-    app.finish({"plan": plan.to_dict()})
+    prof = plan_profiles(plan, target, scheme, context, params_file)
+    if prof["candidates"]:
+        render_profiles(app, prof["candidates"], prof["chosen"], prof["target_description"])
+        if prof["error"]:
+            app.terminal.warn(prof["error"]["message"])
+    else:
+        app.terminal.info(f"  profiles: {prof['note']}")
+    app.finish({"plan": plan.to_dict(), "profiles": prof})

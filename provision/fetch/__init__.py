@@ -34,6 +34,7 @@ class TorrentOptions:
     max_download_rate: int = 0
     stall_timeout: float = 120.0
     metadata_timeout: float = 120.0
+    include: tuple[str, ...] = ()  # globs, for sources whose file list is known only at fetch time (a bare magnet)
 
 
 @dataclass(frozen=True)

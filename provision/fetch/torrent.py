@@ -1,15 +1,85 @@
 """BitTorrent through libtorrent: the only module that imports it.
 
-Today: reading a .torrent file offline (name, files, infohashes) for ``plan``.
+What it does:
+
+* ``read_torrent_file`` / ``TorrentMeta``: read a ``.torrent`` offline (name, files, infohashes)
+  for ``plan``; ``magnet_listing``: resolve a bare magnet's file list from peers.
+* ``fetch_torrent(plan, dest=, options=, progress=)``: download only the plan's files into a
+  staging folder under ``Layout(home).staging(name)`` with libtorrent's own piece checks, hash
+  each file in order while its pieces are still in the page cache, hand those hashes to
+  ``provision.verify`` and only then move the files under their final names in ``dest``.
+  Resume data is saved every second or so and on SIGINT/SIGTERM (``torrents/<id>.resume``),
+  a stall watchdog raises ``StallError``, hostile names are refused before anything is
+  written, and free disk space is checked again once the metadata is known.
+* ``create_torrent`` / ``seed``: make a torrent (hybrid v1+v2, v1 or v2; never private) of a
+  verified folder and serve it in seed mode without re-hashing; ``seed`` writes the .torrent,
+  the magnet (``btih`` + ``btmh`` + ``x.pe`` + trackers) and an opentracker whitelist line
+  before serving, so a fleet script can hand them on.
+
+Every session is built from ``session_settings(network, ...)`` so nothing starts before the
+settings apply. ``closed`` mode turns DHT, LSD, UPnP, NAT-PMP, PEX and uTP off and listens on
+127.0.0.1 unless told otherwise; ``public`` keeps libtorrent's defaults (DHT, trackers, PEX).
+
+What it does not do: decide which source to use (``provision.fetch``), define what a valid
+file is (``provision.verify``), or print anything (events go through ``progress``).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import contextlib
+import errno
+import fnmatch
+import hashlib
+import os
+import shutil
+import socket
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
-from provision.errors import ManifestError, UsageError
-from provision.fsutil import safe_relpath
+import libtorrent as lt
+
+from provision import __version__, fsutil
+from provision.errors import (
+    DiskSpaceError,
+    FetchError,
+    HostileContentError,
+    Interrupted,
+    ManifestError,
+    NotFoundError,
+    StallError,
+    UsageError,
+)
+from provision.fsutil import safe_join, safe_relpath
+from provision.layout import Layout
+from provision.progress import ProgressEvent, ProgressFn, note
+from provision.sources import Magnet, build_magnet, parse_magnet
+
+if TYPE_CHECKING:
+    from provision.fetch import FetchedFile, FetchResult, TorrentOptions
+    from provision.plan import Plan, PlannedFile
+    from provision.verify import Authority
+
+NETWORK_MODES = ("public", "closed")
+TORRENT_VERSIONS = ("hybrid", "v1", "v2")
+RESUME_INTERVAL_S = 1.0  # periodic resume data: what a SIGKILL can lose is about this long
+POLL_S = 0.05
+PROGRESS_INTERVAL_S = 0.5
+HASH_READ_BYTES = 4 << 20
+REMOVE_TIMEOUT_S = 10.0
+
+_ALERTS = (lt.alert.category_t.error_notification | lt.alert.category_t.status_notification
+           | lt.alert.category_t.storage_notification | lt.alert.category_t.piece_progress_notification
+           | lt.alert.category_t.tracker_notification | lt.alert.category_t.connect_notification
+           | lt.alert.category_t.peer_notification)
+
+
+# ---------------------------------------------------------------------------------------
+# reading .torrent files and checking names
 
 
 @dataclass(frozen=True)
@@ -28,34 +98,1305 @@ class TorrentMeta:
 
 def read_torrent_file(path: Path) -> TorrentMeta:
     """Parse a .torrent offline; refuse hostile file names (exit 5) and malformed files (exit 2)."""
-    import libtorrent as lt
+    return _meta_from_info(_load_torrent_info(Path(path)))
 
+
+def _load_torrent_info(path: Path) -> Any:
     try:
-        ti = lt.torrent_info(str(path))
+        data = Path(path).read_bytes()
+    except OSError as e:
+        raise UsageError(f"Cannot read torrent file {path}: {e.strerror or e}.") from None
+    try:
+        ti = lt.torrent_info(data)
     except RuntimeError as e:
-        raise UsageError(f"Cannot read torrent file {path}: {e}.") from None
-    except OSError as e:  # pragma: no cover
-        raise ManifestError(f"Cannot read torrent file {path}: {e}.") from None
-    return _meta_from_info(ti)
+        raise UsageError(f"Cannot read torrent file {path}: {e}.", hint="Is it a complete .torrent file?") from None
+    check_info_names(ti.info_section())
+    return ti
 
 
-def _meta_from_info(ti: object) -> TorrentMeta:
-    import libtorrent as lt
+def _str_part(raw: Any, what: str) -> str:
+    if not isinstance(raw, bytes):
+        raise HostileContentError(f"Refusing the torrent: a {what} is not a string.")
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise HostileContentError(f"Refusing the torrent: the {what} {raw!r} is not valid UTF-8.") from None
 
-    assert isinstance(ti, lt.torrent_info)
-    fs = ti.files()
+
+def _check_component(part: str, what: str) -> None:
+    if part in ("", ".", "..") or "/" in part or "\\" in part or "\x00" in part or (len(part) > 1 and part[1] == ":"):
+        raise HostileContentError(
+            f"Refusing the torrent: the {what} {part!r} would leave the destination folder or is not a plain name.",
+            hint="Do not use this torrent; ask its publisher for a clean one.", path=part)
+
+
+def check_info_names(info_section: bytes) -> None:
+    """Refuse a torrent whose raw info dictionary names a path with ``..``, ``/``, ``\\``, NUL
+    or an absolute/empty component (libtorrent would silently rename it; we refuse instead)."""
+    info: Any = lt.bdecode(bytes(info_section))
+    if not isinstance(info, dict):
+        raise HostileContentError("Refusing the torrent: its info dictionary is malformed.")
+    for key in (b"name", b"name.utf-8"):
+        if key in info:
+            _check_component(_str_part(info[key], "torrent name"), "torrent name")
+    for f in info.get(b"files") or []:
+        if not isinstance(f, dict):
+            raise HostileContentError("Refusing the torrent: a file entry is malformed.")
+        for key in (b"path", b"path.utf-8"):
+            if key in f:
+                parts = f[key]
+                if not isinstance(parts, list) or not parts:
+                    raise HostileContentError("Refusing the torrent: a file path is empty or malformed.")
+                for p in parts:
+                    _check_component(_str_part(p, "file name"), "file name")
+
+    def walk(tree: Any, depth: int) -> None:
+        if depth > 64 or not isinstance(tree, dict):
+            raise HostileContentError("Refusing the torrent: its v2 file tree is malformed.")
+        for k, v in tree.items():
+            if k == b"":
+                continue
+            _check_component(_str_part(k, "file name"), "file name")
+            walk(v, depth + 1)
+
+    if b"file tree" in info:
+        walk(info[b"file tree"], 0)
+
+
+def _files_of(ti: Any) -> Any:
+    return ti.layout() if hasattr(ti, "layout") else ti.files()
+
+
+def _root_prefix(ti: Any) -> str:
+    """``name/`` for a multi-file torrent, ``""`` for a single-file one."""
+    fs = _files_of(ti)
     name = ti.name()
+    for i in range(fs.num_files()):
+        if not _is_pad(fs, i):
+            return name + "/" if fs.file_path(i).replace("\\", "/").startswith(name + "/") else ""
+    return name + "/"
+
+
+def _is_pad(fs: Any, i: int) -> bool:
+    return bool(fs.file_flags(i) & fs.flag_pad_file)
+
+
+def _meta_from_info(ti: Any) -> TorrentMeta:
+    fs = _files_of(ti)
+    root = _root_prefix(ti)
     files = []
     for i in range(fs.num_files()):
-        if fs.file_flags(i) & lt.file_storage.flag_pad_file:
+        if _is_pad(fs, i):
             continue
         p = fs.file_path(i).replace("\\", "/")
-        # strip the torrent's root folder (multi-file torrents put everything under `name/`)
-        rel = p[len(name) + 1:] if fs.num_files() > 1 and p.startswith(name + "/") else p
+        rel = p[len(root):] if root and p.startswith(root) else p
         safe_relpath(rel, what="file name in the torrent")
         files.append((rel, int(fs.file_size(i))))
-    ih = ti.info_hashes()
-    v1 = str(ih.v1) if ih.has_v1() else None
-    v2 = str(ih.v2) if ih.has_v2() else None
-    return TorrentMeta(name=name, files=tuple(files), btih=v1, btmh=v2, piece_length=ti.piece_length(),
-                       total_size=ti.total_size())
+    btih, btmh = _hashes(ti.info_hashes())
+    return TorrentMeta(name=ti.name(), files=tuple(files), btih=btih, btmh=btmh, piece_length=ti.piece_length(),
+                       total_size=sum(s for _, s in files))
+
+
+def _hashes(ih: Any) -> tuple[str | None, str | None]:
+    return (str(ih.v1) if ih.has_v1() else None, str(ih.v2) if ih.has_v2() else None)
+
+
+def whitelist_lines(btih: str | None, btmh: str | None) -> list[str]:
+    """opentracker whitelist entries: 40 hex each; a v2 hash is truncated to its first 20 bytes."""
+    out = [h for h in (btih, btmh[:40] if btmh else None) if h]
+    return list(dict.fromkeys(out))
+
+
+# ---------------------------------------------------------------------------------------
+# sessions
+
+
+def _parse_listen(value: str) -> str:
+    v = value.strip()
+    host, sep, port = v.rpartition(":")
+    if not sep or not port.isdigit() or not (0 <= int(port) < 65536) or not host:
+        raise UsageError(f"Malformed --listen {value!r} (expected HOST:PORT, e.g. 127.0.0.1:6881 or [::1]:0).")
+    if host.startswith("[") != host.endswith("]"):
+        raise UsageError(f"Malformed --listen {value!r}: unbalanced brackets around the IPv6 address.")
+    bare = host.strip("[]")
+    if ":" in bare:
+        return f"[{bare}]:{int(port)}"
+    return f"{bare}:{int(port)}"
+
+
+def session_settings(network: str, *, listen: str | None = None, upload_rate: int = 0,
+                     download_rate: int = 0) -> dict[str, Any]:
+    """The settings every session starts from (``lt.session(settings)``: nothing runs before them).
+
+    ``closed``: no DHT, LSD, UPnP, NAT-PMP or uTP (20 MB/s on loopback instead of ~500), listening
+    on ``listen`` or 127.0.0.1 with a free port, several peers per address allowed (loopback
+    tests). ``public``: libtorrent's defaults (DHT, LSD, UPnP, NAT-PMP, uTP), ``listen`` if given.
+    """
+    if network not in NETWORK_MODES:
+        raise UsageError(f"--network must be one of {', '.join(NETWORK_MODES)}, got {network!r}.")
+    s: dict[str, Any] = {
+        "user_agent": f"provision/{__version__} libtorrent/{lt.__version__}",
+        "alert_mask": _ALERTS,
+        "alert_queue_size": 200_000,
+        "upload_rate_limit": max(0, int(upload_rate)),
+        "download_rate_limit": max(0, int(download_rate)),
+        "stop_tracker_timeout": 1,
+        "close_redundant_connections": False,  # keep the peer that sent the metadata while priorities apply
+        # throughput on fast links (measured on loopback: ~270 -> ~650 MB/s for v1)
+        "send_buffer_watermark": 8 << 20,
+        "send_buffer_low_watermark": 1 << 20,
+        "max_queued_disk_bytes": 64 << 20,
+        "max_out_request_queue": 3000,
+        "max_allowed_in_request_queue": 6000,
+        "aio_threads": 4,
+        "hashing_threads": 2,
+    }
+    if upload_rate or download_rate:
+        s["ignore_limits_on_local_network"] = False  # a limit the user asked for applies to LAN peers too
+    if network == "closed":
+        s.update({
+            "enable_dht": False,
+            "enable_lsd": False,
+            "enable_upnp": False,
+            "enable_natpmp": False,
+            "enable_outgoing_utp": False,
+            "enable_incoming_utp": False,
+            "dht_bootstrap_nodes": "",
+            "listen_interfaces": _parse_listen(listen or "127.0.0.1:0"),
+            "allow_multiple_connections_per_ip": True,
+        })
+    elif listen:
+        s["listen_interfaces"] = _parse_listen(listen)
+    return s
+
+
+def open_session(settings: dict[str, Any]) -> Any:
+    """A libtorrent session started from ``settings`` (nothing runs before they apply)."""
+    try:
+        return lt.session(settings)  # type: ignore[call-overload]  # the bindings take a dict
+    except RuntimeError as e:  # pragma: no cover - libtorrent rejects a settings value
+        raise UsageError(f"libtorrent refused the session settings: {e}.") from None
+
+
+def _closed_flags(network: str) -> int:
+    if network == "closed":
+        return int(lt.torrent_flags.disable_dht | lt.torrent_flags.disable_lsd | lt.torrent_flags.disable_pex)
+    return 0
+
+
+def _peer_tuple(value: str) -> tuple[str, int]:
+    from provision.sources import parse_peer
+
+    return parse_peer(value)
+
+
+def _listen_endpoint(ses: Any, settings: dict[str, Any]) -> str:
+    """HOST:PORT others can use to reach this session (for x.pe); wildcards become this host's address."""
+    port = int(ses.listen_port())
+    iface = str(settings.get("listen_interfaces") or "0.0.0.0:0").split(",")[0]
+    host = iface.rpartition(":")[0].strip("[]")
+    if host in ("0.0.0.0", "::", ""):
+        host = _primary_address()
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def _primary_address() -> str:
+    try:
+        for fam, _, _, _, addr in socket.getaddrinfo(socket.gethostname(), None, socket.AF_INET):
+            ip = str(addr[0])
+            if fam == socket.AF_INET and not ip.startswith("127."):
+                return ip
+    except OSError:
+        pass
+    return "127.0.0.1"
+
+
+# ---------------------------------------------------------------------------------------
+# hashing while downloading
+
+
+class _StreamHasher:
+    """Hash selected files in torrent order as their pieces arrive (the data is still in the page
+    cache), so whole-file verification needs no second read. A piece counts once libtorrent says
+    we have it: its blocks are written and its piece hash passed."""
+
+    def __init__(self, items: Sequence[tuple[str, Path, int, int]], piece_length: int, num_pieces: int) -> None:
+        self.items = list(items)
+        self.pl = piece_length
+        self.have = bytearray(num_pieces)
+        self.cond = threading.Condition()
+        self.stopped = False
+        self.results: dict[str, str] = {}
+        self.errors: dict[str, str] = {}
+        self.bytes_hashed = 0
+        self.finished_at: float | None = None
+        self.thread = threading.Thread(target=self._run, name="provision-stream-hash", daemon=True)
+
+    def start(self) -> None:
+        self.thread.start()
+
+    def mark(self, piece: int) -> None:
+        with self.cond:
+            if 0 <= piece < len(self.have):
+                self.have[piece] = 1
+            self.cond.notify_all()
+
+    def mark_all(self, bits: Iterable[bool]) -> None:
+        with self.cond:
+            for i, b in enumerate(bits):
+                if b and i < len(self.have):
+                    self.have[i] = 1
+            self.cond.notify_all()
+
+    def stop(self) -> None:
+        with self.cond:
+            self.stopped = True
+            self.cond.notify_all()
+
+    def join(self, timeout: float | None = None) -> None:
+        self.thread.join(timeout)
+
+    def _wait(self, piece: int) -> bool:
+        with self.cond:
+            while not self.have[piece] and not self.stopped:
+                self.cond.wait(0.5)
+            return not self.stopped
+
+    def _run(self) -> None:
+        buf = bytearray(HASH_READ_BYTES)
+        mv = memoryview(buf)
+        for rel, path, offset, size in self.items:
+            h = hashlib.sha256()
+            pos = 0
+            try:
+                with contextlib.ExitStack() as stack:
+                    fh = None
+                    while pos < size:
+                        p = (offset + pos) // self.pl
+                        if not self._wait(p):
+                            return
+                        last = (offset + size - 1) // self.pl
+                        q = p
+                        while q < last and self.have[q + 1] and (q + 1 - p) * self.pl < (256 << 20):
+                            q += 1
+                        end = min(size, (q + 1) * self.pl - offset)
+                        if fh is None:
+                            fh = stack.enter_context(open(path, "rb", buffering=0))
+                        fh.seek(pos)
+                        while pos < end:
+                            n = fh.readinto(mv[:min(len(buf), end - pos)])
+                            if not n:
+                                raise OSError(errno.EIO, f"{path} is shorter than expected")
+                            h.update(mv[:n])
+                            pos += n
+                            self.bytes_hashed += n
+                self.results[rel] = h.hexdigest()
+            except OSError as e:
+                self.errors[rel] = str(e)  # verify reads the file itself instead
+        self.finished_at = time.monotonic()
+
+
+# ---------------------------------------------------------------------------------------
+# fetch
+
+
+@dataclass
+class _Sel:
+    rel: str  # path relative to the verified root and to dest (the plan's path)
+    index: int  # file index in the torrent
+    size: int
+    offset: int
+    staged: Path  # where libtorrent writes it
+    spec: PlannedFile | None = None
+    reused: bool = False
+
+
+@dataclass
+class _Source:
+    magnet: Magnet | None
+    torrent_path: Path | None
+    prefix: str  # manifest: where its files sit inside the torrent ("" = under the root folder)
+    key: str  # id the resume data is kept under (v1 hash when known, else v2)
+
+
+def _resolve_source(plan: Plan) -> _Source:
+    magnet: Magnet | None = None
+    tpath: Path | None = None
+    prefix = ""
+    if plan.kind == "magnet":
+        magnet = plan.magnet
+    elif plan.kind == "torrent":
+        tpath = plan.torrent_file
+    elif plan.kind == "manifest" and plan.manifest is not None:
+        src = plan.manifest.source("torrent")
+        if src is None:
+            raise ManifestError(f"Manifest {plan.manifest.name} has no torrent source.")
+        magnet = parse_magnet(src.magnet) if src.magnet else None
+        if src.torrent:
+            base = plan.manifest.path.parent if plan.manifest.path is not None else Path.cwd()
+            tpath = base / src.torrent
+            if not tpath.is_file():
+                raise ManifestError(f"Manifest {plan.manifest.name}: torrent file {tpath} not found.",
+                                    hint="Put the .torrent beside the manifest or fix sources.torrent.")
+        prefix = src.prefix
+    else:
+        raise UsageError(f"{plan.source} is not a BitTorrent source.")
+    key = ""
+    if tpath is not None:
+        ti = _load_torrent_info(tpath)
+        btih, btmh = _hashes(ti.info_hashes())
+        key = btih or btmh or ""
+        if magnet is not None and ((magnet.btih and btih and magnet.btih != btih)
+                                   or (magnet.btmh and btmh and magnet.btmh != btmh)):
+            raise ManifestError(f"The magnet and the torrent file {tpath} name different torrents.",
+                                hint="Fix the manifest's torrent source.")
+    elif magnet is not None:
+        key = magnet.infohash
+    if not key:
+        raise ManifestError("The torrent source names neither a magnet nor a torrent file.")
+    return _Source(magnet=magnet, torrent_path=tpath, prefix=prefix, key=key)
+
+
+def _emit(progress: ProgressFn | None, ev: ProgressEvent) -> None:
+    if progress is not None:
+        progress(ev)
+
+
+class _Run:
+    """One fetch: the session, its torrent handle, the alerts and the counters."""
+
+    def __init__(self, plan: Plan, dest: Path, options: TorrentOptions, progress: ProgressFn | None) -> None:
+        self.plan = plan
+        self.dest = Path(dest)
+        self.options = options
+        self.progress = progress
+        self.layout = Layout(plan.home)
+        self.src = _resolve_source(plan)
+        self.staging = self.layout.staging(plan.name) / f"bt-{self.src.key[:16]}"
+        self.resume_path = self.layout.torrents / f"{self.src.key}.resume"
+        self.torrent_path = self.layout.torrents / f"{self.src.key}.torrent"
+        self.settings = session_settings(options.network, listen=options.listen,
+                                         upload_rate=options.max_upload_rate,
+                                         download_rate=options.max_download_rate)
+        self.ses: Any = None
+        self.h: Any = None
+        self.hash_failures = 0
+        self.peers_max = 0
+        self.peers_ever: set[str] = set()
+        self.endpoints: set[tuple[str, int]] = set()  # peers we connected to (reconnected after metadata)
+        self.tracker_errors: list[str] = []
+        self.resumed = False
+        self.hasher: _StreamHasher | None = None
+        self.sel: list[_Sel] = []
+        self.last_resume_save = 0.0
+        self.resume_pending = False
+        self.removed = False
+        self.prio_applied = False
+        self.t0 = time.monotonic()
+
+    # -- alerts ---------------------------------------------------------------------
+    def pump(self, wait_ms: int = 0) -> list[Any]:
+        if wait_ms:
+            self.ses.wait_for_alert(wait_ms)
+        alerts = self.ses.pop_alerts()
+        for a in alerts:
+            if isinstance(a, lt.piece_finished_alert):
+                if self.hasher is not None:
+                    self.hasher.mark(int(a.piece_index))
+            elif isinstance(a, lt.hash_failed_alert):
+                self.hash_failures += 1
+            elif isinstance(a, lt.save_resume_data_alert):
+                self._write_resume(a.params, durable=False)
+                self.resume_pending = False
+            elif isinstance(a, lt.save_resume_data_failed_alert):
+                self.resume_pending = False
+            elif isinstance(a, lt.peer_connect_alert):
+                with contextlib.suppress(Exception):
+                    self.peers_ever.add(str(a.endpoint))
+                    self.endpoints.add((str(a.endpoint[0]), int(a.endpoint[1])))
+            elif isinstance(a, lt.tracker_error_alert):
+                self.tracker_errors.append(a.message())
+            elif isinstance(a, lt.file_error_alert):
+                self._file_error(a)
+            elif isinstance(a, lt.torrent_removed_alert):
+                self.removed = True
+            elif isinstance(a, lt.file_prio_alert):
+                self.prio_applied = True
+        return alerts
+
+    def _file_error(self, a: Any) -> None:
+        code = getattr(getattr(a, "error", None), "value", lambda: 0)()
+        if code == errno.ENOSPC:
+            raise DiskSpaceError(f"No space left on the device while writing {self.staging}.",
+                                 hint="Free some space and run the same command again to resume.",
+                                 path=str(self.staging))
+        raise FetchError(f"libtorrent could not write the download: {a.message()}.",
+                         hint="Check the staging folder's permissions and free space, then run again.",
+                         path=str(self.staging))
+
+    def _write_resume(self, params: Any, *, durable: bool) -> None:
+        data = bytes(lt.write_resume_data_buf(params))
+        self.resume_path.parent.mkdir(parents=True, exist_ok=True)
+        if durable:
+            fsutil.atomic_write_bytes(self.resume_path, data)
+            return
+        # periodic: a rename keeps it whole across a killed process; fsync is for the last save only
+        tmp = self.resume_path.with_name(f"{fsutil.TMP_PREFIX}{self.resume_path.name}.{os.getpid()}")
+        tmp.write_bytes(data)
+        os.replace(tmp, self.resume_path)
+
+    def request_resume(self, now: float) -> None:
+        if self.h is None or self.resume_pending or not self.h.is_valid():
+            return
+        if self.h.need_save_resume_data() or not self.resume_path.exists():
+            self.h.save_resume_data(lt.save_resume_flags_t.save_info_dict)
+            self.resume_pending = True
+        self.last_resume_save = now
+
+    def save_resume_now(self, timeout: float = 5.0) -> bool:
+        """Ask for resume data and write it durably (on interrupt and before verifying)."""
+        if self.h is None or self.removed or not self.h.is_valid():
+            return False
+        self.h.save_resume_data(lt.save_resume_flags_t.save_info_dict | lt.save_resume_flags_t.flush_disk_cache)
+        end = time.monotonic() + timeout
+        while time.monotonic() < end:
+            self.ses.wait_for_alert(100)
+            for a in self.ses.pop_alerts():
+                if isinstance(a, lt.save_resume_data_alert):
+                    self._write_resume(a.params, durable=True)
+                    return True
+                if isinstance(a, lt.save_resume_data_failed_alert):
+                    return False
+                if isinstance(a, lt.piece_finished_alert) and self.hasher is not None:
+                    self.hasher.mark(int(a.piece_index))
+        return False
+
+    # -- setup ----------------------------------------------------------------------
+    def initial_params(self) -> Any:
+        atp = None
+        from_magnet = False
+        if self.resume_path.is_file():
+            try:
+                atp = lt.read_resume_data(self.resume_path.read_bytes())
+                v1, v2 = _hashes(atp.info_hashes)
+                if self.src.key not in (v1, v2):
+                    atp = None
+                else:
+                    self.resumed = True
+            except (RuntimeError, OSError):
+                atp = None
+            if atp is None:
+                note(self.progress, "fetch", f"ignoring unreadable resume data {self.resume_path}")
+        if atp is None:
+            if self.src.torrent_path is not None:
+                atp = lt.add_torrent_params()
+                atp.ti = _load_torrent_info(self.src.torrent_path)
+            else:
+                assert self.src.magnet is not None
+                atp = lt.parse_magnet_uri(self.src.magnet.uri)
+                from_magnet = True
+        if self.src.magnet is not None and not from_magnet:  # the magnet's own trackers, peers, web seeds
+            m = lt.parse_magnet_uri(self.src.magnet.uri)
+            atp.trackers = list(dict.fromkeys(list(atp.trackers) + list(m.trackers)))
+            atp.url_seeds = list(dict.fromkeys(list(atp.url_seeds) + list(m.url_seeds)))
+            atp.peers = list(atp.peers) + list(m.peers)
+        atp.trackers = list(dict.fromkeys(list(atp.trackers) + list(self.options.trackers)))
+        atp.peers = list(atp.peers) + [_peer_tuple(p) for p in self.options.peers]
+        atp.save_path = str(self.staging)
+        flags = int(atp.flags)
+        flags &= ~int(lt.torrent_flags.paused | lt.torrent_flags.auto_managed | lt.torrent_flags.seed_mode
+                      | lt.torrent_flags.upload_mode | lt.torrent_flags.stop_when_ready)
+        flags |= _closed_flags(self.options.network) | int(lt.torrent_flags.sequential_download)
+        if atp.ti is None:
+            flags |= int(lt.torrent_flags.default_dont_download)  # nothing is written before names are checked
+        else:
+            check_info_names(atp.ti.info_section())
+        atp.flags = flags
+        return atp
+
+    def select(self, ti: Any) -> list[_Sel]:
+        """Map the plan's files to torrent file indexes (hostile names were refused already)."""
+        fs = _files_of(ti)
+        root = _root_prefix(ti)
+        prefix = self.src.prefix
+        by_rel: dict[str, int] = {}
+        for i in range(fs.num_files()):
+            if _is_pad(fs, i):
+                continue
+            full = fs.file_path(i).replace("\\", "/")
+            if prefix:
+                if not full.startswith(prefix):
+                    continue
+                rel = full[len(prefix):]
+            else:
+                rel = full[len(root):] if root and full.startswith(root) else full
+            by_rel[str(safe_relpath(rel, what="file name in the torrent"))] = i
+        base = self.staging / (prefix.rstrip("/") if prefix else root.rstrip("/"))
+        out: list[_Sel] = []
+        files: Sequence[PlannedFile] = self.plan.files
+        if self.plan.kind == "manifest":
+            files = [f for f in files if "torrent" in f.sources]
+        if files:
+            for f in files:
+                idx = by_rel.get(f.path)
+                if idx is None:
+                    if f.optional:
+                        continue
+                    raise NotFoundError(
+                        f"The torrent {ti.name()!r} has no file {(prefix or root) + f.path!r}.",
+                        hint="Check the manifest's torrent prefix, or use --source hf.", path=f.path)
+                size = int(fs.file_size(idx))
+                if f.size is not None and f.size != size:
+                    raise NotFoundError(
+                        f"The torrent's {f.path} is {size:,d} bytes but the plan expects {f.size:,d}; "
+                        "it is not the same file.", hint="Use the torrent that matches the manifest, or --source hf.",
+                        path=f.path, expected=f.size, actual=size)
+                out.append(_Sel(rel=f.path, index=idx, size=size, offset=int(fs.file_offset(idx)),
+                                staged=base / f.path, spec=f))
+        else:
+            globs = tuple(getattr(self.options, "include", ()) or ())
+            for rel, idx in sorted(by_rel.items(), key=lambda kv: kv[1]):
+                if globs and not any(fnmatch.fnmatch(rel, g) for g in globs):
+                    continue
+                out.append(_Sel(rel=rel, index=idx, size=int(fs.file_size(idx)), offset=int(fs.file_offset(idx)),
+                                staged=base / rel))
+            if not out:
+                raise NotFoundError(f"No file of the torrent {ti.name()!r} matches --include "
+                                    f"{' '.join(globs)}.", hint="Check the glob patterns.")
+        out.sort(key=lambda s: s.index)
+        return out
+
+    def authorities(self, ti: Any, sels: Sequence[_Sel]) -> dict[str, Authority]:
+        from provision.verify import Authority
+
+        fs = _files_of(ti)
+        pl = int(ti.piece_length())
+        n = fs.num_files()
+        v2 = ti.info_hashes().has_v2()
+        out: dict[str, Authority] = {}
+        for s in sels:
+            spec_sha = s.spec.sha256 if s.spec is not None else None
+            if spec_sha:
+                out[s.rel] = Authority(kind="manifest-sha256", size=s.size, sha256=spec_sha)
+            elif v2 and s.size > 0:
+                out[s.rel] = Authority(kind="torrent-v2-merkle", size=s.size,
+                                       merkle_root=bytes(fs.root(s.index).to_bytes()))
+            else:
+                end = s.offset + s.size
+                nxt = s.index + 1
+                tail_ok = end % pl == 0 or nxt >= n or _is_pad(fs, nxt) or end == ti.total_size()
+                if s.size > 0 and s.offset % pl == 0 and tail_ok:
+                    first, last = s.offset // pl, (end - 1) // pl
+                    hashes = tuple(bytes(ti.hash_for_piece(p)) for p in range(first, last + 1))
+                    out[s.rel] = Authority(kind="torrent-v1-pieces", size=s.size, piece_length=pl,
+                                           piece_hashes=hashes)
+                else:  # shares pieces with its neighbours: libtorrent checked those pieces, we check the size
+                    out[s.rel] = Authority(kind="torrent-v1-pieces", size=s.size)
+        return out
+
+    # -- the download -----------------------------------------------------------------
+    def status(self) -> Any:
+        return self.h.status()
+
+    def stall_error(self, phase: str, seconds: float) -> StallError:
+        name = self.plan.name
+        peers = len(self.peers_ever)
+        if peers == 0:
+            extra = f" (trackers: {self.tracker_errors[-1]})" if self.tracker_errors else ""
+            return StallError(
+                f"No peers found for {name} in {seconds:.0f} s while {phase}{extra}.",
+                hint="Check the magnet's trackers and x.pe peers, pass --peer HOST:PORT or --tracker URL, "
+                     "or use --network public.",
+                phase=phase, peers=0, infohash=self.src.key, seconds=seconds)
+        return StallError(
+            f"The download of {name} stalled: no progress for {seconds:.0f} s while {phase} "
+            f"({peers} peers seen).", hint="Run the same command again later to resume, or try another source.",
+            phase=phase, peers=peers, infohash=self.src.key, seconds=seconds)
+
+
+def _hash_of(ti: Any) -> str:
+    btih, btmh = _hashes(ti.info_hashes())
+    return btih or btmh or ""
+
+
+def fetch_torrent(plan: Plan, *, dest: Path, options: TorrentOptions,
+                  progress: ProgressFn | None = None) -> FetchResult:
+    """Download the plan's files from BitTorrent into ``dest``, verified (see the module docstring)."""
+    from provision.fetch import FetchedFile, FetchResult
+
+    run = _Run(plan, dest, options, progress)
+    t0 = run.t0
+    dest = run.dest
+    run.ses = open_session(run.settings)
+    try:
+        atp = run.initial_params()
+        if not run.resumed:
+            note(progress, "fetch", f"torrent {run.src.key}: connecting to peers ({options.network} network)")
+        else:
+            note(progress, "fetch", f"resuming torrent {run.src.key} from {run.resume_path}")
+        run.h = run.ses.add_torrent(atp)
+        for peer in options.peers:
+            with contextlib.suppress(RuntimeError):
+                run.h.connect_peer(_peer_tuple(peer))
+
+        # 1. metadata (a magnet without resume data learns it from peers)
+        ti = _wait_metadata(run)
+        check_info_names(ti.info_section())
+        if _hash_of(ti) and not run.torrent_path.exists():
+            with contextlib.suppress(OSError):
+                fsutil.atomic_write_bytes(run.torrent_path, bytes(lt.bencode(lt.create_torrent(ti).generate())))
+
+        # 2. what to fetch, what is already in place, and room for it
+        sels = run.select(ti)
+        auths = run.authorities(ti, sels)
+        reused = _reuse_present(run, sels, auths)
+        todo = [s for s in sels if not s.reused]
+        fs = _files_of(ti)
+        prios = [0] * fs.num_files()
+        for s in todo:
+            prios[s.index] = 4
+        have_bytes = sum(min(s.staged.stat().st_size, s.size) for s in todo if s.staged.is_file())
+        need = sum(s.size for s in todo) - have_bytes
+        if need > 0:
+            run.staging.mkdir(parents=True, exist_ok=True)
+            fsutil.check_free_space(run.staging, need, what=f"the download of {plan.name}")
+        run.h.prioritize_files(prios)
+        run.h.unset_flags(lt.torrent_flags.default_dont_download)
+        _reconnect(run)
+
+        # 3. download while hashing each file in order
+        run.hasher = _StreamHasher([(s.rel, s.staged, s.offset, s.size) for s in todo],
+                                   int(ti.piece_length()), int(ti.num_pieces()))
+        t_dl0 = time.monotonic()
+        downloaded0 = 0
+        if todo:
+            run.hasher.mark_all(run.h.status(lt.torrent_handle.query_pieces).pieces)
+            run.hasher.start()
+            downloaded0 = _download(run, todo)
+        t_dl1 = time.monotonic()
+        st = run.h.status()
+        bytes_down = int(st.total_payload_download)
+        if todo:
+            run.save_resume_now()
+        _remove_torrent(run)
+
+        # 4. verify (hashes from the stream), then move into place
+        t_v0 = time.monotonic()
+        run.hasher.join()
+        t_hash_tail = time.monotonic() - t_v0
+        known = dict(run.hasher.results)
+        for s in todo:  # a stream hash that disagrees with the manifest is re-read, never trusted
+            a = auths[s.rel]
+            if a.sha256 and known.get(s.rel) not in (None, a.sha256):
+                known.pop(s.rel, None)
+        for s in todo:
+            if s.size == 0 and not s.staged.exists():
+                s.staged.parent.mkdir(parents=True, exist_ok=True)
+                s.staged.touch()
+        vreport = None
+        if todo:
+            from provision.verify import verify_files
+
+            root = run.staging / (run.src.prefix.rstrip("/") if run.src.prefix else _root_prefix(ti).rstrip("/"))
+            note(progress, "fetch", f"verifying {len(todo)} files")
+            vreport = verify_files(root, {s.rel: auths[s.rel] for s in todo}, known_sha256=known,
+                                   progress=progress)
+            vreport.raise_for_failure()
+        t_v1 = time.monotonic()
+        for s in todo:
+            _move_into_place(s.staged, safe_join(dest, s.rel, what="file path"))
+        if dest.exists():
+            fsutil.fsync_dir(dest)
+        t_mv = time.monotonic()
+        with contextlib.suppress(OSError):
+            run.resume_path.unlink()
+        shutil.rmtree(run.staging, ignore_errors=True)
+        with contextlib.suppress(OSError):
+            run.staging.parent.rmdir()
+
+        # 5. report (and keep serving for --seed-for)
+        files: list[FetchedFile] = []
+        vfiles = {f.path: f for f in vreport.files} if vreport is not None else {}
+        for s in sels:
+            a = auths[s.rel]
+            sha = (vfiles[s.rel].sha256 if s.rel in vfiles else None) or known.get(s.rel) or a.sha256
+            files.append(FetchedFile(path=s.rel, size=s.size, sha256=sha, authority=a.kind,
+                                     downloaded_bytes=0 if s.reused else s.size, reused=s.reused))
+        dl_seconds = max(t_dl1 - t_dl0, 1e-9)
+        extra: dict[str, Any] = {
+            "infohash": run.src.key,
+            "btih": _hashes(ti.info_hashes())[0],
+            "btmh": _hashes(ti.info_hashes())[1],
+            "torrent_name": ti.name(),
+            "network": options.network,
+            "resumed": run.resumed,
+            "bytes_before_resume": downloaded0,
+            "hash_failures": run.hash_failures,
+            "failed_bytes": int(st.total_failed_bytes),
+            "redundant_bytes": int(st.total_redundant_bytes),
+            "peers_seen": len(run.peers_ever),
+            "peers_max": run.peers_max,
+            "download_seconds": round(dl_seconds, 3),
+            "download_rate": round(bytes_down / dl_seconds, 1) if todo else 0.0,
+            "hashed_while_downloading_bytes": run.hasher.bytes_hashed,
+            "hash_tail_seconds": round(t_hash_tail, 3),
+            "verify_seconds": round(t_v1 - t_v0 - t_hash_tail, 3),
+            "post_download_check_seconds": round(t_v1 - t_v0, 3),
+            "move_seconds": round(t_mv - t_v1, 3),
+            "reused": [s.rel for s in sels if s.reused],
+            "verify": vreport.to_dict() if vreport is not None else None,
+        }
+        if reused:
+            note(progress, "fetch", f"{len(reused)} files already in place and verified")
+        if options.seed_for > 0:
+            extra["seed"] = _seed_after_fetch(run, ti, sels, dest)
+        return FetchResult(dest=dest, source="torrent", files=files, bytes_downloaded=bytes_down,
+                           seconds=time.monotonic() - t0, extra=extra)
+    except (KeyboardInterrupt, Interrupted):
+        with contextlib.suppress(Exception):
+            if run.h is not None and not run.removed:
+                run.h.pause()
+                run.save_resume_now()
+        raise
+    finally:
+        if run.hasher is not None:
+            run.hasher.stop()
+        _close_session(run.ses)
+
+
+def _close_session(ses: Any) -> None:
+    if ses is None:
+        return
+    with contextlib.suppress(Exception):
+        ses.pause()
+    with contextlib.suppress(Exception):
+        for h in ses.get_torrents():
+            ses.remove_torrent(h)
+    del ses
+
+
+def _wait_metadata(run: _Run) -> Any:
+    h = run.h
+    if h.status().has_metadata:
+        return h.torrent_file()
+    start = time.monotonic()
+    last_note = start
+    while True:
+        run.pump(100)
+        st = h.status()
+        run.peers_max = max(run.peers_max, int(st.num_peers))
+        if st.has_metadata:
+            note(run.progress, "fetch", f"metadata received from peers ({st.num_peers} connected)")
+            return h.torrent_file()
+        now = time.monotonic()
+        if now - start > run.options.metadata_timeout:
+            raise run.stall_error("downloading the torrent's metadata", now - start)
+        if now - last_note >= 5:
+            last_note = now
+            _emit(run.progress, ProgressEvent(task="fetch:metadata", done=0, total=None, unit="peers",
+                                              description="waiting for metadata",
+                                              extra={"peers": int(st.num_peers)}))
+
+
+def _reconnect(run: _Run) -> None:
+    """Peers drop a metadata-only connection ("upload to upload") once we want nothing; now that
+    we want files, call them back rather than wait for libtorrent's reconnect back-off (once the
+    new priorities apply: until then the torrent counts as finished and skips seeds)."""
+    end = time.monotonic() + 5.0
+    while not run.prio_applied and time.monotonic() < end:
+        run.pump(50)
+    peers = set(run.endpoints) | {_peer_tuple(p) for p in run.options.peers}
+    if run.src.magnet is not None:
+        peers |= {_peer_tuple(p) for p in run.src.magnet.peers}
+    for ep in sorted(peers):
+        with contextlib.suppress(RuntimeError):
+            run.h.connect_peer(ep)
+    if run.options.trackers or (run.src.magnet is not None and run.src.magnet.trackers):
+        with contextlib.suppress(RuntimeError):
+            run.h.force_reannounce()
+    if run.options.network == "public":
+        with contextlib.suppress(RuntimeError):
+            run.h.force_dht_announce()
+
+
+def _reuse_present(run: _Run, sels: list[_Sel], auths: dict[str, Authority]) -> list[str]:
+    """Files the plan found in ``dest`` already: verify them in place and skip the good ones."""
+    present = [s for s in sels if s.spec is not None and s.spec.status == "present"]
+    if not present:
+        present = [s for s in sels if s.spec is None and (run.dest / s.rel).is_file()
+                   and (run.dest / s.rel).stat().st_size == s.size]
+    if not present:
+        return []
+    from provision.verify import verify_files
+
+    rep = verify_files(run.dest, {s.rel: auths[s.rel] for s in present}, structure=False,
+                       progress=run.progress)
+    good = {f.path for f in rep.files if f.status == "ok"}
+    for s in present:
+        if s.rel in good:
+            s.reused = True
+    return sorted(good & {s.rel for s in present})
+
+
+def _download(run: _Run, todo: list[_Sel]) -> int:
+    """Run until every selected file is complete; return the bytes that were already there."""
+    h = run.h
+    opts = run.options
+    # wait out libtorrent's check of existing data (resume) before the watchdog starts
+    while True:
+        run.pump(50)
+        st = h.status()
+        if st.state not in (lt.torrent_status.states.checking_files, lt.torrent_status.states.checking_resume_data):
+            break
+    already = max(0, int(st.total_wanted_done) - int(st.total_payload_download))  # on disk before this run
+    if already and run.resumed:
+        note(run.progress, "fetch", f"{already:,d} bytes already downloaded; fetching the rest")
+    if run.hasher is not None:
+        run.hasher.mark_all(h.status(lt.torrent_handle.query_pieces).pieces)
+    last_done = already
+    last_progress = time.monotonic()
+    last_sync = last_emit = 0.0
+    last_recall = time.monotonic()
+    while True:
+        run.pump(int(POLL_S * 1000))
+        now = time.monotonic()
+        st = h.status()
+        run.peers_max = max(run.peers_max, int(st.num_peers))
+        if st.errc and st.errc.value():
+            raise FetchError(f"libtorrent reported an error for {run.plan.name}: {st.errc.message()}.",
+                             hint="Check the staging folder, then run the same command again to resume.")
+        done, wanted = int(st.total_wanted_done), int(st.total_wanted)
+        if done > last_done:
+            last_done, last_progress = done, now
+        if now - last_sync >= 1.0 and run.hasher is not None:  # in case an alert was dropped
+            run.hasher.mark_all(h.status(lt.torrent_handle.query_pieces).pieces)
+            last_sync = now
+        if st.num_peers == 0 and now - last_recall >= 5.0:  # nobody connected: call known peers back
+            last_recall = now
+            _reconnect(run)
+        if now - run.last_resume_save >= RESUME_INTERVAL_S:
+            run.request_resume(now)
+        if now - last_emit >= PROGRESS_INTERVAL_S or done >= wanted:
+            last_emit = now
+            rate = float(st.download_payload_rate)
+            eta = (wanted - done) / rate if rate > 0 else None
+            _emit(run.progress, ProgressEvent(
+                task="fetch:torrent", done=done, total=wanted, description=f"torrent {run.plan.name}",
+                finished=done >= wanted,
+                extra={"peers": int(st.num_peers), "rate": f"{rate / 1e6:.1f}MB/s",
+                       "eta": f"{eta:.0f}s" if eta is not None else "?"}))
+        if done >= wanted and st.state in (lt.torrent_status.states.finished, lt.torrent_status.states.seeding):
+            return already
+        if now - last_progress > opts.stall_timeout:
+            raise run.stall_error("downloading", now - last_progress)
+
+
+def _remove_torrent(run: _Run) -> None:
+    """Take the torrent out of the session so its files are closed before they move."""
+    if run.h is None or run.removed:
+        return
+    run.ses.remove_torrent(run.h)
+    end = time.monotonic() + REMOVE_TIMEOUT_S
+    while not run.removed and time.monotonic() < end:
+        run.pump(100)
+    run.removed = True
+
+
+def _move_into_place(src: Path, dst: Path) -> None:
+    """fsync the verified file and rename it under its final name (copy + rename across filesystems)."""
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(src, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    try:
+        os.replace(src, dst)
+    except OSError as e:
+        if e.errno != errno.EXDEV:
+            raise
+        with fsutil.atomic_writer(dst) as out, open(src, "rb") as inp:
+            shutil.copyfileobj(inp, out, 16 << 20)
+        os.unlink(src)
+    fsutil.fsync_dir(dst.parent)
+
+
+# ---------------------------------------------------------------------------------------
+# seeding
+
+
+def _pieces_within(ti: Any, selected: set[int]) -> list[bool]:
+    """Pieces made only of the selected files (and pad files): what a partial copy can serve."""
+    fs = _files_of(ti)
+    out = []
+    for p in range(ti.num_pieces()):
+        slices = ti.map_block(p, 0, ti.piece_size(p))
+        out.append(all(sl.file_index in selected or _is_pad(fs, sl.file_index) for sl in slices))
+    return out
+
+
+def _serve(ses: Any, h: Any, *, seconds: float | None, stop: threading.Event | None,
+           progress: ProgressFn | None, task: str, settings: dict[str, Any]) -> dict[str, Any]:
+    """Serve until ``seconds`` pass, ``stop`` is set, or SIGINT/SIGTERM; return upload facts."""
+    start = time.monotonic()
+    last_emit = 0.0
+    peers_max = 0
+    stopped_by = "timeout"
+    hash_failures = 0
+    try:
+        while True:
+            if stop is not None and stop.is_set():
+                stopped_by = "stop"
+                break
+            now = time.monotonic()
+            if seconds is not None and now - start >= seconds:
+                break
+            ses.wait_for_alert(200)
+            for a in ses.pop_alerts():
+                if isinstance(a, lt.hash_failed_alert):
+                    hash_failures += 1
+            st = h.status()
+            peers_max = max(peers_max, int(st.num_peers))
+            if now - last_emit >= 1.0:
+                last_emit = now
+                _emit(progress, ProgressEvent(
+                    task=task, done=int(st.total_payload_upload), total=None,
+                    description="seeding (uploaded)",
+                    extra={"peers": int(st.num_peers), "rate": f"{st.upload_payload_rate / 1e6:.1f}MB/s"}))
+    except (KeyboardInterrupt, Interrupted):
+        stopped_by = "signal"
+    st = h.status()
+    return {"seconds": round(time.monotonic() - start, 3), "uploaded_bytes": int(st.total_payload_upload),
+            "peers_max": peers_max, "stopped_by": stopped_by, "listen": _listen_endpoint(ses, settings)}
+
+
+def _seed_after_fetch(run: _Run, ti: Any, sels: list[_Sel], dest: Path) -> dict[str, Any]:
+    """Serve the verified files from ``dest`` for ``--seed-for`` seconds (no re-hash)."""
+    atp = lt.add_torrent_params()
+    atp.ti = lt.torrent_info(ti)
+    atp.save_path = str(dest)
+    fs = _files_of(ti)
+    selected = {s.index for s in sels}
+    atp.renamed_files = {s.index: s.rel for s in sels}
+    atp.file_priorities = [4 if i in selected else 0 for i in range(fs.num_files())]
+    have = _pieces_within(ti, selected)
+    atp.have_pieces = have
+    atp.verified_pieces = have
+    atp.flags = (int(atp.flags) & ~int(lt.torrent_flags.paused | lt.torrent_flags.auto_managed)) | _closed_flags(
+        run.options.network)
+    atp.trackers = list(dict.fromkeys(list(run.options.trackers)
+                                      + (list(run.src.magnet.trackers) if run.src.magnet else [])))
+    h = run.ses.add_torrent(atp)
+    note(run.progress, "fetch", f"seeding {run.plan.name} for {run.options.seed_for:.0f} s "
+                                f"on {_listen_endpoint(run.ses, run.settings)}")
+    facts = _serve(run.ses, h, seconds=run.options.seed_for, stop=None, progress=run.progress,
+                   task="seed:" + run.plan.name, settings=run.settings)
+    run.ses.remove_torrent(h)
+    return facts
+
+
+@dataclass
+class CreatedTorrent:
+    data: bytes  # the bencoded .torrent
+    name: str
+    files: list[tuple[str, int]]  # (path relative to the folder, size)
+    btih: str | None
+    btmh: str | None
+    piece_length: int
+    version: str
+    trackers: tuple[str, ...]
+    web_seeds: tuple[str, ...]
+    seconds: float
+
+    @property
+    def total_size(self) -> int:
+        return sum(s for _, s in self.files)
+
+    def info(self) -> Any:
+        return lt.torrent_info(self.data)
+
+
+def _folder_files(folder: Path) -> list[tuple[str, int]]:
+    out: list[tuple[str, int]] = []
+    for dirpath, dirnames, filenames in os.walk(folder):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        for fn in sorted(filenames):
+            if fn.startswith("."):
+                continue
+            p = Path(dirpath) / fn
+            rel = p.relative_to(folder).as_posix()
+            if p.is_symlink():
+                raise UsageError(f"Refusing to seed {rel}: it is a symlink.", hint="Seed a folder of regular files.",
+                                 path=rel)
+            if p.is_file():
+                out.append((rel, p.stat().st_size))
+    return sorted(out)
+
+
+def _check_url(url: str, what: str, schemes: tuple[str, ...]) -> str:
+    from urllib.parse import urlsplit
+
+    u = urlsplit(url)
+    if u.scheme not in schemes or not u.netloc:
+        raise UsageError(f"Malformed {what} {url!r} (expected {' or '.join(s + '://…' for s in schemes)}).")
+    return url
+
+
+def create_torrent(folder: Path, *, files: Sequence[tuple[str, int]] | None = None, version: str = "hybrid",
+                   name: str | None = None, trackers: Sequence[str] = (), web_seeds: Sequence[str] = (),
+                   piece_length: int = 0, progress: ProgressFn | None = None) -> CreatedTorrent:
+    """Hash ``folder`` (or the listed ``files`` in it) into a torrent named ``name`` (default the
+    folder's name). Never private (the private flag turns PEX off). BEP 19 web seeds: a client
+    asks ``web_seed + name + "/" + path``, so for a Hub repo name the torrent after the commit
+    and pass ``https://huggingface.co/REPO/resolve/``."""
+    t0 = time.monotonic()
+    folder = Path(folder)
+    if version not in TORRENT_VERSIONS:
+        raise UsageError(f"--torrent-version must be one of {', '.join(TORRENT_VERSIONS)}, got {version!r}.")
+    if not folder.is_dir():
+        raise UsageError(f"{folder} is not a folder.", hint="Pass the verified model folder to seed.")
+    for t in trackers:
+        _check_url(t, "tracker URL", ("http", "https", "udp"))
+    for w in web_seeds:
+        _check_url(w, "web seed URL", ("http", "https"))
+    listing = list(files) if files is not None else _folder_files(folder)
+    if not listing:
+        raise UsageError(f"{folder} has no files to seed.")
+    for rel, size in listing:
+        safe_join(folder, rel, what="file path")
+        p = folder / rel
+        if not p.is_file():
+            raise UsageError(f"Cannot seed {rel}: not found in {folder}.", hint="Fetch and verify the model first.",
+                             path=rel)
+        if p.stat().st_size != size:
+            raise UsageError(f"Cannot seed {rel}: it is {p.stat().st_size:,d} bytes, expected {size:,d}.",
+                             hint="Verify the folder (provision verify) before seeding it.", path=rel)
+    tname = name or folder.resolve().name
+    _check_component(tname, "torrent name")
+    flags = {"hybrid": 0, "v1": lt.create_torrent.v1_only, "v2": lt.create_torrent.v2_only}[version]
+    entries = [lt.create_file_entry(f"{tname}/{rel}", size) for rel, size in listing]
+    ct = lt.create_torrent(entries, piece_length, flags)
+    ct.set_creator(f"provision {__version__}")
+    for tier, t in enumerate(trackers):
+        ct.add_tracker(t, tier)
+    for w in web_seeds:
+        ct.add_url_seed(w)
+    total = ct.num_pieces()
+    done = [0]
+    last = [0.0]
+
+    def tick(piece: int) -> None:
+        done[0] += 1
+        now = time.monotonic()
+        if progress is not None and (now - last[0] >= PROGRESS_INTERVAL_S or done[0] == total):
+            last[0] = now
+            progress(ProgressEvent(task="seed:hash", done=done[0], total=total, unit="pieces",
+                                   description=f"hashing {tname}", finished=done[0] == total))
+
+    with tempfile.TemporaryDirectory(prefix="provision-seed-") as tmp:
+        if tname == folder.resolve().name:
+            base = str(folder.resolve().parent)
+        else:  # hash through a link so the torrent's root folder name can differ from the folder's
+            os.symlink(folder.resolve(), Path(tmp) / tname)
+            base = tmp
+        try:
+            lt.set_piece_hashes(ct, base, tick)
+        except RuntimeError as e:
+            raise UsageError(f"Cannot hash {folder}: {e}.") from None
+    data = bytes(lt.bencode(ct.generate()))
+    ti = lt.torrent_info(data)
+    btih, btmh = _hashes(ti.info_hashes())
+    return CreatedTorrent(data=data, name=tname, files=[(r, s) for r, s in listing], btih=btih, btmh=btmh,
+                          piece_length=int(ti.piece_length()), version=version, trackers=tuple(trackers),
+                          web_seeds=tuple(web_seeds), seconds=time.monotonic() - t0)
+
+
+@dataclass
+class SeedInfo:
+    """What a seed publishes at start (handed to ``on_ready`` before serving)."""
+
+    magnet: str
+    btih: str | None
+    btmh: str | None
+    name: str
+    listen: str
+    torrent_file: Path | None
+    whitelist: list[str]
+
+
+@dataclass
+class SeedResult:
+    info: SeedInfo
+    files: list[tuple[str, int]]
+    total_size: int
+    piece_length: int
+    version: str
+    hash_seconds: float
+    seconds: float
+    uploaded_bytes: int
+    peers_max: int
+    stopped_by: str  # timeout | stop | signal | none (--seed-for 0)
+    trackers: list[str] = field(default_factory=list)
+    web_seeds: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "magnet": self.info.magnet, "btih": self.info.btih, "btmh": self.info.btmh, "name": self.info.name,
+            "listen": self.info.listen,
+            "torrent_file": str(self.info.torrent_file) if self.info.torrent_file else None,
+            "whitelist": self.info.whitelist, "version": self.version, "piece_length": self.piece_length,
+            "files": [{"path": p, "size": s} for p, s in self.files], "total_size": self.total_size,
+            "trackers": self.trackers, "web_seeds": self.web_seeds, "hash_seconds": round(self.hash_seconds, 3),
+            "seconds": round(self.seconds, 3), "uploaded_bytes": self.uploaded_bytes, "peers_max": self.peers_max,
+            "stopped_by": self.stopped_by,
+        }
+
+
+def _seed_name_and_files(folder: Path, manifest: Any, web_seeds: Sequence[str]) -> tuple[str | None, list[tuple[str, int]] | None]:
+    """Torrent name and file list from a manifest: named after the Hub commit when web-seeding
+    (so web seed + name + path is the resolve URL), after the torrent prefix's root otherwise."""
+    if manifest is None:
+        return None, None
+    files: list[tuple[str, int]] = []
+    for f in manifest.files:
+        p = folder / f.path
+        if not p.is_file():
+            if f.optional:
+                continue
+            raise UsageError(f"Cannot seed {f.path}: the manifest lists it but {folder} lacks it.",
+                             hint="Fetch the model first.", path=f.path)
+        size = p.stat().st_size
+        if f.size is not None and f.size != size:
+            raise UsageError(f"Cannot seed {f.path}: it is {size:,d} bytes, the manifest says {f.size:,d}.",
+                             hint="Verify the folder (provision verify) before seeding it.", path=f.path)
+        files.append((f.path, size))
+    name = None
+    hf = manifest.source("hf")
+    tsrc = manifest.source("torrent")
+    if web_seeds and hf is not None and hf.revision:
+        if hf.prefix:
+            raise UsageError("Web-seeding a manifest whose Hub source has a prefix is not supported.",
+                             hint="Seed without --web-seed or without --manifest.")
+        name = hf.revision
+    elif tsrc is not None and tsrc.prefix and tsrc.prefix.count("/") == 1:
+        name = tsrc.prefix.rstrip("/")
+    return name, files
+
+
+def seed(
+    folder: Path,
+    *,
+    manifest: Any = None,
+    version: str = "hybrid",
+    torrent_out: Path | None = None,
+    magnet_out: Path | None = None,
+    whitelist_out: Path | None = None,
+    web_seeds: Sequence[str] = (),
+    trackers: Sequence[str] = (),
+    network: str = "public",
+    listen: str | None = None,
+    seed_for: float | None = None,
+    max_upload_rate: int = 0,
+    progress: ProgressFn | None = None,
+    stop: threading.Event | None = None,
+    on_ready: Callable[[SeedInfo], None] | None = None,
+) -> SeedResult:
+    """Create a torrent of ``folder`` and serve it in seed mode (no re-hash) until ``seed_for``
+    seconds pass (``None``: until ``stop`` is set or SIGINT/SIGTERM; ``0``: write the outputs and
+    return without serving). The .torrent, magnet and whitelist are written, and ``on_ready`` is
+    called, before serving starts. SIGINT/SIGTERM end the seed normally (``stopped_by="signal"``).
+
+    Usable from a background thread: pass ``stop`` and read the magnet in ``on_ready``.
+    """
+    t0 = time.monotonic()
+    folder = Path(folder)
+    settings = session_settings(network, listen=listen, upload_rate=max_upload_rate)
+    name, files = _seed_name_and_files(folder, manifest, web_seeds)
+    made = create_torrent(folder, files=files, version=version, name=name, trackers=trackers,
+                          web_seeds=web_seeds, progress=progress)
+    ses = open_session(settings)
+    try:
+        ti = made.info()
+        fs = _files_of(ti)
+        root = _root_prefix(ti)
+        atp = lt.add_torrent_params()
+        atp.ti = ti
+        atp.save_path = str(folder.resolve())
+        atp.renamed_files = {i: fs.file_path(i).replace("\\", "/")[len(root):] for i in range(fs.num_files())
+                             if not _is_pad(fs, i)}
+        n = ti.num_pieces()
+        atp.verified_pieces = [True] * n  # hashed a moment ago: seed mode without lazy re-hashing
+        atp.flags = ((int(atp.flags) & ~int(lt.torrent_flags.paused | lt.torrent_flags.auto_managed))
+                     | int(lt.torrent_flags.seed_mode) | _closed_flags(network))
+        h = ses.add_torrent(atp)
+        endpoint = _listen_endpoint(ses, settings)
+        magnet = build_magnet(btih=made.btih, btmh=made.btmh, name=made.name, trackers=tuple(trackers),
+                              peers=(endpoint,), web_seeds=tuple(web_seeds))
+        wl = whitelist_lines(made.btih, made.btmh)
+        if torrent_out is not None:
+            fsutil.atomic_write_bytes(Path(torrent_out), made.data)
+        if magnet_out is not None:
+            fsutil.atomic_write_text(Path(magnet_out), magnet + "\n")
+        if whitelist_out is not None:
+            fsutil.atomic_write_text(Path(whitelist_out), "".join(x + "\n" for x in wl))
+        info = SeedInfo(magnet=magnet, btih=made.btih, btmh=made.btmh, name=made.name, listen=endpoint,
+                        torrent_file=Path(torrent_out) if torrent_out else None, whitelist=wl)
+        if on_ready is not None:
+            on_ready(info)
+        if seed_for is not None and seed_for <= 0:
+            facts: dict[str, Any] = {"uploaded_bytes": 0, "peers_max": 0, "stopped_by": "none"}
+        else:
+            facts = _serve(ses, h, seconds=seed_for, stop=stop, progress=progress, task="seed:" + made.name,
+                           settings=settings)
+        return SeedResult(info=info, files=made.files, total_size=made.total_size, piece_length=made.piece_length,
+                          version=version, hash_seconds=made.seconds, seconds=time.monotonic() - t0,
+                          uploaded_bytes=int(facts["uploaded_bytes"]), peers_max=int(facts["peers_max"]),
+                          stopped_by=str(facts["stopped_by"]), trackers=list(trackers), web_seeds=list(web_seeds))
+    finally:
+        _close_session(ses)
+
+
+# ---------------------------------------------------------------------------------------
+# metadata only
+
+
+def magnet_listing(magnet: Magnet | str, *, timeout: float = 30.0, network: str = "public",
+                   peers: Sequence[str] = (), listen: str | None = None) -> list[tuple[str, int, None]]:
+    """The file list of a bare magnet, learnt from its peers (x.pe, trackers, DHT in public mode).
+
+    Downloads nothing but the metadata (files are set to "don't download" before the torrent
+    starts, in a throw-away folder). Hostile names: ``HostileContentError``; nobody answers in
+    ``timeout`` seconds: ``StallError`` (exit 4).
+    """
+    m = parse_magnet(magnet) if isinstance(magnet, str) else magnet
+    settings = session_settings(network, listen=listen)
+    ses = open_session(settings)
+    with tempfile.TemporaryDirectory(prefix="provision-meta-") as tmp:
+        try:
+            atp = lt.parse_magnet_uri(m.uri)
+            atp.save_path = tmp
+            atp.peers = list(atp.peers) + [_peer_tuple(p) for p in peers]
+            atp.flags = ((int(atp.flags) & ~int(lt.torrent_flags.paused | lt.torrent_flags.auto_managed))
+                         | int(lt.torrent_flags.default_dont_download) | int(lt.torrent_flags.upload_mode)
+                         | _closed_flags(network))
+            h = ses.add_torrent(atp)
+            start = time.monotonic()
+            seen = 0
+            while True:
+                ses.wait_for_alert(100)
+                ses.pop_alerts()
+                st = h.status()
+                seen = max(seen, int(st.num_peers))
+                if st.has_metadata:
+                    break
+                if time.monotonic() - start > timeout:
+                    who = "No peers found" if seen == 0 else f"No metadata from {seen} peers"
+                    raise StallError(f"{who} for {m.describe()} in {timeout:.0f} s.",
+                                     hint="Check the magnet's trackers and x.pe peers, or use --network public.",
+                                     infohash=m.infohash, peers=seen)
+            check_info_names(h.torrent_file().info_section())
+            meta = _meta_from_info(h.torrent_file())
+            return [(p, s, None) for p, s in meta.files]
+        finally:
+            _close_session(ses)
+

@@ -10,7 +10,8 @@ gated SiLU MLP, untied output head, an optional KV cache. Image features replace
 ``greedy_generate`` decodes greedily with or without the KV cache and reports per-step timing
 and whether every step's logits were finite. Weight loading lives in ``loader.py``; tokenization
 and image preprocessing in ``provision.inputs``. Sliding-window attention and MoE are not
-implemented (Pixtral 12B uses neither): such params are refused.
+implemented (Pixtral 12B uses neither): MoE params are refused, and a sequence longer than a
+sliding window raises.
 """
 
 from __future__ import annotations
@@ -42,7 +43,9 @@ class Pixtral(nn.Module):
         super().__init__()
         _check_supported(args)
         self.args = args
-        self.tok_embeddings = nn.Embedding(args.vocab_size, args.dim)
+        # An explicit (uninitialised) weight skips normal_(), whose first call on the meta device
+        # costs ~1.5 s of lazy imports; every weight is assigned from the checkpoint anyway.
+        self.tok_embeddings = nn.Embedding(args.vocab_size, args.dim, _weight=torch.empty(args.vocab_size, args.dim))
         self.layers = nn.ModuleList(
             TransformerBlock(args.dim, args.hidden_dim, args.n_heads, args.n_kv_heads, args.head_dim, args.norm_eps)
             for _ in range(args.n_layers)
@@ -82,7 +85,7 @@ class Pixtral(nn.Module):
         h: torch.Tensor = self.tok_embeddings(tokens)
         if images:
             img_id = self.image_token_id
-            where = tokens == img_id
+            where = torch.eq(tokens, -1 if img_id is None else img_id)
             feats = self.image_features(images)
             n_tok, n_feat = int(where.sum()), int(feats.shape[0])
             if n_tok != n_feat:
@@ -98,7 +101,11 @@ class Pixtral(nn.Module):
     def forward(self, tokens: torch.Tensor, images: Sequence[torch.Tensor] | None = None, *,
                 cache: list[KVCache] | None = None, start_pos: int = 0, last_only: bool = False) -> torch.Tensor:
         """Tokens (B, T) -> float32 logits (B, T, vocab) (or (B, 1, vocab) with ``last_only``)."""
-        b, t = tokens.shape
+        t = tokens.shape[1]
+        window = self.args.sliding_window
+        if window is not None and start_pos + t > window:
+            raise ValueError(f"sequence of {start_pos + t} tokens exceeds the sliding window of {window}, "
+                             "which this model does not implement")
         h = self.embed(tokens, images)
         pos = torch.arange(start_pos, start_pos + t, device=tokens.device)
         cos, sin = rope_1d(pos, self.args.head_dim, self.args.rope_theta_value)

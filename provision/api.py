@@ -1,0 +1,61 @@
+"""The Python API: each stage callable from another program with the CLI's behaviour.
+
+Example::
+
+    import provision
+    result = provision.run("pixtral-12b-2409", home="/srv/provision", scheme="fp8")
+    print(result.profile_dir, result.stages[-1]["details"]["text"])
+
+Every function raises ``provision.errors.ProvisionError`` subclasses (with ``exit_code``)
+and prints nothing; pass ``progress=`` a callable taking ``ProgressEvent`` to watch.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from provision.pipeline import RunOptions, RunResult, run_pipeline
+from provision.plan import Plan, make_plan
+from provision.progress import ProgressFn
+
+
+def run(source: str, *, home: str | Path | None = None, dry_run: bool = False, offline: bool = False,
+        progress: ProgressFn | None = None, **options: Any) -> RunResult:
+    """`provision run`: options are ``RunOptions`` fields (scheme, target, adopt, torrent, hub, ...)."""
+    return run_pipeline(source, home=Path(home) if home else None, options=RunOptions(**options),
+                        offline=offline, dry_run=dry_run, progress=progress)
+
+
+def plan(source: str, *, home: str | Path | None = None, offline: bool = False, **kw: Any) -> Plan:
+    """`provision plan`."""
+    return make_plan(source, home=Path(home) if home else None, offline=offline, **kw)
+
+
+def fetch(source: str, *, home: str | Path | None = None, progress: ProgressFn | None = None, **kw: Any) -> Any:
+    """`provision fetch`: keyword arguments go to ``provision.fetch.fetch``."""
+    from provision.fetch import fetch as _fetch
+
+    return _fetch(make_plan(source, home=Path(home) if home else None), progress=progress, **kw)
+
+
+def verify(root: str | Path, manifest: str | Path | None = None, *, progress: ProgressFn | None = None) -> Any:
+    """`provision verify`: returns a ``VerifyReport``; call ``raise_for_failure()`` on it."""
+    from provision.manifest import load_manifest
+    from provision.verify import verify_dir
+
+    return verify_dir(Path(root), load_manifest(manifest) if manifest else None, progress=progress)
+
+
+def convert(src_dir: str | Path, out_dir: str | Path, **kw: Any) -> Any:
+    """`provision convert`: returns a ``ConvertResult``."""
+    from provision.convert.convert import convert as _convert
+
+    return _convert(Path(src_dir), Path(out_dir), **kw)
+
+
+def smoke(model_dir: str | Path, **kw: Any) -> Any:
+    """`provision smoke`: returns a ``SmokeReport``."""
+    from provision.smoke import smoke as _smoke
+
+    return _smoke(Path(model_dir), **kw)

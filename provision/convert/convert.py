@@ -1,0 +1,750 @@
+"""The convert stage: a Mistral-format checkpoint -> a cast or quantized copy for one target.
+
+``convert(src_dir, out_dir, target=..., scheme="auto", layout=None, context=32768)``:
+
+1. reads ``params.json`` and the safetensors header(s) of ``consolidated*.safetensors``;
+2. picks the profile (``profiles.choose``): an unknown scheme is a usage error (2), a scheme
+   the target cannot run is exit 3, nothing fitting is exit 6, a full disk is exit 6, all
+   before anything is written;
+3. streams the tensors one at a time in file order, each in row chunks of about 64 MiB read
+   with ``os.pread`` (the source is never mapped; pages read are dropped with
+   ``posix_fadvise(DONTNEED)``), casts or quantizes them (``quant.py``), renames and permutes
+   q/k for the ``hf`` layout (``keymap.py``) and writes them with the streaming writer under
+   temporary names; the source's sha256 is computed on the way in a helper thread and
+   patched into every shard's metadata;
+4. commits the shards, then the side files (``params.json``/``tekken.json`` or ``config.json``
+   with a compressed-tensors ``quantization_config``, processor and tokenizer files), and
+   writes ``provision-convert.json`` (the record: profile, per-tensor relative error, the
+   ``vllm serve`` command) last.
+
+A run killed midway leaves only ``.provision-tmp-*`` files, removed by the next run. It does
+not verify the source's hashes against a manifest (``verify`` does) and does not run the model.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import math
+import os
+import queue
+import re
+import shutil
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from provision.errors import ConvertError, HostileContentError, StructureError, UsageError
+from provision.fsutil import atomic_write_text, check_free_space
+from provision.hardware import Target, parse_target
+from provision.model.args import ModelArgs
+from provision.profiles import CASTS, QUANTIZED, Profile, choose, quantized_tensor
+from provision.progress import ProgressEvent, ProgressFn
+
+RECORD_NAME = "provision-convert.json"
+CHUNK_BYTES = 64 << 20
+MAX_HEADER = 100 * 10**6
+SHARD_BYTES = 5 * 10**9
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
+
+# Names this stage writes; anything else in an existing --out folder makes it refuse.
+_OUR_FILES = re.compile(
+    r"^(consolidated(-\d{5}-of-\d{5})?\.safetensors|consolidated\.safetensors\.index\.json|"
+    r"model(-\d{5}-of-\d{5})?\.safetensors|model\.safetensors\.index\.json|params\.json|tekken\.json|"
+    r"tokenizer\.model(\.v\d+m?\d*)?|config\.json|generation_config\.json|preprocessor_config\.json|"
+    r"processor_config\.json|tokenizer\.json|tokenizer_config\.json|special_tokens_map\.json|"
+    r"chat_template\.jinja|chat_template\.json|" + re.escape(RECORD_NAME) + r")$")
+_SIDE_FILES_MISTRAL = re.compile(r"^(params\.json|tekken\.json|tokenizer\.model(\.v\d+m?\d*)?)$")
+
+_ST_DTYPES = {"BF16": "bfloat16", "F16": "float16", "F32": "float32"}
+_TORCH_TO_ST = {"bfloat16": "BF16", "float16": "F16"}
+
+
+# ---------------------------------------------------------------------------------------
+# Source
+
+
+@dataclass(frozen=True)
+class SrcTensor:
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    start: int  # absolute file offsets
+    end: int
+
+    @property
+    def nbytes(self) -> int:
+        return self.end - self.start
+
+
+class SafetensorsSource:
+    """One safetensors file read by offsets: header parsed and checked, tensors read in pieces."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+        try:
+            self.fd = os.open(self.path, os.O_RDONLY)
+        except OSError as e:
+            raise StructureError(f"Cannot open {self.path}: {e.strerror}.", path=str(path)) from None
+        try:
+            self.size = os.fstat(self.fd).st_size
+            head = os.pread(self.fd, 8, 0)
+            if len(head) < 8:
+                raise StructureError(f"{self.path.name} is too short to be a safetensors file.", path=str(path))
+            n = int.from_bytes(head, "little")
+            if n > MAX_HEADER or 8 + n > self.size:
+                raise StructureError(f"{self.path.name} claims a {n}-byte header; the file is {self.size} bytes.",
+                                     path=str(path))
+            self.header_bytes = head + os.pread(self.fd, n, 8)
+            try:
+                doc = json.loads(self.header_bytes[8:])
+            except (json.JSONDecodeError, UnicodeDecodeError):
+                raise StructureError(f"{self.path.name} has a header that is not JSON.", path=str(path)) from None
+            if not isinstance(doc, dict):
+                raise StructureError(f"{self.path.name} has a header that is not a JSON object.", path=str(path))
+            self.data_start = 8 + n
+            tensors = []
+            for name, info in doc.items():
+                if name == "__metadata__":
+                    continue
+                try:
+                    dtype, shape = info["dtype"], tuple(int(x) for x in info["shape"])
+                    b, end = (int(x) for x in info["data_offsets"])
+                except (KeyError, TypeError, ValueError):
+                    raise StructureError(f"{self.path.name}: tensor {name!r} has a malformed header entry.",
+                                         path=str(path), tensor=name) from None
+                if dtype not in _ST_DTYPES:
+                    raise ConvertError(f"{self.path.name}: tensor {name!r} has dtype {dtype}; only BF16, F16 and "
+                                       "F32 sources can be converted.", tensor=name, dtype=dtype)
+                item = 2 if dtype != "F32" else 4
+                if end - b != math.prod(shape) * item or b < 0 or self.data_start + end > self.size:
+                    raise StructureError(f"{self.path.name}: tensor {name!r} has offsets that do not match its "
+                                         "shape or the file size.", path=str(path), tensor=name)
+                tensors.append(SrcTensor(name, dtype, shape, self.data_start + b, self.data_start + end))
+            self.tensors = sorted(tensors, key=lambda t: t.start)
+        except BaseException:
+            os.close(self.fd)
+            raise
+
+    def read(self, start: int, n: int) -> bytearray:
+        buf = bytearray(n)
+        mv = memoryview(buf)
+        got = 0
+        while got < n:
+            k = os.preadv(self.fd, [mv[got:]], start + got)
+            if k == 0:
+                raise StructureError(f"{self.path.name} ended early at byte {start + got}.", path=str(self.path))
+            got += k
+        return buf
+
+    def drop_cache(self, start: int, n: int) -> None:
+        with contextlib.suppress(OSError, AttributeError):
+            os.posix_fadvise(self.fd, start, n, os.POSIX_FADV_DONTNEED)
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            os.close(self.fd)
+
+
+class _Hasher:
+    """sha256 of one file fed in order (header, then every data byte) on a helper thread."""
+
+    def __init__(self) -> None:
+        self.h = hashlib.sha256()
+        self.q: queue.Queue[bytes | bytearray | None] = queue.Queue(maxsize=3)
+        self.error: BaseException | None = None
+        self.t = threading.Thread(target=self._run, daemon=True)
+        self.t.start()
+
+    def _run(self) -> None:
+        try:
+            while True:
+                b = self.q.get()
+                if b is None:
+                    return
+                self.h.update(b)
+        except BaseException as e:  # pragma: no cover
+            self.error = e
+
+    def feed(self, b: bytes | bytearray) -> None:
+        self.q.put(b)
+
+    def hexdigest(self) -> str:
+        self.q.put(None)
+        self.t.join()
+        if self.error:  # pragma: no cover
+            raise self.error
+        return self.h.hexdigest()
+
+    def abandon(self) -> None:
+        with contextlib.suppress(queue.Full):
+            while True:
+                self.q.get_nowait()
+        self.q.put(None)
+
+
+def find_sources(src_dir: Path) -> list[Path]:
+    """The Mistral-format weight files of ``src_dir`` (``consolidated*.safetensors``)."""
+    d = Path(src_dir)
+    if not d.is_dir():
+        raise UsageError(f"{d} is not a folder; pass the folder holding params.json and consolidated.safetensors.")
+    files = sorted(p for p in d.iterdir() if re.fullmatch(r"consolidated(-\d{5}-of-\d{5})?\.safetensors", p.name))
+    for p in files:
+        if p.is_symlink() and d.resolve() not in p.resolve().parents:
+            raise HostileContentError(f"Refusing {p.name}: it is a symlink out of {d}.", path=str(p))
+    if not files:
+        pickles = [p.name for p in d.iterdir() if p.suffix in PICKLE_SUFFIXES]
+        if pickles:
+            raise HostileContentError(f"{d} holds only pickle weights ({', '.join(pickles)}); provision never "
+                                      "loads pickle files.", hint="Use a safetensors release.", files=pickles)
+        raise StructureError(f"No consolidated*.safetensors in {d}; convert reads Mistral-format checkpoints.",
+                             path=str(d))
+    return files
+
+
+# ---------------------------------------------------------------------------------------
+# What to write
+
+
+@dataclass
+class Item:
+    """One source tensor and what it becomes."""
+
+    src: SrcTensor
+    source_index: int
+    action: str  # copy | cast | quantize
+    out_name: str  # for quantize: the module name (suffixes are added)
+    out_dtype: str  # safetensors dtype of the 16-bit output or the scale
+    permute_heads: int | None
+    entries: list[Any] = field(default_factory=list)  # writer.TensorEntry
+
+
+@dataclass
+class TensorReport:
+    name: str
+    out_name: str
+    action: str
+    relative_error: float | None = None
+    max_abs_error: float | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "out_name": self.out_name, "action": self.action,
+                "relative_error": self.relative_error, "max_abs_error": self.max_abs_error}
+
+
+@dataclass
+class ConvertResult:
+    src_dir: Path
+    out_dir: Path
+    target: Target
+    profile: Profile
+    files: list[tuple[str, int]]
+    source_files: list[dict[str, Any]]
+    tensors: list[TensorReport]
+    bytes_read: int
+    bytes_written: int
+    seconds: float
+    vllm_command: str
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def scheme(self) -> str:
+        return self.profile.scheme
+
+    @property
+    def layout(self) -> str:
+        return self.profile.layout
+
+    def quality(self) -> dict[str, Any]:
+        errs = [t.relative_error for t in self.tensors if t.relative_error is not None]
+        return {"quantized_tensors": len(errs),
+                "relative_error_max": max(errs) if errs else 0.0,
+                "relative_error_mean": (sum(errs) / len(errs)) if errs else 0.0}
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "src_dir": str(self.src_dir), "out_dir": str(self.out_dir), "target": self.target.to_dict(),
+            "profile": self.profile.to_dict(), "scheme": self.scheme, "layout": self.layout,
+            "files": [{"path": n, "size": s} for n, s in self.files], "source_files": self.source_files,
+            "bytes_read": self.bytes_read, "bytes_written": self.bytes_written, "seconds": round(self.seconds, 3),
+            "throughput_bytes_per_s": round(self.bytes_read / self.seconds) if self.seconds else None,
+            "quality": self.quality(), "tensors": [t.to_dict() for t in self.tensors],
+            "vllm_command": self.vllm_command, "notes": self.notes,
+        }
+
+
+def _plan_items(sources: list[SafetensorsSource], args: ModelArgs, profile: Profile) -> list[Item]:
+    from provision.convert import keymap
+    from provision.convert.quant import SCHEMES
+    from provision.convert.writer import TensorEntry
+
+    scheme, layout = profile.scheme, profile.layout
+    dt16 = _TORCH_TO_ST[profile.activation_dtype] if scheme in QUANTIZED else _TORCH_TO_ST[
+        "bfloat16" if scheme == "bf16" else "float16"]
+    items: list[Item] = []
+    seen: set[str] = set()
+    for si, src in enumerate(sources):
+        for t in src.tensors:
+            if t.name in seen:
+                raise StructureError(f"Tensor {t.name!r} appears in two source files.", tensor=t.name)
+            seen.add(t.name)
+            out = keymap.mistral_name_to_hf(t.name) if layout == "hf" else t.name
+            heads = keymap.rope_heads(t.name, args) if layout == "hf" else None
+            if scheme in QUANTIZED and quantized_tensor(t.name, t.shape, scheme) and SCHEMES[scheme].supports(t.shape):
+                spec = SCHEMES[scheme]
+                rows, cols = t.shape
+                module = out[: -len(".weight")]
+                if spec.kind == "float":
+                    ents = [TensorEntry(module + ".weight", "F8_E4M3", (rows, cols)),
+                            TensorEntry(module + ".weight_scale", dt16, (rows, 1))]
+                else:
+                    ents = [TensorEntry(module + ".weight_packed", "I32", (rows, spec.packed_cols(cols))),
+                            TensorEntry(module + ".weight_scale", dt16, (rows, spec.scale_cols(cols))),
+                            TensorEntry(module + ".weight_shape", "I64", (2,))]
+                items.append(Item(t, si, "quantize", module, dt16, heads, ents))
+            else:
+                action = "copy" if t.dtype == dt16 else "cast"
+                items.append(Item(t, si, action, out, dt16, heads, [TensorEntry(out, dt16, t.shape)]))
+    return items
+
+
+def _check_spec(items: list[Item], args: ModelArgs) -> None:
+    from provision.model.args import tensor_spec
+
+    want = tensor_spec(args)
+    have = {i.src.name: i.src.shape for i in items}
+    missing = [k for k in want if k not in have]
+    extra = [k for k in have if k not in want]
+    wrong = [k for k in want if k in have and tuple(want[k]) != have[k]]
+    if missing or extra or wrong:
+        first = (missing or extra or wrong)[0]
+        raise StructureError(
+            f"The source tensors do not match params.json ({len(missing)} missing, {len(extra)} extra, "
+            f"{len(wrong)} of the wrong shape; first: {first!r}); run `provision verify` on it.",
+            missing=missing[:20], extra=extra[:20], wrong_shape=wrong[:20])
+
+
+# ---------------------------------------------------------------------------------------
+# Conversion of one tensor
+
+
+def _torch_dtype(st: str) -> Any:
+    import torch
+
+    return {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32}[st]
+
+
+def _as_bytes(t: Any) -> memoryview:
+    import torch
+
+    return memoryview(t.contiguous().view(torch.uint8).numpy()).cast("B")
+
+
+def _chunks(item: Item) -> Iterator[tuple[int, int]]:
+    """(first row, row count) pieces of about CHUNK_BYTES (the whole tensor when it must be permuted)."""
+    shape = item.src.shape
+    rows = shape[0] if shape else 1
+    if item.permute_heads is not None or len(shape) < 2 or rows <= 1:
+        yield 0, rows
+        return
+    row_bytes = item.src.nbytes // rows
+    per = max(1, CHUNK_BYTES // max(row_bytes, 1))
+    if item.action == "quantize":
+        per = max(1, min(per, (16 << 20) // max(row_bytes, 1)))  # float32 temporaries stay small
+    for r in range(0, rows, per):
+        yield r, min(per, rows - r)
+
+
+class _Stream:
+    """Reads one item's bytes chunk by chunk, feeding the hasher and dropping the page cache."""
+
+    def __init__(self, src: SafetensorsSource, hasher: _Hasher | None, on_bytes: Callable[[int], None]) -> None:
+        self.src, self.hasher, self.on_bytes = src, hasher, on_bytes
+        self.pos = src.data_start  # next byte the hasher expects
+
+    def read(self, start: int, n: int) -> bytearray:
+        if start > self.pos:  # bytes between tensors (not written by well-formed files): hash them too
+            gap = self.src.read(self.pos, start - self.pos)
+            if self.hasher:
+                self.hasher.feed(gap)
+            self.pos = start
+        buf = self.src.read(start, n)
+        if self.hasher:
+            self.hasher.feed(buf)
+        self.pos = start + n
+        self.src.drop_cache(start, n)
+        self.on_bytes(n)
+        return buf
+
+
+def _convert_item(item: Item, stream: _Stream, writer: Any, scheme: str) -> TensorReport:
+    import torch
+
+    from provision.convert import keymap, quant
+
+    t = item.src
+    rep = TensorReport(t.name, item.out_name, item.action)
+    src_dt = _torch_dtype(t.dtype)
+    out_dt = _torch_dtype(item.out_dtype)
+    rows = t.shape[0] if t.shape else 1
+    row_bytes = t.nbytes // rows if rows else 0
+    if item.action == "copy" and item.permute_heads is None:
+        for r, n in _chunks(item):
+            writer.write(item.out_name, stream.read(t.start + r * row_bytes, n * row_bytes))
+        return rep
+    if item.action in ("copy", "cast"):
+        for r, n in _chunks(item):
+            buf = stream.read(t.start + r * row_bytes, n * row_bytes)
+            w = torch.frombuffer(buf, dtype=src_dt).reshape((n, *t.shape[1:]) if t.shape else ())
+            if item.permute_heads is not None:
+                w = keymap.permute_to_hf(w, item.permute_heads)
+            o = w.to(out_dt)
+            if out_dt != src_dt and not bool(torch.isfinite(o).all()):
+                raise ConvertError(f"Tensor {t.name!r} overflows {item.out_dtype}; convert it to bf16 instead.",
+                                   tensor=t.name)
+            writer.write(item.out_name, _as_bytes(o))
+        return rep
+    # quantize
+    spec = quant.SCHEMES[scheme]
+    cols = t.shape[1]
+    scales: list[Any] = []
+    err2 = 0.0
+    ref2 = 0.0
+    max_abs = 0.0
+    qname = item.entries[0].name
+    for r, n in _chunks(item):
+        buf = stream.read(t.start + r * row_bytes, n * row_bytes)
+        w = torch.frombuffer(buf, dtype=src_dt).reshape(n, cols)
+        if item.permute_heads is not None:
+            w = keymap.permute_to_hf(w, item.permute_heads)
+        parts = quant.quantize(w, scheme, scale_dtype=out_dt)
+        deq = quant.dequantize(parts, scheme)
+        wf = w.float()
+        diff = wf - deq
+        err2 += float(torch.sum(diff.double() ** 2))
+        ref2 += float(torch.sum(wf.double() ** 2))
+        max_abs = max(max_abs, float(diff.abs().max()))
+        writer.write(qname, _as_bytes(parts["weight"] if spec.kind == "float" else parts["weight_packed"]))
+        scales.append(parts["weight_scale"])
+    writer.write(item.entries[1].name, _as_bytes(torch.cat(scales, 0)))
+    if spec.kind == "int":
+        writer.write(item.entries[2].name, _as_bytes(torch.tensor([t.shape[0], cols], dtype=torch.int64)))
+    rep.relative_error = math.sqrt(err2 / ref2) if ref2 else 0.0
+    rep.max_abs_error = max_abs
+    return rep
+
+
+# ---------------------------------------------------------------------------------------
+# Side files
+
+
+def quantization_config(scheme: str, *, ratio: float | None = None, ignore: list[str] | None = None) -> dict[str, Any]:
+    """compressed-tensors' ``quantization_config`` for a scheme (the FP8-dynamic / W4A16 recipes).
+
+    ``ignore`` adds the (transformers) module names of decoder Linears left in 16-bit because
+    their shapes do not suit the scheme; the vision tower, projector and lm_head are always ignored.
+    """
+    from provision.convert.quant import SCHEMES
+
+    spec = SCHEMES[scheme]
+    weights = {"num_bits": spec.num_bits, "type": spec.kind, "symmetric": True, "group_size": spec.group_size,
+               "strategy": spec.strategy, "dynamic": False, "actorder": None, "block_structure": None,
+               "observer": "minmax", "observer_kwargs": {}}
+    acts = None
+    if spec.dynamic_activations:
+        acts = {"num_bits": 8, "type": "float", "symmetric": True, "group_size": None, "strategy": "token",
+                "dynamic": True, "actorder": None, "block_structure": None, "observer": None,
+                "observer_kwargs": {}}
+    fmt = "float-quantized" if spec.kind == "float" else "pack-quantized"
+    cfg: dict[str, Any] = {
+        "quant_method": "compressed-tensors",
+        "format": fmt,
+        "quantization_status": "compressed",
+        "config_groups": {"group_0": {"targets": ["Linear"], "weights": weights, "input_activations": acts,
+                                      "output_activations": None, "format": fmt}},
+        "ignore": ["re:.*lm_head", "re:.*multi_modal_projector.*", "re:.*vision_tower.*", *(ignore or [])],
+        "kv_cache_scheme": None,
+        "sparsity_config": {},
+    }
+    if ratio is not None:
+        cfg["global_compression_ratio"] = ratio
+    return cfg
+
+
+def _processor_files(args: ModelArgs) -> dict[str, dict[str, Any]]:
+    v = args.vision_encoder
+    assert v is not None
+    pre = {"do_convert_rgb": True, "do_normalize": True, "do_rescale": True, "do_resize": True,
+           "image_mean": [0.48145466, 0.4578275, 0.40821073], "image_std": [0.26862954, 0.26130258, 0.27577711],
+           "image_processor_type": "PixtralImageProcessor",
+           "patch_size": {"height": v.patch_size, "width": v.patch_size}, "resample": 3,
+           "rescale_factor": 0.00392156862745098, "size": {"longest_edge": v.image_size}}
+    proc = {"image_break_token": "[IMG_BREAK]", "image_end_token": "[IMG_END]", "image_token": "[IMG]",
+            "patch_size": v.patch_size, "processor_class": "PixtralProcessor"}
+    gen = {"bos_token_id": 1, "eos_token_id": 2}
+    return {"preprocessor_config.json": pre, "processor_config.json": proc, "generation_config.json": gen}
+
+
+def _write_hf_tokenizer(tekken: Path, out_dir: Path) -> list[str]:
+    """tokenizer.json & co. from tekken.json through transformers (when installed); the names written."""
+    try:
+        from transformers.integrations.mistral import convert_tekken_tokenizer
+    except Exception:
+        return []
+    import tempfile
+
+    tmp = Path(tempfile.mkdtemp(prefix=".provision-tmp-tok-", dir=out_dir))
+    try:
+        tok = convert_tekken_tokenizer(str(tekken))
+        tok.save_pretrained(str(tmp))
+        names = []
+        for p in sorted(tmp.iterdir()):
+            if _OUR_FILES.match(p.name):
+                os.replace(p, out_dir / p.name)
+                names.append(p.name)
+        return names
+    except Exception:
+        return []
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def vllm_command(out_dir: Path, profile: Profile, context: int, *, hf_tokenizer: bool = True) -> str:
+    """The exact ``vllm serve`` line for a converted folder."""
+    import shlex
+
+    parts = ["vllm", "serve", shlex.quote(str(out_dir))]
+    if profile.layout == "mistral":
+        parts += ["--tokenizer-mode", "mistral", "--config-format", "mistral", "--load-format", "mistral"]
+    else:
+        if profile.scheme in QUANTIZED:
+            parts += ["--quantization", "compressed-tensors"]
+        if not hf_tokenizer:
+            parts += ["--tokenizer-mode", "mistral"]
+    parts += ["--dtype", profile.activation_dtype if profile.scheme in QUANTIZED else
+              ("bfloat16" if profile.scheme == "bf16" else "float16")]
+    parts += ["--max-model-len", str(context)]
+    if profile.gpus > 1:
+        parts += ["--tensor-parallel-size", str(profile.gpus)]
+    parts += ["--limit-mm-per-prompt", shlex.quote('{"image": 4}')]
+    return " ".join(parts)
+
+
+# ---------------------------------------------------------------------------------------
+# The stage
+
+
+def _prepare_out(src_dir: Path, out_dir: Path) -> None:
+    from provision.convert.writer import remove_stale_temporaries
+
+    if out_dir.exists() and not out_dir.is_dir():
+        raise UsageError(f"--out {out_dir} exists and is not a folder.")
+    if out_dir.resolve() == src_dir.resolve():
+        raise UsageError("--out must differ from the source folder; converting in place would destroy the original.")
+    if out_dir.is_dir():
+        remove_stale_temporaries(out_dir)
+        for p in out_dir.iterdir():
+            if p.name.startswith(".provision-tmp-") and p.is_dir():
+                shutil.rmtree(p, ignore_errors=True)
+                continue
+            if not _OUR_FILES.match(p.name):
+                raise UsageError(f"--out {out_dir} holds {p.name}, which convert did not write; "
+                                 "choose an empty or new folder.", path=str(p))
+
+
+def _sha_placeholder(sources: list[SafetensorsSource], src_dir: Path) -> list[dict[str, Any]]:
+    return [{"path": s.path.name, "size": s.size, "sha256": "0" * 64} for s in sources] + [
+        {"path": n, "size": (src_dir / n).stat().st_size} for n in ("params.json",) if (src_dir / n).is_file()]
+
+
+def convert(
+    src_dir: Path,
+    out_dir: Path,
+    *,
+    target: Target | str | None = "auto",
+    scheme: str = "auto",
+    layout: str | None = None,
+    context: int = 32768,
+    progress: ProgressFn | None = None,
+    shard_bytes: int = SHARD_BYTES,
+    hf_tokenizer: bool = True,
+) -> ConvertResult:
+    """Convert the Mistral-format checkpoint in ``src_dir`` into ``out_dir`` for ``target``."""
+    from provision.convert.writer import CheckpointWriter, plan_shards
+
+    t0 = time.monotonic()
+    src_dir, out_dir = Path(src_dir), Path(out_dir)
+    args = ModelArgs.from_file(src_dir / "params.json")
+    tgt = target if isinstance(target, Target) else parse_target(target)
+    prof = choose(args, tgt, scheme, layout, context=context)
+    if prof.layout == "hf" and args.vision_encoder is None:
+        raise UsageError("The hf layout is written for Pixtral (Llava) checkpoints; use --layout mistral.")
+    paths = find_sources(src_dir)
+    _prepare_out(src_dir, out_dir)
+    sources = [SafetensorsSource(p) for p in paths]
+    writer: CheckpointWriter | None = None
+    hashers: list[_Hasher] = []
+    try:
+        items = _plan_items(sources, args, prof)
+        _check_spec(items, args)
+        entries = [e for it in items for e in it.entries]
+        meta_src = _sha_placeholder(sources, src_dir)
+        metadata = {"format": "pt", "provision.scheme": prof.scheme, "provision.layout": prof.layout,
+                    "provision.source": json.dumps(meta_src, separators=(",", ":"))}
+        if prof.layout == "mistral":
+            shards, names, index = [entries], ["consolidated.safetensors"], None
+        else:
+            shards = plan_shards(entries, shard_bytes)
+            m = len(shards)
+            names = ["model.safetensors"] if m == 1 else [f"model-{i + 1:05d}-of-{m:05d}.safetensors"
+                                                          for i in range(m)]
+            index = None if m == 1 else "model.safetensors.index.json"
+        writer = CheckpointWriter(out_dir, shards, names, metadata=metadata, index_name=index)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        check_free_space(out_dir, writer.total_size + (64 << 20), what=f"the {prof.name} conversion")
+
+        total = sum(s.size - s.data_start for s in sources)
+        done = 0
+        last = 0.0
+
+        def on_bytes(n: int) -> None:
+            nonlocal done, last
+            done += n
+            now = time.monotonic()
+            if progress is not None and (now - last > 0.2 or done >= total):
+                last = now
+                progress(ProgressEvent(task="convert", done=done, total=total, unit="B",
+                                       description=f"convert -> {prof.name}"))
+
+        streams = []
+        for s in sources:
+            h = _Hasher()
+            hashers.append(h)
+            h.feed(s.header_bytes)
+            streams.append(_Stream(s, h, on_bytes))
+        reports = []
+        for it in items:
+            reports.append(_convert_item(it, streams[it.source_index], writer, prof.scheme))
+        for s, st in zip(sources, streams, strict=True):
+            if st.pos < s.size:  # trailing bytes after the last tensor
+                st.read(st.pos, s.size - st.pos)
+        digests = [h.hexdigest() for h in hashers]
+        hashers = []
+        for digest, entry in zip(digests, meta_src, strict=False):
+            entry["sha256"] = digest
+        writer.finish({"provision.source": json.dumps(meta_src, separators=(",", ":"))})
+        written = writer.commit()
+    except BaseException:
+        for h in hashers:
+            h.abandon()
+        if writer is not None:
+            writer.abort()
+        raise
+    finally:
+        for s in sources:
+            s.close()
+
+    files = [p.name for p in written]
+    notes: list[str] = []
+    hf_tok = False
+    if prof.layout == "mistral":
+        for p in sorted(src_dir.iterdir()):
+            if _SIDE_FILES_MISTRAL.match(p.name) and p.is_file():
+                with open(p, "rb") as fh:
+                    data = fh.read()
+                from provision.fsutil import atomic_write_bytes
+
+                atomic_write_bytes(out_dir / p.name, data)
+                files.append(p.name)
+    else:
+        from provision.convert import keymap
+
+        cfg = keymap.hf_config(args, dtype=prof.activation_dtype if prof.scheme in QUANTIZED else
+                               ("bfloat16" if prof.scheme == "bf16" else "float16"))
+        if prof.scheme in QUANTIZED:
+            dense = sum(math.prod(i.src.shape) * 2 for i in items)
+            # decoder Linears left 16-bit (shapes the scheme cannot take), as regexes that match
+            # both the on-disk names (language_model.model.layers...) and transformers' in-memory
+            # ones (model.language_model.layers...)
+            left = ["re:.*language_model.*" + re.escape(i.out_name[: -len(".weight")].split("language_model.model.", 1)[-1]) + "$"
+                    for i in items if i.action != "quantize" and i.src.name.startswith("layers.")
+                    and len(i.src.shape) == 2]
+            cfg["quantization_config"] = quantization_config(prof.scheme, ratio=dense / max(writer.data_bytes, 1),
+                                                             ignore=left)
+        atomic_write_text(out_dir / "config.json", json.dumps(cfg, indent=2) + "\n")
+        files.append("config.json")
+        for name, doc in _processor_files(args).items():
+            atomic_write_text(out_dir / name, json.dumps(doc, indent=2) + "\n")
+            files.append(name)
+        tekken = src_dir / "tekken.json"
+        if tekken.is_file():
+            from provision.fsutil import atomic_write_bytes
+
+            atomic_write_bytes(out_dir / "tekken.json", tekken.read_bytes())
+            files.append("tekken.json")
+            tok_files = _write_hf_tokenizer(tekken, out_dir) if hf_tokenizer else []
+            files += tok_files
+            hf_tok = "tokenizer.json" in tok_files
+            if not hf_tok:
+                notes.append("tokenizer.json not written (transformers is not installed or it was not asked "
+                             "for); vLLM reads tekken.json with --tokenizer-mode mistral")
+        else:
+            notes.append("no tekken.json in the source: copy the tokenizer files into the output by hand")
+    # drop files of an earlier conversion that this one does not produce
+    for p in out_dir.iterdir():
+        if p.is_file() and _OUR_FILES.match(p.name) and p.name not in files and p.name != RECORD_NAME:
+            p.unlink()
+    cmd = vllm_command(out_dir, prof, context, hf_tokenizer=hf_tok)
+    sizes = [(n, (out_dir / n).stat().st_size) for n in files]
+    res = ConvertResult(src_dir=src_dir, out_dir=out_dir, target=tgt, profile=prof, files=sizes,
+                        source_files=meta_src, tensors=reports, bytes_read=sum(s.size for s in sources),
+                        bytes_written=sum(s for _, s in sizes), seconds=time.monotonic() - t0,
+                        vllm_command=cmd, notes=notes)
+    record = res.to_dict()
+    record["context"] = context
+    atomic_write_text(out_dir / RECORD_NAME, json.dumps(record, indent=2) + "\n")
+    if progress is not None:
+        progress(ProgressEvent(task="convert", done=res.bytes_read, total=res.bytes_read, unit="B",
+                               description=f"convert -> {prof.name}", finished=True))
+    return res
+
+
+def compare_logits(reference_dir: Path, converted_dir: Path, *, prompt: str | None = None,
+                   images: list[Any] | None = None, device: str = "cpu") -> dict[str, Any]:
+    """Top-1 agreement and cosine similarity of logits, reference (16-bit) vs converted model.
+
+    Both folders are loaded with ``provision.model.loader.load_model`` in float32 on ``device``;
+    the input is the smoke prompt (the manifest's, else the default) with its generated image.
+    ``top1_agreement`` is the fraction of positions whose arg-max agrees; ``cosine`` the mean
+    over positions of the cosine similarity of the logit vectors; ``cosine_min`` the worst.
+    """
+    import torch
+
+    from provision.inputs import encode_chat, load_tokenizer, square_image
+    from provision.manifest import SmokeSpec
+    from provision.model.loader import load_model
+
+    spec = SmokeSpec()
+    tok = load_tokenizer(Path(reference_dir))
+    enc = encode_chat(tok, prompt if prompt is not None else spec.prompt,
+                      images if images is not None else [square_image(spec.image)])
+    ids = torch.tensor([enc.tokens])
+    out = []
+    for d in (reference_dir, converted_dir):
+        model, _ = load_model(Path(d), device=device, dtype=torch.float32)
+        with torch.no_grad():
+            out.append(model(ids.to(device), [im.to(device) for im in enc.images])[0].float().cpu())
+        del model
+    a, b = out
+    cos = torch.nn.functional.cosine_similarity(a, b, dim=-1)
+    agree = (a.argmax(-1) == b.argmax(-1)).float()
+    return {"positions": int(a.shape[0]), "top1_agreement": float(agree.mean()), "cosine": float(cos.mean()),
+            "cosine_min": float(cos.min()), "max_abs_diff": float((a - b).abs().max())}
+
+
+__all__ = ["CASTS", "QUANTIZED", "ConvertResult", "compare_logits", "convert", "quantization_config",
+           "vllm_command"]

@@ -1,0 +1,265 @@
+"""Load Pixtral weights from a checkpoint folder onto a device, with no second copy in RAM.
+
+Two on-disk layouts are read:
+
+* Mistral: ``params.json`` + ``consolidated.safetensors`` (or ``consolidated-*.safetensors``
+  shards with ``consolidated.safetensors.index.json``): names are the model's own;
+* transformers (Llava): ``config.json`` + ``model.safetensors`` or ``model-*.safetensors``
+  shards with ``model.safetensors.index.json``: names and q/k layouts go through
+  ``provision.convert.keymap``. A ``quantization_config`` in ``config.json`` hands the model
+  and the tensors to ``provision.convert.runtime.apply_quantization``, which swaps the
+  quantized ``nn.Linear`` layers for its own modules before the strict load.
+
+The model is built on the meta device; each tensor is read with ``safe_open`` straight onto the
+target device (cast per tensor), then ``load_state_dict(strict=True, assign=True)`` adopts them.
+Before reading anything, ``check_fits`` compares the bytes needed with the device's free memory
+and raises ``GPUMemoryError``/``ResourceError`` (exit 6) with both numbers.
+Pickle files (``.bin``, ``.pt``...) are never read. This module does not tokenize or generate.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from provision.errors import (
+    ConvertError,
+    GPUMemoryError,
+    HostileContentError,
+    ParamsError,
+    ResourceError,
+    StructureError,
+    UsageError,
+)
+from provision.model.args import ModelArgs
+from provision.model.pixtral import Pixtral, build_model
+
+MISTRAL_INDEX = "consolidated.safetensors.index.json"
+HF_INDEX = "model.safetensors.index.json"
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+DTYPE_NAMES: dict[str, torch.dtype] = {"float32": torch.float32, "float16": torch.float16,
+                                       "bfloat16": torch.bfloat16}
+_ST_DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
+                   "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1, "U16": 2, "U32": 4, "U64": 8}
+_ST_FLOAT = {"F32", "F16", "BF16"}
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """What a checkpoint folder holds: its layout, args, and which file holds each tensor."""
+
+    path: Path
+    layout: str  # "mistral" | "hf"
+    args: ModelArgs
+    files: dict[str, Path]  # tensor name as stored -> safetensors file
+    config: dict[str, Any] | None = None  # config.json (hf layout)
+
+    @property
+    def quantized(self) -> bool:
+        return bool(self.config and self.config.get("quantization_config"))
+
+
+def _shards(folder: Path, single: str, index: str, pattern: str) -> list[Path]:
+    idx = folder / index
+    if idx.is_file():
+        try:
+            data = json.loads(idx.read_text(encoding="utf-8"))
+            weight_map = data["weight_map"]
+            names = sorted(set(weight_map.values()))
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+            raise StructureError(f"{idx} is not a valid safetensors index ({e}); re-fetch or re-convert it.",
+                                 path=str(idx)) from None
+        out = []
+        for n in names:
+            if not isinstance(n, str) or "/" in n or "\\" in n or n.startswith("."):
+                raise HostileContentError(f"{idx} names a shard outside its folder: {n!r}.", path=str(idx))
+            out.append(folder / n)
+        return out
+    if (folder / single).is_file():
+        return [folder / single]
+    return sorted(folder.glob(pattern))
+
+
+def _tensor_files(shards: list[Path]) -> dict[str, Path]:
+    from safetensors import safe_open
+
+    files: dict[str, Path] = {}
+    for shard in shards:
+        if not shard.is_file():
+            raise StructureError(f"Weight shard {shard.name} is missing from {shard.parent}; fetch it again.",
+                                 path=str(shard))
+        try:
+            with safe_open(str(shard), framework="pt") as f:
+                for k in f.keys():
+                    files[k] = shard
+        except Exception as e:  # safetensors raises its own error types for corrupt headers
+            raise StructureError(f"{shard} is not a readable safetensors file ({e}); fetch it again.",
+                                 path=str(shard)) from None
+    return files
+
+
+def open_checkpoint(path: Path) -> Checkpoint:
+    """Find the layout, parse the args and index the tensors of a checkpoint folder (reads headers only)."""
+    folder = Path(path)
+    if not folder.is_dir():
+        raise StructureError(f"Model folder {folder} does not exist or is not a folder.", path=str(folder))
+    if (folder / "params.json").is_file():
+        args = ModelArgs.from_file(folder / "params.json")
+        shards = _shards(folder, "consolidated.safetensors", MISTRAL_INDEX, "consolidated*.safetensors")
+        layout, config = "mistral", None
+    elif (folder / "config.json").is_file():
+        from provision.convert.keymap import args_from_hf_config
+
+        try:
+            config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+        except (OSError, ValueError) as e:
+            raise ParamsError(f"{folder / 'config.json'} is not valid JSON ({e}).") from None
+        args = args_from_hf_config(config)
+        shards = _shards(folder, "model.safetensors", HF_INDEX, "model*.safetensors")
+        layout = "hf"
+    else:
+        raise StructureError(f"{folder} has neither params.json (Mistral layout) nor config.json (transformers "
+                             "layout); point at a model folder.", path=str(folder))
+    if not shards:
+        pickles = sorted(p.name for p in folder.iterdir() if p.suffix in PICKLE_SUFFIXES)
+        if pickles:
+            raise HostileContentError(f"{folder} holds only pickle weights ({pickles[0]}); provision reads "
+                                      "safetensors only.", path=str(folder))
+        raise StructureError(f"{folder} has no safetensors weights; fetch the model first.", path=str(folder))
+    return Checkpoint(path=folder, layout=layout, args=args, files=_tensor_files(shards), config=config)
+
+
+def weights_bytes(ckpt: Checkpoint, dtype: torch.dtype | None) -> int:
+    """Bytes the weights take on the device once cast to ``dtype`` (headers only, nothing read)."""
+    from safetensors import safe_open
+
+    target = torch.empty((), dtype=dtype).element_size() if dtype is not None else None
+    total = 0
+    by_file: dict[Path, list[str]] = {}
+    for name, f in ckpt.files.items():
+        by_file.setdefault(f, []).append(name)
+    for f, names in by_file.items():
+        with safe_open(str(f), framework="pt") as sf:
+            for name in names:
+                sl = sf.get_slice(name)
+                n = 1
+                for s in sl.get_shape():
+                    n *= int(s)
+                st = sl.get_dtype()
+                size = target if (target is not None and st in _ST_FLOAT) else _ST_DTYPE_BYTES.get(st, 4)
+                total += n * size
+    return total
+
+
+def _mem_available() -> int:
+    try:
+        with open("/proc/meminfo", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
+
+
+def free_device_bytes(device: torch.device) -> int:
+    """Free memory of ``device``: ``cudaMemGetInfo`` for a GPU, MemAvailable for the CPU."""
+    if device.type == "cuda":
+        free, _total = torch.cuda.mem_get_info(device)
+        return int(free)
+    return _mem_available()
+
+
+def check_fits(needed: int, device: torch.device) -> None:
+    """Raise (exit 6) when ``needed`` bytes do not fit in ``device``'s free memory."""
+    free = free_device_bytes(device)
+    if needed <= free:
+        return
+    gib = 2**30
+    msg = (f"The model needs {needed / gib:.2f} GiB on {device} but only {free / gib:.2f} GiB is free; "
+           "use a bigger device, a smaller dtype or a quantized profile.")
+    if device.type == "cuda":
+        raise GPUMemoryError(msg, needed_bytes=needed, free_bytes=free, device=str(device))
+    raise ResourceError(msg, needed_bytes=needed, free_bytes=free, device=str(device))
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise UsageError(f"Device {device!r} is not supported; use auto, cpu or cuda.", device=device) from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ResourceError("--device cuda was asked for but no CUDA GPU is usable here; use --device cpu.",
+                            device=device)
+    if dev.type not in ("cpu", "cuda"):
+        raise UsageError(f"Device {device!r} is not supported; use auto, cpu or cuda.", device=device)
+    if dev.type == "cuda" and dev.index is None:
+        dev = torch.device("cuda", torch.cuda.current_device())
+    return dev
+
+
+def default_dtype(ckpt: Checkpoint, device: torch.device) -> torch.dtype:
+    """bf16 on a GPU (the release's dtype), float32 on the CPU (fast, exact kernels there)."""
+    return torch.bfloat16 if device.type == "cuda" else torch.float32
+
+
+def _read_tensors(ckpt: Checkpoint, device: torch.device, dtype: torch.dtype | None) -> dict[str, torch.Tensor]:
+    from safetensors import safe_open
+
+    from provision.convert import keymap
+
+    by_file: dict[Path, list[str]] = {}
+    for name, f in ckpt.files.items():
+        by_file.setdefault(f, []).append(name)
+    out: dict[str, torch.Tensor] = {}
+    dev = "cpu" if device.type == "cpu" else str(device)
+    for f, names in by_file.items():
+        with safe_open(str(f), framework="pt", device=dev) as sf:
+            for name in names:
+                t = sf.get_tensor(name)
+                if ckpt.layout == "hf":
+                    name, t = keymap.hf_to_mistral(name, t, ckpt.args)
+                if dtype is not None and t.dtype in FLOAT_DTYPES and t.dtype != dtype and \
+                        name.rsplit(".", 1)[-1] in ("weight", "bias"):
+                    t = t.to(dtype)
+                out[name] = t
+    return out
+
+
+def load_model(path: Path, *, device: str = "cpu", dtype: torch.dtype | None = None,
+               reserve_bytes: int = 0) -> tuple[Pixtral, ModelArgs]:
+    """Build Pixtral on meta and assign the checkpoint's tensors on ``device`` (strict).
+
+    ``dtype`` None means the device default (bf16 on GPU, float32 on CPU). ``reserve_bytes``
+    is added to the weights when checking free memory (KV cache, activations).
+    """
+    dev = resolve_device(device)
+    ckpt = open_checkpoint(path)
+    dt = dtype if dtype is not None else default_dtype(ckpt, dev)
+    check_fits(weights_bytes(ckpt, dt) + reserve_bytes, dev)
+    model = build_model(ckpt.args, device="meta")
+    tensors = _read_tensors(ckpt, dev, dt)
+    if ckpt.quantized:
+        try:
+            from provision.convert.runtime import apply_quantization
+        except ImportError:
+            raise ConvertError(f"{path} is quantized but this installation has no quantization runtime "
+                               "(provision.convert.runtime); reinstall provision.", path=str(path)) from None
+        apply_quantization(model, ckpt.config or {}, tensors)
+    try:
+        model.load_state_dict(tensors, strict=True, assign=True)
+    except RuntimeError as e:
+        first = str(e).strip().splitlines()
+        detail = " ".join(x.strip() for x in first[:3])[:400]
+        raise StructureError(f"The tensors in {path} do not match the architecture of its "
+                             f"{'params' if ckpt.layout == 'mistral' else 'config'}.json: {detail}",
+                             path=str(path)) from None
+    return model.eval(), ckpt.args

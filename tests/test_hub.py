@@ -1,0 +1,501 @@
+"""The Hugging Face Hub source against a loopback hub (tests/hub_server.py): pinned, verified,
+resumable, robust, and with error messages that say what to do. Nothing leaves 127.0.0.1."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from provision.cli import run_cli
+from provision.layout import Layout
+from provision.tiny import TINY_REPO
+from tests.hub_server import TOKENS, LoopbackHub, hub, tiny_facts  # noqa: F401 - hub is a fixture
+
+ALICE, BOB = list(TOKENS)
+
+
+def fetch_cli(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, dict[str, Any], str]:
+    """Run ``provision fetch ARGS --json`` in-process: (exit code, JSON report, stderr)."""
+    capsys.readouterr()
+    code = run_cli(["fetch", *args, "--json"])
+    out = capsys.readouterr()
+    return code, json.loads(out.out) if out.out.strip() else {}, out.err
+
+
+def same_files(a: Path, b: Path, names: list[str]) -> bool:
+    return all((a / n).read_bytes() == (b / n).read_bytes() for n in names)
+
+
+def resolve_paths(h: LoopbackHub) -> list[str]:
+    return [r.path for r in h.requests if r.role == "hub" and "/resolve/" in r.path]
+
+
+def home() -> Path:
+    return Path(os.environ["PROVISION_HOME"])
+
+
+def staging(name: str) -> Path:
+    return Layout(home()).staging(name)
+
+
+# ---------------------------------------------------------------------------------------
+# the fixture behaves like the Hub for huggingface_hub itself
+
+
+def test_plain_hf_hub_download_works_against_the_loopback_hub(hub: LoopbackHub, tiny_src: Path,
+                                                              tmp_path: Path) -> None:
+    from huggingface_hub import HfApi, hf_hub_download
+
+    rev, _ = tiny_facts(tiny_src)
+    info = HfApi(endpoint=hub.endpoint).model_info(TINY_REPO, revision="main", files_metadata=True)
+    assert info.sha == rev
+    lfs = {s.rfilename: s.lfs for s in info.siblings or []}
+    assert lfs["params.json"] is None and lfs["consolidated.safetensors"] is not None
+    for name in ("consolidated.safetensors", "params.json"):
+        p = hf_hub_download(TINY_REPO, name, endpoint=hub.endpoint, cache_dir=tmp_path / "c", token=False)
+        assert Path(p).read_bytes() == (tiny_src / name).read_bytes()
+    cdn = [r for r in hub.requests if r.role == "cdn"]
+    assert cdn and all(r.status == 200 for r in cdn)  # the LFS file came through the redirect
+    assert hub.unknown_api_calls == []
+
+
+def test_loopback_hub_answers_ranges_with_206_and_a_bad_range_with_416(hub: LoopbackHub, tiny_src: Path) -> None:
+    import httpx2
+
+    rev, _ = tiny_facts(tiny_src)
+    url = f"{hub.endpoint}/{TINY_REPO}/resolve/{rev}/params.json"
+    data = (tiny_src / "params.json").read_bytes()
+    with httpx2.Client() as c:
+        r = c.get(url, headers={"Range": "bytes=10-19"})
+        assert r.status_code == 206 and r.content == data[10:20]
+        assert r.headers["Content-Range"] == f"bytes 10-19/{len(data)}"
+        assert c.get(url, headers={"Range": f"bytes={len(data) + 5}-"}).status_code == 416
+        h = c.head(f"{hub.endpoint}/{TINY_REPO}/resolve/main/consolidated.safetensors")
+        assert h.status_code == 302 and h.headers["X-Repo-Commit"] == rev
+        assert int(h.headers["X-Linked-Size"]) == (tiny_src / "consolidated.safetensors").stat().st_size
+
+
+# ---------------------------------------------------------------------------------------
+# full fetches
+
+
+def test_fetch_hf_uri_gets_every_file_verified_and_reports_the_commit(
+        hub: LoopbackHub, tiny_src: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    rev, files = tiny_facts(tiny_src)
+    dest = tmp_path / "out"
+    code, rep, err = fetch_cli(capsys, f"hf://{TINY_REPO}", "--dest", str(dest))
+    assert code == 0, err
+    f = rep["fetch"]
+    assert f["source"] == "hf" and f["extra"]["commit"] == rev and f["extra"]["revision"] == "main"
+    auth = {x["path"]: x["authority"] for x in f["files"]}
+    assert auth == {"consolidated.safetensors": "hub-lfs-sha256", "params.json": "git-blob-sha1",
+                    "tekken.json": "hub-lfs-sha256"}
+    assert sorted(p.name for p in dest.iterdir()) == sorted(files)
+    assert same_files(dest, tiny_src, list(files))
+    assert f["bytes_downloaded"] == sum(p.stat().st_size for p in files.values())
+    # every byte came from the pinned commit, and nothing is left in staging but the record
+    assert all(f"/resolve/{rev}/" in p for p in resolve_paths(hub))
+    assert not (staging(TINY_REPO) / "hub").exists()
+
+
+def test_fetch_manifest_uses_the_manifest_sha256_as_authority_and_its_default_dest(
+        hub: LoopbackHub, tiny_src: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code, rep, err = fetch_cli(capsys, str(tiny_src / "manifest.toml"), "--source", "hf")
+    assert code == 0, err
+    dest = Layout(home()).original("tiny-pixtral")
+    assert Path(rep["fetch"]["dest"]) == dest
+    assert {x["authority"] for x in rep["fetch"]["files"]} == {"manifest-sha256"}
+    assert same_files(dest, tiny_src, ["consolidated.safetensors", "params.json", "tekken.json"])
+
+
+def test_second_fetch_reuses_verified_files_and_downloads_nothing(
+        hub: LoopbackHub, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    dest = tmp_path / "out"
+    assert fetch_cli(capsys, f"hf://{TINY_REPO}", "--dest", str(dest))[0] == 0
+    hub.reset_counters()
+    code, rep, _ = fetch_cli(capsys, f"hf://{TINY_REPO}", "--dest", str(dest))
+    assert code == 0 and rep["fetch"]["bytes_downloaded"] == 0
+    assert all(x["reused"] for x in rep["fetch"]["files"]) and resolve_paths(hub) == []
+
+
+def test_a_damaged_file_already_in_dest_is_downloaded_again(
+        hub: LoopbackHub, tiny_src: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    dest = tmp_path / "out"
+    dest.mkdir()
+    shutil.copy(tiny_src / "tekken.json", dest / "tekken.json")
+    bad = bytearray((tiny_src / "params.json").read_bytes())
+    bad[5] ^= 1
+    (dest / "params.json").write_bytes(bytes(bad))
+    code, rep, err = fetch_cli(capsys, f"hf://{TINY_REPO}", "--dest", str(dest))
+    assert code == 0, err
+    reused = {x["path"]: x["reused"] for x in rep["fetch"]["files"]}
+    assert reused == {"consolidated.safetensors": False, "params.json": False, "tekken.json": True}
+    assert same_files(dest, tiny_src, ["params.json"])
+
+
+def test_include_glob_fetches_only_matching_files(hub: LoopbackHub, tmp_path: Path,
+                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    dest = tmp_path / "out"
+    code, rep, err = fetch_cli(capsys, f"hf://{TINY_REPO}", "--dest", str(dest), "--include", "*.json")
+    assert code == 0, err
+    assert sorted(p.name for p in dest.iterdir()) == ["params.json", "tekken.json"]
+
+
+def test_plan_of_an_hf_uri_lists_files_with_sizes_and_lfs_sha256(
+        hub: LoopbackHub, tiny_src: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from provision.plan import make_plan
+
+    plan = make_plan(f"hf://{TINY_REPO}", home=home(), check_disk=False)
+    m = tiny_facts(tiny_src)[1]
+    facts = {f.path: (f.size, f.sha256) for f in plan.files}
+    assert set(facts) == set(m)
+    assert facts["params.json"] == ((tiny_src / "params.json").stat().st_size, None)
+    sha = hashlib.sha256((tiny_src / "consolidated.safetensors").read_bytes()).hexdigest()
+    assert facts["consolidated.safetensors"][1] == sha
+
+
+def test_a_branch_is_resolved_once_and_every_file_comes_from_that_commit(
+        hub: LoopbackHub, tiny_src: Path, tmp_path: Path) -> None:
+    from provision.fetch import fetch
+    from provision.plan import make_plan
+
+    rev, files = tiny_facts(tiny_src)
+    hub.repos[TINY_REPO].refs["dev"] = rev
+    plan = make_plan(f"hf://{TINY_REPO}@dev", home=home(), dest=tmp_path / "out", check_disk=False)
+    # the branch moves between plan and fetch: the fetch must still deliver the commit it listed
+    other = tmp_path / "params.json"
+    other.write_text(json.dumps({"moved": True}))
+    moved = hub.add_repo(TINY_REPO, {**files, "params.json": other}, branches=("dev",))
+    assert moved != rev and hub.repos[TINY_REPO].refs["dev"] == moved
+    res = fetch(plan, source="hf")
+    assert res.extra["commit"] == rev and res.extra["revision"] == "dev"
+    assert same_files(tmp_path / "out", tiny_src, list(files))
+    assert resolve_paths(hub) and all(f"/resolve/{rev}/" in p for p in resolve_paths(hub))
+
+
+def test_a_later_fetch_of_the_branch_gets_its_new_commit(
+        hub: LoopbackHub, tiny_src: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    _, files = tiny_facts(tiny_src)
+    other = tmp_path / "params.json"
+    other.write_text(json.dumps({"moved": True}))
+    moved = hub.add_repo(TINY_REPO, {**files, "params.json": other}, branches=("dev",))
+    code, rep, err = fetch_cli(capsys, f"hf://{TINY_REPO}@dev", "--dest", str(tmp_path / "out"))
+    assert code == 0, err
+    assert rep["fetch"]["extra"]["commit"] == moved
+    assert (tmp_path / "out" / "params.json").read_bytes() == other.read_bytes()
+
+
+# ---------------------------------------------------------------------------------------
+# verification
+
+
+def test_right_size_wrong_bytes_exits_5_and_leaves_nothing_under_the_final_name(
+        hub: LoopbackHub, tiny_src: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    bad = bytearray((tiny_src / "tekken.json").read_bytes())
+    bad[len(bad) // 2] ^= 0xFF
+    (tmp_path / "bad").write_bytes(bytes(bad))
+    hub.serve_instead["tekken.json"] = tmp_path / "bad"
+    dest = tmp_path / "out"
+    code, rep, err = fetch_cli(capsys, str(tiny_src / "manifest.toml"), "--source", "hf", "--dest", str(dest))
+    assert code == 5, err
+    assert rep["error"]["kind"] == "hash_mismatch" and "tekken.json" in rep["error"]["message"]
+    assert not (dest / "tekken.json").exists()
+    assert not list(dest.glob(".provision-tmp-*"))
+    # the bad bytes are not kept as a partial to resume from (other files' partials may stay)
+    sha = hashlib.sha256((tiny_src / "tekken.json").read_bytes()).hexdigest()
+    assert not list(staging("tiny-pixtral").rglob(f"{sha}-*"))
+    assert not list(staging("tiny-pixtral").rglob("tekken.json"))
+
+
+def test_a_manifest_sha256_that_disagrees_with_the_hub_fails_before_downloading(
+        hub: LoopbackHub, tiny_src: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    text = (tiny_src / "manifest.toml").read_text()
+    sha = hashlib.sha256((tiny_src / "tekken.json").read_bytes()).hexdigest()
+    (tmp_path / "m.toml").write_text(text.replace(sha, "0" * 64))
+    code, rep, _ = fetch_cli(capsys, str(tmp_path / "m.toml"), "--dest", str(tmp_path / "out"))
+    assert code == 5 and rep["error"]["kind"] == "hash_mismatch"
+    assert "disagree" in rep["error"]["message"]
+    assert not [p for p in resolve_paths(hub) if p.endswith("tekken.json")]
+
+
+def test_a_hostile_file_name_in_the_listing_is_refused(
+        hub: LoopbackHub, tiny_src: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    hub.add_repo("evil/repo", {"../escape.json": tiny_src / "params.json"})
+    code, rep, _ = fetch_cli(capsys, "hf://evil/repo", "--dest", str(tmp_path / "out"))
+    assert code == 5 and rep["error"]["kind"] == "hostile"
+    assert not (tmp_path / "escape.json").exists()
+
+
+# ---------------------------------------------------------------------------------------
+# resume across processes
+
+
+def _big_repo(hub: LoopbackHub, tmp_path: Path, size: int = 48 << 20) -> tuple[Path, str]:
+    src = tmp_path / "weights.dat"
+    src.write_bytes(os.urandom(size))
+    hub.add_repo("provision/big", {"weights.dat": src})
+    sha = hashlib.sha256(src.read_bytes()).hexdigest()
+    return src, sha
+
+
+def test_sigkill_midway_then_resume_refetches_under_55_percent(
+        hub: LoopbackHub, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    src, sha = _big_repo(hub, tmp_path)
+    size = src.stat().st_size
+    hub.rate_limit = 8 << 20
+    dest = tmp_path / "out"
+    part = staging("provision/big") / "hub" / f"{sha}-{size}.part"
+    exe = Path(sys.executable).with_name("provision")
+    proc = subprocess.Popen([str(exe), "fetch", "hf://provision/big", "--dest", str(dest)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=dict(os.environ))
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and proc.poll() is None:
+            if part.exists() and part.stat().st_size >= size // 2:
+                break
+            time.sleep(0.05)
+        assert proc.poll() is None, "the first fetch ended before it could be killed"
+        os.kill(proc.pid, signal.SIGKILL)
+    finally:
+        proc.wait(timeout=30)
+    assert proc.returncode == -signal.SIGKILL
+    kept = part.stat().st_size
+    assert size // 2 <= kept < size and not (dest / "weights.dat").exists()
+    sidecar = json.loads(part.with_suffix(".json").read_text())
+    assert sidecar["sha256"] == sha and sidecar["size"] == size
+
+    # let the server notice the dead client and finish that response before counting afresh
+    deadline = time.monotonic() + 10
+    while not [r for r in hub.requests if r.role == "cdn"] and time.monotonic() < deadline:
+        time.sleep(0.05)
+    hub.rate_limit = 0
+    hub.reset_counters()
+    code, rep, err = fetch_cli(capsys, "hf://provision/big", "--dest", str(dest))
+    assert code == 0, err
+    assert (dest / "weights.dat").read_bytes() == src.read_bytes()
+    assert rep["fetch"]["extra"]["resumed"]["weights.dat"] == kept
+    assert hub.sent("weights.dat") == size - kept < 0.55 * size
+    assert [r.range for r in hub.requests if r.role == "cdn"] == [f"bytes={kept}-"]
+    assert not part.exists()
+
+
+def test_a_partial_whose_provenance_does_not_match_is_discarded(
+        hub: LoopbackHub, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    src, sha = _big_repo(hub, tmp_path, size=12 << 20)
+    size = src.stat().st_size
+    d = staging("provision/big") / "hub"
+    d.mkdir(parents=True)
+    (d / f"{sha}-{size}.part").write_bytes(b"\0" * (size // 2))  # not these bytes...
+    (d / f"{sha}-{size}.json").write_text(json.dumps({"schema": 1, "source": "hf", "kind": "hub-lfs-sha256",
+                                                      "sha256": "f" * 64, "git_sha1": None, "size": size}))
+    code, rep, err = fetch_cli(capsys, "hf://provision/big", "--dest", str(tmp_path / "out"))
+    assert code == 0, err
+    assert rep["fetch"]["extra"]["resumed"] == {} and hub.sent("weights.dat") == size
+    assert (tmp_path / "out" / "weights.dat").read_bytes() == src.read_bytes()
+
+
+def test_a_partial_without_its_provenance_sidecar_is_discarded(
+        hub: LoopbackHub, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    src, sha = _big_repo(hub, tmp_path, size=12 << 20)
+    size = src.stat().st_size
+    d = staging("provision/big") / "hub"
+    d.mkdir(parents=True)
+    (d / f"{sha}-{size}.part").write_bytes(b"\0" * (size // 2))
+    code, rep, err = fetch_cli(capsys, "hf://provision/big", "--dest", str(tmp_path / "out"))
+    assert code == 0, err
+    assert hub.sent("weights.dat") == size
+    assert (tmp_path / "out" / "weights.dat").read_bytes() == src.read_bytes()
+
+
+# ---------------------------------------------------------------------------------------
+# tokens, gated repos, errors
+
+
+def test_the_token_goes_to_the_hub_but_not_across_the_redirect_to_the_cdn(
+        hub: LoopbackHub, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    hub.repos[TINY_REPO].gated = True
+    hub.repos[TINY_REPO].accepted.add("alice")
+    code, rep, err = fetch_cli(capsys, f"hf://{TINY_REPO}", "--dest", str(tmp_path / "out"), "--token", ALICE)
+    assert code == 0, err
+    hub_auth = [r.authorization for r in hub.requests if r.role == "hub"]
+    cdn_auth = [r.authorization for r in hub.requests if r.role == "cdn"]
+    assert hub_auth and set(hub_auth) == {f"Bearer {ALICE}"}
+    assert len(cdn_auth) == 2 and set(cdn_auth) == {None}
+    assert rep["fetch"]["extra"]["authenticated"] is True
+    assert ALICE not in err and ALICE not in json.dumps(rep)
+
+
+def test_hf_token_env_and_the_saved_login_token_are_used(
+        hub: LoopbackHub, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    from huggingface_hub import constants
+
+    hub.repos[TINY_REPO].gated = True
+    hub.repos[TINY_REPO].accepted.add("alice")
+    monkeypatch.setenv("HF_TOKEN", ALICE)
+    assert fetch_cli(capsys, f"hf://{TINY_REPO}", "--dest", str(tmp_path / "a"), "--include", "p*")[0] == 0
+    monkeypatch.delenv("HF_TOKEN")
+    saved = tmp_path / "hf" / "token"
+    saved.parent.mkdir()
+    saved.write_text(ALICE)
+    monkeypatch.setattr(constants, "HF_TOKEN_PATH", str(saved))
+    code, _, err = fetch_cli(capsys, f"hf://{TINY_REPO}", "--dest", str(tmp_path / "b"), "--include", "p*")
+    assert code == 0, err
+    assert ALICE not in err
+
+
+def test_gated_repo_without_a_token_exits_4_and_says_to_log_in(
+        hub: LoopbackHub, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    hub.repos[TINY_REPO].gated = True
+    code, rep, err = fetch_cli(capsys, f"hf://{TINY_REPO}", "--dest", str(tmp_path / "out"))
+    assert code == 4 and rep["error"]["kind"] == "auth"
+    msg = rep["error"]["message"]
+    assert "no Hugging Face token" in msg and "hf auth login" in msg and "HF_TOKEN" in msg
+    assert f"{hub.endpoint}/{TINY_REPO}" in msg  # where to accept the licence
+    assert "Traceback" not in err
+    assert not list((tmp_path / "out").glob("*")) if (tmp_path / "out").exists() else True
+
+
+def test_gated_repo_whose_licence_was_not_accepted_exits_4_and_says_to_accept_it(
+        hub: LoopbackHub, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    hub.repos[TINY_REPO].gated = True
+    hub.repos[TINY_REPO].accepted.add("alice")
+    code, rep, _ = fetch_cli(capsys, f"hf://{TINY_REPO}", "--dest", str(tmp_path / "out"), "--token", BOB)
+    assert code == 4 and rep["error"]["kind"] == "auth"
+    msg = rep["error"]["message"]
+    assert "licence" in msg and "accept" in msg and f"{hub.endpoint}/{TINY_REPO}" in msg
+    assert rep["error"]["context"]["status"] == 403
+    assert BOB not in msg
+
+
+def test_an_invalid_token_exits_4(hub: LoopbackHub, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code, rep, _ = fetch_cli(capsys, f"hf://{TINY_REPO}", "--dest", str(tmp_path / "out"), "--token", "hf_wrong")
+    assert code == 4 and rep["error"]["kind"] == "auth" and "hf_wrong" not in rep["error"]["message"]
+
+
+@pytest.mark.parametrize("source, words", [
+    ("hf://nobody/nothing", "was not found"),
+    (f"hf://{TINY_REPO}@no-such-branch", "Revision 'no-such-branch' does not exist"),
+])
+def test_unknown_repo_or_revision_exits_4_and_says_what_to_check(
+        hub: LoopbackHub, tmp_path: Path, capsys: pytest.CaptureFixture[str], source: str, words: str) -> None:
+    code, rep, _ = fetch_cli(capsys, source, "--dest", str(tmp_path / "out"))
+    assert code == 4 and rep["error"]["kind"] == "not_found"
+    assert words in rep["error"]["message"] and "Check" in rep["error"]["message"]
+
+
+def test_a_manifest_file_missing_from_the_repo_exits_4(
+        hub: LoopbackHub, tiny_src: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    text = (tiny_src / "manifest.toml").read_text().replace('path = "params.json"', 'path = "params2.json"')
+    (tmp_path / "m.toml").write_text(text)
+    code, rep, _ = fetch_cli(capsys, str(tmp_path / "m.toml"), "--dest", str(tmp_path / "out"))
+    assert code == 4 and rep["error"]["kind"] == "not_found" and "params2.json" in rep["error"]["message"]
+
+
+def test_a_file_that_404s_at_download_time_exits_4(
+        hub: LoopbackHub, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    hub.fail_once["params.json"] = (404, {"X-Error-Code": "EntryNotFound"})
+    code, rep, _ = fetch_cli(capsys, f"hf://{TINY_REPO}", "--dest", str(tmp_path / "out"), "--include", "p*")
+    assert code == 4 and rep["error"]["kind"] == "not_found" and "params.json" in rep["error"]["message"]
+
+
+# ---------------------------------------------------------------------------------------
+# robustness
+
+
+def test_429_is_retried_after_the_servers_retry_after(
+        hub: LoopbackHub, tiny_src: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    hub.fail_once["tekken.json"] = (429, {"Retry-After": "1"})
+    code, rep, err = fetch_cli(capsys, f"hf://{TINY_REPO}", "--dest", str(tmp_path / "out"))
+    assert code == 0, err
+    assert rep["fetch"]["extra"]["retries"] == 1
+    tries = [r for r in hub.requests if r.role == "hub" and r.path.endswith("/tekken.json")]
+    assert [r.status for r in tries] == [429, 302]
+    assert tries[1].at - tries[0].at >= 0.9  # it waited as told
+    assert same_files(tmp_path / "out", tiny_src, ["tekken.json"])
+
+
+def test_a_503_is_retried(hub: LoopbackHub, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    hub.fail_once["params.json"] = (503, {"Retry-After": "0"})
+    code, rep, err = fetch_cli(capsys, f"hf://{TINY_REPO}", "--dest", str(tmp_path / "out"), "--include", "p*")
+    assert code == 0, err
+    assert rep["fetch"]["extra"]["retries"] == 1
+
+
+def test_a_server_that_stops_sending_is_a_stall_exit_4_and_the_partial_is_kept(
+        hub: LoopbackHub, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    src, sha = _big_repo(hub, tmp_path, size=12 << 20)
+    hub.stall_after["weights.dat"] = 1 << 20
+    code, rep, _ = fetch_cli(capsys, "hf://provision/big", "--dest", str(tmp_path / "out"),
+                             "--stall-timeout", "1")
+    assert code == 4 and rep["error"]["kind"] == "stalled"
+    part = staging("provision/big") / "hub" / f"{sha}-{src.stat().st_size}.part"
+    assert part.stat().st_size == 1 << 20  # kept for the next run
+    assert not (tmp_path / "out" / "weights.dat").exists()
+
+
+# ---------------------------------------------------------------------------------------
+# offline
+
+
+def test_offline_with_a_complete_local_copy_succeeds_without_the_network(
+        hub: LoopbackHub, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    dest = tmp_path / "out"
+    assert fetch_cli(capsys, f"hf://{TINY_REPO}", "--dest", str(dest))[0] == 0
+    hub.reset_counters()
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    code, rep, err = fetch_cli(capsys, f"hf://{TINY_REPO}", "--dest", str(dest))
+    assert code == 0, err
+    assert rep["fetch"]["extra"]["offline"] is True and all(f["reused"] for f in rep["fetch"]["files"])
+    assert hub.requests == []
+
+
+def test_offline_with_an_incomplete_local_copy_exits_4_naming_what_is_missing(
+        hub: LoopbackHub, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    dest = tmp_path / "out"
+    assert fetch_cli(capsys, f"hf://{TINY_REPO}", "--dest", str(dest))[0] == 0
+    (dest / "tekken.json").unlink()
+    hub.reset_counters()
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    code, rep, _ = fetch_cli(capsys, f"hf://{TINY_REPO}", "--dest", str(dest))
+    assert code == 4 and "HF_HUB_OFFLINE" in rep["error"]["message"] and "tekken.json" in rep["error"]["message"]
+    assert rep["error"]["context"]["missing"] == ["tekken.json"]
+    assert hub.requests == []
+
+
+def test_offline_manifest_verifies_a_copied_folder_without_any_hub(
+        tiny_copy: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")  # nothing listens there
+    code, rep, err = fetch_cli(capsys, str(tiny_copy / "manifest.toml"), "--source", "hf", "--dest", str(tiny_copy))
+    assert code == 0, err
+    assert {f["authority"] for f in rep["fetch"]["files"]} == {"manifest-sha256"}
+    bad = bytearray((tiny_copy / "params.json").read_bytes())
+    bad[3] ^= 1
+    (tiny_copy / "params.json").write_bytes(bytes(bad))
+    code, rep, _ = fetch_cli(capsys, str(tiny_copy / "manifest.toml"), "--source", "hf", "--dest", str(tiny_copy))
+    assert code == 4 and "failed verification" in rep["error"]["message"]
+
+
+def test_offline_hf_uri_with_no_previous_fetch_exits_4(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")
+    code, rep, _ = fetch_cli(capsys, f"hf://{TINY_REPO}", "--dest", str(tmp_path / "out"))
+    assert code == 4 and "HF_HUB_OFFLINE" in rep["error"]["message"]
+
+
+def test_an_unreachable_endpoint_exits_4(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")
+    code, rep, _ = fetch_cli(capsys, f"hf://{TINY_REPO}", "--dest", str(tmp_path / "out"), "--stall-timeout", "1")
+    assert code == 4 and "127.0.0.1:9" in rep["error"]["message"]

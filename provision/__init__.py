@@ -9,14 +9,13 @@ from __future__ import annotations
 __version__ = "0.1.0"
 JSON_SCHEMA_VERSION = 1
 
-__all__ = ["JSON_SCHEMA_VERSION", "__version__", "convert", "fetch", "plan", "run", "smoke", "verify"]
-
-_API = {"run", "plan", "fetch", "verify", "convert", "smoke"}
+__all__ = ["JSON_SCHEMA_VERSION", "__version__", "run"]
 
 
 def __getattr__(name: str) -> object:
-    """``provision.run`` and the other stage functions load on first use (see ``provision.api``)."""
-    if name in _API:
+    """``provision.run`` loads on first use; every stage function is in ``provision.api``
+    (``provision.plan``, ``provision.fetch``... are the stage modules themselves)."""
+    if name == "run":
         from provision import api
 
         return getattr(api, name)

@@ -3,7 +3,10 @@
 Example::
 
     import provision
+    from provision import api
+
     result = provision.run("pixtral-12b-2409", home="/srv/provision", scheme="fp8")
+    report = api.verify(result.model_dir / "original", "pixtral-12b-2409")
     print(result.profile_dir, result.stages[-1]["details"]["text"])
 
 Every function raises ``provision.errors.ProvisionError`` subclasses (with ``exit_code``)

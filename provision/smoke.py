@@ -68,6 +68,7 @@ class SmokeReport:
     peak_gpu_bytes: int | None
     checks: list[Check] = field(default_factory=list)
     manifest: str | None = None
+    manifest_sha256: str | None = None
 
     @property
     def passed(self) -> bool:
@@ -114,6 +115,15 @@ def _manifest_for(model_dir: Path, manifest: Manifest | Path | str | None) -> Ma
     return load_manifest(cand) if cand.is_file() else None
 
 
+def _describe_source(spec: Any) -> str:
+    if isinstance(spec, bytes):
+        return f"{len(spec)} bytes"
+    s = str(spec)
+    if s.startswith("data:") or len(s) > 200:
+        return f"base64 data ({len(s)} characters)"
+    return s
+
+
 def _dtype_name(dt: torch.dtype) -> str:
     return str(dt).removeprefix("torch.")
 
@@ -154,7 +164,7 @@ def smoke(model_dir: Path, *, device: str = "auto", dtype: str | None = None, im
         raise UsageError(f"{model_dir} is a text-only model (no vision_encoder); drop --image.")
     img_inputs: list[Any] = list(images) if images else ([square_image(spec.image)] if vision else [])
     img_desc: list[dict[str, Any]] = (
-        [{"source": str(i)[:200] if not isinstance(i, bytes) else "bytes"} for i in images] if images else
+        [{"source": _describe_source(i)} for i in images] if images else
         [{"source": "generated", "kind": spec.image.kind, "width": spec.image.width, "height": spec.image.height,
           "color": spec.image.color, "background": spec.image.background}] if vision else [])
     dt = DTYPE_NAMES[dtype] if dtype else default_dtype(ckpt, dev)
@@ -227,6 +237,7 @@ def smoke(model_dir: Path, *, device: str = "auto", dtype: str | None = None, im
         tokens_generated=len(gen.tokens), token_ids=list(gen.tokens), text=text, peak_ram_bytes=_peak_ram(),
         peak_gpu_bytes=int(torch.cuda.max_memory_allocated(dev)) if dev.type == "cuda" else None,
         checks=checks, manifest=str(man.path) if man is not None and man.path else None,
+        manifest_sha256=man.sha256 if man is not None else None,
     )
     if raise_on_fail and not report.passed:
         names = ", ".join(f"{c.name} ({c.detail})" for c in report.failed)

@@ -35,6 +35,8 @@ def _isolated_env(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.
     monkeypatch.setenv("HF_HUB_DISABLE_TELEMETRY", "1")
     monkeypatch.setenv("HF_HUB_OFFLINE", "0")
     monkeypatch.setenv("HF_HOME", str(home / "hf"))
+    # a dead loopback port: a test that forgets to start its hub fails fast instead of leaving the machine
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")
     monkeypatch.delenv("HF_TOKEN", raising=False)
     monkeypatch.delenv("PROVISION_DEBUG", raising=False)
     monkeypatch.setenv("PROVISION_PROGRESS_INTERVAL", "0.2")

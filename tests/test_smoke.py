@@ -74,6 +74,7 @@ def test_an_expected_answer_missing_from_the_output_fails_with_exit_8(
     assert run_cli(["smoke", str(tiny_copy), "--device", "cpu", "--json"]) == 8
     doc = _json_out(capsys)
     assert doc["ok"] is False and doc["exit_code"] == 8
+    assert doc["error"]["kind"] == "smoke" and "expected" in doc["error"]["message"]
     failed = [c for c in doc["smoke"]["checks"] if not c["passed"]]
     assert [c["name"] for c in failed] == ["expected"] and "'red' not found" in failed[0]["detail"]
 
@@ -82,6 +83,7 @@ def test_cli_smoke_json_report_with_golden_file(tiny_src: Path, capsys: pytest.C
     assert run_cli(["smoke", str(tiny_src), "--device", "cpu", "--golden", str(GOLDEN), "--json"]) == 0
     doc = _json_out(capsys)
     assert doc["ok"] is True and doc["command"] == "smoke"
+    assert doc["manifest_sha256"] == load_manifest(tiny_src / "manifest.toml").sha256
     s = doc["smoke"]
     for key in ("device", "dtype", "load_seconds", "prefill_seconds", "per_token_seconds", "peak_ram_bytes",
                 "peak_gpu_bytes", "tokens_generated", "text", "checks", "prefill_tokens_per_second"):
@@ -176,3 +178,14 @@ def test_a_text_only_checkpoint_is_smoke_tested_without_an_image(tmp_path: Path)
     assert rep.passed and rep.images == []
     assert [c.name for c in rep.checks] == ["logits_finite", "decodes"]
     assert run_cli(["smoke", str(d), "--image", str(tmp_path / "x.png")]) == 2
+
+
+@pytest.mark.gpu
+def test_smoke_on_a_cuda_gpu_in_bf16(tiny_src: Path) -> None:
+    import torch
+
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA GPU")
+    rep = smoke(tiny_src, device="cuda")
+    assert rep.passed and rep.dtype == "bfloat16" and rep.device.startswith("cuda")
+    assert rep.peak_gpu_bytes is not None and rep.peak_gpu_bytes > 0

@@ -180,7 +180,7 @@ def opentracker(workdir: Path, infohashes: Sequence[str], *, binary: str = "open
     args = [binary, "-i", "127.0.0.1", "-p", str(port), "-P", str(port), "-w", "whitelist.txt", "-d", str(d)]
     if os.geteuid() == 0:
         args += ["-u", "nobody"]  # it refuses to keep root; chroots into d first
-    log = open(d / "opentracker.log", "wb")  # noqa: SIM115
+    log = open(d / "opentracker.log", "wb")
     p = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, cwd=d)
     try:
         def up() -> bool:
@@ -220,7 +220,7 @@ def aria2c_seed(torrent: Path, data_dir: Path, *, binary: str = "aria2c") -> Ite
     port = free_port()
     args = [binary, *ARIA2_COMMON, f"--listen-port={port}", "--seed-ratio=0.0", "--bt-seed-unverified=true",
             "--check-integrity=false", "-d", str(data_dir), str(torrent)]
-    log = open(data_dir.parent / f"aria2c-seed-{port}.log", "w")  # noqa: SIM115
+    log = open(data_dir.parent / f"aria2c-seed-{port}.log", "w")
     p = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, text=True)
     try:
         def up() -> bool:
@@ -299,4 +299,40 @@ def corrupt_peer(torrent: Path, good_dir: Path, work: Path, *, host: str = "127.
         yield f"{host}:{ses.listen_port()}"
     finally:
         ses.pause()
-        del ses
+
+
+# ---------------------------------------------------------------------------------------
+# the library seed in a background thread
+
+
+@contextlib.contextmanager
+def seed_thread(folder: Path, *, version: str = "hybrid", max_upload_rate: int = 0, listen: str | None = None,
+                trackers: Sequence[str] = (), torrent_out: Path | None = None,
+                manifest: Any = None) -> Iterator[Any]:
+    """``provision.fetch.torrent.seed`` on loopback (closed mode) in a thread; yields its SeedInfo."""
+    import threading
+
+    from provision.fetch.torrent import SeedInfo, seed
+
+    stop = threading.Event()
+    ready: list[SeedInfo] = []
+    errors: list[BaseException] = []
+
+    def target() -> None:
+        try:
+            seed(folder, version=version, network="closed", listen=listen, trackers=trackers, stop=stop,
+                 max_upload_rate=max_upload_rate, torrent_out=torrent_out, manifest=manifest,
+                 on_ready=ready.append)
+        except BaseException as e:  # reported to the test below
+            errors.append(e)
+
+    t = threading.Thread(target=target, name="test-seed", daemon=True)
+    t.start()
+    try:
+        wait_for(lambda: ready or errors, 60, what="the seed to start")
+        if errors:
+            raise errors[0]
+        yield ready[0]
+    finally:
+        stop.set()
+        t.join(30)

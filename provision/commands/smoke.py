@@ -54,9 +54,12 @@ def command(model_dir: Path, device: str, dtype: str, images: tuple[str, ...], p
     except SmokeError as e:
         rep_obj = getattr(e, "report", None)
         if rep_obj is not None:
+            app.manifest_sha256 = rep_obj.manifest_sha256
             _render(app, rep_obj)
-            app.finish({"smoke": rep_obj.to_dict()}, ok=False, exit_code=e.exit_code)
+            error = {"kind": e.kind, "exit_code": e.exit_code, "message": str(e), "context": {}}
+            app.finish({"smoke": rep_obj.to_dict(), "error": error}, ok=False, exit_code=e.exit_code)
         raise
+    app.manifest_sha256 = rep.manifest_sha256
     _render(app, rep)
     app.finish({"smoke": rep.to_dict()})
 

@@ -181,10 +181,11 @@ class _Hasher:
         return self.h.hexdigest()
 
     def abandon(self) -> None:
-        with contextlib.suppress(queue.Full):
+        with contextlib.suppress(queue.Empty):
             while True:
                 self.q.get_nowait()
-        self.q.put(None)
+        with contextlib.suppress(queue.Full):
+            self.q.put_nowait(None)
 
 
 def find_sources(src_dir: Path) -> list[Path]:

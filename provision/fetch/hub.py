@@ -76,7 +76,8 @@ if TYPE_CHECKING:
 
 PARTIAL_SCHEMA = 1
 RECORD_SCHEMA = 1
-HASH_QUEUE_DEPTH = 64  # chunks (64 KiB each from httpx2) waiting for the hasher thread
+HASH_QUEUE_DEPTH = 32  # chunks (up to READ_SIZE each) waiting for the hasher thread
+READ_SIZE = 1 << 20
 PROGRESS_EVERY_S = 0.25
 MAX_REDIRECTS = 5
 MAX_RETRY_AFTER_S = 120.0
@@ -655,6 +656,46 @@ def _open(ctx: _Ctx, w: Wanted, offset: int) -> Iterator[httpx2.Response]:
                      path=w.repo_path)
 
 
+def _body(resp: httpx2.Response, timeout: float) -> Iterator[bytes]:
+    """The raw body of ``resp``.
+
+    The bytes h11 already buffered come through httpx2's ``iter_raw`` (which drains its buffer
+    in one chunk); then a plain HTTP/1.1 body of known length is read straight from the
+    connection's network stream (httpcore's ``network_stream`` extension) in ``READ_SIZE``
+    reads, because h11's 64 KiB parsing loop caps a download at about half the loopback rate.
+    The connection is closed afterwards, never reused. Anything else (chunked, compressed,
+    HTTP/2) goes through ``iter_raw`` only."""
+    import httpcore2
+    import httpx2
+
+    it = resp.iter_raw()
+    h = resp.headers
+    clen = h.get("Content-Length", "")
+    ns = resp.extensions.get("network_stream")
+    fast = (resp.http_version == "HTTP/1.1" and clen.isdigit() and ns is not None and hasattr(ns, "read")
+            and h.get("Content-Encoding", "identity").lower() in ("", "identity")
+            and "chunked" not in h.get("Transfer-Encoding", "").lower())
+    if not fast:
+        yield from it
+        return
+    left = int(clen)
+    first = next(it, b"")
+    if first:
+        left -= len(first)
+        yield first
+    while left > 0:
+        try:
+            b = ns.read(min(READ_SIZE, left), timeout)
+        except httpcore2.TimeoutException as e:
+            raise httpx2.ReadTimeout(str(e) or "read timed out") from None
+        except (httpcore2.NetworkError, httpcore2.ProtocolError, OSError) as e:
+            raise httpx2.ReadError(str(e) or type(e).__name__) from None
+        if not b:
+            raise httpx2.RemoteProtocolError("the server closed the connection before the body was complete")
+        left -= len(b)
+        yield b
+
+
 def _download(ctx: _Ctx, w: Wanted) -> tuple[Path, str, int]:
     """Download ``w`` into its partial file; return (partial, sha256, bytes received now)."""
     import httpx2
@@ -687,7 +728,7 @@ def _download(ctx: _Ctx, w: Wanted) -> tuple[Path, str, int]:
                 with open(part, "r+b" if part.exists() else "wb") as out:
                     out.seek(offset)
                     out.truncate()
-                    for chunk in resp.iter_raw():
+                    for chunk in _body(resp, ctx.options.stall_timeout):
                         if ctx.cancel.is_set():
                             raise FetchError("Cancelled.", path=w.path)
                         if offset + len(chunk) > w.size:

@@ -492,6 +492,11 @@ class _Run:
         self.resume_pending = False
         self.removed = False
         self.prio_applied = False
+        # pieces libtorrent has passed but whose writes may still be in flight: they reach the
+        # hasher only after a flush_cache() fence issued after them completes
+        self.pending: list[int] = []
+        self.fenced: list[int] | None = None
+        self.last_fence = 0.0
         self.t0 = time.monotonic()
 
     # -- alerts ---------------------------------------------------------------------
@@ -501,8 +506,9 @@ class _Run:
         alerts = self.ses.pop_alerts()
         for a in alerts:
             if isinstance(a, lt.piece_finished_alert):
-                if self.hasher is not None:
-                    self.hasher.mark(int(a.piece_index))
+                self.pending.append(int(a.piece_index))
+            elif isinstance(a, lt.cache_flushed_alert):
+                self._flushed()
             elif isinstance(a, lt.hash_failed_alert):
                 self.hash_failures += 1
             elif isinstance(a, lt.save_resume_data_alert):
@@ -523,6 +529,37 @@ class _Run:
             elif isinstance(a, lt.file_prio_alert):
                 self.prio_applied = True
         return alerts
+
+    def fence(self, now: float, *, force: bool = False) -> None:
+        """Issue a flush_cache() fence for the pieces passed so far (at most every 0.25 s)."""
+        if self.fenced is not None or not self.pending or self.h is None or self.removed:
+            return
+        if not force and now - self.last_fence < 0.25:
+            return
+        self.fenced, self.pending = self.pending, []
+        self.last_fence = now
+        self.h.flush_cache()
+
+    def _flushed(self) -> None:
+        if self.fenced is not None and self.hasher is not None:
+            for piece in self.fenced:
+                self.hasher.mark(piece)
+        self.fenced = None
+
+    def sync_pieces(self) -> None:
+        """Queue every piece libtorrent has that the hasher has not been given yet."""
+        if self.hasher is None or self.h is None:
+            return
+        bits = self.h.status(lt.torrent_handle.query_pieces).pieces
+        known = set(self.pending) | set(self.fenced or ())
+        self.pending += [i for i, b in enumerate(bits) if b and not self.hasher.have[i] and i not in known]
+
+    def drain_fences(self, timeout: float = 30.0) -> None:
+        """Fence until every passed piece has reached the hasher (end of the download)."""
+        end = time.monotonic() + timeout
+        while (self.pending or self.fenced is not None) and time.monotonic() < end:
+            self.fence(time.monotonic(), force=True)
+            self.pump(50)
 
     def _file_error(self, a: Any) -> None:
         code = getattr(getattr(a, "error", None), "value", lambda: 0)()
@@ -567,8 +604,10 @@ class _Run:
                     return True
                 if isinstance(a, lt.save_resume_data_failed_alert):
                     return False
-                if isinstance(a, lt.piece_finished_alert) and self.hasher is not None:
-                    self.hasher.mark(int(a.piece_index))
+                if isinstance(a, lt.piece_finished_alert):
+                    self.pending.append(int(a.piece_index))
+                elif isinstance(a, lt.cache_flushed_alert):
+                    self._flushed()
         return False
 
     # -- setup ----------------------------------------------------------------------
@@ -770,7 +809,6 @@ def fetch_torrent(plan: Plan, *, dest: Path, options: TorrentOptions,
         t_dl0 = time.monotonic()
         downloaded0 = 0
         if todo:
-            run.hasher.mark_all(run.h.status(lt.torrent_handle.query_pieces).pieces)
             run.hasher.start()
             downloaded0 = _download(run, todo)
         t_dl1 = time.monotonic()
@@ -951,8 +989,7 @@ def _download(run: _Run, todo: list[_Sel]) -> int:
     already = max(0, int(st.total_wanted_done) - int(st.total_payload_download))  # on disk before this run
     if already and run.resumed:
         note(run.progress, "fetch", f"{already:,d} bytes already downloaded; fetching the rest")
-    if run.hasher is not None:
-        run.hasher.mark_all(h.status(lt.torrent_handle.query_pieces).pieces)
+    run.sync_pieces()  # what resume data or the check found on disk (fenced like the rest)
     last_done = already
     last_progress = time.monotonic()
     last_sync = last_emit = 0.0
@@ -968,9 +1005,10 @@ def _download(run: _Run, todo: list[_Sel]) -> int:
         done, wanted = int(st.total_wanted_done), int(st.total_wanted)
         if done > last_done:
             last_done, last_progress = done, now
-        if now - last_sync >= 1.0 and run.hasher is not None:  # in case an alert was dropped
-            run.hasher.mark_all(h.status(lt.torrent_handle.query_pieces).pieces)
+        if now - last_sync >= 1.0:  # in case an alert was dropped
+            run.sync_pieces()
             last_sync = now
+        run.fence(now)
         if st.num_peers == 0 and now - last_recall >= 5.0:  # nobody connected: call known peers back
             last_recall = now
             _reconnect(run)
@@ -986,6 +1024,7 @@ def _download(run: _Run, todo: list[_Sel]) -> int:
                 extra={"peers": int(st.num_peers), "rate": f"{rate / 1e6:.1f}MB/s",
                        "eta": f"{eta:.0f}s" if eta is not None else "?"}))
         if done >= wanted and st.state in (lt.torrent_status.states.finished, lt.torrent_status.states.seeding):
+            run.drain_fences()
             return already
         if now - last_progress > opts.stall_timeout:
             raise run.stall_error("downloading", now - last_progress)

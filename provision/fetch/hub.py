@@ -675,7 +675,7 @@ def _body(resp: httpx2.Response, timeout: float) -> Iterator[bytes]:
     fast = (resp.http_version == "HTTP/1.1" and clen.isdigit() and ns is not None and hasattr(ns, "read")
             and h.get("Content-Encoding", "identity").lower() in ("", "identity")
             and "chunked" not in h.get("Transfer-Encoding", "").lower())
-    if not fast:
+    if not fast or ns is None:
         yield from it
         return
     left = int(clen)

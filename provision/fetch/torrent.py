@@ -783,7 +783,7 @@ def fetch_torrent(plan: Plan, *, dest: Path, options: TorrentOptions,
         check_info_names(ti.info_section())
         if _hash_of(ti) and not run.torrent_path.exists():
             with contextlib.suppress(OSError):
-                fsutil.atomic_write_bytes(run.torrent_path, bytes(lt.bencode(lt.create_torrent(ti).generate())))
+                fsutil.atomic_write_bytes(run.torrent_path, b"d4:info" + bytes(ti.info_section()) + b"e")
 
         # 2. what to fetch, what is already in place, and room for it
         sels = run.select(ti)
@@ -804,7 +804,9 @@ def fetch_torrent(plan: Plan, *, dest: Path, options: TorrentOptions,
         _reconnect(run)
 
         # 3. download while hashing each file in order
-        run.hasher = _StreamHasher([(s.rel, s.staged, s.offset, s.size) for s in todo],
+        # stream-hash the files a sha256 vouches for (the hash is checked against it; a torrent
+        # authority makes verify read the file anyway, computing the sha256 in the same pass)
+        run.hasher = _StreamHasher([(s.rel, s.staged, s.offset, s.size) for s in todo if auths[s.rel].sha256],
                                    int(ti.piece_length()), int(ti.num_pieces()))
         t_dl0 = time.monotonic()
         downloaded0 = 0
@@ -820,7 +822,8 @@ def fetch_torrent(plan: Plan, *, dest: Path, options: TorrentOptions,
 
         # 4. verify (hashes from the stream), then move into place
         t_v0 = time.monotonic()
-        run.hasher.join()
+        if run.hasher.thread.is_alive():
+            run.hasher.join()
         t_hash_tail = time.monotonic() - t_v0
         known = dict(run.hasher.results)
         for s in todo:  # a stream hash that disagrees with the manifest is re-read, never trusted

@@ -548,8 +548,8 @@ import pytest  # noqa: E402 - fixtures only; the server above does not need pyte
 TOKENS = {"hf_alice_token_0123456789": "alice", "hf_bob_token_0123456789": "bob"}
 
 
-@pytest.fixture()
-def hub(tiny_src: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[LoopbackHub]:
+@pytest.fixture(name="hub")
+def hub_fixture(tiny_src: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[LoopbackHub]:
     """The tiny checkpoint served as ``provision/tiny-pixtral`` (its manifest revision, ``main``);
     HF_ENDPOINT points at it. Tokens: ``TOKENS`` (alice, bob)."""
     with serve_tiny(tiny_src, tokens=TOKENS) as h:

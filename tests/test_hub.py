@@ -19,7 +19,7 @@ import pytest
 from provision.cli import run_cli
 from provision.layout import Layout
 from provision.tiny import TINY_REPO
-from tests.hub_server import TOKENS, LoopbackHub, hub, tiny_facts  # noqa: F401 - hub is a fixture
+from tests.hub_server import TOKENS, LoopbackHub, hub_fixture, tiny_facts  # noqa: F401 - the `hub` fixture
 
 ALICE, BOB = list(TOKENS)
 
@@ -146,7 +146,7 @@ def test_a_damaged_file_already_in_dest_is_downloaded_again(
 def test_include_glob_fetches_only_matching_files(hub: LoopbackHub, tmp_path: Path,
                                                   capsys: pytest.CaptureFixture[str]) -> None:
     dest = tmp_path / "out"
-    code, rep, err = fetch_cli(capsys, f"hf://{TINY_REPO}", "--dest", str(dest), "--include", "*.json")
+    code, _, err = fetch_cli(capsys, f"hf://{TINY_REPO}", "--dest", str(dest), "--include", "*.json")
     assert code == 0, err
     assert sorted(p.name for p in dest.iterdir()) == ["params.json", "tekken.json"]
 
@@ -289,6 +289,34 @@ def test_sigkill_midway_then_resume_refetches_under_55_percent(
     assert not part.exists()
 
 
+def test_sigterm_midway_exits_143_and_keeps_the_partial_for_the_next_run(
+        hub: LoopbackHub, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    src, sha = _big_repo(hub, tmp_path, size=24 << 20)
+    size = src.stat().st_size
+    hub.rate_limit = 8 << 20
+    part = staging("provision/big") / "hub" / f"{sha}-{size}.part"
+    exe = Path(sys.executable).with_name("provision")
+    proc = subprocess.Popen([str(exe), "fetch", "hf://provision/big", "--dest", str(tmp_path / "out")],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=dict(os.environ))
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and proc.poll() is None:
+            if part.exists() and part.stat().st_size >= 4 << 20:
+                break
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 143, err.decode()
+    kept = part.stat().st_size
+    assert 0 < kept < size and not (tmp_path / "out" / "weights.dat").exists()
+    hub.rate_limit = 0
+    code, rep, _ = fetch_cli(capsys, "hf://provision/big", "--dest", str(tmp_path / "out"))
+    assert code == 0 and rep["fetch"]["extra"]["resumed"]["weights.dat"] == kept
+
+
 def test_a_partial_whose_provenance_does_not_match_is_discarded(
         hub: LoopbackHub, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     src, sha = _big_repo(hub, tmp_path, size=12 << 20)
@@ -304,6 +332,22 @@ def test_a_partial_whose_provenance_does_not_match_is_discarded(
     assert (tmp_path / "out" / "weights.dat").read_bytes() == src.read_bytes()
 
 
+def test_a_resumed_partial_with_damaged_bytes_is_downloaded_again_from_the_start(
+        hub: LoopbackHub, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    src, sha = _big_repo(hub, tmp_path, size=12 << 20)
+    size = src.stat().st_size
+    d = staging("provision/big") / "hub"
+    d.mkdir(parents=True)
+    (d / f"{sha}-{size}.part").write_bytes(b"\0" * (size // 2))  # right provenance, wrong bytes (a crash)
+    (d / f"{sha}-{size}.json").write_text(json.dumps({"schema": 1, "source": "hf", "kind": "hub-lfs-sha256",
+                                                      "sha256": sha, "git_sha1": None, "size": size}))
+    code, _rep, err = fetch_cli(capsys, "hf://provision/big", "--dest", str(tmp_path / "out"))
+    assert code == 0, err
+    assert "did not verify" in err
+    assert hub.sent("weights.dat") == size - size // 2 + size
+    assert (tmp_path / "out" / "weights.dat").read_bytes() == src.read_bytes()
+
+
 def test_a_partial_without_its_provenance_sidecar_is_discarded(
         hub: LoopbackHub, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     src, sha = _big_repo(hub, tmp_path, size=12 << 20)
@@ -311,7 +355,7 @@ def test_a_partial_without_its_provenance_sidecar_is_discarded(
     d = staging("provision/big") / "hub"
     d.mkdir(parents=True)
     (d / f"{sha}-{size}.part").write_bytes(b"\0" * (size // 2))
-    code, rep, err = fetch_cli(capsys, "hf://provision/big", "--dest", str(tmp_path / "out"))
+    code, _rep, err = fetch_cli(capsys, "hf://provision/big", "--dest", str(tmp_path / "out"))
     assert code == 0, err
     assert hub.sent("weights.dat") == size
     assert (tmp_path / "out" / "weights.dat").read_bytes() == src.read_bytes()
@@ -499,3 +543,67 @@ def test_an_unreachable_endpoint_exits_4(tmp_path: Path, capsys: pytest.CaptureF
     monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")
     code, rep, _ = fetch_cli(capsys, f"hf://{TINY_REPO}", "--dest", str(tmp_path / "out"), "--stall-timeout", "1")
     assert code == 4 and "127.0.0.1:9" in rep["error"]["message"]
+
+
+# ---------------------------------------------------------------------------------------
+# repo shapes
+
+
+def test_nested_paths_empty_files_and_duplicate_contents_are_all_fetched(
+        hub: LoopbackHub, tiny_src: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    (tmp_path / "empty").write_bytes(b"")
+    files = {"a/config.json": tiny_src / "params.json", "b/config.json": tiny_src / "params.json",
+             "sub/dir/tekken.json": tiny_src / "tekken.json", "empty.txt": tmp_path / "empty"}
+    hub.add_repo("org/shapes", files)
+    dest = tmp_path / "out"
+    code, rep, err = fetch_cli(capsys, "hf://org/shapes", "--dest", str(dest))
+    assert code == 0, err
+    for rel, src in files.items():
+        assert (dest / rel).read_bytes() == src.read_bytes()
+    got = {f["path"]: f for f in rep["fetch"]["files"]}
+    assert got["empty.txt"]["authority"] == "git-blob-sha1"
+    # the two identical files were downloaded once
+    assert sum(1 for p in resolve_paths(hub) if p.endswith("/config.json")) == 1
+
+
+def test_a_manifest_prefix_selects_the_sub_folder_of_the_repo(
+        hub: LoopbackHub, tiny_src: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    rev, files = tiny_facts(tiny_src)
+    commit = hub.add_repo("org/nested", {f"weights/{k}": v for k, v in files.items()}, revision="1" * 40)
+    text = (tiny_src / "manifest.toml").read_text()
+    text = text.replace(f'repo = "{TINY_REPO}"', 'repo = "org/nested"').replace(rev, commit)
+    text = text.replace('revision = "1111111111111111111111111111111111111111"',
+                        'revision = "1111111111111111111111111111111111111111"\nprefix = "weights/"')
+    (tmp_path / "m.toml").write_text(text)
+    dest = tmp_path / "out"
+    code, rep, err = fetch_cli(capsys, str(tmp_path / "m.toml"), "--dest", str(dest))
+    assert code == 0, err
+    assert same_files(dest, tiny_src, list(files)) and rep["fetch"]["extra"]["prefix"] == "weights/"
+
+
+def test_a_partial_another_process_is_writing_is_left_alone_exit_6(
+        hub: LoopbackHub, tiny_src: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    import fcntl
+
+    sha = hashlib.sha256((tiny_src / "params.json").read_bytes()).hexdigest()
+    d = staging("tiny-pixtral") / "hub"
+    d.mkdir(parents=True)
+    with open(d / f"{sha}-{(tiny_src / 'params.json').stat().st_size}.lock", "a+") as held:
+        fcntl.flock(held.fileno(), fcntl.LOCK_EX)
+        # a manifest pins sha256 for params.json, so its partial is keyed by it
+        code, rep, _ = fetch_cli(capsys, str(tiny_src / "manifest.toml"), "--dest", str(tmp_path / "out"),
+                                 "--include", "params.json")
+    assert code == 6 and rep["error"]["kind"] == "lock" and "params.json" in rep["error"]["message"]
+    assert not (tmp_path / "out" / "params.json").exists()
+
+
+def test_a_server_whose_bytes_end_early_gets_416_restarts_then_exit_4(
+        hub: LoopbackHub, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    src, _ = _big_repo(hub, tmp_path, size=6 << 20)
+    short = tmp_path / "short"
+    short.write_bytes(src.read_bytes()[: 2 << 20])
+    hub.serve_instead["weights.dat"] = short  # the CDN's copy is truncated: ranges past it get 416
+    code, rep, _ = fetch_cli(capsys, "hf://provision/big", "--dest", str(tmp_path / "out"))
+    assert code == 4 and "refusing ranges" in rep["error"]["message"]
+    assert 416 in [r.status for r in hub.requests if "weights.dat" in r.path or r.role == "cdn"]
+    assert not (tmp_path / "out" / "weights.dat").exists()

@@ -11,7 +11,7 @@ import pytest
 
 from provision.cli import run_cli
 from provision.errors import StallError
-from tests.hub_server import LoopbackHub, hub  # noqa: F401 - hub is a fixture
+from tests.hub_server import LoopbackHub, hub_fixture  # noqa: F401 - the `hub` fixture
 
 
 def dead_torrent_first(tiny_src: Path, out: Path) -> Path:

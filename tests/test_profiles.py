@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import pytest
 
@@ -158,3 +159,44 @@ def test_candidates_cover_every_scheme_and_say_why_not() -> None:
     assert names == ["bf16-mistral", "bf16-hf", "fp16-mistral", "fp16-hf", "fp8-hf", "w8a16-hf", "w4a16-hf"]
     why = {r.name: r.why_not for r in rows}
     assert "8.0" in str(why["bf16-mistral"]) and "GiB" in str(why["fp16-mistral"]) and why["w4a16-hf"] is None
+
+
+def test_plan_prints_every_candidate_profile(tiny_src: Path, tmp_path: Path,
+                                             capsys: pytest.CaptureFixture[str]) -> None:
+    import json
+
+    from provision.cli import run_cli
+
+    params = tmp_path / "params.json"
+    params.write_text(PIXTRAL_12B_PARAMS_JSON)
+    code = run_cli(["plan", str(tiny_src / "manifest.toml"), "--offline", "--params", str(params),
+                    "--target", "t4", "--json"])
+    cap = capsys.readouterr()
+    assert code == 0
+    doc = json.loads(cap.out)["profiles"]
+    assert doc["chosen"] == "w4a16-hf" and len(doc["candidates"]) == 7
+    assert "w4a16-hf" in cap.err and "bf16 needs compute capability 8.0" in cap.err
+
+
+def test_plan_reports_a_scheme_the_target_cannot_run(tiny_src: Path, tmp_path: Path,
+                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    import json
+
+    from provision.cli import run_cli
+
+    params = tmp_path / "params.json"
+    params.write_text(PIXTRAL_12B_PARAMS_JSON)
+    assert run_cli(["plan", str(tiny_src / "manifest.toml"), "--offline", "--params", str(params),
+                    "--target", "t4", "--scheme", "fp8", "--json"]) == 0
+    doc = json.loads(capsys.readouterr().out)["profiles"]
+    assert doc["chosen"] is None and doc["error"]["exit_code"] == 3
+
+
+def test_plan_without_params_says_profiles_need_them(tiny_src: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    import json
+
+    from provision.cli import run_cli
+
+    assert run_cli(["plan", str(tiny_src / "manifest.toml"), "--offline", "--target", "h100", "--json"]) == 0
+    doc = json.loads(capsys.readouterr().out)["profiles"]
+    assert doc["candidates"] == [] and "params.json" in doc["note"]

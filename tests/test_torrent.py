@@ -165,7 +165,8 @@ def test_manifest_with_a_torrent_source_fetches_only_its_files_and_trusts_the_st
         assert all(x["authority"] == "manifest-sha256" for x in files.values())
         vfiles = {x["path"]: x for x in rep["fetch"]["extra"]["verify"]["files"]}
         assert all(vfiles[p]["sha256_source"] == "fetcher" for p in files)
-        assert rep["fetch"]["bytes_downloaded"] < (tiny_src / "tekken.json").stat().st_size
+        kept = sum((tiny_src / f.path).stat().st_size for f in keep)
+        assert rep["fetch"]["bytes_downloaded"] < kept + (1 << 20)  # tekken.json was not downloaded
 
 
 def test_include_glob_selects_files_of_a_bare_magnet(tiny_src: Path, tmp_path: Path,
@@ -271,10 +272,11 @@ def test_disk_space_is_checked_again_once_the_metadata_is_known(
     assert not dest.exists()
 
 
+@pytest.mark.slow
 def test_a_peer_serving_corrupted_pieces_is_survived_and_its_hash_failures_counted(
         tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     src = tmp_path / "payload"
-    make_payload(src, {"a.dat": 6 << 20, "b.dat": 2 << 20})
+    make_payload(src, {"a.dat": 3 << 20, "b.dat": 1 << 20})
     torrent = tmp_path / "p.torrent"
     with seed_thread(src, torrent_out=torrent, max_upload_rate=1_000_000) as info, \
             corrupt_peer(torrent, src, tmp_path) as bad:
@@ -359,3 +361,36 @@ def test_sigterm_midway_saves_resume_data_and_staging_and_exits_143(tmp_path: Pa
     staged = [x for x in (home() / "staging").rglob("*.dat")]
     assert staged, "the partial download stays in staging"
     assert final_names(dest) == []
+
+
+@pytest.mark.slow
+def test_seed_for_after_a_fetch_serves_the_verified_files_to_the_next_host(
+        tiny_src: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from tests.torrent_fixtures import free_port
+
+    port = free_port()
+    first = tmp_path / "first"
+    with seed_thread(tiny_src) as info:
+        a = start_fetch(info.magnet, first, "--seed-for", "60", "--listen", f"127.0.0.1:{port}",
+                        log=tmp_path / "a.log")
+        try:
+            wait_for(lambda: (first / "consolidated.safetensors").is_file() or a.poll() is not None, 60,
+                     what="the first fetch to finish")
+            assert a.poll() is None, (tmp_path / "a.log").read_text()
+        except BaseException:
+            stop_process(a)
+            raise
+    # the original seed is gone: only the first host can serve now
+    try:
+        magnet = info.magnet.split("&x.pe=")[0] + f"&x.pe=127.0.0.1:{port}"
+        rc, rep = fetch_json(capsys, magnet, "--dest", str(tmp_path / "second"), "--stall-timeout", "20")
+        assert rc == 0, rep
+        assert same_tree(tiny_src, tmp_path / "second", TINY_FILES)
+        os.kill(a.pid, signal.SIGTERM)  # ends the seeding normally: exit 0 with the report
+        out, _ = a.communicate(timeout=30)
+    finally:
+        stop_process(a)
+    assert a.returncode == 0, (tmp_path / "a.log").read_text()
+    seed = json.loads(out)["fetch"]["extra"]["seed"]
+    assert seed["uploaded_bytes"] >= sum((tiny_src / r).stat().st_size for r in TINY_FILES)
+    assert seed["stopped_by"] == "signal"

@@ -47,6 +47,8 @@ from provision.progress import ProgressEvent, ProgressFn
 
 RECORD_NAME = "provision-convert.json"
 CHUNK_BYTES = 64 << 20
+ERROR_SAMPLE = 16  # relative error of tensors over ERROR_SAMPLE_MIN_BYTES: measured on every 16th row
+ERROR_SAMPLE_MIN_BYTES = 1 << 20
 MAX_HEADER = 100 * 10**6
 SHARD_BYTES = 5 * 10**9
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
@@ -355,16 +357,16 @@ def _chunks(item: Item) -> Iterator[tuple[int, int]]:
     row_bytes = item.src.nbytes // rows
     per = max(1, CHUNK_BYTES // max(row_bytes, 1))
     if item.action == "quantize":
-        per = max(1, min(per, (16 << 20) // max(row_bytes, 1)))  # float32 temporaries stay small
+        per = max(1, min(per, (2 << 20) // max(row_bytes, 1)))  # cache-sized float32 temporaries
     for r in range(0, rows, per):
         yield r, min(per, rows - r)
 
 
 class _Stream:
-    """Reads one item's bytes chunk by chunk, feeding the hasher and dropping the page cache."""
+    """Reads one source's bytes in file order, feeding the hasher and dropping the page cache."""
 
-    def __init__(self, src: SafetensorsSource, hasher: _Hasher | None, on_bytes: Callable[[int], None]) -> None:
-        self.src, self.hasher, self.on_bytes = src, hasher, on_bytes
+    def __init__(self, src: SafetensorsSource, hasher: _Hasher | None) -> None:
+        self.src, self.hasher = src, hasher
         self.pos = src.data_start  # next byte the hasher expects
 
     def read(self, start: int, n: int) -> bytearray:
@@ -378,11 +380,86 @@ class _Stream:
             self.hasher.feed(buf)
         self.pos = start + n
         self.src.drop_cache(start, n)
-        self.on_bytes(n)
         return buf
 
 
-def _convert_item(item: Item, stream: _Stream, writer: Any, scheme: str) -> TensorReport:
+class _Prefetcher:
+    """Reads a known sequence of (source, start, length) ranges ahead on a helper thread.
+
+    At most ``depth`` chunks wait in memory. ``read(si, start, n)`` must ask for the ranges in
+    the planned order; it returns the bytes and reports progress on the calling thread.
+    """
+
+    def __init__(self, streams: list[_Stream], plan: list[tuple[int, int, int]], on_bytes: Callable[[int], None],
+                 depth: int = 3) -> None:
+        self.streams, self.plan, self.on_bytes = streams, plan, on_bytes
+        self.q: queue.Queue[tuple[tuple[int, int, int], bytearray | None, BaseException | None]] = \
+            queue.Queue(maxsize=depth)
+        self.stop = threading.Event()
+        self.t = threading.Thread(target=self._run, daemon=True)
+        self.t.start()
+
+    def _put(self, x: tuple[tuple[int, int, int], bytearray | None, BaseException | None]) -> bool:
+        while not self.stop.is_set():
+            try:
+                self.q.put(x, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def _run(self) -> None:
+        for key in self.plan:
+            if self.stop.is_set():
+                return
+            si, start, n = key
+            try:
+                buf = self.streams[si].read(start, n)
+            except BaseException as e:
+                self._put((key, None, e))
+                return
+            if not self._put((key, buf, None)):
+                return
+
+    def read(self, si: int, start: int, n: int) -> bytearray:
+        key, buf, err = self.q.get()
+        if err is not None:
+            raise err
+        if key != (si, start, n) or buf is None:
+            raise ConvertError(f"Internal error: read {key} arrived where {(si, start, n)} was expected.")
+        self.on_bytes(n)
+        return buf
+
+    def close(self) -> None:
+        self.stop.set()
+        with contextlib.suppress(queue.Empty):
+            while True:
+                self.q.get_nowait()
+        self.t.join(timeout=10)
+
+
+@dataclass
+class _View:
+    """One source as seen by ``_convert_item``: ``read(start, n)`` through the prefetcher."""
+
+    pre: _Prefetcher
+    si: int
+
+    def read(self, start: int, n: int) -> bytearray:
+        return self.pre.read(self.si, start, n)
+
+
+def _read_plan(items: list[Item]) -> list[tuple[int, int, int]]:
+    plan = []
+    for it in items:
+        rows = it.src.shape[0] if it.src.shape else 1
+        row_bytes = it.src.nbytes // rows if rows else 0
+        for r, n in _chunks(it):
+            plan.append((it.source_index, it.src.start + r * row_bytes, n * row_bytes))
+    return plan
+
+
+def _convert_item(item: Item, stream: _View, writer: Any, scheme: str) -> TensorReport:
     import torch
 
     from provision.convert import keymap, quant
@@ -423,11 +500,17 @@ def _convert_item(item: Item, stream: _Stream, writer: Any, scheme: str) -> Tens
         if item.permute_heads is not None:
             w = keymap.permute_to_hf(w, item.permute_heads)
         parts = quant.quantize(w, scheme, scale_dtype=out_dt)
-        deq = quant.dequantize(parts, scheme)
-        wf = w.float()
-        diff = wf - deq
-        err2 += float(torch.sum(diff.double() ** 2))
-        ref2 += float(torch.sum(wf.double() ** 2))
+        # the error is measured on every ERROR_SAMPLE-th row of big tensors (all rows of small
+        # ones): dequantizing everything again would cost as much as quantizing
+        step = ERROR_SAMPLE if t.nbytes > ERROR_SAMPLE_MIN_BYTES and n >= ERROR_SAMPLE else 1
+        sample = {k: (v[::step] if k != "weight_shape" else v) for k, v in parts.items()}
+        wf = w[::step].float()
+        deq = quant.dequantize(sample, scheme) if spec.kind == "float" else quant.dequantize_int(
+            quant.unpack_int32(sample["weight_packed"], spec.num_bits, cols), sample["weight_scale"],
+            spec.group_size or quant.GROUP_SIZE)
+        diff = wf.sub_(deq)
+        err2 += float(torch.linalg.vector_norm(diff)) ** 2
+        ref2 += float(torch.linalg.vector_norm(w[::step].float())) ** 2
         max_abs = max(max_abs, float(diff.abs().max()))
         writer.write(qname, _as_bytes(parts["weight"] if spec.kind == "float" else parts["weight_packed"]))
         scales.append(parts["weight_scale"])
@@ -626,10 +709,14 @@ def convert(
             h = _Hasher()
             hashers.append(h)
             h.feed(s.header_bytes)
-            streams.append(_Stream(s, h, on_bytes))
+            streams.append(_Stream(s, h))
         reports = []
-        for it in items:
-            reports.append(_convert_item(it, streams[it.source_index], writer, prof.scheme))
+        pre = _Prefetcher(streams, _read_plan(items), on_bytes)
+        try:
+            for it in items:
+                reports.append(_convert_item(it, _View(pre, it.source_index), writer, prof.scheme))
+        finally:
+            pre.close()
         for s, st in zip(sources, streams, strict=True):
             if st.pos < s.size:  # trailing bytes after the last tensor
                 st.read(st.pos, s.size - st.pos)

@@ -11,8 +11,10 @@ mapped and q/k-permuted by ``keymap.hf_to_mistral``, or by the transformers name
 file, which are mapped here.
 
 Each forward dequantizes the weight to the input's dtype and calls ``F.linear``: exact, slow,
-memory-light (the weight is materialised for one layer at a time). It does not use fp8 tensor
-cores (``torch._scaled_mm``) and does not quantize activations; serving engines do that.
+memory-light (the weight is materialised for one layer at a time). For FP8_DYNAMIC (dynamic
+per-token fp8 input activations in the config) the input is quantized and dequantized per
+token the same way first, so the CPU result follows what a W8A8 engine computes. It does not
+use fp8 tensor cores (``torch._scaled_mm``); serving engines do that.
 """
 
 from __future__ import annotations
@@ -28,6 +30,25 @@ from provision.convert import quant
 from provision.errors import ConvertError
 
 _PARTS = {"float": ("weight", "weight_scale"), "int": ("weight_packed", "weight_scale", "weight_shape")}
+
+
+def _dynamic_token_fp8(config: Mapping[str, Any]) -> bool:
+    qc = config.get("quantization_config", config)
+    groups = qc.get("config_groups") or {} if isinstance(qc, Mapping) else {}
+    for g in groups.values():
+        a = g.get("input_activations") if isinstance(g, Mapping) else None
+        if isinstance(a, Mapping) and a.get("type") == "float" and a.get("num_bits") == 8 and a.get("dynamic") \
+                and a.get("strategy") == "token":
+            return True
+    return False
+
+
+def fake_quant_fp8_per_token(x: torch.Tensor) -> torch.Tensor:
+    """Quantize-dequantize ``x`` to float8 E4M3 with one scale per token (last dim), in ``x``'s dtype."""
+    amax = x.abs().amax(dim=-1, keepdim=True)
+    scale = torch.clamp(amax / quant.FP8_MAX, min=torch.finfo(x.dtype).eps)
+    q = (x / scale).clamp(-quant.FP8_MAX, quant.FP8_MAX).to(torch.float8_e4m3fn)
+    return q.to(x.dtype) * scale
 
 
 def scheme_from_config(config: Mapping[str, Any]) -> str:
@@ -56,9 +77,10 @@ class QuantLinear(nn.Module):
     """A Linear whose weight lives in compressed-tensors form and is dequantized at each call."""
 
     def __init__(self, in_features: int, out_features: int, scheme: str, parts: Mapping[str, torch.Tensor],
-                 bias: torch.Tensor | None = None) -> None:
+                 bias: torch.Tensor | None = None, *, quantize_inputs: bool = False) -> None:
         super().__init__()
         self.in_features, self.out_features, self.scheme = in_features, out_features, scheme
+        self.quantize_inputs = quantize_inputs
         self.spec = quant.SCHEMES[scheme]
         for k in _PARTS[self.spec.kind]:
             if k not in parts:
@@ -93,11 +115,14 @@ class QuantLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w = self.dequantized_weight(x.dtype)
+        if self.quantize_inputs:
+            x = fake_quant_fp8_per_token(x)
         b = self.bias.to(x.dtype) if self.bias is not None else None
         return F.linear(x, w, b)
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, scheme={self.scheme}"
+        return (f"in_features={self.in_features}, out_features={self.out_features}, scheme={self.scheme}, "
+                f"quantize_inputs={self.quantize_inputs}")
 
 
 def _parts_for(module_name: str, tensors: Mapping[str, torch.Tensor], names: tuple[str, ...],
@@ -136,6 +161,7 @@ def apply_quantization(model: nn.Module, config: Mapping[str, Any] | None,
     if not config:
         raise ConvertError("apply_quantization needs the checkpoint's config.json (its quantization_config).")
     scheme = scheme_from_config(config)
+    act_q = scheme == "fp8" and _dynamic_token_fp8(config)
     names = _PARTS[quant.SCHEMES[scheme].kind]
     args = getattr(model, "args", None)
     swaps: list[tuple[str, nn.Linear, dict[str, torch.Tensor]]] = []
@@ -150,7 +176,7 @@ def apply_quantization(model: nn.Module, config: Mapping[str, Any] | None,
         bias = tensors.get(f"{name}.bias") if mod.bias is not None else None
         if mod.bias is not None and bias is None:
             bias = mod.bias if mod.bias.device.type != "meta" else torch.zeros(mod.out_features)
-        new = QuantLinear(mod.in_features, mod.out_features, scheme, parts, bias)
+        new = QuantLinear(mod.in_features, mod.out_features, scheme, parts, bias, quantize_inputs=act_q)
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
         setattr(parent, child, new)

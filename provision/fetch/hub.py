@@ -16,19 +16,24 @@ What it does:
   ``Retry-After``; no byte for ``stall_timeout`` seconds is a ``StallError``. The token is
   sent to the endpoint only, never to a host a redirect leads to. Files download in parallel
   (``max_workers``), are checked by ``provision.verify`` (manifest sha256, else the Hub's LFS
-  sha256, else the git blob SHA-1) and only then renamed under their final name.
+  sha256, else the git blob SHA-1) and only then renamed under their final name. Files with
+  the same content are downloaded once; a resumed file that fails verification is fetched
+  again from byte 0 once (the kept bytes may be what was damaged); one process at a time
+  writes a partial (``flock``, else exit 6).
 * ``HF_HUB_OFFLINE=1``: nothing goes on the network; a complete, verified local copy is
   success, an incomplete one a ``FetchError`` (exit 4) naming what is missing.
 
 What it does not do: it never prints or exits (progress goes through the callback), never
-writes to huggingface_hub's cache, never loads hf_xet (a Xet-only file is refused), and never
-logs or reports the token.
+writes to huggingface_hub's cache, never loads hf_xet (Xet-backed files come as plain bytes
+through the resolve redirect), never logs or reports the token, and does not check
+``params.json`` against the tensors (``provision verify`` does, on the whole folder).
 
 Staging layout (``Layout(home).staging(model)``)::
 
     staging/<model>/
     ├── hub/<sha256-or-sha1>-<size>.part     bytes received so far (never trusted as such)
     ├── hub/<sha256-or-sha1>-<size>.json     provenance: what the bytes are supposed to be
+    ├── hub/<sha256-or-sha1>-<size>.lock     held (flock) by the process writing the partial
     ├── hub/verify/<path>                    a finished download while it is being verified
     └── hub-record.json                      refs -> commit and the commit's listing (offline use)
 """
@@ -57,6 +62,7 @@ from provision.errors import (
     AuthError,
     FetchError,
     HashMismatchError,
+    LockTimeoutError,
     NotFoundError,
     ProvisionError,
     SizeMismatchError,
@@ -144,8 +150,7 @@ class RemoteFile:
     path: str  # path in the repo
     size: int
     blob_id: str | None  # git blob SHA-1 (of the content, or of the LFS pointer for LFS files)
-    lfs_sha256: str | None  # None for files kept in git
-    xet_only: bool = False
+    lfs_sha256: str | None  # None for files kept in git (Xet-backed files have it too)
 
 
 @dataclass(frozen=True)
@@ -297,17 +302,17 @@ def _snapshot(endpoint: str, repo: str, revision: str, token: str | None, option
 
     entries = _with_retries(listing, retries=options.retries, what=err, progress=progress,
                             give_up_after=options.stall_timeout)
+    from huggingface_hub.hf_api import RepoFile
+
     files: dict[str, RemoteFile] = {}
     for e in entries:
-        if getattr(e, "blob_id", None) is None and not hasattr(e, "lfs"):
+        if not isinstance(e, RepoFile):
             continue  # a folder
         path = str(e.path)
         safe_relpath(path, what=f"file name from {repo}")
-        lfs = getattr(e, "lfs", None)
-        files[path] = RemoteFile(path=path, size=int(e.size), blob_id=getattr(e, "blob_id", None),
-                                 lfs_sha256=str(lfs.sha256).lower() if lfs is not None else None,
-                                 xet_only=lfs is None and getattr(e, "xet_hash", None) is not None
-                                 and getattr(e, "blob_id", None) is None)
+        lfs = e.lfs
+        files[path] = RemoteFile(path=path, size=int(e.size), blob_id=e.blob_id,
+                                 lfs_sha256=str(lfs.sha256).lower() if lfs is not None else None)
     return Snapshot(repo=repo, revision=revision, commit=pinned, files=files)
 
 
@@ -429,9 +434,6 @@ def _wanted(plan: Plan, snap: Snapshot, prefix: str) -> tuple[list[Wanted], list
             raise NotFoundError(f"{repo_path} is not in hf://{snap.repo}@{snap.commit}.",
                                 hint="Check the manifest's file list, prefix and revision.",
                                 repo=snap.repo, commit=snap.commit, path=repo_path)
-        if rf.xet_only:
-            raise FetchError(f"{repo_path} in {snap.repo} is stored with Xet only, which provision does not download.",
-                             hint="Fetch it with `hf download` or use the torrent source.", path=repo_path)
         if size is not None and size != rf.size:
             raise SizeMismatchError(
                 f"{repo_path} is {rf.size} bytes at hf://{snap.repo}@{snap.commit} but the manifest says {size}.",
@@ -627,9 +629,11 @@ def _open(ctx: _Ctx, w: Wanted, offset: int) -> Iterator[httpx2.Response]:
         headers["Range"] = f"bytes={offset}-"
     timeout = httpx2.Timeout(ctx.options.stall_timeout, connect=min(30.0, ctx.options.stall_timeout))
     session = get_session()
+    left_home = False
     for _hop in range(MAX_REDIRECTS + 1):
         send = dict(headers)
-        if _origin(url) != home:
+        left_home = left_home or _origin(url) != home
+        if left_home:  # a host a redirect led to (a CDN, a signed URL) never sees the token
             send.pop("authorization", None)
             send.pop("Authorization", None)
         req = session.build_request("GET", url, headers=send, timeout=timeout)
@@ -646,8 +650,6 @@ def _open(ctx: _Ctx, w: Wanted, offset: int) -> Iterator[httpx2.Response]:
             if resp.status_code not in (200, 206):
                 raise FetchError(f"Unexpected HTTP {resp.status_code} for {w.repo_path} from {ctx.endpoint}.",
                                  hint="Check HF_ENDPOINT.", path=w.repo_path)
-            if resp.headers.get("X-Xet-Hash") or resp.headers.get("X-Xet-Cas-Url"):
-                pass  # we asked for plain bytes and got them; Xet headers alone change nothing
             yield resp
             return
         finally:
@@ -702,6 +704,8 @@ def _download(ctx: _Ctx, w: Wanted) -> tuple[Path, str, int]:
     from huggingface_hub.errors import HfHubHTTPError
 
     part, offset = _partial(ctx, w)
+    if w.size == 0:
+        part.touch()
     if offset:
         with ctx.lock:
             ctx.resumed[w.path] = offset
@@ -835,13 +839,11 @@ def _place(src: Path, target: Path) -> None:
     fsync_dir(target.parent)
 
 
-def _fetch_one(ctx: _Ctx, w: Wanted, dest: Path) -> FetchedFile:
-    part, sha, received = _download(ctx, w)
-    staged = safe_join(ctx.staging / "hub" / "verify", w.path)
-    staged.parent.mkdir(parents=True, exist_ok=True)
-    os.replace(part, staged)
+def _check_and_place(ctx: _Ctx, w: Wanted, staged: Path, sha: str | None, dest: Path, part: Path | None) -> None:
+    """Verify ``staged`` (a finished download under ``staging/hub/verify/<path>``) and rename it
+    under its final name; a failed verdict deletes it, an interruption keeps it as the partial."""
     try:
-        report = _verify(ctx.staging / "hub" / "verify", {w.path: w}, {w.path: sha})
+        report = _verify(ctx.staging / "hub" / "verify", {w.path: w}, {w.path: sha} if sha else {})
         report.raise_for_failure()
     except VerifyError:
         with contextlib.suppress(FileNotFoundError):
@@ -849,13 +851,72 @@ def _fetch_one(ctx: _Ctx, w: Wanted, dest: Path) -> FetchedFile:
         _discard(ctx, w)
         raise
     except BaseException:
-        # not a verdict on the bytes (interrupted): keep them as the partial for the next run
         with contextlib.suppress(OSError):
-            os.replace(staged, part)
+            if part is not None:
+                os.replace(staged, part)  # not a verdict on the bytes: keep them for the next run
+            else:
+                staged.unlink()
         raise
     _place(staged, safe_join(dest, w.path))
+
+
+@contextlib.contextmanager
+def _partial_lock(ctx: _Ctx, w: Wanted) -> Iterator[None]:
+    """Only one process writes a partial at a time (``flock`` on ``<key>.lock`` beside it)."""
+    import fcntl
+
+    d = ctx.staging / "hub"
+    d.mkdir(parents=True, exist_ok=True)
+    path = d / f"{w.key}.lock"
+    with open(path, "a+") as fh:
+        try:
+            fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            raise LockTimeoutError(f"Another process is downloading {w.path} into {d} right now.",
+                                   hint="Wait for it to finish (or stop it), then run again.",
+                                   path=w.path, lock=str(path)) from None
+        try:
+            yield
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
+            fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
+
+
+def _fetch_group(ctx: _Ctx, group: list[Wanted], dest: Path) -> list[FetchedFile]:
+    """Download the first of files with the same content once; copy it for the others."""
+    with _partial_lock(ctx, group[0]):
+        return _fetch_group_locked(ctx, group, dest)
+
+
+def _fetch_group_locked(ctx: _Ctx, group: list[Wanted], dest: Path) -> list[FetchedFile]:
+    w = group[0]
+    received = 0
+    for attempt in (1, 2):
+        part, sha, got = _download(ctx, w)
+        received += got
+        staged = safe_join(ctx.staging / "hub" / "verify", w.path)
+        staged.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(part, staged)
+        try:
+            _check_and_place(ctx, w, staged, sha, dest, part)
+        except VerifyError:
+            # bytes kept from an earlier run (a crash, a power cut) may be what is wrong: once,
+            # start that file over; fresh bytes that fail are the source's fault
+            if attempt == 1 and w.path in ctx.resumed and got < w.size:
+                note(ctx.note, "hf", f"{w.path}: the resumed download did not verify; downloading it again")
+                continue
+            raise
+        break
     _discard(ctx, w)
-    return FetchedFile(path=w.path, size=w.size, sha256=sha, authority=w.kind, downloaded_bytes=received)
+    out = [FetchedFile(path=w.path, size=w.size, sha256=sha, authority=w.kind, downloaded_bytes=received)]
+    for other in group[1:]:
+        staged = safe_join(ctx.staging / "hub" / "verify", other.path)
+        staged.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(safe_join(dest, w.path), staged)
+        _check_and_place(ctx, other, staged, None, dest, None)
+        out.append(FetchedFile(path=other.path, size=other.size, sha256=sha, authority=other.kind))
+    return out
 
 
 # ---------------------------------------------------------------------------------------
@@ -951,11 +1012,14 @@ def fetch_hub(plan: Plan, *, dest: Path, options: HubOptions, progress: Progress
     if todo:
         dest.mkdir(parents=True, exist_ok=True)
         staging.mkdir(parents=True, exist_ok=True)
-        pool = ThreadPoolExecutor(max_workers=max(1, min(options.max_workers, len(todo))),
+        groups: dict[str, list[Wanted]] = {}
+        for w in todo:  # files with the same content share one partial: download it once
+            groups.setdefault(w.key, []).append(w)
+        pool = ThreadPoolExecutor(max_workers=max(1, min(options.max_workers, len(groups))),
                                   thread_name_prefix="hub-fetch")
-        futures: dict[Future[FetchedFile], Wanted] = {}
+        futures: dict[Future[list[FetchedFile]], list[Wanted]] = {}
         try:
-            futures = {pool.submit(_fetch_one, ctx, w, dest): w for w in todo}
+            futures = {pool.submit(_fetch_group, ctx, g, dest): g for g in groups.values()}
             done, _ = wait(futures, return_when=FIRST_EXCEPTION)
             errors = [f.exception() for f in done if f.exception() is not None]
             if errors:
@@ -966,8 +1030,9 @@ def fetch_hub(plan: Plan, *, dest: Path, options: HubOptions, progress: Progress
                 first = (real or errors)[0]
                 assert first is not None
                 raise first
-            for f, w in futures.items():
-                results[w.path] = f.result()
+            for f in futures:
+                for ff in f.result():
+                    results[ff.path] = ff
         finally:
             ctx.cancel.set()
             pool.shutdown(wait=True, cancel_futures=True)

@@ -36,7 +36,7 @@ import socket
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -70,6 +70,7 @@ RESUME_INTERVAL_S = 1.0  # periodic resume data: what a SIGKILL can lose is abou
 POLL_S = 0.05
 PROGRESS_INTERVAL_S = 0.5
 HASH_READ_BYTES = 4 << 20
+SYNC_CHUNK = 64 << 20  # start writing back every 64 MiB a file completes
 REMOVE_TIMEOUT_S = 10.0
 
 _ALERTS = (lt.alert.category_t.error_notification | lt.alert.category_t.status_notification
@@ -316,20 +317,25 @@ def _primary_address() -> str:
 
 
 class _StreamHasher:
-    """Hash selected files in torrent order as their pieces arrive (the data is still in the page
-    cache), so whole-file verification needs no second read. A piece counts once libtorrent says
-    we have it: its blocks are written and its piece hash passed."""
+    """Follow the selected files in torrent order as their pieces arrive: hash those a sha256
+    vouches for while the data is still in the page cache (so whole-file verification needs no
+    second read), and fsync each file once complete (so the disk writes back while the next one
+    downloads, and the fsync before the final rename is cheap). A piece counts once a
+    ``flush_cache()`` fence issued after libtorrent passed it has completed."""
 
-    def __init__(self, items: Sequence[tuple[str, Path, int, int]], piece_length: int, num_pieces: int) -> None:
-        self.items = list(items)
+    def __init__(self, items: Sequence[tuple[str, Path, int, int, bool]], piece_length: int,
+                 num_pieces: int) -> None:
+        self.items = list(items)  # (rel, path, offset in the torrent, size, hash it)
         self.pl = piece_length
         self.have = bytearray(num_pieces)
         self.cond = threading.Condition()
         self.stopped = False
         self.results: dict[str, str] = {}
         self.errors: dict[str, str] = {}
+        self.synced: set[str] = set()
         self.bytes_hashed = 0
         self.finished_at: float | None = None
+        self.hashed_at: float | None = None  # when the last file's hash (not its fsync) was done
         self.thread = threading.Thread(target=self._run, name="provision-stream-hash", daemon=True)
 
     def start(self) -> None:
@@ -339,13 +345,6 @@ class _StreamHasher:
         with self.cond:
             if 0 <= piece < len(self.have):
                 self.have[piece] = 1
-            self.cond.notify_all()
-
-    def mark_all(self, bits: Iterable[bool]) -> None:
-        with self.cond:
-            for i, b in enumerate(bits):
-                if b and i < len(self.have):
-                    self.have[i] = 1
             self.cond.notify_all()
 
     def stop(self) -> None:
@@ -365,12 +364,13 @@ class _StreamHasher:
     def _run(self) -> None:
         buf = bytearray(HASH_READ_BYTES)
         mv = memoryview(buf)
-        for rel, path, offset, size in self.items:
+        for rel, path, offset, size, want_hash in self.items:
             h = hashlib.sha256()
             pos = 0
+            synced_to = 0
             try:
                 with contextlib.ExitStack() as stack:
-                    fh = None
+                    fd = -1
                     while pos < size:
                         p = (offset + pos) // self.pl
                         if not self._wait(p):
@@ -380,20 +380,55 @@ class _StreamHasher:
                         while q < last and self.have[q + 1] and (q + 1 - p) * self.pl < (256 << 20):
                             q += 1
                         end = min(size, (q + 1) * self.pl - offset)
-                        if fh is None:
-                            fh = stack.enter_context(open(path, "rb", buffering=0))
-                        fh.seek(pos)
-                        while pos < end:
-                            n = fh.readinto(mv[:min(len(buf), end - pos)])
-                            if not n:
-                                raise OSError(errno.EIO, f"{path} is shorter than expected")
-                            h.update(mv[:n])
-                            pos += n
-                            self.bytes_hashed += n
-                self.results[rel] = h.hexdigest()
+                        if fd < 0:
+                            fd = os.open(path, os.O_RDONLY)
+                            stack.callback(os.close, fd)
+                        if want_hash:
+                            while pos < end:
+                                n = os.preadv(fd, [mv[:min(len(buf), end - pos)]], pos)
+                                if not n:
+                                    raise OSError(errno.EIO, f"{path} is shorter than expected")
+                                h.update(mv[:n])
+                                pos += n
+                                self.bytes_hashed += n
+                        else:
+                            pos = end
+                        if pos - synced_to >= SYNC_CHUNK:  # start writing back what is complete
+                            _start_writeback(fd, synced_to, pos - synced_to)
+                            synced_to = pos
+                    if want_hash:
+                        self.results[rel] = h.hexdigest()
+                    self.hashed_at = time.monotonic()
+                    if fd >= 0:
+                        os.fsync(fd)
+                        self.synced.add(rel)
             except OSError as e:
-                self.errors[rel] = str(e)  # verify reads the file itself instead
+                self.errors[rel] = str(e)  # verify reads the file itself instead; the move fsyncs it
         self.finished_at = time.monotonic()
+
+
+def _libc_sync_file_range() -> Callable[[int, int, int, int], int] | None:
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        fn = libc.sync_file_range
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
+    fn.restype = ctypes.c_int
+    return fn  # type: ignore[no-any-return]
+
+
+_SYNC_FILE_RANGE = _libc_sync_file_range() if hasattr(os, "preadv") else None
+SYNC_FILE_RANGE_WRITE = 2
+
+
+def _start_writeback(fd: int, offset: int, length: int) -> None:
+    """Ask the kernel to start writing a completed range back (does not wait; Linux only)."""
+    if _SYNC_FILE_RANGE is not None:
+        _SYNC_FILE_RANGE(fd, offset, length, SYNC_FILE_RANGE_WRITE)
 
 
 # ---------------------------------------------------------------------------------------
@@ -497,6 +532,7 @@ class _Run:
         self.pending: list[int] = []
         self.fenced: list[int] | None = None
         self.last_fence = 0.0
+        self.samples: list[tuple[float, int, int]] = []  # (time, bytes done, bytes wanted)
         self.t0 = time.monotonic()
 
     # -- alerts ---------------------------------------------------------------------
@@ -806,7 +842,7 @@ def fetch_torrent(plan: Plan, *, dest: Path, options: TorrentOptions,
         # 3. download while hashing each file in order
         # stream-hash the files a sha256 vouches for (the hash is checked against it; a torrent
         # authority makes verify read the file anyway, computing the sha256 in the same pass)
-        run.hasher = _StreamHasher([(s.rel, s.staged, s.offset, s.size) for s in todo if auths[s.rel].sha256],
+        run.hasher = _StreamHasher([(s.rel, s.staged, s.offset, s.size, bool(auths[s.rel].sha256)) for s in todo],
                                    int(ti.piece_length()), int(ti.num_pieces()))
         t_dl0 = time.monotonic()
         downloaded0 = 0
@@ -824,7 +860,10 @@ def fetch_torrent(plan: Plan, *, dest: Path, options: TorrentOptions,
         t_v0 = time.monotonic()
         if run.hasher.thread.is_alive():
             run.hasher.join()
-        t_hash_tail = time.monotonic() - t_v0
+        t_joined = time.monotonic()
+        hashed_at = min(run.hasher.hashed_at or t_v0, t_joined)
+        t_hash_tail = max(0.0, hashed_at - t_v0)  # hashing left after the last piece arrived
+        t_tail_sync = t_joined - t_v0 - t_hash_tail  # fsync of the last file(s)
         known = dict(run.hasher.results)
         for s in todo:  # a stream hash that disagrees with the manifest is re-read, never trusted
             a = auths[s.rel]
@@ -845,7 +884,8 @@ def fetch_torrent(plan: Plan, *, dest: Path, options: TorrentOptions,
             vreport.raise_for_failure()
         t_v1 = time.monotonic()
         for s in todo:
-            _move_into_place(s.staged, safe_join(dest, s.rel, what="file path"))
+            _move_into_place(s.staged, safe_join(dest, s.rel, what="file path"),
+                             synced=s.rel in run.hasher.synced)
         if dest.exists():
             fsutil.fsync_dir(dest)
         t_mv = time.monotonic()
@@ -879,11 +919,12 @@ def fetch_torrent(plan: Plan, *, dest: Path, options: TorrentOptions,
             "peers_max": run.peers_max,
             "download_seconds": round(dl_seconds, 3),
             "download_rate": round(bytes_down / dl_seconds, 1) if todo else 0.0,
+            "steady_rate": _steady_rate(run.samples),
             "hashed_while_downloading_bytes": run.hasher.bytes_hashed,
             "hash_tail_seconds": round(t_hash_tail, 3),
-            "verify_seconds": round(t_v1 - t_v0 - t_hash_tail, 3),
-            "post_download_check_seconds": round(t_v1 - t_v0, 3),
-            "move_seconds": round(t_mv - t_v1, 3),
+            "verify_seconds": round(t_v1 - t_joined, 3),
+            "post_download_check_seconds": round(t_hash_tail + (t_v1 - t_joined), 3),
+            "move_seconds": round(t_tail_sync + (t_mv - t_v1), 3),
             "reused": [s.rel for s in sels if s.reused],
             "verify": vreport.to_dict() if vreport is not None else None,
         }
@@ -903,6 +944,17 @@ def fetch_torrent(plan: Plan, *, dest: Path, options: TorrentOptions,
         if run.hasher is not None:
             run.hasher.stop()
         _close_session(run.ses)
+
+
+def _steady_rate(samples: Sequence[tuple[float, int, int]]) -> float | None:
+    """Bytes/s between 10% and 90% of the download (start-up and tail left out)."""
+    if len(samples) < 3:
+        return None
+    wanted = samples[-1][2] or 1
+    mid = [(t, d) for t, d, _ in samples if 0.1 * wanted <= d <= 0.9 * wanted]
+    if len(mid) < 2 or mid[-1][0] <= mid[0][0]:
+        return None
+    return round((mid[-1][1] - mid[0][1]) / (mid[-1][0] - mid[0][0]), 1)
 
 
 def _close_session(ses: Any) -> None:
@@ -1019,6 +1071,7 @@ def _download(run: _Run, todo: list[_Sel]) -> int:
             run.request_resume(now)
         if now - last_emit >= PROGRESS_INTERVAL_S or done >= wanted:
             last_emit = now
+            run.samples.append((now, done, wanted))
             rate = float(st.download_payload_rate)
             eta = (wanted - done) / rate if rate > 0 else None
             _emit(run.progress, ProgressEvent(
@@ -1044,14 +1097,16 @@ def _remove_torrent(run: _Run) -> None:
     run.removed = True
 
 
-def _move_into_place(src: Path, dst: Path) -> None:
-    """fsync the verified file and rename it under its final name (copy + rename across filesystems)."""
+def _move_into_place(src: Path, dst: Path, *, synced: bool = False) -> None:
+    """fsync the verified file (unless that was done as it completed) and rename it under its
+    final name (copy + rename across filesystems)."""
     dst.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(src, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    if not synced:
+        fd = os.open(src, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
     try:
         os.replace(src, dst)
     except OSError as e:
@@ -1377,10 +1432,10 @@ def seed(
         wl = whitelist_lines(made.btih, made.btmh)
         if torrent_out is not None:
             fsutil.atomic_write_bytes(Path(torrent_out), made.data)
-        if magnet_out is not None:
-            fsutil.atomic_write_text(Path(magnet_out), magnet + "\n")
         if whitelist_out is not None:
             fsutil.atomic_write_text(Path(whitelist_out), "".join(x + "\n" for x in wl))
+        if magnet_out is not None:  # last: a script waiting for it finds the others written
+            fsutil.atomic_write_text(Path(magnet_out), magnet + "\n")
         info = SeedInfo(magnet=magnet, btih=made.btih, btmh=made.btmh, name=made.name, listen=endpoint,
                         torrent_file=Path(torrent_out) if torrent_out else None, whitelist=wl)
         if on_ready is not None:

@@ -1,0 +1,164 @@
+"""Benchmark: `provision convert --scheme fp8 --layout hf` on a Pixtral-12B-shaped random checkpoint.
+
+Generates a random bf16 checkpoint with Pixtral 12B's real params.json (585 tensors,
+25,365,479,424 bytes of tensor data; ``--scale`` shrinks the layer count and vocabulary for
+quick runs), then measures in the same run:
+
+* ``cp`` of the same file on the same disk (page cache dropped for the file first), and
+* ``provision convert SRC --out OUT --scheme fp8 --layout hf`` under ``/usr/bin/time -v``.
+
+Targets (exit 1 when missed): peak resident memory < 2 GiB, and conversion throughput
+(source bytes per second) >= 0.5x cp's. Everything it writes is deleted at the end.
+
+    .venv/bin/python benchmarks/convert_memory.py --dir /tmp/convbench            # full size (~25 GB)
+    .venv/bin/python benchmarks/convert_memory.py --dir /tmp/convbench --scale 0.1
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import math
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+PARAMS = {
+    "dim": 5120, "n_layers": 40, "head_dim": 128, "hidden_dim": 14336, "n_heads": 32, "n_kv_heads": 8,
+    "rope_theta": 1000000000.0, "norm_eps": 1e-05, "vocab_size": 131072,
+    "vision_encoder": {"hidden_size": 1024, "num_channels": 3, "image_size": 1024, "patch_size": 16,
+                       "rope_theta": 10000.0, "intermediate_size": 4096, "num_hidden_layers": 24,
+                       "num_attention_heads": 16, "image_token_id": 10},
+}
+RSS_LIMIT = 2 * 2**30
+RATIO_TARGET = 0.5
+
+
+def scaled_params(scale: float) -> dict[str, object]:
+    p = json.loads(json.dumps(PARAMS))
+    if scale < 1:
+        p["n_layers"] = max(1, round(40 * scale))
+        p["vocab_size"] = max(1024, int(131072 * scale) // 128 * 128)
+        p["vision_encoder"]["num_hidden_layers"] = max(1, round(24 * scale))  # type: ignore[index]
+    return p
+
+
+def drop_cache(path: Path) -> None:
+    with contextlib.suppress(OSError):
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+
+
+def generate(src: Path, params: dict[str, object]) -> tuple[int, int]:
+    """params.json, tekken.json and a random bf16 consolidated.safetensors; (tensor count, file size)."""
+    import torch
+
+    from provision.convert.writer import ShardWriter, TensorEntry
+    from provision.model.args import ModelArgs, tensor_spec
+    from provision.tiny import release_tekken_bytes
+
+    src.mkdir(parents=True, exist_ok=True)
+    (src / "params.json").write_text(json.dumps(params, indent=2) + "\n")
+    (src / "tekken.json").write_bytes(release_tekken_bytes())
+    spec = tensor_spec(ModelArgs.from_dict(params))
+    entries = [TensorEntry(k, "BF16", tuple(s)) for k, s in spec.items()]
+    g = torch.Generator().manual_seed(0)
+    pool = (torch.randn(64 << 20, generator=g) * 0.02).to(torch.bfloat16)  # 128 MiB of random values
+    raw = memoryview(pool.view(torch.uint8).numpy()).cast("B")
+    w = ShardWriter(src / "consolidated.safetensors", entries, {"format": "pt"})
+    step = 32 << 20
+    k = 0
+    for e in entries:
+        left = e.nbytes
+        while left:
+            n = min(step, left)
+            off = (k * 7919 * 4096) % (len(raw) - n) // 2 * 2 if len(raw) > n else 0
+            w.write(e.name, raw[off:off + n])
+            left -= n
+            k += 1
+    w.finish()
+    w.commit()
+    return len(entries), (src / "consolidated.safetensors").stat().st_size
+
+
+def timed(cmd: list[str]) -> tuple[float, str]:
+    t0 = time.monotonic()
+    r = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    dt = time.monotonic() - t0
+    if r.returncode != 0:
+        raise SystemExit(f"{' '.join(cmd[:3])}... failed ({r.returncode}):\n{r.stderr[-3000:]}")
+    return dt, r.stderr
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--dir", type=Path, default=Path("/tmp/provision-convert-bench"))
+    ap.add_argument("--scale", type=float, default=1.0, help="shrink layers and vocab (1.0 = full 25 GB)")
+    ap.add_argument("--keep", action="store_true", help="keep the generated files")
+    ns = ap.parse_args()
+    base: Path = ns.dir
+    if base.exists():
+        shutil.rmtree(base)
+    base.mkdir(parents=True)
+    src, copy, out = base / "src", base / "copy.safetensors", base / "out"
+    timebin = shutil.which("time") or "/usr/bin/time"
+    if not Path(timebin).exists():
+        print("/usr/bin/time is missing: apt-get install -y time", file=sys.stderr)
+        return 2
+    try:
+        params = scaled_params(ns.scale)
+        from provision.model.args import ModelArgs, parameter_count
+
+        need = parameter_count(ModelArgs.from_dict(params)) * 2
+        free = shutil.disk_usage(base).free
+        if free < need * 2.2:
+            print(f"not enough disk: need about {need * 2.2 / 1e9:.1f} GB, {free / 1e9:.1f} GB free", file=sys.stderr)
+            return 2
+        t0 = time.monotonic()
+        count, size = generate(src, params)
+        print(f"generated {count} tensors, {size / 1e9:.2f} GB in {time.monotonic() - t0:.1f} s (scale {ns.scale})")
+
+        drop_cache(src / "consolidated.safetensors")
+        t_cp, _ = timed(["cp", str(src / "consolidated.safetensors"), str(copy)])
+        subprocess.run(["sync"], check=False)
+        copy.unlink()
+        drop_cache(src / "consolidated.safetensors")
+        cp_rate = size / t_cp
+        print(f"cp: {t_cp:.1f} s, {cp_rate / 1e6:.0f} MB/s")
+
+        cmd = [timebin, "-v", str(ROOT / ".venv" / "bin" / "provision"), "convert", str(src), "--out", str(out),
+               "--scheme", "fp8", "--layout", "hf", "--target", "h100", "--no-hf-tokenizer", "--json"]
+        t_conv, err = timed(cmd)
+        m = re.search(r"Maximum resident set size \(kbytes\): (\d+)", err)
+        rss = int(m.group(1)) * 1024 if m else math.inf
+        written = sum(p.stat().st_size for p in out.iterdir() if p.is_file())
+        conv_rate = size / t_conv
+        ratio = conv_rate / cp_rate
+        rec = json.loads((out / "provision-convert.json").read_text())
+        print(f"convert fp8/hf: {t_conv:.1f} s, {conv_rate / 1e6:.0f} MB/s of source, wrote {written / 1e9:.2f} GB, "
+              f"peak RSS {rss / 2**20:.0f} MiB, quantized {rec['quality']['quantized_tensors']} tensors "
+              f"(relative error mean {rec['quality']['relative_error_mean']:.4f})")
+        ok_rss = rss < RSS_LIMIT
+        ok_rate = ratio >= RATIO_TARGET
+        print(f"peak RSS {rss / 2**30:.2f} GiB < 2 GiB: {'PASS' if ok_rss else 'FAIL'}")
+        print(f"throughput {ratio:.2f}x cp >= {RATIO_TARGET}x: {'PASS' if ok_rate else 'FAIL'}")
+        return 0 if ok_rss and ok_rate else 1
+    finally:
+        if not ns.keep:
+            shutil.rmtree(base, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

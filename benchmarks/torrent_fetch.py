@@ -1,0 +1,211 @@
+"""Benchmark: `provision fetch` over BitTorrent vs aria2c and cp, on loopback, same run.
+
+One `provision seed --torrent-version v1` process (closed network mode, 127.0.0.1) serves a
+payload of N files (default 8 GiB in 4 files); Debian's opentracker lets aria2c find it (aria2c
+cannot be handed a peer). Measured from each command's start to verified files in place:
+
+* ``provision fetch MANIFEST --peer SEEDER`` (manifest with sizes + sha256 and the v1 torrent),
+* ``aria2c`` downloading the same v1 torrent from the same seeder (it checks pieces only),
+* ``cp -r`` of the same bytes on the same disk.
+
+Prints throughputs, the ratios (targets: fetch >= 1.5x aria2c, >= 0.6x cp), the fetch's
+steady-state rate, and what the post-download whole-file check cost (target < 10% of the
+fetch's wall time); exits 1 when a target is missed. Everything goes to loopback only.
+
+    .venv/bin/python benchmarks/torrent_fetch.py [--size-gib 8] [--files 4] [--workdir DIR] [--keep]
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from tests.torrent_fixtures import (  # noqa: E402
+    aria2c_download,
+    opentracker,
+    provision_seed,
+    run_provision,
+)
+
+TARGET_VS_ARIA2C = 1.5
+TARGET_VS_CP = 0.6
+TARGET_CHECK_SHARE = 0.10
+
+
+def write_payload(folder: Path, total: int, nfiles: int) -> dict[str, tuple[int, str]]:
+    """Random files (fresh bytes, so nothing compresses or dedups); returns {name: (size, sha256)}."""
+    folder.mkdir(parents=True, exist_ok=True)
+    out: dict[str, tuple[int, str]] = {}
+    per = total // nfiles
+    chunk = 16 << 20
+    for i in range(nfiles):
+        size = per if i < nfiles - 1 else total - per * (nfiles - 1)
+        name = f"shard-{i + 1:05d}-of-{nfiles:05d}.dat"
+        h = hashlib.sha256()
+        with open(folder / name, "wb") as fh:
+            left = size
+            while left:
+                b = os.urandom(min(chunk, left))
+                h.update(b)
+                fh.write(b)
+                left -= len(b)
+        out[name] = (size, h.hexdigest())
+    return out
+
+
+def write_manifest(path: Path, torrent_name: str, prefix: str, files: dict[str, tuple[int, str]]) -> None:
+    lines = ["schema_version = 1", 'name = "bench-payload"', 'architecture = "mistral"', 'format = "mistral"', "",
+             "[[sources]]", 'type = "torrent"', f'torrent = "{torrent_name}"', f'prefix = "{prefix}"', ""]
+    for name, (size, sha) in sorted(files.items()):
+        lines += ["[[files]]", f'path = "{name}"', f"size = {size}", f'sha256 = "{sha}"', ""]
+    path.write_text("\n".join(lines))
+
+
+def timed(cmd: list[str], **kw: Any) -> tuple[float, subprocess.CompletedProcess[str]]:
+    t0 = time.monotonic()
+    cp = subprocess.run(cmd, capture_output=True, text=True, **kw)
+    return time.monotonic() - t0, cp
+
+
+def rm(path: Path) -> None:
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--size-gib", type=float, default=8.0, help="payload size in GiB (default 8)")
+    ap.add_argument("--files", type=int, default=4, help="number of files (default 4)")
+    ap.add_argument("--workdir", type=Path, default=None, help="where to put payload and copies (default: a temp dir)")
+    ap.add_argument("--keep", action="store_true", help="keep the work folder")
+    args = ap.parse_args()
+    for tool in ("aria2c", "opentracker", "cp"):
+        if shutil.which(tool) is None:
+            print(f"error: {tool} is not installed (apt-get install aria2 opentracker)", file=sys.stderr)
+            return 2
+    total = int(args.size_gib * (1 << 30))
+    work = Path(tempfile.mkdtemp(prefix="provision-bench-", dir=args.workdir))
+    need = total * 2 + (1 << 30)
+    free = shutil.disk_usage(work).free
+    if free < need:
+        print(f"error: {work} has {free / 1e9:.1f} GB free, the benchmark needs {need / 1e9:.1f} GB", file=sys.stderr)
+        return 2
+    load0 = os.getloadavg()
+    results: dict[str, Any] = {"size_bytes": total, "files": args.files, "load_before": load0}
+    home = work / "home"
+    env = dict(os.environ, PROVISION_HOME=str(home), PROVISION_PROGRESS_INTERVAL="5")
+    os.environ.update({"PROVISION_HOME": str(home)})
+    try:
+        src = work / "src" / "model"
+        print(f"writing {total / 2**30:.2f} GiB payload in {args.files} files under {work} ...", flush=True)
+        facts = write_payload(src, total, args.files)
+
+        # the whitelist line, then the tracker, then the one seeder everybody downloads from
+        cp = run_provision(["seed", str(src), "--torrent-version", "v1", "--network", "closed", "--seed-for", "0",
+                            "--whitelist-out", str(work / "wl.txt"), "--json"], timeout=3600, env=env)
+        if cp.returncode != 0:
+            print(cp.stderr, file=sys.stderr)
+            return 1
+        wl = (work / "wl.txt").read_text().split()
+        with opentracker(work, wl) as tr, provision_seed(src, work / "seed", "--tracker", tr.url, version="v1",
+                                                          timeout=3600) as seeder:
+            peer = seeder.magnet.split("x.pe=")[1].split("&")[0]
+            mdir = work / "manifest"
+            mdir.mkdir()
+            shutil.copy(seeder.torrent, mdir / "payload.torrent")
+            write_manifest(mdir / "manifest.toml", "payload.torrent", "model/", facts)
+
+            # 1. provision fetch
+            dest = work / "fetch-dest"
+            print("provision fetch ...", flush=True)
+            wall, cp = timed([sys.executable, "-m", "provision.cli", "fetch", str(mdir / "manifest.toml"),
+                              "--dest", str(dest), "--peer", peer, "--network", "closed", "--stall-timeout", "120",
+                              "--json"], env=env, cwd=REPO, timeout=3600)
+            if cp.returncode != 0:
+                print(cp.stderr[-3000:], file=sys.stderr)
+                return 1
+            rep = json.loads(cp.stdout)["fetch"]
+            ex = rep["extra"]
+            results["fetch"] = {
+                "wall_s": wall, "rate": total / wall, "download_s": ex["download_seconds"],
+                "download_rate": ex["download_rate"], "steady_rate": ex["steady_rate"],
+                "post_download_check_s": ex["post_download_check_seconds"], "hash_tail_s": ex["hash_tail_seconds"],
+                "verify_s": ex["verify_seconds"], "move_s": ex["move_seconds"],
+                "sha256_from_stream": sum(1 for f in ex["verify"]["files"] if f.get("sha256_source") == "fetcher"),
+            }
+            rm(dest)
+
+            # 2. aria2c, same torrent, same seeder (found through opentracker)
+            print("aria2c ...", flush=True)
+            out = work / "aria2c-dest"
+            t0 = time.monotonic()
+            got = aria2c_download(seeder.torrent, out, timeout=3600)
+            awall = time.monotonic() - t0
+            if got.returncode != 0:
+                print(got.stdout[-3000:], file=sys.stderr)
+                return 1
+            results["aria2c"] = {"wall_s": awall, "rate": total / awall}
+            rm(out)
+            seeder.stop()
+            results["seed"] = json_report_safe(seeder)
+
+        # 3. cp of the same bytes on the same disk
+        print("cp ...", flush=True)
+        cwall, cp = timed(["cp", "-r", str(src), str(work / "cp-dest")])
+        if cp.returncode != 0:
+            print(cp.stderr, file=sys.stderr)
+            return 1
+        results["cp"] = {"wall_s": cwall, "rate": total / cwall}
+        rm(work / "cp-dest")
+    finally:
+        results["load_after"] = os.getloadavg()
+        if not args.keep:
+            rm(work)
+
+    f, a, c = results["fetch"], results["aria2c"], results["cp"]
+    vs_aria2c = f["rate"] / a["rate"]
+    vs_cp = f["rate"] / c["rate"]
+    check_share = f["post_download_check_s"] / f["wall_s"]
+    print()
+    print(f"payload: {total / 2**30:.2f} GiB in {args.files} files; load average before "
+          f"{results['load_before'][0]:.2f}, after {results['load_after'][0]:.2f} (2 cores shared)")
+    print(f"provision fetch: {f['wall_s']:7.2f} s  {f['rate'] / 1e6:7.1f} MB/s start to verified files in place "
+          f"(download {f['download_rate'] / 1e6:.1f} MB/s, steady state "
+          f"{(f['steady_rate'] or 0) / 1e6:.1f} MB/s)")
+    print(f"aria2c:          {a['wall_s']:7.2f} s  {a['rate'] / 1e6:7.1f} MB/s")
+    print(f"cp:              {c['wall_s']:7.2f} s  {c['rate'] / 1e6:7.1f} MB/s")
+    print(f"post-download check: {f['post_download_check_s']:.2f} s = {check_share:.1%} of the fetch "
+          f"(hash tail {f['hash_tail_s']:.2f} s, verify {f['verify_s']:.2f} s, {f['sha256_from_stream']} of "
+          f"{args.files} sha256 from the stream); move into place {f['move_s']:.2f} s")
+    ok = True
+    for label, value, target in (("fetch / aria2c", vs_aria2c, TARGET_VS_ARIA2C), ("fetch / cp", vs_cp, TARGET_VS_CP)):
+        hit = value >= target
+        ok &= hit
+        print(f"{label:15s} {value:5.2f}x  (target >= {target}x) {'ok' if hit else 'MISSED'}")
+    hit = check_share < TARGET_CHECK_SHARE
+    ok &= hit
+    print(f"{'check share':15s} {check_share:5.1%}  (target < {TARGET_CHECK_SHARE:.0%}) {'ok' if hit else 'MISSED'}")
+    print(json.dumps(results, default=str))
+    return 0 if ok else 1
+
+
+def json_report_safe(seeder: Any) -> dict[str, Any]:
+    try:
+        return dict(seeder.report().get("seed", {}))
+    except (ValueError, OSError):
+        return {}
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -70,7 +70,7 @@ from provision.errors import (
     VerifyError,
 )
 from provision.fetch import FetchedFile, FetchResult, HubOptions
-from provision.fsutil import TMP_PREFIX, atomic_write_text, fsync_dir, safe_join, safe_relpath
+from provision.fsutil import TMP_PREFIX, fsync_dir, safe_join, safe_relpath
 from provision.layout import Layout
 from provision.progress import ProgressEvent, ProgressFn, note
 from provision.sources import HEX40, HFRef
@@ -134,6 +134,18 @@ def _token(options: HubOptions) -> str | None:
         return get_token()
     except Exception:
         return None
+
+
+def _write_small(path: Path, text: str) -> None:
+    """Replace a small bookkeeping file atomically, without fsync: losing it to a power cut only
+    means a partial is discarded or a listing is fetched again, never that bytes are trusted."""
+    tmp = path.with_name(f"{TMP_PREFIX}{path.name}.{os.getpid()}.{threading.get_ident()}")
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
 
 
 def _origin(url: str) -> tuple[str, str, int]:
@@ -364,7 +376,7 @@ class _Record:
         r["commits"][snap.commit] = [[f.path, f.size, f.blob_id, f.lfs_sha256] for f in snap.files.values()]
         with contextlib.suppress(OSError):
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            atomic_write_text(self.path, json.dumps(data, indent=1, sort_keys=True) + "\n")
+            _write_small(self.path, json.dumps(data, indent=1, sort_keys=True) + "\n")
 
     def snapshot(self, repo: str, revision: str) -> Snapshot | None:
         r = self.load()["repos"].get(repo)
@@ -599,7 +611,7 @@ def _partial(ctx: _Ctx, w: Wanted) -> tuple[Path, int]:
             part.unlink()
         size = 0
         record = dict(want, repo=ctx.repo, commit=ctx.commit, path=w.repo_path, started=time.time())
-        atomic_write_text(side, json.dumps(record, indent=1) + "\n")
+        _write_small(side, json.dumps(record, indent=1) + "\n")
     return part, size
 
 
@@ -745,7 +757,8 @@ def _download(ctx: _Ctx, w: Wanted) -> tuple[Path, str, int]:
                         received += len(chunk)
                         ctx.progress.file(w, offset, delta=len(chunk))
                     out.flush()
-                    os.fsync(out.fileno())
+                    if offset == w.size:  # durable before it is verified and renamed into place
+                        os.fsync(out.fileno())
                 last_progress = time.monotonic()
                 attempt = 0
                 if offset < w.size:

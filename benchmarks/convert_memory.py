@@ -76,7 +76,7 @@ def generate(src: Path, params: dict[str, object]) -> tuple[int, int]:
     entries = [TensorEntry(k, "BF16", tuple(s)) for k, s in spec.items()]
     g = torch.Generator().manual_seed(0)
     pool = (torch.randn(64 << 20, generator=g) * 0.02).to(torch.bfloat16)  # 128 MiB of random values
-    raw = memoryview(pool.view(torch.uint8).numpy()).cast("B")
+    raw = memoryview(pool.view(torch.uint8).numpy()).cast("B")  # type: ignore[arg-type]
     w = ShardWriter(src / "consolidated.safetensors", entries, {"format": "pt"})
     step = 32 << 20
     k = 0
@@ -139,8 +139,12 @@ def main() -> int:
         print(f"cp: {t_cp:.1f} s, {cp_rate / 1e6:.0f} MB/s")
 
         cmd = [timebin, "-v", str(ROOT / ".venv" / "bin" / "provision"), "convert", str(src), "--out", str(out),
-               "--scheme", "fp8", "--layout", "hf", "--target", "h100", "--no-hf-tokenizer", "--json"]
+               "--scheme", "fp8", "--layout", "hf", "--target", "h100", "--no-hf-tokenizer", "--no-compare", "--json"]
         t_conv, err = timed(cmd)
+        cpu = {k: re.search(rf"{k}: ([\d.]+)", err) for k in ("User time \\(seconds\\)", "System time \\(seconds\\)",
+                                                               "Percent of CPU this job got")}
+        print("convert CPU: " + ", ".join(f"{k.split(' ')[0].replace('Percent', 'cpu%')} {m_.group(1)}"
+                                          for k, m_ in cpu.items() if m_))
         m = re.search(r"Maximum resident set size \(kbytes\): (\d+)", err)
         rss = int(m.group(1)) * 1024 if m else math.inf
         written = sum(p.stat().st_size for p in out.iterdir() if p.is_file())

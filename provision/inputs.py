@@ -1,7 +1,9 @@
 """Model inputs through mistral-common: a chat request with images and text -> token ids + image tensors.
 
 ``load_tokenizer(model_dir)`` opens the checkpoint's ``tekken*.json`` with mistral-common's
-``MistralTokenizer`` (the release's ``multimodal`` key and the newer ``image`` key both load).
+``MistralTokenizer`` (the release's ``multimodal`` key and the newer ``image`` key both load), or,
+for a checkpoint without one, its SentencePiece model (``tokenizer.model.v3``... or a bare
+``tokenizer.model``, which mistral-common reads as v1: Mistral 7B v0.1, Mixtral v0.1).
 ``load_image(spec)`` turns a file path, an ``http(s)://`` URL (fetched only because the user
 passed it), a ``data:image/...;base64,`` URL or a bare base64 string into a decoded PIL image,
 with typed one-line errors. ``square_image(spec)`` draws the smoke test's generated picture.
@@ -46,19 +48,31 @@ class Encoded:
 
 
 def find_tokenizer(model_dir: Path) -> Path:
-    """The checkpoint's tekken tokenizer file (``tekken.json`` first, else one ``tekken*.json``)."""
+    """The checkpoint's tokenizer file: ``tekken.json``, else one ``tekken*.json``, else a SentencePiece
+    ``tokenizer.model.v*`` (highest version), else ``tokenizer.model``."""
     d = Path(model_dir)
     if (d / "tekken.json").is_file():
         return d / "tekken.json"
     found = sorted(p for p in d.glob("tekken*.json") if p.is_file())
-    if not found:
-        raise StructureError(f"{d} has no tekken.json tokenizer; fetch the model's tokenizer file too.",
-                             path=str(d))
-    return found[0]
+    if found:
+        return found[0]
+    spm = sorted((p for p in d.glob("tokenizer.model.v*") if p.is_file()), key=_spm_version_key)
+    if spm:
+        return spm[-1]
+    if (d / "tokenizer.model").is_file():
+        return d / "tokenizer.model"
+    raise StructureError(f"{d} has no tekken.json or tokenizer.model tokenizer; fetch the model's tokenizer "
+                         "file too.", path=str(d))
+
+
+def _spm_version_key(p: Path) -> tuple[int, str]:
+    m = re.match(r"^v(\d+)(.*)$", p.name.rsplit(".", 1)[-1])
+    return (int(m.group(1)), m.group(2)) if m else (-1, p.name)
 
 
 def load_tokenizer(model_dir_or_file: Path, *, require_image: bool = True) -> MistralTokenizer:
-    """mistral-common's tokenizer (with its image encoder) from a model folder or a tekken*.json file.
+    """mistral-common's tokenizer (with its image encoder) from a model folder, a tekken*.json or a
+    SentencePiece ``tokenizer.model[.vN]`` file.
 
     Loaded tokenizers are cached per (file, size, mtime): building the 150k-entry vocabulary
     costs about a second.
@@ -79,6 +93,9 @@ def _load_tokenizer_cached(path: str, _size: int, _mtime_ns: int) -> MistralToke
 
     try:
         tok = MistralTokenizer.from_file(str(path))
+    except ImportError as e:  # a SentencePiece model without the sentencepiece package
+        raise StructureError(f"{path} needs a package that is not installed ({e}); install "
+                             "'mistral-common[sentencepiece]'.", path=str(path)) from None
     except Exception as e:  # mistral-common raises TokenizerException, ValueError, KeyError, AssertionError...
         raise StructureError(f"{path} is not a tokenizer mistral-common can load ({type(e).__name__}: {e}).",
                              path=str(path)) from None

@@ -21,7 +21,9 @@ Schema (``schema_version = 1``)::
     [[sources]]
     type = "hf"
     repo = "mistralai/Pixtral-12B-2409"
-    revision = "<40 hex>"                # a full commit, never a branch
+    revision = "<40 hex>"                # a full commit, never a branch; omitted only when no source
+                                         # we trust names the commit: then the Hub's main is used and the
+                                         # files' pinned sha256 are what vouch for the content
     prefix = ""                          # optional sub-folder in the repo
     gated = true                         # optional
 
@@ -32,6 +34,8 @@ Schema (``schema_version = 1``)::
     git_sha1 = "<40 hex>"                # optional (the Hub's blob id of a small file)
     optional = false                     # optional files are fetched when present
     sources = ["torrent", "hf"]          # optional: which source types carry it (default all)
+    pickle = true                        # only on a .pth/.pt/.bin file, which must be optional: it is
+                                         # listed, never fetched or loaded (`provision import-pickle`)
 
     [smoke]
     prompt = "..."
@@ -84,7 +88,7 @@ class Source:
 
     def describe(self) -> str:
         if self.type == "hf":
-            return f"hf://{self.repo}@{self.revision}"
+            return f"hf://{self.repo}" + (f"@{self.revision}" if self.revision else " (main, unpinned)")
         if self.magnet:
             return parse_magnet(self.magnet).describe()
         return f"torrent file {self.torrent}"
@@ -98,6 +102,7 @@ class FileSpec:
     git_sha1: str | None = None
     optional: bool = False
     sources: tuple[str, ...] = ()  # empty: every source carries it
+    pickle: bool = False  # a pickled release file: listed for import-pickle, never fetched or loaded
 
     def in_source(self, source_type: str) -> bool:
         return not self.sources or source_type in self.sources
@@ -215,16 +220,15 @@ def _parse_source(d: Any, i: int) -> Source:
     for k in ("magnet", "torrent"):
         if k in d:
             raise _fail(f"{where}.{k}", "not allowed for an hf source.")
-    for k in ("repo", "revision"):
-        if k not in d:
-            raise _fail(f"{where}.{k}", "required field is missing.")
+    if "repo" not in d:
+        raise _fail(f"{where}.repo", "required field is missing.")
     if not re.match(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$", d["repo"]):
         raise _fail(f"{where}.repo", f"expected 'org/name', got {d['repo']!r}.")
-    if not HEX40.match(d["revision"]):
+    if "revision" in d and not HEX40.match(d["revision"]):
         raise _fail(f"{where}.revision",
                     f"must be a full 40-hex commit id (not a branch or a short id), got {d['revision']!r}.")
-    return Source(type=t, repo=d["repo"], revision=d["revision"].lower(), prefix=prefix,
-                  gated=d.get("gated", False))
+    rev = d["revision"].lower() if "revision" in d else None
+    return Source(type=t, repo=d["repo"], revision=rev, prefix=prefix, gated=d.get("gated", False))
 
 
 def _parse_file(d: Any, i: int) -> FileSpec:
@@ -232,7 +236,7 @@ def _parse_file(d: Any, i: int) -> FileSpec:
     if not isinstance(d, dict):
         raise _fail(where, "expected a table.")
     _take(d, where, {"path": (str,), "size": (int,), "sha256": (str,), "git_sha1": (str,),
-                     "optional": (bool,), "sources": (list,)}, ("path",))
+                     "optional": (bool,), "sources": (list,), "pickle": (bool,)}, ("path",))
     try:
         path = str(safe_relpath(d["path"], what="file path"))
     except HostileContentError as e:
@@ -252,7 +256,7 @@ def _parse_file(d: Any, i: int) -> FileSpec:
             raise _fail(f"{where}.sources", f"unknown source type {s!r}.")
     return FileSpec(path=path, size=size, sha256=sha.lower() if sha else None,
                     git_sha1=g.lower() if g else None, optional=d.get("optional", False),
-                    sources=tuple(srcs))
+                    sources=tuple(srcs), pickle=d.get("pickle", False))
 
 
 def _parse_smoke(d: Any) -> SmokeSpec:
@@ -301,8 +305,15 @@ def parse_manifest(data: dict[str, Any], *, path: Path | None = None, sha256: st
         if f.path in seen:
             raise _fail(f"files[{i}].path", f"duplicate path {f.path!r}.")
         seen.add(f.path)
-        if f.path.lower().endswith(PICKLE_SUFFIXES):
-            raise _fail(f"files[{i}].path", f"{f.path!r} is a pickle format; provision reads safetensors only.")
+        is_pickle = f.path.lower().endswith(PICKLE_SUFFIXES)
+        if is_pickle and not f.pickle:
+            raise _fail(f"files[{i}].path", f"{f.path!r} is a pickle format; provision reads safetensors only "
+                        "(mark it pickle = true and optional = true to list it for `provision import-pickle`).")
+        if f.pickle and not is_pickle:
+            raise _fail(f"files[{i}].pickle", f"{f.path!r} is not a pickle file name ({', '.join(PICKLE_SUFFIXES)}).")
+        if f.pickle and not f.optional:
+            raise _fail(f"files[{i}].optional", f"pickle file {f.path!r} must be optional: it is never fetched "
+                        "or loaded as a model file.")
     return Manifest(name=data["name"], architecture=data["architecture"], format=data["format"],
                     sources=sources, files=files, smoke=_parse_smoke(data.get("smoke")),
                     description=data.get("description", ""), schema_version=data["schema_version"],
@@ -395,6 +406,8 @@ def manifest_to_dict(m: Manifest) -> dict[str, Any]:
             fd["optional"] = True
         if f.sources:
             fd["sources"] = list(f.sources)
+        if f.pickle:
+            fd["pickle"] = True
         d["files"].append(fd)
     sm: dict[str, Any] = {"prompt": m.smoke.prompt, "max_tokens": m.smoke.max_tokens}
     if m.smoke.expected:

@@ -161,9 +161,13 @@ def make_plan(
         name = manifest.name
         d = Path(dest) if dest else layout.original(name)
         types = tuple(s.type for s in manifest.sources)
-        files = _planned_from_specs(d, list(manifest.files), types)
+        files = _planned_from_specs(d, [f for f in manifest.files if not f.pickle], types)
+        for f in manifest.files:
+            if f.pickle:
+                notes.append(f"{f.path} is a PyTorch pickle: never fetched or loaded; download it yourself and "
+                             f"run `provision import-pickle` with its sha256 to get safetensors")
         descs = tuple(s.describe() for s in manifest.sources)
-        unknown = [f.path for f in manifest.files if f.size is None or not f.sha256]
+        unknown = [f.path for f in manifest.files if (f.size is None or not f.sha256) and not f.pickle]
         if unknown:
             notes.append("size or sha256 not pinned yet for " + ", ".join(unknown)
                          + " (checked against the source; `provision manifest lock` records them)")

@@ -4,7 +4,7 @@
   reference (§3) gives it (453 bytes);
 * ``TINY128_PARAMS``: a tiny Pixtral whose decoder Linears all have in_features divisible by
   128, so every one of them is quantized by the int schemes (the default tiny has dim 64);
-* ``tiny128_src``: that checkpoint, written once per session (read-only);
+* ``make_tiny128``: that checkpoint, written once per session (read-only);
 * ``FakeNVML``: a stand-in for the ``pynvml`` module serving a recorded card's answers from
   ``tests/fixtures/nvml/<card>.nvml.json``;
 * ``load_st(path)``: every tensor of a safetensors file (test-only, small files).
@@ -76,13 +76,18 @@ def pixtral_args() -> Any:
     return ModelArgs.from_dict(json.loads(PIXTRAL_12B_PARAMS_JSON))
 
 
-@pytest.fixture(scope="session")
-def tiny128_src(tmp_path_factory: pytest.TempPathFactory) -> Path:
+_TINY128: dict[str, Path] = {}
+
+
+def make_tiny128(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny128 checkpoint, written once per session (test modules wrap this in a fixture)."""
     from provision.tiny import write_tiny
 
-    out = tmp_path_factory.mktemp("tiny128") / "tiny128"
-    write_tiny(out, seed=1, params=TINY128_PARAMS)
-    return out
+    if "dir" not in _TINY128:
+        out = tmp_path_factory.mktemp("tiny128") / "tiny128"
+        write_tiny(out, seed=1, params=TINY128_PARAMS)
+        _TINY128["dir"] = out
+    return _TINY128["dir"]
 
 
 class FakeNVML:

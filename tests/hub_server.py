@@ -13,9 +13,12 @@ with ``Retry-After``), other bytes of the same size (``serve_instead``), a rate 
 go out with ``sendfile`` so the server is not what limits a benchmark. No Xet headers are ever
 sent, so huggingface_hub never loads hf_xet.
 
-Every request is recorded (which port, method, path, Authorization header, Range), and so are
-the body bytes sent per file. It is a fixture, not a Hub: no uploads, no pagination, no auth
-beyond a token table.
+Every request is recorded (which port, method, path, Authorization header, Range, when), and so
+are the body bytes sent per file and the most bodies sent at once. ``loopback_proxy()`` is a
+forward HTTP proxy to 127.0.0.1 only, for ``HTTP_PROXY`` tests. The ``hub`` pytest fixture
+serves the tiny checkpoint and points ``HF_ENDPOINT`` at it; ``python -m tests.hub_server
+FOLDER REPO`` serves a folder (the benchmark uses it). It is a fixture, not a Hub: no uploads,
+no pagination, no auth beyond a token table.
 """
 
 from __future__ import annotations
@@ -23,7 +26,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
-import os
 import re
 import threading
 import time
@@ -360,6 +362,17 @@ class _Handler(BaseHTTPRequestHandler):
         self.end_headers()
         if head or count == 0:
             return
+        with hub._lock:
+            hub.active += 1
+            hub.max_active = max(hub.max_active, hub.active)
+        try:
+            self._send_range(f, source, start, count, role_path)
+        finally:
+            with hub._lock:
+                hub.active -= 1
+
+    def _send_range(self, f: HubFile, source: Path, start: int, count: int, role_path: str) -> None:
+        hub = self.server.hub
         sent = 0
         rate = hub.rate_limit
         stall_at = hub.stall_after.get(f.path)
@@ -414,6 +427,8 @@ class LoopbackHub:
         self.requests: list[RequestRecord] = []
         self.unknown_api_calls: list[str] = []
         self.bytes_sent: dict[tuple[str, str], int] = {}  # (role, repo path) -> body bytes
+        self.active = 0  # bodies being sent right now
+        self.max_active = 0  # the most bodies sent at once
         self._lock = threading.Lock()
         self._hub = _Server(self, "hub")
         self._cdn = _Server(self, "cdn")
@@ -507,6 +522,76 @@ class LoopbackHub:
             return [r.authorization for r in self.requests if r.role == role]
 
 
+class _ProxyHandler(BaseHTTPRequestHandler):
+    """A forward HTTP proxy for absolute-URI requests to 127.0.0.1 only (anything else: 403)."""
+
+    protocol_version = "HTTP/1.1"
+    server: _ProxyServer
+    HOP = frozenset({"connection", "keep-alive", "proxy-connection", "proxy-authorization", "te", "trailers",
+                     "transfer-encoding", "upgrade"})
+
+    def log_message(self, format: str, *args: Any) -> None:
+        return
+
+    def do_GET(self) -> None:
+        self._forward()
+
+    def do_HEAD(self) -> None:
+        self._forward()
+
+    def _forward(self) -> None:
+        import http.client
+
+        u = urlsplit(self.path)
+        with self.server.lock:
+            self.server.seen.append((self.command, self.path, self.headers.get("Authorization")))
+        if u.scheme != "http" or u.hostname != "127.0.0.1" or not u.port:
+            self.send_response(403)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+            return
+        conn = http.client.HTTPConnection("127.0.0.1", u.port, timeout=30)
+        try:
+            headers = {k: v for k, v in self.headers.items() if k.lower() not in self.HOP}
+            conn.request(self.command, u.path + (f"?{u.query}" if u.query else ""), headers=headers)
+            resp = conn.getresponse()
+            self.send_response(resp.status)
+            for k, v in resp.getheaders():
+                if k.lower() not in self.HOP:
+                    self.send_header(k, v)
+            self.end_headers()
+            if self.command != "HEAD":
+                while block := resp.read(1 << 20):
+                    self.wfile.write(block)
+        except (BrokenPipeError, ConnectionResetError, TimeoutError):
+            self.close_connection = True
+        finally:
+            conn.close()
+
+
+class _ProxyServer(ThreadingHTTPServer):
+    daemon_threads = True
+
+    def __init__(self) -> None:
+        self.seen: list[tuple[str, str, str | None]] = []  # method, absolute URL, Authorization
+        self.lock = threading.Lock()
+        super().__init__(("127.0.0.1", 0), _ProxyHandler)
+
+
+@contextlib.contextmanager
+def loopback_proxy() -> Iterator[_ProxyServer]:
+    """A forward proxy on 127.0.0.1 (for HTTP_PROXY); ``.seen`` lists what went through it."""
+    srv = _ProxyServer()
+    t = threading.Thread(target=srv.serve_forever, kwargs={"poll_interval": 0.1}, daemon=True)
+    t.start()
+    try:
+        yield srv
+    finally:
+        srv.shutdown()
+        srv.server_close()
+        t.join(timeout=5)
+
+
 def tiny_facts(tiny_dir: Path) -> tuple[str, dict[str, Path]]:
     """The revision the tiny checkpoint's manifest pins, and its files (manifest.toml excluded)."""
     from provision.manifest import load_manifest
@@ -528,18 +613,6 @@ def serve_tiny(tiny_dir: Path, **kwargs: Any) -> Iterator[LoopbackHub]:
         yield hub
 
 
-if __name__ == "__main__":  # pragma: no cover - manual use: python -m tests.hub_server FOLDER REPO
-    import sys
-
-    with LoopbackHub() as h:
-        h.add_folder(sys.argv[2] if len(sys.argv) > 2 else "local/repo", Path(sys.argv[1]))
-        print(f"HF_ENDPOINT={h.endpoint}", flush=True)
-        with contextlib.suppress(KeyboardInterrupt):
-            while True:
-                time.sleep(3600)
-    os._exit(0)
-
-
 # ---------------------------------------------------------------------------------------
 # pytest fixtures (imported by tests/test_hub*.py)
 
@@ -556,3 +629,31 @@ def hub_fixture(tiny_src: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Loo
         monkeypatch.setenv("HF_ENDPOINT", h.endpoint)
         monkeypatch.setenv("HF_HUB_DISABLE_TELEMETRY", "1")
         yield h
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m tests.hub_server FOLDER [REPO] [--seconds N]``: serve FOLDER as REPO on
+    127.0.0.1 for at most N seconds (default 3600); print one JSON line (endpoint, cdn, repo,
+    commit, files: {path: sha256}) once ready. Used by benchmarks/hub_fetch.py."""
+    import argparse
+    import sys
+
+    ap = argparse.ArgumentParser(prog="python -m tests.hub_server")
+    ap.add_argument("folder", type=Path)
+    ap.add_argument("repo", nargs="?", default="local/repo")
+    ap.add_argument("--seconds", type=float, default=3600.0)
+    args = ap.parse_args(argv)
+    with LoopbackHub() as h:
+        commit = h.add_folder(args.repo, args.folder)
+        files = {p: f.sha256 for p, f in h.repos[args.repo].commits[commit].items()}
+        print(json.dumps({"endpoint": h.endpoint, "cdn": h.cdn_url, "repo": args.repo, "commit": commit,
+                          "files": files}), flush=True)
+        deadline = time.monotonic() + args.seconds
+        with contextlib.suppress(KeyboardInterrupt):
+            while time.monotonic() < deadline and not sys.stdin.closed:
+                time.sleep(min(1.0, max(deadline - time.monotonic(), 0.0)))
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    raise SystemExit(main())

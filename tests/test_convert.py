@@ -15,9 +15,21 @@ import torch
 from provision.cli import run_cli
 from provision.convert import keymap, quant
 from provision.convert.convert import RECORD_NAME, convert
-from provision.errors import ConvertError, DiskSpaceError, HostileContentError, ParamsError, StructureError, UsageError
+from provision.errors import (
+    ConvertError,
+    DiskSpaceError,
+    HostileContentError,
+    ParamsError,
+    StructureError,
+    UsageError,
+)
 from provision.model.args import ModelArgs
-from tests.convert_fixtures import load_st, tiny128_src  # noqa: F401  (fixture)
+from tests.convert_fixtures import load_st, make_tiny128
+
+
+@pytest.fixture(scope="session")
+def tiny128_src(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_tiny128(tmp_path_factory)
 
 QUANT = ("fp8", "w8a16", "w4a16")
 
@@ -102,9 +114,21 @@ def test_shard_metadata_records_scheme_and_source_sha256(tiny_src: Path, tmp_pat
         assert meta["format"] == "pt" and meta["provision.scheme"] == "fp8" and meta["provision.layout"] == "hf"
         src = json.loads(meta["provision.source"])
         assert src[0] == {"path": "consolidated.safetensors", "size": (tiny_src / "consolidated.safetensors").stat().st_size,
-                          "sha256": want}
+                          "sha256": want, "sha256_from": "computed"}
     idx = json.loads((out / "model.safetensors.index.json").read_text())
     assert set(idx["weight_map"].values()) == {s.name for s in shards}
+
+
+def test_sha256_given_by_the_caller_is_recorded_without_hashing(tiny_src: Path, tmp_path: Path) -> None:
+    from safetensors import safe_open
+
+    given = "ab" * 32  # what a caller that just verified the file passes (deliberately not the real one)
+    res = convert(tiny_src, tmp_path / "o", target="h100", scheme="bf16",
+                  source_sha256={"consolidated.safetensors": given})
+    with safe_open(str(tmp_path / "o" / "consolidated.safetensors"), "pt") as f:
+        src = json.loads(f.metadata()["provision.source"])
+    assert src[0]["sha256"] == given and src[0]["sha256_from"] == "caller"
+    assert res.source_files[0]["sha256"] == given
 
 
 @pytest.mark.parametrize("scheme,fmt", [("fp8", "float-quantized"), ("w8a16", "pack-quantized"),

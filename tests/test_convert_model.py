@@ -8,8 +8,13 @@ import pytest
 import torch
 
 from provision.convert.convert import compare_logits, convert
-from tests.convert_fixtures import load_st, tiny128_src  # noqa: F401  (fixture)
+from tests.convert_fixtures import load_st, make_tiny128
 from tests.model_fixtures import load_golden, require_transformers
+
+
+@pytest.fixture(scope="session")
+def tiny128_src(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_tiny128(tmp_path_factory)
 
 # (cosine, top-1): random tiny weights give nearly flat logits, so top-1 is a weak signal here
 THRESHOLDS = {"fp8": (0.99, 0.8), "w8a16": (0.999, 0.9), "w4a16": (0.95, 0.5)}
@@ -126,3 +131,19 @@ def test_compressed_tensors_decompressor_matches_our_dequantization(outputs: dic
         _, dense_m = keymap.hf_to_mistral(hf + ".weight", dense, model.args)
         # q * scale is exact in float32; both sides then round it once to the scale's dtype
         assert torch.equal(dense_m, mod.dequantized_weight(torch.float32).to(dense.dtype)), name
+
+
+def test_cli_compare_adds_the_logits_comparison_to_report_and_record(tiny_src: Path, tmp_path: Path,
+                                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    import json
+
+    from provision.cli import run_cli
+    from provision.convert.convert import RECORD_NAME
+
+    out = tmp_path / "o"
+    assert run_cli(["convert", str(tiny_src), "--out", str(out), "--target", "l4", "--scheme", "fp8",
+                    "--no-hf-tokenizer", "--compare", "--json"]) == 0
+    doc = json.loads(capsys.readouterr().out)["convert"]
+    cmp = doc["logits_comparison"]
+    assert cmp["positions"] > 10 and 0.99 < cmp["cosine"] <= 1.0 + 1e-6 and 0.5 <= cmp["top1_agreement"] <= 1.0
+    assert json.loads((out / RECORD_NAME).read_text())["logits_comparison"] == cmp

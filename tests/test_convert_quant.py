@@ -119,3 +119,11 @@ def test_packing_matches_compressed_tensors(bits: int, cols: int, seed: int) -> 
     ours = quant.pack_int32(q, bits)
     assert torch.equal(ours, helpers.pack_to_int32(q, bits))
     assert torch.equal(helpers.unpack_from_int32(ours, bits, torch.Size([9, cols])), q)
+
+
+@pytest.mark.parametrize("scheme", SCHEMES)
+def test_quantize_leaves_a_float32_input_untouched(scheme: str) -> None:
+    w = torch.randn(16, 256)
+    before = w.clone()
+    quant.quantize(w, scheme)
+    assert torch.equal(w, before)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 from pathlib import Path
 
@@ -21,7 +22,7 @@ from tests.convert_fixtures import load_st
 
 
 def _b(t: torch.Tensor) -> memoryview:
-    return memoryview(t.contiguous().view(torch.uint8).numpy()).cast("B")
+    return memoryview(bytes(t.contiguous().view(torch.uint8).numpy())).cast("B")
 
 
 def _tensors() -> dict[str, torch.Tensor]:
@@ -72,7 +73,7 @@ def test_header_is_padded_to_8_bytes_and_offsets_are_contiguous() -> None:
     assert len(h) == 8 + n and n % 8 == 0
     doc = json.loads(h[8:])
     offs = [doc[e.name]["data_offsets"] for e in ents]
-    assert offs[0][0] == 0 and all(a[1] == b[0] for a, b in zip(offs, offs[1:], strict=False))
+    assert offs[0][0] == 0 and all(a[1] == b[0] for a, b in itertools.pairwise(offs))
 
 
 def test_metadata_patched_at_the_end_fits_the_reserve_and_loads(tmp_path: Path) -> None:

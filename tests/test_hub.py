@@ -4,6 +4,7 @@ resumable, robust, and with error messages that say what to do. Nothing leaves 1
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import os
 import shutil
@@ -406,7 +407,7 @@ def test_gated_repo_without_a_token_exits_4_and_says_to_log_in(
     assert "no Hugging Face token" in msg and "hf auth login" in msg and "HF_TOKEN" in msg
     assert f"{hub.endpoint}/{TINY_REPO}" in msg  # where to accept the licence
     assert "Traceback" not in err
-    assert not list((tmp_path / "out").glob("*")) if (tmp_path / "out").exists() else True
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
 
 
 def test_gated_repo_whose_licence_was_not_accepted_exits_4_and_says_to_accept_it(
@@ -500,6 +501,7 @@ def test_offline_with_a_complete_local_copy_succeeds_without_the_network(
     code, rep, err = fetch_cli(capsys, f"hf://{TINY_REPO}", "--dest", str(dest))
     assert code == 0, err
     assert rep["fetch"]["extra"]["offline"] is True and all(f["reused"] for f in rep["fetch"]["files"])
+    assert all(len(f["sha256"]) == 64 for f in rep["fetch"]["files"])  # git-blob files get theirs too
     assert hub.requests == []
 
 
@@ -607,3 +609,60 @@ def test_a_server_whose_bytes_end_early_gets_416_restarts_then_exit_4(
     assert code == 4 and "refusing ranges" in rep["error"]["message"]
     assert 416 in [r.status for r in hub.requests if "weights.dat" in r.path or r.role == "cdn"]
     assert not (tmp_path / "out" / "weights.dat").exists()
+
+
+def test_progress_is_reported_per_file_and_in_total(hub: LoopbackHub, tiny_src: Path, tmp_path: Path) -> None:
+    from provision.fetch import fetch
+    from provision.plan import make_plan
+    from provision.progress import ProgressEvent
+
+    events: list[ProgressEvent] = []
+    plan = make_plan(str(tiny_src / "manifest.toml"), home=home(), dest=tmp_path / "out", check_disk=False)
+    fetch(plan, source="hf", progress=events.append)
+    sizes = {f.path: f.size or 0 for f in plan.files}
+    for name, size in sizes.items():
+        last = [e for e in events if e.task == f"hf:{name}"][-1]
+        assert last.finished and last.done == last.total == size and last.unit == "B"
+    total = [e for e in events if e.task == "hf:total"]
+    assert total[-1].finished and total[-1].done == total[-1].total == sum(sizes.values())
+    assert all(a.done <= b.done for a, b in itertools.pairwise(total))
+
+
+def test_proxies_from_the_environment_are_used(
+        hub: LoopbackHub, tiny_src: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    from huggingface_hub.utils import close_session
+
+    from tests.hub_server import loopback_proxy
+
+    with loopback_proxy() as proxy:
+        try:
+            with monkeypatch.context() as m:
+                for var in ("NO_PROXY", "no_proxy", "HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy"):
+                    m.delenv(var, raising=False)
+                m.setenv("HTTP_PROXY", f"http://127.0.0.1:{proxy.server_address[1]}")
+                close_session()  # huggingface_hub's shared client reads the proxy settings when it is made
+                code, _, err = fetch_cli(capsys, f"hf://{TINY_REPO}", "--dest", str(tmp_path / "out"),
+                                         "--include", "consolidated.safetensors")
+        finally:
+            close_session()
+    assert code == 0, err
+    urls = [u for _, u, _ in proxy.seen]
+    assert any("/api/models/" in u for u in urls) and any("/resolve/" in u for u in urls)
+    assert any(u.startswith(hub.cdn_url) for u in urls)  # the redirected download went through it too
+    assert same_files(tmp_path / "out", tiny_src, ["consolidated.safetensors"])
+
+
+def test_files_download_in_parallel_up_to_max_workers(hub: LoopbackHub, tmp_path: Path) -> None:
+    from provision.fetch import HubOptions, fetch
+    from provision.plan import make_plan
+
+    files = {}
+    for i in range(6):
+        files[f"shard-{i}.dat"] = tmp_path / f"s{i}"
+        files[f"shard-{i}.dat"].write_bytes(os.urandom(2 << 20))
+    hub.add_repo("org/shards", files)
+    hub.rate_limit = 4 << 20  # each shard takes about half a second
+    plan = make_plan("hf://org/shards", home=home(), dest=tmp_path / "out", check_disk=False)
+    res = fetch(plan, source="hf", hub=HubOptions(max_workers=3))
+    assert len(res.files) == 6 and hub.max_active == 3

@@ -215,6 +215,21 @@ def test_hostile_names_in_a_torrent_file_are_refused_before_anything_is_written(
     assert not dest.exists() and not (home() / "staging").exists()
 
 
+@pytest.mark.parametrize("tree", [{b"..": {b"x": {b"": {b"length": 1}}}}, {b"a": {b"/etc": {b"": {b"length": 1}}}},
+                                  {b"ok": {b"": {b"length": 1}}, b"": {b"": {b"length": 1}}}])
+def test_hostile_names_in_a_v2_file_tree_are_refused(tree: dict[bytes, Any]) -> None:
+    import libtorrent as lt
+
+    from provision.errors import HostileContentError
+    from provision.fetch.torrent import check_info_names
+
+    info = lt.bencode({b"name": b"model", b"piece length": 16384, b"meta version": 2, b"file tree": tree})
+    with pytest.raises(HostileContentError):
+        check_info_names(info)
+    check_info_names(lt.bencode({b"name": b"model", b"piece length": 16384, b"meta version": 2,
+                                 b"file tree": {b"ok.dat": {b"": {b"length": 1}}}}))
+
+
 def test_hostile_names_in_magnet_metadata_are_refused_before_anything_is_written(
         tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     import libtorrent as lt
@@ -338,7 +353,9 @@ def test_sigkill_midway_then_rerun_downloads_under_55_percent_of_the_total(
 
 
 @pytest.mark.slow
-def test_sigterm_midway_saves_resume_data_and_staging_and_exits_143(tmp_path: Path) -> None:
+@pytest.mark.parametrize(("sig", "code", "name"), [(signal.SIGTERM, 143, "SIGTERM"), (signal.SIGINT, 130, "SIGINT")])
+def test_a_signal_midway_saves_resume_data_and_staging_and_exits_with_its_code(
+        tmp_path: Path, sig: int, code: int, name: str) -> None:
     src = tmp_path / "payload"
     make_payload(src, {"a.dat": 16 << 20})
     dest = tmp_path / "dest"
@@ -348,15 +365,15 @@ def test_sigterm_midway_saves_resume_data_and_staging_and_exits_143(tmp_path: Pa
         try:
             wait_for(lambda: resume_fraction(resume) >= 0.25 or p.poll() is not None, 60, what="a quarter")
             before = resume_fraction(resume)
-            os.kill(p.pid, signal.SIGTERM)
+            os.kill(p.pid, sig)
             out, _ = p.communicate(timeout=30)
         finally:
             stop_process(p)
     log = (tmp_path / "f.log").read_text()
-    assert p.returncode == 143, log
-    assert "SIGTERM" in log
+    assert p.returncode == code, log
+    assert name in log
     rep = json.loads(out)
-    assert rep["exit_code"] == 143
+    assert rep["exit_code"] == code
     assert resume_fraction(resume) >= before > 0
     staged = [x for x in (home() / "staging").rglob("*.dat")]
     assert staged, "the partial download stays in staging"

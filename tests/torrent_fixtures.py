@@ -137,6 +137,8 @@ def provision_seed(folder: Path, work: Path, *extra: str, version: str = "hybrid
     work.mkdir(parents=True, exist_ok=True)
     magnet_out, torrent_out, wl = work / "magnet.txt", work / "seed.torrent", work / "whitelist.txt"
     log = work / "seed.log"
+    for stale in (magnet_out, torrent_out, wl):  # the magnet appearing is the signal the seed is up
+        stale.unlink(missing_ok=True)
     args = [*PROVISION, "seed", str(folder), "--network", "closed", "--torrent-version", version,
             "--magnet-out", str(magnet_out), "--torrent-out", str(torrent_out), "--whitelist-out", str(wl),
             "--json", *extra]

@@ -39,9 +39,12 @@ def target_option(f: Any) -> Any:
               help="mistral (casts only) or hf (transformers' Llava layout, every scheme). "
                    "Default: casts keep mistral, quantized schemes write hf.")
 @click.option("--no-hf-tokenizer", is_flag=True, help="Do not build tokenizer.json from tekken.json (hf layout).")
+@click.option("--compare/--no-compare", default=None,
+              help="Load the original and the converted model on the CPU and compare their logits on the smoke "
+                   "prompt (top-1 agreement, cosine). Default: only when both fit easily in RAM.")
 @json_option
 def command(src_dir: Path, out_dir: Path, target: str, scheme: str, context: int, layout: str | None,
-            no_hf_tokenizer: bool, json_out: bool) -> None:
+            no_hf_tokenizer: bool, compare: bool | None, json_out: bool) -> None:
     """Convert the Mistral-format checkpoint in SRC_DIR for a GPU, streamed tensor by tensor.
 
     Exit codes: 2 unknown scheme/target, 3 a scheme the target cannot run, 6 nothing fits
@@ -66,7 +69,30 @@ def command(src_dir: Path, out_dir: Path, target: str, scheme: str, context: int
                f"max {q['relative_error_max']:.4f} ({worst.name})")
     for n in res.notes:
         t.warn(n)
+    logits: dict[str, object] | None = None
+    if compare is None:
+        from provision.hardware import _ram_bytes
+
+        # both models in float32 on the CPU: about 4x the 16-bit source bytes, with room to spare
+        compare = res.bytes_read * 4 < _ram_bytes() // 4
+    if compare:
+        from provision.convert.convert import compare_logits
+
+        logits = compare_logits(src_dir, out_dir)
+        import json
+
+        from provision.convert.convert import RECORD_NAME
+        from provision.fsutil import atomic_write_text
+
+        rec = json.loads((out_dir / RECORD_NAME).read_text(encoding="utf-8"))
+        rec["logits_comparison"] = logits
+        atomic_write_text(out_dir / RECORD_NAME, json.dumps(rec, indent=2) + "\n")
+        t.info(f"  logits vs the original on the smoke prompt ({logits['positions']} positions): "
+               f"top-1 agreement {logits['top1_agreement']:.3f}, cosine {logits['cosine']:.5f} "
+               f"(min {logits['cosine_min']:.5f})")
     rate = res.bytes_read / res.seconds / 1e6 if res.seconds else 0.0
     t.success(f"converted {human_bytes(res.bytes_read)} in {res.seconds:.1f} s ({rate:.0f} MB/s) into {res.out_dir}")
     t.info(f"serve it with: {res.vllm_command}")
-    app.finish({"convert": res.to_dict()})
+    report = res.to_dict()
+    report["logits_comparison"] = logits
+    app.finish({"convert": report})

@@ -6,7 +6,7 @@
 2. picks the profile (``profiles.choose``): an unknown scheme is a usage error (2), a scheme
    the target cannot run is exit 3, nothing fitting is exit 6, a full disk is exit 6, all
    before anything is written;
-3. streams the tensors one at a time in file order, each in row chunks of about 64 MiB read
+3. streams the tensors one at a time in file order, each in row chunks of about 16 MiB read
    with ``os.pread`` (the source is never mapped; pages read are dropped with
    ``posix_fadvise(DONTNEED)``), casts or quantizes them (``quant.py``), renames and permutes
    q/k for the ``hf`` layout (``keymap.py``) and writes them with the streaming writer under
@@ -33,7 +33,7 @@ import re
 import shutil
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -46,7 +46,7 @@ from provision.profiles import CASTS, QUANTIZED, Profile, choose, quantized_tens
 from provision.progress import ProgressEvent, ProgressFn
 
 RECORD_NAME = "provision-convert.json"
-CHUNK_BYTES = 64 << 20
+CHUNK_BYTES = 16 << 20
 ERROR_SAMPLE = 16  # relative error of tensors over ERROR_SAMPLE_MIN_BYTES: measured on every 16th row
 ERROR_SAMPLE_MIN_BYTES = 1 << 20
 MAX_HEADER = 100 * 10**6
@@ -134,14 +134,17 @@ class SafetensorsSource:
 
     def read(self, start: int, n: int) -> bytearray:
         buf = bytearray(n)
-        mv = memoryview(buf)
+        self.read_into(memoryview(buf), start)
+        return buf
+
+    def read_into(self, mv: memoryview, start: int) -> None:
+        n = mv.nbytes
         got = 0
         while got < n:
             k = os.preadv(self.fd, [mv[got:]], start + got)
             if k == 0:
                 raise StructureError(f"{self.path.name} ended early at byte {start + got}.", path=str(self.path))
             got += k
-        return buf
 
     def drop_cache(self, start: int, n: int) -> None:
         with contextlib.suppress(OSError, AttributeError):
@@ -157,7 +160,8 @@ class _Hasher:
 
     def __init__(self) -> None:
         self.h = hashlib.sha256()
-        self.q: queue.Queue[bytes | bytearray | None] = queue.Queue(maxsize=3)
+        self.q: queue.Queue[tuple[bytes | bytearray | memoryview, Callable[[], None] | None] | None] = \
+            queue.Queue(maxsize=3)
         self.error: BaseException | None = None
         self.t = threading.Thread(target=self._run, daemon=True)
         self.t.start()
@@ -165,15 +169,19 @@ class _Hasher:
     def _run(self) -> None:
         try:
             while True:
-                b = self.q.get()
-                if b is None:
+                item = self.q.get()
+                if item is None:
                     return
-                self.h.update(b)
+                data, done = item
+                self.h.update(data)
+                if done is not None:
+                    done()
         except BaseException as e:  # pragma: no cover
             self.error = e
 
-    def feed(self, b: bytes | bytearray) -> None:
-        self.q.put(b)
+    def feed(self, b: bytes | bytearray | memoryview, done: Callable[[], None] | None = None) -> None:
+        """Hash ``b`` next; ``done`` is called once it has been (so a reused buffer can be freed)."""
+        self.q.put((b, done))
 
     def hexdigest(self) -> str:
         self.q.put(None)
@@ -362,6 +370,38 @@ def _chunks(item: Item) -> Iterator[tuple[int, int]]:
         yield r, min(per, rows - r)
 
 
+class _BufferRing:
+    """Read buffers reused across chunks (no page faults or zero-fill per chunk).
+
+    ``acquire(holders)`` hands out a free buffer that returns to the pool once ``release``
+    has been called ``holders`` times (the converter and the hasher each release it).
+    """
+
+    def __init__(self, size: int, count: int) -> None:
+        self.bufs = [bytearray(max(size, 1)) for _ in range(count)]
+        self.free: queue.Queue[int] = queue.Queue()
+        for i in range(count):
+            self.free.put(i)
+        self.refs = [0] * count
+        self.lock = threading.Lock()
+
+    def acquire(self, holders: int, stop: threading.Event) -> int | None:
+        while not stop.is_set():
+            try:
+                i = self.free.get(timeout=0.1)
+            except queue.Empty:
+                continue
+            self.refs[i] = holders
+            return i
+        return None
+
+    def release(self, i: int) -> None:
+        with self.lock:
+            self.refs[i] -= 1
+            if self.refs[i] == 0:
+                self.free.put(i)
+
+
 class _Stream:
     """Reads one source's bytes in file order, feeding the hasher and dropping the page cache."""
 
@@ -369,12 +409,16 @@ class _Stream:
         self.src, self.hasher = src, hasher
         self.pos = src.data_start  # next byte the hasher expects
 
-    def read(self, start: int, n: int) -> bytearray:
+    def _gap(self, start: int) -> None:
         if start > self.pos:  # bytes between tensors (not written by well-formed files): hash them too
             gap = self.src.read(self.pos, start - self.pos)
             if self.hasher:
                 self.hasher.feed(gap)
             self.pos = start
+
+    def read(self, start: int, n: int) -> bytearray:
+        """A fresh buffer (used for the rare trailing bytes)."""
+        self._gap(start)
         buf = self.src.read(start, n)
         if self.hasher:
             self.hasher.feed(buf)
@@ -382,24 +426,41 @@ class _Stream:
         self.src.drop_cache(start, n)
         return buf
 
+    def read_ring(self, start: int, n: int, ring: _BufferRing, stop: threading.Event) -> tuple[int, memoryview] | None:
+        """Read into a ring buffer held by the caller and (until hashed) by the hasher."""
+        self._gap(start)
+        i = ring.acquire(2 if self.hasher else 1, stop)
+        if i is None:
+            return None
+        mv = memoryview(ring.bufs[i])[:n]
+        self.src.read_into(mv, start)
+        if self.hasher:
+            self.hasher.feed(mv, lambda: ring.release(i))
+        self.pos = start + n
+        self.src.drop_cache(start, n)
+        return i, mv
+
 
 class _Prefetcher:
     """Reads a known sequence of (source, start, length) ranges ahead on a helper thread.
 
-    At most ``depth`` chunks wait in memory. ``read(si, start, n)`` must ask for the ranges in
-    the planned order; it returns the bytes and reports progress on the calling thread.
+    At most ``depth`` chunks wait in memory, in a ring of reused buffers. ``read(si, start, n)``
+    must ask for the ranges in the planned order; the memoryview it returns stays valid until
+    the next ``read`` (or ``close``). Progress is reported on the calling thread.
     """
 
     def __init__(self, streams: list[_Stream], plan: list[tuple[int, int, int]], on_bytes: Callable[[int], None],
                  depth: int = 3) -> None:
         self.streams, self.plan, self.on_bytes = streams, plan, on_bytes
-        self.q: queue.Queue[tuple[tuple[int, int, int], bytearray | None, BaseException | None]] = \
+        self.ring = _BufferRing(max((n for _, _, n in plan), default=1), depth + 6)
+        self.q: queue.Queue[tuple[tuple[int, int, int], int | None, memoryview | None, BaseException | None]] = \
             queue.Queue(maxsize=depth)
         self.stop = threading.Event()
+        self.held: int | None = None
         self.t = threading.Thread(target=self._run, daemon=True)
         self.t.start()
 
-    def _put(self, x: tuple[tuple[int, int, int], bytearray | None, BaseException | None]) -> bool:
+    def _put(self, x: tuple[tuple[int, int, int], int | None, memoryview | None, BaseException | None]) -> bool:
         while not self.stop.is_set():
             try:
                 self.q.put(x, timeout=0.1)
@@ -414,27 +475,37 @@ class _Prefetcher:
                 return
             si, start, n = key
             try:
-                buf = self.streams[si].read(start, n)
+                got = self.streams[si].read_ring(start, n, self.ring, self.stop)
             except BaseException as e:
-                self._put((key, None, e))
+                self._put((key, None, None, e))
                 return
-            if not self._put((key, buf, None)):
+            if got is None or not self._put((key, got[0], got[1], None)):
                 return
 
-    def read(self, si: int, start: int, n: int) -> bytearray:
-        key, buf, err = self.q.get()
+    def _release_held(self) -> None:
+        if self.held is not None:
+            self.ring.release(self.held)
+            self.held = None
+
+    def read(self, si: int, start: int, n: int) -> memoryview:
+        self._release_held()
+        key, idx, mv, err = self.q.get()
         if err is not None:
             raise err
-        if key != (si, start, n) or buf is None:
+        if key != (si, start, n) or mv is None or idx is None:
             raise ConvertError(f"Internal error: read {key} arrived where {(si, start, n)} was expected.")
+        self.held = idx
         self.on_bytes(n)
-        return buf
+        return mv
 
     def close(self) -> None:
         self.stop.set()
+        self._release_held()
         with contextlib.suppress(queue.Empty):
             while True:
-                self.q.get_nowait()
+                _, idx, _, _ = self.q.get_nowait()
+                if idx is not None:
+                    self.ring.release(idx)
         self.t.join(timeout=10)
 
 
@@ -445,7 +516,7 @@ class _View:
     pre: _Prefetcher
     si: int
 
-    def read(self, start: int, n: int) -> bytearray:
+    def read(self, start: int, n: int) -> memoryview:
         return self.pre.read(self.si, start, n)
 
 
@@ -641,7 +712,8 @@ def _prepare_out(src_dir: Path, out_dir: Path) -> None:
 
 
 def _sha_placeholder(sources: list[SafetensorsSource], src_dir: Path) -> list[dict[str, Any]]:
-    return [{"path": s.path.name, "size": s.size, "sha256": "0" * 64} for s in sources] + [
+    return [{"path": s.path.name, "size": s.size, "sha256": "0" * 64, "sha256_from": "computed"}
+            for s in sources] + [
         {"path": n, "size": (src_dir / n).stat().st_size} for n in ("params.json",) if (src_dir / n).is_file()]
 
 
@@ -656,8 +728,14 @@ def convert(
     progress: ProgressFn | None = None,
     shard_bytes: int = SHARD_BYTES,
     hf_tokenizer: bool = True,
+    source_sha256: Mapping[str, str] | None = None,
 ) -> ConvertResult:
-    """Convert the Mistral-format checkpoint in ``src_dir`` into ``out_dir`` for ``target``."""
+    """Convert the Mistral-format checkpoint in ``src_dir`` into ``out_dir`` for ``target``.
+
+    ``source_sha256`` maps source file names to sha256 digests the caller has just verified
+    (``provision run`` passes what verify computed); those files are recorded with that digest
+    instead of being hashed again while streaming.
+    """
     from provision.convert.writer import CheckpointWriter, plan_shards
 
     t0 = time.monotonic()
@@ -704,10 +782,18 @@ def convert(
                 progress(ProgressEvent(task="convert", done=done, total=total, unit="B",
                                        description=f"convert -> {prof.name}"))
 
+        known = dict(source_sha256 or {})
         streams = []
-        for s in sources:
+        hashed: list[int] = []  # indexes into meta_src of the files hashed here
+        for i, s in enumerate(sources):
+            if s.path.name in known:
+                meta_src[i]["sha256"] = known[s.path.name]
+                meta_src[i]["sha256_from"] = "caller"
+                streams.append(_Stream(s, None))
+                continue
             h = _Hasher()
             hashers.append(h)
+            hashed.append(i)
             h.feed(s.header_bytes)
             streams.append(_Stream(s, h))
         reports = []
@@ -722,8 +808,9 @@ def convert(
                 st.read(st.pos, s.size - st.pos)
         digests = [h.hexdigest() for h in hashers]
         hashers = []
-        for digest, entry in zip(digests, meta_src, strict=False):
-            entry["sha256"] = digest
+        for digest, i in zip(digests, hashed, strict=True):
+            meta_src[i]["sha256"] = digest
+            meta_src[i]["sha256_from"] = "computed"
         writer.finish({"provision.source": json.dumps(meta_src, separators=(",", ":"))})
         written = writer.commit()
     except BaseException:
@@ -817,9 +904,11 @@ def compare_logits(reference_dir: Path, converted_dir: Path, *, prompt: str | No
     from provision.model.loader import load_model
 
     spec = SmokeSpec()
-    tok = load_tokenizer(Path(reference_dir))
+    vision = (Path(reference_dir) / "params.json").is_file() and \
+        ModelArgs.from_file(Path(reference_dir) / "params.json").vision_encoder is not None
+    tok = load_tokenizer(Path(reference_dir), require_image=vision)  # text-only models: no image
     enc = encode_chat(tok, prompt if prompt is not None else spec.prompt,
-                      images if images is not None else [square_image(spec.image)])
+                      images if images is not None else ([square_image(spec.image)] if vision else []))
     ids = torch.tensor([enc.tokens])
     out = []
     for d in (reference_dir, converted_dir):

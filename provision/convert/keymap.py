@@ -73,6 +73,7 @@ HF_NEW_TO_LEGACY_PREFIXES: tuple[tuple[str, str], ...] = (
     ("model.vision_tower.", "vision_tower."),
     ("model.multi_modal_projector.", "multi_modal_projector."),
     ("lm_head.", "language_model.lm_head."),
+    ("model.", "language_model.model."),  # text-only MistralForCausalLM (``model.layers.*``)
 )
 
 _PARAM_SUFFIX = re.compile(r"^(?P<module>.+?)\.(?P<param>[A-Za-z_][A-Za-z0-9_]*)$")
@@ -261,9 +262,11 @@ def _theta(d: dict[str, Any], default: float) -> float:
 
 
 def args_from_hf_config(cfg: dict[str, Any]) -> ModelArgs:
-    """A Llava (Mistral text + Pixtral vision) ``config.json`` dict -> ``ModelArgs``."""
+    """A Llava (Mistral text + Pixtral vision) or text-only Mistral ``config.json`` dict -> ``ModelArgs``."""
     if not isinstance(cfg, dict):
         raise ParamsError("config.json must be a JSON object.")
+    if "text_config" not in cfg and "vision_config" not in cfg:
+        return args_from_hf_text_config(cfg)
     t = _get(cfg, "text_config", "")
     vc = _get(cfg, "vision_config", "")
     if not isinstance(t, dict) or not isinstance(vc, dict):
@@ -294,6 +297,88 @@ def args_from_hf_config(cfg: dict[str, Any]) -> ModelArgs:
             "image_token_id": cfg.get("image_token_index", IMG_TOKEN_ID),
             "adapter_bias": bool(cfg.get("multimodal_projector_bias", True)),
         },
+    }
+    if t.get("sliding_window") is not None:
+        d["sliding_window"] = t["sliding_window"]
+    if t.get("max_position_embeddings") is not None:
+        d["max_position_embeddings"] = t["max_position_embeddings"]
+    return ModelArgs.from_dict(d)
+
+
+# ---------------------------------------------------------------------------------------
+# text-only Mistral (MistralForCausalLM: Mistral 7B, NeMo): ``model.*`` and ``lm_head`` names,
+# the same q/k permutation. Reading goes through ``hf_to_mistral`` (``model.`` is normalized).
+
+
+def mistral_name_to_hf_text(name: str) -> str:
+    """``layers.0.attention.wq.weight`` -> ``model.layers.0.self_attn.q_proj.weight`` (MistralForCausalLM)."""
+    legacy = mistral_name_to_hf(name)
+    for head, repl in (("language_model.model.", "model."), ("language_model.lm_head.", "lm_head.")):
+        if legacy.startswith(head):
+            return repl + legacy[len(head):]
+    raise ConvertError(f"Tensor {name!r} is not a text-decoder tensor; MistralForCausalLM has no vision part.",
+                       name=name)
+
+
+def mistral_to_hf_text(name: str, tensor: torch.Tensor, args: ModelArgs) -> tuple[str, torch.Tensor]:
+    """One Mistral decoder tensor -> its ``MistralForCausalLM`` name and layout."""
+    new = mistral_name_to_hf_text(name)
+    heads = _needs_permute(tensor, name, args)
+    return new, (permute_to_hf(tensor, heads) if heads is not None else tensor)
+
+
+def hf_text_config(args: ModelArgs, *, dtype: str = "bfloat16") -> dict[str, Any]:
+    """transformers' ``MistralConfig`` for a text-only model as a ``config.json`` dict.
+
+    ``rope_theta`` is written out (10000 for a params.json without it, as Mistral 7B v0.1 means);
+    ``sliding_window`` is copied (None: full attention)."""
+    if args.vision_encoder is not None:
+        raise ConvertError("params.json has a vision_encoder: use hf_config (Llava) for Pixtral checkpoints.")
+    if args.moe is not None:
+        raise ConvertError("params.json describes a mixture-of-experts model; MistralForCausalLM is dense.")
+    theta = args.rope_theta_value
+    return {
+        "architectures": ["MistralForCausalLM"],
+        "model_type": "mistral",
+        "vocab_size": args.vocab_size,
+        "hidden_size": args.dim,
+        "intermediate_size": args.hidden_dim,
+        "num_hidden_layers": args.n_layers,
+        "num_attention_heads": args.n_heads,
+        "num_key_value_heads": args.n_kv_heads,
+        "head_dim": args.head_dim,
+        "hidden_act": "silu",
+        "max_position_embeddings": args.max_position_embeddings or args.max_seq_len or 32768,
+        "rms_norm_eps": args.norm_eps,
+        "rope_theta": theta,
+        "rope_parameters": {"rope_type": "default", "rope_theta": theta},
+        "sliding_window": args.sliding_window,
+        "tie_word_embeddings": False,
+        "bos_token_id": 1,
+        "eos_token_id": 2,
+        "torch_dtype": dtype,
+    }
+
+
+def args_from_hf_text_config(t: dict[str, Any]) -> ModelArgs:
+    """A text-only ``MistralForCausalLM`` ``config.json`` dict -> ``ModelArgs`` (no vision_encoder)."""
+    if not isinstance(t, dict):
+        raise ParamsError("config.json must be a JSON object.")
+    mt = t.get("model_type")
+    if mt is not None and mt != "mistral":
+        raise ParamsError(f"config.json: model_type {mt!r} is not a Mistral text model (expected 'mistral').")
+    hidden = _get(t, "hidden_size", "")
+    heads = _get(t, "num_attention_heads", "")
+    d: dict[str, Any] = {
+        "dim": hidden,
+        "n_layers": _get(t, "num_hidden_layers", ""),
+        "head_dim": t.get("head_dim") or hidden // heads,
+        "hidden_dim": _get(t, "intermediate_size", ""),
+        "n_heads": heads,
+        "n_kv_heads": t.get("num_key_value_heads") or heads,
+        "rope_theta": _theta(t, 10000.0),
+        "norm_eps": _get(t, "rms_norm_eps", ""),
+        "vocab_size": _get(t, "vocab_size", ""),
     }
     if t.get("sliding_window") is not None:
         d["sliding_window"] = t["sliding_window"]

@@ -88,7 +88,7 @@ def quantize_fp8(w: torch.Tensor, scale_dtype: torch.dtype = torch.bfloat16) -> 
     """float8 E4M3 with per-output-channel scales: ``(q [out, in] float8_e4m3fn, scale [out, 1])``."""
     if w.ndim != 2:
         raise ValueError(f"fp8 quantization needs a 2-D weight, got shape {tuple(w.shape)}")
-    x = w.float()
+    x = w.to(torch.float32, copy=True)  # a copy even for float32 input: divided in place below
     amax = x.abs().amax(dim=1, keepdim=True)
     scale = _round_up_to(torch.clamp(amax / FP8_MAX, min=_tiny(scale_dtype)), scale_dtype)
     # scale >= amax / 448, so |x / scale| <= 448 up to one rounding, which the cast rounds to 448:

@@ -108,6 +108,7 @@ class ShardWriter:
         self._index = 0  # entry being written
         self._written = 0  # bytes of the current entry written so far
         self._fd: int | None = None
+        self._flusher: Any = None  # threading.Thread flushing a complete shard early
         self.finished = False
 
     @property
@@ -149,12 +150,30 @@ class ShardWriter:
         if self._written == cur.nbytes:
             self._index += 1
             self._written = 0
+            if self._index == len(self.entries):
+                self._start_flush()
+
+    def _start_flush(self) -> None:
+        """Flush the finished data to disk on a helper thread while later shards are converted."""
+        import threading
+
+        fd = self._fd
+
+        def run() -> None:
+            if fd is not None:
+                with contextlib.suppress(OSError):  # finish() fsyncs again and reports errors
+                    os.fdatasync(fd)
+
+        self._flusher = threading.Thread(target=run, daemon=True)
+        self._flusher.start()
 
     def finish(self, metadata_update: Mapping[str, str] | None = None) -> None:
         """Check everything was written, patch the metadata (within the reserve), fsync and close."""
         if self._fd is None:
             self.open()
         assert self._fd is not None
+        if self._flusher is not None:
+            self._flusher.join()
         if self._index != len(self.entries):
             cur = self.current
             raise ConvertError(f"{self.path.name} is incomplete: tensor {cur.name if cur else '?'} not written.")
@@ -182,6 +201,8 @@ class ShardWriter:
         os.replace(self.tmp, self.path)
 
     def abort(self) -> None:
+        if self._flusher is not None:
+            self._flusher.join()
         if self._fd is not None:
             with contextlib.suppress(OSError):
                 os.close(self._fd)

@@ -918,6 +918,7 @@ def _fetch_group_locked(ctx: _Ctx, group: list[Wanted], dest: Path) -> list[Fetc
             # start that file over; fresh bytes that fail are the source's fault
             if attempt == 1 and w.path in ctx.resumed and got < w.size:
                 note(ctx.note, "hf", f"{w.path}: the resumed download did not verify; downloading it again")
+                ctx.progress.file(w, 0, delta=-w.size, force=True)
                 continue
             raise
         break
@@ -942,14 +943,14 @@ def _source_of(plan: Plan) -> tuple[str, str, str]:
         assert plan.hf is not None
         return plan.hf.repo, plan.hf.revision or "main", ""
     src = plan.manifest.source("hf") if plan.manifest is not None else None
-    if src is None or src.repo is None or src.revision is None:
+    if src is None or src.repo is None:
         raise FetchError(f"{plan.name} has no Hugging Face source.", hint="Use --source torrent.")
-    return src.repo, src.revision, src.prefix
+    return src.repo, src.revision or "main", src.prefix  # no pinned commit: main (file hashes vouch)
 
 
 def _present(dest: Path, wanted: list[Wanted],
-             progress: ProgressFn | None = None) -> tuple[dict[str, Wanted], dict[str, str]]:
-    """Files already in ``dest`` that pass verification: {path: wanted}, and {path: why not}."""
+             progress: ProgressFn | None = None) -> tuple[dict[str, FetchedFile], dict[str, str]]:
+    """Files already in ``dest`` that pass verification: {path: reused file}, and {path: why not}."""
     cands = {}
     for w in wanted:
         p = safe_join(dest, w.path)
@@ -959,11 +960,18 @@ def _present(dest: Path, wanted: list[Wanted],
         return {}, {}
     report = _verify(dest, cands, {}, progress)
     failed: dict[str, str] = {}
+    ok: dict[str, FetchedFile] = {}
     for fr in report.files:
-        if fr.path in cands and fr.status != "ok":
+        if fr.path not in cands:
+            continue
+        w = cands[fr.path]
+        if fr.status == "ok":
+            ok[fr.path] = FetchedFile(path=w.path, size=w.size, sha256=fr.sha256 or w.sha256, authority=w.kind,
+                                      reused=True)
+        else:
             bad = [c.message or c.name for c in fr.checks if not c.ok]
             failed[fr.path] = bad[0] if bad else fr.status
-    return {p: w for p, w in cands.items() if p not in failed}, failed
+    return ok, failed
 
 
 def fetch_hub(plan: Plan, *, dest: Path, options: HubOptions, progress: ProgressFn | None) -> FetchResult:
@@ -993,8 +1001,7 @@ def fetch_hub(plan: Plan, *, dest: Path, options: HubOptions, progress: Progress
                              f"{dest}{why}: {shown}.",
                              hint="Unset HF_HUB_OFFLINE to download them, or copy them there.",
                              missing=missing, failed=failed, dest=str(dest))
-        files = [FetchedFile(path=w.path, size=w.size, sha256=w.sha256, authority=w.kind, reused=True)
-                 for w in wanted]
+        files = [present[w.path] for w in wanted]
         return FetchResult(dest=dest, source="hf", files=files, seconds=time.monotonic() - t0,
                            extra={"repo": repo, "revision": revision, "commit": snap.commit if snap else revision,
                                   "endpoint": endpoint, "offline": True})
@@ -1019,9 +1026,7 @@ def fetch_hub(plan: Plan, *, dest: Path, options: HubOptions, progress: Progress
     prog.done_total = sum(w.size for w in present.values())
     ctx = _Ctx(endpoint=endpoint, repo=repo, commit=snap.commit, token=token, options=options, staging=staging,
                progress=prog, note=serial)
-    results: dict[str, FetchedFile] = {
-        p: FetchedFile(path=p, size=w.size, sha256=w.sha256, authority=w.kind, reused=True)
-        for p, w in present.items()}
+    results: dict[str, FetchedFile] = dict(present)
     if todo:
         dest.mkdir(parents=True, exist_ok=True)
         staging.mkdir(parents=True, exist_ok=True)

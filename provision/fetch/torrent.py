@@ -70,6 +70,7 @@ RESUME_INTERVAL_S = 1.0  # periodic resume data: what a SIGKILL can lose is abou
 POLL_S = 0.05
 PROGRESS_INTERVAL_S = 0.5
 HASH_READ_BYTES = 4 << 20
+FENCE_INTERVAL_S = 0.25  # how often passed pieces are fenced (flush_cache) for the hasher
 SYNC_CHUNK = 64 << 20  # start writing back every 64 MiB a file completes
 REMOVE_TIMEOUT_S = 10.0
 
@@ -152,11 +153,13 @@ def check_info_names(info_section: bytes) -> None:
                     _check_component(_str_part(p, "file name"), "file name")
 
     def walk(tree: Any, depth: int) -> None:
-        if depth > 64 or not isinstance(tree, dict):
+        if depth > 64 or not isinstance(tree, dict) or not tree:
             raise HostileContentError("Refusing the torrent: its v2 file tree is malformed.")
+        if b"" in tree:  # a file node: {"": {"length": ...}} and nothing else, never the root
+            if depth == 0 or len(tree) != 1:
+                raise HostileContentError("Refusing the torrent: its v2 file tree has an empty file name.")
+            return
         for k, v in tree.items():
-            if k == b"":
-                continue
             _check_component(_str_part(k, "file name"), "file name")
             walk(v, depth + 1)
 
@@ -570,7 +573,7 @@ class _Run:
         """Issue a flush_cache() fence for the pieces passed so far (at most every 0.25 s)."""
         if self.fenced is not None or not self.pending or self.h is None or self.removed:
             return
-        if not force and now - self.last_fence < 0.25:
+        if not force and now - self.last_fence < FENCE_INTERVAL_S:
             return
         self.fenced, self.pending = self.pending, []
         self.last_fence = now
@@ -830,7 +833,7 @@ def fetch_torrent(plan: Plan, *, dest: Path, options: TorrentOptions,
         prios = [0] * fs.num_files()
         for s in todo:
             prios[s.index] = 4
-        have_bytes = sum(min(s.staged.stat().st_size, s.size) for s in todo if s.staged.is_file())
+        have_bytes = sum(min(s.staged.stat().st_blocks * 512, s.size) for s in todo if s.staged.is_file())
         need = sum(s.size for s in todo) - have_bytes
         if need > 0:
             run.staging.mkdir(parents=True, exist_ok=True)
@@ -838,6 +841,7 @@ def fetch_torrent(plan: Plan, *, dest: Path, options: TorrentOptions,
         run.h.prioritize_files(prios)
         run.h.unset_flags(lt.torrent_flags.default_dont_download)
         _reconnect(run)
+        run.ses.apply_settings({"close_redundant_connections": True})  # kept off only while priorities applied
 
         # 3. download while hashing each file in order
         # stream-hash the files a sha256 vouches for (the hash is checked against it; a torrent
@@ -979,7 +983,7 @@ def _wait_metadata(run: _Run) -> Any:
         st = h.status()
         run.peers_max = max(run.peers_max, int(st.num_peers))
         if st.has_metadata:
-            note(run.progress, "fetch", f"metadata received from peers ({st.num_peers} connected)")
+            note(run.progress, "fetch", f"metadata received ({max(len(run.peers_ever), int(st.num_peers))} peers)")
             return h.torrent_file()
         now = time.monotonic()
         if now - start > run.options.metadata_timeout:
@@ -1430,21 +1434,23 @@ def seed(
         magnet = build_magnet(btih=made.btih, btmh=made.btmh, name=made.name, trackers=tuple(trackers),
                               peers=(endpoint,), web_seeds=tuple(web_seeds))
         wl = whitelist_lines(made.btih, made.btmh)
+        info = SeedInfo(magnet=magnet, btih=made.btih, btmh=made.btmh, name=made.name, listen=endpoint,
+                        torrent_file=Path(torrent_out) if torrent_out else None, whitelist=wl)
+        facts: dict[str, Any] = {"uploaded_bytes": 0, "peers_max": 0, "stopped_by": "none"}
         if torrent_out is not None:
             fsutil.atomic_write_bytes(Path(torrent_out), made.data)
         if whitelist_out is not None:
             fsutil.atomic_write_text(Path(whitelist_out), "".join(x + "\n" for x in wl))
-        if magnet_out is not None:  # last: a script waiting for it finds the others written
-            fsutil.atomic_write_text(Path(magnet_out), magnet + "\n")
-        info = SeedInfo(magnet=magnet, btih=made.btih, btmh=made.btmh, name=made.name, listen=endpoint,
-                        torrent_file=Path(torrent_out) if torrent_out else None, whitelist=wl)
-        if on_ready is not None:
-            on_ready(info)
-        if seed_for is not None and seed_for <= 0:
-            facts: dict[str, Any] = {"uploaded_bytes": 0, "peers_max": 0, "stopped_by": "none"}
-        else:
-            facts = _serve(ses, h, seconds=seed_for, stop=stop, progress=progress, task="seed:" + made.name,
-                           settings=settings)
+        try:  # from here on, SIGINT/SIGTERM end the seed normally
+            if magnet_out is not None:  # last: a script waiting for it finds the others written
+                fsutil.atomic_write_text(Path(magnet_out), magnet + "\n")
+            if on_ready is not None:
+                on_ready(info)
+            if seed_for is None or seed_for > 0:
+                facts = _serve(ses, h, seconds=seed_for, stop=stop, progress=progress, task="seed:" + made.name,
+                               settings=settings)
+        except (KeyboardInterrupt, Interrupted):
+            facts = {"uploaded_bytes": int(h.status().total_payload_upload), "peers_max": 0, "stopped_by": "signal"}
         return SeedResult(info=info, files=made.files, total_size=made.total_size, piece_length=made.piece_length,
                           version=version, hash_seconds=made.seconds, seconds=time.monotonic() - t0,
                           uploaded_bytes=int(facts["uploaded_bytes"]), peers_max=int(facts["peers_max"]),

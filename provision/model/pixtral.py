@@ -9,9 +9,9 @@ gated SiLU MLP, untied output head, an optional KV cache. Image features replace
 
 ``greedy_generate`` decodes greedily with or without the KV cache and reports per-step timing
 and whether every step's logits were finite. Weight loading lives in ``loader.py``; tokenization
-and image preprocessing in ``provision.inputs``. Sliding-window attention and MoE are not
-implemented (Pixtral 12B uses neither): MoE params are refused, and a sequence longer than a
-sliding window raises.
+and image preprocessing in ``provision.inputs``. Without ``vision_encoder`` the same tree is a
+text-only Mistral (7B, NeMo); a ``sliding_window`` limits attention through
+``provision.model.mistral.attention_mask``. MoE is not implemented: MoE params are refused.
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ from torch import nn
 from provision.errors import ParamsError
 from provision.model.args import ModelArgs
 from provision.model.layers import KVCache, RMSNorm, TransformerBlock, rope_1d
+from provision.model.mistral import attention_mask
 from provision.model.vision import VISION_NORM_EPS, VisionEncoder, VisionLanguageAdapter
 
 
@@ -102,21 +103,11 @@ class Pixtral(nn.Module):
                 cache: list[KVCache] | None = None, start_pos: int = 0, last_only: bool = False) -> torch.Tensor:
         """Tokens (B, T) -> float32 logits (B, T, vocab) (or (B, 1, vocab) with ``last_only``)."""
         t = tokens.shape[1]
-        window = self.args.sliding_window
-        if window is not None and start_pos + t > window:
-            raise ValueError(f"sequence of {start_pos + t} tokens exceeds the sliding window of {window}, "
-                             "which this model does not implement")
         h = self.embed(tokens, images)
         pos = torch.arange(start_pos, start_pos + t, device=tokens.device)
         cos, sin = rope_1d(pos, self.args.head_dim, self.args.rope_theta_value)
-        mask: torch.Tensor | None = None
-        is_causal = False
-        if t > 1:
-            if start_pos == 0:
-                is_causal = True
-            else:  # a chunk after cached tokens: query i sees keys 0 .. start_pos + i
-                keys = torch.arange(start_pos + t, device=tokens.device)
-                mask = keys[None, :] <= pos[:, None]
+        # query i sees keys 0 .. start_pos + i (within the sliding window, when there is one)
+        mask, is_causal = attention_mask(start_pos, t, self.args.sliding_window, tokens.device)
         for i, layer in enumerate(self.layers):
             h = layer(h, cos, sin, mask=mask, is_causal=is_causal,
                       cache=cache[i] if cache is not None else None, start_pos=start_pos)

@@ -1,0 +1,72 @@
+"""Text-only Mistral models (Mistral 7B, NeMo 12B): the attention masks and the params.json quirks.
+
+A text-only Mistral checkpoint is the Pixtral decoder without ``vision_encoder``: the module tree
+``Pixtral(args)`` builds for ``params.json`` without a ``vision_encoder`` key is exactly the
+Mistral ("consolidated") one (``tok_embeddings``, ``layers.N.attention.wq`` ..., ``norm``,
+``output``), so ``provision.model.loader.load_model`` and ``greedy_generate`` serve both.
+This module adds what Pixtral 12B does not use:
+
+* ``attention_mask``: causal attention limited to a sliding window (Mistral 7B v0.1: 4096).
+  Query position ``i`` sees key positions ``j`` with ``i - window < j <= i`` (``window`` keys,
+  itself included), the rule transformers' ``MistralForCausalLM`` applies. The KV cache keeps
+  every position (not a rotating buffer), so a window only masks; its memory grows with the
+  sequence, which is fine for smoke tests and tells the same answer as a rotating cache.
+* ``text_rope_theta``: the RoPE base a ``params.json`` means. Mistral 7B v0.1's has no
+  ``rope_theta`` and means 10000 (newer mistral-inference assumes 1e6, which is wrong for it);
+  ``ModelArgs.rope_theta_value`` applies that default, and ``explicit_params`` writes it into a
+  ``params.json`` so other tools read the same value.
+
+It does not load weights, tokenize, or implement mixture-of-experts layers.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from provision.model.args import ModelArgs
+
+V01_ROPE_THETA = 10000.0  # Mistral 7B v0.1 (reference: "Rope Theta = 1e4 - With sliding window")
+
+
+def attention_mask(start_pos: int, t: int, window: int | None,
+                   device: torch.device | str | None = None) -> tuple[torch.Tensor | None, bool]:
+    """``(mask, is_causal)`` for ``t`` queries at positions ``start_pos..start_pos+t-1`` over keys
+    ``0..start_pos+t-1``: a boolean (t, start_pos+t) mask (True = attend) or ``is_causal``."""
+    end = start_pos + t
+    if window is not None and window < 1:
+        raise ValueError(f"sliding window must be positive, got {window}")
+    windowed = window is not None and end > window
+    if t == 1 and not windowed:
+        return None, False  # one query sees every cached key
+    if start_pos == 0 and not windowed:
+        return None, True
+    pos = torch.arange(start_pos, end, device=device)
+    keys = torch.arange(end, device=device)
+    mask = keys[None, :] <= pos[:, None]
+    if windowed:
+        assert window is not None
+        mask = mask & (keys[None, :] > pos[:, None] - window)
+    return mask, False
+
+
+def text_rope_theta(args: ModelArgs) -> float:
+    """The decoder's RoPE base: params.json's ``rope_theta``, or 10000 when it has none (7B v0.1)."""
+    return args.rope_theta_value
+
+
+def explicit_params(params: dict[str, Any]) -> tuple[dict[str, Any], bool]:
+    """A copy of a decoded params.json with ``rope_theta`` written out (10000 when absent).
+
+    Returns ``(params, added)``; key order is kept and ``rope_theta`` goes after ``n_kv_heads``
+    (where the newer releases put it)."""
+    if "rope_theta" in params:
+        return dict(params), False
+    out: dict[str, Any] = {}
+    for k, v in params.items():
+        out[k] = v
+        if k == "n_kv_heads":
+            out["rope_theta"] = V01_ROPE_THETA
+    out.setdefault("rope_theta", V01_ROPE_THETA)
+    return out, True

@@ -159,9 +159,9 @@ def _prepare_out(out_dir: Path, src_folder: Path) -> None:
                          path=str(out_dir))
 
 
-def _child_command(args_json: str) -> list[str]:
+def _child_command(payload_file: str) -> list[str]:
     """The command that runs the loader process (a separate interpreter)."""
-    return [sys.executable, "-s", "-m", "provision.pickle_import", "--child", args_json]
+    return [sys.executable, "-s", "-m", "provision.pickle_import", "--child", payload_file]
 
 
 def _no_core_dumps() -> None:  # runs in the child between fork and exec
@@ -177,8 +177,10 @@ def _run_child(payload: dict[str, Any], timeout: float, staging: Path) -> dict[s
     env["PYTHONPATH"] = os.pathsep.join(p for p in sys.path if p)  # the same modules as this interpreter
     out_f = staging / ".child.out"
     err_f = staging / ".child.err"
+    in_f = staging / ".child.in"  # a file, not argv: a big model's spec outgrows one argument (128 KiB)
+    in_f.write_text(json.dumps(payload), encoding="utf-8")
     with open(out_f, "wb") as out, open(err_f, "wb") as err:
-        proc = subprocess.Popen(_child_command(json.dumps(payload)), stdin=subprocess.DEVNULL, stdout=out,
+        proc = subprocess.Popen(_child_command(str(in_f)), stdin=subprocess.DEVNULL, stdout=out,
                                 stderr=err, env=env, cwd=str(staging), start_new_session=True,
                                 preexec_fn=_no_core_dumps)
         try:
@@ -312,7 +314,7 @@ def import_pickle(src: Path, out_dir: Path, *, sha256: str | None = None, md5: s
         payload = {"path": str(pkl.resolve()), "out": str(staging / WEIGHTS_NAME),
                    "spec": {k: list(v) for k, v in spec.items()}, "source_sha256": got_sha}
         child = _run_child(payload, timeout, staging)
-        for name in (".child.out", ".child.err"):
+        for name in (".child.in", ".child.out", ".child.err"):
             with contextlib.suppress(OSError):
                 (staging / name).unlink()
         # 3. check what the child wrote, then the small files
@@ -422,7 +424,7 @@ def _child(payload: dict[str, Any]) -> dict[str, Any]:
 
 
 def _child_main(argv: Sequence[str]) -> int:
-    payload = json.loads(argv[0])
+    payload = json.loads(Path(argv[0]).read_text(encoding="utf-8"))
     try:
         doc = _child(payload)
     except _ChildError as e:

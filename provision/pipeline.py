@@ -87,7 +87,7 @@ def _locked_manifest(plan: Plan, facts: dict[str, tuple[int, str]], fetch_extra:
     if plan.magnet is not None:
         sources.append(Source(type="torrent", magnet=plan.magnet.uri, prefix=""))
     if plan.hf is not None:
-        rev = fetch_extra.get("revision") or plan.hf.revision
+        rev = fetch_extra.get("commit") or fetch_extra.get("revision") or plan.hf.revision  # hub: commit
         if rev and len(rev) == 40:
             sources.append(Source(type="hf", repo=plan.hf.repo, revision=rev))
     if plan.torrent_file is not None:
@@ -122,6 +122,9 @@ def run_pipeline(
     st = settings or Settings.load()
     home = Path(home) if home else st.home
     t0 = time.monotonic()
+    from provision.fetch.hub import use_options
+
+    use_options(opts.hub)  # the plan's listing of a private hf:// repo uses the token too
     plan = make_plan(source, settings=st, home=home, offline=offline or source.startswith("magnet:"))
     result = RunResult(plan=plan, dry_run=dry_run)
     _record(result, "plan", "ok", time.monotonic() - t0, plan.bytes_to_fetch,

@@ -137,3 +137,16 @@ def load_st(path: Path) -> dict[str, Any]:
     from safetensors.torch import load_file
 
     return dict(load_file(str(path)))
+
+
+def require_compressed_tensors() -> Any:
+    """compressed-tensors (a test-only dependency): missing fails in CI, skips elsewhere."""
+    from tests.conftest import IN_CI
+
+    try:
+        import compressed_tensors
+    except ImportError:
+        if IN_CI:
+            pytest.fail("compressed-tensors is not installed (the parity tests need it)")
+        pytest.skip("compressed-tensors is not installed")
+    return compressed_tensors

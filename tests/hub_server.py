@@ -7,8 +7,8 @@ ids and LFS facts when asked ``blobs=True``), ``/api/models/{repo}/tree/{rev}`` 
 with ``X-Repo-Commit``, ``ETag``/``X-Linked-Etag``, ``X-Linked-Size`` and, for LFS files, a 302
 to a second loopback port (the "CDN"), as the Hub redirects to its CDN. Both ports answer HEAD,
 ranges (206) and bad ranges (416). Gated repositories answer 401 without a token and 403 to a
-user who has not accepted the licence; unknown repos, revisions and files answer 404 with the
-Hub's ``X-Error-Code``. Faults are injected per file: a status once (``fail_once``, e.g. 429
+user who has not accepted the licence; private ones 401 without a token and 404 to others;
+unknown repos, revisions and files answer 404 with the Hub's ``X-Error-Code``. Faults are injected per file: a status once (``fail_once``, e.g. 429
 with ``Retry-After``), other bytes of the same size (``serve_instead``), a rate limit. Bodies
 go out with ``sendfile`` so the server is not what limits a benchmark. No Xet headers are ever
 sent, so huggingface_hub never loads hf_xet.
@@ -93,7 +93,8 @@ class HubRepo:
     commits: dict[str, dict[str, HubFile]] = field(default_factory=dict)
     refs: dict[str, str] = field(default_factory=dict)  # branch or tag -> commit
     gated: bool = False
-    accepted: set[str] = field(default_factory=set)  # users who accepted the licence
+    accepted: set[str] = field(default_factory=set)  # users who accepted the licence (or, private: members)
+    private: bool = False  # then only ``accepted`` users see it at all (401 without a token, 404 otherwise)
 
     def resolve(self, revision: str) -> str | None:
         if revision in self.refs:
@@ -212,6 +213,13 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _repo_and_commit(self, repo_id: str, revision: str, head: bool) -> tuple[HubRepo, str] | None:
         repo = self.server.hub.repos.get(repo_id)
+        user = self._user()
+        if repo is not None and repo.private and user not in repo.accepted:
+            if user is False:
+                self._error(401, None, "Invalid credentials in Authorization header", head=head)
+            else:  # like the Hub: a private repo looks like no repo at all
+                self._error(401 if user is None else 404, "RepoNotFound", "Repository not found", head=head)
+            return None
         if repo is None:
             self._error(404, "RepoNotFound", "Repository not found", head=head)
             return None

@@ -152,7 +152,9 @@ def test_config_json_carries_the_compressed_tensors_quantization_config(tiny_src
 
 
 def test_hf_tokenizer_files_are_built_from_tekken(tiny_src: Path, tmp_path: Path) -> None:
-    pytest.importorskip("transformers")
+    from tests.model_fixtures import require_transformers
+
+    require_transformers()
     out = tmp_path / "o"
     res = convert(tiny_src, out, target="h100", scheme="fp8")
     assert (out / "tokenizer.json").is_file() and "--tokenizer-mode" not in res.vllm_command

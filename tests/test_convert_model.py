@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from provision.convert.convert import compare_logits, convert
-from tests.convert_fixtures import load_st, make_tiny128
+from tests.convert_fixtures import load_st, make_tiny128, require_compressed_tensors
 from tests.model_fixtures import load_golden, require_transformers
 
 
@@ -76,7 +76,7 @@ def test_hf_layout_loads_in_transformers_and_logits_match_ours(outputs: dict[str
                                                                 name: str) -> None:
     require_transformers()
     if name != "bf16-hf":
-        pytest.importorskip("compressed_tensors")
+        require_compressed_tensors()
     from provision.inputs import encode_chat, load_tokenizer, square_image
     from provision.manifest import SmokeSpec
     from provision.model.loader import load_model
@@ -102,7 +102,7 @@ def test_hf_layout_loads_in_transformers_and_logits_match_ours(outputs: dict[str
 @pytest.mark.parity
 @pytest.mark.parametrize("scheme", ["fp8", "w8a16", "w4a16"])
 def test_compressed_tensors_decompressor_matches_our_dequantization(outputs: dict[str, Path], scheme: str) -> None:
-    pytest.importorskip("compressed_tensors")
+    require_compressed_tensors()
     import json
 
     from compressed_tensors.compressors import BaseCompressor

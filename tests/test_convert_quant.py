@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from provision.convert import quant
+from tests.convert_fixtures import require_compressed_tensors
 
 SCHEMES = ("fp8", "w8a16", "w4a16")
 
@@ -112,7 +113,8 @@ def test_bad_inputs_are_refused() -> None:
 @pytest.mark.parametrize("seed", [0, 1])
 @pytest.mark.parity
 def test_packing_matches_compressed_tensors(bits: int, cols: int, seed: int) -> None:
-    helpers = pytest.importorskip("compressed_tensors.compressors.pack_quantized.helpers")
+    require_compressed_tensors()
+    from compressed_tensors.compressors.pack_quantized import helpers
     g = torch.Generator().manual_seed(seed)
     lo, hi = -(1 << (bits - 1)), (1 << (bits - 1)) - 1
     q = torch.randint(lo, hi + 1, (9, cols), dtype=torch.int8, generator=g)

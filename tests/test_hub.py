@@ -666,3 +666,30 @@ def test_files_download_in_parallel_up_to_max_workers(hub: LoopbackHub, tmp_path
     plan = make_plan("hf://org/shards", home=home(), dest=tmp_path / "out", check_disk=False)
     res = fetch(plan, source="hf", hub=HubOptions(max_workers=3))
     assert len(res.files) == 6 and hub.max_active == 3
+
+
+def test_a_private_repo_needs_the_token_for_its_listing_too(
+        hub: LoopbackHub, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    _, files = tiny_facts(Path(hub.repos[TINY_REPO].commits[next(iter(hub.repos[TINY_REPO].commits))]
+                               ["params.json"].source).parent)
+    hub.add_repo("org/private", {"params.json": files["params.json"]})
+    hub.repos["org/private"].private = True
+    hub.repos["org/private"].accepted.add("alice")
+    code, rep, _ = fetch_cli(capsys, "hf://org/private", "--dest", str(tmp_path / "a"))
+    assert code == 4 and rep["error"]["kind"] == "auth" and "private" in rep["error"]["message"]
+    code, rep, err = fetch_cli(capsys, "hf://org/private", "--dest", str(tmp_path / "a"), "--token", ALICE)
+    assert code == 0, err
+    code, rep, _ = fetch_cli(capsys, "hf://org/private", "--dest", str(tmp_path / "b"), "--token", BOB)
+    assert code == 4 and rep["error"]["kind"] == "not_found"
+
+
+def test_provision_run_fetches_a_private_hf_repo_with_its_token(
+        hub: LoopbackHub, tiny_src: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    hub.repos[TINY_REPO].private = True
+    hub.repos[TINY_REPO].accepted.add("alice")
+    capsys.readouterr()
+    code = run_cli(["run", f"hf://{TINY_REPO}", "--token", ALICE, "--skip-convert", "--skip-smoke", "--json"])
+    out = capsys.readouterr()
+    assert code == 0, out.err
+    assert same_files(Layout(home()).original(TINY_REPO), tiny_src, ["consolidated.safetensors", "params.json"])
+    assert ALICE not in out.out + out.err

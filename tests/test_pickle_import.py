@@ -326,3 +326,15 @@ def test_params_can_come_from_elsewhere_and_keep_params_keeps_its_bytes(tiny_7b_
     assert code == 0
     assert (tmp_path / "out" / "params.json").read_bytes() == params.read_bytes()
     assert not (tmp_path / "out" / "tokenizer.model").exists()  # none beside the pickle: none copied
+
+
+def test_the_importing_process_itself_never_imports_torch(tiny_7b_pickle: Path, tmp_path: Path) -> None:
+    import subprocess
+
+    code = ("import sys; from pathlib import Path; from provision.pickle_import import import_pickle; "
+            f"import_pickle(Path({str(tiny_7b_pickle)!r}), Path({str(tmp_path / 'out')!r}), "
+            f"sha256={_sha(tiny_7b_pickle / PICKLE_NAME)!r}); print('torch' in sys.modules)")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=False)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.strip() == "False"
+    assert (tmp_path / "out" / "consolidated.safetensors").is_file()

@@ -4,13 +4,17 @@ What it does:
 
 * ``read_torrent_file`` / ``TorrentMeta``: read a ``.torrent`` offline (name, files, infohashes)
   for ``plan``; ``magnet_listing``: resolve a bare magnet's file list from peers.
-* ``fetch_torrent(plan, dest=, options=, progress=)``: download only the plan's files into a
-  staging folder under ``Layout(home).staging(name)`` with libtorrent's own piece checks, hash
-  each file in order while its pieces are still in the page cache, hand those hashes to
-  ``provision.verify`` and only then move the files under their final names in ``dest``.
-  Resume data is saved every second or so and on SIGINT/SIGTERM (``torrents/<id>.resume``),
-  a stall watchdog raises ``StallError``, hostile names are refused before anything is
-  written, and free disk space is checked again once the metadata is known.
+* ``fetch_torrent(plan, dest=, options=, progress=)``: download only the plan's files
+  (sequentially) into a staging folder under ``Layout(home).staging(name)`` with libtorrent's
+  own piece checks; hash each file in order while its pieces are still in the page cache (a
+  piece reaches the hasher once a ``flush_cache()`` fence says its writes are done) and fsync
+  it as it completes; hand the hashes to ``provision.verify`` (a stream hash is only trusted
+  when a manifest sha256 confirms it) and only then rename the files under their final names
+  in ``dest``. Resume data is saved every second and on SIGINT/SIGTERM
+  (``torrents/<id>.resume``), a stall watchdog raises ``StallError`` ("No peers found" when
+  nobody answered), hostile names are refused before anything is written, and free disk
+  space is checked again once the metadata is known. ``--seed-for`` then serves the verified
+  files from ``dest`` without re-hashing.
 * ``create_torrent`` / ``seed``: make a torrent (hybrid v1+v2, v1 or v2; never private) of a
   verified folder and serve it in seed mode without re-hashing; ``seed`` writes the .torrent,
   the magnet (``btih`` + ``btmh`` + ``x.pe`` + trackers) and an opentracker whitelist line

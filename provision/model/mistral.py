@@ -16,16 +16,18 @@ This module adds what Pixtral 12B does not use:
   ``ModelArgs.rope_theta_value`` applies that default, and ``explicit_params`` writes it into a
   ``params.json`` so other tools read the same value.
 
-It does not load weights, tokenize, or implement mixture-of-experts layers.
+It does not load weights, tokenize, or implement mixture-of-experts layers. torch is imported
+only when a mask is built, so ``explicit_params`` costs nothing to import (``import-pickle``).
 """
 
 from __future__ import annotations
 
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from provision.model.args import ModelArgs
+
+if TYPE_CHECKING:
+    import torch
 
 V01_ROPE_THETA = 10000.0  # Mistral 7B v0.1 (reference: "Rope Theta = 1e4 - With sliding window")
 
@@ -34,6 +36,8 @@ def attention_mask(start_pos: int, t: int, window: int | None,
                    device: torch.device | str | None = None) -> tuple[torch.Tensor | None, bool]:
     """``(mask, is_causal)`` for ``t`` queries at positions ``start_pos..start_pos+t-1`` over keys
     ``0..start_pos+t-1``: a boolean (t, start_pos+t) mask (True = attend) or ``is_causal``."""
+    import torch
+
     end = start_pos + t
     if window is not None and window < 1:
         raise ValueError(f"sliding window must be positive, got {window}")

@@ -669,10 +669,8 @@ def test_files_download_in_parallel_up_to_max_workers(hub: LoopbackHub, tmp_path
 
 
 def test_a_private_repo_needs_the_token_for_its_listing_too(
-        hub: LoopbackHub, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    _, files = tiny_facts(Path(hub.repos[TINY_REPO].commits[next(iter(hub.repos[TINY_REPO].commits))]
-                               ["params.json"].source).parent)
-    hub.add_repo("org/private", {"params.json": files["params.json"]})
+        hub: LoopbackHub, tiny_src: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    hub.add_repo("org/private", {"params.json": tiny_src / "params.json"})
     hub.repos["org/private"].private = True
     hub.repos["org/private"].accepted.add("alice")
     code, rep, _ = fetch_cli(capsys, "hf://org/private", "--dest", str(tmp_path / "a"))

@@ -59,7 +59,7 @@ def command(src_dir: Path, out_dir: Path, target: str, scheme: str, context: int
     t = app.terminal
     p = res.profile
     t.info(f"target: {res.target.describe()}; profile {p.name} ({p.how}); "
-           f"needs {p.need_bytes / 2**30:.1f} GiB per device of {p.available_bytes / 2**30:.1f} GiB")
+           f"needs {human_bytes(p.need_bytes)} per device of {human_bytes(p.available_bytes)}")
     for name, size in res.files:
         t.info(f"  {name:40s} {human_bytes(size):>10s}")
     q = res.quality()

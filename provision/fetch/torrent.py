@@ -288,7 +288,9 @@ def open_session(settings: dict[str, Any]) -> Any:
 
 def _closed_flags(network: str) -> int:
     if network == "closed":
-        return int(lt.torrent_flags.disable_dht | lt.torrent_flags.disable_lsd | lt.torrent_flags.disable_pex)
+        # PEX stays on: it only passes on peers that came from the given trackers and peers
+        # (how fleet members find each other), never a DHT or LSD discovery
+        return int(lt.torrent_flags.disable_dht | lt.torrent_flags.disable_lsd)
     return 0
 
 

@@ -125,7 +125,7 @@ class TransformerBlock(nn.Module):
         super().__init__()
         self.attention = Attention(dim, n_heads, n_kv_heads, head_dim)
         self.attention_norm = RMSNorm(dim, norm_eps)
-        self.feed_forward = FeedForward(dim, hidden_dim)
+        self.feed_forward: nn.Module = FeedForward(dim, hidden_dim)  # MoE: provision.model.moe
         self.ffn_norm = RMSNorm(dim, norm_eps)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, *,

@@ -11,7 +11,8 @@ gated SiLU MLP, untied output head, an optional KV cache. Image features replace
 and whether every step's logits were finite. Weight loading lives in ``loader.py``; tokenization
 and image preprocessing in ``provision.inputs``. Without ``vision_encoder`` the same tree is a
 text-only Mistral (7B, NeMo); a ``sliding_window`` limits attention through
-``provision.model.mistral.attention_mask``. MoE is not implemented: MoE params are refused.
+``provision.model.mistral.attention_mask``. With ``moe`` (Mixtral) every block's ``feed_forward``
+is ``provision.model.moe.MoeFeedForward``.
 """
 
 from __future__ import annotations
@@ -27,12 +28,11 @@ from provision.errors import ParamsError
 from provision.model.args import ModelArgs
 from provision.model.layers import KVCache, RMSNorm, TransformerBlock, rope_1d
 from provision.model.mistral import attention_mask
+from provision.model.moe import feed_forward_for
 from provision.model.vision import VISION_NORM_EPS, VisionEncoder, VisionLanguageAdapter
 
 
 def _check_supported(args: ModelArgs) -> None:
-    if args.moe is not None:
-        raise ParamsError("params.json describes a mixture-of-experts model; provision's model runs dense Pixtral only.")
     v = args.vision_encoder
     if v is not None and (v.spatial_merge_size != 1 or v.mm_projector_id):
         raise ParamsError("params.json asks for a patch-merging projector; Pixtral 12B has none and it is not "
@@ -51,6 +51,9 @@ class Pixtral(nn.Module):
             TransformerBlock(args.dim, args.hidden_dim, args.n_heads, args.n_kv_heads, args.head_dim, args.norm_eps)
             for _ in range(args.n_layers)
         )
+        if args.moe is not None:  # Mixtral: the sparse MoE feed-forward (provision.model.moe)
+            for layer in self.layers:
+                layer.feed_forward = feed_forward_for(args)
         self.norm = RMSNorm(args.dim, args.norm_eps)
         self.output = nn.Linear(args.dim, args.vocab_size, bias=False)
         v = args.vision_encoder
@@ -96,8 +99,8 @@ class Pixtral(nn.Module):
 
     def new_cache(self, batch: int, max_len: int) -> list[KVCache]:
         a = self.args
-        return [KVCache.empty(batch, a.n_kv_heads, max_len, a.head_dim, dtype=self.dtype, device=self.device)
-                for _ in range(a.n_layers)]
+        return [KVCache.empty(batch, a.n_kv_heads, max_len, a.head_dim, dtype=self.dtype,
+                              device=layer.attention_norm.weight.device) for layer in self.layers]
 
     def forward(self, tokens: torch.Tensor, images: Sequence[torch.Tensor] | None = None, *,
                 cache: list[KVCache] | None = None, start_pos: int = 0, last_only: bool = False) -> torch.Tensor:
@@ -109,10 +112,15 @@ class Pixtral(nn.Module):
         # query i sees keys 0 .. start_pos + i (within the sliding window, when there is one)
         mask, is_causal = attention_mask(start_pos, t, self.args.sliding_window, tokens.device)
         for i, layer in enumerate(self.layers):
+            dev = layer.attention_norm.weight.device
+            if h.device != dev:  # consecutive layers on consecutive devices (provision.model.placement)
+                h, cos, sin = h.to(dev), cos.to(dev), sin.to(dev)
+                mask = mask.to(dev) if mask is not None else None
             h = layer(h, cos, sin, mask=mask, is_causal=is_causal,
                       cache=cache[i] if cache is not None else None, start_pos=start_pos)
         if last_only:
             h = h[:, -1:]
+        h = h.to(self.norm.weight.device)
         logits: torch.Tensor = self.output(self.norm(h))
         return logits.float()
 

@@ -32,10 +32,14 @@ Schema (``schema_version = 1``)::
     size = 25365479424                   # optional until locked
     sha256 = "<64 hex>"                  # optional until locked
     git_sha1 = "<40 hex>"                # optional (the Hub's blob id of a small file)
+    md5 = "<32 hex>"                     # optional: a release's published md5 sum, verified when set
     optional = false                     # optional files are fetched when present
     sources = ["torrent", "hf"]          # optional: which source types carry it (default all)
     pickle = true                        # only on a .pth/.pt/.bin file, which must be optional: it is
                                          # listed, never fetched or loaded (`provision import-pickle`)
+
+    [params]                             # optional: the release's params.json (sizes `plan` profiles offline)
+    dim = 4096 ...
 
     [smoke]
     prompt = "..."
@@ -103,6 +107,7 @@ class FileSpec:
     optional: bool = False
     sources: tuple[str, ...] = ()  # empty: every source carries it
     pickle: bool = False  # a pickled release file: listed for import-pickle, never fetched or loaded
+    md5: str | None = None  # a published md5 sum (Mixtral 8x7B's release), checked when set
 
     def in_source(self, source_type: str) -> bool:
         return not self.sources or source_type in self.sources
@@ -137,6 +142,7 @@ class Manifest:
     schema_version: int = SCHEMA_VERSION
     path: Path | None = field(default=None, compare=False)  # where it was loaded from
     sha256: str | None = field(default=None, compare=False)  # hash of the file's bytes
+    params: dict[str, Any] | None = field(default=None, hash=False)  # the release's params.json, if carried
 
     def source(self, type_: str) -> Source | None:
         return next((s for s in self.sources if s.type == type_), None)
@@ -236,7 +242,7 @@ def _parse_file(d: Any, i: int) -> FileSpec:
     if not isinstance(d, dict):
         raise _fail(where, "expected a table.")
     _take(d, where, {"path": (str,), "size": (int,), "sha256": (str,), "git_sha1": (str,),
-                     "optional": (bool,), "sources": (list,), "pickle": (bool,)}, ("path",))
+                     "optional": (bool,), "sources": (list,), "pickle": (bool,), "md5": (str,)}, ("path",))
     try:
         path = str(safe_relpath(d["path"], what="file path"))
     except HostileContentError as e:
@@ -250,13 +256,16 @@ def _parse_file(d: Any, i: int) -> FileSpec:
     g = d.get("git_sha1")
     if g is not None and not HEX40.match(g):
         raise _fail(f"{where}.git_sha1", f"must be 40 hex characters, got {g!r}.")
+    md5 = d.get("md5")
+    if md5 is not None and not re.match(r"^[0-9a-fA-F]{32}$", md5):
+        raise _fail(f"{where}.md5", f"must be 32 hex characters, got {md5!r}.")
     srcs = d.get("sources", [])
     for s in srcs:
         if s not in SOURCE_TYPES:
             raise _fail(f"{where}.sources", f"unknown source type {s!r}.")
     return FileSpec(path=path, size=size, sha256=sha.lower() if sha else None,
                     git_sha1=g.lower() if g else None, optional=d.get("optional", False),
-                    sources=tuple(srcs), pickle=d.get("pickle", False))
+                    sources=tuple(srcs), pickle=d.get("pickle", False), md5=md5.lower() if md5 else None)
 
 
 def _parse_smoke(d: Any) -> SmokeSpec:
@@ -284,7 +293,8 @@ def _parse_smoke(d: Any) -> SmokeSpec:
 def parse_manifest(data: dict[str, Any], *, path: Path | None = None, sha256: str | None = None) -> Manifest:
     """Validate a decoded TOML document and build a ``Manifest``."""
     _take(data, "", {"schema_version": (int,), "name": (str,), "architecture": (str,), "format": (str,),
-                     "description": (str,), "sources": (list,), "files": (list,), "smoke": (dict,)},
+                     "description": (str,), "sources": (list,), "files": (list,), "smoke": (dict,),
+                     "params": (dict,)},
           ("schema_version", "name", "architecture", "format", "sources", "files"))
     if data["schema_version"] != SCHEMA_VERSION:
         raise _fail("schema_version", f"this provision reads version {SCHEMA_VERSION}, got {data['schema_version']}.")
@@ -314,10 +324,19 @@ def parse_manifest(data: dict[str, Any], *, path: Path | None = None, sha256: st
         if f.pickle and not f.optional:
             raise _fail(f"files[{i}].optional", f"pickle file {f.path!r} must be optional: it is never fetched "
                         "or loaded as a model file.")
+    params = data.get("params")
+    if params is not None:
+        from provision.errors import ParamsError
+        from provision.model.args import ModelArgs
+
+        try:
+            ModelArgs.from_dict(params)
+        except ParamsError as e:
+            raise _fail("params", e.message) from None
     return Manifest(name=data["name"], architecture=data["architecture"], format=data["format"],
                     sources=sources, files=files, smoke=_parse_smoke(data.get("smoke")),
                     description=data.get("description", ""), schema_version=data["schema_version"],
-                    path=path, sha256=sha256)
+                    path=path, sha256=sha256, params=params)
 
 
 def parse_manifest_bytes(raw: bytes, *, path: Path | None = None) -> Manifest:
@@ -408,6 +427,8 @@ def manifest_to_dict(m: Manifest) -> dict[str, Any]:
             fd["sources"] = list(f.sources)
         if f.pickle:
             fd["pickle"] = True
+        if f.md5:
+            fd["md5"] = f.md5
         d["files"].append(fd)
     sm: dict[str, Any] = {"prompt": m.smoke.prompt, "max_tokens": m.smoke.max_tokens}
     if m.smoke.expected:
@@ -416,6 +437,8 @@ def manifest_to_dict(m: Manifest) -> dict[str, Any]:
     sm["image"] = {"kind": img.kind, "width": img.width, "height": img.height, "color": img.color,
                    "background": img.background}
     d["smoke"] = sm
+    if m.params is not None:
+        d["params"] = m.params
     return d
 
 

@@ -236,8 +236,10 @@ def run_pipeline(
             else:
                 state.invalidate(stage)
                 save_state(state, state_path)
+                vrec = state.get("verify")  # hashes verify already computed: no second read
+                src_sha = {k: f.sha256 for k, f in vrec.files.items() if f.sha256} if vrec else {}
                 cres = convert(original, out, target=target, scheme=prof.scheme, layout=prof.layout,
-                               context=opts.context, progress=progress)
+                               context=opts.context, progress=progress, source_sha256=src_sha)
                 result.vllm_command = cres.vllm_command
                 state.record_stage(stage, files=_files_of(out), facts={"scheme": cres.scheme, "layout": cres.layout,
                                                                       "vllm_command": cres.vllm_command})

@@ -255,3 +255,28 @@ def choose(args: ModelArgs, target: Target, scheme: str = "auto", layout: str | 
         hint="Pick a smaller scheme, a shorter --context or a bigger target.",
         needed=p.need_bytes, available=target.memory_bytes, profile=p.name, context=context,
         works=best.scheme if best else None)
+
+
+def gpu_needs(args: ModelArgs, target: Target, *, context: int = DEFAULT_CONTEXT,
+              max_gpus: int = 8) -> list[dict[str, Any]]:
+    """Per scheme (default layout): the fewest GPUs of ``target``'s card (1, 2, 4 or 8) that hold the
+    model, None when not even ``max_gpus`` do; ``fits_host`` says whether the target has that many."""
+    from dataclasses import replace
+
+    wide = replace(target, count=max_gpus)
+    out: list[dict[str, Any]] = []
+    for scheme in SCHEMES:
+        lay = default_layout(scheme)
+        runnable, how = support(scheme, target)
+        need: int | None = None
+        p: Profile | None = None
+        if runnable:
+            for n in _tp_sizes(args, max_gpus):
+                p = profile(args, wide, scheme, lay, gpus=n, context=context)
+                if p.fits:
+                    need = n
+                    break
+        out.append({"scheme": scheme, "layout": lay, "runnable": runnable, "how": how, "gpus_needed": need,
+                    "need_bytes_per_gpu": p.need_bytes if p is not None else None,
+                    "fits_host": need is not None and need <= target.count})
+    return out

@@ -69,6 +69,7 @@ class SmokeReport:
     checks: list[Check] = field(default_factory=list)
     manifest: str | None = None
     manifest_sha256: str | None = None
+    placement: dict[str, Any] | None = None  # layers split over several devices (provision.model.placement)
 
     @property
     def passed(self) -> bool:
@@ -128,10 +129,40 @@ def _dtype_name(dt: torch.dtype) -> str:
     return str(dt).removeprefix("torch.")
 
 
+def _placement(args: Any, dev: torch.device, dt: torch.dtype, devices: Sequence[str] | None, needed: int,
+               context: int) -> Any:
+    """The layer -> device map when the model runs on several devices: the ``devices`` asked for, or
+    every visible GPU when ``dev`` is a GPU that cannot hold the model alone; None for one device."""
+    import torch
+
+    from provision.model.loader import free_device_bytes
+    from provision.model.placement import plan_placement
+
+    if not devices:
+        n = torch.cuda.device_count() if dev.type == "cuda" else 0
+        if n < 2 or needed <= free_device_bytes(dev):
+            return None
+        devices = [f"cuda:{i}" for i in range(n)]
+    for d in devices:
+        try:
+            kind = torch.device(d).type
+        except RuntimeError:
+            kind = ""
+        if kind not in ("cpu", "cuda", "meta"):
+            raise UsageError(f"Device {d!r} is not supported; use cpu or cuda:N.", device=d)
+        if kind == "cuda" and (torch.device(d).index or 0) >= torch.cuda.device_count():
+            from provision.errors import ResourceError
+
+            raise ResourceError(f"Device {d} was asked for but this host has {torch.cuda.device_count()} usable "
+                                "GPU(s); name devices that exist.", device=d)
+    free = [free_device_bytes(torch.device(d)) - ACTIVATION_RESERVE_BYTES for d in devices]
+    return plan_placement(args, devices, dtype_bytes=dt.itemsize, context=context, capacity_bytes=free)
+
+
 def smoke(model_dir: Path, *, device: str = "auto", dtype: str | None = None, images: Sequence[Any] = (),
           prompt: str | None = None, max_tokens: int | None = None, manifest: Manifest | Path | str | None = None,
           golden: Sequence[int] | None = None, progress: ProgressFn | None = None,
-          raise_on_fail: bool = True) -> SmokeReport:
+          raise_on_fail: bool = True, devices: Sequence[str] | None = None) -> SmokeReport:
     """Run the smoke test on the checkpoint in ``model_dir``; see the module docstring."""
     import torch
 
@@ -177,7 +208,13 @@ def smoke(model_dir: Path, *, device: str = "auto", dtype: str | None = None, im
     a = ckpt.args
     kv_bytes = 2 * a.n_layers * a.n_kv_heads * a.head_dim * (len(enc.tokens) + n_new) * dt.itemsize
     wbytes = weights_bytes(ckpt, dt)
-    check_fits(wbytes + kv_bytes + ACTIVATION_RESERVE_BYTES, dev)
+    placement = _placement(ckpt.args, dev, dt, devices, wbytes + kv_bytes + ACTIVATION_RESERVE_BYTES,
+                           len(enc.tokens) + n_new)
+    if placement is None:
+        check_fits(wbytes + kv_bytes + ACTIVATION_RESERVE_BYTES, dev)
+    else:
+        dev = torch.device(placement.first)
+        note(progress, "smoke", f"placing {a.n_layers} layers on {placement.used} devices: {placement.describe()}")
 
     from provision.model.loader import load_model
 
@@ -185,7 +222,8 @@ def smoke(model_dir: Path, *, device: str = "auto", dtype: str | None = None, im
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats(dev)
     t0 = time.perf_counter()
-    model, _ = load_model(model_dir, device=str(dev), dtype=dt)
+    model, _ = load_model(model_dir, device=str(dev), dtype=dt, placement=placement,
+                          reserve_bytes=ACTIVATION_RESERVE_BYTES if placement is not None else 0)
     if dev.type == "cuda":
         torch.cuda.synchronize(dev)
     load_s = time.perf_counter() - t0
@@ -209,8 +247,10 @@ def smoke(model_dir: Path, *, device: str = "auto", dtype: str | None = None, im
                         f"{len(gen.finite)} steps, all finite" if n_bad == 0 else f"{n_bad} of {len(gen.finite)} "
                         "steps had NaN/inf logits"))
     if vision:
-        ok, detail = image_layout_ok(enc.tokens, enc.grids, img=a.vision_encoder.image_token_id if a.vision_encoder
-                                     else IMG_TOKEN_ID)
+        v = a.vision_encoder  # Pixtral Large's params.json names its own [IMG_BREAK]/[IMG_END] ids (14/15)
+        ok, detail = image_layout_ok(enc.tokens, enc.grids, img=v.image_token_id if v else IMG_TOKEN_ID,
+                                     brk=v.image_break_token_id if v else IMG_BREAK_TOKEN_ID,
+                                     end=v.image_end_token_id if v else IMG_END_TOKEN_ID)
         checks.append(Check("image_tokens", ok, detail))
     try:
         text = tok.decode(gen.tokens)
@@ -229,7 +269,8 @@ def smoke(model_dir: Path, *, device: str = "auto", dtype: str | None = None, im
         checks.append(Check("expected", hit, f"{spec.expected!r} {'found' if hit else 'not found'} in the answer"))
 
     report = SmokeReport(
-        model_dir=str(model_dir), layout=ckpt.layout, device=str(dev), dtype=_dtype_name(dt), prompt=text_prompt,
+        model_dir=str(model_dir), layout=ckpt.layout,
+        device=",".join(dict.fromkeys(placement.devices)) if placement is not None else str(dev), dtype=_dtype_name(dt), prompt=text_prompt,
         images=img_desc, prompt_tokens=len(enc.tokens), weights_bytes=wbytes, load_seconds=round(load_s, 4),
         prefill_seconds=round(gen.prefill_seconds, 4),
         prefill_tokens_per_second=round(len(enc.tokens) / gen.prefill_seconds, 1) if gen.prefill_seconds else 0.0,
@@ -238,6 +279,7 @@ def smoke(model_dir: Path, *, device: str = "auto", dtype: str | None = None, im
         peak_gpu_bytes=int(torch.cuda.max_memory_allocated(dev)) if dev.type == "cuda" else None,
         checks=checks, manifest=str(man.path) if man is not None and man.path else None,
         manifest_sha256=man.sha256 if man is not None else None,
+        placement=placement.to_dict() if placement is not None else None,
     )
     if raise_on_fail and not report.passed:
         names = ", ".join(f"{c.name} ({c.detail})" for c in report.failed)

@@ -10,7 +10,7 @@ Library API (names are stable; fetchers, ``run``, and ``convert`` use them)::
               merkle_root=None)
         what vouches for one file's content. ``kind`` is the name the report gives it:
         "manifest-sha256" | "hub-lfs-sha256" | "git-blob-sha1" | "torrent-v2-merkle" |
-        "torrent-v1-pieces" | "none". Every field that is set is checked, whatever the kind:
+        "torrent-v1-pieces" | "manifest-md5" | "none". Every field that is set is checked, whatever the kind:
         size first (a wrong size skips hashing), then the whole-file sha256, the git blob SHA-1,
         the torrent v1 piece SHA-1s (``piece_hashes`` cover exactly this file, the file starting
         on a piece boundary; the last piece is accepted short or zero-padded to ``piece_length``,
@@ -102,7 +102,7 @@ __all__ = [
 ]
 
 AUTHORITY_KINDS = ("manifest-sha256", "hub-lfs-sha256", "git-blob-sha1", "torrent-v2-merkle",
-                   "torrent-v1-pieces", "none")
+                   "torrent-v1-pieces", "manifest-md5", "none")
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
 BLOCK_SIZE = 1 << 20  # 64 KiB..1 MiB measured fastest; 1 MiB keeps syscalls rare
 V2_BLOCK = 16 * 1024  # BEP 52 leaf block
@@ -123,6 +123,7 @@ class Authority:
     piece_length: int | None = None  # torrent v1: bytes per piece (v2: informational)
     piece_hashes: tuple[bytes, ...] = ()  # torrent v1 piece SHA-1s covering exactly this file
     merkle_root: bytes | None = None  # torrent v2 pieces root
+    md5: str | None = None  # a release's published md5 sum (Mixtral 8x7B), checked when set
 
     def __post_init__(self) -> None:
         if self.kind not in AUTHORITY_KINDS:
@@ -132,7 +133,7 @@ class Authority:
 
     @property
     def has_content_hash(self) -> bool:
-        return bool(self.sha256 or self.git_sha1 or self.piece_hashes or self.merkle_root)
+        return bool(self.sha256 or self.git_sha1 or self.piece_hashes or self.merkle_root or self.md5)
 
     def to_dict(self) -> dict[str, Any]:
         d: dict[str, Any] = {"kind": self.kind}
@@ -147,6 +148,8 @@ class Authority:
             d["pieces"] = len(self.piece_hashes)
         if self.merkle_root is not None:
             d["merkle_root"] = self.merkle_root.hex()
+        if self.md5:
+            d["md5"] = self.md5
         return d
 
 
@@ -446,6 +449,7 @@ class _FileWork:
     want_sha256: bool
     sha256: str | None = None
     git_sha1: str | None = None
+    md5: str | None = None
     read_bytes: int | None = None  # bytes the whole-file pass read (to detect a changing file)
     v1_bad: list[int] = field(default_factory=list)
     v2_roots: dict[int, bytes] = field(default_factory=dict)
@@ -456,7 +460,8 @@ def _whole_unit(w: _FileWork, want_git: bool, buf: bytearray, prog: _Progress) -
     hashers: list[Any] = []
     sha = hashlib.sha256() if w.want_sha256 else None
     git = hashlib.sha1(b"blob %d\x00" % w.size, usedforsecurity=False) if want_git else None
-    hashers = [h for h in (sha, git) if h is not None]
+    md5 = hashlib.md5(usedforsecurity=False) if w.auth.md5 else None
+    hashers = [h for h in (sha, git, md5) if h is not None]
     if len(hashers) == 1:
         consume = hashers[0].update
     else:
@@ -469,6 +474,8 @@ def _whole_unit(w: _FileWork, want_git: bool, buf: bytearray, prog: _Progress) -
         w.sha256 = sha.hexdigest()
     if git is not None:
         w.git_sha1 = git.hexdigest() if n == w.size else "changed-while-reading"
+    if md5 is not None:
+        w.md5 = md5.hexdigest()
 
 
 def _v1_unit(w: _FileWork, first: int, count: int, buf: bytearray, prog: _Progress) -> None:
@@ -588,8 +595,9 @@ def authorities_from_manifest(manifest: Manifest) -> dict[str, Authority]:
     "git-blob-sha1" when it pins the Hub's blob id, else "none" (its size, if any, is checked)."""
     out: dict[str, Authority] = {}
     for f in manifest.files:
-        kind = "manifest-sha256" if f.sha256 else "git-blob-sha1" if f.git_sha1 else "none"
-        out[f.path] = Authority(kind=kind, size=f.size, sha256=f.sha256, git_sha1=f.git_sha1)
+        kind = ("manifest-sha256" if f.sha256 else "git-blob-sha1" if f.git_sha1 else
+                "manifest-md5" if f.md5 else "none")
+        out[f.path] = Authority(kind=kind, size=f.size, sha256=f.sha256, git_sha1=f.git_sha1, md5=f.md5)
     return out
 
 
@@ -740,6 +748,8 @@ def verify_files(
             checks.append(_hash_check("sha256", rel, auth, auth.sha256.lower(), fr.sha256))
         if auth.git_sha1:
             checks.append(_hash_check("git-sha1", rel, auth, auth.git_sha1.lower(), w.git_sha1))
+        if auth.md5:
+            checks.append(_hash_check("md5", rel, auth, auth.md5.lower(), w.md5))
         if auth.piece_hashes:
             checks.append(_v1_check(w))
         if auth.merkle_root is not None or (auth.kind == "torrent-v2-merkle" and w.size == 0):
@@ -833,7 +843,7 @@ def _hash_all(works: Mapping[str, _FileWork], nworkers: int, progress: ProgressF
     for w in works.values():
         a = w.auth
         want_git = bool(a.git_sha1)
-        if w.want_sha256 or want_git:
+        if w.want_sha256 or want_git or a.md5:
             units.append((w.size, partial(_whole_unit, w, want_git), w))
         if a.piece_hashes and a.piece_length and -(-w.size // a.piece_length) == len(a.piece_hashes):
             plen = a.piece_length

@@ -89,7 +89,8 @@ def test_run_killed_during_fetch_resumes_and_downloads_only_the_rest(
     p = subprocess.Popen(_cmd(seeded_manifest, home, "--max-download-rate", "4M"), cwd=ROOT,
                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
-        assert _wait_for(lambda: _staged_bytes(home) > total * 0.45, 60), "the fetch never got halfway"
+        assert _wait_for(lambda: _staged_bytes(home) > total * 0.5, 60), "the fetch never got halfway"
+        time.sleep(1.5)  # resume data is saved every second: let one save see the halfway mark
         p.send_signal(sig)
         _, err = p.communicate(timeout=60)
     finally:
@@ -101,7 +102,7 @@ def test_run_killed_during_fetch_resumes_and_downloads_only_the_rest(
     doc = _finish(seeded_manifest, home)
     stages = {s["stage"]: s for s in doc["stages"]}
     assert stages["fetch"]["result"] == "ok"
-    assert stages["fetch"]["bytes"] < 0.55 * total + (4 << 20), (stages["fetch"]["bytes"], total)
+    assert stages["fetch"]["bytes"] < 0.55 * total, (stages["fetch"]["bytes"], total)
     assert stages["smoke"]["result"] == "ok"
 
 

@@ -27,7 +27,7 @@ from provision.app import get_app, json_option
 @click.option("--md5", "md5", metavar="HEX", default=None,
               help="The release's published md5, when that is all it publishes (Mixtral's torrent).")
 @click.option("--manifest", "manifest_ref", metavar="M", default=None,
-              help="Take the pickle's sha256 from manifest M (a file marked pickle = true with a sha256).")
+              help="Take the pickle's sha256 (or md5) from manifest M (a file marked pickle = true).")
 @click.option("--params", "params", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="params.json to use (default: the one beside the pickle).")
 @click.option("--keep-params", is_flag=True,
@@ -42,17 +42,17 @@ def command(src: Path, out_dir: Path, sha256: str | None, md5: str | None, manif
     from provision.errors import ManifestError
     from provision.pickle_import import find_pickle, import_pickle
 
-    if manifest_ref is not None and sha256 is None:
+    if manifest_ref is not None and sha256 is None and md5 is None:
         from provision.manifest import load_manifest
 
         m = load_manifest(manifest_ref)
         app.manifest_sha256 = m.sha256
         name = find_pickle(src).name
         spec = m.file(name)
-        if spec is None or not spec.pickle or not spec.sha256:
+        if spec is None or not spec.pickle or not (spec.sha256 or spec.md5):
             raise ManifestError(f"Manifest {m.name} pins no sha256 for the pickle {name}; pass --sha256 from a "
                                 "source you trust.", manifest=m.name, file=name)
-        sha256 = spec.sha256
+        sha256, md5 = spec.sha256, spec.md5  # md5: a release that publishes only md5 sums (Mixtral 8x7B)
     res = import_pickle(src, out_dir, sha256=sha256, md5=md5, params=params, explicit_rope=not keep_params,
                         timeout=timeout, progress=app.terminal.progress)
     t = app.terminal

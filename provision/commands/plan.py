@@ -69,15 +69,21 @@ def plan_profiles(plan: object, target: str, scheme: str, context: int, params: 
     from provision.hardware import parse_target
     from provision.model.args import ModelArgs
     from provision.plan import Plan
-    from provision.profiles import candidates, choose
+    from provision.profiles import candidates, choose, gpu_needs
 
     assert isinstance(plan, Plan)
     src = params if params is not None else plan.dest / "params.json"
     tgt = parse_target(target, hardware=plan.hardware)
-    if not src.is_file():
+    carried = params is None and not src.is_file() and plan.manifest is not None and plan.manifest.params is not None
+    if not src.is_file() and not carried:
         return {"target": tgt.to_dict(), "params": None, "candidates": [], "chosen": None,
                 "note": "profiles need params.json: fetch the model or pass --params FILE"}
-    args = ModelArgs.from_file(src)
+    if carried:  # the manifest carries the release's params.json: size the profiles offline
+        assert plan.manifest is not None and plan.manifest.params is not None
+        args = ModelArgs.from_dict(plan.manifest.params)
+        src = Path(f"{plan.manifest.path or plan.manifest.name} [params]")
+    else:
+        args = ModelArgs.from_file(src)
     rows = [p.to_dict() for p in candidates(args, tgt, context=context)]
     chosen: str | None = None
     error: dict[str, Any] | None = None
@@ -85,8 +91,34 @@ def plan_profiles(plan: object, target: str, scheme: str, context: int, params: 
         chosen = choose(args, tgt, scheme, context=context).name
     except ProvisionError as e:
         error = e.to_dict()
+    needs = gpu_needs(args, tgt, context=context) if not tgt.is_cpu else []
     return {"target": tgt.to_dict(), "target_description": tgt.describe(), "params": str(src), "context": context,
-            "scheme": scheme, "candidates": rows, "chosen": chosen, "error": error}
+            "scheme": scheme, "candidates": rows, "chosen": chosen, "error": error, "gpus_needed": needs,
+            "host_can_hold": any(r["fits_host"] for r in needs) if needs else chosen is not None}
+
+
+def render_gpu_needs(app: App, name: str, prof: dict[str, Any]) -> None:
+    """How many GPUs of the target's card each scheme needs, and plainly whether this host can hold it."""
+    t = app.terminal
+    tgt = prof["target"]
+    have = int(tgt["count"])
+    t.info(f"GPUs needed per scheme ({tgt['name']}, {prof['context']}-token context; this host: {have}):")
+    for r in prof["gpus_needed"]:
+        label = f"{r['scheme']}-{r['layout']}"
+        if not r["runnable"]:
+            t.info(f"  {label:14s} cannot run here: {r['how']}")
+        elif r["gpus_needed"] is None:
+            t.info(f"  {label:14s} more than 8 GPUs")
+        else:
+            n = r["gpus_needed"]
+            verdict = "fits this host" if r["fits_host"] else f"this host has {have}"
+            t.info(f"  {label:14s} {n} GPU{'s' if n > 1 else ''} ({verdict})")
+    if not prof["host_can_hold"]:
+        ok = [r for r in prof["gpus_needed"] if r["runnable"] and r["gpus_needed"] is not None]
+        fewest = min(ok, key=lambda r: r["gpus_needed"]) if ok else None
+        more = (f"; the fewest that can: {fewest['gpus_needed']} x {tgt['name']} with {fewest['scheme']}"
+                if fewest else "; not even 8 of them can")
+        t.warn(f"{have} x {tgt['name']} cannot hold {name} under any scheme{more}.")
 
 
 @click.command("plan")
@@ -113,6 +145,8 @@ def command(source: str, home: Path | None, dest: Path | None, include: tuple[st
     prof = plan_profiles(plan, target, scheme, context, params_file)
     if prof["candidates"]:
         render_profiles(app, prof["candidates"], prof["chosen"], prof["target_description"])
+        if prof["gpus_needed"]:
+            render_gpu_needs(app, plan.name, prof)
         if prof["error"]:
             app.terminal.warn(prof["error"]["message"])
     else:

@@ -121,8 +121,15 @@ def normalize_hf_name(name: str) -> str:
     return name
 
 
+_HF_MOE = re.compile(r"^model\.layers\.(\d+)\.block_sparse_moe\.(gate|experts\.\d+\.w[123])\.weight$")
+
+
 def hf_name_to_mistral(name: str) -> str:
-    """The inverse of ``mistral_name_to_hf``; accepts legacy and newer transformers names."""
+    """The inverse of ``mistral_name_to_hf``; accepts legacy and newer transformers names (and
+    Mixtral's ``model.layers.N.block_sparse_moe.{gate,experts.E.wK}``, see provision.model.moe)."""
+    m = _HF_MOE.match(name)
+    if m:
+        return f"layers.{m.group(1)}.feed_forward.{m.group(2)}.weight"
     return _rename(normalize_hf_name(name), _BWD, "transformers->Mistral")
 
 
@@ -365,7 +372,7 @@ def args_from_hf_text_config(t: dict[str, Any]) -> ModelArgs:
     if not isinstance(t, dict):
         raise ParamsError("config.json must be a JSON object.")
     mt = t.get("model_type")
-    if mt is not None and mt != "mistral":
+    if mt is not None and mt not in ("mistral", "mixtral"):
         raise ParamsError(f"config.json: model_type {mt!r} is not a Mistral text model (expected 'mistral').")
     hidden = _get(t, "hidden_size", "")
     heads = _get(t, "num_attention_heads", "")
@@ -384,4 +391,7 @@ def args_from_hf_text_config(t: dict[str, Any]) -> ModelArgs:
         d["sliding_window"] = t["sliding_window"]
     if t.get("max_position_embeddings") is not None:
         d["max_position_embeddings"] = t["max_position_embeddings"]
+    if mt == "mixtral":  # MixtralForCausalLM (provision.model.moe)
+        d["moe"] = {"num_experts": _get(t, "num_local_experts", ""),
+                    "num_experts_per_tok": _get(t, "num_experts_per_tok", "")}
     return ModelArgs.from_dict(d)

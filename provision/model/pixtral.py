@@ -39,6 +39,11 @@ def _check_supported(args: ModelArgs) -> None:
                           "implemented.")
 
 
+def _layer_device(layer: nn.Module) -> torch.device:
+    """Where a decoder block lives (blocks may sit on different devices: provision.model.placement)."""
+    return layer.get_parameter("attention_norm.weight").device
+
+
 class Pixtral(nn.Module):
     def __init__(self, args: ModelArgs) -> None:
         super().__init__()
@@ -100,7 +105,7 @@ class Pixtral(nn.Module):
     def new_cache(self, batch: int, max_len: int) -> list[KVCache]:
         a = self.args
         return [KVCache.empty(batch, a.n_kv_heads, max_len, a.head_dim, dtype=self.dtype,
-                              device=layer.attention_norm.weight.device) for layer in self.layers]
+                              device=_layer_device(layer)) for layer in self.layers]
 
     def forward(self, tokens: torch.Tensor, images: Sequence[torch.Tensor] | None = None, *,
                 cache: list[KVCache] | None = None, start_pos: int = 0, last_only: bool = False) -> torch.Tensor:
@@ -112,7 +117,7 @@ class Pixtral(nn.Module):
         # query i sees keys 0 .. start_pos + i (within the sliding window, when there is one)
         mask, is_causal = attention_mask(start_pos, t, self.args.sliding_window, tokens.device)
         for i, layer in enumerate(self.layers):
-            dev = layer.attention_norm.weight.device
+            dev = _layer_device(layer)
             if h.device != dev:  # consecutive layers on consecutive devices (provision.model.placement)
                 h, cos, sin = h.to(dev), cos.to(dev), sin.to(dev)
                 mask = mask.to(dev) if mask is not None else None

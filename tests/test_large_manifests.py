@@ -255,3 +255,62 @@ def test_a_fetched_params_json_still_wins_over_the_manifest_params(
                              "n_kv_heads": 2, "norm_eps": 1e-5, "vocab_size": 32000}))
     prof = _plan("mixtral-8x22b-v0.1", "h100", capsys, "--params", str(p))
     assert prof["params"] == str(p) and prof["host_can_hold"]
+
+
+# ---------------------------------------------------------------------------------------
+# the 8x7B torrent's pickle: imported under its md5 taken from a manifest
+
+
+def _tiny_8x7b_torrent(tmp_path: Path) -> tuple[Path, str]:
+    """A folder shaped like the 8x7B torrent (consolidated.00.pth, params.json without rope_theta,
+    tokenizer.model) at tiny dims, and the pickle's md5."""
+    import hashlib
+    import io
+
+    import torch
+
+    from provision.tiny import tiny_state_dict
+    from provision.tiny_large import TINY_MIXTRAL_PARAMS
+
+    params = {k: v for k, v in TINY_MIXTRAL_PARAMS.items() if k != "rope_theta"}
+    d = tmp_path / "mixtral-8x7b-32kseqlen"
+    d.mkdir()
+    buf = io.BytesIO()
+    torch.save(tiny_state_dict(ModelArgs.from_dict(params), 0), buf)
+    (d / "consolidated.00.pth").write_bytes(buf.getvalue())
+    (d / "params.json").write_text(json.dumps(params))
+    shutil.copy(_v1_tokenizer(), d / "tokenizer.model")
+    return d, hashlib.md5(buf.getvalue(), usedforsecurity=False).hexdigest()
+
+
+def _pickle_manifest(tmp_path: Path, md5: str) -> Path:
+    p = tmp_path / "tiny-8x7b.toml"
+    p.write_text('schema_version = 1\nname = "tiny-8x7b"\narchitecture = "mixtral"\nformat = "mistral"\n'
+                 '[[sources]]\ntype = "torrent"\nmagnet = "magnet:?xt=urn:btih:' + "5" * 40 + '"\n'
+                 f'[[files]]\npath = "consolidated.00.pth"\nmd5 = "{md5}"\noptional = true\npickle = true\n')
+    return p
+
+
+def test_import_pickle_takes_the_md5_from_the_manifest_and_writes_rope_1e6_for_a_moe(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    src, md5 = _tiny_8x7b_torrent(tmp_path)
+    out = tmp_path / "out"
+    assert run_cli(["import-pickle", str(src), "--out", str(out), "--manifest",
+                    str(_pickle_manifest(tmp_path, md5)), "--json"]) == 0
+    res = json.loads(capsys.readouterr().out)
+    assert res["authority"] == "md5" and res["source_md5"] == md5 and res["rope_theta_added"]
+    assert json.loads((out / "params.json").read_text())["rope_theta"] == 1e6
+    from provision.model.loader import load_model
+
+    _model, args = load_model(out, device="cpu")
+    assert args.moe is not None and args.rope_theta_value == 1e6
+
+
+def test_import_pickle_refuses_a_pickle_whose_md5_is_not_the_manifests(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    src, md5 = _tiny_8x7b_torrent(tmp_path)
+    out = tmp_path / "out"
+    wrong = ("0" if md5[0] != "0" else "1") + md5[1:]
+    assert run_cli(["import-pickle", str(src), "--out", str(out), "--manifest",
+                    str(_pickle_manifest(tmp_path, wrong))]) == 5
+    assert "md5" in capsys.readouterr().err and not out.exists()

@@ -137,3 +137,16 @@ def test_pixtral_large_like_greedy_tokens_match_transformers(tiny_pixtral_large:
                       [square_image(SmokeImage(width=64, height=48))])
     ours = greedy_generate(model, enc.tokens, enc.images, max_tokens=6, eos_id=2).tokens
     assert ours == hf_greedy(large_ref, enc.tokens, enc.images, 6)
+
+
+def test_the_tiny_command_writes_the_large_kinds_and_refuses_pickling_them(tmp_path: Path) -> None:
+    from provision.cli import run_cli
+
+    assert run_cli(["tiny", str(tmp_path / "pl"), "--kind", "pixtral-large"]) == 0
+    params = json.loads((tmp_path / "pl" / "params.json").read_text())
+    assert params["vision_encoder"]["adapter_bias"] is False and (tmp_path / "pl" / "tokenizer.model.v7m1").is_file()
+    assert run_cli(["tiny", str(tmp_path / "mx"), "--kind", "mixtral"]) == 0
+    assert json.loads((tmp_path / "mx" / "params.json").read_text())["moe"] == {"num_experts": 8,
+                                                                               "num_experts_per_tok": 2}
+    assert run_cli(["tiny", str(tmp_path / "bad"), "--kind", "mixtral", "--pickle"]) == 2
+    assert not (tmp_path / "bad").exists()

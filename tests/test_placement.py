@@ -142,3 +142,24 @@ def test_the_281_gb_8x22b_shape_runs_on_the_meta_device_over_four_devices_withou
     assert logits.shape == (1, 8, 32000) and logits.device.type == "meta"
     grown = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - before
     assert grown < 2 * 2**30, f"peak RSS grew by {grown / 2**30:.2f} GiB for a 281 GB model"
+
+
+def test_the_smoke_command_takes_devices_and_reports_the_placement(
+        tiny_mixtral: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    import json
+
+    from provision.cli import run_cli
+
+    assert run_cli(["smoke", str(tiny_mixtral), "--device", "cpu", "--dtype", "float32", "--devices",
+                    "cpu,cpu,cpu", "--json"]) == 0
+    rep = json.loads(capsys.readouterr().out)["smoke"]
+    assert rep["passed"] and rep["placement"]["layer_devices"] == [0, 1, 2]
+
+
+def test_a_gpu_device_this_host_lacks_is_a_resource_error(tiny_mixtral: Path) -> None:
+    from provision.errors import ResourceError
+    from provision.smoke import smoke
+
+    with pytest.raises(ResourceError) as e:
+        smoke(tiny_mixtral, device="cpu", devices=["cpu", f"cuda:{torch.cuda.device_count()}"])
+    assert e.value.exit_code == 6

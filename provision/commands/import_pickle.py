@@ -59,7 +59,7 @@ def command(src: Path, out_dir: Path, sha256: str | None, md5: str | None, manif
     t.info(f"{res.source.name}: {res.authority} matches the release ({res.source_sha256})")
     t.info(f"{res.tensors} tensors, {res.parameters:,d} parameters ({', '.join(f'{n} {d}' for d, n in res.dtypes.items())})")
     if res.rope_theta_added:
-        t.info("params.json had no rope_theta: wrote rope_theta 10000.0 (what Mistral 7B v0.1 means)")
+        t.info("params.json had no rope_theta: wrote it out (10000 for Mistral 7B v0.1, 1e6 for Mixtral)")
     for name, (size, sha) in sorted(res.files.items()):
         t.info(f"{name:28s} {size:>14,d} B  sha256 {sha}")
     t.success(f"imported {res.source} into {res.out_dir} in {res.seconds:.1f} s; the pickle was not copied.")

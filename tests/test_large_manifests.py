@@ -224,8 +224,10 @@ def test_plan_offline_counts_the_h100s_each_profile_needs_for_1_2_4_and_8(
         needs = {r["scheme"]: r["gpus_needed"] for r in prof["gpus_needed"]}
         assert {k: needs[k] for k in EXPECTED_GPUS[name]} == EXPECTED_GPUS[name]
         for r in prof["gpus_needed"]:
-            assert r["fits_host"] == (r["gpus_needed"] is not None and r["gpus_needed"] <= count)
-        assert prof["host_can_hold"] == (min(EXPECTED_GPUS[name].values()) <= count)
+            assert r["fits_host"] == (r["runnable"] and r["gpus_needed"] is not None and r["gpus_needed"] <= count)
+        # text-only models convert to 16-bit casts only so far: quantized hf output is Pixtral's
+        convertible = {k: v for k, v in EXPECTED_GPUS[name].items() if name.startswith("pixtral") or k == "bf16"}
+        assert prof["host_can_hold"] == (min(convertible.values()) <= count)
         chosen = next((c for c in prof["candidates"] if c["name"] == prof["chosen"]), None)
         if prof["host_can_hold"]:
             assert chosen is not None and chosen["ok"] and chosen["gpus"] <= count

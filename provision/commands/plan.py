@@ -105,7 +105,10 @@ def render_gpu_needs(app: App, name: str, prof: dict[str, Any]) -> None:
     t.info(f"GPUs needed per scheme ({tgt['name']}, {prof['context']}-token context; this host: {have}):")
     for r in prof["gpus_needed"]:
         label = f"{r['scheme']}-{r['layout']}"
-        if not r["runnable"]:
+        if not r["runnable"] and r["gpus_needed"] is not None:
+            n = r["gpus_needed"]
+            t.info(f"  {label:14s} {n} GPU{'s' if n > 1 else ''} by memory, but not available: {r['how']}")
+        elif not r["runnable"]:
             t.info(f"  {label:14s} cannot run here: {r['how']}")
         elif r["gpus_needed"] is None:
             t.info(f"  {label:14s} more than 8 GPUs")

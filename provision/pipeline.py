@@ -103,6 +103,26 @@ def _locked_manifest(plan: Plan, facts: dict[str, tuple[int, str]], fetch_extra:
                     description=f"Recorded by provision run from {plan.source[:120]}")
 
 
+def _preflight_profile(plan: Plan, opts: RunOptions) -> None:
+    """Choose the conversion profile before any download when params.json is known (the
+    manifest's ``[params]`` or an original already on disk): nothing fits -> exit 6, a scheme the
+    target cannot run -> exit 3, before a single byte is fetched."""
+    if opts.skip_convert:
+        return
+    from provision.model.args import ModelArgs
+
+    if plan.manifest is not None and plan.manifest.params is not None:
+        args = ModelArgs.from_dict(plan.manifest.params)
+    elif (plan.dest / "params.json").is_file():
+        args = ModelArgs.from_file(plan.dest / "params.json")
+    else:
+        return
+    from provision.hardware import parse_target
+    from provision.profiles import choose
+
+    choose(args, parse_target(opts.target, hardware=plan.hardware), opts.scheme, opts.layout, context=opts.context)
+
+
 def run_pipeline(
     source: str,
     *,
@@ -131,6 +151,7 @@ def run_pipeline(
             {"files": len(plan.files), "bytes_total": plan.bytes_total, "free_bytes": plan.free_bytes})
     if dry_run:
         return result
+    _preflight_profile(plan, opts)
     lay = Layout(home)
     result.model_dir = lay.model_dir(plan.name)
     result.model_dir.mkdir(parents=True, exist_ok=True)

@@ -40,6 +40,10 @@ def _isolated_env(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.
     monkeypatch.delenv("HF_TOKEN", raising=False)
     monkeypatch.delenv("PROVISION_DEBUG", raising=False)
     monkeypatch.setenv("PROVISION_PROGRESS_INTERVAL", "0.2")
+    # BitTorrent in tests is always the closed network mode (no DHT/LSD/UPnP/NAT-PMP, loopback):
+    # a test that forgets --network closed can never reach a public tracker or the DHT.
+    monkeypatch.setenv("PROVISION_NETWORK", "closed")
+    monkeypatch.setenv("PROVISION_FORBID_PUBLIC_NETWORK", "1")
 
 
 @pytest.fixture(scope="session")

@@ -185,3 +185,21 @@ def test_dry_run_touches_nothing(tiny_src: Path, tmp_path: Path, capsys: pytest.
     doc = _run_json(["run", str(tiny_src / "manifest.toml"), "--home", str(home), "--dry-run"], capsys)
     assert doc["dry_run"] is True and _stages(doc) == [("plan", "ok")]
     assert not home.exists()
+
+
+def test_nothing_fits_exits_6_before_any_download(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    home = tmp_path / "home"
+    rc = run_cli(["run", "mixtral-8x22b-v0.1", "--home", str(home), "--target", "h100", "--offline"])
+    err = capsys.readouterr().err
+    assert rc == 6 and "Nothing fits on h100" in err
+    assert not (home / "models").exists() and not (home / "staging").exists()
+
+
+def test_a_scheme_the_target_cannot_run_exits_3_before_any_download(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    home = tmp_path / "home"
+    rc = run_cli(["run", "pixtral-12b-2409", "--home", str(home), "--target", "t4", "--scheme", "fp8", "--offline"])
+    err = capsys.readouterr().err
+    assert rc == 3 and "w4a16" in err
+    assert not (home / "models").exists()

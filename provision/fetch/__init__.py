@@ -9,6 +9,7 @@ its final name only after ``verify`` passed. Nothing here prints.
 
 from __future__ import annotations
 
+import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -27,7 +28,7 @@ NETWORK_CHOICES = ("public", "closed")
 class TorrentOptions:
     peers: tuple[str, ...] = ()  # HOST:PORT
     trackers: tuple[str, ...] = ()
-    network: str = "public"  # public | closed
+    network: str = field(default_factory=lambda: os.environ.get("PROVISION_NETWORK", "public"))  # public | closed
     listen: str | None = None  # HOST:PORT; closed mode defaults to 127.0.0.1:0
     seed_for: float = 0.0
     max_upload_rate: int = 0  # bytes/s, 0 = unlimited

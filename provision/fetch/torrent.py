@@ -280,7 +280,16 @@ def session_settings(network: str, *, listen: str | None = None, upload_rate: in
 
 
 def open_session(settings: dict[str, Any]) -> Any:
-    """A libtorrent session started from ``settings`` (nothing runs before they apply)."""
+    """A libtorrent session started from ``settings`` (nothing runs before they apply).
+
+    ``PROVISION_FORBID_PUBLIC_NETWORK=1`` (set by the test suite) refuses any session with DHT,
+    LSD, UPnP or NAT-PMP on, or listening beyond loopback: a safety net for the network rule."""
+    if os.environ.get("PROVISION_FORBID_PUBLIC_NETWORK") == "1":
+        loud = [k for k in ("enable_dht", "enable_lsd", "enable_upnp", "enable_natpmp") if settings.get(k, True)]
+        listen = str(settings.get("listen_interfaces", "0.0.0.0"))
+        if loud or not all(part.strip().startswith(("127.", "[::1]", "10.77.")) for part in listen.split(",")):
+            raise UsageError(f"refusing a public libtorrent session here ({', '.join(loud) or listen}): "
+                             "PROVISION_FORBID_PUBLIC_NETWORK=1 allows only the closed network mode.")
     try:
         return lt.session(settings)  # type: ignore[call-overload]  # the bindings take a dict
     except RuntimeError as e:  # pragma: no cover - libtorrent rejects a settings value

@@ -245,18 +245,9 @@ def _spec_check(path: Path, spec: dict[str, tuple[int, ...]]) -> dict[str, int]:
 
 def spec_problem(have: dict[str, tuple[int, ...]], spec: dict[str, tuple[int, ...]]) -> str:
     """'' when names and shapes equal the spec, else a short description of the first differences."""
-    missing = [n for n in spec if n not in have]
-    extra = sorted(n for n in have if n not in spec)
-    wrong = [n for n in spec if n in have and tuple(have[n]) != tuple(spec[n])]
-    parts = []
-    if missing:
-        parts.append(f"{len(missing)} tensors missing (first {missing[0]!r})")
-    if extra:
-        parts.append(f"{len(extra)} tensors not in the spec (first {extra[0]!r})")
-    if wrong:
-        n = wrong[0]
-        parts.append(f"{len(wrong)} with the wrong shape (first {n!r}: {list(have[n])}, params.json implies "
-                     f"{list(spec[n])})")
+    from provision.model.args import spec_diff
+
+    parts = spec_diff(have, spec)[3]
     return "; ".join(parts)
 
 

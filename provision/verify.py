@@ -909,7 +909,7 @@ def _params_check(root: Path, expected: Mapping[str, Authority], works: Mapping[
     weights = _mistral_weights(sorted(expected))
     if not weights:
         return
-    from provision.model.args import ModelArgs, tensor_spec
+    from provision.model.args import ModelArgs, spec_diff, tensor_spec
 
     if "params.json" not in works:
         return  # missing or refused: already failed
@@ -929,23 +929,12 @@ def _params_check(root: Path, expected: Mapping[str, Authority], works: Mapping[
                 dup.append(name)
             have[name] = t.shape
     spec = tensor_spec(args)
-    missing = [n for n in spec if n not in have]
-    extra = sorted(n for n in have if n not in spec)
-    wrong = [n for n in spec if n in have and tuple(have[n]) != tuple(spec[n])]
+    missing, extra, wrong, parts = spec_diff(have, spec)
     where = ", ".join(weights)
     if not (missing or extra or wrong or dup):
         report.checks.append(Check("tensors", where, True, expected=f"{len(spec)} tensors",
                                    actual=f"{len(have)} tensors"))
         return
-    parts = []
-    if missing:
-        parts.append(f"{len(missing)} missing (first {missing[0]!r})")
-    if extra:
-        parts.append(f"{len(extra)} not in the spec (first {extra[0]!r})")
-    if wrong:
-        n = wrong[0]
-        parts.append(f"{len(wrong)} with the wrong shape (first {n!r}: {list(have[n])}, params.json implies "
-                     f"{list(spec[n])})")
     if dup:
         parts.append(f"{len(dup)} stored twice (first {dup[0]!r})")
     err = StructureError(

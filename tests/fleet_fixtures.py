@@ -312,7 +312,7 @@ def _start(host: Host, name: str, argv: Sequence[str], work: Path, home: Path) -
     work.mkdir(parents=True, exist_ok=True)
     log, out = work / f"{name}.log", work / f"{name}.json"
     with open(log, "wb") as lf, open(out, "wb") as of:
-        p = host.popen([PYTHON, "-m", "provision.cli", *argv], stdout=of, stderr=lf, env=provision_env(home))
+        p = host.popen([PYTHON, "-X", "faulthandler", "-m", "provision.cli", *argv], stdout=of, stderr=lf, env=provision_env(home))
     return Proc(name=name, proc=p, log=log, out=out, started=time.monotonic())
 
 

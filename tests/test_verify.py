@@ -422,8 +422,8 @@ def test_missing_and_extra_tensors_fail_the_tensor_spec(tiny_copy: Path) -> None
     rep = verify_dir(tiny_copy)
     [fail] = rep.failures
     assert fail.name == "tensors"
-    assert "1 missing (first 'output.weight')" in fail.message
-    assert "1 not in the spec (first 'lm_head.weight')" in fail.message
+    assert "1 tensors missing (first 'output.weight')" in fail.message
+    assert "1 tensors not in the spec (first 'lm_head.weight')" in fail.message
 
 
 # -- refusals ------------------------------------------------------------------------------------

@@ -198,13 +198,10 @@ def hf_to_mistral(name: str, tensor: torch.Tensor, args: ModelArgs) -> tuple[str
 # config.json
 
 
-def hf_config(args: ModelArgs, *, dtype: str = "bfloat16") -> dict[str, Any]:
-    """transformers' ``LlavaConfig`` (Mistral text + Pixtral vision) as a ``config.json`` dict."""
-    v = args.vision_encoder
-    if v is None:
-        raise ConvertError("params.json has no vision_encoder: this key map is for Pixtral (Llava) checkpoints.")
-    text_theta = args.rope_theta_value
-    text: dict[str, Any] = {
+def _mistral_text_config(args: ModelArgs, *, default_positions: int) -> dict[str, Any]:
+    """transformers' ``MistralConfig`` fields for the decoder (shared by Llava and text-only)."""
+    theta = args.rope_theta_value
+    return {
         "model_type": "mistral",
         "vocab_size": args.vocab_size,
         "hidden_size": args.dim,
@@ -214,15 +211,23 @@ def hf_config(args: ModelArgs, *, dtype: str = "bfloat16") -> dict[str, Any]:
         "num_key_value_heads": args.n_kv_heads,
         "head_dim": args.head_dim,
         "hidden_act": "silu",
-        "max_position_embeddings": args.max_position_embeddings or args.max_seq_len or 1024000,
+        "max_position_embeddings": args.max_position_embeddings or args.max_seq_len or default_positions,
         "rms_norm_eps": args.norm_eps,
-        "rope_theta": text_theta,
-        "rope_parameters": {"rope_type": "default", "rope_theta": text_theta},
+        "rope_theta": theta,
+        "rope_parameters": {"rope_type": "default", "rope_theta": theta},
         "sliding_window": args.sliding_window,
         "tie_word_embeddings": False,
         "bos_token_id": 1,
         "eos_token_id": 2,
     }
+
+
+def hf_config(args: ModelArgs, *, dtype: str = "bfloat16") -> dict[str, Any]:
+    """transformers' ``LlavaConfig`` (Mistral text + Pixtral vision) as a ``config.json`` dict."""
+    v = args.vision_encoder
+    if v is None:
+        raise ConvertError("params.json has no vision_encoder: this key map is for Pixtral (Llava) checkpoints.")
+    text = _mistral_text_config(args, default_positions=1024000)
     vision: dict[str, Any] = {
         "model_type": "pixtral",
         "hidden_size": v.hidden_size,
@@ -343,28 +348,8 @@ def hf_text_config(args: ModelArgs, *, dtype: str = "bfloat16") -> dict[str, Any
         raise ConvertError("params.json has a vision_encoder: use hf_config (Llava) for Pixtral checkpoints.")
     if args.moe is not None:
         raise ConvertError("params.json describes a mixture-of-experts model; MistralForCausalLM is dense.")
-    theta = args.rope_theta_value
-    return {
-        "architectures": ["MistralForCausalLM"],
-        "model_type": "mistral",
-        "vocab_size": args.vocab_size,
-        "hidden_size": args.dim,
-        "intermediate_size": args.hidden_dim,
-        "num_hidden_layers": args.n_layers,
-        "num_attention_heads": args.n_heads,
-        "num_key_value_heads": args.n_kv_heads,
-        "head_dim": args.head_dim,
-        "hidden_act": "silu",
-        "max_position_embeddings": args.max_position_embeddings or args.max_seq_len or 32768,
-        "rms_norm_eps": args.norm_eps,
-        "rope_theta": theta,
-        "rope_parameters": {"rope_type": "default", "rope_theta": theta},
-        "sliding_window": args.sliding_window,
-        "tie_word_embeddings": False,
-        "bos_token_id": 1,
-        "eos_token_id": 2,
-        "torch_dtype": dtype,
-    }
+    return {"architectures": ["MistralForCausalLM"], **_mistral_text_config(args, default_positions=32768),
+            "torch_dtype": dtype}
 
 
 def args_from_hf_text_config(t: dict[str, Any]) -> ModelArgs:

@@ -264,3 +264,21 @@ def tensor_spec(args: ModelArgs) -> dict[str, tuple[int, ...]]:
 
 def parameter_count(args: ModelArgs) -> int:
     return sum(math.prod(s) for s in tensor_spec(args).values())
+
+
+def spec_diff(have: dict[str, tuple[int, ...]], spec: dict[str, tuple[int, ...]]
+              ) -> tuple[list[str], list[str], list[str], list[str]]:
+    """Compare tensor names and shapes with a spec: (missing, extra, wrong_shape, human parts)."""
+    missing = [n for n in spec if n not in have]
+    extra = sorted(n for n in have if n not in spec)
+    wrong = [n for n in spec if n in have and tuple(have[n]) != tuple(spec[n])]
+    parts = []
+    if missing:
+        parts.append(f"{len(missing)} tensors missing (first {missing[0]!r})")
+    if extra:
+        parts.append(f"{len(extra)} tensors not in the spec (first {extra[0]!r})")
+    if wrong:
+        n = wrong[0]
+        parts.append(f"{len(wrong)} with the wrong shape (first {n!r}: {list(have[n])}, params.json implies "
+                     f"{list(spec[n])})")
+    return missing, extra, wrong, parts

@@ -15,6 +15,7 @@ from __future__ import annotations
 import shutil
 import time
 from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -123,6 +124,15 @@ def _preflight_profile(plan: Plan, opts: RunOptions) -> None:
     choose(args, parse_target(opts.target, hardware=plan.hardware), opts.scheme, opts.layout, context=opts.context)
 
 
+def _background_seeding(opts: RunOptions) -> AbstractContextManager[Any]:
+    """With --seed-for, a torrent fetch keeps serving from a thread while the later stages run."""
+    if opts.torrent.seed_for <= 0 or opts.source == "hf":
+        return nullcontext(None)
+    from provision.fetch.torrent import background_seeding
+
+    return background_seeding()
+
+
 def run_pipeline(
     source: str,
     *,
@@ -161,7 +171,8 @@ def run_pipeline(
         if on_stage is not None:
             on_stage(rec)
 
-    with ModelLock(lay.lock_file(plan.name), timeout=opts.lock_timeout, command=f"run {source[:200]}"):
+    with ModelLock(lay.lock_file(plan.name), timeout=opts.lock_timeout, command=f"run {source[:200]}"), \
+            _background_seeding(opts) as seeding:
         state = load_state(state_path)
         for w in getattr(state, "warnings", []):
             note(progress, "run", f"state: {w}")
@@ -173,6 +184,10 @@ def run_pipeline(
         fetch_extra: dict[str, Any] = {}
         if state.stage_valid("fetch") and not opts.reverify and original.is_dir():
             _record(result, "fetch", "skipped", time.monotonic() - t, 0, {"reason": "already fetched and unchanged"})
+            if seeding is not None:  # a restarted fleet member still serves late hosts
+                from provision.fetch.torrent import seed_verified
+
+                seed_verified(plan, original, opts.torrent, progress)
         else:
             state.invalidate("fetch")
             save_state(state, state_path)
@@ -287,6 +302,13 @@ def run_pipeline(
                 _record(result, "smoke", "ok", time.monotonic() - t, srep.weights_bytes, srep.to_dict(),
                         profile=result.profile)
             emit(result.stages[-1])
+
+        # ---- seed: serve the rest of --seed-for (it started when the fetch ended) -------------
+        if seeding is not None:
+            for facts in seeding.wait():
+                _record(result, "seed", "ok", float(facts.get("seconds", 0.0)), int(facts.get("uploaded_bytes", 0)),
+                        facts)
+                emit(result.stages[-1])
 
         # ---- drop the original -------------------------------------------------------------
         if opts.drop_original and not opts.skip_convert and result.profile_dir is not None and \

@@ -16,8 +16,9 @@ What it does:
   mode listening on their own address), a member whose disk rotted (``liar``: it serves a
   corrupted copy it claims is verified), and ``pieces_held`` (the union of the members' pieces,
   read from their resume files on disk: no network probe).
-* ``run_fleet(...)``: the scenario the test and ``benchmarks/fleet.py`` share: one member alone,
-  then N members started together, with the figures as a dict.
+* ``wait_verified`` / ``member_report`` / ``reported_sha256``: what the test and
+  ``benchmarks/fleet.py`` share to time members (a member counts as done once its final files
+  are in place: they are moved there only after verification) and read their reports.
 
 It does not assert anything (the tests and the benchmark do) and never reaches an address
 outside the namespaces it created.
@@ -173,8 +174,9 @@ class FleetNet:
 
 
 def _no_ipv6(host: Host) -> None:
-    _sh([*host.nsenter(), "sysctl", "-q", "-w", "net.ipv6.conf.all.disable_ipv6=1",
-         "net.ipv6.conf.default.disable_ipv6=1"])
+    # /proc/sys/net is the namespace's own (sh, not sysctl: procps may be missing)
+    _sh([*host.nsenter(), "sh", "-c", "echo 1 > /proc/sys/net/ipv6/conf/all/disable_ipv6 && "
+         "echo 1 > /proc/sys/net/ipv6/conf/default/disable_ipv6"])
 
 
 @contextlib.contextmanager
@@ -210,8 +212,8 @@ def require_netns() -> None:
     why = None
     if os.geteuid() != 0:
         why = "creating network namespaces needs root"
-    elif not all(shutil.which(t) for t in ("unshare", "nsenter", "ip", "sysctl")):
-        why = "unshare, nsenter, ip and sysctl are needed (util-linux, iproute2, procps)"
+    elif not all(shutil.which(t) for t in ("unshare", "nsenter", "ip")):
+        why = "unshare, nsenter and ip are needed (util-linux, iproute2)"
     else:
         try:
             with fleet_network({"probe": f"{SUBNET}.250"}, lifetime=30):
@@ -331,6 +333,7 @@ class Member:
     dest: Path
     mode: str  # fetch | run
     infohash: str
+    seed_for: float = 0.0
     verified_at: float | None = None  # when every final file was in place (they appear only after verify)
 
 
@@ -411,6 +414,14 @@ class Fleet:
         self.whitelist(lines)
         return Origin(proc=p, magnet=magnet.read_text().strip(), torrent=torrent, whitelist=lines)
 
+    def stop_origin(self, origin: Origin) -> int:
+        """SIGTERM ends the seed normally (exit 0 with its report): the bytes it uploaded."""
+        rc = stop_pid(origin.proc.proc, signal.SIGTERM)
+        rep = origin.proc.report()
+        if rc != 0 or not rep:
+            raise AssertionError(f"the origin exited {rc}:\n{origin.proc.tail()}")
+        return int(rep["seed"]["uploaded_bytes"])
+
     # -- members ------------------------------------------------------------------
     def start_member(self, name: str, magnet: str, infohash: str, *, mode: str = "fetch", seed_for: float = 0,
                      extra: Sequence[str] = ()) -> Member:
@@ -429,7 +440,7 @@ class Fleet:
             dest = Path()  # known once the plan names the model: found by _run_dest
         p = _start(host, name, argv, w, home)
         self.procs.append(p)
-        return Member(proc=p, home=home, dest=dest, mode=mode, infohash=infohash)
+        return Member(proc=p, home=home, dest=dest, mode=mode, infohash=infohash, seed_for=seed_for)
 
     def start_liar(self, name: str, torrent: Path, good: Path) -> Proc:
         """A member whose disk rotted: it serves a copy with one byte flipped in every piece,
@@ -484,6 +495,59 @@ def pieces_held(members: Sequence[Member], files: Sequence[str], num_pieces: int
             if b and i < num_pieces:
                 union[i] = True
     return sum(union), complete
+
+
+def wait_verified(members: Sequence[Member], files: Sequence[str], *, timeout: float,
+                  on_tick: Any = None) -> float:
+    """Wait until every member has its verified files in place (or one exits without them);
+    set each ``verified_at``; return the seconds from the earliest start to the last one."""
+    t0 = min(m.proc.started for m in members)
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        pending = 0
+        for m in members:
+            if m.verified_at is None:
+                if member_files(m, files) is not None:
+                    m.verified_at = time.monotonic()
+                elif m.proc.done():
+                    raise AssertionError(f"{m.proc.name} exited {m.proc.proc.returncode} without a verified "
+                                         f"model:\n{m.proc.tail()}")
+                else:
+                    pending += 1
+        if not pending:
+            return max(m.verified_at or 0.0 for m in members) - t0
+        if on_tick is not None:
+            on_tick()
+        time.sleep(0.1)
+    late = [m.proc.name for m in members if m.verified_at is None]
+    raise AssertionError(f"{', '.join(late)} had no verified model after {timeout:.0f} s:\n"
+                         + "\n".join(m.proc.tail(800) for m in members if m.verified_at is None))
+
+
+def member_report(m: Member, timeout: float = 60.0) -> dict[str, Any]:
+    """End a member (SIGTERM ends its seeding normally: exit 0 with its JSON report; one that does
+    not seed exits by itself) and read its report."""
+    if m.seed_for > 0:
+        rc = stop_pid(m.proc.proc, signal.SIGTERM, timeout=timeout)
+    else:
+        try:
+            rc = m.proc.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            rc = stop_pid(m.proc.proc, signal.SIGKILL)
+    rep = m.proc.report()
+    if rc != 0 or not rep:
+        raise AssertionError(f"{m.proc.name} exited {rc}:\n{m.proc.tail()}")
+    return rep
+
+
+def reported_sha256(rep: dict[str, Any]) -> dict[str, str]:
+    """{path: sha256} a `fetch` or `run` report says it verified."""
+    if "fetch" in rep:
+        return {f["path"]: f["sha256"] for f in rep["fetch"]["files"]}
+    for st in rep.get("stages", []):
+        if st["stage"] == "fetch":
+            return {f["path"]: f["sha256"] for f in st["details"]["files"]}
+    return {}
 
 
 # ---------------------------------------------------------------------------------------

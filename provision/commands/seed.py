@@ -38,11 +38,13 @@ from provision.commands.fetch import parse_rate
 @click.option("--seed-for", type=click.FloatRange(min=0), default=None, metavar="SECONDS",
               help="Serve this long (default: until SIGINT/SIGTERM; 0: write the outputs and exit).")
 @click.option("--max-upload-rate", metavar="R", help="Upload limit, e.g. 10M (bytes/s).")
+@click.option("--upload-slots", type=click.IntRange(min=0), default=0, metavar="N",
+              help="Serve N peers at once (0: libtorrent's default, 8); 2 suits a fleet's origin.")
 @json_option
 def command(folder: Path, manifest_ref: str | None, torrent_version: str, torrent_out: Path | None,
             magnet_out: Path | None, whitelist_out: Path | None, web_seeds: tuple[str, ...],
             trackers: tuple[str, ...], network: str, listen: str | None, seed_for: float | None,
-            max_upload_rate: str | None, json_out: bool) -> None:
+            max_upload_rate: str | None, upload_slots: int, json_out: bool) -> None:
     """Create a torrent of DIR (a verified model folder) and seed it."""
     app = get_app(json_out, "seed")
     from provision.console import human_bytes
@@ -70,7 +72,7 @@ def command(folder: Path, manifest_ref: str | None, torrent_version: str, torren
 
     res = seed(folder, manifest=manifest, version=torrent_version, torrent_out=torrent_out, magnet_out=magnet_out,
                whitelist_out=whitelist_out, web_seeds=web_seeds, trackers=trackers, network=network, listen=listen,
-               seed_for=seed_for, max_upload_rate=up, progress=progress, on_ready=ready)
+               seed_for=seed_for, max_upload_rate=up, upload_slots=upload_slots, progress=progress, on_ready=ready)
     app.terminal.success(f"seeded {res.info.name} ({len(res.files)} files, {human_bytes(res.total_size)}): "
                          f"{human_bytes(res.uploaded_bytes)} uploaded in {res.seconds:.1f} s "
                          f"(ended by {res.stopped_by})")

@@ -852,16 +852,23 @@ def _place(src: Path, target: Path) -> None:
     fsync_dir(target.parent)
 
 
+def _verify_root(ctx: _Ctx, w: Wanted) -> Path:
+    """A verify folder of this file's own: files downloading in parallel never see each other
+    (a folder scan racing another file's rename into place would fail)."""
+    return ctx.staging / "hub" / "verify" / w.key
+
+
 def _check_and_place(ctx: _Ctx, w: Wanted, staged: Path, sha: str | None, dest: Path, part: Path | None) -> None:
-    """Verify ``staged`` (a finished download under ``staging/hub/verify/<path>``) and rename it
-    under its final name; a failed verdict deletes it, an interruption keeps it as the partial."""
+    """Verify ``staged`` (a finished download under ``staging/hub/verify/<key>/<path>``) and rename
+    it under its final name; a failed verdict deletes it, an interruption keeps it as the partial."""
     try:
-        report = _verify(ctx.staging / "hub" / "verify", {w.path: w}, {w.path: sha} if sha else {})
+        report = _verify(_verify_root(ctx, w), {w.path: w}, {w.path: sha} if sha else {})
         report.raise_for_failure()
     except VerifyError:
         with contextlib.suppress(FileNotFoundError):
             staged.unlink()
         _discard(ctx, w)
+        _prune(_verify_root(ctx, w))
         raise
     except BaseException:
         with contextlib.suppress(OSError):
@@ -869,8 +876,21 @@ def _check_and_place(ctx: _Ctx, w: Wanted, staged: Path, sha: str | None, dest: 
                 os.replace(staged, part)  # not a verdict on the bytes: keep them for the next run
             else:
                 staged.unlink()
+        _prune(_verify_root(ctx, w))
         raise
     _place(staged, safe_join(dest, w.path))
+    _prune(_verify_root(ctx, w))
+
+
+def _prune(root: Path) -> None:
+    """Remove the empty folders of a per-file verify root (and the root itself when empty)."""
+    if not root.is_dir():
+        return
+    for d in sorted((p for p in root.rglob("*") if p.is_dir()), key=lambda p: len(p.parts), reverse=True):
+        with contextlib.suppress(OSError):
+            d.rmdir()
+    with contextlib.suppress(OSError):
+        root.rmdir()
 
 
 @contextlib.contextmanager
@@ -908,7 +928,7 @@ def _fetch_group_locked(ctx: _Ctx, group: list[Wanted], dest: Path) -> list[Fetc
     for attempt in (1, 2):
         part, sha, got = _download(ctx, w)
         received += got
-        staged = safe_join(ctx.staging / "hub" / "verify", w.path)
+        staged = safe_join(_verify_root(ctx, w), w.path)
         staged.parent.mkdir(parents=True, exist_ok=True)
         os.replace(part, staged)
         try:
@@ -925,7 +945,7 @@ def _fetch_group_locked(ctx: _Ctx, group: list[Wanted], dest: Path) -> list[Fetc
     _discard(ctx, w)
     out = [FetchedFile(path=w.path, size=w.size, sha256=sha, authority=w.kind, downloaded_bytes=received)]
     for other in group[1:]:
-        staged = safe_join(ctx.staging / "hub" / "verify", other.path)
+        staged = safe_join(_verify_root(ctx, other), other.path)
         staged.parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(safe_join(dest, w.path), staged)
         _check_and_place(ctx, other, staged, None, dest, None)
@@ -1054,9 +1074,14 @@ def fetch_hub(plan: Plan, *, dest: Path, options: HubOptions, progress: Progress
         finally:
             ctx.cancel.set()
             pool.shutdown(wait=True, cancel_futures=True)
-    for d in (staging / "hub" / "verify", staging / "hub"):
+    vroot = staging / "hub" / "verify"
+    if vroot.is_dir():
+        for d in sorted((p for p in vroot.rglob("*") if p.is_dir()), key=lambda p: len(p.parts), reverse=True):
+            with contextlib.suppress(OSError):
+                d.rmdir()  # only when empty: partials of other downloads stay
+    for d in (vroot, staging / "hub"):
         with contextlib.suppress(OSError):
-            d.rmdir()  # only when empty: partials of other downloads stay
+            d.rmdir()
     files = [results[w.path] for w in wanted]
     return FetchResult(
         dest=dest, source="hf", files=files, bytes_downloaded=sum(f.downloaded_bytes for f in files),

@@ -580,7 +580,11 @@ def _liar_main(torrent: str, good: str, bad: str, listen: str, tracker: str) -> 
                 fh.seek(off)
                 fh.write(bytes([b[0] ^ 0xFF]))
     assert dst.is_dir()
-    ses = lt.session(session_settings("closed", listen=listen))  # type: ignore[call-overload]
+    settings = session_settings("closed", listen=listen)
+    # the network rule: no DHT, LSD, UPnP or NAT-PMP in any session a test starts
+    assert not (settings["enable_dht"] or settings["enable_lsd"] or settings["enable_upnp"]
+                or settings["enable_natpmp"])
+    ses = lt.session(settings)  # type: ignore[call-overload]
     atp = lt.add_torrent_params()
     atp.ti = ti
     atp.save_path = str(bad)

@@ -289,7 +289,11 @@ def corrupt_peer(torrent: Path, good_dir: Path, work: Path, *, host: str = "127.
                 b = fh.read(1)
                 fh.seek(off)
                 fh.write(bytes([b[0] ^ 0xFF]))
-    ses = lt.session(session_settings("closed", listen=f"{host}:0"))
+    settings = session_settings("closed", listen=f"{host}:0")
+    # the network rule: no DHT, LSD, UPnP or NAT-PMP in any session a test starts
+    assert not (settings["enable_dht"] or settings["enable_lsd"] or settings["enable_upnp"]
+                or settings["enable_natpmp"])
+    ses = lt.session(settings)  # type: ignore[call-overload]
     try:
         atp = lt.add_torrent_params()
         atp.ti = ti

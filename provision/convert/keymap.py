@@ -273,6 +273,23 @@ def _theta(d: dict[str, Any], default: float) -> float:
     return default
 
 
+def _decoder_params(t: dict[str, Any], where: str) -> dict[str, Any]:
+    """params.json's decoder keys from a ``MistralConfig`` dict (``where`` names it in errors)."""
+    hidden = _get(t, "hidden_size", where)
+    heads = _get(t, "num_attention_heads", where)
+    return {
+        "dim": hidden,
+        "n_layers": _get(t, "num_hidden_layers", where),
+        "head_dim": t.get("head_dim") or hidden // heads,
+        "hidden_dim": _get(t, "intermediate_size", where),
+        "n_heads": heads,
+        "n_kv_heads": t.get("num_key_value_heads") or heads,
+        "rope_theta": _theta(t, 10000.0),
+        "norm_eps": _get(t, "rms_norm_eps", where),
+        "vocab_size": _get(t, "vocab_size", where),
+    }
+
+
 def args_from_hf_config(cfg: dict[str, Any]) -> ModelArgs:
     """A Llava (Mistral text + Pixtral vision) or text-only Mistral ``config.json`` dict -> ``ModelArgs``."""
     if not isinstance(cfg, dict):
@@ -283,20 +300,10 @@ def args_from_hf_config(cfg: dict[str, Any]) -> ModelArgs:
     vc = _get(cfg, "vision_config", "")
     if not isinstance(t, dict) or not isinstance(vc, dict):
         raise ParamsError("config.json: text_config and vision_config must be objects.")
-    hidden = _get(t, "hidden_size", ".text_config")
-    heads = _get(t, "num_attention_heads", ".text_config")
     vh = _get(vc, "hidden_size", ".vision_config")
     vheads = _get(vc, "num_attention_heads", ".vision_config")
     d: dict[str, Any] = {
-        "dim": hidden,
-        "n_layers": _get(t, "num_hidden_layers", ".text_config"),
-        "head_dim": t.get("head_dim") or hidden // heads,
-        "hidden_dim": _get(t, "intermediate_size", ".text_config"),
-        "n_heads": heads,
-        "n_kv_heads": t.get("num_key_value_heads") or heads,
-        "rope_theta": _theta(t, 10000.0),
-        "norm_eps": _get(t, "rms_norm_eps", ".text_config"),
-        "vocab_size": _get(t, "vocab_size", ".text_config"),
+        **_decoder_params(t, ".text_config"),
         "vision_encoder": {
             "hidden_size": vh,
             "num_channels": vc.get("num_channels", 3),
@@ -359,19 +366,7 @@ def args_from_hf_text_config(t: dict[str, Any]) -> ModelArgs:
     mt = t.get("model_type")
     if mt is not None and mt not in ("mistral", "mixtral"):
         raise ParamsError(f"config.json: model_type {mt!r} is not a Mistral text model (expected 'mistral').")
-    hidden = _get(t, "hidden_size", "")
-    heads = _get(t, "num_attention_heads", "")
-    d: dict[str, Any] = {
-        "dim": hidden,
-        "n_layers": _get(t, "num_hidden_layers", ""),
-        "head_dim": t.get("head_dim") or hidden // heads,
-        "hidden_dim": _get(t, "intermediate_size", ""),
-        "n_heads": heads,
-        "n_kv_heads": t.get("num_key_value_heads") or heads,
-        "rope_theta": _theta(t, 10000.0),
-        "norm_eps": _get(t, "rms_norm_eps", ""),
-        "vocab_size": _get(t, "vocab_size", ""),
-    }
+    d: dict[str, Any] = _decoder_params(t, "")
     if t.get("sliding_window") is not None:
         d["sliding_window"] = t["sliding_window"]
     if t.get("max_position_embeddings") is not None:

@@ -61,17 +61,12 @@ def _die_with_parent() -> None:  # pragma: no cover - runs in the child between 
 
 
 def stop_pid(p: subprocess.Popen[Any], sig: int = signal.SIGTERM, timeout: float = 15.0) -> int | None:
-    """Stop one process we started, by its PID: ``sig``, then SIGKILL after ``timeout``."""
-    if p.poll() is None:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(p.pid, sig)
-        try:
-            p.wait(timeout)
-        except subprocess.TimeoutExpired:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(p.pid, signal.SIGKILL)
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                p.wait(timeout)
+    """Stop one process we started, by its PID: ``sig``, then SIGKILL after ``timeout``
+    (``None`` when it still has not exited)."""
+    from tests.torrent_fixtures import stop_process
+
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        return stop_process(p, sig, timeout)
     return p.returncode
 
 

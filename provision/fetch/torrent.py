@@ -42,7 +42,9 @@ import contextvars
 import errno
 import fnmatch
 import hashlib
+import mmap
 import os
+import queue
 import shutil
 import socket
 import tempfile
@@ -83,9 +85,11 @@ POLL_S = 0.05
 PROGRESS_INTERVAL_S = 0.5
 HASH_READ_BYTES = 4 << 20
 FENCE_INTERVAL_S = 0.25  # how often passed pieces are fenced (flush_cache) for the hasher
-SYNC_CHUNK = 64 << 20  # start writing back every 64 MiB a file completes
+SYNC_CHUNK = 64 << 20  # the write-behind waits for and drops 64 MiB stretches
+HASH_RANGE_BYTES = 64 << 20  # at most this much is hashed before writeback of the next stretch starts
 ORDER_CHECK_S = 1.0  # how often a sequential download looks for other downloaders (a swarm)
 REMOVE_TIMEOUT_S = 10.0
+DISK_IO = "pread_disk_io_constructor"
 
 _ALERTS = (lt.alert.category_t.error_notification | lt.alert.category_t.status_notification
            | lt.alert.category_t.storage_notification | lt.alert.category_t.piece_progress_notification
@@ -259,9 +263,10 @@ def session_settings(network: str, *, listen: str | None = None, upload_rate: in
         "download_rate_limit": max(0, int(download_rate)),
         "stop_tracker_timeout": 1,
         "close_redundant_connections": False,  # keep the peer that sent the metadata while priorities apply
-        # throughput on fast links (measured on loopback: ~270 -> ~650 MB/s for v1)
-        "send_buffer_watermark": 8 << 20,
-        "send_buffer_low_watermark": 1 << 20,
+        # throughput on fast links: deeper send buffers than the defaults (500 kB / 10 kB), but
+        # not so deep that the seeder's fill_send_buffer dominates its CPU (seen with 8 MiB)
+        "send_buffer_watermark": 1 << 20,
+        "send_buffer_low_watermark": 256 << 10,
         "max_queued_disk_bytes": 64 << 20,
         "max_out_request_queue": 3000,
         "max_allowed_in_request_queue": 6000,
@@ -298,8 +303,13 @@ def open_session(settings: dict[str, Any]) -> Any:
         if loud or not all(part.strip().startswith(("127.", "[::1]", "10.77.")) for part in listen.split(",")):
             raise UsageError(f"refusing a public libtorrent session here ({', '.join(loud) or listen}): "
                              "PROVISION_FORBID_PUBLIC_NETWORK=1 allows only the closed network mode.")
+    params = lt.session_params()
+    params.settings = settings  # type: ignore[assignment]  # the bindings take a dict
+    # pread()/pwrite() disk I/O instead of 2.1's default (mmap): less CPU per byte written, and
+    # no mapping that would pin the pages the stream hasher drops once they are on disk
+    params.disk_io_constructor = DISK_IO
     try:
-        return lt.session(settings)  # type: ignore[call-overload]  # the bindings take a dict
+        return lt.session(params)
     except RuntimeError as e:  # pragma: no cover - libtorrent rejects a settings value
         raise UsageError(f"libtorrent refused the session settings: {e}.") from None
 
@@ -346,12 +356,14 @@ def _primary_address() -> str:
 class _StreamHasher:
     """Follow the selected files in torrent order as their pieces arrive: hash those a sha256
     vouches for while the data is still in the page cache (so whole-file verification needs no
-    second read), and fsync each file once complete (so the disk writes back while the next one
-    downloads, and the fsync before the final rename is cheap). A piece counts once a
-    ``flush_cache()`` fence issued after libtorrent passed it has completed."""
+    second read), and start writing each completed stretch back to disk at once. A second
+    thread (:class:`_WriteBehind`) waits for those stretches to reach the disk, drops them from
+    the page cache and fsyncs each file once complete, so the hasher never waits for the disk
+    and the fsync before the final rename is cheap. A piece counts once a ``flush_cache()``
+    fence issued after libtorrent passed it has completed."""
 
     def __init__(self, items: Sequence[tuple[str, Path, int, int, bool]], piece_length: int,
-                 num_pieces: int) -> None:
+                 num_pieces: int, *, drop_behind: bool = True) -> None:
         self.items = list(items)  # (rel, path, offset in the torrent, size, hash it)
         self.pl = piece_length
         self.have = bytearray(num_pieces)
@@ -359,13 +371,22 @@ class _StreamHasher:
         self.stopped = False
         self.results: dict[str, str] = {}
         self.errors: dict[str, str] = {}
-        self.synced: set[str] = set()
         self.bytes_hashed = 0
-        self.finished_at: float | None = None
-        self.hashed_at: float | None = None  # when the last file's hash (not its fsync) was done
+        self.hashed_at: float | None = None  # when the last file's hash was done
+        self.writer = _WriteBehind(drop=drop_behind)
         self.thread = threading.Thread(target=self._run, name="provision-stream-hash", daemon=True)
 
+    @property
+    def synced(self) -> set[str]:
+        """Files fsynced as they completed (the move need not fsync them again)."""
+        return self.writer.synced
+
+    @property
+    def finished_at(self) -> float | None:
+        return self.writer.finished_at
+
     def start(self) -> None:
+        self.writer.start()
         self.thread.start()
 
     def mark(self, piece: int) -> None:
@@ -386,9 +407,13 @@ class _StreamHasher:
         with self.cond:
             self.stopped = True
             self.cond.notify_all()
+        self.writer.stop()
 
     def join(self, timeout: float | None = None) -> None:
-        self.thread.join(timeout)
+        """Wait for the hashes, then for the write-behind (every file fsynced)."""
+        if self.thread.is_alive():
+            self.thread.join(timeout)
+        self.writer.join(timeout)
 
     def _wait(self, piece: int) -> bool:
         with self.cond:
@@ -399,47 +424,140 @@ class _StreamHasher:
     def _run(self) -> None:
         buf = bytearray(HASH_READ_BYTES)
         mv = memoryview(buf)
-        for rel, path, offset, size, want_hash in self.items:
-            h = hashlib.sha256()
-            pos = 0
-            synced_to = 0
-            try:
-                with contextlib.ExitStack() as stack:
-                    fd = -1
-                    while pos < size:
-                        p = (offset + pos) // self.pl
-                        if not self._wait(p):
-                            return
-                        last = (offset + size - 1) // self.pl
-                        q = p
-                        while q < last and self.have[q + 1] and (q + 1 - p) * self.pl < (256 << 20):
-                            q += 1
-                        end = min(size, (q + 1) * self.pl - offset)
-                        if fd < 0:
-                            fd = os.open(path, os.O_RDONLY)
-                            stack.callback(os.close, fd)
-                        if want_hash:
-                            while pos < end:
-                                n = os.preadv(fd, [mv[:min(len(buf), end - pos)]], pos)
-                                if not n:
-                                    raise OSError(errno.EIO, f"{path} is shorter than expected")
-                                h.update(mv[:n])
-                                pos += n
-                                self.bytes_hashed += n
-                        else:
-                            pos = end
-                        if pos - synced_to >= SYNC_CHUNK:  # start writing back what is complete
-                            _start_writeback(fd, synced_to, pos - synced_to)
-                            synced_to = pos
+        try:
+            for rel, path, offset, size, want_hash in self.items:
+                if not self._file(rel, path, offset, size, want_hash, mv):
+                    return
+        finally:
+            self.writer.close()
+
+    def _file(self, rel: str, path: Path, offset: int, size: int, want_hash: bool, mv: memoryview) -> bool:
+        """Hash one file as its pieces arrive; False when stopped."""
+        h = hashlib.sha256()
+        pos = started_to = 0
+        last = (offset + size - 1) // self.pl
+        try:
+            with contextlib.ExitStack() as stack:
+                fd = -1
+                while pos < size:
+                    p = (offset + pos) // self.pl
+                    if not self._wait(p):
+                        return False
+                    q = p
+                    while q < last and self.have[q + 1] and (q + 1 - p) * self.pl < HASH_RANGE_BYTES:
+                        q += 1
+                    end = min(size, (q + 1) * self.pl - offset)
+                    if fd < 0:
+                        fd = os.open(path, os.O_RDONLY)
+                        stack.callback(os.close, fd)
+                    _start_writeback(fd, pos, end - pos)  # complete: to disk now, not after the hash
                     if want_hash:
-                        self.results[rel] = h.hexdigest()
-                    self.hashed_at = time.monotonic()
-                    if fd >= 0:
+                        if os.fstat(fd).st_size < end:
+                            raise OSError(errno.EIO, f"{path} is shorter than expected")
+                        _hash_range(h, fd, pos, end, mv)
+                        self.bytes_hashed += end - pos
+                    pos = end
+                    if pos - started_to >= SYNC_CHUNK or pos >= size:  # hashed: the write-behind may drop it
+                        self.writer.put(rel, path, started_to, pos)
+                        started_to = pos
+                if want_hash:
+                    self.results[rel] = h.hexdigest()
+                self.hashed_at = time.monotonic()
+                if fd >= 0:
+                    self.writer.put(rel, path, 0, size, final=True)
+        except OSError as e:
+            self.errors[rel] = str(e)  # verify reads the file itself instead; the move fsyncs it
+        return True
+
+
+class _WriteBehind:
+    """The disk side of the stream hasher, in its own thread: wait until each completed stretch
+    is on disk and drop it from the page cache (hashed and written, nothing reads it again during
+    the fetch; the freed pages are reused for the next stretch instead of the cache growing by
+    the model's size, which on a VM whose fresh pages are costly is most of a write's CPU), and
+    fsync each file once its last stretch is queued."""
+
+    def __init__(self, *, drop: bool) -> None:
+        self.drop = drop
+        self.queue: queue.SimpleQueue[tuple[str, Path, int, int, bool] | None] = queue.SimpleQueue()
+        self.synced: set[str] = set()
+        self.finished_at: float | None = None
+        self.stopped = False
+        self.thread = threading.Thread(target=self._run, name="provision-write-behind", daemon=True)
+
+    def start(self) -> None:
+        self.thread.start()
+
+    def put(self, rel: str, path: Path, start: int, end: int, *, final: bool = False) -> None:
+        self.queue.put((rel, path, start, end, final))
+
+    def close(self) -> None:
+        """No more stretches: finish the queued ones, then end."""
+        self.queue.put(None)
+
+    def stop(self) -> None:
+        self.stopped = True
+        self.queue.put(None)
+
+    def join(self, timeout: float | None = None) -> None:
+        if self.thread.is_alive():
+            self.thread.join(timeout)
+
+    def _run(self) -> None:
+        fds: dict[str, int] = {}
+        try:
+            while not self.stopped:
+                item = self.queue.get()
+                if item is None:
+                    break
+                rel, path, start, end, final = item
+                try:
+                    fd = fds.get(rel)
+                    if fd is None:
+                        fd = fds[rel] = os.open(path, os.O_RDONLY)
+                    if final:
                         os.fsync(fd)
                         self.synced.add(rel)
-            except OSError as e:
-                self.errors[rel] = str(e)  # verify reads the file itself instead; the move fsyncs it
-        self.finished_at = time.monotonic()
+                        if self.drop:
+                            _drop_cached(fd, start, end - start)
+                        os.close(fds.pop(rel))
+                    elif self.drop:
+                        _write_back_and_drop(fd, start, end - start)
+                except OSError:
+                    pass  # the move fsyncs a file that is not in ``synced``
+        finally:
+            for fd in fds.values():
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+            self.finished_at = time.monotonic()
+
+
+def _hash_range(h: Any, fd: int, start: int, end: int, buf: memoryview) -> None:
+    """Feed bytes ``[start, end)`` of ``fd`` (complete, within the file) to ``h``: through a
+    read-only mapping of the page cache (no copy: on this kind of VM a copy costs as much as
+    the hash), or by ``preadv`` into ``buf`` where mapping fails."""
+    base = start - start % mmap.ALLOCATIONGRANULARITY
+    try:
+        mm = mmap.mmap(fd, end - base, prot=mmap.PROT_READ, offset=base)
+    except (OSError, ValueError):
+        mm = None
+    if mm is not None:
+        with contextlib.suppress(AttributeError, OSError):
+            mm.madvise(mmap.MADV_SEQUENTIAL)
+        view = memoryview(mm)
+        try:
+            h.update(view[start - base:])
+        finally:
+            view.release()
+            mm.close()
+        return
+    pos = start
+    while pos < end:
+        n = os.preadv(fd, [buf[:min(len(buf), end - pos)]], pos)
+        if not n:
+            raise OSError(errno.EIO, "the file is shorter than expected")
+        h.update(buf[:n])
+        pos += n
 
 
 def _libc_sync_file_range() -> Callable[[int, int, int, int], int] | None:
@@ -457,13 +575,28 @@ def _libc_sync_file_range() -> Callable[[int, int, int, int], int] | None:
 
 
 _SYNC_FILE_RANGE = _libc_sync_file_range() if hasattr(os, "preadv") else None
-SYNC_FILE_RANGE_WRITE = 2
+SYNC_FILE_RANGE_WAIT_BEFORE, SYNC_FILE_RANGE_WRITE, SYNC_FILE_RANGE_WAIT_AFTER = 1, 2, 4
 
 
 def _start_writeback(fd: int, offset: int, length: int) -> None:
     """Ask the kernel to start writing a completed range back (does not wait; Linux only)."""
     if _SYNC_FILE_RANGE is not None:
         _SYNC_FILE_RANGE(fd, offset, length, SYNC_FILE_RANGE_WRITE)
+
+
+def _write_back_and_drop(fd: int, offset: int, length: int) -> None:
+    """Wait until a range (whose writeback was started) is on disk, then drop it from the page cache."""
+    if _SYNC_FILE_RANGE is not None:
+        _SYNC_FILE_RANGE(fd, offset, length, SYNC_FILE_RANGE_WAIT_BEFORE | SYNC_FILE_RANGE_WRITE
+                         | SYNC_FILE_RANGE_WAIT_AFTER)
+        _drop_cached(fd, offset, length)
+
+
+def _drop_cached(fd: int, offset: int, length: int) -> None:
+    """Drop clean cached pages of a range (after fsync or a waited writeback; dirty pages stay)."""
+    if length > 0 and hasattr(os, "posix_fadvise"):
+        with contextlib.suppress(OSError):
+            os.posix_fadvise(fd, offset, length, os.POSIX_FADV_DONTNEED)
 
 
 # ---------------------------------------------------------------------------------------
@@ -891,16 +1024,15 @@ def fetch_torrent(plan: Plan, *, dest: Path, options: TorrentOptions,
         t_dl1 = time.monotonic()
         st = run.h.status()
         bytes_down = int(st.total_payload_download)
-        if todo:
-            run.save_resume_now()
+        # complete: no final resume data (a crash from here re-downloads at most the pieces since
+        # the last periodic save, and waiting for libtorrent's flush cost up to 2 s)
         _remove_torrent(run)
         if todo:
             run.hasher.mark_all()
 
         # 4. verify (hashes from the stream), then move into place
         t_v0 = time.monotonic()
-        if run.hasher.thread.is_alive():
-            run.hasher.join()
+        run.hasher.join()
         t_joined = time.monotonic()
         hashed_at = min(run.hasher.hashed_at or t_v0, t_joined)
         t_hash_tail = max(0.0, hashed_at - t_v0)  # hashing left after the last piece arrived
@@ -958,7 +1090,9 @@ def fetch_torrent(plan: Plan, *, dest: Path, options: TorrentOptions,
             "redundant_bytes": int(st.total_redundant_bytes),
             "peers_seen": len(run.peers_ever),
             "peers_max": run.peers_max,
+            "start_seconds": round(t_dl0 - t0, 3),
             "download_seconds": round(dl_seconds, 3),
+            "close_seconds": round(t_v0 - t_dl1, 3),
             "download_rate": round(bytes_down / dl_seconds, 1) if todo else 0.0,
             "steady_rate": _steady_rate(run.samples),
             "piece_order": run.piece_order,

@@ -9,7 +9,9 @@ cannot be handed a peer). Measured from each command's start to verified files i
 * ``cp -r`` of the same bytes on the same disk, then ``sync`` of the copies (fetch fsyncs every
   file before its rename; cp alone leaves gigabytes in the page cache) — cp alone is printed too.
 
-The three run one after another, ``--rounds`` times (default 3: on a shared 2-core VM one
+The three run one after another, each with the payload read into the page cache first (what
+one writes can push the payload out, and the seeder or cp would then read from disk),
+``--rounds`` times (default 3: on a shared 2-core VM one
 round varies by +-15%); the gate takes the median of each ratio over the rounds. Prints
 throughputs, the ratios (targets: fetch >= 1.5x aria2c, >= 0.6x cp), the fetch's steady-state
 rate, and what the post-download whole-file check cost (target < 10% of the fetch's wall
@@ -85,6 +87,15 @@ def timed(cmd: list[str], **kw: Any) -> tuple[float, subprocess.CompletedProcess
 
 def rm(path: Path) -> None:
     shutil.rmtree(path, ignore_errors=True)
+
+
+def warm(folder: Path) -> None:
+    """Read every file of ``folder`` once, so it is in the page cache."""
+    buf = bytearray(16 << 20)
+    for p in sorted(folder.iterdir()):
+        with open(p, "rb", buffering=0) as fh:
+            while fh.readinto(buf):
+                pass
 
 
 def fetch_once(mdir: Path, dest: Path, peer: str, env: dict[str, str], total: int) -> dict[str, Any]:
@@ -172,9 +183,14 @@ def main() -> int:
                 # 1. provision fetch; 2. aria2c, same torrent, same seeder (found through opentracker);
                 # 3. cp + sync of the same bytes on the same disk
                 print(f"round {r + 1}/{args.rounds}: provision fetch, aria2c, cp ...", flush=True)
-                one = {"fetch": fetch_once(mdir, work / "fetch-dest", peer, env, total),
-                       "aria2c": aria2c_once(seeder.torrent, work / "aria2c-dest", total),
-                       "cp": cp_once(src, work / "cp-dest", total)}
+                # each starts with the payload in the page cache (the previous one's writes may
+                # have pushed parts of it out: the seeder or cp would then read from disk)
+                warm(src)
+                one: dict[str, Any] = {"fetch": fetch_once(mdir, work / "fetch-dest", peer, env, total)}
+                warm(src)
+                one["aria2c"] = aria2c_once(seeder.torrent, work / "aria2c-dest", total)
+                warm(src)
+                one["cp"] = cp_once(src, work / "cp-dest", total)
                 results["rounds"].append(one)
                 f, a, c = one["fetch"], one["aria2c"], one["cp"]
                 print(f"  fetch {f['rate'] / 1e6:6.1f} MB/s  aria2c {a['rate'] / 1e6:6.1f} MB/s  cp+sync "

@@ -411,3 +411,47 @@ def test_seed_for_after_a_fetch_serves_the_verified_files_to_the_next_host(
     seed = json.loads(out)["fetch"]["extra"]["seed"]
     assert seed["uploaded_bytes"] >= sum((tiny_src / r).stat().st_size for r in TINY_FILES)
     assert seed["stopped_by"] == "signal"
+
+
+def test_deferred_signals_hold_sigterm_until_released_then_raise_it_where_the_caller_is_ready() -> None:
+    from provision.fetch.torrent import _DeferredSignals
+
+    class Landed(Exception):
+        pass
+
+    def handler(_sig: int, _frame: Any) -> None:
+        raise Landed
+
+    old = signal.signal(signal.SIGTERM, handler)
+    try:
+        with _DeferredSignals() as deferred:
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(0.05)  # the noting handler ran here; nothing was raised
+            assert deferred.pending == signal.SIGTERM
+            with pytest.raises(Landed):
+                deferred.release()
+        assert signal.getsignal(signal.SIGTERM) is handler  # the caller's handler is back
+        with _DeferredSignals():  # no signal: leaving the block raises nothing
+            pass
+    finally:
+        signal.signal(signal.SIGTERM, old)
+
+
+def test_sigterm_once_the_files_are_in_place_ends_the_seed_for_normally(tmp_path: Path) -> None:
+    src = tmp_path / "payload"
+    make_payload(src, {"a.dat": 4 << 20, "b.dat": 1 << 20})
+    dest = tmp_path / "dest"
+    with seed_thread(src) as info:
+        p = start_fetch(info.magnet, dest, "--seed-for", "60", log=tmp_path / "f.log")
+        try:
+            wait_for(lambda: final_names(dest) == ["a.dat", "b.dat"] or p.poll() is not None, 60,
+                     interval=0.005, what="the files in place")
+            os.kill(p.pid, signal.SIGTERM)  # right away: seeding may not have started yet
+            out, _ = p.communicate(timeout=30)
+        finally:
+            stop_process(p)
+    log = (tmp_path / "f.log").read_text()
+    assert p.returncode == 0, log
+    rep = json.loads(out)
+    assert rep["fetch"]["extra"]["seed"]["stopped_by"] == "signal"
+    assert same_tree(src, dest, ["a.dat", "b.dat"])

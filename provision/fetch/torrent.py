@@ -46,6 +46,7 @@ import mmap
 import os
 import queue
 import shutil
+import signal
 import socket
 import tempfile
 import threading
@@ -1061,67 +1062,71 @@ def fetch_torrent(plan: Plan, *, dest: Path, options: TorrentOptions,
                                    progress=progress)
             vreport.raise_for_failure()
         t_v1 = time.monotonic()
-        for s in todo:
-            _move_into_place(s.staged, safe_join(dest, s.rel, what="file path"),
-                             synced=s.rel in run.hasher.synced)
-        if dest.exists():
-            fsutil.fsync_dir(dest)
-        t_mv = time.monotonic()
-        with contextlib.suppress(OSError):
-            run.resume_path.unlink()
-        shutil.rmtree(run.staging, ignore_errors=True)
-        with contextlib.suppress(OSError):
-            run.staging.parent.rmdir()
+        # verified: from here a SIGINT/SIGTERM waits until the files are in place and then ends
+        # the fetch's seeding normally (before, one landing between the moves and the seed made
+        # a finished fetch exit 143)
+        with _DeferredSignals() as deferred:
+            for s in todo:
+                _move_into_place(s.staged, safe_join(dest, s.rel, what="file path"),
+                                 synced=s.rel in run.hasher.synced)
+            if dest.exists():
+                fsutil.fsync_dir(dest)
+            t_mv = time.monotonic()
+            with contextlib.suppress(OSError):
+                run.resume_path.unlink()
+            shutil.rmtree(run.staging, ignore_errors=True)
+            with contextlib.suppress(OSError):
+                run.staging.parent.rmdir()
 
-        # 5. report (and keep serving for --seed-for)
-        files: list[FetchedFile] = []
-        vfiles = {f.path: f for f in vreport.files} if vreport is not None else {}
-        for s in sels:
-            a = auths[s.rel]
-            sha = (vfiles[s.rel].sha256 if s.rel in vfiles else None) or known.get(s.rel) or a.sha256
-            files.append(FetchedFile(path=s.rel, size=s.size, sha256=sha, authority=a.kind,
-                                     downloaded_bytes=0 if s.reused else s.size, reused=s.reused))
-        dl_seconds = max(t_dl1 - t_dl0, 1e-9)
-        extra: dict[str, Any] = {
-            "infohash": run.src.key,
-            "btih": _hashes(ti.info_hashes())[0],
-            "btmh": _hashes(ti.info_hashes())[1],
-            "torrent_name": ti.name(),
-            "network": options.network,
-            "resumed": run.resumed,
-            "bytes_before_resume": downloaded0,
-            "hash_failures": run.hash_failures,
-            "failed_bytes": int(st.total_failed_bytes),
-            "redundant_bytes": int(st.total_redundant_bytes),
-            "peers_seen": len(run.peers_ever),
-            "peers_max": run.peers_max,
-            "start_seconds": round(t_dl0 - t0, 3),
-            "download_seconds": round(dl_seconds, 3),
-            "close_seconds": round(t_v0 - t_dl1, 3),
-            "download_rate": round(bytes_down / dl_seconds, 1) if todo else 0.0,
-            "steady_rate": _steady_rate(run.samples),
-            "piece_order": run.piece_order,
-            "rarest_first_after_seconds": round(run.swarm_at - t_dl0, 3) if run.swarm_at is not None else None,
-            "hashed_while_downloading_bytes": run.hasher.bytes_hashed,
-            "hash_tail_seconds": round(t_hash_tail, 3),
-            "verify_seconds": round(t_v1 - t_joined, 3),
-            "post_download_check_seconds": round(t_hash_tail + (t_v1 - t_joined), 3),
-            "move_seconds": round(t_tail_sync + (t_mv - t_v1), 3),
-            "reused": [s.rel for s in sels if s.reused],
-            "verify": vreport.to_dict() if vreport is not None else None,
-        }
-        if reused:
-            note(progress, "fetch", f"{len(reused)} files already in place and verified")
-        if options.seed_for > 0:
-            scope = _SCOPE.get()
-            if scope is not None:  # `provision run`: serve while the later stages run
-                extra["seed"] = scope.start(run.ses, _add_seed_torrent(run, ti, sels, dest), run.settings,
-                                            options.seed_for, run.plan.name, progress)
-                run.ses = None  # the scope closes it
-            else:
-                extra["seed"] = _seed_after_fetch(run, ti, sels, dest)
-        return FetchResult(dest=dest, source="torrent", files=files, bytes_downloaded=bytes_down,
-                           seconds=time.monotonic() - t0, extra=extra)
+            # 5. report (and keep serving for --seed-for)
+            files: list[FetchedFile] = []
+            vfiles = {f.path: f for f in vreport.files} if vreport is not None else {}
+            for s in sels:
+                a = auths[s.rel]
+                sha = (vfiles[s.rel].sha256 if s.rel in vfiles else None) or known.get(s.rel) or a.sha256
+                files.append(FetchedFile(path=s.rel, size=s.size, sha256=sha, authority=a.kind,
+                                         downloaded_bytes=0 if s.reused else s.size, reused=s.reused))
+            dl_seconds = max(t_dl1 - t_dl0, 1e-9)
+            extra: dict[str, Any] = {
+                "infohash": run.src.key,
+                "btih": _hashes(ti.info_hashes())[0],
+                "btmh": _hashes(ti.info_hashes())[1],
+                "torrent_name": ti.name(),
+                "network": options.network,
+                "resumed": run.resumed,
+                "bytes_before_resume": downloaded0,
+                "hash_failures": run.hash_failures,
+                "failed_bytes": int(st.total_failed_bytes),
+                "redundant_bytes": int(st.total_redundant_bytes),
+                "peers_seen": len(run.peers_ever),
+                "peers_max": run.peers_max,
+                "start_seconds": round(t_dl0 - t0, 3),
+                "download_seconds": round(dl_seconds, 3),
+                "close_seconds": round(t_v0 - t_dl1, 3),
+                "download_rate": round(bytes_down / dl_seconds, 1) if todo else 0.0,
+                "steady_rate": _steady_rate(run.samples),
+                "piece_order": run.piece_order,
+                "rarest_first_after_seconds": round(run.swarm_at - t_dl0, 3) if run.swarm_at is not None else None,
+                "hashed_while_downloading_bytes": run.hasher.bytes_hashed,
+                "hash_tail_seconds": round(t_hash_tail, 3),
+                "verify_seconds": round(t_v1 - t_joined, 3),
+                "post_download_check_seconds": round(t_hash_tail + (t_v1 - t_joined), 3),
+                "move_seconds": round(t_tail_sync + (t_mv - t_v1), 3),
+                "reused": [s.rel for s in sels if s.reused],
+                "verify": vreport.to_dict() if vreport is not None else None,
+            }
+            if reused:
+                note(progress, "fetch", f"{len(reused)} files already in place and verified")
+            if options.seed_for > 0:
+                scope = _SCOPE.get()
+                if scope is not None:  # `provision run`: serve while the later stages run
+                    extra["seed"] = scope.start(run.ses, _add_seed_torrent(run, ti, sels, dest), run.settings,
+                                                options.seed_for, run.plan.name, progress)
+                    run.ses = None  # the scope closes it
+                else:
+                    extra["seed"] = _seed_after_fetch(run, ti, sels, dest, on_serving=deferred.release)
+            return FetchResult(dest=dest, source="torrent", files=files, bytes_downloaded=bytes_down,
+                               seconds=time.monotonic() - t0, extra=extra)
     except (KeyboardInterrupt, Interrupted):
         with contextlib.suppress(Exception):
             if run.h is not None and not run.removed:
@@ -1132,6 +1137,38 @@ def fetch_torrent(plan: Plan, *, dest: Path, options: TorrentOptions,
         if run.hasher is not None:
             run.hasher.stop()
         _close_session(run.ses)
+
+
+class _DeferredSignals:
+    """Hold SIGINT/SIGTERM back for a short stretch that must not be cut (the moves into place
+    and the start of seeding): the Python handlers are swapped for one that notes the signal,
+    and :meth:`release` puts them back and raises a noted signal again, so it lands where the
+    caller is ready for it. Python runs signal handlers in the main thread only, so this holds
+    whichever thread the kernel delivered the signal to; elsewhere it does nothing."""
+
+    def __init__(self) -> None:
+        self.pending: int | None = None
+        self.saved: dict[int, Any] = {}
+
+    def __enter__(self) -> _DeferredSignals:
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self.saved[sig] = signal.signal(sig, self._note)
+        return self
+
+    def _note(self, signum: int, _frame: Any) -> None:
+        if self.pending is None:
+            self.pending = signum
+
+    def release(self) -> None:
+        saved, self.saved = self.saved, {}
+        for sig, handler in saved.items():
+            signal.signal(sig, handler)
+        if saved and self.pending is not None:
+            signal.raise_signal(self.pending)
+
+    def __exit__(self, *_exc: object) -> None:
+        self.release()
 
 
 def _steady_rate(samples: Sequence[tuple[float, int, int]]) -> float | None:
@@ -1345,14 +1382,18 @@ def _pieces_within(ti: Any, selected: set[int]) -> list[bool]:
 
 
 def _serve(ses: Any, h: Any, *, seconds: float | None, stop: threading.Event | None,
-           progress: ProgressFn | None, task: str, settings: dict[str, Any]) -> dict[str, Any]:
-    """Serve until ``seconds`` pass, ``stop`` is set, or SIGINT/SIGTERM; return upload facts."""
+           progress: ProgressFn | None, task: str, settings: dict[str, Any],
+           on_serving: Callable[[], None] | None = None) -> dict[str, Any]:
+    """Serve until ``seconds`` pass, ``stop`` is set, or SIGINT/SIGTERM; return upload facts.
+    ``on_serving`` runs first, where a signal already ends the serving normally."""
     start = time.monotonic()
     last_emit = 0.0
     peers_max = 0
     stopped_by = "timeout"
     hash_failures = 0
     try:
+        if on_serving is not None:
+            on_serving()
         while True:
             if stop is not None and stop.is_set():
                 stopped_by = "stop"
@@ -1379,13 +1420,14 @@ def _serve(ses: Any, h: Any, *, seconds: float | None, stop: threading.Event | N
             "peers_max": peers_max, "stopped_by": stopped_by, "listen": _listen_endpoint(ses, settings)}
 
 
-def _seed_after_fetch(run: _Run, ti: Any, sels: list[_Sel], dest: Path) -> dict[str, Any]:
+def _seed_after_fetch(run: _Run, ti: Any, sels: list[_Sel], dest: Path,
+                      on_serving: Callable[[], None] | None = None) -> dict[str, Any]:
     """Serve the verified files from ``dest`` for ``--seed-for`` seconds (no re-hash)."""
     h = _add_seed_torrent(run, ti, sels, dest)
     note(run.progress, "fetch", f"seeding {run.plan.name} for {run.options.seed_for:.0f} s "
                                 f"on {_listen_endpoint(run.ses, run.settings)}")
     facts = _serve(run.ses, h, seconds=run.options.seed_for, stop=None, progress=run.progress,
-                   task="seed:" + run.plan.name, settings=run.settings)
+                   task="seed:" + run.plan.name, settings=run.settings, on_serving=on_serving)
     run.ses.remove_torrent(h)
     return facts
 

@@ -25,6 +25,7 @@ import re
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -104,14 +105,13 @@ def timed(cmd: list[str]) -> tuple[float, str]:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--dir", type=Path, default=Path("/tmp/provision-convert-bench"))
+    ap.add_argument("--dir", type=Path, default=None, help="where the work folder goes (default: a temp dir)")
     ap.add_argument("--scale", type=float, default=1.0, help="shrink layers and vocab (1.0 = full 25 GB)")
     ap.add_argument("--keep", action="store_true", help="keep the generated files")
     ns = ap.parse_args()
-    base: Path = ns.dir
-    if base.exists():
-        shutil.rmtree(base)
-    base.mkdir(parents=True)
+    if ns.dir is not None:
+        ns.dir.mkdir(parents=True, exist_ok=True)
+    base = Path(tempfile.mkdtemp(prefix="provision-convert-bench-", dir=ns.dir))  # only this is removed
     src, copy, out = base / "src", base / "copy.safetensors", base / "out"
     timebin = shutil.which("time") or "/usr/bin/time"
     if not Path(timebin).exists():

@@ -47,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--members", type=int, default=6, help="fleet members started together (max 100)")
     ap.add_argument("--cap", default="25M", help="the origin's upload cap")
     ap.add_argument("--slots", default="2", help="the origin's upload slots (--upload-slots)")
-    ap.add_argument("--workdir", type=Path, default=None)
+    ap.add_argument("--workdir", type=Path, default=None, help="where the work folder goes (default: a temp dir)")
     ap.add_argument("--keep", action="store_true", help="keep the work folder")
     args = ap.parse_args(argv)
     if os.geteuid() != 0:
@@ -56,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
     if not 1 <= args.members <= 100:
         print("--members must be 1..100", file=sys.stderr)
         return 2
-    work = args.workdir or Path(tempfile.mkdtemp(prefix="provision-fleet-bench-"))
+    work = Path(tempfile.mkdtemp(prefix="provision-fleet-bench-", dir=args.workdir))  # removed at the end
     work.mkdir(parents=True, exist_ok=True)
     load0 = os.getloadavg()
     try:

@@ -121,8 +121,10 @@ def aria2c_once(torrent: Path, out: Path, total: int) -> dict[str, Any]:
     wall = time.monotonic() - t0
     if got.returncode != 0:
         raise RuntimeError(f"aria2c failed: {got.stdout[-3000:]}")
+    # like cp: aria2c exits with what it wrote still in the page cache; sync makes it durable
+    swall, _ = timed(["sync", *[str(p) for p in sorted(out.rglob("*")) if p.is_file()]])
     rm(out)
-    return {"wall_s": wall, "rate": total / wall}
+    return {"wall_s": wall, "rate": total / wall, "sync_s": swall, "rate_with_sync": total / (wall + swall)}
 
 
 def cp_once(src: Path, out: Path, total: int) -> dict[str, Any]:
@@ -193,8 +195,9 @@ def main() -> int:
                 one["cp"] = cp_once(src, work / "cp-dest", total)
                 results["rounds"].append(one)
                 f, a, c = one["fetch"], one["aria2c"], one["cp"]
-                print(f"  fetch {f['rate'] / 1e6:6.1f} MB/s  aria2c {a['rate'] / 1e6:6.1f} MB/s  cp+sync "
-                      f"{c['rate_with_sync'] / 1e6:6.1f} MB/s  ->  {f['rate'] / a['rate']:.2f}x aria2c, "
+                print(f"  fetch {f['rate'] / 1e6:6.1f} MB/s  aria2c {a['rate'] / 1e6:6.1f} MB/s (+sync "
+                      f"{a['rate_with_sync'] / 1e6:6.1f})  cp+sync {c['rate_with_sync'] / 1e6:6.1f} MB/s  ->  "
+                      f"{f['rate'] / a['rate']:.2f}x aria2c ({f['rate'] / a['rate_with_sync']:.2f}x aria2c+sync), "
                       f"{f['rate'] / c['rate_with_sync']:.2f}x cp+sync", flush=True)
             seeder.stop()
             results["seed"] = json_report_safe(seeder)
@@ -208,6 +211,7 @@ def main() -> int:
 
     rounds = results["rounds"]
     vs_aria2c = statistics.median(x["fetch"]["rate"] / x["aria2c"]["rate"] for x in rounds)
+    vs_aria2c_sync = statistics.median(x["fetch"]["rate"] / x["aria2c"]["rate_with_sync"] for x in rounds)
     vs_cp = statistics.median(x["fetch"]["rate"] / x["cp"]["rate_with_sync"] for x in rounds)
     check_share = statistics.median(x["fetch"]["post_download_check_s"] / x["fetch"]["wall_s"] for x in rounds)
     mid = sorted(rounds, key=lambda x: x["fetch"]["rate"])[len(rounds) // 2]  # the median fetch, in detail
@@ -218,7 +222,8 @@ def main() -> int:
     print(f"median round -- provision fetch: {f['wall_s']:7.2f} s  {f['rate'] / 1e6:7.1f} MB/s start to verified "
           f"files in place (download {f['download_rate'] / 1e6:.1f} MB/s, steady state "
           f"{(f['steady_rate'] or 0) / 1e6:.1f} MB/s; start-up {f['start_s']:.2f} s, close {f['close_s']:.2f} s)")
-    print(f"                aria2c:          {a['wall_s']:7.2f} s  {a['rate'] / 1e6:7.1f} MB/s")
+    print(f"                aria2c:          {a['wall_s']:7.2f} s  {a['rate'] / 1e6:7.1f} MB/s (+ sync "
+          f"{a['sync_s']:.2f} s: {a['rate_with_sync'] / 1e6:.1f} MB/s)")
     print(f"                cp + sync:       {c['wall_s'] + c['sync_s']:7.2f} s  {c['rate_with_sync'] / 1e6:7.1f} MB/s "
           f"(cp alone {c['wall_s']:.2f} s, {c['rate'] / 1e6:.1f} MB/s)")
     print(f"post-download check: {f['post_download_check_s']:.2f} s = {f['post_download_check_s'] / f['wall_s']:.1%} "
@@ -230,6 +235,7 @@ def main() -> int:
         hit = value >= target
         ok &= hit
         print(f"{label:15s} {value:5.2f}x  median of {len(rounds)} (target >= {target}x) {'ok' if hit else 'MISSED'}")
+    print(f"{'(fetch / aria2c+sync':15s} {vs_aria2c_sync:5.2f}x  median, both to durable files: not gated)")
     hit = check_share < TARGET_CHECK_SHARE
     ok &= hit
     print(f"{'check share':15s} {check_share:5.1%}  median (target < {TARGET_CHECK_SHARE:.0%}) {'ok' if hit else 'MISSED'}")

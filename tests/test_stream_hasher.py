@@ -14,6 +14,8 @@ import mmap
 import os
 import shutil
 import subprocess
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +33,40 @@ def resident_bytes(path: Path) -> int:
     out = subprocess.run(["fincore", "--bytes", "--noheadings", "--output", "RES", str(path)],
                          capture_output=True, text=True, check=True).stdout
     return int(out.split()[0])
+
+
+MEMORY_FS = {"tmpfs", "ramfs"}
+
+
+def fs_type(path: Path) -> str:
+    """The type of the filesystem holding ``path`` (longest mount point in /proc/mounts)."""
+    best, kind = "", ""
+    real = str(path.resolve())
+    with open("/proc/mounts") as fh:
+        for line in fh:
+            parts = line.split()
+            mnt = parts[1].replace("\\040", " ")
+            if (real == mnt or real.startswith(mnt.rstrip("/") + "/")) and len(mnt) > len(best):
+                best, kind = mnt, parts[2]
+    return kind
+
+
+@pytest.fixture
+def disk_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
+    """A folder on a disk filesystem: ``tmp_path``, unless that is in memory (tmpfs has no page
+    cache to drop), then one under the repository's ignored ``.pytest-disk/``. PROVISION_HOME
+    moves there too, so staging and destination share the filesystem (a rename, not a copy)."""
+    if fs_type(tmp_path) not in MEMORY_FS:
+        yield tmp_path
+        return
+    base = Path(__file__).resolve().parents[1] / ".pytest-disk"
+    base.mkdir(exist_ok=True)
+    d = Path(tempfile.mkdtemp(dir=base))
+    monkeypatch.setenv("PROVISION_HOME", str(d / "home"))
+    try:
+        yield d
+    finally:
+        shutil.rmtree(d, ignore_errors=True)
 
 
 @pytest.fixture
@@ -75,10 +111,10 @@ def test_hash_range_reads_with_preadv_where_mapping_fails(random_file: tuple[Pat
     assert h.hexdigest() == hashlib.sha256(data[7:len(data) - 5]).hexdigest()
 
 
-def test_write_behind_fsyncs_complete_files_and_drops_what_is_on_disk(tmp_path: Path) -> None:
+def test_write_behind_fsyncs_complete_files_and_drops_what_is_on_disk(disk_dir: Path) -> None:
     size = 6 << 20
     data = os.urandom(size)
-    path = tmp_path / "part.bin"
+    path = disk_dir / "part.bin"
     with open(path, "wb") as fh:  # dirty pages, as libtorrent leaves them
         fh.write(data)
     assert resident_bytes(path) > 0
@@ -118,23 +154,23 @@ def test_write_behind_of_a_missing_file_leaves_it_for_the_move_to_fsync(tmp_path
 
 
 def test_a_fetch_leaves_its_verified_files_out_of_the_page_cache(
-        tiny_src: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+        tiny_src: Path, disk_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """Hashed from the stream against the manifest and written back as they arrive, the files
     are dropped from the page cache: a multi-GB model does not push the host's working set out."""
     import dataclasses
 
     from provision.manifest import Source, load_manifest, write_manifest
 
-    torrent = tmp_path / "m" / "tiny.torrent"
+    torrent = disk_dir / "m" / "tiny.torrent"
     torrent.parent.mkdir()
-    dest = tmp_path / "dest"
+    dest = disk_dir / "dest"
     with seed_thread(tiny_src, torrent_out=torrent) as info:
         m = load_manifest(str(tiny_src / "manifest.toml"))
         m2 = dataclasses.replace(m, sources=(Source(type="torrent", torrent="tiny.torrent", magnet=info.magnet,
                                                     prefix="tiny-pixtral/"),))
-        write_manifest(m2, tmp_path / "m" / "manifest.toml")
+        write_manifest(m2, disk_dir / "m" / "manifest.toml")
         capsys.readouterr()
-        rc = run_cli(["fetch", str(tmp_path / "m" / "manifest.toml"), "--dest", str(dest), "--network", "closed",
+        rc = run_cli(["fetch", str(disk_dir / "m" / "manifest.toml"), "--dest", str(dest), "--network", "closed",
                       "--stall-timeout", "20", "--json"])
         rep = json.loads(capsys.readouterr().out)
     assert rc == 0, rep

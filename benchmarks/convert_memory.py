@@ -66,9 +66,9 @@ def generate(src: Path, params: dict[str, object]) -> tuple[int, int]:
     """params.json, tekken.json and a random bf16 consolidated.safetensors; (tensor count, file size)."""
     import torch
 
-    from provision.convert.writer import ShardWriter, TensorEntry
-    from provision.model.args import ModelArgs, tensor_spec
-    from provision.tiny import release_tekken_bytes
+    from provision.formats.params import ModelArgs, tensor_spec
+    from provision.formats.safetensors_writer import ShardWriter, TensorEntry
+    from provision.testing.tiny import release_tekken_bytes
 
     src.mkdir(parents=True, exist_ok=True)
     (src / "params.json").write_text(json.dumps(params, indent=2) + "\n")
@@ -119,7 +119,7 @@ def main() -> int:
         return 2
     try:
         params = scaled_params(ns.scale)
-        from provision.model.args import ModelArgs, parameter_count
+        from provision.formats.params import ModelArgs, parameter_count
 
         need = parameter_count(ModelArgs.from_dict(params)) * 2
         free = shutil.disk_usage(base).free

@@ -28,7 +28,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from tests.fleet_fixtures import (  # noqa: E402
+from provision.testing.fleet_fixtures import (  # noqa: E402
     Fleet,
     fleet_network,
     member_report,
@@ -74,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
             try:
                 fl.start_tracker()
                 origin = fl.start_origin(payload, cap=args.cap, extra=["--upload-slots", args.slots])
-                from provision.sources import parse_magnet
+                from provision.formats.sources import parse_magnet
 
                 ih = parse_magnet(origin.magnet).infohash
                 solo = fl.start_member(names[0], origin.magnet, ih)

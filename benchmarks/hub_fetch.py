@@ -5,8 +5,8 @@ hub in tests/hub_server.py, in its own process (bodies go out with ``sendfile``;
 URL answers a 302 to a second "CDN" port, as the Hub does) and times, in the same run,
 interleaved, best of ``--runs``, with the CPU seconds per GB each client used:
 
-* provision's Hub fetch (``provision.fetch.fetch(make_plan("hf://bench/blob"), source="hf")``):
-  listing, ranged download with hashing, ``provision.verify``, fsync and rename, all included;
+* provision's Hub fetch (``provision.stages.fetch.fetch(make_plan("hf://bench/blob"), source="hf")``):
+  listing, ranged download with hashing, ``provision.stages.verify``, fsync and rename, all included;
 * plain ``huggingface_hub.hf_hub_download`` of the same file (which verifies nothing);
 * ``curl -L`` of the same resolve URL.
 
@@ -116,7 +116,7 @@ def main() -> int:
         sha = make_blob(work / "served" / NAME, size)
         # the hub runs in its own process so it neither shares the GIL with the clients nor
         # counts in their CPU time; it lives at most an hour and is stopped below
-        server = subprocess.Popen([sys.executable, "-m", "tests.hub_server", str(work / "served"), REPO,
+        server = subprocess.Popen([sys.executable, "-m", "provision.testing.hub_server", str(work / "served"), REPO,
                                    "--seconds", "3600"], cwd=ROOT, stdout=subprocess.PIPE, text=True)
         assert server.stdout is not None
         info = json.loads(server.stdout.readline())
@@ -143,8 +143,8 @@ def main() -> int:
                                         endpoint=endpoint, token=False))
 
         def run_provision() -> Path:
-            from provision.fetch import HubOptions, fetch
-            from provision.plan import make_plan
+            from provision.stages.fetch import HubOptions, fetch
+            from provision.stages.plan import make_plan
 
             plan = make_plan(f"hf://{REPO}", home=work / "home", dest=work / "out", check_disk=False)
             res = fetch(plan, source="hf", hub=HubOptions())
@@ -163,7 +163,7 @@ def main() -> int:
         # imports and hardware detection happen once, before any timing, for both in-process clients
         import huggingface_hub.file_download  # noqa: F401
 
-        import provision.fetch.hub  # noqa: F401
+        import provision.stages.fetch.hub  # noqa: F401
         from provision.hardware import detect
 
         detect()

@@ -42,7 +42,7 @@ def main() -> int:
     ap.add_argument("--target", type=float, default=5.0, help="seconds of wall time (median)")
     opts = ap.parse_args()
 
-    from provision.tiny import write_tiny
+    from provision.testing.tiny import write_tiny
 
     env = dict(os.environ, HF_HUB_DISABLE_TELEMETRY="1", HF_HUB_OFFLINE="1")
     with tempfile.TemporaryDirectory() as tmp:

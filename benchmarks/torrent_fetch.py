@@ -38,7 +38,7 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from tests.torrent_fixtures import (  # noqa: E402
+from provision.testing.torrent_fixtures import (  # noqa: E402
     aria2c_download,
     opentracker,
     provision_seed,
@@ -99,7 +99,7 @@ def warm(folder: Path) -> None:
 
 
 def fetch_once(mdir: Path, dest: Path, peer: str, env: dict[str, str], total: int) -> dict[str, Any]:
-    wall, cp = timed([sys.executable, "-m", "provision.cli", "fetch", str(mdir / "manifest.toml"),
+    wall, cp = timed([sys.executable, "-m", "provision.cli.main", "fetch", str(mdir / "manifest.toml"),
                       "--dest", str(dest), "--peer", peer, "--network", "closed", "--stall-timeout", "120",
                       "--json"], env=env, cwd=REPO, timeout=3600)
     if cp.returncode != 0:

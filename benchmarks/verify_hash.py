@@ -5,7 +5,7 @@ Generates N files totalling --size-gib (default 4 GiB) in a temporary folder, wa
 cache, then measures (best of --repeat runs, alternating the two so load changes hit both):
 
 * peer: ``xargs -P $(nproc) -n 1 openssl dgst -sha256`` over the same files;
-* ours: ``provision.verify.verify_dir(folder)``, the code path ``provision verify`` runs;
+* ours: ``provision.stages.verify.verify_dir(folder)``, the code path ``provision verify`` runs;
 * optionally (``--cold``) both again after evicting the files' pages with
   ``posix_fadvise(DONTNEED)`` (only our files' pages; nothing system-wide is dropped);
 * peak RSS of the ``provision verify FOLDER --json`` command (``/usr/bin/time -v``, else
@@ -41,7 +41,7 @@ from typing import Any
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from provision.verify import sha256_file, verify_dir  # noqa: E402
+from provision.stages.verify import sha256_file, verify_dir  # noqa: E402
 
 RATIO_TARGET = 0.9
 RSS_LIMIT_MB = 150.0
@@ -125,7 +125,7 @@ def run_ours(folder: Path, procs: int) -> tuple[float, float, dict[str, str]]:
 def peak_rss_mb(folder: Path) -> tuple[float, str]:
     exe = Path(sys.executable).with_name("provision")
     cmd = [str(exe), "verify", str(folder), "--json"] if exe.exists() else \
-        [sys.executable, "-m", "provision.cli", "verify", str(folder), "--json"]
+        [sys.executable, "-m", "provision.cli.main", "verify", str(folder), "--json"]
     timebin = shutil.which("time") or ("/usr/bin/time" if Path("/usr/bin/time").exists() else None)
     if timebin:
         res = subprocess.run([timebin, "-v", *cmd], capture_output=True, text=True)

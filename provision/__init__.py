@@ -6,15 +6,14 @@ when they are called.
 
 from __future__ import annotations
 
-__version__ = "0.1.0"
-JSON_SCHEMA_VERSION = 1
+from provision.version import JSON_SCHEMA_VERSION, __version__
 
 __all__ = ["JSON_SCHEMA_VERSION", "__version__", "run"]
 
 
 def __getattr__(name: str) -> object:
     """``provision.run`` loads on first use; every stage function is in ``provision.api``
-    (``provision.plan``, ``provision.fetch``... are the stage modules themselves)."""
+    (``provision.stages.plan``, ``provision.stages.fetch``... are the stage modules themselves)."""
     if name == "run":
         from provision import api
 

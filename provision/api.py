@@ -19,8 +19,8 @@ from pathlib import Path
 from typing import Any
 
 from provision.pipeline import RunOptions, RunResult, run_pipeline
-from provision.plan import Plan, make_plan
 from provision.progress import ProgressFn
+from provision.stages.plan import Plan, make_plan
 
 
 def run(source: str, *, home: str | Path | None = None, dry_run: bool = False, offline: bool = False,
@@ -36,29 +36,29 @@ def plan(source: str, *, home: str | Path | None = None, offline: bool = False, 
 
 
 def fetch(source: str, *, home: str | Path | None = None, progress: ProgressFn | None = None, **kw: Any) -> Any:
-    """`provision fetch`: keyword arguments go to ``provision.fetch.fetch``."""
-    from provision.fetch import fetch as _fetch
+    """`provision fetch`: keyword arguments go to ``provision.stages.fetch.fetch``."""
+    from provision.stages.fetch import fetch as _fetch
 
     return _fetch(make_plan(source, home=Path(home) if home else None), progress=progress, **kw)
 
 
 def verify(root: str | Path, manifest: str | Path | None = None, *, progress: ProgressFn | None = None) -> Any:
     """`provision verify`: returns a ``VerifyReport``; call ``raise_for_failure()`` on it."""
-    from provision.manifest import load_manifest
-    from provision.verify import verify_dir
+    from provision.formats.manifest import load_manifest
+    from provision.stages.verify import verify_dir
 
     return verify_dir(Path(root), load_manifest(manifest) if manifest else None, progress=progress)
 
 
 def convert(src_dir: str | Path, out_dir: str | Path, **kw: Any) -> Any:
     """`provision convert`: returns a ``ConvertResult``."""
-    from provision.convert.convert import convert as _convert
+    from provision.stages.convert.convert import convert as _convert
 
     return _convert(Path(src_dir), Path(out_dir), **kw)
 
 
 def smoke(model_dir: str | Path, **kw: Any) -> Any:
     """`provision smoke`: returns a ``SmokeReport``."""
-    from provision.smoke import smoke as _smoke
+    from provision.stages.smoke import smoke as _smoke
 
     return _smoke(Path(model_dir), **kw)

@@ -21,12 +21,12 @@ from pathlib import Path
 from typing import Any
 
 from provision.errors import ProvisionError
-from provision.fetch import HubOptions, TorrentOptions
+from provision.formats.manifest import FileSpec, Manifest, Source, write_manifest
 from provision.layout import Layout
-from provision.manifest import FileSpec, Manifest, Source, write_manifest
-from provision.plan import Plan, make_plan
 from provision.progress import ProgressFn, note
 from provision.settings import Settings
+from provision.stages.fetch import HubOptions, TorrentOptions
+from provision.stages.plan import Plan, make_plan
 
 
 @dataclass
@@ -110,7 +110,7 @@ def _preflight_profile(plan: Plan, opts: RunOptions) -> None:
     target cannot run -> exit 3, before a single byte is fetched."""
     if opts.skip_convert:
         return
-    from provision.model.args import ModelArgs
+    from provision.formats.params import ModelArgs
 
     if plan.manifest is not None and plan.manifest.params is not None:
         args = ModelArgs.from_dict(plan.manifest.params)
@@ -119,7 +119,7 @@ def _preflight_profile(plan: Plan, opts: RunOptions) -> None:
     else:
         return
     from provision.hardware import parse_target
-    from provision.profiles import choose
+    from provision.stages.profiles import choose
 
     choose(args, parse_target(opts.target, hardware=plan.hardware), opts.scheme, opts.layout, context=opts.context)
 
@@ -128,7 +128,7 @@ def _background_seeding(opts: RunOptions) -> AbstractContextManager[Any]:
     """With --seed-for, a torrent fetch keeps serving from a thread while the later stages run."""
     if opts.torrent.seed_for <= 0 or opts.source == "hf":
         return nullcontext(None)
-    from provision.fetch.torrent import background_seeding
+    from provision.stages.fetch.torrent import background_seeding
 
     return background_seeding()
 
@@ -145,14 +145,14 @@ def run_pipeline(
     on_stage: Callable[[dict[str, Any]], None] | None = None,
 ) -> RunResult:
     """Run SOURCE through every stage; return the per-stage records (raises on failure)."""
-    from provision.lock import ModelLock
-    from provision.state import load_state, save_state
+    from provision.store.lock import ModelLock
+    from provision.store.state import load_state, save_state
 
     opts = options or RunOptions()
     st = settings or Settings.load()
     home = Path(home) if home else st.home
     t0 = time.monotonic()
-    from provision.fetch.hub import use_options
+    from provision.stages.fetch.hub import use_options
 
     use_options(opts.hub)  # the plan's listing of a private hf:// repo uses the token too
     plan = make_plan(source, settings=st, home=home, offline=offline or source.startswith("magnet:"))
@@ -185,7 +185,7 @@ def run_pipeline(
         if state.stage_valid("fetch") and not opts.reverify and original.is_dir():
             _record(result, "fetch", "skipped", time.monotonic() - t, 0, {"reason": "already fetched and unchanged"})
             if seeding is not None:  # a restarted fleet member still serves late hosts
-                from provision.fetch.torrent import seed_verified
+                from provision.stages.fetch.torrent import seed_verified
 
                 seed_verified(plan, original, opts.torrent, progress)
         else:
@@ -194,19 +194,19 @@ def run_pipeline(
             snap = opts.adopt
             how = "adopt"
             if snap is None and opts.discover_hf_cache:
-                from provision.adopt import find_hf_snapshot
+                from provision.stages.adopt import find_hf_snapshot
 
                 snap = find_hf_snapshot(plan)
                 how = "hf-cache"
             if snap is not None:
-                from provision.adopt import adopt
+                from provision.stages.adopt import adopt
 
                 ares = adopt(plan, snap, dest=original, progress=progress)
                 facts = {f["path"]: (f["size"], f["sha256"]) for f in ares.files}
                 _record(result, "fetch", "ok", time.monotonic() - t, 0,
                         {"how": how, **ares.to_dict()})
             else:
-                from provision.fetch import fetch
+                from provision.stages.fetch import fetch
 
                 fres = fetch(plan, source=opts.source, dest=original, torrent=opts.torrent, hub=opts.hub,
                              progress=progress)
@@ -225,7 +225,7 @@ def run_pipeline(
             save_state(state, state_path)
         emit(result.stages[-1])
         if manifest is None:
-            from provision.manifest import load_manifest
+            from provision.formats.manifest import load_manifest
 
             manifest = load_manifest(lay.manifests / f"{plan.name.replace('/', '--')}.toml")
 
@@ -234,7 +234,7 @@ def run_pipeline(
         if state.stage_valid("verify") and not opts.reverify:
             _record(result, "verify", "skipped", time.monotonic() - t, 0, {"reason": "verified and unchanged"})
         else:
-            from provision.verify import authorities_from_manifest, verify_files
+            from provision.stages.verify import authorities_from_manifest, verify_files
 
             known: dict[str, str] = {}
             rec = state.get("fetch")
@@ -254,10 +254,10 @@ def run_pipeline(
         # ---- convert -----------------------------------------------------------------------
         smoke_dir = original
         if not opts.skip_convert:
-            from provision.convert.convert import convert
+            from provision.formats.params import ModelArgs
             from provision.hardware import parse_target
-            from provision.model.args import ModelArgs
-            from provision.profiles import choose
+            from provision.stages.convert.convert import convert
+            from provision.stages.profiles import choose
 
             t = time.monotonic()
             target = parse_target(opts.target, hardware=plan.hardware)
@@ -288,7 +288,7 @@ def run_pipeline(
 
         # ---- smoke -------------------------------------------------------------------------
         if not opts.skip_smoke:
-            from provision.smoke import smoke
+            from provision.stages.smoke import smoke
 
             t = time.monotonic()
             stage = f"smoke:{result.profile or 'original'}"

@@ -6,26 +6,15 @@ Area-specific fixtures live in ``tests/<area>_fixtures.py`` modules imported by 
 
 from __future__ import annotations
 
-import os
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
+from provision.testing.ci import IN_CI, require_tool
 
-
-def require_tool(name: str) -> str:
-    """Path of an executable; in CI a missing one fails the test, elsewhere it skips."""
-    path = shutil.which(name)
-    if path is None:
-        msg = f"{name} is not installed (.ci/run installs it)"
-        if IN_CI:
-            pytest.fail(msg)
-        pytest.skip(msg)
-    return path
-
+__all__ = ["IN_CI", "require_tool"]
 
 @pytest.fixture(autouse=True)
 def _isolated_env(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -49,7 +38,7 @@ def _isolated_env(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.
 @pytest.fixture(scope="session")
 def tiny_src(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The tiny checkpoint, written once per session. Treat it as read-only: copy it to modify."""
-    from provision.tiny import write_tiny
+    from provision.testing.tiny import write_tiny
 
     out = tmp_path_factory.mktemp("tiny") / "tiny-pixtral"
     write_tiny(out, seed=0)

@@ -6,8 +6,8 @@ Two on-disk layouts are read:
   shards with ``consolidated.safetensors.index.json``): names are the model's own;
 * transformers (Llava): ``config.json`` + ``model.safetensors`` or ``model-*.safetensors``
   shards with ``model.safetensors.index.json``: names and q/k layouts go through
-  ``provision.convert.keymap``. A ``quantization_config`` in ``config.json`` hands the model
-  and the tensors to ``provision.convert.runtime.apply_quantization``, which swaps the
+  ``provision.model.hf_names``. A ``quantization_config`` in ``config.json`` hands the model
+  and the tensors to ``provision.model.quantized.apply_quantization``, which swaps the
   quantized ``nn.Linear`` layers for its own modules before the strict load.
 
 The model is built on the meta device; each tensor is read with ``safe_open`` straight onto the
@@ -36,7 +36,7 @@ from provision.errors import (
     StructureError,
     UsageError,
 )
-from provision.model.args import ModelArgs
+from provision.formats.params import ModelArgs
 from provision.model.pixtral import Pixtral, build_model
 from provision.model.placement import Placement
 
@@ -115,7 +115,7 @@ def open_checkpoint(path: Path) -> Checkpoint:
         shards = _shards(folder, "consolidated.safetensors", MISTRAL_INDEX, "consolidated*.safetensors")
         layout, config = "mistral", None
     elif (folder / "config.json").is_file():
-        from provision.convert.keymap import args_from_hf_config
+        from provision.model.hf_names import args_from_hf_config
 
         try:
             config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
@@ -227,7 +227,7 @@ def _read_tensors(ckpt: Checkpoint, device: torch.device, dtype: torch.dtype | N
                   placement: Placement | None = None) -> dict[str, torch.Tensor]:
     from safetensors import safe_open
 
-    from provision.convert import keymap
+    from provision.model import hf_names as keymap
 
     by_file: dict[Path, list[str]] = {}
     for name, f in ckpt.files.items():
@@ -269,10 +269,10 @@ def load_model(path: Path, *, device: str = "cpu", dtype: torch.dtype | None = N
     tensors = _read_tensors(ckpt, dev, dt, placement)
     if ckpt.quantized:
         try:
-            from provision.convert.runtime import apply_quantization
+            from provision.model.quantized import apply_quantization
         except ImportError:
             raise ConvertError(f"{path} is quantized but this installation has no quantization runtime "
-                               "(provision.convert.runtime); reinstall provision.", path=str(path)) from None
+                               "(provision.model.quantized); reinstall provision.", path=str(path)) from None
         apply_quantization(model, ckpt.config or {}, tensors)
     try:
         model.load_state_dict(tensors, strict=True, assign=True)

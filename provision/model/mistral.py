@@ -24,7 +24,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from provision.model.args import ModelArgs
+from provision.formats.params import ModelArgs
 
 if TYPE_CHECKING:
     import torch

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from provision.errors import ConvertError, ParamsError
-from provision.model.args import ModelArgs
+from provision.formats.params import ModelArgs
 from provision.model.layers import FeedForward
 
 
@@ -99,7 +99,7 @@ _HF_TO_MOE = (
 def mistral_name_to_hf_mixtral(name: str) -> str:
     """``layers.0.feed_forward.experts.3.w1.weight`` -> ``model.layers.0.block_sparse_moe.experts.3.w1.weight``
     (the on-disk names of ``mistralai/Mixtral-8x7B-v0.1``); other decoder tensors as MistralForCausalLM."""
-    from provision.convert.keymap import mistral_name_to_hf_text
+    from provision.model.hf_names import mistral_name_to_hf_text
 
     for rx, repl in _MOE_TO_HF:
         if rx.match(name):
@@ -109,7 +109,7 @@ def mistral_name_to_hf_mixtral(name: str) -> str:
 
 def hf_mixtral_name_to_mistral(name: str) -> str:
     """The inverse of ``mistral_name_to_hf_mixtral``."""
-    from provision.convert.keymap import hf_name_to_mistral
+    from provision.model.hf_names import hf_name_to_mistral
 
     for rx, repl in _HF_TO_MOE:
         if rx.match(name):
@@ -119,7 +119,7 @@ def hf_mixtral_name_to_mistral(name: str) -> str:
 
 def mistral_to_hf_mixtral(name: str, tensor: torch.Tensor, args: ModelArgs) -> tuple[str, torch.Tensor]:
     """One Mistral tensor -> its ``MixtralForCausalLM`` name and layout (q/k permuted to rotate_half)."""
-    from provision.convert.keymap import mistral_to_hf_text
+    from provision.model.hf_names import mistral_to_hf_text
 
     for rx, repl in _MOE_TO_HF:
         if rx.match(name):
@@ -129,7 +129,7 @@ def mistral_to_hf_mixtral(name: str, tensor: torch.Tensor, args: ModelArgs) -> t
 
 def hf_mixtral_config(args: ModelArgs, *, dtype: str = "bfloat16") -> dict[str, Any]:
     """transformers' ``MixtralConfig`` as a ``config.json`` dict (text-only MoE models)."""
-    from provision.convert.keymap import hf_text_config
+    from provision.model.hf_names import hf_text_config
 
     if args.moe is None:
         raise ConvertError("params.json has no moe section: use hf_text_config for a dense Mistral model.")

@@ -9,7 +9,7 @@ gated SiLU MLP, untied output head, an optional KV cache. Image features replace
 
 ``greedy_generate`` decodes greedily with or without the KV cache and reports per-step timing
 and whether every step's logits were finite. Weight loading lives in ``loader.py``; tokenization
-and image preprocessing in ``provision.inputs``. Without ``vision_encoder`` the same tree is a
+and image preprocessing in ``provision.model.inputs``. Without ``vision_encoder`` the same tree is a
 text-only Mistral (7B, NeMo); a ``sliding_window`` limits attention through
 ``provision.model.mistral.attention_mask``. With ``moe`` (Mixtral) every block's ``feed_forward``
 is ``provision.model.moe.MoeFeedForward``.
@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from provision.errors import ParamsError
-from provision.model.args import ModelArgs
+from provision.formats.params import ModelArgs
 from provision.model.layers import KVCache, RMSNorm, TransformerBlock, rope_1d
 from provision.model.mistral import attention_mask
 from provision.model.moe import feed_forward_for

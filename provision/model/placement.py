@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from provision.errors import GPUMemoryError, UsageError
-from provision.model.args import ModelArgs, tensor_spec
+from provision.formats.params import ModelArgs, tensor_spec
 
 if TYPE_CHECKING:
     from torch import nn

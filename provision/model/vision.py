@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from provision.model.args import VisionArgs
+from provision.formats.params import VisionArgs
 from provision.model.layers import RMSNorm, TransformerBlock, inv_freq
 
 VISION_NORM_EPS = 1e-5  # fixed in Pixtral (not in params.json)

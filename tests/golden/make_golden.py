@@ -2,7 +2,7 @@
 
 Run once, by hand, where transformers is installed: ``.venv/bin/python tests/golden/make_golden.py``.
 The ids come from transformers' ``LlavaForConditionalGeneration`` (an independent implementation),
-fed the weights converted with ``provision.convert.keymap``, the manifest's generated test image
+fed the weights converted with ``provision.model.hf_names``, the manifest's generated test image
 and prompt tokenized by mistral-common, float32 on the CPU. The test suite then checks provision's
 own model against these ids without needing transformers.
 """
@@ -18,9 +18,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
-from provision.inputs import encode_chat, load_tokenizer, square_image  # noqa: E402
-from provision.tiny import write_tiny  # noqa: E402
-from tests.model_fixtures import GOLDEN, hf_greedy, hf_model, write_hf_copy  # noqa: E402
+from provision.model.inputs import encode_chat, load_tokenizer, square_image  # noqa: E402
+from provision.testing.tiny import write_tiny  # noqa: E402
+from tests.support.model_fixtures import GOLDEN, hf_greedy, hf_model, write_hf_copy  # noqa: E402
 
 
 def main() -> None:

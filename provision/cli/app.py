@@ -1,0 +1,84 @@
+"""State shared by one CLI invocation: the terminal, the settings, ``--json`` and the report.
+
+``cli.py`` creates one ``App`` per process; commands take it from the click context with
+``get_app()`` and end with ``app.finish(report)``. Stages never see it.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import click
+
+from provision.cli.console import Terminal, emit_json
+from provision.settings import Settings
+from provision.version import JSON_SCHEMA_VERSION, __version__
+
+
+@dataclass
+class App:
+    terminal: Terminal
+    settings: Settings
+    json: bool = False
+    command: str = ""
+    manifest_sha256: str | None = None
+    started: float = field(default_factory=time.monotonic)
+    reported: bool = False
+
+    def envelope(self, ok: bool, exit_code: int) -> dict[str, Any]:
+        return {
+            "schema_version": JSON_SCHEMA_VERSION,
+            "tool": "provision",
+            "version": __version__,
+            "command": self.command,
+            "ok": ok,
+            "exit_code": exit_code,
+            "manifest_sha256": self.manifest_sha256,
+            "seconds": round(time.monotonic() - self.started, 3),
+        }
+
+    def finish(self, report: dict[str, Any], *, ok: bool = True, exit_code: int = 0) -> None:
+        """Emit the JSON report (when --json) once, at the end of a command."""
+        if self.json and not self.reported:
+            doc = self.envelope(ok, exit_code)
+            doc.update(report)
+            emit_json(doc)
+        self.reported = True
+
+    def fail_report(self, error: dict[str, Any], exit_code: int) -> None:
+        if self.json and not self.reported:
+            doc = self.envelope(False, exit_code)
+            doc["error"] = error
+            emit_json(doc)
+        self.reported = True
+
+
+_CURRENT: App | None = None
+
+
+def set_app(app: App) -> None:
+    global _CURRENT
+    _CURRENT = app
+
+
+def current_app() -> App | None:
+    return _CURRENT
+
+
+def get_app(json_flag: bool | None = None, command: str | None = None) -> App:
+    """The App of this invocation (created with defaults when a command runs outside ``main``)."""
+    global _CURRENT
+    if _CURRENT is None:
+        _CURRENT = App(terminal=Terminal(), settings=Settings.load())
+    if json_flag is not None:
+        _CURRENT.json = json_flag
+    if command is not None:
+        _CURRENT.command = command
+    return _CURRENT
+
+
+def json_option(f: Any) -> Any:
+    """The ``--json`` flag every command carries."""
+    return click.option("--json", "json_out", is_flag=True, help="Print one JSON report on stdout at the end.")(f)

@@ -1,0 +1,98 @@
+"""`provision convert SRC_DIR --out DIR`: cast or quantize a checkpoint for a target GPU, streamed."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import click
+
+from provision.cli.app import get_app, json_option
+
+SCHEME_CHOICES = ["auto", "bf16", "fp16", "fp8", "w8a16", "w4a16"]
+LAYOUT_CHOICES = ["mistral", "hf"]
+
+
+def target_option(f: Any) -> Any:
+    """--target/--scheme/--context, shared with `plan`."""
+    opts = [
+        click.option("--target", default="auto", show_default=True, metavar="auto|cpu|NAME|sm_XY:MEMGB[xCOUNT]",
+                     help="GPU to convert for: detect it, the CPU, a card (t4, v100, a10g, l4, a100-40gb, "
+                          "a100-80gb, h100, h200; NAMExCOUNT for several) or a compute capability and GiB."),
+        click.option("--scheme", type=click.Choice(SCHEME_CHOICES), default="auto", show_default=True,
+                     help="bf16/fp16 casts, fp8 (FP8_DYNAMIC), w8a16/w4a16 (weight-only int, group 128); "
+                          "auto takes the best that fits."),
+        click.option("--context", type=click.IntRange(min=1), default=32768, show_default=True, metavar="TOKENS",
+                     help="Context length the KV cache must hold (batch 1) when checking the memory fit."),
+    ]
+    for o in reversed(opts):
+        f = o(f)
+    return f
+
+
+@click.command("convert")
+@click.argument("src_dir", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False, path_type=Path),
+              help="Folder to write the converted checkpoint into (new, empty or an earlier conversion).")
+@target_option
+@click.option("--layout", type=click.Choice(LAYOUT_CHOICES), default=None,
+              help="mistral (casts only) or hf (transformers' Llava layout, every scheme). "
+                   "Default: casts keep mistral, quantized schemes write hf.")
+@click.option("--no-hf-tokenizer", is_flag=True, help="Do not build tokenizer.json from tekken.json (hf layout).")
+@click.option("--compare/--no-compare", default=None,
+              help="Load the original and the converted model on the CPU and compare their logits on the smoke "
+                   "prompt (top-1 agreement, cosine). Default: only when both fit easily in RAM.")
+@json_option
+def command(src_dir: Path, out_dir: Path, target: str, scheme: str, context: int, layout: str | None,
+            no_hf_tokenizer: bool, compare: bool | None, json_out: bool) -> None:
+    """Convert the Mistral-format checkpoint in SRC_DIR for a GPU, streamed tensor by tensor.
+
+    Exit codes: 2 unknown scheme/target, 3 a scheme the target cannot run, 6 nothing fits
+    (GPU memory or disk), 7 conversion failed.
+    """
+    app = get_app(json_out, "convert")
+    from provision.stages.convert.convert import convert
+    from provision.units import human_bytes
+
+    res = convert(src_dir, out_dir, target=target, scheme=scheme, layout=layout, context=context,
+                  progress=app.terminal.progress, hf_tokenizer=not no_hf_tokenizer)
+    t = app.terminal
+    p = res.profile
+    t.info(f"target: {res.target.describe()}; profile {p.name} ({p.how}); "
+           f"needs {human_bytes(p.need_bytes)} per device of {human_bytes(p.available_bytes)}")
+    for name, size in res.files:
+        t.info(f"  {name:40s} {human_bytes(size):>10s}")
+    q = res.quality()
+    if q["quantized_tensors"]:
+        worst = max((x for x in res.tensors if x.relative_error is not None), key=lambda x: x.relative_error or 0)
+        t.info(f"  {q['quantized_tensors']} tensors quantized; relative error mean {q['relative_error_mean']:.4f}, "
+               f"max {q['relative_error_max']:.4f} ({worst.name})")
+    for n in res.notes:
+        t.warn(n)
+    logits: dict[str, object] | None = None
+    if compare is None:
+        from provision.hardware import _ram_bytes
+
+        # both models in float32 on the CPU: about 4x the 16-bit source bytes, with room to spare
+        compare = res.bytes_read * 4 < _ram_bytes() // 4
+    if compare:
+        from provision.stages.convert.convert import compare_logits
+
+        logits = compare_logits(src_dir, out_dir)
+        import json
+
+        from provision.io.atomic import atomic_write_text
+        from provision.stages.convert.convert import RECORD_NAME
+
+        rec = json.loads((out_dir / RECORD_NAME).read_text(encoding="utf-8"))
+        rec["logits_comparison"] = logits
+        atomic_write_text(out_dir / RECORD_NAME, json.dumps(rec, indent=2) + "\n")
+        t.info(f"  logits vs the original on the smoke prompt ({logits['positions']} positions): "
+               f"top-1 agreement {logits['top1_agreement']:.3f}, cosine {logits['cosine']:.5f} "
+               f"(min {logits['cosine_min']:.5f})")
+    rate = res.bytes_read / res.seconds / 1e6 if res.seconds else 0.0
+    t.success(f"converted {human_bytes(res.bytes_read)} in {res.seconds:.1f} s ({rate:.0f} MB/s) into {res.out_dir}")
+    t.info(f"serve it with: {res.vllm_command}")
+    report = res.to_dict()
+    report["logits_comparison"] = logits
+    app.finish({"convert": report})

@@ -1,0 +1,109 @@
+"""`provision run SOURCE`: plan -> fetch -> verify -> convert -> smoke, resumable."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import click
+
+from provision.cli.app import App, get_app, json_option
+from provision.cli.commands.fetch import parse_rate, torrent_options
+
+
+def render_summary(app: App, stages: list[dict[str, Any]]) -> None:
+    from rich.table import Table
+
+    from provision.units import human_bytes
+
+    table = Table(title="provision run", show_header=True, header_style="bold")
+    table.add_column("stage")
+    table.add_column("result")
+    table.add_column("seconds", justify="right")
+    table.add_column("bytes", justify="right")
+    table.add_column("note")
+    for s in stages:
+        d = s.get("details", {})
+        note = s.get("profile") or d.get("reason") or d.get("how") or ""
+        if s["stage"] == "smoke" and s["result"] == "ok":
+            note = f"{note} text={d.get('text', '')[:40]!r}"
+        table.add_row(s["stage"], s["result"], f"{s['seconds']:.2f}", human_bytes(s["bytes"]), str(note))
+    app.terminal.print(table)
+
+
+@click.command("run")
+@click.argument("source")
+@click.option("--home", type=click.Path(file_okay=False, path_type=Path), envvar="PROVISION_HOME",
+              help="Model store (default ~/.cache/provision).")
+@click.option("--source", "source_kind", type=click.Choice(["auto", "torrent", "hf"]), default="auto",
+              show_default=True, help="Which of the manifest's sources to use; auto tries them in order.")
+@click.option("--target", default="auto", show_default=True,
+              help="auto (detect), cpu, a GPU name (t4, a10g, l4, a100-40gb, a100-80gb, h100, h200) or sm_XY:MEMGB[xN].")
+@click.option("--scheme", type=click.Choice(["auto", "bf16", "fp16", "fp8", "w8a16", "w4a16"]), default="auto",
+              show_default=True, help="Conversion scheme; auto takes the best that fits the target.")
+@click.option("--layout", type=click.Choice(["mistral", "hf"]), default=None,
+              help="Output layout (default: casts keep mistral, quantized schemes write hf).")
+@click.option("--context", type=click.IntRange(min=1), default=32768, show_default=True,
+              help="Context length the memory fit is computed for.")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True,
+              help="Where the smoke test runs.")
+@click.option("--peer", "peers", multiple=True, metavar="HOST:PORT", help="BitTorrent peer to connect to.")
+@torrent_options
+@click.option("--max-download-rate", metavar="R", help="Download limit, e.g. 50M (bytes/s).")
+@click.option("--stall-timeout", type=click.FloatRange(min=1), default=120, show_default=True,
+              help="Seconds without progress before a source counts as stalled.")
+@click.option("--token", envvar="HF_TOKEN", help="Hugging Face token (default: HF_TOKEN or the saved login).")
+@click.option("--adopt", type=click.Path(file_okay=False, exists=True, path_type=Path),
+              help="Verify an existing copy in this folder and take it in instead of downloading.")
+@click.option("--no-hf-cache", is_flag=True, help="Do not look for the model in the Hugging Face cache.")
+@click.option("--drop-original", is_flag=True, help="Remove the original after a verified conversion and smoke test.")
+@click.option("--reverify", is_flag=True, help="Re-hash and redo every stage check, even when recorded as done.")
+@click.option("--skip-smoke", is_flag=True, help="Stop after the conversion.")
+@click.option("--skip-convert", is_flag=True, help="Smoke-test the original instead of converting.")
+@click.option("--lock-timeout", type=click.FloatRange(min=0), default=None,
+              help="Seconds to wait for another run on the same model (default 60).")
+@click.option("--offline", is_flag=True, help="Never touch the network while planning.")
+@click.option("--dry-run", is_flag=True, help="Print the plan and stop.")
+@json_option
+def command(source: str, home: Path | None, source_kind: str, target: str, scheme: str, layout: str | None,
+            context: int, device: str, peers: tuple[str, ...], network: str, listen: str | None,
+            trackers: tuple[str, ...], seed_for: float, max_upload_rate: str | None,
+            max_download_rate: str | None, stall_timeout: float, token: str | None, adopt: Path | None,
+            no_hf_cache: bool, drop_original: bool, reverify: bool, skip_smoke: bool, skip_convert: bool,
+            lock_timeout: float | None, offline: bool, dry_run: bool, json_out: bool) -> None:
+    """Plan, fetch, verify, convert and smoke-test SOURCE, skipping what is already done."""
+    app = get_app(json_out, "run")
+    from provision.cli.commands.plan import render_plan
+    from provision.formats.sources import parse_peer
+    from provision.pipeline import RunOptions, run_pipeline
+    from provision.stages.fetch import HubOptions, TorrentOptions
+
+    for p in peers:
+        parse_peer(p)
+    opts = RunOptions(
+        source=source_kind, target=target, scheme=scheme, layout=layout, context=context, device=device,
+        adopt=adopt, discover_hf_cache=not no_hf_cache, drop_original=drop_original, reverify=reverify,
+        skip_smoke=skip_smoke, skip_convert=skip_convert, lock_timeout=lock_timeout,
+        torrent=TorrentOptions(peers=peers, trackers=trackers, network=network, listen=listen, seed_for=seed_for,
+                               max_upload_rate=parse_rate(max_upload_rate),
+                               max_download_rate=parse_rate(max_download_rate), stall_timeout=stall_timeout,
+                               metadata_timeout=stall_timeout),
+        hub=HubOptions(token=token, stall_timeout=stall_timeout),
+    )
+
+    def on_stage(rec: dict[str, Any]) -> None:
+        app.terminal.info(f"stage {rec['stage']}: {rec['result']} ({rec['seconds']:.2f} s)")
+
+    result = run_pipeline(source, settings=app.settings, home=home, options=opts, offline=offline,
+                          dry_run=dry_run, progress=app.terminal.progress, on_stage=on_stage)
+    if result.plan.manifest is not None:
+        app.manifest_sha256 = result.plan.manifest.sha256
+    if dry_run:
+        render_plan(app, result.plan)
+    else:
+        render_summary(app, result.stages)
+        if result.profile_dir is not None:
+            app.terminal.success(f"{result.plan.name}: {result.profile} ready in {result.profile_dir}")
+        if result.vllm_command:
+            app.terminal.info(f"serve it with: {result.vllm_command}")
+    app.finish(result.to_dict())

@@ -1,0 +1,79 @@
+"""`provision verify DIR [--manifest M]`: check a model folder's hashes, structure and hostile files.
+
+A thin command over ``provision.stages.verify.verify_dir``: it renders the per-file table and, with
+``--json``, reports every check (also when verification fails). Exit 5 for any content or
+structure failure, 3 when params.json is malformed. It never writes anything.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import click
+
+from provision.cli.app import App, get_app, json_option
+
+
+def render_report(app: App, report: Any) -> None:
+    from provision.stages.verify import VerifyReport
+    from provision.units import human_bytes
+
+    assert isinstance(report, VerifyReport)
+    t = app.terminal
+    for f in report.files:
+        size = f"{f.size:>14,d} B" if f.size is not None else f"{'-':>16s}"
+        sha = f"sha256 {f.sha256[:16]}…" if f.sha256 else ""
+        auth = f"[{f.authority}]" if f.authority else ""
+        line = f"{f.status:8s} {f.path:40s} {size}  {auth} {sha}".rstrip()
+        if f.status == "unlisted":
+            t.info(f"{'unlisted':8s} {f.path:40s} {human_bytes(f.size or 0):>16s}  (not in the manifest; "
+                   "left alone)")
+        else:
+            t.info(line)
+    for c in report.checks:
+        if c.ok and c.name in ("index", "params", "tensors"):
+            t.debug(f"{c.name}: ok {c.actual or ''}".rstrip())
+    # the first failure becomes the command's one error line; the others are listed before it
+    for c in report.failures[1:]:
+        t.warn(f"also failed ({c.name}): {c.message}")
+    rate = report.bytes_hashed / report.seconds if report.seconds > 0 else 0.0
+    t.debug(f"hashed {human_bytes(report.bytes_hashed)} in {report.seconds:.2f} s "
+            f"({human_bytes(rate)}/s, {report.workers} workers)")
+
+
+@click.command("verify")
+@click.argument("folder", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--manifest", "manifest_ref", metavar="M",
+              help="Manifest name or .toml path whose sizes and sha256 the files must match.")
+@click.option("--workers", type=click.IntRange(min=1, max=256), default=None,
+              help="Files hashed in parallel (default: the number of CPU cores).")
+@json_option
+def command(folder: Path, manifest_ref: str | None, workers: int | None, json_out: bool) -> None:
+    """Verify the model files in FOLDER: sha256 against the manifest (or reported when there is
+    none), safetensors structure, params.json against the tensors, no pickles, no symlinks out."""
+    app = get_app(json_out, "verify")
+    from provision.stages.verify import verify_dir
+
+    manifest = None
+    if manifest_ref is not None:
+        from provision.formats.manifest import load_manifest
+
+        manifest = load_manifest(manifest_ref)
+        app.manifest_sha256 = manifest.sha256
+    elif (folder / "manifest.toml").is_file():
+        app.terminal.info(f"note: {folder / 'manifest.toml'} is present; pass --manifest to check its hashes.")
+    report = verify_dir(folder, manifest, progress=app.terminal.progress, workers=workers)
+    render_report(app, report)
+    doc: dict[str, Any] = {"manifest": str(manifest.path) if manifest and manifest.path else None,
+                           "verify": report.to_dict()}
+    if not report.ok:
+        first = report.failures[0]
+        err = first.error
+        if err is not None:
+            doc["error"] = err.to_dict()
+            app.finish(doc, ok=False, exit_code=err.exit_code)
+        report.raise_for_failure()
+    n = sum(1 for f in report.files if f.status == "ok")
+    app.terminal.success(f"{n} files verified in {folder} ({report.seconds:.1f} s).")
+    app.finish(doc)

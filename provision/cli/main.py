@@ -1,0 +1,164 @@
+"""The ``provision`` command line: a click group of thin commands, and ``main``.
+
+Commands live one per module in ``provision/commands/`` and are imported only when used,
+so ``provision --help`` stays instant and imports neither torch nor libtorrent. ``main``
+is the only place that maps errors to exit codes (see ``errors.py``), installs the SIGTERM
+handler (raising ``Interrupted`` so stages save resume data in ``finally`` blocks) and
+prints the one-line error. It does no work of its own.
+"""
+
+from __future__ import annotations
+
+import os
+import pkgutil
+import signal
+import sys
+import traceback
+from importlib import import_module
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+import click
+
+from provision.cli.app import App, current_app, set_app
+from provision.cli.console import Terminal
+from provision.errors import (
+    EXIT_SIGINT,
+    EXIT_SIGTERM,
+    EXIT_UNEXPECTED,
+    EXIT_USAGE,
+    Interrupted,
+    ProvisionError,
+)
+from provision.settings import Settings
+from provision.version import __version__
+
+COMMAND_ORDER = ["run", "plan", "fetch", "verify", "convert", "smoke", "seed", "manifest", "tiny",
+                 "ls", "rm", "gc"]
+
+
+class LazyGroup(click.Group):
+    """Finds ``provision.cli.commands.<name>`` modules and imports one only when needed."""
+
+    def _names(self) -> list[str]:
+        import provision.cli.commands as pkg
+
+        found = {m.name.replace("_", "-") for m in pkgutil.iter_modules(pkg.__path__) if not m.name.startswith("_")}
+        ordered = [n for n in COMMAND_ORDER if n in found]
+        return ordered + sorted(found - set(ordered))
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        names = self._names()
+        return names + sorted(set(self.commands) - set(names))
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        if cmd_name in self.commands:  # added programmatically (plugins, tests)
+            return self.commands[cmd_name]
+        if cmd_name not in self._names():
+            return None
+        mod = import_module(f"provision.cli.commands.{cmd_name.replace('-', '_')}")
+        cmd = getattr(mod, "command", None)
+        return cmd if isinstance(cmd, click.Command) else None
+
+
+@click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(__version__, "--version", prog_name="provision")
+@click.option("-q", "--quiet", is_flag=True, envvar="PROVISION_QUIET", help="Only print errors.")
+@click.option("-v", "--verbose", is_flag=True, envvar="PROVISION_VERBOSE", help="Print debug lines too.")
+@click.option("--log-file", type=click.Path(dir_okay=False, path_type=Path), envvar="PROVISION_LOG_FILE",
+              help="Append every message to this file.")
+def cli(quiet: bool, verbose: bool, log_file: Path | None) -> None:
+    """Take a bare GPU host to a verified, GPU-ready, smoke-tested copy of a model.
+
+    SOURCE is a manifest name or path, a magnet link, a .torrent file or hf://org/repo[@rev].
+    Exit codes: 0 ok, 1 unexpected, 2 usage, 3 manifest/config, 4 fetch, 5 verification,
+    6 resources (disk, GPU memory, lock), 7 conversion, 8 smoke test, 130 SIGINT, 143 SIGTERM.
+    """
+    settings = Settings.load()
+    app = current_app()
+    terminal = Terminal(quiet=quiet, verbose=verbose, log_file=log_file or settings.log_file)
+    if app is None:
+        set_app(App(terminal=terminal, settings=settings))
+    else:
+        app.terminal = terminal
+        app.settings = settings
+
+
+def _on_sigterm(signum: int, _frame: FrameType | None) -> None:
+    raise Interrupted("Terminated by SIGTERM; progress was saved, run the same command again to resume.",
+                      signum=signum)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Console-script entry point: run the CLI and exit with the documented code."""
+    sys.exit(run_cli(argv))
+
+
+def run_cli(argv: list[str] | None = None) -> int:
+    settings = Settings.load()
+    app = App(terminal=Terminal(), settings=settings)
+    set_app(app)
+    old = signal.signal(signal.SIGTERM, _on_sigterm)
+    code = 0
+    try:
+        rv: Any = cli.main(args=argv, prog_name="provision", standalone_mode=False)
+        code = rv if isinstance(rv, int) else 0
+    except click.exceptions.Exit as e:
+        code = e.exit_code
+    except click.exceptions.Abort as e:  # click turns KeyboardInterrupt (and our Interrupted) into Abort
+        cause = e.__cause__ if isinstance(e.__cause__, Interrupted) else Interrupted(
+            "Interrupted by SIGINT; progress was saved, run the same command again to resume.")
+        code = cause.exit_code
+        _report_error(cause, code)
+    except click.ClickException as e:  # usage errors: bad option, missing argument, bad value
+        e.show(file=sys.stderr)
+        code = EXIT_USAGE if isinstance(e, click.UsageError) else e.exit_code
+        if code == 1:
+            code = EXIT_USAGE
+        (current_app() or app).fail_report({"kind": "usage", "exit_code": code, "message": e.format_message(), "context": {}}, code)
+    except Interrupted as e:
+        code = e.exit_code
+        _report_error(e, code)
+    except KeyboardInterrupt:
+        code = EXIT_SIGINT
+        _report_error(Interrupted("Interrupted by SIGINT; progress was saved, run the same command again to resume."),
+                      code)
+    except ProvisionError as e:
+        code = e.exit_code
+        _report_error(e, code)
+    except BrokenPipeError:
+        code = EXIT_UNEXPECTED
+    except Exception as e:  # a bug
+        code = EXIT_UNEXPECTED
+        a = current_app() or app
+        if settings.debug:
+            traceback.print_exc()
+        a.terminal.error(f"Unexpected {type(e).__name__}: {e}. "
+                         "This is a bug in provision; run again with PROVISION_DEBUG=1 for the traceback.")
+        a.fail_report({"kind": "unexpected", "exit_code": code, "message": f"{type(e).__name__}: {e}",
+                       "context": {}}, code)
+    finally:
+        signal.signal(signal.SIGTERM, old)
+        last = current_app()
+        if last is not None:
+            last.terminal.close()
+    if code == EXIT_SIGTERM:
+        sys.stderr.flush()
+    return code
+
+
+def _report_error(e: ProvisionError, code: int) -> None:
+    app = current_app()
+    if app is None:  # pragma: no cover
+        print(f"error: {e}", file=sys.stderr)
+        return
+    if Settings.load().debug:
+        traceback.print_exception(e)
+    app.terminal.error(str(e))
+    app.fail_report(e.to_dict(), code)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    os.environ.setdefault("PROVISION_ENTRY", "module")
+    main()

@@ -1,0 +1,468 @@
+"""Manifests: one TOML file per model describing sources, files, sizes, hashes and the smoke test.
+
+Pure: load (``tomllib``), validate (one-line ``ManifestError`` naming the field), write
+(``tomli_w``, atomically). A manifest never guesses: a size or hash it does not know is left
+unset and ``provision manifest lock`` records it after a verified fetch.
+
+Schema (``schema_version = 1``)::
+
+    schema_version = 1
+    name = "pixtral-12b-2409"            # [a-z0-9][a-z0-9._-]*
+    architecture = "pixtral"             # model family the tensor spec comes from
+    format = "mistral"                   # on-disk layout of the original: mistral | hf
+    description = "..."                  # optional
+
+    [[sources]]                          # tried in order by --source auto
+    type = "torrent"
+    magnet = "magnet:?xt=urn:btih:..."   # and/or
+    torrent = "pixtral.torrent"          # a .torrent path relative to the manifest
+    prefix = "pixtral-12b-240910/"       # where the files sit inside the torrent
+
+    [[sources]]
+    type = "hf"
+    repo = "mistralai/Pixtral-12B-2409"
+    revision = "<40 hex>"                # a full commit, never a branch; omitted only when no source
+                                         # we trust names the commit: then the Hub's main is used and the
+                                         # files' pinned sha256 are what vouch for the content
+    prefix = ""                          # optional sub-folder in the repo
+    gated = true                         # optional
+
+    [[files]]
+    path = "consolidated.safetensors"    # relative, no '..'
+    size = 25365479424                   # optional until locked
+    sha256 = "<64 hex>"                  # optional until locked
+    git_sha1 = "<40 hex>"                # optional (the Hub's blob id of a small file)
+    md5 = "<32 hex>"                     # optional: a release's published md5 sum, verified when set
+    optional = false                     # optional files are fetched when present
+    sources = ["torrent", "hf"]          # optional: which source types carry it (default all)
+    pickle = true                        # only on a .pth/.pt/.bin file, which must be optional: it is
+                                         # listed, never fetched or loaded (`provision import-pickle`)
+
+    [params]                             # optional: the release's params.json (sizes `plan` profiles offline)
+    dim = 4096 ...
+
+    [smoke]
+    prompt = "..."
+    expected = "red"                     # optional: must appear in the answer (real weights only)
+    max_tokens = 16
+    [smoke.image]                        # a generated test image
+    kind = "square"                      # a coloured square on a plain background
+    width = 256
+    height = 256
+    color = "red"
+    background = "white"
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import sys
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from provision.errors import HostileContentError, ManifestError, UsageError
+from provision.formats.sources import HEX40, HEX64, parse_magnet
+from provision.io.atomic import atomic_write_text
+from provision.io.paths import safe_relpath
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+SCHEMA_VERSION = 1
+NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._-]*$")
+ARCHITECTURES = ("pixtral", "mistral", "mixtral")
+FORMATS = ("mistral", "hf")
+SOURCE_TYPES = ("torrent", "hf")
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
+
+
+@dataclass(frozen=True)
+class Source:
+    type: str
+    magnet: str | None = None
+    torrent: str | None = None
+    repo: str | None = None
+    revision: str | None = None
+    prefix: str = ""
+    gated: bool = False
+
+    def describe(self) -> str:
+        if self.type == "hf":
+            return f"hf://{self.repo}" + (f"@{self.revision}" if self.revision else " (main, unpinned)")
+        if self.magnet:
+            return parse_magnet(self.magnet).describe()
+        return f"torrent file {self.torrent}"
+
+
+@dataclass(frozen=True)
+class FileSpec:
+    path: str
+    size: int | None = None
+    sha256: str | None = None
+    git_sha1: str | None = None
+    optional: bool = False
+    sources: tuple[str, ...] = ()  # empty: every source carries it
+    pickle: bool = False  # a pickled release file: listed for import-pickle, never fetched or loaded
+    md5: str | None = None  # a published md5 sum (Mixtral 8x7B's release), checked when set
+
+    def in_source(self, source_type: str) -> bool:
+        return not self.sources or source_type in self.sources
+
+
+@dataclass(frozen=True)
+class SmokeImage:
+    kind: str = "square"
+    width: int = 256
+    height: int = 256
+    color: str = "red"
+    background: str = "white"
+
+
+@dataclass(frozen=True)
+class SmokeSpec:
+    prompt: str = "What colour is the square in this image? Answer in one word."
+    expected: str | None = None
+    max_tokens: int = 16
+    image: SmokeImage = field(default_factory=SmokeImage)
+
+
+@dataclass(frozen=True)
+class Manifest:
+    name: str
+    architecture: str
+    format: str
+    sources: tuple[Source, ...]
+    files: tuple[FileSpec, ...]
+    smoke: SmokeSpec = field(default_factory=SmokeSpec)
+    description: str = ""
+    schema_version: int = SCHEMA_VERSION
+    path: Path | None = field(default=None, compare=False)  # where it was loaded from
+    sha256: str | None = field(default=None, compare=False)  # hash of the file's bytes
+    params: dict[str, Any] | None = field(default=None, hash=False)  # the release's params.json, if carried
+
+    def source(self, type_: str) -> Source | None:
+        return next((s for s in self.sources if s.type == type_), None)
+
+    def file(self, path: str) -> FileSpec | None:
+        return next((f for f in self.files if f.path == path), None)
+
+    @property
+    def known_size(self) -> int:
+        return sum(f.size or 0 for f in self.files)
+
+    @property
+    def complete(self) -> bool:
+        """True when every file has a size and a sha256."""
+        return all(f.size is not None and f.sha256 for f in self.files)
+
+
+# ---------------------------------------------------------------------------------------
+# validation helpers
+
+
+def _fail(where: str, msg: str) -> ManifestError:
+    return ManifestError(f"Manifest {where}: {msg}", field=where)
+
+
+def _take(d: dict[str, Any], where: str, allowed: dict[str, tuple[type, ...]],
+          required: tuple[str, ...]) -> dict[str, Any]:
+    extra = sorted(set(d) - set(allowed))
+    if extra:
+        raise _fail(f"{where}.{extra[0]}" if where else extra[0], "unknown field (check its spelling).")
+    for key in required:
+        if key not in d:
+            raise _fail(f"{where}.{key}" if where else key, "required field is missing.")
+    for key, value in d.items():
+        types = allowed[key]
+        if isinstance(value, bool) and bool not in types:
+            ok = False
+        else:
+            ok = isinstance(value, types)
+        if not ok:
+            names = " or ".join(t.__name__ for t in types)
+            raise _fail(f"{where}.{key}" if where else key,
+                        f"expected {names}, got {type(value).__name__} {value!r}.")
+    return d
+
+
+def _parse_source(d: Any, i: int) -> Source:
+    where = f"sources[{i}]"
+    if not isinstance(d, dict):
+        raise _fail(where, "expected a table.")
+    _take(d, where, {"type": (str,), "magnet": (str,), "torrent": (str,), "repo": (str,),
+                     "revision": (str,), "prefix": (str,), "gated": (bool,)}, ("type",))
+    t = d["type"]
+    if t not in SOURCE_TYPES:
+        raise _fail(f"{where}.type", f"must be one of {', '.join(SOURCE_TYPES)}, got {t!r}.")
+    prefix = d.get("prefix", "")
+    if prefix:
+        try:
+            safe_relpath(prefix.rstrip("/"), what="prefix")
+        except HostileContentError as e:
+            raise _fail(f"{where}.prefix", e.message) from None
+        if not prefix.endswith("/"):
+            prefix += "/"
+    if t == "torrent":
+        for k in ("repo", "revision", "gated"):
+            if k in d:
+                raise _fail(f"{where}.{k}", "not allowed for a torrent source.")
+        if "magnet" not in d and "torrent" not in d:
+            raise _fail(where, "a torrent source needs 'magnet' or 'torrent'.")
+        if "magnet" in d:
+            try:
+                parse_magnet(d["magnet"])
+            except UsageError as e:
+                raise _fail(f"{where}.magnet", e.message) from None
+        if "torrent" in d:
+            try:
+                safe_relpath(d["torrent"], what="torrent path")
+            except HostileContentError as e:
+                raise _fail(f"{where}.torrent", e.message) from None
+        return Source(type=t, magnet=d.get("magnet"), torrent=d.get("torrent"), prefix=prefix)
+    for k in ("magnet", "torrent"):
+        if k in d:
+            raise _fail(f"{where}.{k}", "not allowed for an hf source.")
+    if "repo" not in d:
+        raise _fail(f"{where}.repo", "required field is missing.")
+    if not re.match(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$", d["repo"]):
+        raise _fail(f"{where}.repo", f"expected 'org/name', got {d['repo']!r}.")
+    if "revision" in d and not HEX40.match(d["revision"]):
+        raise _fail(f"{where}.revision",
+                    f"must be a full 40-hex commit id (not a branch or a short id), got {d['revision']!r}.")
+    rev = d["revision"].lower() if "revision" in d else None
+    return Source(type=t, repo=d["repo"], revision=rev, prefix=prefix, gated=d.get("gated", False))
+
+
+def _parse_file(d: Any, i: int) -> FileSpec:
+    where = f"files[{i}]"
+    if not isinstance(d, dict):
+        raise _fail(where, "expected a table.")
+    _take(d, where, {"path": (str,), "size": (int,), "sha256": (str,), "git_sha1": (str,),
+                     "optional": (bool,), "sources": (list,), "pickle": (bool,), "md5": (str,)}, ("path",))
+    try:
+        path = str(safe_relpath(d["path"], what="file path"))
+    except HostileContentError as e:
+        raise _fail(f"{where}.path", e.message) from None
+    size = d.get("size")
+    if size is not None and size < 0:
+        raise _fail(f"{where}.size", f"must be >= 0, got {size}.")
+    sha = d.get("sha256")
+    if sha is not None and not HEX64.match(sha):
+        raise _fail(f"{where}.sha256", f"must be 64 hex characters, got {sha!r}.")
+    g = d.get("git_sha1")
+    if g is not None and not HEX40.match(g):
+        raise _fail(f"{where}.git_sha1", f"must be 40 hex characters, got {g!r}.")
+    md5 = d.get("md5")
+    if md5 is not None and not re.match(r"^[0-9a-fA-F]{32}$", md5):
+        raise _fail(f"{where}.md5", f"must be 32 hex characters, got {md5!r}.")
+    srcs = d.get("sources", [])
+    for s in srcs:
+        if s not in SOURCE_TYPES:
+            raise _fail(f"{where}.sources", f"unknown source type {s!r}.")
+    return FileSpec(path=path, size=size, sha256=sha.lower() if sha else None,
+                    git_sha1=g.lower() if g else None, optional=d.get("optional", False),
+                    sources=tuple(srcs), pickle=d.get("pickle", False), md5=md5.lower() if md5 else None)
+
+
+def _parse_smoke(d: Any) -> SmokeSpec:
+    if d is None:
+        return SmokeSpec()
+    if not isinstance(d, dict):
+        raise _fail("smoke", "expected a table.")
+    _take(d, "smoke", {"prompt": (str,), "expected": (str,), "max_tokens": (int,), "image": (dict,)}, ())
+    img = SmokeImage()
+    if "image" in d:
+        _take(d["image"], "smoke.image", {"kind": (str,), "width": (int,), "height": (int,),
+                                          "color": (str,), "background": (str,)}, ())
+        img = SmokeImage(**d["image"])
+        if img.kind != "square":
+            raise _fail("smoke.image.kind", f"only 'square' is supported, got {img.kind!r}.")
+        if not (16 <= img.width <= 4096 and 16 <= img.height <= 4096):
+            raise _fail("smoke.image", "width and height must be between 16 and 4096.")
+    mt = d.get("max_tokens", 16)
+    if not 1 <= mt <= 4096:
+        raise _fail("smoke.max_tokens", f"must be between 1 and 4096, got {mt}.")
+    return SmokeSpec(prompt=d.get("prompt", SmokeSpec.prompt), expected=d.get("expected"),
+                     max_tokens=mt, image=img)
+
+
+def parse_manifest(data: dict[str, Any], *, path: Path | None = None, sha256: str | None = None) -> Manifest:
+    """Validate a decoded TOML document and build a ``Manifest``."""
+    _take(data, "", {"schema_version": (int,), "name": (str,), "architecture": (str,), "format": (str,),
+                     "description": (str,), "sources": (list,), "files": (list,), "smoke": (dict,),
+                     "params": (dict,)},
+          ("schema_version", "name", "architecture", "format", "sources", "files"))
+    if data["schema_version"] != SCHEMA_VERSION:
+        raise _fail("schema_version", f"this provision reads version {SCHEMA_VERSION}, got {data['schema_version']}.")
+    if not NAME_RE.match(data["name"]):
+        raise _fail("name", f"must match {NAME_RE.pattern}, got {data['name']!r}.")
+    if data["architecture"] not in ARCHITECTURES:
+        raise _fail("architecture", f"must be one of {', '.join(ARCHITECTURES)}, got {data['architecture']!r}.")
+    if data["format"] not in FORMATS:
+        raise _fail("format", f"must be one of {', '.join(FORMATS)}, got {data['format']!r}.")
+    if not data["sources"]:
+        raise _fail("sources", "at least one source is required.")
+    if not data["files"]:
+        raise _fail("files", "at least one file is required.")
+    sources = tuple(_parse_source(s, i) for i, s in enumerate(data["sources"]))
+    files = tuple(_parse_file(f, i) for i, f in enumerate(data["files"]))
+    seen: set[str] = set()
+    for i, f in enumerate(files):
+        if f.path in seen:
+            raise _fail(f"files[{i}].path", f"duplicate path {f.path!r}.")
+        seen.add(f.path)
+        is_pickle = f.path.lower().endswith(PICKLE_SUFFIXES)
+        if is_pickle and not f.pickle:
+            raise _fail(f"files[{i}].path", f"{f.path!r} is a pickle format; provision reads safetensors only "
+                        "(mark it pickle = true and optional = true to list it for `provision import-pickle`).")
+        if f.pickle and not is_pickle:
+            raise _fail(f"files[{i}].pickle", f"{f.path!r} is not a pickle file name ({', '.join(PICKLE_SUFFIXES)}).")
+        if f.pickle and not f.optional:
+            raise _fail(f"files[{i}].optional", f"pickle file {f.path!r} must be optional: it is never fetched "
+                        "or loaded as a model file.")
+    params = data.get("params")
+    if params is not None:
+        from provision.errors import ParamsError
+        from provision.formats.params import ModelArgs
+
+        try:
+            ModelArgs.from_dict(params)
+        except ParamsError as e:
+            raise _fail("params", e.message) from None
+    return Manifest(name=data["name"], architecture=data["architecture"], format=data["format"],
+                    sources=sources, files=files, smoke=_parse_smoke(data.get("smoke")),
+                    description=data.get("description", ""), schema_version=data["schema_version"],
+                    path=path, sha256=sha256, params=params)
+
+
+def parse_manifest_bytes(raw: bytes, *, path: Path | None = None) -> Manifest:
+    where = str(path) if path else "manifest"
+    try:
+        text = raw.decode("utf-8")
+        data = tomllib.loads(text)
+    except UnicodeDecodeError:
+        raise ManifestError(f"Manifest {where} is not UTF-8 text.", path=where) from None
+    except tomllib.TOMLDecodeError as e:
+        raise ManifestError(f"Manifest {where} is not valid TOML: {e}.", path=where) from None
+    return parse_manifest(data, path=path, sha256=hashlib.sha256(raw).hexdigest())
+
+
+def builtin_dirs() -> list[Path]:
+    """Where manifest names are looked up, in order."""
+    dirs: list[Path] = []
+    env = os.environ.get("PROVISION_MANIFESTS")
+    if env:
+        dirs += [Path(p) for p in env.split(os.pathsep) if p]
+    dirs.append(Path(__file__).resolve().parents[1] / "data" / "manifests")  # shipped in the package
+    return dirs
+
+
+def available_names() -> list[str]:
+    names: set[str] = set()
+    for d in builtin_dirs():
+        if d.is_dir():
+            names.update(p.stem for p in d.glob("*.toml"))
+    return sorted(names)
+
+
+def resolve_manifest_path(ref: str) -> Path:
+    p = Path(ref)
+    if p.suffix == ".toml" or os.sep in ref or "/" in ref:
+        if not p.is_file():
+            raise ManifestError(f"Manifest file not found: {ref}.", path=ref)
+        return p
+    if not NAME_RE.match(ref):
+        raise ManifestError(f"Unknown manifest {ref!r}.", hint=f"Known: {', '.join(available_names()) or 'none'}.")
+    for d in builtin_dirs():
+        cand = d / f"{ref}.toml"
+        if cand.is_file():
+            return cand
+    raise ManifestError(f"Unknown manifest {ref!r}.",
+                        hint=f"Known manifests: {', '.join(available_names()) or 'none'}; or pass a .toml path.")
+
+
+def load_manifest(ref: str | Path) -> Manifest:
+    path = resolve_manifest_path(str(ref))
+    try:
+        raw = path.read_bytes()
+    except OSError as e:
+        raise ManifestError(f"Cannot read manifest {path}: {e.strerror}.", path=str(path)) from None
+    return parse_manifest_bytes(raw, path=path)
+
+
+def manifest_to_dict(m: Manifest) -> dict[str, Any]:
+    d: dict[str, Any] = {"schema_version": m.schema_version, "name": m.name,
+                         "architecture": m.architecture, "format": m.format}
+    if m.description:
+        d["description"] = m.description
+    d["sources"] = []
+    for s in m.sources:
+        sd: dict[str, Any] = {"type": s.type}
+        for k in ("magnet", "torrent", "repo", "revision"):
+            v = getattr(s, k)
+            if v is not None:
+                sd[k] = v
+        if s.prefix:
+            sd["prefix"] = s.prefix
+        if s.gated:
+            sd["gated"] = True
+        d["sources"].append(sd)
+    d["files"] = []
+    for f in m.files:
+        fd: dict[str, Any] = {"path": f.path}
+        if f.size is not None:
+            fd["size"] = f.size
+        if f.sha256:
+            fd["sha256"] = f.sha256
+        if f.git_sha1:
+            fd["git_sha1"] = f.git_sha1
+        if f.optional:
+            fd["optional"] = True
+        if f.sources:
+            fd["sources"] = list(f.sources)
+        if f.pickle:
+            fd["pickle"] = True
+        if f.md5:
+            fd["md5"] = f.md5
+        d["files"].append(fd)
+    sm: dict[str, Any] = {"prompt": m.smoke.prompt, "max_tokens": m.smoke.max_tokens}
+    if m.smoke.expected:
+        sm["expected"] = m.smoke.expected
+    img = m.smoke.image
+    sm["image"] = {"kind": img.kind, "width": img.width, "height": img.height, "color": img.color,
+                   "background": img.background}
+    d["smoke"] = sm
+    if m.params is not None:
+        d["params"] = m.params
+    return d
+
+
+def dump_manifest(m: Manifest) -> str:
+    import tomli_w
+
+    return tomli_w.dumps(manifest_to_dict(m), multiline_strings=False)
+
+
+def write_manifest(m: Manifest, path: Path) -> Manifest:
+    """Write atomically; return the manifest with its new path and hash."""
+    text = dump_manifest(m)
+    parse_manifest_bytes(text.encode(), path=path)  # never write something we cannot read back
+    atomic_write_text(path, text)
+    return replace(m, path=path, sha256=hashlib.sha256(text.encode()).hexdigest())
+
+
+def with_file_facts(m: Manifest, facts: dict[str, tuple[int, str]]) -> Manifest:
+    """Return a copy with size and sha256 recorded for the named files (``manifest lock``)."""
+    files = []
+    for f in m.files:
+        if f.path in facts:
+            size, sha = facts[f.path]
+            files.append(replace(f, size=size, sha256=sha))
+        else:
+            files.append(f)
+    return replace(m, files=tuple(files))

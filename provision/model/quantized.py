@@ -1,0 +1,187 @@
+"""Run compressed-tensors checkpoints in our model: dequantize-on-the-fly Linear layers.
+
+``apply_quantization(model, config, tensors)`` reads a compressed-tensors
+``quantization_config`` (the whole ``config.json`` or just that block), and replaces every
+``nn.Linear`` of ``model`` whose quantized parts are in ``tensors`` by a ``QuantLinear`` that
+keeps the stored form (float8 + per-channel scales, or packed int4/int8 + group scales) as
+buffers named exactly as the checkpoint names them (``weight`` / ``weight_packed``,
+``weight_scale``, ``weight_shape``), so a later ``load_state_dict(strict=True, assign=True)``
+with the same tensors matches. ``tensors`` may be keyed by our (Mistral) names, already
+mapped and q/k-permuted by ``keymap.hf_to_mistral``, or by the transformers names of the
+file, which are mapped here.
+
+Each forward dequantizes the weight to the input's dtype and calls ``F.linear``: exact, slow,
+memory-light (the weight is materialised for one layer at a time). For FP8_DYNAMIC (dynamic
+per-token fp8 input activations in the config) the input is quantized and dequantized per
+token the same way first, so the CPU result follows what a W8A8 engine computes. It does not
+use fp8 tensor cores (``torch._scaled_mm``); serving engines do that.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from provision import quant
+from provision.errors import ConvertError
+
+_PARTS = {"float": ("weight", "weight_scale"), "int": ("weight_packed", "weight_scale", "weight_shape")}
+
+
+def _dynamic_token_fp8(config: Mapping[str, Any]) -> bool:
+    qc = config.get("quantization_config", config)
+    groups = qc.get("config_groups") or {} if isinstance(qc, Mapping) else {}
+    for g in groups.values():
+        a = g.get("input_activations") if isinstance(g, Mapping) else None
+        if isinstance(a, Mapping) and a.get("type") == "float" and a.get("num_bits") == 8 and a.get("dynamic") \
+                and a.get("strategy") == "token":
+            return True
+    return False
+
+
+def fake_quant_fp8_per_token(x: torch.Tensor) -> torch.Tensor:
+    """Quantize-dequantize ``x`` to float8 E4M3 with one scale per token (last dim), in ``x``'s dtype."""
+    amax = x.abs().amax(dim=-1, keepdim=True)
+    scale = torch.clamp(amax / quant.FP8_MAX, min=torch.finfo(x.dtype).eps)
+    q = (x / scale).clamp(-quant.FP8_MAX, quant.FP8_MAX).to(torch.float8_e4m3fn)
+    return q.to(x.dtype) * scale
+
+
+def scheme_from_config(config: Mapping[str, Any]) -> str:
+    """``fp8`` / ``w8a16`` / ``w4a16`` from a compressed-tensors ``quantization_config``."""
+    qc = config.get("quantization_config", config)
+    if not isinstance(qc, Mapping) or qc.get("quant_method") not in (None, "compressed-tensors"):
+        raise ConvertError("config.json has a quantization_config this runtime does not know "
+                           f"(quant_method {qc.get('quant_method') if isinstance(qc, Mapping) else None!r}); "
+                           "only compressed-tensors fp8/int8/int4 checkpoints are supported.")
+    groups = qc.get("config_groups") or {}
+    if len(groups) != 1:
+        raise ConvertError(f"quantization_config has {len(groups)} config groups; exactly one is supported.")
+    w = next(iter(groups.values())).get("weights") or {}
+    kind, bits = w.get("type"), w.get("num_bits")
+    fmt = qc.get("format")
+    if kind == "float" and bits == 8 and w.get("strategy") == "channel" and fmt == "float-quantized":
+        return "fp8"
+    if kind == "int" and w.get("symmetric", True) and w.get("strategy") == "group" and \
+            w.get("group_size") == quant.GROUP_SIZE and fmt == "pack-quantized" and bits in (4, 8):
+        return "w8a16" if bits == 8 else "w4a16"
+    raise ConvertError(f"Unsupported compressed-tensors scheme (format {fmt!r}, weights {kind} {bits}-bit "
+                       f"{w.get('strategy')}); supported: fp8 channel, int8/int4 group 128 symmetric.")
+
+
+class QuantLinear(nn.Module):
+    """A Linear whose weight lives in compressed-tensors form and is dequantized at each call."""
+
+    def __init__(self, in_features: int, out_features: int, scheme: str, parts: Mapping[str, torch.Tensor],
+                 bias: torch.Tensor | None = None, *, quantize_inputs: bool = False) -> None:
+        super().__init__()
+        self.in_features, self.out_features, self.scheme = in_features, out_features, scheme
+        self.quantize_inputs = quantize_inputs
+        self.spec = quant.SCHEMES[scheme]
+        for k in _PARTS[self.spec.kind]:
+            if k not in parts:
+                raise ConvertError(f"Quantized layer is missing its {k!r} tensor.")
+            self.register_buffer(k, parts[k])
+        self.bias: torch.Tensor | None
+        if bias is not None:
+            self.bias = nn.Parameter(bias, requires_grad=False)
+        else:
+            self.register_parameter("bias", None)
+        self._check()
+
+    def _check(self) -> None:
+        scale = self.get_buffer("weight_scale")
+        if self.spec.kind == "float":
+            w = self.get_buffer("weight")
+            ok = tuple(w.shape) == (self.out_features, self.in_features) and tuple(scale.shape) == (self.out_features, 1)
+        else:
+            p = self.get_buffer("weight_packed")
+            ok = (tuple(p.shape) == (self.out_features, self.spec.packed_cols(self.in_features))
+                  and tuple(scale.shape) == (self.out_features, self.spec.scale_cols(self.in_features)))
+        if not ok:
+            raise ConvertError(f"Quantized tensors do not fit a {self.in_features}->{self.out_features} Linear "
+                               f"({self.scheme}).")
+
+    def dequantized_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        scale = self.get_buffer("weight_scale")
+        if self.spec.kind == "float":
+            return quant.dequantize_fp8(self.get_buffer("weight"), scale, dtype)
+        q = quant.unpack_int32(self.get_buffer("weight_packed"), self.spec.num_bits, self.in_features)
+        return quant.dequantize_int(q, scale, self.spec.group_size or quant.GROUP_SIZE, dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = self.dequantized_weight(x.dtype)
+        if self.quantize_inputs:
+            x = fake_quant_fp8_per_token(x)
+        b = self.bias.to(x.dtype) if self.bias is not None else None
+        return F.linear(x, w, b)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, scheme={self.scheme}, "
+                f"quantize_inputs={self.quantize_inputs}")
+
+
+def _parts_for(module_name: str, tensors: Mapping[str, torch.Tensor], names: tuple[str, ...],
+               args: Any) -> dict[str, torch.Tensor] | None:
+    """The quantized parts of one module, by our name or (mapped and un-permuted) by its transformers name."""
+    if all(f"{module_name}.{k}" in tensors for k in names):
+        return {k: tensors[f"{module_name}.{k}"] for k in names}
+    from provision.model import hf_names as keymap
+
+    try:
+        hf = keymap.mistral_name_to_hf(module_name + ".weight")[: -len(".weight")]
+    except ConvertError:
+        return None
+    cands = [hf] + [new + hf[len(old):] for new, old in keymap.HF_NEW_TO_LEGACY_PREFIXES if hf.startswith(old)]
+    for base in cands:
+        if all(f"{base}.{k}" in tensors for k in names):
+            if args is None:
+                raise ConvertError("Quantized tensors keyed by transformers names need the model's args "
+                                   "(model.args) to undo the q/k permutation.")
+            out = {}
+            for k in names:
+                _, t = keymap.hf_to_mistral(f"{base}.{k}", tensors[f"{base}.{k}"], args)
+                out[k] = t
+            return out
+    return None
+
+
+def apply_quantization(model: nn.Module, config: Mapping[str, Any] | None,
+                       tensors: Mapping[str, torch.Tensor]) -> None:
+    """Swap every quantized ``nn.Linear`` of ``model`` for a ``QuantLinear`` holding its stored parts.
+
+    Modules without quantized parts in ``tensors`` (the ignore list: vision tower, projector,
+    lm_head, odd shapes) stay as they are. Raises ``ConvertError`` (exit 7) for an unknown
+    scheme or when the config says quantized but no layer has quantized tensors.
+    """
+    if not config:
+        raise ConvertError("apply_quantization needs the checkpoint's config.json (its quantization_config).")
+    scheme = scheme_from_config(config)
+    act_q = scheme == "fp8" and _dynamic_token_fp8(config)
+    names = _PARTS[quant.SCHEMES[scheme].kind]
+    args = getattr(model, "args", None)
+    swaps: list[tuple[str, nn.Linear, dict[str, torch.Tensor]]] = []
+    for name, mod in model.named_modules():
+        if isinstance(mod, nn.Linear):
+            parts = _parts_for(name, tensors, names, args)
+            if parts is not None:
+                swaps.append((name, mod, parts))
+    if not swaps:
+        raise ConvertError("config.json declares a quantization_config but no layer has quantized tensors.")
+    for name, mod, parts in swaps:
+        bias = tensors.get(f"{name}.bias") if mod.bias is not None else None
+        if mod.bias is not None and bias is None:
+            bias = mod.bias if mod.bias.device.type != "meta" else torch.zeros(mod.out_features)
+        new = QuantLinear(mod.in_features, mod.out_features, scheme, parts, bias, quantize_inputs=act_q)
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, child, new)
+
+
+def quantized_modules(model: nn.Module) -> list[str]:
+    """Names of the ``QuantLinear`` layers in ``model``."""
+    return [n for n, m in model.named_modules() if isinstance(m, QuantLinear)]

@@ -1,0 +1,155 @@
+"""Reuse before download: take in an existing, verified copy instead of fetching again.
+
+``find_hf_snapshot`` looks for the manifest's pinned Hub commit in the user's Hugging Face
+cache (``HF_HUB_CACHE``, else ``HF_HOME/hub``, else ``~/.cache/huggingface/hub``) without
+importing huggingface_hub: the cache layout is stable and documented::
+
+    <cache>/models--<org>--<name>/
+    ├── blobs/<sha256 for LFS files | git blob sha1 for small files>
+    ├── refs/main                      (a commit id)
+    └── snapshots/<commit>/<path>  ->  ../../blobs/<id>   (symlinks)
+
+``adopt`` verifies every planned file of a folder (or a cache snapshot) against its
+authority, then hard-links it (or copies it, atomically) into the destination. A cache blob's
+name is the Hub's own id of its content, so it serves as the authority when the manifest pins
+no hash. Symlinks are followed only when they stay inside the folder or the repo's cache
+folder. Nothing under the destination is created before its file verified.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from provision.errors import HostileContentError, VerifyError
+from provision.io.atomic import TMP_PREFIX, atomic_writer
+from provision.io.paths import safe_join
+from provision.progress import ProgressFn
+from provision.stages.plan import Plan
+
+_HEX64 = re.compile(r"^[0-9a-f]{64}$")
+_HEX40 = re.compile(r"^[0-9a-f]{40}$")
+
+
+def hf_cache_dir() -> Path:
+    env = os.environ.get("HF_HUB_CACHE") or os.environ.get("HUGGINGFACE_HUB_CACHE")
+    if env:
+        return Path(env).expanduser()
+    hf_home = os.environ.get("HF_HOME")
+    if hf_home:
+        return Path(hf_home).expanduser() / "hub"
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    return (Path(xdg).expanduser() if xdg else Path.home() / ".cache") / "huggingface" / "hub"
+
+
+def find_hf_snapshot(plan: Plan) -> Path | None:
+    """The cache snapshot of the manifest's pinned Hub commit holding every required file."""
+    if plan.manifest is None:
+        return None
+    src = plan.manifest.source("hf")
+    if src is None or not src.repo or not src.revision:
+        return None
+    repo_dir = hf_cache_dir() / ("models--" + src.repo.replace("/", "--"))
+    snap = repo_dir / "snapshots" / src.revision
+    if not snap.is_dir():
+        return None
+    prefix = src.prefix or ""
+    for f in plan.files:
+        if f.optional or "hf" not in f.sources:
+            continue
+        if not (snap / (prefix + f.path)).exists():
+            return None
+    return snap / prefix if prefix else snap
+
+
+@dataclass
+class AdoptResult:
+    source: Path
+    dest: Path
+    files: list[dict[str, Any]] = field(default_factory=list)
+    linked: int = 0
+    copied: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"source": str(self.source), "dest": str(self.dest), "files": self.files,
+                "linked": self.linked, "copied": self.copied}
+
+
+def _resolve_inside(src_root: Path, rel: str, allowed: Path) -> Path:
+    p = src_root / rel
+    real = p.resolve()
+    allowed_real = allowed.resolve()
+    if real != allowed_real and allowed_real not in real.parents:
+        raise HostileContentError(f"Refusing to adopt {p}: it resolves outside {allowed}.", path=str(p))
+    if not real.is_file():
+        raise VerifyError(f"Cannot adopt {p}: it is missing or not a regular file.", path=str(p))
+    return real
+
+
+def _cache_blob_authority(real: Path) -> tuple[str | None, str | None]:
+    """(sha256, git_sha1) named by a Hugging Face cache blob's file name, if it is one."""
+    if real.parent.name != "blobs":
+        return None, None
+    name = real.name
+    if _HEX64.match(name):
+        return name, None
+    if _HEX40.match(name):
+        return None, name
+    return None, None
+
+
+def adopt(plan: Plan, src: Path, *, dest: Path | None = None, progress: ProgressFn | None = None) -> AdoptResult:
+    """Verify ``plan``'s files in ``src`` and take them into ``dest`` by hard link or copy."""
+    from provision.stages.verify import Authority, authorities_from_manifest, sha256_file, verify_files
+
+    dest = Path(dest) if dest else plan.dest
+    src = Path(src)
+    if not src.is_dir():
+        raise VerifyError(f"--adopt {src}: not a folder.", hint="Pass the folder that holds the model files.")
+    allowed = src
+    if src.parent.name == "snapshots":  # a Hugging Face cache snapshot: blobs live two levels up
+        allowed = src.parent.parent
+    auths = authorities_from_manifest(plan.manifest) if plan.manifest else {}
+    wanted = [f for f in plan.files if not (f.optional and not (src / f.path).exists())]
+    # stage links in a private folder, verify there, then move each into place
+    stage = dest.parent / f"{TMP_PREFIX}adopt-{os.getpid()}"
+    shutil.rmtree(stage, ignore_errors=True)
+    stage.mkdir(parents=True)
+    result = AdoptResult(source=src, dest=dest)
+    try:
+        expected: dict[str, Authority] = {}
+        for f in wanted:
+            real = _resolve_inside(src, f.path, allowed)
+            blob_sha, blob_git = _cache_blob_authority(real)
+            a = auths.get(f.path) or Authority(kind="none", size=f.size, sha256=f.sha256)
+            if not a.has_content_hash and (blob_sha or blob_git):
+                a = Authority(kind="hub-lfs-sha256" if blob_sha else "git-blob-sha1", size=a.size,
+                              sha256=blob_sha, git_sha1=blob_git)
+            expected[f.path] = a
+            target = safe_join(stage, f.path)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                os.link(real, target)
+                result.linked += 1
+            except OSError:
+                with open(real, "rb") as fin, atomic_writer(target) as fout:
+                    shutil.copyfileobj(fin, fout, 1 << 20)
+                result.copied += 1
+        report = verify_files(stage, expected, progress=progress)
+        report.raise_for_failure()
+        dest.mkdir(parents=True, exist_ok=True)
+        for f in wanted:
+            final = safe_join(dest, f.path)
+            final.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(safe_join(stage, f.path), final)
+            fr = next((x for x in report.files if x.path == f.path), None)
+            sha = getattr(fr, "sha256", None) or sha256_file(final)
+            result.files.append({"path": f.path, "size": final.stat().st_size, "sha256": sha,
+                                 "authority": expected[f.path].kind})
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
+    return result

@@ -1,0 +1,84 @@
+"""Fetch stage: bring a plan's files into its destination, verified.
+
+``fetch(plan, ...)`` tries the plan's sources in order (``source="auto"``) or the one named,
+moving to the next when one fails or stalls (a dead torrent falls back to the Hub). The
+sources themselves live in ``torrent`` (the only importer of libtorrent) and ``hub`` (the
+only importer of huggingface_hub); both download into a staging folder and move a file under
+its final name only after ``verify`` passed. Nothing here prints.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from provision.errors import FetchError, ManifestError, UsageError
+from provision.progress import ProgressFn, note
+from provision.stages.fetch.request import (
+    NETWORK_CHOICES,
+    SOURCE_CHOICES,
+    FetchedFile,
+    FetchRequest,
+    FetchResult,
+    HubOptions,
+    PlannedFile,
+    TorrentOptions,
+)
+
+__all__ = ["NETWORK_CHOICES", "SOURCE_CHOICES", "FetchRequest", "FetchResult", "FetchedFile", "HubOptions",
+           "PlannedFile", "TorrentOptions", "fetch", "source_order"]
+
+
+def source_order(plan: FetchRequest, source: str) -> list[str]:
+    """Which source types to try, in order."""
+    if source not in SOURCE_CHOICES:
+        raise UsageError(f"--source must be one of {', '.join(SOURCE_CHOICES)}, got {source!r}.")
+    if plan.kind == "magnet" or plan.kind == "torrent":
+        avail = ["torrent"]
+    elif plan.kind == "hf":
+        avail = ["hf"]
+    else:
+        assert plan.manifest is not None
+        avail = [s.type for s in plan.manifest.sources]
+    if source == "auto":
+        return avail
+    if source not in avail:
+        raise ManifestError(f"--source {source}: {plan.name} has no {source} source (it has {', '.join(avail)}).")
+    return [source]
+
+
+def fetch(
+    plan: FetchRequest,
+    *,
+    source: str = "auto",
+    dest: Path | None = None,
+    torrent: TorrentOptions | None = None,
+    hub: HubOptions | None = None,
+    progress: ProgressFn | None = None,
+) -> FetchResult:
+    """Fetch every file of ``plan`` into ``dest`` (default ``plan.dest``), verified."""
+    order = source_order(plan, source)
+    target = Path(dest) if dest else plan.dest
+    attempts: list[dict[str, Any]] = []
+    last: FetchError | None = None
+    for i, kind in enumerate(order):
+        try:
+            if kind == "torrent":
+                from provision.stages.fetch.torrent import fetch_torrent
+
+                res = fetch_torrent(plan, dest=target, options=torrent or TorrentOptions(), progress=progress)
+            else:
+                from provision.stages.fetch.hub import fetch_hub
+
+                res = fetch_hub(plan, dest=target, options=hub or HubOptions(), progress=progress)
+        except FetchError as e:
+            attempts.append({"source": kind, "error": e.to_dict()})
+            last = e
+            if i + 1 < len(order):
+                note(progress, "fetch", f"source {kind} failed ({e}); trying {order[i + 1]}")
+                continue
+            raise
+        res.attempts = attempts + res.attempts
+        return res
+    assert last is not None  # pragma: no cover
+    raise last

@@ -1,0 +1,219 @@
+"""(source, options, detected hardware) -> a frozen ``Plan``: what would be fetched, where, and
+whether it fits on disk.
+
+Pure apart from reading the manifest or .torrent, looking at the destination folder and
+asking the filesystem for free space; with ``offline=True`` it never touches the network.
+A bare magnet or ``hf://`` source may have its file listing resolved through the fetch
+modules' metadata helpers when ``offline`` is False; otherwise what is unknown is shown as
+unknown. It downloads nothing, writes nothing and raises ``DiskSpaceError`` (exit 6) when the
+destination cannot hold what must still be fetched.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from provision.errors import DiskSpaceError
+from provision.formats.manifest import FileSpec, Manifest, load_manifest
+from provision.formats.sources import HFRef, Magnet, ParsedSource, parse_source
+from provision.hardware import Hardware, detect
+from provision.io.paths import safe_relpath
+from provision.io.space import free_bytes, nearest_existing
+from provision.layout import Layout
+from provision.settings import Settings
+from provision.stages.fetch.request import PlannedFile
+
+
+@dataclass(frozen=True)
+class Plan:
+    source: str
+    kind: str  # manifest | magnet | torrent | hf
+    name: str
+    home: Path
+    dest: Path
+    files: tuple[PlannedFile, ...]
+    sources: tuple[str, ...]  # human descriptions, in the order --source auto tries them
+    hardware: Hardware
+    free_bytes: int
+    offline: bool
+    manifest: Manifest | None = None
+    magnet: Magnet | None = None
+    hf: HFRef | None = None
+    torrent_file: Path | None = None
+    notes: tuple[str, ...] = field(default=())
+
+    @property
+    def listing_known(self) -> bool:
+        return bool(self.files)
+
+    @property
+    def bytes_total(self) -> int:
+        return sum(f.size or 0 for f in self.files)
+
+    @property
+    def bytes_to_fetch(self) -> int:
+        return sum(f.size or 0 for f in self.files if f.to_fetch)
+
+    @property
+    def unknown_sizes(self) -> bool:
+        return not self.files or any(f.size is None for f in self.files if f.to_fetch)
+
+    @property
+    def disk_ok(self) -> bool:
+        return self.bytes_to_fetch <= self.free_bytes
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "source": self.source,
+            "kind": self.kind,
+            "name": self.name,
+            "home": str(self.home),
+            "dest": str(self.dest),
+            "offline": self.offline,
+            "sources": list(self.sources),
+            "files": [
+                {"path": f.path, "size": f.size, "sha256": f.sha256, "sources": list(f.sources),
+                 "status": f.status, "optional": f.optional}
+                for f in self.files
+            ],
+            "bytes_total": self.bytes_total,
+            "bytes_to_fetch": self.bytes_to_fetch,
+            "unknown_sizes": self.unknown_sizes,
+            "free_bytes": self.free_bytes,
+            "disk_ok": self.disk_ok,
+            "hardware": self.hardware.to_dict(),
+            "notes": list(self.notes),
+        }
+
+
+ListingFn = Callable[..., list[tuple[str, int | None, str | None]]]
+
+
+def _file_status(dest: Path, spec_size: int | None, rel: str) -> str:
+    p = dest / rel
+    if not p.is_file():
+        return "missing"
+    if spec_size is not None and p.stat().st_size != spec_size:
+        return "size-mismatch"
+    return "present"
+
+
+def _planned_from_specs(dest: Path, specs: list[FileSpec], source_types: tuple[str, ...]) -> tuple[PlannedFile, ...]:
+    out = []
+    for f in specs:
+        srcs = tuple(t for t in source_types if f.in_source(t))
+        out.append(PlannedFile(path=f.path, size=f.size, sha256=f.sha256, sources=srcs,
+                               status=_file_status(dest, f.size, f.path), optional=f.optional))
+    return tuple(out)
+
+
+def _planned_from_listing(dest: Path, listing: list[tuple[str, int | None, str | None]], src: str) -> tuple[PlannedFile, ...]:
+    out = []
+    for path, size, sha in listing:
+        rel = str(safe_relpath(path, what="file name"))
+        out.append(PlannedFile(path=rel, size=size, sha256=sha, sources=(src,), status=_file_status(dest, size, rel)))
+    return tuple(out)
+
+
+def make_plan(
+    source: str,
+    *,
+    settings: Settings | None = None,
+    home: Path | None = None,
+    dest: Path | None = None,
+    offline: bool = False,
+    include: tuple[str, ...] = (),
+    hardware: Hardware | None = None,
+    check_disk: bool = True,
+    metadata_timeout: float = 30.0,
+) -> Plan:
+    """Build the plan for SOURCE; raise ``DiskSpaceError`` when it cannot fit (``check_disk``)."""
+    import fnmatch
+
+    st = settings or Settings.load()
+    home = Path(home) if home else st.home
+    layout = Layout(home)
+    parsed: ParsedSource = parse_source(source)
+    hw = hardware or detect()
+    notes: list[str] = []
+    manifest: Manifest | None = None
+    files: tuple[PlannedFile, ...] = ()
+    descs: tuple[str, ...]
+
+    if parsed.kind == "manifest":
+        assert parsed.manifest is not None
+        manifest = load_manifest(parsed.manifest.ref)
+        name = manifest.name
+        d = Path(dest) if dest else layout.original(name)
+        types = tuple(s.type for s in manifest.sources)
+        files = _planned_from_specs(d, [f for f in manifest.files if not f.pickle], types)
+        for f in manifest.files:
+            if f.pickle:
+                notes.append(f"{f.path} is a PyTorch pickle: never fetched or loaded; download it yourself and "
+                             f"run `provision import-pickle` with its sha256 to get safetensors")
+        descs = tuple(s.describe() for s in manifest.sources)
+        unknown = [f.path for f in manifest.files if (f.size is None or not f.sha256) and not f.pickle]
+        if unknown:
+            notes.append("size or sha256 not pinned yet for " + ", ".join(unknown)
+                         + " (checked against the source; `provision manifest lock` records them)")
+    elif parsed.kind == "torrent":
+        assert parsed.torrent is not None
+        from provision.stages.fetch.torrent import read_torrent_file
+
+        meta = read_torrent_file(parsed.torrent.path)
+        name = meta.name
+        d = Path(dest) if dest else layout.original(name)
+        files = _planned_from_listing(d, [(p, s, None) for p, s in meta.files], "torrent")
+        descs = (f"torrent file {parsed.torrent.path} ({meta.describe()})",)
+    elif parsed.kind == "magnet":
+        assert parsed.magnet is not None
+        m = parsed.magnet
+        name = m.name or m.infohash
+        d = Path(dest) if dest else layout.original(name)
+        descs = (m.describe(),)
+        if offline:
+            notes.append("offline: the file list of a bare magnet comes from peers; it is unknown until fetched")
+        else:
+            from provision.stages.fetch import torrent as tmod
+
+            fn = getattr(tmod, "magnet_listing", None)
+            if fn is None:
+                notes.append("file list unknown: magnet metadata lookup is not available in this build")
+            else:
+                files = _planned_from_listing(d, fn(m, timeout=metadata_timeout, network=st.network), "torrent")
+    else:
+        assert parsed.hf is not None
+        ref = parsed.hf
+        name = ref.repo
+        d = Path(dest) if dest else layout.original(name)
+        descs = (ref.uri,)
+        if offline:
+            notes.append("offline: the Hub's file listing is unknown without the network")
+        else:
+            from provision.stages.fetch import hub as hmod
+
+            fn = getattr(hmod, "hub_listing", None)
+            if fn is None:
+                notes.append("file list unknown: Hub listing is not available in this build")
+            else:
+                files = _planned_from_listing(d, fn(ref), "hf")
+
+    if include:
+        files = tuple(f for f in files if any(fnmatch.fnmatch(f.path, g) for g in include))
+    plan = Plan(source=source, kind=parsed.kind, name=name, home=home, dest=d, files=files, sources=descs,
+                hardware=hw, free_bytes=free_bytes(d), offline=offline, manifest=manifest,
+                magnet=parsed.magnet, hf=parsed.hf,
+                torrent_file=parsed.torrent.path if parsed.torrent else None, notes=tuple(notes))
+    if check_disk and not plan.disk_ok:
+        from provision.units import human_bytes
+
+        raise DiskSpaceError(
+            f"Not enough disk space in {nearest_existing(d)}: {plan.name} needs "
+            f"{human_bytes(plan.bytes_to_fetch)} more, {human_bytes(plan.free_bytes)} free.",
+            hint="Free some space or choose another --home/--dest.",
+            needed=plan.bytes_to_fetch, free=plan.free_bytes, path=str(d),
+        )
+    return plan

@@ -1,0 +1,287 @@
+"""The profile table: which (scheme, layout, GPU count) a target can run, what it needs, what fits.
+
+A *profile* is a conversion target: ``scheme`` (bf16, fp16, fp8, w8a16, w4a16), ``layout``
+(mistral, hf) and ``gpus`` (tensor-parallel size). Memory needed per device =
+(weights + KV cache for ``context`` tokens at batch 1 in the activation dtype) x 1.1, split
+evenly over the GPUs. Rules, following vLLM's kernels:
+
+* the activation dtype is bf16 on compute capability >= 8.0 (and on the CPU), fp16 below;
+  ``bf16`` itself cannot run below 8.0;
+* ``fp8`` is FP8_DYNAMIC (E4M3 weights, per-output-channel scales, dynamic per-token
+  activations): W8A8 on >= 8.9, weight-only (Marlin) on 8.0-8.8, not at all below 8.0;
+  ``auto`` picks it only on >= 8.9;
+* ``w8a16`` / ``w4a16`` are weight-only int8 / int4, group 128, for when 16-bit weights do
+  not fit;
+* the ``mistral`` layout takes only casts (vLLM's Mistral loader knows no compressed-tensors
+  config); every scheme can be written in the ``hf`` layout. Default: casts keep ``mistral``,
+  quantized schemes write ``hf``.
+
+``auto`` takes the first scheme of the target's preference list that fits, on the fewest GPUs.
+Only the decoder's Linear weights are quantized; embeddings, norms, ``output``, the vision
+encoder and the adapter stay 16-bit (``quantized_tensor``). Pure: no torch, no I/O.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+from provision.errors import GPUMemoryError, ManifestError, UsageError
+from provision.formats.params import ModelArgs, tensor_spec
+from provision.hardware import Target
+
+SCHEMES = ("bf16", "fp16", "fp8", "w8a16", "w4a16")
+CASTS = ("bf16", "fp16")
+QUANTIZED = ("fp8", "w8a16", "w4a16")
+LAYOUTS = ("mistral", "hf")
+DEFAULT_CONTEXT = 32768
+OVERHEAD = 1.10
+GROUP_SIZE = 128
+
+_DECODER_LINEAR = (".attention.wq.weight", ".attention.wk.weight", ".attention.wv.weight",
+                   ".attention.wo.weight", ".w1.weight", ".w2.weight", ".w3.weight")
+
+
+def quantized_tensor(name: str, shape: tuple[int, ...], scheme: str = "w4a16") -> bool:
+    """Whether a Mistral-named tensor is quantized under ``scheme`` (decoder Linears only; the int
+    schemes also need in_features divisible by the group size, fp8 by 16 as vLLM's kernels do)."""
+    if scheme not in QUANTIZED or not name.startswith("layers.") or len(shape) != 2:
+        return False
+    need = 16 if scheme == "fp8" else GROUP_SIZE
+    return name.endswith(_DECODER_LINEAR) and shape[1] % need == 0 and shape[0] % 16 == 0
+
+
+def activation_dtype(target: Target) -> str:
+    """``bfloat16`` on the CPU and compute capability >= 8.0, ``float16`` below."""
+    if target.compute_capability is None or target.compute_capability >= (8, 0):
+        return "bfloat16"
+    return "float16"
+
+
+def default_layout(scheme: str) -> str:
+    return "mistral" if scheme in CASTS else "hf"
+
+
+def support(scheme: str, target: Target) -> tuple[bool, str]:
+    """(can the target run the scheme, how or why not)."""
+    cc = target.compute_capability
+    if scheme not in SCHEMES:
+        raise UsageError(f"Unknown scheme {scheme!r}: use one of auto, {', '.join(SCHEMES)}.", scheme=scheme)
+    if cc is None:
+        return True, "CPU: our runtime dequantizes on the fly" if scheme in QUANTIZED else "CPU"
+    if scheme == "bf16":
+        return (True, "bf16") if cc >= (8, 0) else (False, f"bf16 needs compute capability 8.0; {target.sm} runs fp16")
+    if scheme == "fp16":
+        return True, "fp16"
+    if scheme == "fp8":
+        if cc >= (8, 9):
+            return True, "FP8_DYNAMIC: fp8 weights and per-token fp8 activations"
+        if cc >= (8, 0):
+            return True, f"fp8 weights, 16-bit activations (weight-only fp8 kernel on {target.sm})"
+        return False, f"fp8 needs compute capability 8.0 (weight-only) or 8.9 (W8A8); {target.sm} has neither"
+    if cc < (7, 0):
+        return False, f"vLLM needs compute capability 7.0; {target.sm} is older"
+    return True, f"weight-only int{8 if scheme == 'w8a16' else 4}, group {GROUP_SIZE}"
+
+
+def preference(target: Target) -> tuple[str, ...]:
+    """Schemes ``auto`` tries, best first."""
+    cc = target.compute_capability
+    if cc is None:
+        return ("bf16", "w8a16", "w4a16")
+    if cc >= (8, 9):
+        return ("fp8", "bf16", "w8a16", "w4a16")
+    if cc >= (8, 0):
+        return ("bf16", "w8a16", "w4a16")
+    return ("fp16", "w8a16", "w4a16")
+
+
+def _dtype_bytes(dtype: str) -> int:
+    return 2 if dtype in ("bfloat16", "float16") else 4
+
+
+def tensor_bytes(name: str, shape: tuple[int, ...], scheme: str, act_bytes: int = 2) -> int:
+    """Bytes one Mistral-named tensor takes on disk and in GPU memory under ``scheme``."""
+    n = math.prod(shape)
+    if scheme in CASTS or not quantized_tensor(name, shape, scheme):
+        return n * act_bytes
+    rows, cols = shape
+    if scheme == "fp8":
+        return n + rows * act_bytes  # float8 weight + one scale per row
+    bits = 8 if scheme == "w8a16" else 4
+    return n * bits // 8 + rows * (cols // GROUP_SIZE) * act_bytes + 16  # packed + group scales + shape
+
+
+def weight_bytes(args: ModelArgs, scheme: str, act_bytes: int = 2) -> int:
+    return sum(tensor_bytes(k, s, scheme, act_bytes) for k, s in tensor_spec(args).items())
+
+
+def kv_cache_bytes(args: ModelArgs, context: int, act_bytes: int = 2) -> int:
+    """K and V for every decoder layer, ``context`` tokens, batch 1."""
+    return 2 * args.n_layers * args.n_kv_heads * args.head_dim * context * act_bytes
+
+
+@dataclass(frozen=True)
+class Profile:
+    scheme: str
+    layout: str
+    gpus: int
+    activation_dtype: str
+    weight_bytes: int
+    kv_bytes: int
+    need_bytes: int  # per device, with the overhead
+    available_bytes: int  # per device
+    runnable: bool
+    fits: bool
+    how: str  # how the target runs it, or why it cannot
+
+    @property
+    def ok(self) -> bool:
+        return self.runnable and self.fits
+
+    @property
+    def name(self) -> str:
+        """Folder name of the conversion, e.g. ``fp8-hf`` or ``bf16-mistral`` (``-tp2`` when split)."""
+        return f"{self.scheme}-{self.layout}" + (f"-tp{self.gpus}" if self.gpus > 1 else "")
+
+    @property
+    def why_not(self) -> str | None:
+        if not self.runnable:
+            return self.how
+        if not self.fits:
+            return (f"needs {self.need_bytes / 2**30:.1f} GiB per device, "
+                    f"{self.available_bytes / 2**30:.1f} GiB available")
+        return None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "scheme": self.scheme, "layout": self.layout, "gpus": self.gpus,
+                "activation_dtype": self.activation_dtype, "weight_bytes": self.weight_bytes,
+                "kv_bytes": self.kv_bytes, "need_bytes": self.need_bytes,
+                "available_bytes": self.available_bytes, "runnable": self.runnable, "fits": self.fits,
+                "ok": self.ok, "how": self.how, "why_not": self.why_not}
+
+
+def _tp_sizes(args: ModelArgs, count: int) -> list[int]:
+    return [n for n in (1, 2, 4, 8) if n <= max(count, 1) and args.n_kv_heads % n == 0 and args.n_heads % n == 0]
+
+
+def profile(args: ModelArgs, target: Target, scheme: str, layout: str | None = None, *, gpus: int = 1,
+            context: int = DEFAULT_CONTEXT) -> Profile:
+    """The memory figure and verdict of one (scheme, layout, gpus) on ``target``."""
+    lay = layout or default_layout(scheme)
+    act = {"bf16": "bfloat16", "fp16": "float16"}.get(scheme) or activation_dtype(target)
+    ab = _dtype_bytes(act)
+    runnable, how = support(scheme, target)
+    if lay == "mistral" and scheme in QUANTIZED:
+        runnable, how = False, "the mistral layout carries only casts (bf16, fp16); quantized schemes need --layout hf"
+    elif lay == "hf" and args.vision_encoder is None:
+        # convert writes the transformers layout for Pixtral (Llava) only so far
+        runnable, how = False, "the hf layout is written for Pixtral (Llava) only; text-only models convert to bf16/fp16 in the mistral layout"
+    if scheme == "fp16" and act == "bfloat16" and target.compute_capability is not None:
+        how = "fp16 (bf16 is native here)"
+    w = weight_bytes(args, scheme, ab)
+    kv = kv_cache_bytes(args, context, ab)
+    need = math.ceil((w + kv) * OVERHEAD / gpus)
+    return Profile(scheme=scheme, layout=lay, gpus=gpus, activation_dtype=act, weight_bytes=w, kv_bytes=kv,
+                   need_bytes=need, available_bytes=target.memory_bytes, runnable=runnable,
+                   fits=need <= target.memory_bytes, how=how)
+
+
+def candidates(args: ModelArgs, target: Target, *, context: int = DEFAULT_CONTEXT) -> list[Profile]:
+    """Every (scheme, layout, gpus) combination worth showing, in a stable order."""
+    out = []
+    for n in _tp_sizes(args, target.count):
+        for scheme in SCHEMES:
+            for lay in (("mistral", "hf") if scheme in CASTS else ("hf",)):
+                out.append(profile(args, target, scheme, lay, gpus=n, context=context))
+    return out
+
+
+def _first_fit(args: ModelArgs, target: Target, schemes: tuple[str, ...], layout: str | None,
+               context: int) -> Profile | None:
+    for scheme in schemes:
+        if layout == "mistral" and scheme in QUANTIZED:
+            continue
+        for n in _tp_sizes(args, target.count):
+            p = profile(args, target, scheme, layout, gpus=n, context=context)
+            if p.ok:
+                return p
+    return None
+
+
+def choose(args: ModelArgs, target: Target, scheme: str = "auto", layout: str | None = None, *,
+           context: int = DEFAULT_CONTEXT) -> Profile:
+    """The profile to convert to, or a typed error before any work.
+
+    Unknown scheme or layout -> ``UsageError`` (2); quantized scheme with the mistral layout,
+    or a scheme the target cannot run -> ``ManifestError`` (3) naming one that works;
+    nothing fits -> ``GPUMemoryError`` (6) with the numbers.
+    """
+    if context < 1:
+        raise UsageError(f"--context must be at least 1 token, got {context}.")
+    if layout is not None and layout not in LAYOUTS:
+        raise UsageError(f"Unknown layout {layout!r}: use mistral or hf.", layout=layout)
+    if scheme != "auto" and scheme not in SCHEMES:
+        raise UsageError(f"Unknown scheme {scheme!r}: use one of auto, {', '.join(SCHEMES)}.", scheme=scheme)
+    if scheme in QUANTIZED and layout == "mistral":
+        raise ManifestError(
+            f"The mistral layout carries only casts (bf16, fp16), not {scheme}; use --layout hf for {scheme}.",
+            scheme=scheme, layout=layout)
+    best = _first_fit(args, target, preference(target), layout, context)
+    if scheme == "auto":
+        if best is None:
+            tried = [profile(args, target, s, layout, context=context, gpus=max(_tp_sizes(args, target.count)))
+                     for s in preference(target) if not (layout == "mistral" and s in QUANTIZED)]
+            smallest = min([p for p in tried if p.runnable] or tried, key=lambda p: p.need_bytes)
+            raise GPUMemoryError(
+                f"Nothing fits on {target.describe()}: the smallest profile, {smallest.name}, needs "
+                f"{smallest.need_bytes / 2**30:.1f} GiB per device for a {context}-token context.",
+                hint="Use a bigger GPU, more GPUs (--target NAMExCOUNT) or a shorter --context.",
+                needed=smallest.need_bytes, available=target.memory_bytes, profile=smallest.name,
+                target=target.describe(), context=context)
+        return best
+    runnable, how = support(scheme, target)
+    if not runnable:
+        alt = best.scheme if best else next((s for s in preference(target) if support(s, target)[0]), "fp16")
+        raise ManifestError(f"{target.describe()} cannot run {scheme}: {how}; use --scheme {alt}.",
+                            scheme=scheme, target=target.describe(), works=alt)
+    for n in _tp_sizes(args, target.count):
+        p = profile(args, target, scheme, layout, gpus=n, context=context)
+        if p.fits:
+            return p
+    p = profile(args, target, scheme, layout, gpus=max(_tp_sizes(args, target.count)), context=context)
+    alt_txt = f"; --scheme {best.scheme} fits" if best else ""
+    raise GPUMemoryError(
+        f"{scheme} does not fit on {target.describe()}: it needs {p.need_bytes / 2**30:.1f} GiB per device "
+        f"for a {context}-token context{alt_txt}.",
+        hint="Pick a smaller scheme, a shorter --context or a bigger target.",
+        needed=p.need_bytes, available=target.memory_bytes, profile=p.name, context=context,
+        works=best.scheme if best else None)
+
+
+def gpu_needs(args: ModelArgs, target: Target, *, context: int = DEFAULT_CONTEXT,
+              max_gpus: int = 8) -> list[dict[str, Any]]:
+    """Per scheme (default layout): the fewest GPUs of ``target``'s card (1, 2, 4 or 8) that hold the
+    model, None when not even ``max_gpus`` do; ``fits_host`` says whether the target has that many."""
+    from dataclasses import replace
+
+    wide = replace(target, count=max_gpus)
+    out: list[dict[str, Any]] = []
+    for scheme in SCHEMES:
+        lay = default_layout(scheme)
+        runnable, how = support(scheme, target)
+        need: int | None = None
+        p: Profile | None = None
+        if runnable:
+            for n in _tp_sizes(args, max_gpus):
+                p = profile(args, wide, scheme, lay, gpus=n, context=context)
+                if p.fits:
+                    need = n
+                    break
+            if p is not None and not p.runnable:  # memory says N GPUs, but convert cannot write it yet
+                runnable, how = False, p.how
+        out.append({"scheme": scheme, "layout": lay, "runnable": runnable, "how": how, "gpus_needed": need,
+                    "need_bytes_per_gpu": p.need_bytes if p is not None else None,
+                    "fits_host": runnable and need is not None and need <= target.count})
+    return out

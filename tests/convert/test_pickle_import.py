@@ -1,0 +1,340 @@
+"""Safe import of a pickled release (Mistral 7B's torrent ships ``consolidated.00.pth``).
+
+Pickles stay refused by default (manifest, verify, loader); ``provision import-pickle`` checks the
+release's hash first, loads with ``torch.load(weights_only=True, mmap=True)`` in a separate
+process and keeps only safetensors. Hostile pickles (``__reduce__`` -> ``os.system``) must be
+refused without running, leaving nothing behind.
+"""
+
+# ruff: noqa: F811  (pytest fixtures imported from tests.support.mistral_fixtures are re-bound as arguments)
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import pickle
+import shutil
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from provision.cli.main import run_cli
+from provision.errors import (
+    ConvertError,
+    HashMismatchError,
+    HostileContentError,
+    ManifestError,
+    ParamsError,
+    StructureError,
+    UsageError,
+)
+from provision.io.atomic import TMP_PREFIX
+from provision.stages import pickle_import
+from provision.stages.pickle_import import import_pickle
+from tests.support.mistral_fixtures import PICKLE_NAME, tiny_7b, tiny_7b_pickle  # noqa: F401 - fixtures
+
+
+def _sha(p: Path) -> str:
+    return hashlib.sha256(p.read_bytes()).hexdigest()
+
+
+def _md5(p: Path) -> str:
+    return hashlib.md5(p.read_bytes(), usedforsecurity=False).hexdigest()
+
+
+def _leftovers(parent: Path) -> list[str]:
+    return sorted(p.name for p in parent.iterdir() if p.name.startswith(TMP_PREFIX))
+
+
+class _Payload:
+    """Unpickling this runs ``touch <marker>`` (what a hostile release would do)."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self) -> tuple[Any, tuple[str]]:
+        return (os.system, (f"touch {self.marker}",))
+
+
+def _hostile_release(folder: Path, marker: Path, params_from: Path, *, fmt: str) -> Path:
+    folder.mkdir()
+    shutil.copy(params_from / "params.json", folder / "params.json")
+    evil = {"tok_embeddings.weight": _Payload(marker)}
+    if fmt == "raw":
+        (folder / PICKLE_NAME).write_bytes(pickle.dumps(evil))
+    else:  # torch.save's zip container, pickling the payload inside data.pkl
+        torch.save(evil, folder / PICKLE_NAME)
+    return folder / PICKLE_NAME
+
+
+def test_the_payload_used_below_really_runs_when_plainly_unpickled(tmp_path: Path) -> None:
+    marker = tmp_path / "ran"
+    pickle.loads(pickle.dumps(_Payload(marker)))  # proves the payload is live (our own bytes)
+    assert marker.exists()
+
+
+# ---------------------------------------------------------------------------------------
+# refused by default
+
+
+def test_pickles_are_refused_by_the_loader_verify_and_manifests_without_the_option(tiny_7b_pickle: Path) -> None:
+    from provision.formats.manifest import parse_manifest_bytes
+    from provision.model.loader import load_model
+    from provision.stages.verify import verify_dir
+
+    with pytest.raises(HostileContentError, match="pickle"):
+        load_model(tiny_7b_pickle)
+    rep = verify_dir(tiny_7b_pickle)
+    assert not rep.ok and rep.file(PICKLE_NAME) is not None and rep.file(PICKLE_NAME).status == "refused"  # type: ignore[union-attr]
+    text = (tiny_7b_pickle / "manifest.toml").read_text().replace("pickle = true\n", "")
+    with pytest.raises(ManifestError, match="pickle format"):
+        parse_manifest_bytes(text.encode())
+
+
+def test_without_a_release_hash_the_pickle_is_not_imported(tiny_7b_pickle: Path, tmp_path: Path) -> None:
+    with pytest.raises(UsageError, match="needs the release's hash"):
+        import_pickle(tiny_7b_pickle, tmp_path / "out")
+    assert run_cli(["import-pickle", str(tiny_7b_pickle), "--out", str(tmp_path / "out")]) == 2
+    assert not (tmp_path / "out").exists() and _leftovers(tmp_path) == []
+
+
+@pytest.mark.parametrize("bad", ["abc", "g" * 64, "0" * 63])
+def test_a_malformed_sha256_is_a_usage_error(bad: str, tiny_7b_pickle: Path, tmp_path: Path) -> None:
+    with pytest.raises(UsageError, match="64 hex"):
+        import_pickle(tiny_7b_pickle, tmp_path / "out", sha256=bad)
+
+
+def test_a_manifest_pickle_entry_must_be_optional_and_a_pickle_name() -> None:
+    from provision.formats.manifest import parse_manifest_bytes
+
+    base = ('schema_version = 1\nname = "m"\narchitecture = "mistral"\nformat = "mistral"\n'
+            '[[sources]]\ntype = "torrent"\nmagnet = "magnet:?xt=urn:btih:208b101a0f51514ecf285885a8b0f6fb1a1e4d7d"\n')
+    ok = parse_manifest_bytes((base + '[[files]]\npath = "consolidated.00.pth"\noptional = true\npickle = true\n').encode())
+    assert ok.files[0].pickle
+    with pytest.raises(ManifestError, match="must be optional"):
+        parse_manifest_bytes((base + '[[files]]\npath = "consolidated.00.pth"\npickle = true\n').encode())
+    with pytest.raises(ManifestError, match="not a pickle file name"):
+        parse_manifest_bytes((base + '[[files]]\npath = "params.json"\noptional = true\npickle = true\n').encode())
+
+
+# ---------------------------------------------------------------------------------------
+# the import
+
+
+def test_a_pickled_checkpoint_is_imported_and_equals_the_original_tensors(tiny_7b_pickle: Path, tmp_path: Path) -> None:
+    from safetensors.torch import load_file
+
+    src = tiny_7b_pickle / PICKLE_NAME
+    res = import_pickle(tiny_7b_pickle, tmp_path / "out", sha256=_sha(src))
+    out = tmp_path / "out"
+    assert sorted(p.name for p in out.iterdir()) == ["consolidated.safetensors", "import.json", "params.json",
+                                                     "tokenizer.model"]
+    original = torch.load(src, weights_only=True)  # our own test file
+    imported = load_file(str(out / "consolidated.safetensors"))
+    assert list(imported) != [] and set(imported) == set(original)
+    for k, v in original.items():
+        assert imported[k].dtype == v.dtype and torch.equal(imported[k], v), k
+    assert res.tensors == len(original) and res.dtypes == {"BF16": len(original)}
+    assert res.source_sha256 == _sha(src) and _leftovers(tmp_path) == []
+
+
+def test_the_import_ran_in_another_process_and_records_its_provenance(tiny_7b_pickle: Path, tmp_path: Path) -> None:
+    src = tiny_7b_pickle / PICKLE_NAME
+    import_pickle(tiny_7b_pickle, tmp_path / "out", sha256=_sha(src))
+    rec = json.loads((tmp_path / "out" / "import.json").read_text())
+    assert rec["child"]["pid"] != os.getpid()
+    assert rec["source_sha256"] == _sha(src) and rec["checked_against"] == "sha256"
+    assert rec["files"]["consolidated.safetensors"]["sha256"] == _sha(tmp_path / "out" / "consolidated.safetensors")
+
+
+def test_the_imported_model_equals_the_safetensors_release_verifies_and_smokes(
+        tiny_7b_pickle: Path, tiny_7b: Path, tmp_path: Path) -> None:
+    from provision.model.loader import load_model
+    from provision.stages.smoke import smoke
+    from provision.stages.verify import verify_dir
+
+    out = tmp_path / "out"
+    res = import_pickle(tiny_7b_pickle, out, sha256=_sha(tiny_7b_pickle / PICKLE_NAME))
+    assert res.rope_theta_added
+    params = json.loads((out / "params.json").read_text())
+    assert params["rope_theta"] == 10000.0 and params["sliding_window"] == 8
+    assert verify_dir(out).ok
+    toks = torch.tensor([[1, 733, 16289, 28793, 22557, 1526, 733, 28748, 16289, 28793, 5, 6, 7]])
+    with torch.no_grad():
+        a = load_model(out, dtype=torch.float32)[0](toks)
+        b = load_model(tiny_7b, dtype=torch.float32)[0](toks)
+    assert torch.equal(a, b)
+    assert smoke(out, device="cpu", max_tokens=3).passed
+
+
+def test_keep_params_copies_params_json_byte_for_byte(tiny_7b_pickle: Path, tmp_path: Path) -> None:
+    res = import_pickle(tiny_7b_pickle, tmp_path / "out", sha256=_sha(tiny_7b_pickle / PICKLE_NAME),
+                        explicit_rope=False)
+    assert not res.rope_theta_added
+    assert (tmp_path / "out" / "params.json").read_bytes() == (tiny_7b_pickle / "params.json").read_bytes()
+
+
+def test_the_release_md5_is_accepted_when_that_is_what_is_published(tiny_7b_pickle: Path, tmp_path: Path) -> None:
+    res = import_pickle(tiny_7b_pickle / PICKLE_NAME, tmp_path / "out", md5=_md5(tiny_7b_pickle / PICKLE_NAME))
+    assert res.authority == "md5" and res.source_md5 == _md5(tiny_7b_pickle / PICKLE_NAME)
+
+
+# ---------------------------------------------------------------------------------------
+# refused: wrong hash, hostile, mismatched, crashed
+
+
+@pytest.mark.parametrize("which", ["sha256", "md5"])
+def test_a_pickle_with_the_wrong_hash_is_refused_before_loading(which: str, tiny_7b_pickle: Path, tmp_path: Path,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    def never(*_a: Any, **_k: Any) -> Any:
+        raise AssertionError("the loader ran although the hash did not match")
+
+    monkeypatch.setattr(pickle_import, "_run_child", never)
+    kw = {"sha256": "0" * 64} if which == "sha256" else {"md5": "0" * 32}
+    with pytest.raises(HashMismatchError, match="it was not loaded") as ei:
+        import_pickle(tiny_7b_pickle, tmp_path / "out", **kw)  # type: ignore[arg-type]
+    assert ei.value.exit_code == 5
+    assert not (tmp_path / "out").exists() and _leftovers(tmp_path) == []
+
+
+def test_the_cli_exits_5_on_a_wrong_hash_and_writes_nothing(tiny_7b_pickle: Path, tmp_path: Path, capsys: Any) -> None:
+    code = run_cli(["import-pickle", str(tiny_7b_pickle), "--out", str(tmp_path / "out"), "--sha256", "a" * 64,
+                    "--json"])
+    assert code == 5
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["ok"] is False and doc["exit_code"] == 5 and "it was not loaded" in doc["error"]["message"]
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("fmt", ["raw", "torch-zip"])
+def test_a_hostile_pickle_is_refused_by_weights_only_and_never_runs(fmt: str, tiny_7b: Path, tmp_path: Path) -> None:
+    marker = tmp_path / "PWNED"
+    evil = _hostile_release(tmp_path / "release", marker, tiny_7b, fmt=fmt)
+    with pytest.raises(HostileContentError, match=r"weights_only=True\) refused") as ei:
+        import_pickle(evil.parent, tmp_path / "out", sha256=_sha(evil))  # the hash matches: only the loader stops it
+    assert ei.value.exit_code == 5
+    assert not marker.exists()
+    assert not (tmp_path / "out").exists() and _leftovers(tmp_path) == []
+
+
+def test_the_cli_refuses_a_hostile_pickle_with_exit_5(tiny_7b: Path, tmp_path: Path) -> None:
+    marker = tmp_path / "PWNED"
+    evil = _hostile_release(tmp_path / "release", marker, tiny_7b, fmt="torch-zip")
+    assert run_cli(["import-pickle", str(evil), "--out", str(tmp_path / "out"), "--sha256", _sha(evil)]) == 5
+    assert not marker.exists() and not (tmp_path / "out").exists()
+
+
+def test_tensors_that_do_not_match_params_json_are_refused(tiny_7b_pickle: Path, tmp_path: Path) -> None:
+    rel = tmp_path / "rel"
+    shutil.copytree(tiny_7b_pickle, rel)
+    params = json.loads((rel / "params.json").read_text())
+    params["n_layers"] = 3
+    (rel / "params.json").write_text(json.dumps(params))
+    with pytest.raises(StructureError, match="9 tensors missing"):
+        import_pickle(rel, tmp_path / "out", sha256=_sha(rel / PICKLE_NAME))
+    assert not (tmp_path / "out").exists() and _leftovers(tmp_path) == []
+
+
+def test_a_pickle_that_is_not_a_state_dict_is_refused(tiny_7b_pickle: Path, tmp_path: Path) -> None:
+    rel = tmp_path / "rel"
+    rel.mkdir()
+    shutil.copy(tiny_7b_pickle / "params.json", rel / "params.json")
+    torch.save([torch.zeros(2)], rel / PICKLE_NAME)
+    with pytest.raises(StructureError, match="not a \\{name: tensor\\} dict"):
+        import_pickle(rel, tmp_path / "out", sha256=_sha(rel / PICKLE_NAME))
+
+
+def test_a_loader_process_that_dies_takes_nothing_else_with_it(tiny_7b_pickle: Path, tmp_path: Path,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(pickle_import, "_child_command", lambda _a: [
+        sys.executable, "-c", "import os, signal; os.kill(os.getpid(), signal.SIGKILL)"])
+    with pytest.raises(ConvertError, match="died \\(SIGKILL\\)") as ei:
+        import_pickle(tiny_7b_pickle, tmp_path / "out", sha256=_sha(tiny_7b_pickle / PICKLE_NAME))
+    assert ei.value.exit_code == 7
+    assert not (tmp_path / "out").exists() and _leftovers(tmp_path) == []
+
+
+def test_a_loader_process_past_its_timeout_is_killed(tiny_7b_pickle: Path, tmp_path: Path,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(pickle_import, "_child_command", lambda _a: [sys.executable, "-c", "import time; time.sleep(60)"])
+    with pytest.raises(ConvertError, match="ran past 1 s"):
+        import_pickle(tiny_7b_pickle, tmp_path / "out", sha256=_sha(tiny_7b_pickle / PICKLE_NAME), timeout=1.0)
+    assert not (tmp_path / "out").exists() and _leftovers(tmp_path) == []
+
+
+# ---------------------------------------------------------------------------------------
+# arguments
+
+
+def test_a_non_empty_out_folder_is_refused_and_left_alone(tiny_7b_pickle: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    with pytest.raises(UsageError, match="not empty"):
+        import_pickle(tiny_7b_pickle, out, sha256=_sha(tiny_7b_pickle / PICKLE_NAME))
+    assert [p.name for p in out.iterdir()] == ["keep.txt"]
+
+
+def test_a_missing_params_json_is_a_params_error(tiny_7b_pickle: Path, tmp_path: Path) -> None:
+    rel = tmp_path / "rel"
+    rel.mkdir()
+    shutil.copy(tiny_7b_pickle / PICKLE_NAME, rel / PICKLE_NAME)
+    with pytest.raises(ParamsError, match=r"params\.json not found") as ei:
+        import_pickle(rel, tmp_path / "out", sha256=_sha(rel / PICKLE_NAME))
+    assert ei.value.exit_code == 3
+
+
+def test_a_folder_with_two_pickles_asks_which_one(tmp_path: Path) -> None:
+    (tmp_path / "a.pth").write_bytes(b"x")
+    (tmp_path / "b.pt").write_bytes(b"y")
+    with pytest.raises(UsageError, match="2 pickle files"):
+        pickle_import.find_pickle(tmp_path)
+    (tmp_path / "c.txt").write_bytes(b"")
+    with pytest.raises(UsageError, match="not a pickle file"):
+        pickle_import.find_pickle(tmp_path / "c.txt")
+    with pytest.raises(UsageError, match="does not exist"):
+        pickle_import.find_pickle(tmp_path / "nope")
+
+
+def test_the_cli_takes_the_sha256_from_a_manifest_that_pins_it(tiny_7b_pickle: Path, tmp_path: Path,
+                                                               capsys: Any) -> None:
+    code = run_cli(["import-pickle", str(tiny_7b_pickle), "--out", str(tmp_path / "out"), "--manifest",
+                    str(tiny_7b_pickle / "manifest.toml"), "--json"])
+    assert code == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["ok"] is True and doc["source_sha256"] == _sha(tiny_7b_pickle / PICKLE_NAME)
+    assert {f["path"] for f in doc["files"]} == {"consolidated.safetensors", "params.json", "tokenizer.model"}
+
+
+def test_the_cli_refuses_a_manifest_that_pins_no_hash_for_the_pickle(tiny_7b_pickle: Path, tmp_path: Path) -> None:
+    assert run_cli(["import-pickle", str(tiny_7b_pickle), "--out", str(tmp_path / "out"),
+                    "--manifest", "mistral-7b-v0.1"]) == 3
+    assert not (tmp_path / "out").exists()
+
+
+def test_params_can_come_from_elsewhere_and_keep_params_keeps_its_bytes(tiny_7b_pickle: Path, tmp_path: Path) -> None:
+    rel = tmp_path / "rel"
+    rel.mkdir()
+    shutil.copy(tiny_7b_pickle / PICKLE_NAME, rel / PICKLE_NAME)
+    params = tmp_path / "elsewhere.json"
+    shutil.copy(tiny_7b_pickle / "params.json", params)
+    code = run_cli(["import-pickle", str(rel / PICKLE_NAME), "--out", str(tmp_path / "out"), "--sha256",
+                    _sha(rel / PICKLE_NAME), "--params", str(params), "--keep-params"])
+    assert code == 0
+    assert (tmp_path / "out" / "params.json").read_bytes() == params.read_bytes()
+    assert not (tmp_path / "out" / "tokenizer.model").exists()  # none beside the pickle: none copied
+
+
+def test_the_importing_process_itself_never_imports_torch(tiny_7b_pickle: Path, tmp_path: Path) -> None:
+    import subprocess
+
+    code = ("import sys; from pathlib import Path; from provision.stages.pickle_import import import_pickle; "
+            f"import_pickle(Path({str(tiny_7b_pickle)!r}), Path({str(tmp_path / 'out')!r}), "
+            f"sha256={_sha(tiny_7b_pickle / PICKLE_NAME)!r}); print('torch' in sys.modules)")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=False)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.strip() == "False"
+    assert (tmp_path / "out" / "consolidated.safetensors").is_file()

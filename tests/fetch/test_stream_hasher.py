@@ -1,0 +1,183 @@
+"""The BitTorrent fetch's disk side: hashing through a mapping, write-behind, drop-behind.
+
+``_hash_range`` must give the same sha256 as reading the bytes (mapped or, where mapping
+fails, through ``preadv``); ``_WriteBehind`` must fsync every file it is told is complete and
+leave what it dropped intact on disk and out of the page cache; and a whole fetch must leave
+its files verified but not resident (``fincore`` from util-linux reads the residency).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import mmap
+import os
+import shutil
+import subprocess
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from provision.cli.main import run_cli
+from provision.stages.fetch import torrent as bt
+from provision.testing.torrent_fixtures import seed_thread
+
+
+def resident_bytes(path: Path) -> int:
+    """Bytes of ``path`` in the page cache, as util-linux's fincore counts them."""
+    if shutil.which("fincore") is None:
+        pytest.fail("fincore (util-linux) is needed to read page-cache residency")
+    out = subprocess.run(["fincore", "--bytes", "--noheadings", "--output", "RES", str(path)],
+                         capture_output=True, text=True, check=True).stdout
+    return int(out.split()[0])
+
+
+MEMORY_FS = {"tmpfs", "ramfs"}
+
+
+def fs_type(path: Path) -> str:
+    """The type of the filesystem holding ``path`` (longest mount point in /proc/mounts)."""
+    best, kind = "", ""
+    real = str(path.resolve())
+    with open("/proc/mounts") as fh:
+        for line in fh:
+            parts = line.split()
+            mnt = parts[1].replace("\\040", " ")
+            if (real == mnt or real.startswith(mnt.rstrip("/") + "/")) and len(mnt) > len(best):
+                best, kind = mnt, parts[2]
+    return kind
+
+
+@pytest.fixture
+def disk_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
+    """A folder on a disk filesystem: ``tmp_path``, unless that is in memory (tmpfs has no page
+    cache to drop), then one under the repository's ignored ``.pytest-disk/``. PROVISION_HOME
+    moves there too, so staging and destination share the filesystem (a rename, not a copy)."""
+    if fs_type(tmp_path) not in MEMORY_FS:
+        yield tmp_path
+        return
+    base = Path(__file__).resolve().parents[2] / ".pytest-disk"
+    base.mkdir(exist_ok=True)
+    d = Path(tempfile.mkdtemp(dir=base))
+    monkeypatch.setenv("PROVISION_HOME", str(d / "home"))
+    try:
+        yield d
+    finally:
+        shutil.rmtree(d, ignore_errors=True)
+
+
+@pytest.fixture
+def random_file(tmp_path: Path) -> tuple[Path, bytes]:
+    data = os.urandom(3 * mmap.ALLOCATIONGRANULARITY * 17 + 12345)
+    p = tmp_path / "blob.bin"
+    p.write_bytes(data)
+    return p, data
+
+
+@pytest.mark.parametrize(("start", "end"), [(0, None), (1, 70000), (mmap.ALLOCATIONGRANULARITY + 3, None),
+                                            (4095, 4097), (100, 100)])
+def test_hash_range_through_a_mapping_equals_the_sha256_of_those_bytes(
+        random_file: tuple[Path, bytes], start: int, end: int | None) -> None:
+    path, data = random_file
+    stop = len(data) if end is None else end
+    buf = memoryview(bytearray(1 << 16))
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        h = hashlib.sha256()
+        if stop > start:
+            bt._hash_range(h, fd, start, stop, buf)
+    finally:
+        os.close(fd)
+    assert h.hexdigest() == hashlib.sha256(data[start:stop]).hexdigest()
+
+
+def test_hash_range_reads_with_preadv_where_mapping_fails(random_file: tuple[Path, bytes],
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    path, data = random_file
+
+    def no_mapping(*_a: Any, **_k: Any) -> Any:
+        raise OSError(19, "mmap not supported here")
+
+    monkeypatch.setattr(bt.mmap, "mmap", no_mapping)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        h = hashlib.sha256()
+        bt._hash_range(h, fd, 7, len(data) - 5, memoryview(bytearray(1000)))  # many short reads
+    finally:
+        os.close(fd)
+    assert h.hexdigest() == hashlib.sha256(data[7:len(data) - 5]).hexdigest()
+
+
+def test_write_behind_fsyncs_complete_files_and_drops_what_is_on_disk(disk_dir: Path) -> None:
+    size = 6 << 20
+    data = os.urandom(size)
+    path = disk_dir / "part.bin"
+    with open(path, "wb") as fh:  # dirty pages, as libtorrent leaves them
+        fh.write(data)
+    assert resident_bytes(path) > 0
+    wb = bt._WriteBehind(drop=True)
+    wb.start()
+    wb.put("part.bin", path, 0, 2 << 20)  # a stretch: waited for and dropped
+    wb.put("part.bin", path, 2 << 20, size)
+    wb.put("part.bin", path, 0, size, final=True)  # the file is complete: fsync, drop the rest
+    wb.close()
+    wb.join(30)
+    assert not wb.thread.is_alive()
+    assert wb.synced == {"part.bin"}
+    assert wb.finished_at is not None
+    assert resident_bytes(path) < size // 4
+    assert hashlib.sha256(path.read_bytes()).digest() == hashlib.sha256(data).digest()  # nothing lost
+
+
+def test_write_behind_without_drop_keeps_the_pages_and_still_fsyncs(tmp_path: Path) -> None:
+    path = tmp_path / "keep.bin"
+    path.write_bytes(os.urandom(4 << 20))
+    wb = bt._WriteBehind(drop=False)
+    wb.start()
+    wb.put("keep.bin", path, 0, 4 << 20, final=True)
+    wb.close()
+    wb.join(30)
+    assert wb.synced == {"keep.bin"}
+    assert resident_bytes(path) == 4 << 20
+
+
+def test_write_behind_of_a_missing_file_leaves_it_for_the_move_to_fsync(tmp_path: Path) -> None:
+    wb = bt._WriteBehind(drop=True)
+    wb.start()
+    wb.put("gone.bin", tmp_path / "gone.bin", 0, 10, final=True)
+    wb.close()
+    wb.join(30)
+    assert wb.synced == set()  # the move fsyncs every file not in ``synced``
+
+
+def test_a_fetch_leaves_its_verified_files_out_of_the_page_cache(
+        tiny_src: Path, disk_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Hashed from the stream against the manifest and written back as they arrive, the files
+    are dropped from the page cache: a multi-GB model does not push the host's working set out."""
+    import dataclasses
+
+    from provision.formats.manifest import Source, load_manifest, write_manifest
+
+    torrent = disk_dir / "m" / "tiny.torrent"
+    torrent.parent.mkdir()
+    dest = disk_dir / "dest"
+    with seed_thread(tiny_src, torrent_out=torrent) as info:
+        m = load_manifest(str(tiny_src / "manifest.toml"))
+        m2 = dataclasses.replace(m, sources=(Source(type="torrent", torrent="tiny.torrent", magnet=info.magnet,
+                                                    prefix="tiny-pixtral/"),))
+        write_manifest(m2, disk_dir / "m" / "manifest.toml")
+        capsys.readouterr()
+        rc = run_cli(["fetch", str(disk_dir / "m" / "manifest.toml"), "--dest", str(dest), "--network", "closed",
+                      "--stall-timeout", "20", "--json"])
+        rep = json.loads(capsys.readouterr().out)
+    assert rc == 0, rep
+    vfiles = rep["fetch"]["extra"]["verify"]["files"]
+    assert vfiles and all(f["status"] == "ok" and f["sha256_source"] == "fetcher" for f in vfiles)
+    big = dest / "consolidated.safetensors"
+    assert big.stat().st_size > 8 << 20
+    assert resident_bytes(big) < big.stat().st_size // 4
+    for f in vfiles:  # still the verified bytes
+        assert hashlib.sha256((dest / f["path"]).read_bytes()).hexdigest() == f["sha256"]

@@ -1,0 +1,119 @@
+"""GPU detection on recorded NVML / nvidia-smi answers, and --target parsing."""
+
+from __future__ import annotations
+
+import pytest
+
+from provision.errors import UsageError
+from provision.hardware import (
+    CARDS,
+    Hardware,
+    detect,
+    detect_nvml,
+    parse_nvidia_smi_q,
+    parse_target,
+    target_from_hardware,
+)
+from tests.support.convert_fixtures import CARDS as RECORDED
+from tests.support.convert_fixtures import FakeNVML, smi_text
+
+EXPECTED_CC = {"t4": (7, 5), "a10g": (8, 6), "l4": (8, 9), "a100-40gb": (8, 0), "a100-80gb": (8, 0),
+               "h100": (9, 0)}
+
+
+@pytest.mark.parametrize("card", RECORDED)
+def test_nvml_recording_gives_name_capability_and_memory(card: str) -> None:
+    gpus = detect_nvml(FakeNVML.card(card))
+    assert gpus is not None and len(gpus) == 1
+    g = gpus[0]
+    assert g.compute_capability == EXPECTED_CC[card]
+    assert g.name == CARDS[card].name
+    assert g.total_bytes == CARDS[card].memory_mib * 2**20
+    assert 0 < g.free_bytes < g.total_bytes
+
+
+@pytest.mark.parametrize("card", RECORDED)
+def test_nvidia_smi_q_parse_agrees_with_nvml(card: str) -> None:
+    smi = parse_nvidia_smi_q(smi_text(card))
+    nv = detect_nvml(FakeNVML.card(card))
+    assert nv is not None
+    assert len(smi) == 1
+    assert (smi[0].name, smi[0].compute_capability, smi[0].total_bytes, smi[0].free_bytes) == \
+        (nv[0].name, nv[0].compute_capability, nv[0].total_bytes, nv[0].free_bytes)
+
+
+def test_nvidia_smi_q_reads_fb_memory_not_bar1() -> None:
+    g = parse_nvidia_smi_q(smi_text("h100"))[0]
+    assert g.total_bytes == 81559 * 2**20  # BAR1's 256 MiB "Total" must not be taken
+
+
+def test_nvidia_smi_q_with_two_gpus_lists_both() -> None:
+    text = smi_text("l4")
+    second = text[text.index("GPU 0000"):].replace("00000000:00:03.0", "00000000:00:04.0")
+    gpus = parse_nvidia_smi_q(text + second)
+    assert [g.index for g in gpus] == [0, 1]
+
+
+def test_detect_falls_back_to_nvidia_smi_when_nvml_fails() -> None:
+    fake = FakeNVML.card("a10g")
+    fake.fail_init = True
+    hw = detect(fake, smi_text=smi_text("a10g"))
+    assert hw.source == "nvidia-smi" and hw.gpus[0].compute_capability == (8, 6)
+
+
+def test_detect_without_any_gpu_is_a_cpu_host() -> None:
+    fake = FakeNVML({"devices": []})
+    hw = detect(fake, use_smi=False)
+    assert not hw.has_gpu and hw.source == "none"
+    assert target_from_hardware(hw).is_cpu
+
+
+def test_detect_nvml_calls_shutdown() -> None:
+    fake = FakeNVML.card("t4")
+    detect_nvml(fake)
+    assert fake.shutdown_called
+
+
+def test_detected_multi_gpu_host_becomes_a_counted_target() -> None:
+    hw = detect(FakeNVML.card("h100", count=2), use_smi=False)
+    t = target_from_hardware(hw)
+    assert (t.count, t.compute_capability, t.source) == (2, (9, 0), "detected")
+    assert t.memory_bytes == CARDS["h100"].memory_mib * 2**20
+
+
+@pytest.mark.parametrize("name", list(CARDS))
+def test_every_card_name_is_a_target(name: str) -> None:
+    t = parse_target(name)
+    assert t.compute_capability == CARDS[name].compute_capability and t.count == 1
+
+
+def test_card_name_with_count() -> None:
+    t = parse_target("a100-80gbx4")
+    assert t.count == 4 and t.compute_capability == (8, 0)
+
+
+@pytest.mark.parametrize("spec,cc,gib,count", [("sm_89:24", (8, 9), 24, 1), ("sm_75:16GB", (7, 5), 16, 1),
+                                               ("SM_90:80x8", (9, 0), 80, 8), ("sm_120:32gib", (12, 0), 32, 1)])
+def test_sm_spec_targets(spec: str, cc: tuple[int, int], gib: int, count: int) -> None:
+    t = parse_target(spec)
+    assert (t.compute_capability, t.memory_bytes, t.count) == (cc, gib * 2**30, count)
+
+
+def test_cpu_target_uses_ram() -> None:
+    t = parse_target("cpu", hardware=Hardware(ram_bytes=24 * 2**30))
+    assert t.is_cpu and t.memory_bytes == 24 * 2**30 and t.sm == "cpu"
+
+
+def test_auto_target_uses_detected_hardware() -> None:
+    hw = detect(FakeNVML.card("l4"), use_smi=False)
+    assert parse_target("auto", hardware=hw).compute_capability == (8, 9)
+
+
+@pytest.mark.parametrize("bad", ["gtx1080", "sm_89", "sm_89:", "sm_89:0", "sm_89:24x0", "h100x0", "", "sm_x9:24"])
+def test_bad_targets_are_usage_errors(bad: str) -> None:
+    if bad == "":  # empty means auto
+        parse_target(bad, hardware=Hardware())
+        return
+    with pytest.raises(UsageError) as e:
+        parse_target(bad)
+    assert e.value.exit_code == 2 and "\n" not in str(e.value)

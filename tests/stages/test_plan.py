@@ -1,0 +1,94 @@
+"""`provision plan`: offline plans for manifests and .torrent files, unknowns, disk preflight."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from provision.cli.main import run_cli
+from provision.errors import DiskSpaceError
+from provision.stages.plan import make_plan
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_plan_for_the_real_pixtral_manifest_works_offline(capsys: pytest.CaptureFixture[str]) -> None:
+    assert run_cli(["plan", str(ROOT / "manifests" / "pixtral-12b-2409.toml"), "--offline", "--json"]) == 0
+    out = capsys.readouterr()
+    plan = json.loads(out.out)["plan"]
+    assert [f["path"] for f in plan["files"]] == ["consolidated.safetensors", "params.json", "tekken.json", "RELEASE"]
+    assert plan["files"][1]["size"] == 453 and plan["unknown_sizes"] is True
+    assert plan["sources"][0].startswith("btih:7278e625") and plan["sources"][1].startswith("hf://mistralai/")
+    assert plan["files"][3]["sources"] == ["torrent"] and plan["files"][3]["optional"] is True
+    assert "no GPU detected" in out.err or "x " in out.err
+
+
+def test_plan_marks_present_files(tiny_src: Path, tmp_path: Path) -> None:
+    dest = tmp_path / "dest"
+    dest.mkdir()
+    shutil.copy(tiny_src / "params.json", dest / "params.json")
+    (dest / "tekken.json").write_bytes(b"short")
+    plan = make_plan(str(tiny_src / "manifest.toml"), dest=dest, offline=True)
+    status = {f.path: f.status for f in plan.files}
+    assert status == {"consolidated.safetensors": "missing", "params.json": "present", "tekken.json": "size-mismatch"}
+    assert plan.bytes_to_fetch == plan.bytes_total - (tiny_src / "params.json").stat().st_size
+
+
+def test_not_enough_disk_fails_with_exit_6_before_anything_is_written(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    m = tmp_path / "huge.toml"
+    m.write_text(
+        'schema_version = 1\nname = "huge"\narchitecture = "pixtral"\nformat = "mistral"\n'
+        '[[sources]]\ntype = "hf"\nrepo = "org/huge"\nrevision = "' + "a" * 40 + '"\n'
+        '[[files]]\npath = "consolidated.safetensors"\nsize = 9000000000000000\n'
+    )
+    home = tmp_path / "home"
+    assert run_cli(["plan", str(m), "--home", str(home)]) == 6
+    err = capsys.readouterr().err
+    assert "Not enough disk space" in err and "free" in err
+    assert not home.exists()
+    with pytest.raises(DiskSpaceError) as ei:
+        make_plan(str(m), home=home)
+    assert ei.value.context["needed"] == 9000000000000000
+
+
+def test_plan_reads_a_torrent_file_offline(tmp_path: Path) -> None:
+    import libtorrent as lt
+
+    payload = tmp_path / "payload" / "model"
+    payload.mkdir(parents=True)
+    (payload / "params.json").write_bytes(b"{}" * 100)
+    (payload / "consolidated.safetensors").write_bytes(b"\0" * 70000)
+    fs = lt.file_storage()
+    lt.add_files(fs, str(payload))
+    ct = lt.create_torrent(fs, 16384)
+    lt.set_piece_hashes(ct, str(payload.parent))
+    tfile = tmp_path / "model.torrent"
+    tfile.write_bytes(lt.bencode(ct.generate()))
+    plan = make_plan(str(tfile), offline=True)
+    assert plan.kind == "torrent" and plan.name == "model"
+    assert sorted((f.path, f.size) for f in plan.files) == [("consolidated.safetensors", 70000), ("params.json", 200)]
+
+
+def test_bare_magnet_offline_shows_the_listing_as_unknown(capsys: pytest.CaptureFixture[str]) -> None:
+    magnet = "magnet:?xt=urn:btih:7278e625de2b1da598b23954c13933047126238a&dn=pixtral-12b-240910"
+    assert run_cli(["plan", magnet, "--offline", "--json"]) == 0
+    plan = json.loads(capsys.readouterr().out)["plan"]
+    assert plan["files"] == [] and plan["unknown_sizes"] is True and plan["name"] == "pixtral-12b-240910"
+    assert any("unknown" in n for n in plan["notes"])
+
+
+def test_hf_source_offline_shows_the_listing_as_unknown(capsys: pytest.CaptureFixture[str]) -> None:
+    assert run_cli(["plan", "hf://mistralai/Pixtral-12B-2409", "--offline", "--json"]) == 0
+    plan = json.loads(capsys.readouterr().out)["plan"]
+    assert plan["files"] == [] and plan["dest"].endswith("mistralai--Pixtral-12B-2409/original")
+
+
+def test_run_dry_run_prints_the_plan(capsys: pytest.CaptureFixture[str]) -> None:
+    assert run_cli(["run", "pixtral-12b-2409", "--dry-run", "--offline", "--json"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["dry_run"] is True and doc["plan"]["name"] == "pixtral-12b-2409"

@@ -17,7 +17,7 @@ from typing import Any
 
 from provision.errors import ParamsError
 
-# Special token ids fixed by the tekken tokenizer (reference §6).
+# Special token ids fixed by the tekken tokenizer.
 IMG_TOKEN_ID = 10
 IMG_BREAK_TOKEN_ID = 12
 IMG_END_TOKEN_ID = 13
@@ -140,7 +140,7 @@ class ModelArgs:
     def rope_theta_value(self) -> float:
         if self.rope_theta is not None:
             return self.rope_theta
-        # Mixtral 8x7B's torrent params.json has none and means 1e6 (reference §3, docs "Rope Theta = 1e6")
+        # Mixtral 8x7B's torrent params.json has none and means 1e6 (Mistral docs: "Rope Theta = 1e6")
         return 1000000.0 if self.moe is not None else 10000.0
 
     @property

@@ -1,7 +1,8 @@
-"""Pixtral in plain PyTorch: ``args`` (params.json, no torch), ``layers``, ``vision``, ``pixtral``
-(the module tree, equal to the checkpoint keys) and ``loader`` (``load_model``).
+"""Pixtral and the Mistral text models in plain PyTorch: layers, vision encoder, decoder, loader.
 
-Importing this package imports nothing heavy; ``provision.model.load_model`` is resolved lazily.
+Module attribute names equal the checkpoint keys, so weights load with no renames. The package
+imports nothing heavy; ``provision.model.load_model`` is resolved lazily. Nothing here fetches,
+converts or verifies files.
 """
 
 from __future__ import annotations

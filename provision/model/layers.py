@@ -1,14 +1,9 @@
 """Building blocks shared by the Pixtral decoder and vision encoder, in plain PyTorch.
 
-RMSNorm, interleaved-pair rotary embedding (Mistral's layout: pairs ``(x[2i], x[2i+1])`` rotate
-together, as ``torch.view_as_complex`` would), gated SiLU feed-forward and a pre-norm
-transformer block. Attribute names equal the Mistral checkpoint keys (``attention.wq``,
-``feed_forward.w1``, ``attention_norm``...). Every ``nn.Linear`` is a plain attribute, so a
-quantizer can swap it for another module with the same call signature.
-
-Rotary angles are computed from positions on the fly (no buffers), so a model built on the
-meta device has nothing to initialise after ``load_state_dict(assign=True)``.
-This module does not load weights or tokenize.
+RMSNorm, interleaved-pair rotary embedding (Mistral's layout), gated SiLU feed-forward and a
+pre-norm transformer block, with attribute names equal to the checkpoint keys. Every
+``nn.Linear`` is a plain attribute (a quantizer can swap it) and rotary angles are computed on the
+fly (no buffers to initialise after a meta-device build). It does not load weights or tokenize.
 """
 
 from __future__ import annotations

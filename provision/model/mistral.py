@@ -1,23 +1,12 @@
-"""Text-only Mistral models (Mistral 7B, NeMo 12B): the attention masks and the params.json quirks.
+"""What text-only Mistral models (7B, NeMo) add to the Pixtral decoder: sliding-window masks and
+the ``params.json`` RoPE default.
 
-A text-only Mistral checkpoint is the Pixtral decoder without ``vision_encoder``: the module tree
-``Pixtral(args)`` builds for ``params.json`` without a ``vision_encoder`` key is exactly the
-Mistral ("consolidated") one (``tok_embeddings``, ``layers.N.attention.wq`` ..., ``norm``,
-``output``), so ``provision.model.loader.load_model`` and ``greedy_generate`` serve both.
-This module adds what Pixtral 12B does not use:
-
-* ``attention_mask``: causal attention limited to a sliding window (Mistral 7B v0.1: 4096).
-  Query position ``i`` sees key positions ``j`` with ``i - window < j <= i`` (``window`` keys,
-  itself included), the rule transformers' ``MistralForCausalLM`` applies. The KV cache keeps
-  every position (not a rotating buffer), so a window only masks; its memory grows with the
-  sequence, which is fine for smoke tests and tells the same answer as a rotating cache.
-* ``text_rope_theta``: the RoPE base a ``params.json`` means. Mistral 7B v0.1's has no
-  ``rope_theta`` and means 10000 (newer mistral-inference assumes 1e6, which is wrong for it);
-  ``ModelArgs.rope_theta_value`` applies that default, and ``explicit_params`` writes it into a
-  ``params.json`` so other tools read the same value.
-
-It does not load weights, tokenize, or implement mixture-of-experts layers. torch is imported
-only when a mask is built, so ``explicit_params`` costs nothing to import (``import-pickle``).
+A text-only checkpoint is the Pixtral decoder without ``vision_encoder``, so ``Pixtral(args)``,
+the loader and ``greedy_generate`` serve both. ``attention_mask`` limits causal attention to a
+sliding window (query ``i`` sees keys ``i - window < j <= i``, as transformers does);
+``explicit_params`` writes the RoPE base a ``params.json`` means (Mistral 7B v0.1: 10000) so other
+tools read the same value. It does not load weights, tokenize or implement MoE; torch is imported
+only when a mask is built.
 """
 
 from __future__ import annotations

@@ -1,22 +1,11 @@
 """The sparse mixture-of-experts feed-forward of Mixtral 8x7B / 8x22B, in plain PyTorch.
 
-``MoeFeedForward`` replaces the dense ``feed_forward`` of a decoder block when ``params.json``
-has ``moe``. Its attribute names are the Mistral checkpoint keys (reference §4):
-``feed_forward.gate`` (``nn.Linear(dim, num_experts, bias=False)``, the router) and
-``feed_forward.experts.E.{w1,w2,w3}`` (each a gated SiLU ``FeedForward``). For every token the
-router's logits pick the ``num_experts_per_tok`` largest (``torch.topk``); the softmax is taken
-over those k logits only, in float32, then cast to the activations' dtype; the output is the
-weighted sum of the chosen experts' outputs (mistral-inference's ``MoeLayer``). transformers'
-``MixtralForCausalLM`` takes the softmax over all experts and renormalizes the top k, which is
-the same function.
-
-Only the experts a token chose run on it (tokens are gathered per expert). On the meta device,
-where gathering by value is impossible, every expert runs on every token with a zero weight for
-the unchosen ones: the same result, shapes only, used to check the 8x22B shape without memory.
-
-Also the Mixtral <-> transformers tensor names (``block_sparse_moe``) and ``MixtralConfig``
-``config.json`` used by the parity tests. This module does not load weights or route across
-devices (``provision.model.placement`` does the latter).
+``MoeFeedForward`` replaces a block's dense ``feed_forward`` when ``params.json`` has ``moe``;
+its attributes are the Mistral checkpoint keys (``feed_forward.gate``, ``feed_forward.experts.E.w1``...).
+The router softmaxes the top-k logits in float32 (mistral-inference's ``MoeLayer``, the same function
+as transformers' Mixtral), and only the chosen experts run on a token; on the meta device every expert
+runs with zero weight for the rest, shapes only. Also the Mixtral <-> transformers names and
+``MixtralConfig`` used by the parity tests. It does not load weights or place layers on devices.
 """
 
 from __future__ import annotations

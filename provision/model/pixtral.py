@@ -1,18 +1,11 @@
 """Pixtral: the Mistral decoder with image features merged at the ``[IMG]`` token positions.
 
-``Pixtral(args)`` has the module tree of Mistral's ``consolidated.safetensors`` (``tok_embeddings``,
-``layers.N.attention.wq``..., ``norm``, ``output``, ``vision_encoder.*``,
-``vision_language_adapter.*``), so a state dict loads with ``strict=True`` and no renames.
-The decoder is Mistral: RMSNorm, grouped-query attention with 1D RoPE (interleaved pairs),
-gated SiLU MLP, untied output head, an optional KV cache. Image features replace exactly the
-``[IMG]`` positions in raster order; ``[IMG_BREAK]``/``[IMG_END]`` keep their token embeddings.
-
-``greedy_generate`` decodes greedily with or without the KV cache and reports per-step timing
-and whether every step's logits were finite. Weight loading lives in ``loader.py``; tokenization
-and image preprocessing in ``provision.model.inputs``. Without ``vision_encoder`` the same tree is a
-text-only Mistral (7B, NeMo); a ``sliding_window`` limits attention through
-``provision.model.mistral.attention_mask``. With ``moe`` (Mixtral) every block's ``feed_forward``
-is ``provision.model.moe.MoeFeedForward``.
+``Pixtral(args)`` has the module tree of Mistral's ``consolidated.safetensors`` (so a state dict
+loads with ``strict=True``): RMSNorm, grouped-query attention with interleaved 1D RoPE, gated SiLU
+MLP, an optional KV cache, and, when ``params.json`` says so, the vision encoder and adapter
+(image features replace the ``[IMG]`` positions in raster order), a sliding window or MoE blocks.
+``greedy_generate`` decodes greedily and reports per-step timing and finiteness. Loading weights
+is ``loader.py``'s job; tokenization and image preprocessing are ``provision.model.inputs``'s.
 """
 
 from __future__ import annotations

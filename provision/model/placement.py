@@ -1,22 +1,11 @@
 """Which device holds which decoder layer: a pure layer -> device map for hosts with several GPUs.
 
-``plan_placement(args, devices)`` splits the model into consecutive runs of layers, one run per
-device, in device order, so that the largest per-device share of bytes is as small as possible
-(the optimal contiguous partition, found by binary search over the per-device budget). The
-embeddings and the vision encoder + adapter stay with the first layers (device 0); the final
-norm and the output head with the last layers. Bytes come from ``tensor_spec`` (weights at
-``dtype_bytes`` each) plus, with ``context``, each layer's KV cache. With per-device
-``capacity_bytes`` the split also respects what each device can hold, and a model that no split
-fits raises ``GPUMemoryError`` (exit 6) with the numbers. An optimal split may leave trailing
-devices empty (4 equal layers over 3 devices: 2 + 2 + 0).
-
-``Placement.device_of(name)`` tells where a checkpoint tensor goes (the loader reads each tensor
-straight onto it); ``Placement.remap`` renames devices (tests map every ``cuda:N`` to ``cpu``,
-or to ``meta`` for the 8x22B shape). ``place_model`` moves an already-built model's modules.
-
-The map is pure Python (no torch); moving hidden states from device to device during the
-forward pass is ``Pixtral.forward``'s job. This is pipeline placement (one device works at a
-time), not tensor parallelism.
+``plan_placement`` splits the layers into consecutive runs, one per device, minimising the
+largest per-device share of bytes (weights from ``tensor_spec``, plus the KV cache with a
+context), respecting per-device capacities (``GPUMemoryError``, exit 6, when nothing fits).
+Embeddings and the vision encoder stay with device 0, the norm and head with the last layers.
+``place_model`` moves a built model's modules. Pure Python, no torch; pipeline placement, not
+tensor parallelism (moving activations between devices is ``Pixtral.forward``'s job).
 """
 
 from __future__ import annotations

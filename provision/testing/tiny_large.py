@@ -4,11 +4,10 @@
   (``moe: {num_experts: 8, num_experts_per_tok: 2}`` as in 8x7B/8x22B, no sliding window, rope
   1e6 as 8x22B writes it), tiny dims; ``consolidated.safetensors`` (bf16) with the real MoE tensor
   names (``layers.N.feed_forward.gate`` / ``experts.E.w1..w3``); ``tokenizer.model``, the v1
-  SentencePiece model (32000 ids) both Mixtral torrents ship (reference §2);
+  SentencePiece model (32000 ids) both Mixtral torrents ship;
 * ``write_tiny_pixtral_large(out_dir, seed)``: Pixtral Large 2411's ``params.json`` keys at tiny
   dims: rope 1e9, vocab 32768, ``vision_encoder`` with ``adapter_bias: false`` (no adapter bias
-  tensors) and explicit ``image_break_token_id`` 14 / ``image_end_token_id`` 15 (reference §3,
-  §7); the tokenizer is mistral-common's ``mistral_instruct_tokenizer_241114.model.v7m1`` (the v7
+  tensors) and explicit ``image_break_token_id`` 14 / ``image_end_token_id`` 15; the tokenizer is mistral-common's ``mistral_instruct_tokenizer_241114.model.v7m1`` (the v7
   SentencePiece model with image support; its [IMG_BREAK]/[IMG_END] are 14/15), written as
   ``tokenizer.model.v7m1``.
 
@@ -29,7 +28,7 @@ from provision.formats.params import ModelArgs
 from provision.io.atomic import atomic_write_bytes
 from provision.testing.tiny import MANIFEST_NAME, TinyResult, _sha256, tiny_state_dict
 
-TINY_MIXTRAL_PARAMS: dict[str, Any] = {  # the 8x22B torrent's keys, in its order (reference §3)
+TINY_MIXTRAL_PARAMS: dict[str, Any] = {  # the 8x22B torrent's keys, in its order
     "dim": 64,
     "n_layers": 3,
     "head_dim": 16,
@@ -42,7 +41,7 @@ TINY_MIXTRAL_PARAMS: dict[str, Any] = {  # the 8x22B torrent's keys, in its orde
     "moe": {"num_experts": 8, "num_experts_per_tok": 2},
 }
 
-TINY_PIXTRAL_LARGE_PARAMS: dict[str, Any] = {  # Pixtral Large 2411's keys (reference §3), tiny dims
+TINY_PIXTRAL_LARGE_PARAMS: dict[str, Any] = {  # Pixtral Large 2411's keys, tiny dims
     "dim": 64,
     "n_layers": 2,
     "head_dim": 16,

@@ -1,15 +1,18 @@
-"""Structural checks of ``.safetensors`` files and their sharded index, without loading tensors.
+"""The safetensors format, read side: the dtype table, the bounded header reader and its checks.
 
-``check_safetensors(path)`` reads only the 8-byte header length and the JSON header (at most
-``MAX_HEADER_BYTES``) and proves the file is well formed: the header length is sane, the JSON
-parses (no duplicate keys), every dtype is known, ``prod(shape) * itemsize == end - begin``,
-offsets lie inside the file, do not overlap and cover the data section exactly, and the file
-size matches. ``check_index(path)`` checks a ``*.safetensors.index.json`` against its shards.
+``DTYPES`` is provision's one table of safetensors dtypes (name, bits per element, and the
+name of the matching ``torch`` dtype where provision maps one, as a string so this module never
+imports torch). ``read_header(fd, path)`` reads the 8-byte header length and the JSON header of
+an open file (at most ``MAX_HEADER_BYTES``), ``parse_header`` proves it well formed: the JSON
+parses with no duplicate keys, every dtype is known, ``prod(shape) * bits / 8 == end - begin``,
+offsets lie inside the file, do not overlap and cover the data section exactly.
+``check_safetensors(path)`` does both on a path; ``check_index(path)`` checks a
+``*.safetensors.index.json`` against its shards.
 
 Written by hand rather than through the ``safetensors`` library because that library mmaps
 the file, needs a tensor framework and reports failures in words we cannot map to a precise
 one-line error; the format is simple and the checks here are the spec's. This module never
-imports torch, never reads tensor data and never writes anything.
+imports torch, never reads tensor data and never writes anything (``safetensors_writer`` does).
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ import itertools
 import json
 import math
 import os
+import stat
 import struct
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -30,29 +34,43 @@ from provision.io.paths import safe_relpath
 MAX_HEADER_BYTES = 100_000_000  # the safetensors library's own limit is 100 MB
 MAX_INDEX_BYTES = 100_000_000
 
-# dtype -> size in bits (safetensors' Dtype enum, 0.8)
-DTYPE_BITS: dict[str, int] = {
-    "BOOL": 8,
-    "F4": 4,
-    "F6_E2M3": 6,
-    "F6_E3M2": 6,
-    "U8": 8,
-    "I8": 8,
-    "F8_E5M2": 8,
-    "F8_E4M3": 8,
-    "F8_E8M0": 8,
-    "I16": 16,
-    "U16": 16,
-    "F16": 16,
-    "BF16": 16,
-    "I32": 32,
-    "U32": 32,
-    "F32": 32,
-    "C64": 64,
-    "F64": 64,
-    "I64": 64,
-    "U64": 64,
-}
+
+@dataclass(frozen=True)
+class Dtype:
+    """One safetensors dtype: its name in headers, its size, and torch's name for it (if mapped)."""
+
+    name: str  # e.g. "BF16"
+    bits: int
+    torch: str | None = None  # e.g. "bfloat16" (``torch.bfloat16``); None where provision maps none
+
+
+# safetensors' Dtype enum (0.8); the torch names are the ones provision converts between
+DTYPES: dict[str, Dtype] = {d.name: d for d in (
+    Dtype("BOOL", 8, "bool"),
+    Dtype("F4", 4),
+    Dtype("F6_E2M3", 6),
+    Dtype("F6_E3M2", 6),
+    Dtype("U8", 8, "uint8"),
+    Dtype("I8", 8, "int8"),
+    Dtype("F8_E5M2", 8, "float8_e5m2"),
+    Dtype("F8_E4M3", 8, "float8_e4m3fn"),
+    Dtype("F8_E8M0", 8),
+    Dtype("I16", 16, "int16"),
+    Dtype("U16", 16),
+    Dtype("F16", 16, "float16"),
+    Dtype("BF16", 16, "bfloat16"),
+    Dtype("I32", 32, "int32"),
+    Dtype("U32", 32),
+    Dtype("F32", 32, "float32"),
+    Dtype("C64", 64),
+    Dtype("F64", 64, "float64"),
+    Dtype("I64", 64, "int64"),
+    Dtype("U64", 64),
+)}
+DTYPE_BITS: dict[str, int] = {n: d.bits for n, d in DTYPES.items()}
+DTYPE_BYTES: dict[str, int] = {n: d.bits // 8 for n, d in DTYPES.items() if d.bits % 8 == 0}
+TORCH_NAMES: dict[str, str] = {n: d.torch for n, d in DTYPES.items() if d.torch}  # "BF16" -> "bfloat16"
+FROM_TORCH: dict[str, str] = {t: n for n, t in TORCH_NAMES.items()}  # "bfloat16" -> "BF16"
 
 
 @dataclass(frozen=True)
@@ -140,48 +158,47 @@ def _tensor(path: Path, name: str, entry: Any) -> TensorInfo:
     return TensorInfo(dtype=dtype, shape=tuple(shape), begin=begin, end=end)
 
 
-def check_safetensors(path: Path) -> SafetensorsInfo:
-    """Prove ``path`` is a well-formed safetensors file; return its header facts.
+def read_header(fd: int, path: Path) -> bytes:
+    """The raw header of the open file ``fd``: the 8-byte length then the N JSON bytes.
 
-    Raises ``HostileContentError`` for a header length over ``MAX_HEADER_BYTES`` (nothing that
-    large is read) and ``StructureError`` for everything else. Reads 8 + N bytes, never the data.
+    Raises ``HostileContentError`` for something other than a regular file or a header length
+    over ``MAX_HEADER_BYTES`` (nothing that large is read), ``StructureError`` for a file too
+    short for the length it claims. Reads 8 + N bytes, never the data.
     """
-    path = Path(path)
-    try:
-        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
-    except OSError as e:
-        raise StructureError(f"Cannot open {path.name}: {e.strerror}.", path=str(path)) from None
-    try:
-        st = os.fstat(fd)
-        import stat as _stat
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode):
+        raise HostileContentError(f"Refusing {path.name}: not a regular file.", path=str(path))
+    size = st.st_size
+    if size < 8:
+        raise _bad(path, f"the file is {size} bytes, shorter than the 8-byte header length", size=size)
+    head = os.pread(fd, 8, 0)
+    (n,) = struct.unpack("<Q", head)
+    if n > MAX_HEADER_BYTES:
+        raise HostileContentError(
+            f"Refusing {path.name}: its header claims {n:,d} bytes (the limit is {MAX_HEADER_BYTES:,d}).",
+            hint="This is not a genuine checkpoint; delete it and fetch it again from a trusted source.",
+            path=str(path),
+            header_len=n,
+        )
+    if 8 + n > size:
+        raise _bad(path, f"the header length {n:,d} points past the end of the {size:,d}-byte file",
+                   header_len=n, size=size)
+    raw = bytearray(head)
+    while len(raw) < 8 + n:
+        chunk = os.pread(fd, 8 + n - len(raw), len(raw))
+        if not chunk:
+            raise _bad(path, "the file shrank while its header was read")
+        raw += chunk
+    return bytes(raw)
 
-        if not _stat.S_ISREG(st.st_mode):
-            raise HostileContentError(f"Refusing {path.name}: not a regular file.", path=str(path))
-        size = st.st_size
-        if size < 8:
-            raise _bad(path, f"the file is {size} bytes, shorter than the 8-byte header length", size=size)
-        head = os.pread(fd, 8, 0)
-        (n,) = struct.unpack("<Q", head)
-        if n > MAX_HEADER_BYTES:
-            raise HostileContentError(
-                f"Refusing {path.name}: its header claims {n:,d} bytes (the limit is {MAX_HEADER_BYTES:,d}).",
-                hint="This is not a genuine checkpoint; delete it and fetch it again from a trusted source.",
-                path=str(path),
-                header_len=n,
-            )
-        if 8 + n > size:
-            raise _bad(path, f"the header length {n:,d} points past the end of the {size:,d}-byte file",
-                       header_len=n, size=size)
-        raw = b""
-        while len(raw) < n:
-            chunk = os.pread(fd, n - len(raw), 8 + len(raw))
-            if not chunk:
-                raise _bad(path, "the file shrank while its header was read")
-            raw += chunk
-    finally:
-        os.close(fd)
+
+def parse_header(path: Path, raw: bytes, size: int) -> SafetensorsInfo:
+    """Check the header ``raw`` (as ``read_header`` returns it) of the ``size``-byte file ``path``:
+    JSON without duplicate keys, known dtypes, byte lengths that match shapes, offsets that do not
+    overlap and cover the data section exactly. Raises ``StructureError``."""
+    n = len(raw) - 8
     try:
-        header = json.loads(raw.decode("utf-8"), object_pairs_hook=_no_duplicates)
+        header = json.loads(raw[8:].decode("utf-8"), object_pairs_hook=_no_duplicates)
     except (UnicodeDecodeError, ValueError) as e:
         raise _bad(path, f"the header is not valid JSON ({e})", header_len=n) from None
     if not isinstance(header, dict):
@@ -212,6 +229,25 @@ def check_safetensors(path: Path) -> SafetensorsInfo:
         raise _bad(path, f"the tensors cover {cursor:,d} bytes but the data section holds {data_len:,d} "
                          f"(file size {size:,d})", expected=8 + n + cursor, actual=size)
     return SafetensorsInfo(path=path, size=size, header_len=n, metadata=dict(meta_raw), tensors=tensors)
+
+
+def check_safetensors(path: Path) -> SafetensorsInfo:
+    """Prove ``path`` is a well-formed safetensors file; return its header facts.
+
+    Raises ``HostileContentError`` for a special file or a header length over
+    ``MAX_HEADER_BYTES`` and ``StructureError`` for everything else. Reads 8 + N bytes, never the data.
+    """
+    path = Path(path)
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+    except OSError as e:
+        raise StructureError(f"Cannot open {path.name}: {e.strerror}.", path=str(path)) from None
+    try:
+        raw = read_header(fd, path)
+        size = os.fstat(fd).st_size
+    finally:
+        os.close(fd)
+    return parse_header(path, raw, size)
 
 
 @dataclass(frozen=True)

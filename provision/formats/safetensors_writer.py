@@ -28,15 +28,11 @@ from pathlib import Path
 from typing import Any
 
 from provision.errors import ConvertError, DiskSpaceError
+from provision.formats.safetensors import DTYPE_BYTES
 from provision.io.atomic import TMP_PREFIX, fsync_dir
 
 DEFAULT_SHARD_BYTES = 5 * 10**9
 
-# safetensors dtype string -> bytes per element
-DTYPE_SIZES: dict[str, int] = {
-    "F64": 8, "F32": 4, "F16": 2, "BF16": 2, "F8_E4M3": 1, "F8_E5M2": 1,
-    "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1, "U16": 2, "U32": 4, "U64": 8,
-}
 
 
 @dataclass(frozen=True)
@@ -47,9 +43,9 @@ class TensorEntry:
 
     @property
     def nbytes(self) -> int:
-        if self.dtype not in DTYPE_SIZES:
+        if self.dtype not in DTYPE_BYTES:
             raise ConvertError(f"Unknown safetensors dtype {self.dtype!r} for tensor {self.name!r}.")
-        return math.prod(self.shape) * DTYPE_SIZES[self.dtype]
+        return math.prod(self.shape) * DTYPE_BYTES[self.dtype]
 
 
 def plan_shards(entries: Iterable[TensorEntry], max_shard_bytes: int = DEFAULT_SHARD_BYTES) -> list[list[TensorEntry]]:

@@ -10,6 +10,7 @@ Two on-disk layouts are read:
   and the tensors to ``provision.model.quantized.apply_quantization``, which swaps the
   quantized ``nn.Linear`` layers for its own modules before the strict load.
 
+The shards' headers are read and checked by ``provision.formats.safetensors`` (no tensor data).
 The model is built on the meta device; each tensor is read with ``safe_open`` straight onto the
 target device (cast per tensor), then ``load_state_dict(strict=True, assign=True)`` adopts them.
 Before reading anything, ``check_fits`` compares the bytes needed with the device's free memory
@@ -20,6 +21,7 @@ Pickle files (``.bin``, ``.pt``...) are never read. This module does not tokeniz
 from __future__ import annotations
 
 import json
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,18 +39,16 @@ from provision.errors import (
     UsageError,
 )
 from provision.formats.params import ModelArgs
+from provision.formats.pickles import PICKLE_SUFFIXES
+from provision.formats.safetensors import DTYPE_BYTES, TORCH_NAMES, SafetensorsInfo, check_safetensors
 from provision.model.pixtral import Pixtral, build_model
 from provision.model.placement import Placement
 
 MISTRAL_INDEX = "consolidated.safetensors.index.json"
 HF_INDEX = "model.safetensors.index.json"
-PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
-FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-DTYPE_NAMES: dict[str, torch.dtype] = {"float32": torch.float32, "float16": torch.float16,
-                                       "bfloat16": torch.bfloat16}
-_ST_DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
-                   "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1, "U16": 2, "U32": 4, "U64": 8}
-_ST_FLOAT = {"F32", "F16", "BF16"}
+_ST_FLOAT = ("F32", "F16", "BF16")  # the float dtypes a load casts to the requested dtype
+FLOAT_DTYPES = tuple(getattr(torch, TORCH_NAMES[st]) for st in _ST_FLOAT)
+DTYPE_NAMES: dict[str, torch.dtype] = {TORCH_NAMES[st]: getattr(torch, TORCH_NAMES[st]) for st in _ST_FLOAT}
 
 
 @dataclass(frozen=True)
@@ -87,22 +87,23 @@ def _shards(folder: Path, single: str, index: str, pattern: str) -> list[Path]:
     return sorted(folder.glob(pattern))
 
 
-def _tensor_files(shards: list[Path]) -> dict[str, Path]:
-    from safetensors import safe_open
-
-    files: dict[str, Path] = {}
+def _headers(shards: list[Path]) -> dict[Path, SafetensorsInfo]:
+    """The checked header of every shard (``provision.formats.safetensors``; no tensor is read)."""
+    infos: dict[Path, SafetensorsInfo] = {}
     for shard in shards:
         if not shard.is_file():
             raise StructureError(f"Weight shard {shard.name} is missing from {shard.parent}; fetch it again.",
                                  path=str(shard))
         try:
-            with safe_open(str(shard), framework="pt") as f:
-                for k in f.keys():
-                    files[k] = shard
-        except Exception as e:  # safetensors raises its own error types for corrupt headers
-            raise StructureError(f"{shard} is not a readable safetensors file ({e}); fetch it again.",
+            infos[shard] = check_safetensors(shard)
+        except (StructureError, HostileContentError) as e:
+            raise StructureError(f"{shard} is not a readable safetensors file ({e.message}); fetch it again.",
                                  path=str(shard)) from None
-    return files
+    return infos
+
+
+def _tensor_files(shards: list[Path]) -> dict[str, Path]:
+    return {name: shard for shard, info in _headers(shards).items() for name in info.tensors}
 
 
 def open_checkpoint(path: Path) -> Checkpoint:
@@ -138,23 +139,14 @@ def open_checkpoint(path: Path) -> Checkpoint:
 
 def weights_bytes(ckpt: Checkpoint, dtype: torch.dtype | None) -> int:
     """Bytes the weights take on the device once cast to ``dtype`` (headers only, nothing read)."""
-    from safetensors import safe_open
-
     target = torch.empty((), dtype=dtype).element_size() if dtype is not None else None
     total = 0
-    by_file: dict[Path, list[str]] = {}
-    for name, f in ckpt.files.items():
-        by_file.setdefault(f, []).append(name)
-    for f, names in by_file.items():
-        with safe_open(str(f), framework="pt") as sf:
-            for name in names:
-                sl = sf.get_slice(name)
-                n = 1
-                for s in sl.get_shape():
-                    n *= int(s)
-                st = sl.get_dtype()
-                size = target if (target is not None and st in _ST_FLOAT) else _ST_DTYPE_BYTES.get(st, 4)
-                total += n * size
+    for info in _headers(sorted(set(ckpt.files.values()))).values():
+        for name, t in info.tensors.items():
+            if ckpt.files.get(name) != info.path:
+                continue
+            size = target if (target is not None and t.dtype in _ST_FLOAT) else DTYPE_BYTES.get(t.dtype, 4)
+            total += math.prod(t.shape) * size
     return total
 
 

@@ -64,9 +64,11 @@ from pathlib import Path
 from typing import Any
 
 from provision.errors import HostileContentError, ManifestError, UsageError
+from provision.formats.pickles import PICKLE_SUFFIXES, is_pickle_name
 from provision.formats.sources import HEX40, HEX64, parse_magnet
 from provision.io.atomic import atomic_write_text
 from provision.io.paths import safe_relpath
+from provision.settings import Settings
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -78,7 +80,6 @@ NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._-]*$")
 ARCHITECTURES = ("pixtral", "mistral", "mixtral")
 FORMATS = ("mistral", "hf")
 SOURCE_TYPES = ("torrent", "hf")
-PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
 
 
 @dataclass(frozen=True)
@@ -316,7 +317,7 @@ def parse_manifest(data: dict[str, Any], *, path: Path | None = None, sha256: st
         if f.path in seen:
             raise _fail(f"files[{i}].path", f"duplicate path {f.path!r}.")
         seen.add(f.path)
-        is_pickle = f.path.lower().endswith(PICKLE_SUFFIXES)
+        is_pickle = is_pickle_name(f.path)
         if is_pickle and not f.pickle:
             raise _fail(f"files[{i}].path", f"{f.path!r} is a pickle format; provision reads safetensors only "
                         "(mark it pickle = true and optional = true to list it for `provision import-pickle`).")
@@ -354,10 +355,7 @@ def parse_manifest_bytes(raw: bytes, *, path: Path | None = None) -> Manifest:
 
 def builtin_dirs() -> list[Path]:
     """Where manifest names are looked up, in order."""
-    dirs: list[Path] = []
-    env = os.environ.get("PROVISION_MANIFESTS")
-    if env:
-        dirs += [Path(p) for p in env.split(os.pathsep) if p]
+    dirs = list(Settings.load().manifest_dirs)
     dirs.append(Path(__file__).resolve().parents[1] / "data" / "manifests")  # shipped in the package
     return dirs
 
@@ -417,18 +415,9 @@ def manifest_to_dict(m: Manifest) -> dict[str, Any]:
         fd: dict[str, Any] = {"path": f.path}
         if f.size is not None:
             fd["size"] = f.size
-        if f.sha256:
-            fd["sha256"] = f.sha256
-        if f.git_sha1:
-            fd["git_sha1"] = f.git_sha1
-        if f.optional:
-            fd["optional"] = True
-        if f.sources:
-            fd["sources"] = list(f.sources)
-        if f.pickle:
-            fd["pickle"] = True
-        if f.md5:
-            fd["md5"] = f.md5
+        # the optional fields in TOML key order; each is written only when set
+        fd.update((k, v) for k, v in (("sha256", f.sha256), ("git_sha1", f.git_sha1), ("optional", f.optional),
+                                      ("sources", list(f.sources)), ("pickle", f.pickle), ("md5", f.md5)) if v)
         d["files"].append(fd)
     sm: dict[str, Any] = {"prompt": m.smoke.prompt, "max_tokens": m.smoke.max_tokens}
     if m.smoke.expected:

@@ -23,7 +23,7 @@ Exit codes::
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Protocol
 
 EXIT_OK = 0
 EXIT_UNEXPECTED = 1
@@ -164,9 +164,25 @@ class ConvertError(ProvisionError):
     kind = "convert"
 
 
+class StageReport(Protocol):
+    """What a stage that failed part-way hands back with its error: a report that renders to JSON."""
+
+    def to_dict(self) -> dict[str, Any]: ...
+
+
 class SmokeError(ProvisionError):
+    """The smoke test failed. ``report`` is the finished run's report when the model ran but a
+    check failed (``None`` when it could not run at all); its JSON is also in ``context``."""
+
     exit_code = EXIT_SMOKE
     kind = "smoke"
+
+    def __init__(self, message: str, *, report: StageReport | None = None, hint: str | None = None,
+                 **context: Any) -> None:
+        if report is not None:
+            context["report"] = report.to_dict()
+        super().__init__(message, hint=hint, **context)
+        self.report = report
 
 
 class Interrupted(ProvisionError, KeyboardInterrupt):  # type: ignore[misc]

@@ -13,6 +13,10 @@
     ├── torrents/<infohash>.torrent       torrent metadata and
     ├── torrents/<infohash>.resume        libtorrent resume data
     └── manifests/<model>.toml            manifests written for magnet/hf sources
+
+``Layout(home)`` gives every one of these paths; ``Layout.model(name)`` the paths of one model
+(its name made a safe folder name) and ``Layout.model_at(dirname)`` those of a folder found by
+listing ``models/`` or ``staging/`` (taken as it is). Nothing here reads or writes the disk.
 """
 
 from __future__ import annotations
@@ -30,6 +34,35 @@ def model_dirname(name: str) -> str:
     return s[:120] or "model"
 
 
+ORIGINAL = "original"
+STATE_FILE = "state.json"
+LOCK_FILE = ".lock"
+
+
+@dataclass(frozen=True)
+class ModelPaths:
+    """The paths of one model: ``root`` is ``models/<dirname>``, ``staging`` is ``staging/<dirname>``."""
+
+    dirname: str
+    root: Path
+    staging: Path
+
+    @property
+    def original(self) -> Path:
+        return self.root / ORIGINAL
+
+    @property
+    def state_file(self) -> Path:
+        return self.root / STATE_FILE
+
+    @property
+    def lock_file(self) -> Path:
+        return self.root / LOCK_FILE
+
+    def profile(self, profile: str) -> Path:
+        return self.root / model_dirname(profile)
+
+
 @dataclass(frozen=True)
 class Layout:
     home: Path
@@ -38,23 +71,9 @@ class Layout:
     def models(self) -> Path:
         return self.home / "models"
 
-    def model_dir(self, name: str) -> Path:
-        return self.models / model_dirname(name)
-
-    def original(self, name: str) -> Path:
-        return self.model_dir(name) / "original"
-
-    def profile(self, name: str, profile: str) -> Path:
-        return self.model_dir(name) / model_dirname(profile)
-
-    def state_file(self, name: str) -> Path:
-        return self.model_dir(name) / "state.json"
-
-    def lock_file(self, name: str) -> Path:
-        return self.model_dir(name) / ".lock"
-
-    def staging(self, name: str) -> Path:
-        return self.home / "staging" / model_dirname(name)
+    @property
+    def staging_root(self) -> Path:
+        return self.home / "staging"
 
     @property
     def torrents(self) -> Path:
@@ -63,3 +82,33 @@ class Layout:
     @property
     def manifests(self) -> Path:
         return self.home / "manifests"
+
+    def model_at(self, dirname: str) -> ModelPaths:
+        """The paths of the model folder ``dirname`` exactly as listed under models/ or staging/."""
+        return ModelPaths(dirname, self.models / dirname, self.staging_root / dirname)
+
+    def model(self, name: str) -> ModelPaths:
+        """The paths of the model called ``name`` (a manifest name, dn or org/repo)."""
+        return self.model_at(model_dirname(name))
+
+    def model_dir(self, name: str) -> Path:
+        return self.model(name).root
+
+    def original(self, name: str) -> Path:
+        return self.model(name).original
+
+    def profile(self, name: str, profile: str) -> Path:
+        return self.model(name).profile(profile)
+
+    def state_file(self, name: str) -> Path:
+        return self.model(name).state_file
+
+    def lock_file(self, name: str) -> Path:
+        return self.model(name).lock_file
+
+    def staging(self, name: str) -> Path:
+        return self.model(name).staging
+
+    def manifest_file(self, name: str) -> Path:
+        """Where `provision run` records the manifest of a bare magnet or hf:// source."""
+        return self.manifests / f"{name.replace('/', '--')}.toml"

@@ -1,18 +1,21 @@
 """State shared by one CLI invocation: the terminal, the settings, ``--json`` and the report.
 
-``cli.py`` creates one ``App`` per process; commands take it from the click context with
-``get_app()`` and end with ``app.finish(report)``. Stages never see it.
+``cli.main`` creates one ``App`` per process; commands take it with ``get_app()`` and end with
+``app.finish(report)``, or, when a stage failed part-way and handed back a partial report, with
+``app.fail(error, report)`` (the one failure path: the report and the error in one JSON document,
+then the error raised for ``cli.main`` to print and map to its exit code). Stages never see it;
+it renders nothing but the JSON envelope.
 """
 
 from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Any
-
-import click
+from typing import Any, NoReturn
 
 from provision.cli.console import Terminal, emit_json
+from provision.cli.options import json_option  # re-exported: commands not yet moved to options import it here
+from provision.errors import ProvisionError
 from provision.settings import Settings
 from provision.version import JSON_SCHEMA_VERSION, __version__
 
@@ -47,6 +50,17 @@ class App:
             emit_json(doc)
         self.reported = True
 
+    def fail(self, error: ProvisionError, report: dict[str, Any]) -> NoReturn:
+        """End a command whose stage failed with a partial report: emit ``report`` with the error
+        under ``"error"`` (in that key's place when ``report`` names it), then raise ``error``.
+        The report sits beside the error, so the error's own ``context`` drops its copy of it."""
+        err = error.to_dict()
+        err["context"].pop("report", None)
+        doc = dict(report)
+        doc["error"] = err
+        self.finish(doc, ok=False, exit_code=error.exit_code)
+        raise error
+
     def fail_report(self, error: dict[str, Any], exit_code: int) -> None:
         if self.json and not self.reported:
             doc = self.envelope(False, exit_code)
@@ -79,6 +93,4 @@ def get_app(json_flag: bool | None = None, command: str | None = None) -> App:
     return _CURRENT
 
 
-def json_option(f: Any) -> Any:
-    """The ``--json`` flag every command carries."""
-    return click.option("--json", "json_out", is_flag=True, help="Print one JSON report on stdout at the end.")(f)
+__all__ = ["App", "current_app", "get_app", "json_option", "set_app"]

@@ -3,14 +3,14 @@
 Only ``cli.py`` and this module touch the terminal. On a TTY progress is a set of rich bars;
 without one (CI logs, pipes) it is a plain line per task every few seconds, never a redraw.
 ``--quiet`` keeps errors only, ``--verbose`` adds debug lines; ``NO_COLOR`` is honoured by
-rich; ``--log-file``/``PROVISION_LOG_FILE`` appends every message with a timestamp.
+rich; ``--log-file``/``PROVISION_LOG_FILE`` appends every message with a timestamp; the plain
+progress interval comes from ``Settings.progress_interval``.
 It does not decide exit codes (``cli.main`` does) nor format reports beyond rendering.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import sys
 import threading
 import time
@@ -30,11 +30,8 @@ from rich.progress import (
 )
 
 from provision.progress import ProgressEvent
+from provision.settings import Settings
 from provision.units import human_bytes
-
-PLAIN_INTERVAL_S = float(os.environ.get("PROVISION_PROGRESS_INTERVAL", "5"))
-
-
 
 
 class Terminal:
@@ -48,8 +45,11 @@ class Terminal:
         log_file: Path | None = None,
         stream: IO[str] | None = None,
         force_tty: bool | None = None,
+        progress_interval: float | None = None,
     ) -> None:
         self.quiet = quiet
+        # seconds between plain progress lines of one task (no TTY); default: the settings'
+        self.progress_interval = Settings.load().progress_interval if progress_interval is None else progress_interval
         self.verbose = verbose
         self.console = Console(file=stream or sys.stderr, stderr=stream is None, highlight=False,
                                force_terminal=force_tty)
@@ -142,7 +142,7 @@ class Terminal:
         now = time.monotonic()
         start = self._plain_start.setdefault(ev.task, (now, ev.done))
         last = self._plain_last.get(ev.task)
-        if not ev.finished and last is not None and now - last < PLAIN_INTERVAL_S:
+        if not ev.finished and last is not None and now - last < self.progress_interval:
             return
         if last is None and not ev.finished:
             self._plain_last[ev.task] = now  # first event: start the clock, print later

@@ -283,7 +283,5 @@ def smoke(model_dir: Path, *, device: str = "auto", dtype: str | None = None, im
     )
     if raise_on_fail and not report.passed:
         names = ", ".join(f"{c.name} ({c.detail})" for c in report.failed)
-        err = SmokeError(f"Smoke test failed: {names}.", report=report.to_dict())
-        err.report = report  # type: ignore[attr-defined]
-        raise err
+        raise SmokeError(f"Smoke test failed: {names}.", report=report)
     return report

@@ -43,32 +43,30 @@ from types import TracebackType
 from typing import Any
 
 from provision.errors import LockTimeoutError, ResourceError
+from provision.settings import Settings
 from provision.store.state import shared_file_mode
 from provision.version import __version__
 
 LOCK_KIND = "provision-lock"
-DEFAULT_TIMEOUT = 60.0
 DEFAULT_HEARTBEAT = 10.0
-DEFAULT_STALE_AFTER = 120.0
 BREAK_SUFFIX = ".break"
 BREAKER_STALE_AFTER = 30.0  # a breaker holds its file for milliseconds; older means it died
 
 
-def _env_float(name: str, default: float) -> float:
-    try:
-        return float(os.environ.get(name, "") or default)
-    except ValueError:
-        return default
-
-
 def default_timeout() -> float:
-    """``PROVISION_LOCK_TIMEOUT`` seconds, default 60."""
-    return _env_float("PROVISION_LOCK_TIMEOUT", DEFAULT_TIMEOUT)
+    """Seconds a waiter waits: ``Settings.lock_timeout`` (``PROVISION_LOCK_TIMEOUT``, default 60)."""
+    return Settings.load().lock_timeout
 
 
 def default_stale_after() -> float:
-    """``PROVISION_LOCK_STALE_AFTER`` seconds without a heartbeat, default 120."""
-    return _env_float("PROVISION_LOCK_STALE_AFTER", DEFAULT_STALE_AFTER)
+    """Seconds without a heartbeat before a lock from another machine is stale: ``Settings.lock_stale_after``
+    (``PROVISION_LOCK_STALE_AFTER``, default 120)."""
+    return Settings.load().lock_stale_after
+
+
+def breaker_path(lock: Path) -> Path:
+    """The short-lived file that serializes taking over the stale lock ``lock``."""
+    return lock.with_name(lock.name + BREAK_SUFFIX)
 
 
 # -- who and where we are -------------------------------------------------------------------
@@ -276,7 +274,7 @@ def break_stale(status: LockStatus) -> bool:
     re-read under it: a heartbeat or a new holder in between makes this a no-op returning False.
     """
     path = status.path
-    breaker = path.with_name(path.name + BREAK_SUFFIX)
+    breaker = breaker_path(path)
     try:
         fd = os.open(breaker, os.O_CREAT | os.O_EXCL | os.O_WRONLY | os.O_CLOEXEC, 0o644)
     except FileExistsError:

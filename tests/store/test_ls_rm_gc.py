@@ -11,14 +11,14 @@ from pathlib import Path
 
 import pytest
 
-from provision.cli.commands.gc import collect_garbage
-from provision.cli.commands.ls import list_models
-from provision.cli.commands.rm import remove_model
 from provision.cli.main import run_cli
 from provision.errors import LockTimeoutError, UsageError
 from provision.io.atomic import TMP_PREFIX
 from provision.layout import Layout
+from provision.store.garbage import collect_garbage
+from provision.store.inventory import list_models
 from provision.store.lock import ModelLock, read_lock
+from provision.store.remove import remove_model
 from provision.store.state import load_state, save_state
 
 IH_A = "a1" * 20  # infohash of model "alpha"'s torrent
@@ -165,7 +165,7 @@ def test_rm_takes_over_a_dead_lock(home: Path) -> None:
     make_model(home, "alpha")
     write_dead_lock(Layout(home).lock_file("alpha"))
     res = remove_model(home, "alpha")
-    assert any(r["kind"] == "dead-lock" for r in res.removed)
+    assert any(r.kind == "dead-lock" for r in res.removed)
     assert not (home / "models" / "alpha").exists()
 
 
@@ -226,7 +226,7 @@ def test_rm_of_a_symlinked_model_removes_only_the_link(home: Path, tmp_path: Pat
     (home / "models").mkdir()
     os.symlink(elsewhere, home / "models" / "alpha")
     res = remove_model(home, "alpha")
-    assert res.removed == [{"path": str(home / "models" / "alpha"), "kind": "symlink", "bytes": 0}]
+    assert res.to_dict()["removed"] == [{"path": str(home / "models" / "alpha"), "kind": "symlink", "bytes": 0}]
     assert not (home / "models" / "alpha").is_symlink()
     assert (elsewhere / "original" / "params.json").exists()
 

@@ -13,7 +13,8 @@ from typing import Any
 
 import click
 
-from provision.cli.app import get_app, json_option
+from provision.cli.app import get_app
+from provision.cli.options import json_option
 
 
 @click.group("manifest")
@@ -44,8 +45,7 @@ def lock(folder: Path, manifest_ref: str, out: Path | None, workers: int | None,
     if not report.ok:
         err = report.failures[0].error
         if err is not None:
-            app.finish({"verify": report.to_dict(), "error": err.to_dict(), "written": None},
-                       ok=False, exit_code=err.exit_code)
+            app.fail(err, {"verify": report.to_dict(), "error": None, "written": None})
         report.raise_for_failure()
     facts = report.facts
     listed = {f.path for f in m.files}

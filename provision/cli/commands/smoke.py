@@ -8,7 +8,8 @@ from typing import TYPE_CHECKING
 
 import click
 
-from provision.cli.app import App, get_app, json_option
+from provision.cli.app import App, get_app
+from provision.cli.options import json_option
 from provision.errors import SmokeError, UsageError
 
 if TYPE_CHECKING:
@@ -48,7 +49,7 @@ def command(model_dir: Path, device: str, dtype: str, images: tuple[str, ...], p
             json_out: bool) -> None:
     """Smoke-test the model in MODEL_DIR: image + prompt through the full forward pass, greedy decode, checks."""
     app = get_app(json_out, "smoke")
-    from provision.stages.smoke import smoke
+    from provision.stages.smoke import SmokeReport, smoke
 
     gold = _read_golden(golden) if golden is not None else None
     try:
@@ -57,12 +58,10 @@ def command(model_dir: Path, device: str, dtype: str, images: tuple[str, ...], p
                     progress=app.terminal.progress,
                     devices=[d.strip() for d in devices.split(",") if d.strip()] if devices else None)
     except SmokeError as e:
-        rep_obj = getattr(e, "report", None)
-        if rep_obj is not None:
-            app.manifest_sha256 = rep_obj.manifest_sha256
-            _render(app, rep_obj)
-            error = {"kind": e.kind, "exit_code": e.exit_code, "message": str(e), "context": {}}
-            app.finish({"smoke": rep_obj.to_dict(), "error": error}, ok=False, exit_code=e.exit_code)
+        if isinstance(e.report, SmokeReport):  # the model ran and a check failed: show what it did
+            app.manifest_sha256 = e.report.manifest_sha256
+            _render(app, e.report)
+            app.fail(e, {"smoke": e.report.to_dict()})
         raise
     app.manifest_sha256 = rep.manifest_sha256
     _render(app, rep)

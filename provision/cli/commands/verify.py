@@ -8,18 +8,20 @@ structure failure, 3 when params.json is malformed. It never writes anything.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
-from provision.cli.app import App, get_app, json_option
+from provision.cli.app import App, get_app
+from provision.cli.options import json_option
 
-
-def render_report(app: App, report: Any) -> None:
+if TYPE_CHECKING:
     from provision.stages.verify import VerifyReport
+
+
+def render_report(app: App, report: VerifyReport) -> None:
     from provision.units import human_bytes
 
-    assert isinstance(report, VerifyReport)
     t = app.terminal
     for f in report.files:
         size = f"{f.size:>14,d} B" if f.size is not None else f"{'-':>16s}"
@@ -68,11 +70,9 @@ def command(folder: Path, manifest_ref: str | None, workers: int | None, json_ou
     doc: dict[str, Any] = {"manifest": str(manifest.path) if manifest and manifest.path else None,
                            "verify": report.to_dict()}
     if not report.ok:
-        first = report.failures[0]
-        err = first.error
+        err = report.failures[0].error
         if err is not None:
-            doc["error"] = err.to_dict()
-            app.finish(doc, ok=False, exit_code=err.exit_code)
+            app.fail(err, doc)
         report.raise_for_failure()
     n = sum(1 for f in report.files if f.status == "ok")
     app.terminal.success(f"{n} files verified in {folder} ({report.seconds:.1f} s).")

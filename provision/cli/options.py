@@ -1,0 +1,131 @@
+"""The click options several commands share, written once, and the choices they offer.
+
+Each decorator adds one option (or one group of options) with the same name, default, help and
+environment variable in every command that carries it. The choices come from the library, never
+from a list typed here: schemes and layouts from ``provision.stages.profiles``, target names from
+``provision.hardware.CARDS``, network modes from ``provision.settings``. This module parses option
+values (``parse_rate``) but does no work and reads no files.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+import click
+
+from provision.hardware import CARDS
+from provision.settings import NETWORK_MODES
+from provision.stages.profiles import DEFAULT_CONTEXT, LAYOUTS, SCHEMES
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+SCHEME_CHOICES: tuple[str, ...] = ("auto", *SCHEMES)
+SOURCE_CHOICES: tuple[str, ...] = ("auto", "torrent", "hf")
+CARD_NAMES = ", ".join(CARDS)
+
+_RATE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kKmMgG]?)(i?)[bB]?(?:/s)?\s*$")
+
+
+def parse_rate(value: str | None) -> int:
+    """'10M', '500k', '1.5GiB' -> bytes per second; 0 or empty means unlimited."""
+    if not value:
+        return 0
+    m = _RATE.match(value)
+    if not m:
+        raise click.BadParameter(f"{value!r} is not a rate (examples: 500k, 10M, 1G).")
+    base = 1024 if m.group(3) else 1000
+    mult = {"": 1, "k": base, "m": base**2, "g": base**3}[m.group(2).lower()]
+    return int(float(m.group(1)) * mult)
+
+
+def _stack(f: F, opts: list[Callable[[F], F]]) -> F:
+    for o in reversed(opts):
+        f = o(f)
+    return f
+
+
+def json_option(f: F) -> F:
+    """The ``--json`` flag every command carries."""
+    return click.option("--json", "json_out", is_flag=True, help="Print one JSON report on stdout at the end.")(f)
+
+
+def home_option(f: F) -> F:
+    """``--home``: the model store (``PROVISION_HOME``)."""
+    return click.option("--home", type=click.Path(file_okay=False, path_type=Path), envvar="PROVISION_HOME",
+                        help="Model store (default ~/.cache/provision).")(f)
+
+
+def source_option(f: F) -> F:
+    """``--source``: which of the manifest's sources a fetch uses."""
+    return click.option("--source", "source_kind", type=click.Choice(SOURCE_CHOICES), default="auto",
+                        show_default=True, help="Which of the manifest's sources to use; auto tries them in order.")(f)
+
+
+def network_option(f: F) -> F:
+    """``--network``: the BitTorrent network mode (``PROVISION_NETWORK``)."""
+    return click.option("--network", type=click.Choice(NETWORK_MODES), envvar="PROVISION_NETWORK",
+                        default="public", show_default=True,
+                        help="public: DHT, trackers, PEX. closed: only the peers and trackers given, "
+                             "no DHT/LSD/UPnP/NAT-PMP/uTP.")(f)
+
+
+def torrent_options(f: F) -> F:
+    """BitTorrent options shared by `fetch` and `run`: network, listen, trackers, seeding, upload rate."""
+    return _stack(f, [
+        network_option,
+        click.option("--listen", metavar="HOST:PORT", help="Listen interface (closed mode default 127.0.0.1:0)."),
+        click.option("--tracker", "trackers", multiple=True, metavar="URL", help="Add a tracker (repeatable)."),
+        click.option("--seed-for", type=click.FloatRange(min=0), default=0, show_default=True, metavar="SECONDS",
+                     help="Keep seeding this long after the download."),
+        click.option("--max-upload-rate", metavar="R", help="Upload limit, e.g. 10M (bytes/s)."),
+    ])
+
+
+def transfer_options(f: F) -> F:
+    """Options of every download (`fetch`, `run`): peers, BitTorrent, download rate, stall timeout, token."""
+    return _stack(f, [
+        click.option("--peer", "peers", multiple=True, metavar="HOST:PORT",
+                     help="Connect to this peer (repeatable)."),
+        torrent_options,
+        click.option("--max-download-rate", metavar="R", help="Download limit, e.g. 50M (bytes/s)."),
+        click.option("--stall-timeout", type=click.FloatRange(min=1), default=120, show_default=True,
+                     help="Seconds without progress before a source counts as stalled."),
+        click.option("--token", envvar="HF_TOKEN", show_envvar=True,
+                     help="Hugging Face token (default: HF_TOKEN or the saved login)."),
+    ])
+
+
+def target_option(f: F) -> F:
+    """``--target``: the GPU a conversion is for."""
+    return click.option("--target", default="auto", show_default=True, metavar="auto|cpu|NAME|sm_XY:MEMGB[xCOUNT]",
+                        help=f"GPU to convert for: detect it, the CPU, a card ({CARD_NAMES}; NAMExCOUNT for "
+                             "several) or a compute capability and GiB.")(f)
+
+
+def scheme_option(f: F) -> F:
+    """``--scheme``: the conversion scheme."""
+    return click.option("--scheme", type=click.Choice(SCHEME_CHOICES), default="auto", show_default=True,
+                        help="bf16/fp16 casts, fp8 (FP8_DYNAMIC), w8a16/w4a16 (weight-only int, group 128); "
+                             "auto takes the best that fits.")(f)
+
+
+def context_option(f: F) -> F:
+    """``--context``: the context length a memory fit is computed for."""
+    return click.option("--context", type=click.IntRange(min=1), default=DEFAULT_CONTEXT, show_default=True,
+                        metavar="TOKENS",
+                        help="Context length the KV cache must hold (batch 1) when checking the memory fit.")(f)
+
+
+def profile_options(f: F) -> F:
+    """``--target``, ``--scheme`` and ``--context``: what a conversion profile is chosen from."""
+    return _stack(f, [target_option, scheme_option, context_option])
+
+
+def layout_option(f: F) -> F:
+    """``--layout``: the converted checkpoint's layout."""
+    return click.option("--layout", type=click.Choice(LAYOUTS), default=None,
+                        help="mistral (casts only) or hf (transformers' Llava layout, every scheme). "
+                             "Default: casts keep mistral, quantized schemes write hf.")(f)

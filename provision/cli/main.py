@@ -1,6 +1,6 @@
 """The ``provision`` command line: a click group of thin commands, and ``main``.
 
-Commands live one per module in ``provision/commands/`` and are imported only when used,
+Commands live one per module in ``provision/cli/commands/`` and are imported only when used,
 so ``provision --help`` stays instant and imports neither torch nor libtorrent. ``main``
 is the only place that maps errors to exit codes (see ``errors.py``), installs the SIGTERM
 handler (raising ``Interrupted`` so stages save resume data in ``finally`` blocks) and
@@ -77,7 +77,8 @@ def cli(quiet: bool, verbose: bool, log_file: Path | None) -> None:
     """
     settings = Settings.load()
     app = current_app()
-    terminal = Terminal(quiet=quiet, verbose=verbose, log_file=log_file or settings.log_file)
+    terminal = Terminal(quiet=quiet, verbose=verbose, log_file=log_file or settings.log_file,
+                        progress_interval=settings.progress_interval)
     if app is None:
         set_app(App(terminal=terminal, settings=settings))
     else:
@@ -97,7 +98,7 @@ def main(argv: list[str] | None = None) -> None:
 
 def run_cli(argv: list[str] | None = None) -> int:
     settings = Settings.load()
-    app = App(terminal=Terminal(), settings=settings)
+    app = App(terminal=Terminal(progress_interval=settings.progress_interval), settings=settings)
     set_app(app)
     old = signal.signal(signal.SIGTERM, _on_sigterm)
     code = 0

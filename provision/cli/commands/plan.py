@@ -3,21 +3,22 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
-from provision.cli.app import App, get_app, json_option
-from provision.cli.commands.convert import target_option
+from provision.cli.app import App, get_app
+from provision.cli.options import home_option, json_option, profile_options
+
+if TYPE_CHECKING:
+    from provision.stages.plan import Plan
 
 
-def render_plan(app: App, plan: object) -> None:
+def render_plan(app: App, plan: Plan) -> None:
     from rich.table import Table
 
-    from provision.stages.plan import Plan
     from provision.units import human_bytes
 
-    assert isinstance(plan, Plan)
     t = app.terminal
     t.info(f"Plan for {plan.name} ({plan.kind})")
     for i, s in enumerate(plan.sources, 1):
@@ -63,15 +64,13 @@ def render_profiles(app: App, rows: list[dict[str, Any]], chosen: str | None, ta
     t.print(table)
 
 
-def plan_profiles(plan: object, target: str, scheme: str, context: int, params: Path | None) -> dict[str, Any]:
+def plan_profiles(plan: Plan, target: str, scheme: str, context: int, params: Path | None) -> dict[str, Any]:
     """Candidate profiles of the plan's model on ``target`` (needs a params.json: --params or fetched)."""
     from provision.errors import ProvisionError
     from provision.formats.params import ModelArgs
     from provision.hardware import parse_target
-    from provision.stages.plan import Plan
     from provision.stages.profiles import candidates, choose, gpu_needs
 
-    assert isinstance(plan, Plan)
     src = params if params is not None else plan.dest / "params.json"
     tgt = parse_target(target, hardware=plan.hardware)
     carried = params is None and not src.is_file() and plan.manifest is not None and plan.manifest.params is not None
@@ -126,12 +125,11 @@ def render_gpu_needs(app: App, name: str, prof: dict[str, Any]) -> None:
 
 @click.command("plan")
 @click.argument("source")
-@click.option("--home", type=click.Path(file_okay=False, path_type=Path), envvar="PROVISION_HOME",
-              help="Model store (default ~/.cache/provision).")
+@home_option
 @click.option("--dest", type=click.Path(file_okay=False, path_type=Path), help="Where the original files go.")
 @click.option("--include", multiple=True, help="Only files matching this glob (repeatable).")
 @click.option("--offline", is_flag=True, help="Never touch the network; show what is unknown instead.")
-@target_option
+@profile_options
 @click.option("--params", "params_file", type=click.Path(dir_okay=False, path_type=Path),
               help="params.json to size the conversion profiles with (default: the fetched one).")
 @json_option

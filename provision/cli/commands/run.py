@@ -7,8 +7,16 @@ from typing import Any
 
 import click
 
-from provision.cli.app import App, get_app, json_option
-from provision.cli.commands.fetch import parse_rate, torrent_options
+from provision.cli.app import App, get_app
+from provision.cli.options import (
+    home_option,
+    json_option,
+    layout_option,
+    parse_rate,
+    profile_options,
+    source_option,
+    transfer_options,
+)
 
 
 def render_summary(app: App, stages: list[dict[str, Any]]) -> None:
@@ -33,26 +41,13 @@ def render_summary(app: App, stages: list[dict[str, Any]]) -> None:
 
 @click.command("run")
 @click.argument("source")
-@click.option("--home", type=click.Path(file_okay=False, path_type=Path), envvar="PROVISION_HOME",
-              help="Model store (default ~/.cache/provision).")
-@click.option("--source", "source_kind", type=click.Choice(["auto", "torrent", "hf"]), default="auto",
-              show_default=True, help="Which of the manifest's sources to use; auto tries them in order.")
-@click.option("--target", default="auto", show_default=True,
-              help="auto (detect), cpu, a GPU name (t4, a10g, l4, a100-40gb, a100-80gb, h100, h200) or sm_XY:MEMGB[xN].")
-@click.option("--scheme", type=click.Choice(["auto", "bf16", "fp16", "fp8", "w8a16", "w4a16"]), default="auto",
-              show_default=True, help="Conversion scheme; auto takes the best that fits the target.")
-@click.option("--layout", type=click.Choice(["mistral", "hf"]), default=None,
-              help="Output layout (default: casts keep mistral, quantized schemes write hf).")
-@click.option("--context", type=click.IntRange(min=1), default=32768, show_default=True,
-              help="Context length the memory fit is computed for.")
+@home_option
+@source_option
+@profile_options
+@layout_option
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True,
               help="Where the smoke test runs.")
-@click.option("--peer", "peers", multiple=True, metavar="HOST:PORT", help="BitTorrent peer to connect to.")
-@torrent_options
-@click.option("--max-download-rate", metavar="R", help="Download limit, e.g. 50M (bytes/s).")
-@click.option("--stall-timeout", type=click.FloatRange(min=1), default=120, show_default=True,
-              help="Seconds without progress before a source counts as stalled.")
-@click.option("--token", envvar="HF_TOKEN", help="Hugging Face token (default: HF_TOKEN or the saved login).")
+@transfer_options
 @click.option("--adopt", type=click.Path(file_okay=False, exists=True, path_type=Path),
               help="Verify an existing copy in this folder and take it in instead of downloading.")
 @click.option("--no-hf-cache", is_flag=True, help="Do not look for the model in the Hugging Face cache.")

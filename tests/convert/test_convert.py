@@ -24,7 +24,7 @@ from provision.errors import (
 )
 from provision.formats.params import ModelArgs
 from provision.model import hf_names as keymap
-from provision.stages.convert.convert import RECORD_NAME, convert
+from provision.stages.convert import RECORD_NAME, convert
 from tests.support.convert_fixtures import load_st, make_tiny128
 
 
@@ -303,7 +303,7 @@ def test_fp16_overflow_is_a_conversion_error(tiny_copy: Path, tmp_path: Path) ->
 _KILLER = r"""
 import os, signal, sys
 from pathlib import Path
-from provision.stages.convert.convert import convert
+from provision.stages.convert import convert
 
 def progress(ev):
     if ev.done > int(sys.argv[3]):

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from provision.stages.convert.convert import compare_logits, convert
+from provision.stages.convert import compare_logits, convert
 from tests.support.convert_fixtures import load_st, make_tiny128, require_compressed_tensors
 from tests.support.model_fixtures import load_golden, require_transformers
 
@@ -138,7 +138,7 @@ def test_cli_compare_adds_the_logits_comparison_to_report_and_record(tiny_src: P
     import json
 
     from provision.cli.main import run_cli
-    from provision.stages.convert.convert import RECORD_NAME
+    from provision.stages.convert import RECORD_NAME
 
     out = tmp_path / "o"
     assert run_cli(["convert", str(tiny_src), "--out", str(out), "--target", "l4", "--scheme", "fp8",

@@ -17,7 +17,7 @@ from provision.model.quantized import (
     quantized_modules,
     scheme_from_config,
 )
-from provision.stages.convert.convert import convert, quantization_config
+from provision.stages.convert import convert, quantization_config
 from tests.support.convert_fixtures import load_st, make_tiny128
 
 

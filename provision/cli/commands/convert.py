@@ -3,11 +3,16 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
 from provision.cli.app import get_app, json_option
+from provision.units import human_bytes
+
+if TYPE_CHECKING:
+    from provision.cli.console import Terminal
+    from provision.stages.convert import ConvertResult
 
 SCHEME_CHOICES = ["auto", "bf16", "fp16", "fp8", "w8a16", "w4a16"]
 LAYOUT_CHOICES = ["mistral", "hf"]
@@ -51,12 +56,28 @@ def command(src_dir: Path, out_dir: Path, target: str, scheme: str, context: int
     (GPU memory or disk), 7 conversion failed.
     """
     app = get_app(json_out, "convert")
-    from provision.stages.convert.convert import convert
-    from provision.units import human_bytes
+    from provision.stages.convert import compare_and_record, convert, should_compare
 
     res = convert(src_dir, out_dir, target=target, scheme=scheme, layout=layout, context=context,
                   progress=app.terminal.progress, hf_tokenizer=not no_hf_tokenizer)
-    t = app.terminal
+    _show_result(app.terminal, res)
+    logits: dict[str, Any] | None = None
+    if compare if compare is not None else should_compare(res.bytes_read):
+        logits = compare_and_record(src_dir, out_dir)
+        app.terminal.info(f"  logits vs the original on the smoke prompt ({logits['positions']} positions): "
+                          f"top-1 agreement {logits['top1_agreement']:.3f}, cosine {logits['cosine']:.5f} "
+                          f"(min {logits['cosine_min']:.5f})")
+    rate = res.bytes_read / res.seconds / 1e6 if res.seconds else 0.0
+    app.terminal.success(f"converted {human_bytes(res.bytes_read)} in {res.seconds:.1f} s ({rate:.0f} MB/s) "
+                         f"into {res.out_dir}")
+    app.terminal.info(f"serve it with: {res.vllm_command}")
+    report = res.to_dict()
+    report["logits_comparison"] = logits
+    app.finish({"convert": report})
+
+
+def _show_result(t: Terminal, res: ConvertResult) -> None:
+    """The profile, the files written, the quantization error and the notes of a conversion."""
     p = res.profile
     t.info(f"target: {res.target.describe()}; profile {p.name} ({p.how}); "
            f"needs {human_bytes(p.need_bytes)} per device of {human_bytes(p.available_bytes)}")
@@ -69,30 +90,3 @@ def command(src_dir: Path, out_dir: Path, target: str, scheme: str, context: int
                f"max {q['relative_error_max']:.4f} ({worst.name})")
     for n in res.notes:
         t.warn(n)
-    logits: dict[str, object] | None = None
-    if compare is None:
-        from provision.hardware import _ram_bytes
-
-        # both models in float32 on the CPU: about 4x the 16-bit source bytes, with room to spare
-        compare = res.bytes_read * 4 < _ram_bytes() // 4
-    if compare:
-        from provision.stages.convert.convert import compare_logits
-
-        logits = compare_logits(src_dir, out_dir)
-        import json
-
-        from provision.io.atomic import atomic_write_text
-        from provision.stages.convert.convert import RECORD_NAME
-
-        rec = json.loads((out_dir / RECORD_NAME).read_text(encoding="utf-8"))
-        rec["logits_comparison"] = logits
-        atomic_write_text(out_dir / RECORD_NAME, json.dumps(rec, indent=2) + "\n")
-        t.info(f"  logits vs the original on the smoke prompt ({logits['positions']} positions): "
-               f"top-1 agreement {logits['top1_agreement']:.3f}, cosine {logits['cosine']:.5f} "
-               f"(min {logits['cosine_min']:.5f})")
-    rate = res.bytes_read / res.seconds / 1e6 if res.seconds else 0.0
-    t.success(f"converted {human_bytes(res.bytes_read)} in {res.seconds:.1f} s ({rate:.0f} MB/s) into {res.out_dir}")
-    t.info(f"serve it with: {res.vllm_command}")
-    report = res.to_dict()
-    report["logits_comparison"] = logits
-    app.finish({"convert": report})

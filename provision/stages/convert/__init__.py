@@ -1,6 +1,17 @@
-"""Conversion between on-disk layouts and dtypes/quantization schemes.
+"""The convert stage: a Mistral-format checkpoint cast or quantized for a target GPU, streamed.
 
-``keymap`` holds the Mistral <-> transformers key renames and q/k RoPE permutation; the other
-modules of this package cast, quantize and write converted checkpoints. Importing the package
-imports nothing heavy.
+``convert`` is the stage; ``compare`` holds the optional logit check against the source and
+``record`` the ``provision-convert.json`` it writes. The other modules are its parts: ``source``
+(reading the source files), ``items`` (what each tensor becomes), ``prefetch`` and ``stream`` (the
+streaming loop), ``output`` and ``hf_export`` (the output folder and its side files), ``serve``
+(the ``vllm serve`` line). Importing the package does not import torch.
 """
+
+from provision.stages.convert.compare import compare_and_record, compare_logits, should_compare
+from provision.stages.convert.convert import convert
+from provision.stages.convert.hf_export import quantization_config
+from provision.stages.convert.record import RECORD_NAME, ConvertResult, TensorReport, read_record
+from provision.stages.convert.serve import vllm_command
+
+__all__ = ["RECORD_NAME", "ConvertResult", "TensorReport", "compare_and_record", "compare_logits", "convert",
+           "quantization_config", "read_record", "should_compare", "vllm_command"]

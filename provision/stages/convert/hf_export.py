@@ -1,0 +1,150 @@
+"""The side files of the ``hf`` layout: what transformers, vLLM and compressed-tensors read next to the shards.
+
+``write_hf_side_files`` writes ``config.json`` (``LlavaForConditionalGeneration``, built by
+``provision.model.hf_names``, with a compressed-tensors ``quantization_config`` for quantized
+schemes), the Pixtral processor files, ``tekken.json`` and, through transformers when installed,
+``tokenizer.json`` and its companions. ``quantization_config`` is the compressed-tensors block on
+its own. Tensor names and the q/k permutation live in ``hf_names``; the shards are written elsewhere.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from provision.formats.params import ModelArgs
+from provision.io.atomic import TMP_PREFIX, atomic_write_bytes, atomic_write_text
+from provision.model import hf_names
+from provision.stages.convert.items import Item, output_dtype
+from provision.stages.convert.output import OUR_FILES
+from provision.stages.profiles import QUANTIZED, Profile
+
+
+def quantization_config(scheme: str, *, ratio: float | None = None, ignore: list[str] | None = None) -> dict[str, Any]:
+    """compressed-tensors' ``quantization_config`` for a scheme (the FP8-dynamic / W4A16 recipes).
+
+    ``ignore`` adds the (transformers) module names of decoder Linears left in 16-bit because
+    their shapes do not suit the scheme; the vision tower, projector and lm_head are always ignored.
+    """
+    from provision.quant import SCHEMES
+
+    spec = SCHEMES[scheme]
+    weights = {"num_bits": spec.num_bits, "type": spec.kind, "symmetric": True, "group_size": spec.group_size,
+               "strategy": spec.strategy, "dynamic": False, "actorder": None, "block_structure": None,
+               "observer": "minmax", "observer_kwargs": {}}
+    acts = None
+    if spec.dynamic_activations:
+        acts = {"num_bits": 8, "type": "float", "symmetric": True, "group_size": None, "strategy": "token",
+                "dynamic": True, "actorder": None, "block_structure": None, "observer": None,
+                "observer_kwargs": {}}
+    fmt = "float-quantized" if spec.kind == "float" else "pack-quantized"
+    cfg: dict[str, Any] = {
+        "quant_method": "compressed-tensors",
+        "format": fmt,
+        "quantization_status": "compressed",
+        "config_groups": {"group_0": {"targets": ["Linear"], "weights": weights, "input_activations": acts,
+                                      "output_activations": None, "format": fmt}},
+        "ignore": ["re:.*lm_head", "re:.*multi_modal_projector.*", "re:.*vision_tower.*", *(ignore or [])],
+        "kv_cache_scheme": None,
+        "sparsity_config": {},
+    }
+    if ratio is not None:
+        cfg["global_compression_ratio"] = ratio
+    return cfg
+
+
+def _left_in_16_bit(items: list[Item]) -> list[str]:
+    """Decoder Linears the scheme could not take, as regexes that match both the on-disk names
+    (``language_model.model.layers...``) and transformers' in-memory ones (``model.language_model.layers...``)."""
+    return ["re:.*language_model.*" + re.escape(i.out_name[: -len(".weight")].split("language_model.model.", 1)[-1])
+            + "$" for i in items
+            if i.action != "quantize" and i.src.name.startswith("layers.") and len(i.src.shape) == 2]
+
+
+def _processor_files(args: ModelArgs) -> dict[str, dict[str, Any]]:
+    v = args.vision_encoder
+    assert v is not None
+    pre = {"do_convert_rgb": True, "do_normalize": True, "do_rescale": True, "do_resize": True,
+           "image_mean": [0.48145466, 0.4578275, 0.40821073], "image_std": [0.26862954, 0.26130258, 0.27577711],
+           "image_processor_type": "PixtralImageProcessor",
+           "patch_size": {"height": v.patch_size, "width": v.patch_size}, "resample": 3,
+           "rescale_factor": 0.00392156862745098, "size": {"longest_edge": v.image_size}}
+    proc = {"image_break_token": "[IMG_BREAK]", "image_end_token": "[IMG_END]", "image_token": "[IMG]",
+            "patch_size": v.patch_size, "processor_class": "PixtralProcessor"}
+    gen = {"bos_token_id": 1, "eos_token_id": 2}
+    return {"preprocessor_config.json": pre, "processor_config.json": proc, "generation_config.json": gen}
+
+
+def _write_hf_tokenizer(tekken: Path, out_dir: Path) -> list[str]:
+    """tokenizer.json & co. from tekken.json through transformers (when installed); the names written."""
+    try:
+        from transformers.integrations.mistral import convert_tekken_tokenizer
+    except Exception:  # transformers missing or too old: the caller notes that vLLM reads tekken.json instead
+        return []
+    tmp = Path(tempfile.mkdtemp(prefix=TMP_PREFIX + "tok-", dir=out_dir))
+    try:
+        tok = convert_tekken_tokenizer(str(tekken))
+        tok.save_pretrained(str(tmp))
+        names = []
+        for p in sorted(tmp.iterdir()):
+            if OUR_FILES.match(p.name):
+                os.replace(p, out_dir / p.name)
+                names.append(p.name)
+        return names
+    except Exception:  # a tekken.json transformers cannot convert: same fallback as above
+        return []
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+@dataclass
+class HfSideFiles:
+    """What ``write_hf_side_files`` wrote: file names, whether ``tokenizer.json`` is among them, notes."""
+
+    files: list[str] = field(default_factory=list)
+    hf_tokenizer: bool = False
+    notes: list[str] = field(default_factory=list)
+
+
+def _write_json(path: Path, doc: dict[str, Any]) -> None:
+    atomic_write_text(path, json.dumps(doc, indent=2) + "\n")
+
+
+def write_hf_side_files(src_dir: Path, out_dir: Path, args: ModelArgs, profile: Profile, items: list[Item],
+                        data_bytes: int, *, hf_tokenizer: bool) -> HfSideFiles:
+    """config.json, processor and tokenizer files for an ``hf`` conversion of ``src_dir`` in ``out_dir``.
+
+    ``data_bytes`` is the tensor data written (for the compression ratio of quantized schemes);
+    ``hf_tokenizer`` asks for ``tokenizer.json`` to be built from ``tekken.json``.
+    """
+    out = HfSideFiles()
+    cfg = hf_names.hf_config(args, dtype=output_dtype(profile))
+    if profile.scheme in QUANTIZED:
+        dense = sum(math.prod(i.src.shape) * 2 for i in items)
+        cfg["quantization_config"] = quantization_config(profile.scheme, ratio=dense / max(data_bytes, 1),
+                                                         ignore=_left_in_16_bit(items))
+    _write_json(out_dir / "config.json", cfg)
+    out.files.append("config.json")
+    for name, doc in _processor_files(args).items():
+        _write_json(out_dir / name, doc)
+        out.files.append(name)
+    tekken = src_dir / "tekken.json"
+    if not tekken.is_file():
+        out.notes.append("no tekken.json in the source: copy the tokenizer files into the output by hand")
+        return out
+    atomic_write_bytes(out_dir / "tekken.json", tekken.read_bytes())
+    out.files.append("tekken.json")
+    tok_files = _write_hf_tokenizer(tekken, out_dir) if hf_tokenizer else []
+    out.files += tok_files
+    out.hf_tokenizer = "tokenizer.json" in tok_files
+    if not out.hf_tokenizer:
+        out.notes.append("tokenizer.json not written (transformers is not installed or it was not asked "
+                         "for); vLLM reads tekken.json with --tokenizer-mode mistral")
+    return out

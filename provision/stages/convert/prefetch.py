@@ -1,0 +1,208 @@
+"""Reading the source ahead of the converter: a helper thread, a ring of reused buffers, hashing on the way.
+
+``Prefetcher`` reads a planned sequence of (source, offset, length) ranges on a helper thread into
+a small ring of reused buffers (no page faults or zero-fill per chunk), feeds every byte of each
+source, in file order, to that file's hasher, and drops the pages read from the page cache. The
+converter asks for the ranges in the planned order. It does not cast, quantize or write.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import queue
+import threading
+from collections.abc import Callable
+
+from provision.errors import ConvertError
+from provision.stages.convert.source import SafetensorsSource
+
+
+class StreamHasher:
+    """sha256 of one file fed in order (header, then every data byte) on a helper thread."""
+
+    def __init__(self) -> None:
+        self.h = hashlib.sha256()
+        self.q: queue.Queue[tuple[bytes | bytearray | memoryview, Callable[[], None] | None] | None] = \
+            queue.Queue(maxsize=3)
+        self.error: BaseException | None = None
+        self.t = threading.Thread(target=self._run, daemon=True)
+        self.t.start()
+
+    def _run(self) -> None:
+        try:
+            while True:
+                item = self.q.get()
+                if item is None:
+                    return
+                data, done = item
+                self.h.update(data)
+                if done is not None:
+                    done()
+        except BaseException as e:  # pragma: no cover  (re-raised by hexdigest on the caller's thread)
+            self.error = e
+
+    def feed(self, b: bytes | bytearray | memoryview, done: Callable[[], None] | None = None) -> None:
+        """Hash ``b`` next; ``done`` is called once it has been (so a reused buffer can be freed)."""
+        self.q.put((b, done))
+
+    def hexdigest(self) -> str:
+        self.q.put(None)
+        self.t.join()
+        if self.error:  # pragma: no cover
+            raise self.error
+        return self.h.hexdigest()
+
+    def abandon(self) -> None:
+        """Stop the helper thread without waiting for the queued data (the run failed)."""
+        with contextlib.suppress(queue.Empty):  # the queue drained: the stop marker fits
+            while True:
+                self.q.get_nowait()
+        with contextlib.suppress(queue.Full):  # the thread refilled it meanwhile: it stops at the next marker
+            self.q.put_nowait(None)
+
+
+class BufferRing:
+    """Read buffers reused across chunks.
+
+    ``acquire(holders)`` hands out a free buffer that returns to the pool once ``release``
+    has been called ``holders`` times (the converter and the hasher each release it).
+    """
+
+    def __init__(self, size: int, count: int) -> None:
+        self.bufs = [bytearray(max(size, 1)) for _ in range(count)]
+        self.free: queue.Queue[int] = queue.Queue()
+        for i in range(count):
+            self.free.put(i)
+        self.refs = [0] * count
+        self.lock = threading.Lock()
+
+    def acquire(self, holders: int, stop: threading.Event) -> int | None:
+        while not stop.is_set():
+            try:
+                i = self.free.get(timeout=0.1)
+            except queue.Empty:
+                continue
+            self.refs[i] = holders
+            return i
+        return None
+
+    def release(self, i: int) -> None:
+        with self.lock:
+            self.refs[i] -= 1
+            if self.refs[i] == 0:
+                self.free.put(i)
+
+
+class SourceStream:
+    """Reads one source's bytes in file order, feeding the hasher and dropping the page cache."""
+
+    def __init__(self, src: SafetensorsSource, hasher: StreamHasher | None) -> None:
+        self.src, self.hasher = src, hasher
+        self.pos = src.data_start  # next byte the hasher expects
+
+    def _gap(self, start: int) -> None:
+        if start > self.pos:  # bytes between tensors (not written by well-formed files): hash them too
+            gap = self.src.read(self.pos, start - self.pos)
+            if self.hasher:
+                self.hasher.feed(gap)
+            self.pos = start
+
+    def read(self, start: int, n: int) -> bytearray:
+        """A fresh buffer (used for the rare trailing bytes)."""
+        self._gap(start)
+        buf = self.src.read(start, n)
+        if self.hasher:
+            self.hasher.feed(buf)
+        self.pos = start + n
+        self.src.drop_cache(start, n)
+        return buf
+
+    def read_rest(self) -> None:
+        """Read (and hash) the bytes after the last tensor, if any."""
+        if self.pos < self.src.size:
+            self.read(self.pos, self.src.size - self.pos)
+
+    def read_ring(self, start: int, n: int, ring: BufferRing, stop: threading.Event) -> tuple[int, memoryview] | None:
+        """Read into a ring buffer held by the caller and (until hashed) by the hasher."""
+        self._gap(start)
+        i = ring.acquire(2 if self.hasher else 1, stop)
+        if i is None:
+            return None
+        mv = memoryview(ring.bufs[i])[:n]
+        self.src.read_into(mv, start)
+        if self.hasher:
+            self.hasher.feed(mv, lambda: ring.release(i))
+        self.pos = start + n
+        self.src.drop_cache(start, n)
+        return i, mv
+
+
+_Slot = tuple[tuple[int, int, int], int | None, memoryview | None, BaseException | None]
+
+
+class Prefetcher:
+    """Reads a known sequence of (source, start, length) ranges ahead on a helper thread.
+
+    At most ``depth`` chunks wait in memory, in a ring of reused buffers. ``read(si, start, n)``
+    must ask for the ranges in the planned order; the memoryview it returns stays valid until
+    the next ``read`` (or ``close``). Progress is reported on the calling thread.
+    """
+
+    def __init__(self, streams: list[SourceStream], plan: list[tuple[int, int, int]],
+                 on_bytes: Callable[[int], None], depth: int = 3) -> None:
+        self.streams, self.plan, self.on_bytes = streams, plan, on_bytes
+        self.ring = BufferRing(max((n for _, _, n in plan), default=1), depth + 6)
+        self.q: queue.Queue[_Slot] = queue.Queue(maxsize=depth)
+        self.stop = threading.Event()
+        self.held: int | None = None
+        self.t = threading.Thread(target=self._run, daemon=True)
+        self.t.start()
+
+    def _put(self, x: _Slot) -> bool:
+        while not self.stop.is_set():
+            try:
+                self.q.put(x, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def _run(self) -> None:
+        for key in self.plan:
+            if self.stop.is_set():
+                return
+            si, start, n = key
+            try:
+                got = self.streams[si].read_ring(start, n, self.ring, self.stop)
+            except BaseException as e:
+                self._put((key, None, None, e))
+                return
+            if got is None or not self._put((key, got[0], got[1], None)):
+                return
+
+    def _release_held(self) -> None:
+        if self.held is not None:
+            self.ring.release(self.held)
+            self.held = None
+
+    def read(self, si: int, start: int, n: int) -> memoryview:
+        self._release_held()
+        key, idx, mv, err = self.q.get()
+        if err is not None:
+            raise err
+        if key != (si, start, n) or mv is None or idx is None:
+            raise ConvertError(f"Internal error: read {key} arrived where {(si, start, n)} was expected.")
+        self.held = idx
+        self.on_bytes(n)
+        return mv
+
+    def close(self) -> None:
+        self.stop.set()
+        self._release_held()
+        with contextlib.suppress(queue.Empty):  # the end of the queue: everything in it is released
+            while True:
+                _, idx, _, _ = self.q.get_nowait()
+                if idx is not None:
+                    self.ring.release(idx)
+        self.t.join(timeout=10)

@@ -1,0 +1,101 @@
+"""The result of a conversion and its record on disk, ``provision-convert.json``.
+
+``ConvertResult`` is what ``convert`` returns (profile, files, source digests, per-tensor reports,
+the ``vllm serve`` command); ``write_record`` stores it, with the context length, as the last file
+of a conversion, and ``add_to_record`` rewrites one field of an existing record (the logit
+comparison is added after the conversion). Nothing here converts or reads tensors.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from provision.hardware import Target
+from provision.io.atomic import atomic_write_text
+from provision.stages.convert.items import Action
+from provision.stages.profiles import Profile
+
+RECORD_NAME = "provision-convert.json"
+
+
+@dataclass
+class TensorReport:
+    """What became of one source tensor; the errors are set for quantized weights only."""
+
+    name: str
+    out_name: str
+    action: Action
+    relative_error: float | None = None
+    max_abs_error: float | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "out_name": self.out_name, "action": self.action,
+                "relative_error": self.relative_error, "max_abs_error": self.max_abs_error}
+
+
+@dataclass
+class ConvertResult:
+    src_dir: Path
+    out_dir: Path
+    target: Target
+    profile: Profile
+    files: list[tuple[str, int]]
+    source_files: list[dict[str, Any]]
+    tensors: list[TensorReport]
+    bytes_read: int
+    bytes_written: int
+    seconds: float
+    vllm_command: str
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def scheme(self) -> str:
+        return self.profile.scheme
+
+    @property
+    def layout(self) -> str:
+        return self.profile.layout
+
+    def quality(self) -> dict[str, Any]:
+        errs = [t.relative_error for t in self.tensors if t.relative_error is not None]
+        return {"quantized_tensors": len(errs),
+                "relative_error_max": max(errs) if errs else 0.0,
+                "relative_error_mean": (sum(errs) / len(errs)) if errs else 0.0}
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "src_dir": str(self.src_dir), "out_dir": str(self.out_dir), "target": self.target.to_dict(),
+            "profile": self.profile.to_dict(), "scheme": self.scheme, "layout": self.layout,
+            "files": [{"path": n, "size": s} for n, s in self.files], "source_files": self.source_files,
+            "bytes_read": self.bytes_read, "bytes_written": self.bytes_written, "seconds": round(self.seconds, 3),
+            "throughput_bytes_per_s": round(self.bytes_read / self.seconds) if self.seconds else None,
+            "quality": self.quality(), "tensors": [t.to_dict() for t in self.tensors],
+            "vllm_command": self.vllm_command, "notes": self.notes,
+        }
+
+
+def _write(out_dir: Path, record: dict[str, Any]) -> None:
+    atomic_write_text(out_dir / RECORD_NAME, json.dumps(record, indent=2) + "\n")
+
+
+def write_record(result: ConvertResult, *, context: int) -> None:
+    """Write ``provision-convert.json`` for a finished conversion (its last file)."""
+    record = result.to_dict()
+    record["context"] = context
+    _write(result.out_dir, record)
+
+
+def read_record(out_dir: Path) -> dict[str, Any]:
+    """The record of the conversion in ``out_dir``."""
+    doc: dict[str, Any] = json.loads((out_dir / RECORD_NAME).read_text(encoding="utf-8"))
+    return doc
+
+
+def add_to_record(out_dir: Path, key: str, value: Any) -> None:
+    """Set ``key`` in the record of ``out_dir`` and write it back atomically."""
+    record = read_record(out_dir)
+    record[key] = value
+    _write(out_dir, record)

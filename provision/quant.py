@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 
@@ -36,9 +37,9 @@ class SchemeSpec:
     """What one quantization scheme stores per quantized Linear."""
 
     name: str
-    kind: str  # "float" (fp8) | "int"
+    kind: Literal["float", "int"]  # float: fp8
     num_bits: int
-    strategy: str  # "channel" | "group"
+    strategy: Literal["channel", "group"]
     group_size: int | None
     dynamic_activations: bool
 

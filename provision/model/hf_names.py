@@ -8,7 +8,7 @@ saves (``model.language_model.*``, ``model.vision_tower.*``, ``model.multi_modal
 ``lm_head.weight``).
 
 Besides the renames, every q/k projection (text and vision) is permuted between Mistral's
-interleaved-pair rotary layout and transformers' ``rotate_half`` layout (reference §5). The
+interleaved-pair rotary layout and transformers' ``rotate_half`` layout. The
 permutation acts on dim 0 (output features) only, so it applies unchanged to per-channel
 scales or packed quantized rows whose dim 0 is the output dimension.
 

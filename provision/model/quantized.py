@@ -7,7 +7,7 @@ keeps the stored form (float8 + per-channel scales, or packed int4/int8 + group 
 buffers named exactly as the checkpoint names them (``weight`` / ``weight_packed``,
 ``weight_scale``, ``weight_shape``), so a later ``load_state_dict(strict=True, assign=True)``
 with the same tensors matches. ``tensors`` may be keyed by our (Mistral) names, already
-mapped and q/k-permuted by ``keymap.hf_to_mistral``, or by the transformers names of the
+mapped and q/k-permuted by ``hf_names.hf_to_mistral``, or by the transformers names of the
 file, which are mapped here.
 
 Each forward dequantizes the weight to the input's dtype and calls ``F.linear``: exact, slow,
@@ -28,6 +28,7 @@ from torch import nn
 
 from provision import quant
 from provision.errors import ConvertError
+from provision.model import hf_names
 
 _PARTS = {"float": ("weight", "weight_scale"), "int": ("weight_packed", "weight_scale", "weight_shape")}
 
@@ -130,13 +131,11 @@ def _parts_for(module_name: str, tensors: Mapping[str, torch.Tensor], names: tup
     """The quantized parts of one module, by our name or (mapped and un-permuted) by its transformers name."""
     if all(f"{module_name}.{k}" in tensors for k in names):
         return {k: tensors[f"{module_name}.{k}"] for k in names}
-    from provision.model import hf_names as keymap
-
     try:
-        hf = keymap.mistral_name_to_hf(module_name + ".weight")[: -len(".weight")]
+        hf = hf_names.mistral_name_to_hf(module_name + ".weight")[: -len(".weight")]
     except ConvertError:
         return None
-    cands = [hf] + [new + hf[len(old):] for new, old in keymap.HF_NEW_TO_LEGACY_PREFIXES if hf.startswith(old)]
+    cands = [hf] + [new + hf[len(old):] for new, old in hf_names.HF_NEW_TO_LEGACY_PREFIXES if hf.startswith(old)]
     for base in cands:
         if all(f"{base}.{k}" in tensors for k in names):
             if args is None:
@@ -144,7 +143,7 @@ def _parts_for(module_name: str, tensors: Mapping[str, torch.Tensor], names: tup
                                    "(model.args) to undo the q/k permutation.")
             out = {}
             for k in names:
-                _, t = keymap.hf_to_mistral(f"{base}.{k}", tensors[f"{base}.{k}"], args)
+                _, t = hf_names.hf_to_mistral(f"{base}.{k}", tensors[f"{base}.{k}"], args)
                 out[k] = t
             return out
     return None

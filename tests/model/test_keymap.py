@@ -14,7 +14,7 @@ ARGS = ModelArgs.from_dict(TINY_PARAMS)
 
 
 def _reference_permute(w: torch.Tensor, n_heads: int) -> torch.Tensor:
-    """transformers' convert_pixtral_weights_to_hf.permute_for_rope (reference §5), verbatim maths."""
+    """transformers' convert_pixtral_weights_to_hf.permute_for_rope, verbatim maths."""
     dim1, dim2 = w.shape
     return w.view(n_heads, dim1 // n_heads // 2, 2, dim2).transpose(1, 2).reshape(dim1, dim2)
 

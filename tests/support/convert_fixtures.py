@@ -1,7 +1,7 @@
 """Fixtures for the convert, hardware and profile tests.
 
-* ``PIXTRAL_12B_PARAMS_JSON``: Pixtral 12B's released ``params.json``, byte for byte as the
-  reference (§3) gives it (453 bytes);
+* ``PIXTRAL_12B_PARAMS_JSON``: Pixtral 12B's released ``params.json``, byte for byte as
+  Mistral released it (453 bytes);
 * ``TINY128_PARAMS``: a tiny Pixtral whose decoder Linears all have in_features divisible by
   128, so every one of them is quantized by the int schemes (the default tiny has dim 64);
 * ``make_tiny128``: that checkpoint, written once per session (read-only);

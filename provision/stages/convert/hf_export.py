@@ -36,7 +36,7 @@ def quantization_config(scheme: str, *, ratio: float | None = None, ignore: list
     from provision.quant import SCHEMES
 
     spec = SCHEMES[scheme]
-    weights = {"num_bits": spec.num_bits, "type": spec.kind, "symmetric": True, "group_size": spec.group_size,
+    weights: dict[str, Any] = {"num_bits": spec.num_bits, "type": spec.kind, "symmetric": True, "group_size": spec.group_size,
                "strategy": spec.strategy, "dynamic": False, "actorder": None, "block_structure": None,
                "observer": "minmax", "observer_kwargs": {}}
     acts = None

@@ -552,7 +552,7 @@ def reported_sha256(rep: dict[str, Any]) -> dict[str, str]:
 def _liar_main(torrent: str, good: str, bad: str, listen: str, tracker: str) -> int:
     import libtorrent as lt
 
-    from provision.stages.fetch.torrent import session_settings
+    from provision.stages.fetch.torrent import open_session, session_settings
 
     ti = lt.torrent_info(torrent)
     fs = ti.layout()
@@ -579,7 +579,7 @@ def _liar_main(torrent: str, good: str, bad: str, listen: str, tracker: str) -> 
     # the network rule: no DHT, LSD, UPnP or NAT-PMP in any session a test starts
     assert not (settings["enable_dht"] or settings["enable_lsd"] or settings["enable_upnp"]
                 or settings["enable_natpmp"])
-    ses = lt.session(settings)  # type: ignore[call-overload]
+    ses = open_session(settings)
     atp = lt.add_torrent_params()
     atp.ti = ti
     atp.save_path = str(bad)

@@ -267,7 +267,7 @@ def corrupt_peer(torrent: Path, good_dir: Path, work: Path, *, host: str = "127.
 
     import libtorrent as lt
 
-    from provision.stages.fetch.torrent import session_settings
+    from provision.stages.fetch.torrent import open_session, session_settings
 
     bad = work / "bad-copy"
     if bad.exists():
@@ -293,7 +293,7 @@ def corrupt_peer(torrent: Path, good_dir: Path, work: Path, *, host: str = "127.
     # the network rule: no DHT, LSD, UPnP or NAT-PMP in any session a test starts
     assert not (settings["enable_dht"] or settings["enable_lsd"] or settings["enable_upnp"]
                 or settings["enable_natpmp"])
-    ses = lt.session(settings)  # type: ignore[call-overload]
+    ses = open_session(settings)
     try:
         atp = lt.add_torrent_params()
         atp.ti = ti

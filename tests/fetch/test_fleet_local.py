@@ -37,12 +37,12 @@ def run_cmd(source: str, home: Path, *extra: str) -> list[str]:
 def test_closed_mode_keeps_pex_for_fleet_members_but_not_dht_or_lsd() -> None:
     import libtorrent as lt
 
-    from provision.stages.fetch.torrent import _closed_flags
+    from provision.stages.fetch.torrent import closed_flags
 
-    flags = _closed_flags("closed")
+    flags = closed_flags("closed")
     assert flags & int(lt.torrent_flags.disable_dht) and flags & int(lt.torrent_flags.disable_lsd)
     assert not flags & int(lt.torrent_flags.disable_pex)
-    assert _closed_flags("public") == 0
+    assert closed_flags("public") == 0
 
 
 @pytest.mark.parametrize("bad", ["-1", "two"])

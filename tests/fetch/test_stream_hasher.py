@@ -1,7 +1,7 @@
 """The BitTorrent fetch's disk side: hashing through a mapping, write-behind, drop-behind.
 
-``_hash_range`` must give the same sha256 as reading the bytes (mapped or, where mapping
-fails, through ``preadv``); ``_WriteBehind`` must fsync every file it is told is complete and
+``hash_range`` must give the same sha256 as reading the bytes (mapped or, where mapping
+fails, through ``preadv``); ``WriteBehind`` must fsync every file it is told is complete and
 leave what it dropped intact on disk and out of the page cache; and a whole fetch must leave
 its files verified but not resident (``fincore`` from util-linux reads the residency).
 """
@@ -22,7 +22,8 @@ from typing import Any
 import pytest
 
 from provision.cli.main import run_cli
-from provision.stages.fetch import torrent as bt
+from provision.io import diskio
+from provision.stages.fetch.torrent.stream_hash import WriteBehind
 from provision.testing.torrent_fixtures import seed_thread
 
 
@@ -88,7 +89,7 @@ def test_hash_range_through_a_mapping_equals_the_sha256_of_those_bytes(
     try:
         h = hashlib.sha256()
         if stop > start:
-            bt._hash_range(h, fd, start, stop, buf)
+            diskio.hash_range(h, fd, start, stop, buf)
     finally:
         os.close(fd)
     assert h.hexdigest() == hashlib.sha256(data[start:stop]).hexdigest()
@@ -101,11 +102,11 @@ def test_hash_range_reads_with_preadv_where_mapping_fails(random_file: tuple[Pat
     def no_mapping(*_a: Any, **_k: Any) -> Any:
         raise OSError(19, "mmap not supported here")
 
-    monkeypatch.setattr(bt.mmap, "mmap", no_mapping)
+    monkeypatch.setattr(diskio.mmap, "mmap", no_mapping)
     fd = os.open(path, os.O_RDONLY)
     try:
         h = hashlib.sha256()
-        bt._hash_range(h, fd, 7, len(data) - 5, memoryview(bytearray(1000)))  # many short reads
+        diskio.hash_range(h, fd, 7, len(data) - 5, memoryview(bytearray(1000)))  # many short reads
     finally:
         os.close(fd)
     assert h.hexdigest() == hashlib.sha256(data[7:len(data) - 5]).hexdigest()
@@ -118,7 +119,7 @@ def test_write_behind_fsyncs_complete_files_and_drops_what_is_on_disk(disk_dir: 
     with open(path, "wb") as fh:  # dirty pages, as libtorrent leaves them
         fh.write(data)
     assert resident_bytes(path) > 0
-    wb = bt._WriteBehind(drop=True)
+    wb = WriteBehind(drop=True)
     wb.start()
     wb.put("part.bin", path, 0, 2 << 20)  # a stretch: waited for and dropped
     wb.put("part.bin", path, 2 << 20, size)
@@ -135,7 +136,7 @@ def test_write_behind_fsyncs_complete_files_and_drops_what_is_on_disk(disk_dir: 
 def test_write_behind_without_drop_keeps_the_pages_and_still_fsyncs(tmp_path: Path) -> None:
     path = tmp_path / "keep.bin"
     path.write_bytes(os.urandom(4 << 20))
-    wb = bt._WriteBehind(drop=False)
+    wb = WriteBehind(drop=False)
     wb.start()
     wb.put("keep.bin", path, 0, 4 << 20, final=True)
     wb.close()
@@ -145,7 +146,7 @@ def test_write_behind_without_drop_keeps_the_pages_and_still_fsyncs(tmp_path: Pa
 
 
 def test_write_behind_of_a_missing_file_leaves_it_for_the_move_to_fsync(tmp_path: Path) -> None:
-    wb = bt._WriteBehind(drop=True)
+    wb = WriteBehind(drop=True)
     wb.start()
     wb.put("gone.bin", tmp_path / "gone.bin", 0, 10, final=True)
     wb.close()

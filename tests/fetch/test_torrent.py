@@ -234,11 +234,11 @@ def test_hostile_names_in_magnet_metadata_are_refused_before_anything_is_written
         tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     import libtorrent as lt
 
-    from provision.stages.fetch.torrent import session_settings
+    from provision.stages.fetch.torrent import open_session, session_settings
 
     t = hostile_torrent(tmp_path / "evil.torrent", [b"..", b"..", b"evil.txt"])
     ti = lt.torrent_info(str(t))
-    ses = lt.session(session_settings("closed"))
+    ses = open_session(session_settings("closed"))
     try:
         atp = lt.add_torrent_params()
         atp.ti = ti
@@ -414,7 +414,7 @@ def test_seed_for_after_a_fetch_serves_the_verified_files_to_the_next_host(
 
 
 def test_deferred_signals_hold_sigterm_until_released_then_raise_it_where_the_caller_is_ready() -> None:
-    from provision.stages.fetch.torrent import _DeferredSignals
+    from provision.stages.fetch.torrent import DeferredSignals
 
     class Landed(Exception):
         pass
@@ -424,14 +424,14 @@ def test_deferred_signals_hold_sigterm_until_released_then_raise_it_where_the_ca
 
     old = signal.signal(signal.SIGTERM, handler)
     try:
-        with _DeferredSignals() as deferred:
+        with DeferredSignals() as deferred:
             os.kill(os.getpid(), signal.SIGTERM)
             time.sleep(0.05)  # the noting handler ran here; nothing was raised
             assert deferred.pending == signal.SIGTERM
             with pytest.raises(Landed):
                 deferred.release()
         assert signal.getsignal(signal.SIGTERM) is handler  # the caller's handler is back
-        with _DeferredSignals():  # no signal: leaving the block raises nothing
+        with DeferredSignals():  # no signal: leaving the block raises nothing
             pass
     finally:
         signal.signal(signal.SIGTERM, old)

@@ -1,0 +1,99 @@
+"""Page-cache aware file I/O: start writeback of a range, wait for it and drop it from the page
+cache, and feed a byte range of an open file to a hash without copying it when possible.
+
+These are thin wrappers over Linux calls (``sync_file_range``, ``posix_fadvise``, ``mmap``,
+``preadv``); where a call is missing they do nothing (writeback, drop) or fall back to plain
+reads (hashing). They never open, rename or fsync files and know nothing about where the bytes
+come from (BitTorrent, the Hub): callers own the file descriptors.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import ctypes.util
+import errno
+import mmap
+import os
+from collections.abc import Callable
+from typing import Protocol
+
+SYNC_FILE_RANGE_WAIT_BEFORE, SYNC_FILE_RANGE_WRITE, SYNC_FILE_RANGE_WAIT_AFTER = 1, 2, 4
+
+
+class Hash(Protocol):
+    def update(self, data: bytes | memoryview, /) -> None: ...
+
+
+def _libc_sync_file_range() -> Callable[[int, int, int, int], int] | None:
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        fn = libc.sync_file_range
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
+    fn.restype = ctypes.c_int
+    return fn  # type: ignore[no-any-return]
+
+
+_SYNC_FILE_RANGE = _libc_sync_file_range() if hasattr(os, "preadv") else None
+
+
+def start_writeback(fd: int, offset: int, length: int) -> None:
+    """Ask the kernel to start writing a completed range back (does not wait; Linux only)."""
+    if _SYNC_FILE_RANGE is not None:
+        _SYNC_FILE_RANGE(fd, offset, length, SYNC_FILE_RANGE_WRITE)
+
+
+def write_back_and_drop(fd: int, offset: int, length: int) -> None:
+    """Wait until a range (whose writeback was started) is on disk, then drop it from the page cache."""
+    if _SYNC_FILE_RANGE is not None:
+        _SYNC_FILE_RANGE(fd, offset, length, SYNC_FILE_RANGE_WAIT_BEFORE | SYNC_FILE_RANGE_WRITE
+                         | SYNC_FILE_RANGE_WAIT_AFTER)
+        drop_cached(fd, offset, length)
+
+
+def drop_cached(fd: int, offset: int, length: int) -> None:
+    """Drop clean cached pages of a range (after fsync or a waited writeback; dirty pages stay)."""
+    if length > 0 and hasattr(os, "posix_fadvise"):
+        # advice only: a filesystem that refuses it keeps the pages, which costs memory, not data
+        with contextlib.suppress(OSError):
+            os.posix_fadvise(fd, offset, length, os.POSIX_FADV_DONTNEED)
+
+
+def hash_range(h: Hash, fd: int, start: int, end: int, buf: memoryview) -> None:
+    """Feed bytes ``[start, end)`` of ``fd`` (complete, within the file) to ``h``: through a
+    read-only mapping of the page cache (no copy: on this kind of VM a copy costs as much as
+    the hash), or by ``preadv`` into ``buf`` where mapping fails."""
+    base = start - start % mmap.ALLOCATIONGRANULARITY
+    try:
+        mm = mmap.mmap(fd, end - base, prot=mmap.PROT_READ, offset=base)
+    except (OSError, ValueError):
+        mm = None
+    if mm is not None:
+        # a read-ahead hint only: platforms without madvise read the same bytes
+        with contextlib.suppress(AttributeError, OSError):
+            mm.madvise(mmap.MADV_SEQUENTIAL)
+        view = memoryview(mm)
+        try:
+            h.update(view[start - base:])
+        finally:
+            view.release()
+            mm.close()
+        return
+    pos = start
+    while pos < end:
+        n = os.preadv(fd, [buf[:min(len(buf), end - pos)]], pos)
+        if not n:
+            raise OSError(errno.EIO, "the file is shorter than expected")
+        h.update(buf[:n])
+        pos += n
+
+
+def fsync_path(path: os.PathLike[str] | str) -> None:
+    """fsync one file by path (opened read-only for it)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -1,0 +1,436 @@
+"""``fetch_torrent``: download only the plan's files (in order) into a staging folder, hash each
+file while its pieces are still in the page cache, verify, then rename the files into ``dest``.
+
+The steps: add the torrent (resuming from ``torrents/<id>.resume`` when it matches), learn the
+metadata, refuse hostile names before anything is written, reuse files already verified in
+``dest``, check free space again, download with a stall watchdog ("No peers found" when nobody
+answered), hand the stream hashes to ``provision.stages.verify`` (a stream hash is only trusted
+when a manifest sha256 confirms it), move the files into place and report. Resume data is saved
+every second and on SIGINT/SIGTERM. A download switches from in-order to rarest-first pieces once
+another downloader is connected, and ``--seed-for`` then serves the verified files (``seed``).
+It does not choose the source (``provision.stages.fetch``), define a valid file (``verify``) or
+print anything (events go through ``progress``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import libtorrent as lt
+
+from provision.errors import FetchError, Interrupted
+from provision.formats.sources import parse_peer
+from provision.io import atomic, space
+from provision.io.paths import safe_join
+from provision.progress import ProgressEvent, ProgressFn, note
+from provision.stages.fetch.request import FetchedFile, FetchResult
+from provision.stages.fetch.torrent.job import FetchJob, Selected, authorities
+from provision.stages.fetch.torrent.live import LiveTorrent, ResumeFile
+from provision.stages.fetch.torrent.meta import (
+    check_info_names,
+    files_of,
+    hash_of,
+    info_hashes,
+    load_torrent_info,
+)
+from provision.stages.fetch.torrent.place import DeferredSignals, move_into_place, remove_staging
+from provision.stages.fetch.torrent.seed import add_seed_torrent, current_scope, serve_after_fetch
+from provision.stages.fetch.torrent.session import NOT_STARTED, close_session, closed_flags, open_session
+from provision.stages.fetch.torrent.stream_hash import StreamFile, StreamHasher
+from provision.stages.fetch.torrent.telemetry import Clock, FetchTelemetry, steady_rate
+from provision.stages.verify import Authority, VerifyReport, verify_files
+
+if TYPE_CHECKING:
+    from provision.stages.fetch.request import FetchRequest, TorrentOptions
+
+RESUME_INTERVAL_S = 1.0  # periodic resume data: what a SIGKILL can lose is about this long
+POLL_S = 0.05
+PROGRESS_INTERVAL_S = 0.5
+ORDER_CHECK_S = 1.0  # how often a sequential download looks for other downloaders (a swarm)
+
+
+class PieceOrder:
+    """In-order pieces until a swarm shows up, then rarest-first (one way: no flapping)."""
+
+    def __init__(self) -> None:
+        self.name = "sequential"
+        self.swarm_at: float | None = None  # when a downloading peer turned sequential order off
+        self.last_check = 0.0
+
+    def check(self, h: Any, now: float, progress: ProgressFn | None) -> None:
+        """In-order pieces suit one source (files hash while still in the page cache) but starve
+        a swarm: every member asks the origin for the same next piece, so its uplink carries each
+        piece once per member. Once a peer that is itself downloading is connected (another fleet
+        member, or any leecher of a public swarm), switch to rarest-first for the rest of the
+        download, so members fetch different pieces and trade them."""
+        if self.name != "sequential" or now - self.last_check < ORDER_CHECK_S:
+            return
+        self.last_check = now
+        try:
+            peers = h.get_peer_info()
+        except RuntimeError:
+            return
+        leechers = [p for p in peers if not (int(p.flags) & int(lt.peer_info.seed))
+                    and int(p.connection_type) == int(lt.peer_info.standard_bittorrent)]
+        if not leechers:
+            return
+        h.unset_flags(lt.torrent_flags.sequential_download)
+        self.name = "rarest-first"
+        self.swarm_at = now
+        note(progress, "fetch", f"{len(leechers)} downloading peers connected: fetching rarest pieces first "
+                                "so the swarm shares the work")
+
+
+def fetch_torrent(plan: FetchRequest, *, dest: Path, options: TorrentOptions,
+                  progress: ProgressFn | None = None) -> FetchResult:
+    """Download the plan's files from BitTorrent into ``dest``, verified (see the module docstring)."""
+    job = FetchJob(plan, dest, options, progress)
+    clock = Clock(start=time.monotonic())
+    live = LiveTorrent(open_session(job.settings), job.staging, ResumeFile(job.resume_path))
+    try:
+        ti, resumed = _start(job, live)
+        sels, auths = _prepare(job, live, ti)
+        todo = [s for s in sels if not s.reused]
+        # stream-hash the files a sha256 vouches for (the hash is checked against it; a torrent
+        # authority makes verify read the file anyway, computing the sha256 in the same pass)
+        hasher = live.pieces.hasher = StreamHasher(
+            [StreamFile(s.rel, s.staged, s.offset, s.size, bool(auths[s.rel].sha256)) for s in todo],
+            int(ti.piece_length()), int(ti.num_pieces()))
+        order = PieceOrder()
+        samples: list[tuple[float, int, int]] = []  # (time, bytes done, bytes wanted)
+        clock.download_start = time.monotonic()
+        already = 0
+        if todo:
+            hasher.start()
+            already = _download(job, live, order, samples, resumed=resumed)
+        clock.download_end = time.monotonic()
+        st = live.h.status()
+        # complete: no final resume data (a crash from here re-downloads at most the pieces since
+        # the last periodic save, and waiting for libtorrent's flush cost up to 2 s)
+        live.remove()
+        if todo:
+            hasher.mark_all()
+        known, vreport = _verify(job, ti, todo, auths, hasher, clock)
+        # verified: from here a SIGINT/SIGTERM waits until the files are in place and then ends
+        # the fetch's seeding normally (before, one landing between the moves and the seed made
+        # a finished fetch exit 143)
+        with DeferredSignals() as deferred:
+            _place(job, todo, hasher.synced, clock)
+            extra = FetchTelemetry(
+                infohash=job.src.key, btih=info_hashes(ti.info_hashes())[0], btmh=info_hashes(ti.info_hashes())[1],
+                torrent_name=ti.name(), network=options.network, resumed=resumed, bytes_before_resume=already,
+                hash_failures=live.swarm.hash_failures, failed_bytes=int(st.total_failed_bytes),
+                redundant_bytes=int(st.total_redundant_bytes), peers_seen=len(live.swarm.seen),
+                peers_max=live.swarm.most,
+                download_rate=round(int(st.total_payload_download) / clock.download_seconds, 1) if todo else 0.0,
+                steady_rate=steady_rate(samples), piece_order=order.name,
+                hashed_while_downloading_bytes=hasher.bytes_hashed, reused=[s.rel for s in sels if s.reused],
+                verify=vreport.to_dict() if vreport is not None else None,
+                **clock.phase_seconds(swarm_at=order.swarm_at),
+            ).to_dict()
+            if len(todo) < len(sels):
+                note(progress, "fetch", f"{len(sels) - len(todo)} files already in place and verified")
+            if options.seed_for > 0:
+                extra["seed"] = _seed(job, live, ti, sels, on_serving=deferred.release)
+            return FetchResult(dest=job.dest, source="torrent", files=_fetched(sels, auths, known, vreport),
+                               bytes_downloaded=int(st.total_payload_download),
+                               seconds=time.monotonic() - clock.start, extra=extra)
+    except (KeyboardInterrupt, Interrupted):
+        _save_on_interrupt(live)
+        raise
+    finally:
+        if live.pieces.hasher is not None:
+            live.pieces.hasher.stop()
+        close_session(live.ses)
+
+
+def _save_on_interrupt(live: LiveTorrent) -> None:
+    """Pause and save resume data durably, so the same command resumes."""
+    if live.h is None or live.removed:
+        return
+    try:
+        live.h.pause()
+        live.save_resume_now()
+    except Exception:  # the interrupt is what the caller must see; resume data is a bonus
+        pass
+
+
+def _start(job: FetchJob, live: LiveTorrent) -> tuple[Any, bool]:
+    """Add the torrent, learn its metadata (a magnet without resume data learns it from peers)
+    and keep a copy of it; return the torrent info and whether resume data was used."""
+    atp, resumed = _initial_params(job)
+    if not resumed:
+        note(job.progress, "fetch", f"torrent {job.src.key}: connecting to peers ({job.options.network} network)")
+    else:
+        note(job.progress, "fetch", f"resuming torrent {job.src.key} from {job.resume_path}")
+    live.h = live.ses.add_torrent(atp)
+    for peer in job.options.peers:
+        with contextlib.suppress(RuntimeError):  # a peer libtorrent cannot dial: the others may answer
+            live.h.connect_peer(parse_peer(peer))
+    ti = _wait_metadata(job, live)
+    check_info_names(ti.info_section())
+    if hash_of(ti) and not job.torrent_copy.exists():
+        try:
+            atomic.atomic_write_bytes(job.torrent_copy, b"d4:info" + bytes(ti.info_section()) + b"e")
+        except OSError:
+            pass  # only seed_verified reads the copy; the fetch does not need it
+    return ti, resumed
+
+
+def _read_resume(job: FetchJob) -> Any:
+    """The resume data kept for this torrent, or None (absent, unreadable or another torrent's)."""
+    if not job.resume_path.is_file():
+        return None
+    try:
+        atp = lt.read_resume_data(job.resume_path.read_bytes())
+        if job.src.key in info_hashes(atp.info_hashes):
+            return atp
+    except (RuntimeError, OSError):
+        pass
+    note(job.progress, "fetch", f"ignoring unreadable resume data {job.resume_path}")
+    return None
+
+
+def _initial_params(job: FetchJob) -> tuple[Any, bool]:
+    atp = _read_resume(job)
+    resumed = atp is not None
+    from_magnet = False
+    if atp is None:
+        if job.src.torrent_path is not None:
+            atp = lt.add_torrent_params()
+            atp.ti = load_torrent_info(job.src.torrent_path)
+        else:
+            assert job.src.magnet is not None
+            atp = lt.parse_magnet_uri(job.src.magnet.uri)
+            from_magnet = True
+    if job.src.magnet is not None and not from_magnet:  # the magnet's own trackers, peers, web seeds
+        m = lt.parse_magnet_uri(job.src.magnet.uri)
+        atp.trackers = list(dict.fromkeys(list(atp.trackers) + list(m.trackers)))
+        atp.url_seeds = list(dict.fromkeys(list(atp.url_seeds) + list(m.url_seeds)))
+        atp.peers = list(atp.peers) + list(m.peers)
+    atp.trackers = list(dict.fromkeys(list(atp.trackers) + list(job.options.trackers)))
+    atp.peers = list(atp.peers) + [parse_peer(p) for p in job.options.peers]
+    atp.save_path = str(job.staging)
+    # the files' full size reserved up front (fallocate): a full disk fails at the start, and
+    # writeback fills allocated blocks instead of allocating them page by page (less CPU)
+    atp.storage_mode = lt.storage_mode_t.storage_mode_allocate
+    flags = int(atp.flags)
+    flags &= ~int(NOT_STARTED | lt.torrent_flags.seed_mode | lt.torrent_flags.upload_mode
+                  | lt.torrent_flags.stop_when_ready)
+    flags |= closed_flags(job.options.network) | int(lt.torrent_flags.sequential_download)
+    if atp.ti is None:
+        flags |= int(lt.torrent_flags.default_dont_download)  # nothing is written before names are checked
+    else:
+        check_info_names(atp.ti.info_section())
+    atp.flags = flags
+    return atp, resumed
+
+
+def _wait_metadata(job: FetchJob, live: LiveTorrent) -> Any:
+    h = live.h
+    if h.status().has_metadata:
+        return h.torrent_file()
+    start = last_note = time.monotonic()
+    while True:
+        live.pump(100)
+        st = h.status()
+        live.swarm.count(st.num_peers)
+        if st.has_metadata:
+            note(job.progress, "fetch",
+                 f"metadata received ({max(len(live.swarm.seen), int(st.num_peers))} peers)")
+            return h.torrent_file()
+        now = time.monotonic()
+        if now - start > job.options.metadata_timeout:
+            raise live.swarm.stall_error(job.plan.name, job.src.key, "downloading the torrent's metadata",
+                                         now - start)
+        if now - last_note >= 5:
+            last_note = now
+            if job.progress is not None:
+                job.progress(ProgressEvent(task="fetch:metadata", done=0, total=None, unit="peers",
+                                           description="waiting for metadata", extra={"peers": int(st.num_peers)}))
+
+
+def _prepare(job: FetchJob, live: LiveTorrent, ti: Any) -> tuple[list[Selected], dict[str, Authority]]:
+    """What to fetch, what is already in place, and room for it; then want those files."""
+    sels = job.select(ti)
+    auths = authorities(ti, sels)
+    _reuse_present(job, sels, auths)
+    todo = [s for s in sels if not s.reused]
+    prios = [0] * files_of(ti).num_files()
+    for s in todo:
+        prios[s.index] = 4
+    have_bytes = sum(min(s.staged.stat().st_blocks * 512, s.size) for s in todo if s.staged.is_file())
+    need = sum(s.size for s in todo) - have_bytes
+    if need > 0:
+        job.staging.mkdir(parents=True, exist_ok=True)
+        space.check_free_space(job.staging, need, what=f"the download of {job.plan.name}")
+    live.h.prioritize_files(prios)
+    live.h.unset_flags(lt.torrent_flags.default_dont_download)
+    _reconnect(job, live)
+    live.ses.apply_settings({"close_redundant_connections": True})  # kept off only while priorities applied
+    return sels, auths
+
+
+def _reconnect(job: FetchJob, live: LiveTorrent) -> None:
+    """Peers drop a metadata-only connection ("upload to upload") once we want nothing; now that
+    we want files, call them back rather than wait for libtorrent's reconnect back-off (once the
+    new priorities apply: until then the torrent counts as finished and skips seeds)."""
+    end = time.monotonic() + 5.0
+    while not live.prio_applied and time.monotonic() < end:
+        live.pump(50)
+    peers = set(live.swarm.endpoints) | {parse_peer(p) for p in job.options.peers}
+    if job.src.magnet is not None:
+        peers |= {parse_peer(p) for p in job.src.magnet.peers}
+    # each call below may raise RuntimeError for a torrent or peer libtorrent refuses right now;
+    # the download loop calls back again every 5 s while nobody is connected
+    for ep in sorted(peers):
+        with contextlib.suppress(RuntimeError):
+            live.h.connect_peer(ep)
+    if job.options.trackers or (job.src.magnet is not None and job.src.magnet.trackers):
+        with contextlib.suppress(RuntimeError):
+            live.h.force_reannounce()
+    if job.options.network == "public":
+        with contextlib.suppress(RuntimeError):
+            live.h.force_dht_announce()
+
+
+def _reuse_present(job: FetchJob, sels: list[Selected], auths: dict[str, Authority]) -> None:
+    """Files the plan found in ``dest`` already: verify them in place and mark the good ones reused."""
+    present = [s for s in sels if s.spec is not None and s.spec.status == "present"]
+    if not present:
+        present = [s for s in sels if s.spec is None and (job.dest / s.rel).is_file()
+                   and (job.dest / s.rel).stat().st_size == s.size]
+    if not present:
+        return
+    rep = verify_files(job.dest, {s.rel: auths[s.rel] for s in present}, structure=False, progress=job.progress)
+    good = {f.path for f in rep.files if f.status == "ok"}
+    for s in present:
+        s.reused = s.rel in good
+
+
+def _download(job: FetchJob, live: LiveTorrent, order: PieceOrder, samples: list[tuple[float, int, int]], *,
+              resumed: bool) -> int:
+    """Run until every selected file is complete; return the bytes that were already there."""
+    h = live.h
+    # wait out libtorrent's check of existing data (resume) before the watchdog starts
+    while True:
+        live.pump(50)
+        st = h.status()
+        if st.state not in (lt.torrent_status.states.checking_files, lt.torrent_status.states.checking_resume_data):
+            break
+    already = max(0, int(st.total_wanted_done) - int(st.total_payload_download))  # on disk before this run
+    if already and resumed:
+        note(job.progress, "fetch", f"{already:,d} bytes already downloaded; fetching the rest")
+    live.sync_pieces()  # what resume data or the check found on disk (fenced like the rest)
+    last_done, last_progress = already, time.monotonic()
+    last_sync = last_emit = 0.0
+    last_recall = time.monotonic()
+    while True:
+        live.pump(int(POLL_S * 1000))
+        now = time.monotonic()
+        st = h.status()
+        live.swarm.count(st.num_peers)
+        if st.errc and st.errc.value():
+            raise FetchError(f"libtorrent reported an error for {job.plan.name}: {st.errc.message()}.",
+                             hint="Check the staging folder, then run the same command again to resume.")
+        done, wanted = int(st.total_wanted_done), int(st.total_wanted)
+        if done > last_done:
+            last_done, last_progress = done, now
+        if now - last_sync >= 1.0:  # in case an alert was dropped
+            live.sync_pieces()
+            last_sync = now
+        live.fence(now)
+        if st.num_peers == 0 and now - last_recall >= 5.0:  # nobody connected: call known peers back
+            last_recall = now
+            _reconnect(job, live)
+        if now - live.resume.last_request >= RESUME_INTERVAL_S:
+            live.request_resume(now)
+        order.check(h, now, job.progress)
+        if now - last_emit >= PROGRESS_INTERVAL_S or done >= wanted:
+            last_emit = now
+            samples.append((now, done, wanted))
+            _emit_progress(job, st, done, wanted)
+        if done >= wanted and st.state in (lt.torrent_status.states.finished, lt.torrent_status.states.seeding):
+            live.drain_fences()
+            return already
+        if now - last_progress > job.options.stall_timeout:
+            raise live.swarm.stall_error(job.plan.name, job.src.key, "downloading", now - last_progress)
+
+
+def _emit_progress(job: FetchJob, st: Any, done: int, wanted: int) -> None:
+    if job.progress is None:
+        return
+    rate = float(st.download_payload_rate)
+    eta = (wanted - done) / rate if rate > 0 else None
+    job.progress(ProgressEvent(
+        task="fetch:torrent", done=done, total=wanted, description=f"torrent {job.plan.name}",
+        finished=done >= wanted,
+        extra={"peers": int(st.num_peers), "rate": f"{rate / 1e6:.1f}MB/s",
+               "eta": f"{eta:.0f}s" if eta is not None else "?"}))
+
+
+def _verify(job: FetchJob, ti: Any, todo: Sequence[Selected], auths: dict[str, Authority], hasher: StreamHasher,
+            clock: Clock) -> tuple[dict[str, str], VerifyReport | None]:
+    """Wait for the stream hashes, then verify the staged files (a stream hash that disagrees
+    with the manifest is re-read, never trusted); return the trusted hashes and the report."""
+    clock.closed = time.monotonic()
+    hasher.join()
+    clock.joined = time.monotonic()
+    clock.hashed = hasher.hashed_at
+    known = dict(hasher.results)
+    for s in todo:
+        a = auths[s.rel]
+        if a.sha256 and known.get(s.rel) not in (None, a.sha256):
+            known.pop(s.rel, None)
+    for s in todo:
+        if s.size == 0 and not s.staged.exists():
+            s.staged.parent.mkdir(parents=True, exist_ok=True)
+            s.staged.touch()
+    vreport = None
+    if todo:
+        note(job.progress, "fetch", f"verifying {len(todo)} files")
+        vreport = verify_files(job.staged_root(ti), {s.rel: auths[s.rel] for s in todo}, known_sha256=known,
+                               progress=job.progress)
+        vreport.raise_for_failure()
+    clock.verified = time.monotonic()
+    return known, vreport
+
+
+def _place(job: FetchJob, todo: Sequence[Selected], synced: set[str], clock: Clock) -> None:
+    """Move the verified files into ``dest`` and forget the staging folder and resume data."""
+    for s in todo:
+        move_into_place(s.staged, safe_join(job.dest, s.rel, what="file path"), synced=s.rel in synced)
+    if job.dest.exists():
+        atomic.fsync_dir(job.dest)
+    clock.moved = time.monotonic()
+    remove_staging(job.staging, job.resume_path)
+
+
+def _fetched(sels: Sequence[Selected], auths: dict[str, Authority], known: dict[str, str],
+             vreport: VerifyReport | None) -> list[FetchedFile]:
+    vfiles = {f.path: f for f in vreport.files} if vreport is not None else {}
+    out = []
+    for s in sels:
+        a = auths[s.rel]
+        sha = (vfiles[s.rel].sha256 if s.rel in vfiles else None) or known.get(s.rel) or a.sha256
+        out.append(FetchedFile(path=s.rel, size=s.size, sha256=sha, authority=a.kind,
+                               downloaded_bytes=0 if s.reused else s.size, reused=s.reused))
+    return out
+
+
+def _seed(job: FetchJob, live: LiveTorrent, ti: Any, sels: Sequence[Selected], *,
+          on_serving: Any) -> dict[str, Any]:
+    """Serve the verified files from ``dest``: in the background while ``provision run`` goes on
+    (the scope then owns the session), or here for ``--seed-for`` seconds."""
+    h = add_seed_torrent(live.ses, ti, sels, job.dest, network=job.options.network, trackers=job.trackers())
+    scope = current_scope()
+    if scope is not None:
+        facts = scope.start(live.ses, h, job.settings, job.options.seed_for, job.plan.name, job.progress)
+        live.ses = None  # the scope closes it
+        return facts
+    return serve_after_fetch(live.ses, h, job.settings, job.options.seed_for, job.plan.name, job.progress,
+                             on_serving=on_serving)

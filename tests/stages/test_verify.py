@@ -24,11 +24,11 @@ from provision.errors import (
     VerifyError,
 )
 from provision.formats.manifest import load_manifest
+from provision.formats.safetensors import check_safetensors
 from provision.progress import ProgressEvent
 from provision.stages.verify import (
     Authority,
     authorities_from_manifest,
-    check_safetensors,
     git_blob_sha1,
     sha256_file,
     verify_dir,
@@ -526,7 +526,7 @@ def test_hf_layout_with_index_verifies_and_is_not_held_to_the_mistral_tensor_spe
 
 
 def test_verify_reports_overall_and_large_file_progress(tiny_src: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import provision.stages.verify as V
+    import provision.stages.verify.parallel as V
 
     monkeypatch.setattr(V, "FILE_PROGRESS_MIN", 1 << 20)
     events: list[ProgressEvent] = []

@@ -10,9 +10,9 @@ from typing import Any
 
 import pytest
 
-import provision.stages.verify as V
+import provision.stages.verify.parallel as parallel
 from provision.errors import HashMismatchError
-from provision.stages.verify import Authority, merkle_root_file, verify_files
+from provision.stages.verify import Authority, merkle_root_file, sha256_file, verify_files
 from tests.support.verify_fixtures import flip_byte, snapshot
 
 PIECE = 32 * 1024
@@ -94,7 +94,7 @@ def test_merkle_root_equals_libtorrent_pieces_root(payload: Path) -> None:
 @pytest.mark.parametrize("build", [_v1_authorities, _v2_authorities], ids=["v1", "v2"])
 def test_torrent_authorities_verify_clean_and_are_named(payload: Path, build: Any,
                                                         monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(V, "SPLIT_UNIT_BYTES", 2 * PIECE)  # several independent ranges per file
+    monkeypatch.setattr(parallel, "SPLIT_UNIT_BYTES", 2 * PIECE)  # several independent ranges per file
     auths = build(payload)
     rep = verify_files(payload, auths, workers=3)
     rep.raise_for_failure()
@@ -102,13 +102,13 @@ def test_torrent_authorities_verify_clean_and_are_named(payload: Path, build: An
     assert {f.authority for f in rep.files} == {kind}
     assert any(c.name == kind and c.ok for c in rep.checks)
     for f in rep.files:  # the whole-file sha256 is reported even under a torrent authority
-        assert f.sha256 == V.sha256_file(payload / f.path)
+        assert f.sha256 == sha256_file(payload / f.path)
 
 
 @pytest.mark.parametrize("build", [_v1_authorities, _v2_authorities], ids=["v1", "v2"])
 def test_flipped_byte_under_torrent_authority_names_the_file_and_piece(payload: Path, build: Any,
                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(V, "SPLIT_UNIT_BYTES", 2 * PIECE)
+    monkeypatch.setattr(parallel, "SPLIT_UNIT_BYTES", 2 * PIECE)
     auths = build(payload)
     flip_byte(payload / "d", 3 * PIECE + 7)
     before = snapshot(payload)

@@ -1,0 +1,192 @@
+"""The hashing work of a verification, spread over a thread pool.
+
+Each expected file becomes a ``FileWork``; ``hash_all`` splits the work into units (one whole
+file read once for every whole-file hash it needs: sha256, git blob SHA-1, md5; or a range of
+torrent v1 pieces; or a range of torrent v2 merkle chunks), runs them largest first on
+``workers`` threads (hashlib and ``readinto`` release the GIL) and stores the digests back on
+the ``FileWork``. Only a torrent authority lets one file be split into ranges. Progress is one
+throttled overall task plus one task per file of at least ``FILE_PROGRESS_MIN`` bytes. It
+records what it computed; ``content`` judges it against the authority.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+import time
+from collections.abc import Callable, Mapping
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+from provision.errors import ProvisionError, VerifyError
+from provision.io.hashing import BLOCK_SIZE, PROGRESS_INTERVAL_S, stream_file
+from provision.progress import ProgressEvent, ProgressFn
+from provision.stages.verify.authority import Authority
+from provision.stages.verify.digests import V2_BLOCK, v2_chunk_root, v2_geometry
+
+SPLIT_UNIT_BYTES = 64 << 20  # torrent files are split into ranges of about this size
+FILE_PROGRESS_MIN = 256 << 20  # files at least this large get their own progress task
+
+
+@dataclass
+class FileWork:
+    """One expected file's hashing job and, once ``hash_all`` ran, its results."""
+
+    rel: str
+    path: Path
+    size: int
+    auth: Authority
+    want_sha256: bool
+    sha256: str | None = None
+    git_sha1: str | None = None
+    md5: str | None = None
+    read_bytes: int | None = None  # bytes the whole-file pass read (to detect a changing file)
+    v1_bad: list[int] = field(default_factory=list)
+    v2_roots: dict[int, bytes] = field(default_factory=dict)
+    error: ProvisionError | None = None
+
+
+class _Progress:
+    """Thread-safe byte counter that emits throttled ProgressEvents."""
+
+    def __init__(self, progress: ProgressFn | None, total: int, big: Mapping[str, int]) -> None:
+        self.fn = progress
+        self.total = total
+        self.done = 0
+        self.per_file: dict[str, int] = {k: 0 for k in big}
+        self.big = dict(big)
+        self.lock = threading.Lock()
+        self.last = 0.0
+        self.last_file: dict[str, float] = {}
+
+    def add(self, rel: str, n: int) -> None:
+        events: list[ProgressEvent] = []
+        with self.lock:
+            self.done += n
+            if self.fn is None:
+                return
+            now = time.monotonic()
+            if now - self.last >= PROGRESS_INTERVAL_S:
+                self.last = now
+                events.append(ProgressEvent(task="verify", done=self.done, total=self.total,
+                                            description="verify"))
+            if rel in self.per_file:
+                self.per_file[rel] += n
+                if now - self.last_file.get(rel, 0.0) >= PROGRESS_INTERVAL_S:
+                    self.last_file[rel] = now
+                    events.append(ProgressEvent(task=f"verify:{rel}", done=self.per_file[rel],
+                                                total=self.big[rel], description=f"verify {rel}"))
+        for ev in events:
+            self.fn(ev)
+
+    def finish(self) -> None:
+        if self.fn is None:
+            return
+        for rel, total in self.big.items():
+            self.fn(ProgressEvent(task=f"verify:{rel}", done=self.per_file[rel], total=total,
+                                  description=f"verify {rel}", finished=True))
+        self.fn(ProgressEvent(task="verify", done=self.done, total=self.total, description="verify",
+                              finished=True))
+
+
+def _whole_unit(w: FileWork, want_git: bool, buf: bytearray, prog: _Progress) -> None:
+    sha = hashlib.sha256() if w.want_sha256 else None
+    git = hashlib.sha1(b"blob %d\x00" % w.size, usedforsecurity=False) if want_git else None
+    md5 = hashlib.md5(usedforsecurity=False) if w.auth.md5 else None
+    hashers: list[Any] = [h for h in (sha, git, md5) if h is not None]
+    if len(hashers) == 1:
+        consume = hashers[0].update
+    else:
+        def consume(mv: memoryview) -> None:
+            for h in hashers:
+                h.update(mv)
+    n = stream_file(w.path, consume, buf=buf, on_bytes=lambda k: prog.add(w.rel, k))
+    w.read_bytes = n
+    if sha is not None:
+        w.sha256 = sha.hexdigest()
+    if git is not None:
+        w.git_sha1 = git.hexdigest() if n == w.size else "changed-while-reading"
+    if md5 is not None:
+        w.md5 = md5.hexdigest()
+
+
+def _v1_unit(w: FileWork, first: int, count: int, buf: bytearray, prog: _Progress) -> None:
+    a = w.auth
+    plen = a.piece_length or 0
+    for i in range(first, first + count):
+        h = hashlib.sha1(usedforsecurity=False)
+        n = stream_file(w.path, h.update, offset=i * plen, length=plen, buf=buf,
+                        on_bytes=lambda k: prog.add(w.rel, k))
+        if h.digest() == a.piece_hashes[i]:
+            continue
+        # the last piece of a file followed by a pad file (BEP 47) is hashed zero-padded
+        if a.size is not None and 0 < n < plen and i == len(a.piece_hashes) - 1:
+            h.update(bytes(plen - n))
+            if h.digest() == a.piece_hashes[i]:
+                continue
+        w.v1_bad.append(i)
+
+
+def _v2_unit(w: FileWork, first: int, count: int, chunk: int, buf: bytearray, prog: _Progress) -> None:
+    for i in range(first, first + count):
+        w.v2_roots[i] = v2_chunk_root(w.path, i, chunk, buf, on_bytes=lambda k: prog.add(w.rel, k))
+
+
+_Unit = tuple[int, Callable[[bytearray, _Progress], None], FileWork]  # (bytes, run, the file it is for)
+
+
+def _units(works: Mapping[str, FileWork]) -> list[_Unit]:
+    units: list[_Unit] = []
+    for w in works.values():
+        a = w.auth
+        want_git = bool(a.git_sha1)
+        if w.want_sha256 or want_git or a.md5:
+            units.append((w.size, partial(_whole_unit, w, want_git), w))
+        if a.piece_hashes and a.piece_length and -(-w.size // a.piece_length) == len(a.piece_hashes):
+            plen = a.piece_length
+            per = max(1, SPLIT_UNIT_BYTES // plen)
+            for first in range(0, len(a.piece_hashes), per):
+                cnt = min(per, len(a.piece_hashes) - first)
+                units.append((cnt * plen, partial(_v1_unit, w, first, cnt), w))
+        if a.merkle_root is not None and w.size > 0:
+            nchunks, chunk, _ = v2_geometry(w.size)
+            per = max(1, SPLIT_UNIT_BYTES // (chunk * V2_BLOCK))
+            for first in range(0, nchunks, per):
+                cnt = min(per, nchunks - first)
+                units.append((cnt * chunk * V2_BLOCK, partial(_v2_unit, w, first, cnt, chunk), w))
+    return units
+
+
+def hash_all(works: Mapping[str, FileWork], nworkers: int, progress: ProgressFn | None) -> int:
+    """Run every hashing unit of ``works`` on a thread pool (largest first) and fill in the
+    results; a file that cannot be read gets its ``error``. Returns the bytes hashed."""
+    units = _units(works)
+    total = sum(u[0] for u in units)
+    big = {w.rel: w.size for w in works.values() if w.size >= FILE_PROGRESS_MIN}
+    prog = _Progress(progress, total, big)
+    units.sort(key=lambda u: -u[0])
+    local = threading.local()
+
+    def run(unit: _Unit) -> None:
+        buf = getattr(local, "buf", None)  # one reusable read buffer per pool thread
+        if buf is None:
+            buf = local.buf = bytearray(BLOCK_SIZE)
+        try:
+            unit[1](buf, prog)
+        except ProvisionError as exc:
+            unit[2].error = exc
+        except OSError as exc:
+            unit[2].error = VerifyError(f"Cannot read {unit[2].rel}: {exc.strerror}.",
+                                        hint="Check the file's permissions and the disk.", path=unit[2].rel)
+
+    if len(units) <= 1 or nworkers == 1:
+        for u in units:
+            run(u)
+    else:
+        with ThreadPoolExecutor(max_workers=min(nworkers, len(units)), thread_name_prefix="verify") as ex:
+            list(ex.map(run, units))
+    prog.finish()
+    return prog.done

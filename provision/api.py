@@ -10,17 +10,24 @@ Example::
     print(result.profile_dir, result.stages[-1]["details"]["text"])
 
 Every function raises ``provision.errors.ProvisionError`` subclasses (with ``exit_code``)
-and prints nothing; pass ``progress=`` a callable taking ``ProgressEvent`` to watch.
+and prints nothing; pass ``progress=`` a callable taking ``ProgressEvent`` to watch. The stages
+are imported when called, so ``import provision`` stays light (no torch, no libtorrent).
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from provision.pipeline import RunOptions, RunResult, run_pipeline
 from provision.progress import ProgressFn
 from provision.stages.plan import Plan, make_plan
+
+if TYPE_CHECKING:
+    from provision.stages.convert import ConvertResult
+    from provision.stages.fetch import FetchResult
+    from provision.stages.smoke import SmokeReport
+    from provision.stages.verify import VerifyReport
 
 
 def run(source: str, *, home: str | Path | None = None, dry_run: bool = False, offline: bool = False,
@@ -35,14 +42,16 @@ def plan(source: str, *, home: str | Path | None = None, offline: bool = False, 
     return make_plan(source, home=Path(home) if home else None, offline=offline, **kw)
 
 
-def fetch(source: str, *, home: str | Path | None = None, progress: ProgressFn | None = None, **kw: Any) -> Any:
+def fetch(source: str, *, home: str | Path | None = None, progress: ProgressFn | None = None,
+          **kw: Any) -> FetchResult:
     """`provision fetch`: keyword arguments go to ``provision.stages.fetch.fetch``."""
     from provision.stages.fetch import fetch as _fetch
 
     return _fetch(make_plan(source, home=Path(home) if home else None), progress=progress, **kw)
 
 
-def verify(root: str | Path, manifest: str | Path | None = None, *, progress: ProgressFn | None = None) -> Any:
+def verify(root: str | Path, manifest: str | Path | None = None, *,
+           progress: ProgressFn | None = None) -> VerifyReport:
     """`provision verify`: returns a ``VerifyReport``; call ``raise_for_failure()`` on it."""
     from provision.formats.manifest import load_manifest
     from provision.stages.verify import verify_dir
@@ -50,14 +59,14 @@ def verify(root: str | Path, manifest: str | Path | None = None, *, progress: Pr
     return verify_dir(Path(root), load_manifest(manifest) if manifest else None, progress=progress)
 
 
-def convert(src_dir: str | Path, out_dir: str | Path, **kw: Any) -> Any:
+def convert(src_dir: str | Path, out_dir: str | Path, **kw: Any) -> ConvertResult:
     """`provision convert`: returns a ``ConvertResult``."""
-    from provision.stages.convert.convert import convert as _convert
+    from provision.stages.convert import convert as _convert
 
     return _convert(Path(src_dir), Path(out_dir), **kw)
 
 
-def smoke(model_dir: str | Path, **kw: Any) -> Any:
+def smoke(model_dir: str | Path, **kw: Any) -> SmokeReport:
     """`provision smoke`: returns a ``SmokeReport``."""
     from provision.stages.smoke import smoke as _smoke
 

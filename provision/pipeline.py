@@ -1,10 +1,12 @@
 """The pipeline behind `provision run`: plan -> fetch -> verify -> convert -> smoke, resumable.
 
-Each stage is a library function (``fetch.fetch``, ``verify.verify_files``,
-``convert.convert.convert``, ``smoke.smoke``); this module chains them under the model's lock
-(``lock.ModelLock``) and records every finished stage in ``state.json`` with the size, mtime,
-inode and sha256 of the files it relied on. A rerun skips a stage whose files still match and
-redoes what does not; ``reverify`` re-hashes everything. A run killed anywhere resumes: fetches
+Each stage is a library function (``stages.fetch.fetch`` or ``stages.adopt.adopt``,
+``stages.verify.verify_files``, ``stages.convert.convert``, ``stages.smoke.smoke``) wrapped in a
+``Stage(name, is_valid, run)``; ``run_pipeline`` loops over them under the model's lock
+(``store.lock.ModelLock``) and records every finished stage in ``state.json`` with the size,
+mtime, inode and sha256 of the files it relied on. A rerun skips a stage whose files still match
+and redoes what does not; ``reverify`` re-hashes everything. The conversion profile is chosen
+once: before the fetch when params.json is already known, else from the verified original. A run killed anywhere resumes: fetches
 continue from their staging/resume data, conversions write shards atomically, and a stage is
 recorded only once it finished. It never prints: progress goes through the callback, failures
 are ``ProvisionError``s, and the result carries one record per stage for the report.
@@ -14,19 +16,25 @@ from __future__ import annotations
 
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import AbstractContextManager, nullcontext
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from provision.errors import ProvisionError
-from provision.formats.manifest import FileSpec, Manifest, Source, write_manifest
-from provision.layout import Layout
+from provision.formats.manifest import FileSpec, Manifest, Source, load_manifest, write_manifest
+from provision.layout import Layout, model_dirname
 from provision.progress import ProgressFn, note
 from provision.settings import Settings
 from provision.stages.fetch import HubOptions, TorrentOptions
 from provision.stages.plan import Plan, make_plan
+from provision.store.state import State, load_state, save_state
+
+if TYPE_CHECKING:
+    from provision.formats.params import ModelArgs
+    from provision.hardware import Target
+    from provision.stages.profiles import Profile
 
 
 @dataclass
@@ -96,32 +104,29 @@ def _locked_manifest(plan: Plan, facts: dict[str, tuple[int, str]], fetch_extra:
     if not sources:  # pragma: no cover - a manifest plan never gets here
         raise ProvisionError("internal: no source to record")
     files = tuple(FileSpec(path=p, size=s, sha256=h) for p, (s, h) in sorted(facts.items()))
-    from provision.layout import model_dirname
-
     arch = "pixtral"
     return Manifest(name=model_dirname(plan.name).lower(), architecture=arch, format="mistral",
                     sources=tuple(sources), files=files,
                     description=f"Recorded by provision run from {plan.source[:120]}")
 
 
-def _preflight_profile(plan: Plan, opts: RunOptions) -> None:
-    """Choose the conversion profile before any download when params.json is known (the
-    manifest's ``[params]`` or an original already on disk): nothing fits -> exit 6, a scheme the
-    target cannot run -> exit 3, before a single byte is fetched."""
-    if opts.skip_convert:
-        return
+def _params_before_fetch(plan: Plan) -> ModelArgs | None:
+    """The model's params.json when known before any download: the manifest's ``[params]`` or
+    an original already on disk."""
     from provision.formats.params import ModelArgs
 
     if plan.manifest is not None and plan.manifest.params is not None:
-        args = ModelArgs.from_dict(plan.manifest.params)
-    elif (plan.dest / "params.json").is_file():
-        args = ModelArgs.from_file(plan.dest / "params.json")
-    else:
-        return
-    from provision.hardware import parse_target
+        return ModelArgs.from_dict(plan.manifest.params)
+    if (plan.dest / "params.json").is_file():
+        return ModelArgs.from_file(plan.dest / "params.json")
+    return None
+
+
+def _choose_profile(args: ModelArgs, opts: RunOptions, target: Target) -> Profile:
+    """The conversion profile: nothing fits -> exit 6, a scheme the target cannot run -> exit 3."""
     from provision.stages.profiles import choose
 
-    choose(args, parse_target(opts.target, hardware=plan.hardware), opts.scheme, opts.layout, context=opts.context)
+    return choose(args, target, opts.scheme, opts.layout, context=opts.context)
 
 
 def _background_seeding(opts: RunOptions) -> AbstractContextManager[Any]:
@@ -131,6 +136,192 @@ def _background_seeding(opts: RunOptions) -> AbstractContextManager[Any]:
     from provision.stages.fetch.torrent import background_seeding
 
     return background_seeding()
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What a stage that ran hands back: the report's bytes and details, the state record's inputs."""
+
+    nbytes: int
+    details: dict[str, Any]
+    files: Mapping[str, Path] | list[Path]
+    facts: dict[str, Any] | None = None
+    sha256: dict[str, str] | None = None
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One resumable step: ``is_valid`` says the recorded result still holds (skip it), ``run`` redoes it."""
+
+    name: str  # in the report: fetch | verify | convert | smoke
+    key: str  # in the state file: fetch, verify, convert:<profile>, smoke:<profile or original>
+    is_valid: Callable[[], bool]
+    run: Callable[[], Outcome]
+    skip_reason: str
+    profile: str | None = None
+    invalidate_first: bool = False  # forget the record (and later stages') before redoing it
+    on_skip: Callable[[], None] | None = None
+
+
+class _Run:
+    """The state one `provision run` threads through its stages (under the model's lock)."""
+
+    def __init__(self, plan: Plan, opts: RunOptions, lay: Layout, result: RunResult, state: State,
+                 progress: ProgressFn | None, seeding: Any, chosen: tuple[Target, Profile] | None) -> None:
+        self.plan, self.opts, self.lay, self.result, self.state = plan, opts, lay, result, state
+        self.progress, self.seeding, self.chosen = progress, seeding, chosen
+        self.state_path = lay.state_file(plan.name)
+        self.original = plan.dest
+        self.manifest: Manifest | None = plan.manifest
+
+    def stages(self) -> Iterator[Stage]:
+        """The stages in order; each is built once the ones before it ran (convert needs the params)."""
+        st, opts = self.state, self.opts
+        yield Stage("fetch", "fetch", lambda: st.stage_valid("fetch") and self.original.is_dir(), self.fetch,
+                    "already fetched and unchanged", invalidate_first=True, on_skip=self.seed_earlier_fetch)
+        manifest = self.manifest or load_manifest(self.lay.manifest_file(self.plan.name))
+        self.manifest = manifest
+        yield Stage("verify", "verify", lambda: st.stage_valid("verify"), self.verify, "verified and unchanged")
+        smoke_dir = self.original
+        if not opts.skip_convert:
+            target, prof = self._profile()
+            out = self.lay.profile(self.plan.name, prof.name)
+            self.result.profile, self.result.profile_dir = prof.name, out
+            convert_key = f"convert:{prof.name}"
+            yield Stage("convert", convert_key, lambda: st.stage_valid(convert_key) and out.is_dir(),
+                        lambda: self.convert(target, prof, out), "converted and unchanged", profile=prof.name,
+                        invalidate_first=True)
+            smoke_dir = out
+        if not opts.skip_smoke:
+            smoke_key = f"smoke:{self.result.profile or 'original'}"
+            yield Stage("smoke", smoke_key, lambda: st.stage_valid(smoke_key), lambda: self.smoke(smoke_dir),
+                        "passed and unchanged", profile=self.result.profile)
+
+    def _profile(self) -> tuple[Target, Profile]:
+        """The target and profile chosen before the fetch, or now from the verified params.json."""
+        if self.chosen is not None:
+            return self.chosen
+        from provision.formats.params import ModelArgs
+        from provision.hardware import parse_target
+
+        target = parse_target(self.opts.target, hardware=self.plan.hardware)
+        return target, _choose_profile(ModelArgs.from_file(self.original / "params.json"), self.opts, target)
+
+    def run_stage(self, stage: Stage) -> dict[str, Any]:
+        t = time.monotonic()
+        if not self.opts.reverify and stage.is_valid():
+            _record(self.result, stage.name, "skipped", time.monotonic() - t, 0, {"reason": stage.skip_reason},
+                    profile=stage.profile)
+            if stage.on_skip is not None:
+                stage.on_skip()
+            return self.result.stages[-1]
+        if stage.invalidate_first:
+            self.state.invalidate(stage.key)
+            save_state(self.state, self.state_path)
+        out = stage.run()
+        self.state.record_stage(stage.key, files=out.files, facts=out.facts, sha256=out.sha256)
+        save_state(self.state, self.state_path)
+        _record(self.result, stage.name, "ok", time.monotonic() - t, out.nbytes, out.details, profile=stage.profile)
+        return self.result.stages[-1]
+
+    # -- the stages --------------------------------------------------------------------------
+    def seed_earlier_fetch(self) -> None:
+        if self.seeding is not None:  # a restarted fleet member still serves late hosts
+            from provision.stages.fetch.torrent import seed_verified
+
+            seed_verified(self.plan, self.original, self.opts.torrent, self.progress)
+
+    def fetch(self) -> Outcome:
+        plan, opts, original = self.plan, self.opts, self.original
+        snap, how = opts.adopt, "adopt"
+        if snap is None and opts.discover_hf_cache:
+            from provision.stages.adopt import find_hf_snapshot
+
+            snap, how = find_hf_snapshot(plan), "hf-cache"
+        extra: dict[str, Any] = {}
+        if snap is not None:
+            from provision.stages.adopt import adopt
+
+            ares = adopt(plan, snap, dest=original, progress=self.progress)
+            facts = {f["path"]: (f["size"], f["sha256"]) for f in ares.files}
+            nbytes, details = 0, {"how": how, **ares.to_dict()}
+        else:
+            from provision.stages.fetch import fetch
+
+            fres = fetch(plan, source=opts.source, dest=original, torrent=opts.torrent, hub=opts.hub,
+                         progress=self.progress)
+            extra = fres.extra
+            facts = {f.path: (f.size, f.sha256) for f in fres.files if f.sha256}
+            nbytes, details = fres.bytes_downloaded, {"how": fres.source, **fres.to_dict()}
+        if self.manifest is None:  # pin what the verified fetch delivered, so later verifies have an authority
+            self.manifest = write_manifest(_locked_manifest(plan, facts, extra), self.lay.manifest_file(plan.name))
+        return Outcome(nbytes, details, files={p: original / p for p in facts},
+                       facts={"source": details.get("how"),
+                              **{k: v for k, v in extra.items() if isinstance(v, (str, int, float))}},
+                       sha256={p: h for p, (_s, h) in facts.items()})
+
+    def verify(self) -> Outcome:
+        from provision.stages.verify import authorities_from_manifest, verify_files
+
+        manifest, original = self.manifest, self.original
+        if manifest is None:  # pragma: no cover - stages() loads it right after the fetch
+            raise ProvisionError("internal: verify without a manifest")
+        known: dict[str, str] = {}
+        rec = self.state.get("fetch")
+        if rec is not None and not self.opts.reverify:  # hashed while fetching: no second read
+            known = {k: f.sha256 for k, f in rec.files.items() if f.sha256}
+
+        def wanted(p: str) -> bool:
+            spec = manifest.file(p)
+            return (original / p).exists() or spec is None or not spec.optional
+
+        present = {p: a for p, a in authorities_from_manifest(manifest).items() if wanted(p)}
+        vrep = verify_files(original, present, known_sha256=known, progress=self.progress)
+        vrep.raise_for_failure()
+        return Outcome(vrep.bytes_hashed, vrep.to_dict(),
+                       files={p: original / p for p in present if (original / p).exists()},
+                       sha256={p: h for p, (_s, h) in vrep.facts.items()})
+
+    def convert(self, target: Target, prof: Profile, out: Path) -> Outcome:
+        from provision.stages.convert import convert
+
+        vrec = self.state.get("verify")  # hashes verify already computed: no second read
+        src_sha = {k: f.sha256 for k, f in vrec.files.items() if f.sha256} if vrec else {}
+        cres = convert(self.original, out, target=target, scheme=prof.scheme, layout=prof.layout,
+                       context=self.opts.context, progress=self.progress, source_sha256=src_sha)
+        self.result.vllm_command = cres.vllm_command
+        details = cres.to_dict()
+        details.pop("tensors", None)
+        return Outcome(cres.bytes_written, details, files=_files_of(out),
+                       facts={"scheme": cres.scheme, "layout": cres.layout, "vllm_command": cres.vllm_command})
+
+    def smoke(self, smoke_dir: Path) -> Outcome:
+        from provision.stages.smoke import smoke
+
+        srep = smoke(smoke_dir, device=self.opts.device, manifest=self.manifest, progress=self.progress)
+        return Outcome(srep.weights_bytes, srep.to_dict(), files=_files_of(smoke_dir), facts={"text": srep.text[:200]})
+
+    # -- after the stages --------------------------------------------------------------------
+    def finish_seeding(self) -> Iterator[dict[str, Any]]:
+        """Serve the rest of --seed-for (it started when the fetch ended): one record per torrent."""
+        if self.seeding is None:
+            return
+        for facts in self.seeding.wait():
+            _record(self.result, "seed", "ok", float(facts.get("seconds", 0.0)), int(facts.get("uploaded_bytes", 0)),
+                    facts)
+            yield self.result.stages[-1]
+
+    def drop_original(self) -> dict[str, Any] | None:
+        opts = self.opts
+        if not (opts.drop_original and not opts.skip_convert and self.result.profile_dir is not None
+                and not opts.skip_smoke and self.original.is_dir()):
+            return None
+        freed = sum(p.stat().st_size for p in _files_of(self.original))
+        shutil.rmtree(self.original)
+        self.state.invalidate("fetch")
+        save_state(self.state, self.state_path)
+        _record(self.result, "drop-original", "ok", 0.0, freed, {"removed": str(self.original)})
+        return self.result.stages[-1]
 
 
 def run_pipeline(
@@ -145,178 +336,42 @@ def run_pipeline(
     on_stage: Callable[[dict[str, Any]], None] | None = None,
 ) -> RunResult:
     """Run SOURCE through every stage; return the per-stage records (raises on failure)."""
+    from provision.hardware import parse_target
     from provision.store.lock import ModelLock
-    from provision.store.state import load_state, save_state
 
     opts = options or RunOptions()
     st = settings or Settings.load()
     home = Path(home) if home else st.home
     t0 = time.monotonic()
-    from provision.stages.fetch.hub import use_options
-
-    use_options(opts.hub)  # the plan's listing of a private hf:// repo uses the token too
-    plan = make_plan(source, settings=st, home=home, offline=offline or source.startswith("magnet:"))
+    plan = make_plan(source, settings=st, home=home, offline=offline or source.startswith("magnet:"),
+                     hub_options=opts.hub)  # the listing of a private hf:// repo uses the token too
     result = RunResult(plan=plan, dry_run=dry_run)
     _record(result, "plan", "ok", time.monotonic() - t0, plan.bytes_to_fetch,
             {"files": len(plan.files), "bytes_total": plan.bytes_total, "free_bytes": plan.free_bytes})
     if dry_run:
         return result
-    _preflight_profile(plan, opts)
+    chosen = None
+    args = None if opts.skip_convert else _params_before_fetch(plan)
+    if args is not None:  # choose the profile before a byte is fetched
+        target = parse_target(opts.target, hardware=plan.hardware)
+        chosen = target, _choose_profile(args, opts, target)
     lay = Layout(home)
     result.model_dir = lay.model_dir(plan.name)
     result.model_dir.mkdir(parents=True, exist_ok=True)
-    state_path = lay.state_file(plan.name)
 
-    def emit(rec: dict[str, Any]) -> None:
-        if on_stage is not None:
+    def emit(rec: dict[str, Any] | None) -> None:
+        if on_stage is not None and rec is not None:
             on_stage(rec)
 
     with ModelLock(lay.lock_file(plan.name), timeout=opts.lock_timeout, command=f"run {source[:200]}"), \
             _background_seeding(opts) as seeding:
-        state = load_state(state_path)
-        for w in getattr(state, "warnings", []):
+        state = load_state(lay.state_file(plan.name))
+        for w in state.warnings:
             note(progress, "run", f"state: {w}")
-        original = plan.dest
-        manifest = plan.manifest
-
-        # ---- fetch -------------------------------------------------------------------------
-        t = time.monotonic()
-        fetch_extra: dict[str, Any] = {}
-        if state.stage_valid("fetch") and not opts.reverify and original.is_dir():
-            _record(result, "fetch", "skipped", time.monotonic() - t, 0, {"reason": "already fetched and unchanged"})
-            if seeding is not None:  # a restarted fleet member still serves late hosts
-                from provision.stages.fetch.torrent import seed_verified
-
-                seed_verified(plan, original, opts.torrent, progress)
-        else:
-            state.invalidate("fetch")
-            save_state(state, state_path)
-            snap = opts.adopt
-            how = "adopt"
-            if snap is None and opts.discover_hf_cache:
-                from provision.stages.adopt import find_hf_snapshot
-
-                snap = find_hf_snapshot(plan)
-                how = "hf-cache"
-            if snap is not None:
-                from provision.stages.adopt import adopt
-
-                ares = adopt(plan, snap, dest=original, progress=progress)
-                facts = {f["path"]: (f["size"], f["sha256"]) for f in ares.files}
-                _record(result, "fetch", "ok", time.monotonic() - t, 0,
-                        {"how": how, **ares.to_dict()})
-            else:
-                from provision.stages.fetch import fetch
-
-                fres = fetch(plan, source=opts.source, dest=original, torrent=opts.torrent, hub=opts.hub,
-                             progress=progress)
-                fetch_extra = fres.extra
-                facts = {f.path: (f.size, f.sha256) for f in fres.files if f.sha256}
-                _record(result, "fetch", "ok", time.monotonic() - t, fres.bytes_downloaded,
-                        {"how": fres.source, **fres.to_dict()})
-            if manifest is None:
-                # pin what the verified fetch delivered, so later verifies have an authority
-                manifest = write_manifest(_locked_manifest(plan, facts, fetch_extra),
-                                          lay.manifests / f"{plan.name.replace('/', '--')}.toml")
-            state.record_stage("fetch", files={p: original / p for p in facts},
-                               facts={"source": result.stages[-1]["details"].get("how"),
-                                      **{k: v for k, v in fetch_extra.items() if isinstance(v, (str, int, float))}},
-                               sha256={p: h for p, (_s, h) in facts.items()})
-            save_state(state, state_path)
-        emit(result.stages[-1])
-        if manifest is None:
-            from provision.formats.manifest import load_manifest
-
-            manifest = load_manifest(lay.manifests / f"{plan.name.replace('/', '--')}.toml")
-
-        # ---- verify ------------------------------------------------------------------------
-        t = time.monotonic()
-        if state.stage_valid("verify") and not opts.reverify:
-            _record(result, "verify", "skipped", time.monotonic() - t, 0, {"reason": "verified and unchanged"})
-        else:
-            from provision.stages.verify import authorities_from_manifest, verify_files
-
-            known: dict[str, str] = {}
-            rec = state.get("fetch")
-            if rec is not None and not opts.reverify:  # hashed while fetching: no second read
-                known = {k: f.sha256 for k, f in rec.files.items() if f.sha256}
-            auths = authorities_from_manifest(manifest)
-            present = {p: a for p, a in auths.items()
-                       if (original / p).exists() or not manifest.file(p) or not manifest.file(p).optional}  # type: ignore[union-attr]
-            vrep = verify_files(original, present, known_sha256=known, progress=progress)
-            vrep.raise_for_failure()
-            state.record_stage("verify", files={p: original / p for p in present if (original / p).exists()},
-                               sha256={p: h for p, (_s, h) in vrep.facts.items()})
-            save_state(state, state_path)
-            _record(result, "verify", "ok", time.monotonic() - t, vrep.bytes_hashed, vrep.to_dict())
-        emit(result.stages[-1])
-
-        # ---- convert -----------------------------------------------------------------------
-        smoke_dir = original
-        if not opts.skip_convert:
-            from provision.formats.params import ModelArgs
-            from provision.hardware import parse_target
-            from provision.stages.convert.convert import convert
-            from provision.stages.profiles import choose
-
-            t = time.monotonic()
-            target = parse_target(opts.target, hardware=plan.hardware)
-            prof = choose(ModelArgs.from_file(original / "params.json"), target, opts.scheme, opts.layout,
-                          context=opts.context)
-            out = lay.profile(plan.name, prof.name)
-            stage = f"convert:{prof.name}"
-            result.profile, result.profile_dir = prof.name, out
-            if state.stage_valid(stage) and not opts.reverify and out.is_dir():
-                _record(result, "convert", "skipped", time.monotonic() - t, 0,
-                        {"reason": "converted and unchanged"}, profile=prof.name)
-            else:
-                state.invalidate(stage)
-                save_state(state, state_path)
-                vrec = state.get("verify")  # hashes verify already computed: no second read
-                src_sha = {k: f.sha256 for k, f in vrec.files.items() if f.sha256} if vrec else {}
-                cres = convert(original, out, target=target, scheme=prof.scheme, layout=prof.layout,
-                               context=opts.context, progress=progress, source_sha256=src_sha)
-                result.vllm_command = cres.vllm_command
-                state.record_stage(stage, files=_files_of(out), facts={"scheme": cres.scheme, "layout": cres.layout,
-                                                                      "vllm_command": cres.vllm_command})
-                save_state(state, state_path)
-                d = cres.to_dict()
-                d.pop("tensors", None)
-                _record(result, "convert", "ok", time.monotonic() - t, cres.bytes_written, d, profile=prof.name)
-            emit(result.stages[-1])
-            smoke_dir = out
-
-        # ---- smoke -------------------------------------------------------------------------
-        if not opts.skip_smoke:
-            from provision.stages.smoke import smoke
-
-            t = time.monotonic()
-            stage = f"smoke:{result.profile or 'original'}"
-            if state.stage_valid(stage) and not opts.reverify:
-                _record(result, "smoke", "skipped", time.monotonic() - t, 0, {"reason": "passed and unchanged"},
-                        profile=result.profile)
-            else:
-                srep = smoke(smoke_dir, device=opts.device, manifest=replace(manifest), progress=progress)
-                state.record_stage(stage, files=_files_of(smoke_dir), facts={"text": srep.text[:200]})
-                save_state(state, state_path)
-                _record(result, "smoke", "ok", time.monotonic() - t, srep.weights_bytes, srep.to_dict(),
-                        profile=result.profile)
-            emit(result.stages[-1])
-
-        # ---- seed: serve the rest of --seed-for (it started when the fetch ended) -------------
-        if seeding is not None:
-            for facts in seeding.wait():
-                _record(result, "seed", "ok", float(facts.get("seconds", 0.0)), int(facts.get("uploaded_bytes", 0)),
-                        facts)
-                emit(result.stages[-1])
-
-        # ---- drop the original -------------------------------------------------------------
-        if opts.drop_original and not opts.skip_convert and result.profile_dir is not None and \
-                (opts.skip_smoke is False) and original.is_dir():
-            freed = sum(p.stat().st_size for p in _files_of(original))
-            shutil.rmtree(original)
-            state.invalidate("fetch")
-            save_state(state, state_path)
-            _record(result, "drop-original", "ok", 0.0, freed, {"removed": str(original)})
-            emit(result.stages[-1])
+        run = _Run(plan, opts, lay, result, state, progress, seeding, chosen)
+        for stage in run.stages():
+            emit(run.run_stage(stage))
+        for rec in run.finish_seeding():
+            emit(rec)
+        emit(run.drop_original())
     return result

@@ -3,7 +3,8 @@
 Each decorator adds one option (or one group of options) with the same name, default, help and
 environment variable in every command that carries it. The choices come from the library, never
 from a list typed here: schemes and layouts from ``provision.stages.profiles``, target names from
-``provision.hardware.CARDS``, network modes from ``provision.settings``. This module parses option
+``provision.hardware.CARDS``, sources from ``provision.stages.fetch``, network modes from
+``provision.settings``. This module parses option
 values (``parse_rate``) but does no work and reads no files.
 """
 
@@ -18,12 +19,12 @@ import click
 
 from provision.hardware import CARDS
 from provision.settings import NETWORK_MODES
+from provision.stages.fetch import SOURCE_CHOICES
 from provision.stages.profiles import DEFAULT_CONTEXT, LAYOUTS, SCHEMES
 
 F = TypeVar("F", bound=Callable[..., Any])
 
 SCHEME_CHOICES: tuple[str, ...] = ("auto", *SCHEMES)
-SOURCE_CHOICES: tuple[str, ...] = ("auto", "torrent", "hf")
 CARD_NAMES = ", ".join(CARDS)
 
 _RATE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kKmMgG]?)(i?)[bB]?(?:/s)?\s*$")

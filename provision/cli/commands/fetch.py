@@ -33,11 +33,9 @@ def command(source: str, dest: Path | None, home: Path | None, include: tuple[st
         parse_peer(p)
     up, down = parse_rate(max_upload_rate), parse_rate(max_download_rate)
     hopts = HubOptions(token=token, stall_timeout=stall_timeout)
-    from provision.stages.fetch.hub import use_options
-
-    use_options(hopts)  # the plan's listing of an hf:// repo uses --token and --stall-timeout too
+    # the plan's listing of an hf:// repo uses --token and --stall-timeout too
     plan = make_plan(source, settings=app.settings, home=home, dest=dest, include=include,
-                     offline=True if source.startswith("magnet:") else False)
+                     offline=source.startswith("magnet:"), hub_options=hopts)
     if plan.manifest is not None:
         app.manifest_sha256 = plan.manifest.sha256
     topts = TorrentOptions(peers=peers, trackers=trackers, network=network, listen=listen, seed_for=seed_for,

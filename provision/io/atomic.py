@@ -1,13 +1,16 @@
 """Atomic writes: a unique temporary name beside the target, fsync, rename, fsync the folder.
 
 A crash leaves the old file or the new one, never a half file under the final name. Temporary
-names start with ``.provision-tmp-`` so ``gc`` can find them. Nothing here checks paths or space.
+names start with ``.provision-tmp-`` so ``gc`` can find them. ``durable=False`` skips the
+fsyncs, for bookkeeping files whose loss only costs work, never trust. Nothing here checks
+paths or space, or moves whole folders (``provision.io.staging`` does).
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -32,8 +35,8 @@ def fsync_dir(path: Path) -> None:
 
 
 @contextlib.contextmanager
-def atomic_writer(target: Path, mode: str = "wb", *, perms: int = 0o644) -> Iterator[IO[bytes]]:
-    """Yield a file object; on clean exit it replaces ``target`` atomically."""
+def atomic_writer(target: Path, mode: str = "wb", *, perms: int = 0o644, durable: bool = True) -> Iterator[IO[bytes]]:
+    """Yield a file object; on clean exit it replaces ``target`` atomically (fsynced unless not ``durable``)."""
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=TMP_PREFIX + target.name + ".", dir=target.parent)
@@ -42,10 +45,12 @@ def atomic_writer(target: Path, mode: str = "wb", *, perms: int = 0o644) -> Iter
         with os.fdopen(fd, mode) as fh:
             yield fh  # type: ignore[misc]
             fh.flush()
-            os.fsync(fh.fileno())
+            if durable:
+                os.fsync(fh.fileno())
         os.chmod(tmp, perms)
         os.replace(tmp, target)
-        fsync_dir(target.parent)
+        if durable:
+            fsync_dir(target.parent)
         ok = True
     except OSError as e:
         if e.errno == 28:  # ENOSPC
@@ -61,10 +66,16 @@ def atomic_writer(target: Path, mode: str = "wb", *, perms: int = 0o644) -> Iter
                 os.unlink(tmp)
 
 
-def atomic_write_bytes(target: Path, data: bytes, *, perms: int = 0o644) -> None:
-    with atomic_writer(target, perms=perms) as fh:
+def atomic_write_bytes(target: Path, data: bytes, *, perms: int = 0o644, durable: bool = True) -> None:
+    with atomic_writer(target, perms=perms, durable=durable) as fh:
         fh.write(data)
 
 
-def atomic_write_text(target: Path, text: str, *, perms: int = 0o644) -> None:
-    atomic_write_bytes(target, text.encode("utf-8"), perms=perms)
+def atomic_write_text(target: Path, text: str, *, perms: int = 0o644, durable: bool = True) -> None:
+    atomic_write_bytes(target, text.encode("utf-8"), perms=perms, durable=durable)
+
+
+def atomic_copy(src: Path, target: Path, *, perms: int = 0o644) -> None:
+    """Copy ``src``'s bytes to ``target`` atomically and durably (e.g. across filesystems)."""
+    with open(src, "rb") as fi, atomic_writer(target, perms=perms) as fo:
+        shutil.copyfileobj(fi, fo, 1 << 22)

@@ -20,14 +20,15 @@ from __future__ import annotations
 
 import os
 import re
-import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from provision.errors import HostileContentError, VerifyError
-from provision.io.atomic import TMP_PREFIX, atomic_writer
+from provision.io.atomic import atomic_copy
+from provision.io.hashing import sha256_file
 from provision.io.paths import safe_join
+from provision.io.staging import private_stage, verify_and_commit
 from provision.progress import ProgressFn
 from provision.stages.plan import Plan
 
@@ -104,7 +105,7 @@ def _cache_blob_authority(real: Path) -> tuple[str | None, str | None]:
 
 def adopt(plan: Plan, src: Path, *, dest: Path | None = None, progress: ProgressFn | None = None) -> AdoptResult:
     """Verify ``plan``'s files in ``src`` and take them into ``dest`` by hard link or copy."""
-    from provision.stages.verify import Authority, authorities_from_manifest, sha256_file, verify_files
+    from provision.stages.verify import Authority, authorities_from_manifest, verify_files
 
     dest = Path(dest) if dest else plan.dest
     src = Path(src)
@@ -115,12 +116,10 @@ def adopt(plan: Plan, src: Path, *, dest: Path | None = None, progress: Progress
         allowed = src.parent.parent
     auths = authorities_from_manifest(plan.manifest) if plan.manifest else {}
     wanted = [f for f in plan.files if not (f.optional and not (src / f.path).exists())]
-    # stage links in a private folder, verify there, then move each into place
-    stage = dest.parent / f"{TMP_PREFIX}adopt-{os.getpid()}"
-    shutil.rmtree(stage, ignore_errors=True)
-    stage.mkdir(parents=True)
+    rels = [f.path for f in wanted]
     result = AdoptResult(source=src, dest=dest)
-    try:
+    # link (or copy) into a private staging folder, verify there, then commit into place
+    with private_stage(dest.parent, "adopt") as stage:
         expected: dict[str, Authority] = {}
         for f in wanted:
             real = _resolve_inside(src, f.path, allowed)
@@ -136,20 +135,19 @@ def adopt(plan: Plan, src: Path, *, dest: Path | None = None, progress: Progress
                 os.link(real, target)
                 result.linked += 1
             except OSError:
-                with open(real, "rb") as fin, atomic_writer(target) as fout:
-                    shutil.copyfileobj(fin, fout, 1 << 20)
+                atomic_copy(real, target)
                 result.copied += 1
         report = verify_files(stage, expected, progress=progress)
-        report.raise_for_failure()
-        dest.mkdir(parents=True, exist_ok=True)
-        for f in wanted:
-            final = safe_join(dest, f.path)
-            final.parent.mkdir(parents=True, exist_ok=True)
-            os.replace(safe_join(stage, f.path), final)
-            fr = next((x for x in report.files if x.path == f.path), None)
-            sha = getattr(fr, "sha256", None) or sha256_file(final)
-            result.files.append({"path": f.path, "size": final.stat().st_size, "sha256": sha,
-                                 "authority": expected[f.path].kind})
-    finally:
-        shutil.rmtree(stage, ignore_errors=True)
+
+        def check() -> None:
+            report.raise_for_failure()
+            dest.mkdir(parents=True, exist_ok=True)
+
+        verify_and_commit(stage, dest, rels, check)
+    hashed = {fr.path: fr.sha256 for fr in report.files}
+    for f in wanted:
+        final = safe_join(dest, f.path)
+        result.files.append({"path": f.path, "size": final.stat().st_size,
+                             "sha256": hashed.get(f.path) or sha256_file(final),
+                             "authority": expected[f.path].kind})
     return result

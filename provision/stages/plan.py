@@ -3,10 +3,11 @@ whether it fits on disk.
 
 Pure apart from reading the manifest or .torrent, looking at the destination folder and
 asking the filesystem for free space; with ``offline=True`` it never touches the network.
-A bare magnet or ``hf://`` source may have its file listing resolved through the fetch
-modules' metadata helpers when ``offline`` is False; otherwise what is unknown is shown as
-unknown. It downloads nothing, writes nothing and raises ``DiskSpaceError`` (exit 6) when the
-destination cannot hold what must still be fetched.
+A bare magnet or ``hf://`` source has its file listing resolved, when ``offline`` is False,
+through the ``Listers`` it is given (by default the fetchers' own: peers for a magnet, the Hub
+for ``hf://``, whose resolved snapshot the plan carries to the fetch); otherwise what is unknown
+is shown as unknown. It downloads nothing, writes nothing and raises ``DiskSpaceError`` (exit 6)
+when the destination cannot hold what must still be fetched.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from provision.errors import DiskSpaceError
 from provision.formats.manifest import FileSpec, Manifest, load_manifest
@@ -24,13 +25,20 @@ from provision.io.paths import safe_relpath
 from provision.io.space import free_bytes, nearest_existing
 from provision.layout import Layout
 from provision.settings import Settings
-from provision.stages.fetch.request import PlannedFile
+from provision.stages.fetch.request import (
+    FileStatus,
+    HubOptions,
+    HubSnapshot,
+    Listing,
+    PlannedFile,
+    SourceKind,
+)
 
 
 @dataclass(frozen=True)
 class Plan:
     source: str
-    kind: str  # manifest | magnet | torrent | hf
+    kind: SourceKind
     name: str
     home: Path
     dest: Path
@@ -44,6 +52,7 @@ class Plan:
     hf: HFRef | None = None
     torrent_file: Path | None = None
     notes: tuple[str, ...] = field(default=())
+    hub_snapshot: HubSnapshot | None = field(default=None, repr=False, compare=False)
 
     @property
     def listing_known(self) -> bool:
@@ -89,10 +98,32 @@ class Plan:
         }
 
 
-ListingFn = Callable[..., list[tuple[str, int | None, str | None]]]
+MagnetLister = Callable[[Magnet, float, str], Listing]  # (magnet, timeout seconds, network mode)
+HubLister = Callable[[HFRef, HubOptions], HubSnapshot | None]
 
 
-def _file_status(dest: Path, spec_size: int | None, rel: str) -> str:
+def _magnet_listing(m: Magnet, timeout: float, network: str) -> Listing:
+    from provision.stages.fetch.torrent import magnet_listing
+
+    return magnet_listing(m, timeout=timeout, network=network)
+
+
+def _hub_listing(ref: HFRef, options: HubOptions) -> HubSnapshot | None:
+    from provision.stages.fetch.hub import hub_listing
+
+    return hub_listing(ref, options)
+
+
+@dataclass(frozen=True)
+class Listers:
+    """How the planner learns the files of a source that does not list them itself. The defaults
+    are the fetchers' own (imported only when called: libtorrent and huggingface_hub stay unloaded)."""
+
+    magnet: MagnetLister = _magnet_listing
+    hub: HubLister = _hub_listing
+
+
+def _file_status(dest: Path, spec_size: int | None, rel: str) -> FileStatus:
     p = dest / rel
     if not p.is_file():
         return "missing"
@@ -110,7 +141,7 @@ def _planned_from_specs(dest: Path, specs: list[FileSpec], source_types: tuple[s
     return tuple(out)
 
 
-def _planned_from_listing(dest: Path, listing: list[tuple[str, int | None, str | None]], src: str) -> tuple[PlannedFile, ...]:
+def _planned_from_listing(dest: Path, listing: Listing, src: str) -> tuple[PlannedFile, ...]:
     out = []
     for path, size, sha in listing:
         rel = str(safe_relpath(path, what="file name"))
@@ -129,8 +160,11 @@ def make_plan(
     hardware: Hardware | None = None,
     check_disk: bool = True,
     metadata_timeout: float = 30.0,
+    hub_options: HubOptions | None = None,
+    listers: Listers | None = None,
 ) -> Plan:
-    """Build the plan for SOURCE; raise ``DiskSpaceError`` when it cannot fit (``check_disk``)."""
+    """Build the plan for SOURCE; raise ``DiskSpaceError`` when it cannot fit (``check_disk``).
+    ``hub_options`` (token, stall timeout) are used to list an ``hf://`` repo."""
     import fnmatch
 
     st = settings or Settings.load()
@@ -142,6 +176,8 @@ def make_plan(
     manifest: Manifest | None = None
     files: tuple[PlannedFile, ...] = ()
     descs: tuple[str, ...]
+    hub_snapshot: HubSnapshot | None = None
+    list_with = listers or Listers()
 
     if parsed.kind == "manifest":
         assert parsed.manifest is not None
@@ -177,13 +213,7 @@ def make_plan(
         if offline:
             notes.append("offline: the file list of a bare magnet comes from peers; it is unknown until fetched")
         else:
-            from provision.stages.fetch import torrent as tmod
-
-            fn = getattr(tmod, "magnet_listing", None)
-            if fn is None:
-                notes.append("file list unknown: magnet metadata lookup is not available in this build")
-            else:
-                files = _planned_from_listing(d, fn(m, timeout=metadata_timeout, network=st.network), "torrent")
+            files = _planned_from_listing(d, list_with.magnet(m, metadata_timeout, st.network), "torrent")
     else:
         assert parsed.hf is not None
         ref = parsed.hf
@@ -193,20 +223,16 @@ def make_plan(
         if offline:
             notes.append("offline: the Hub's file listing is unknown without the network")
         else:
-            from provision.stages.fetch import hub as hmod
-
-            fn = getattr(hmod, "hub_listing", None)
-            if fn is None:
-                notes.append("file list unknown: Hub listing is not available in this build")
-            else:
-                files = _planned_from_listing(d, fn(ref), "hf")
+            hub_snapshot = list_with.hub(ref, hub_options or HubOptions())
+            files = _planned_from_listing(d, hub_snapshot.listing() if hub_snapshot else [], "hf")
 
     if include:
         files = tuple(f for f in files if any(fnmatch.fnmatch(f.path, g) for g in include))
-    plan = Plan(source=source, kind=parsed.kind, name=name, home=home, dest=d, files=files, sources=descs,
+    plan = Plan(source=source, kind=cast(SourceKind, parsed.kind), name=name, home=home, dest=d, files=files, sources=descs,
                 hardware=hw, free_bytes=free_bytes(d), offline=offline, manifest=manifest,
                 magnet=parsed.magnet, hf=parsed.hf,
-                torrent_file=parsed.torrent.path if parsed.torrent else None, notes=tuple(notes))
+                torrent_file=parsed.torrent.path if parsed.torrent else None, notes=tuple(notes),
+                hub_snapshot=hub_snapshot)
     if check_disk and not plan.disk_ok:
         from provision.units import human_bytes
 

@@ -21,12 +21,13 @@ from provision.stages.fetch.request import (
     FetchRequest,
     FetchResult,
     HubOptions,
+    HubSnapshot,
     PlannedFile,
     TorrentOptions,
 )
 
 __all__ = ["NETWORK_CHOICES", "SOURCE_CHOICES", "FetchRequest", "FetchResult", "FetchedFile", "HubOptions",
-           "PlannedFile", "TorrentOptions", "fetch", "source_order"]
+           "HubSnapshot", "PlannedFile", "TorrentOptions", "fetch", "source_order"]
 
 
 def source_order(plan: FetchRequest, source: str) -> list[str]:

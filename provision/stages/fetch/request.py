@@ -1,19 +1,27 @@
 """What a fetch is asked for and what it returns: the request protocol, the source options, the results.
 
 ``FetchRequest`` is the part of a ``Plan`` the fetchers read (a protocol: ``stages.plan.Plan``
-satisfies it, and the fetchers never import the planner). Nothing here does I/O.
+satisfies it, and the fetchers never import the planner). ``HubSnapshot`` is a Hub repo's file
+list at one commit, as the planner's listing resolved it, so the fetch downloads exactly what
+was planned. Nothing here does I/O beyond reading ``PROVISION_NETWORK`` for a default.
 """
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol
 
 from provision.formats.manifest import Manifest
 from provision.formats.sources import HFRef, Magnet
+from provision.settings import network_mode
+
+SourceKind = Literal["manifest", "magnet", "torrent", "hf"]  # what a source string is
+SourceChoice = Literal["auto", "torrent", "hf"]  # what --source accepts
+NetworkMode = Literal["public", "closed"]
+FileStatus = Literal["missing", "present", "size-mismatch"]
+Listing = Sequence[tuple[str, int | None, str | None]]  # (path, size or None, sha256 or None)
 
 
 @dataclass(frozen=True)
@@ -22,7 +30,7 @@ class PlannedFile:
     size: int | None
     sha256: str | None
     sources: tuple[str, ...]
-    status: str  # missing | present | size-mismatch
+    status: FileStatus
     optional: bool = False
 
     @property
@@ -36,7 +44,7 @@ class FetchRequest(Protocol):
     @property
     def source(self) -> str: ...
     @property
-    def kind(self) -> str: ...  # manifest | magnet | torrent | hf
+    def kind(self) -> SourceKind: ...
     @property
     def name(self) -> str: ...
     @property
@@ -53,17 +61,41 @@ class FetchRequest(Protocol):
     def hf(self) -> HFRef | None: ...
     @property
     def torrent_file(self) -> Path | None: ...
+    @property
+    def hub_snapshot(self) -> HubSnapshot | None: ...  # the Hub listing the plan was made from
 
 
-SOURCE_CHOICES = ("auto", "torrent", "hf")
-NETWORK_CHOICES = ("public", "closed")
+SOURCE_CHOICES: tuple[SourceChoice, ...] = ("auto", "torrent", "hf")
+NETWORK_CHOICES: tuple[NetworkMode, ...] = ("public", "closed")
+
+
+@dataclass(frozen=True)
+class RemoteFile:
+    path: str  # path in the repo
+    size: int
+    blob_id: str | None  # git blob SHA-1 (of the content, or of the LFS pointer for LFS files)
+    lfs_sha256: str | None  # None for files kept in git (Xet-backed files have it too)
+
+
+@dataclass(frozen=True)
+class HubSnapshot:
+    """A Hub repo's files at one commit, and the endpoint and revision that resolved to it."""
+
+    endpoint: str
+    repo: str
+    revision: str  # what was asked for
+    commit: str  # what it resolved to
+    files: dict[str, RemoteFile]
+
+    def listing(self) -> Listing:
+        return [(f.path, f.size, f.lfs_sha256) for f in sorted(self.files.values(), key=lambda f: f.path)]
 
 
 @dataclass(frozen=True)
 class TorrentOptions:
     peers: tuple[str, ...] = ()  # HOST:PORT
     trackers: tuple[str, ...] = ()
-    network: str = field(default_factory=lambda: os.environ.get("PROVISION_NETWORK", "public"))  # public | closed
+    network: str = field(default_factory=network_mode)  # a NetworkMode, validated by the torrent fetcher
     listen: str | None = None  # HOST:PORT; closed mode defaults to 127.0.0.1:0
     seed_for: float = 0.0
     max_upload_rate: int = 0  # bytes/s, 0 = unlimited

@@ -27,6 +27,7 @@ from provision.formats.sources import parse_peer
 from provision.io import atomic, space
 from provision.io.paths import safe_join
 from provision.progress import ProgressEvent, ProgressFn, note
+from provision.stages import verify
 from provision.stages.fetch.request import FetchedFile, FetchResult
 from provision.stages.fetch.torrent.job import FetchJob, Selected, authorities
 from provision.stages.fetch.torrent.live import LiveTorrent, ResumeFile
@@ -42,7 +43,7 @@ from provision.stages.fetch.torrent.seed import add_seed_torrent, current_scope,
 from provision.stages.fetch.torrent.session import NOT_STARTED, close_session, closed_flags, open_session
 from provision.stages.fetch.torrent.stream_hash import StreamFile, StreamHasher
 from provision.stages.fetch.torrent.telemetry import Clock, FetchTelemetry, steady_rate
-from provision.stages.verify import Authority, VerifyReport, verify_files
+from provision.stages.verify import Authority, VerifyReport
 
 if TYPE_CHECKING:
     from provision.stages.fetch.request import FetchRequest, TorrentOptions
@@ -306,7 +307,8 @@ def _reuse_present(job: FetchJob, sels: list[Selected], auths: dict[str, Authori
                    and (job.dest / s.rel).stat().st_size == s.size]
     if not present:
         return
-    rep = verify_files(job.dest, {s.rel: auths[s.rel] for s in present}, structure=False, progress=job.progress)
+    rep = verify.verify_files(job.dest, {s.rel: auths[s.rel] for s in present}, structure=False,
+                              progress=job.progress)
     good = {f.path for f in rep.files if f.status == "ok"}
     for s in present:
         s.reused = s.rel in good
@@ -393,7 +395,7 @@ def _verify(job: FetchJob, ti: Any, todo: Sequence[Selected], auths: dict[str, A
     vreport = None
     if todo:
         note(job.progress, "fetch", f"verifying {len(todo)} files")
-        vreport = verify_files(job.staged_root(ti), {s.rel: auths[s.rel] for s in todo}, known_sha256=known,
+        vreport = verify.verify_files(job.staged_root(ti), {s.rel: auths[s.rel] for s in todo}, known_sha256=known,
                                progress=job.progress)
         vreport.raise_for_failure()
     clock.verified = time.monotonic()

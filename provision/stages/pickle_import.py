@@ -27,7 +27,6 @@ is never copied into ``out``: only the safetensors is the model.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import os
 import re
@@ -51,24 +50,22 @@ from provision.errors import (
     StructureError,
     UsageError,
 )
+from provision.formats.params import spec_diff
+from provision.formats.pickles import PICKLE_SUFFIXES, is_pickle_name
+from provision.formats.safetensors import FROM_TORCH, check_safetensors
 from provision.io.atomic import TMP_PREFIX, atomic_write_text, fsync_dir
+from provision.io.hashing import hash_file
 from provision.io.space import check_free_space
 from provision.progress import ProgressFn, note
 
-PICKLE_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt", ".pkl", ".pickle")
 WEIGHTS_NAME = "consolidated.safetensors"
 RECORD_NAME = "import.json"
 TOKENIZER_GLOBS = ("tekken*.json", "tokenizer.model", "tokenizer.model.v*")
 DEFAULT_TIMEOUT_S = 3600.0
 WRITE_CHUNK = 64 << 20
-HASH_BLOCK = 1 << 20
 CHILD_ERROR_EXIT = 3
 _HEX = {"sha256": re.compile(r"^[0-9a-fA-F]{64}$"), "md5": re.compile(r"^[0-9a-fA-F]{32}$")}
 
-# torch dtype name -> safetensors dtype string (the child maps real dtypes through this)
-ST_DTYPES = {"float32": "F32", "float16": "F16", "bfloat16": "BF16", "float64": "F64", "int64": "I64",
-             "int32": "I32", "int16": "I16", "int8": "I8", "uint8": "U8", "bool": "BOOL",
-             "float8_e4m3fn": "F8_E4M3", "float8_e5m2": "F8_E5M2"}
 
 
 @dataclass
@@ -101,13 +98,13 @@ def find_pickle(src: Path) -> Path:
     """The pickle to import: ``src`` itself, or the one pickle file in folder ``src``."""
     src = Path(src)
     if src.is_file():
-        if not src.name.lower().endswith(PICKLE_SUFFIXES):
+        if not is_pickle_name(src.name):
             raise UsageError(f"{src} is not a pickle file ({', '.join(PICKLE_SUFFIXES)}); pass the .pth file "
                              "or its folder.", path=str(src))
         return src
     if not src.is_dir():
         raise UsageError(f"{src} does not exist; pass the .pth file or the folder holding it.", path=str(src))
-    found = sorted(p for p in src.iterdir() if p.is_file() and p.name.lower().endswith(PICKLE_SUFFIXES))
+    found = sorted(p for p in src.iterdir() if p.is_file() and is_pickle_name(p.name))
     if not found:
         raise UsageError(f"{src} holds no pickle file ({', '.join(PICKLE_SUFFIXES)}).", path=str(src))
     if len(found) > 1:
@@ -124,29 +121,6 @@ def _check_hash_arg(kind: str, value: str | None) -> str | None:
         n = 64 if kind == "sha256" else 32
         raise UsageError(f"--{kind} must be {n} hex characters, got {value!r}.", **{kind: value})
     return v.lower()
-
-
-def hash_file(path: Path, *, md5: bool = False) -> tuple[str, str | None]:
-    """(sha256, md5 or None) of a regular file, streamed; the bytes are never interpreted."""
-    import stat
-
-    sha = hashlib.sha256()
-    m = hashlib.md5(usedforsecurity=False) if md5 else None
-    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
-    try:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            raise HostileContentError(f"Refusing {Path(path).name}: not a regular file.", path=str(path))
-        os.set_blocking(fd, True)
-        buf = bytearray(HASH_BLOCK)
-        mv = memoryview(buf)
-        with open(fd, "rb", buffering=0, closefd=False) as f:
-            while n := f.readinto(mv):
-                sha.update(mv[:n])
-                if m is not None:
-                    m.update(mv[:n])
-    finally:
-        os.close(fd)
-    return sha.hexdigest(), (m.hexdigest() if m is not None else None)
 
 
 def _prepare_out(out_dir: Path, src_folder: Path) -> None:
@@ -231,8 +205,6 @@ def _run_child(payload: dict[str, Any], timeout: float, staging: Path) -> dict[s
 
 def _spec_check(path: Path, spec: dict[str, tuple[int, ...]]) -> dict[str, int]:
     """Header-only re-check of the written file against the spec; returns dtype counts."""
-    from provision.formats.safetensors import check_safetensors
-
     info = check_safetensors(path)
     have = {n: tuple(t.shape) for n, t in info.tensors.items()}
     problem = spec_problem(have, spec)
@@ -246,8 +218,6 @@ def _spec_check(path: Path, spec: dict[str, tuple[int, ...]]) -> dict[str, int]:
 
 def spec_problem(have: dict[str, tuple[int, ...]], spec: dict[str, tuple[int, ...]]) -> str:
     """'' when names and shapes equal the spec, else a short description of the first differences."""
-    from provision.formats.params import spec_diff
-
     parts = spec_diff(have, spec)[3]
     return "; ".join(parts)
 
@@ -395,9 +365,9 @@ def _child(payload: dict[str, Any]) -> dict[str, Any]:
     entries = []
     for name in spec:
         dt = str(obj[name].dtype).removeprefix("torch.")
-        if dt not in ST_DTYPES:
+        if dt not in FROM_TORCH:
             raise _ChildError("structure", f"Tensor {name!r} has dtype {dt}, which safetensors cannot hold here.")
-        entries.append(TensorEntry(name, ST_DTYPES[dt], tuple(obj[name].shape)))
+        entries.append(TensorEntry(name, FROM_TORCH[dt], tuple(obj[name].shape)))
     out = Path(payload["out"])
     meta = {"format": "pt", "provision.imported_from": Path(payload["path"]).name,
             "provision.source_sha256": payload["source_sha256"]}

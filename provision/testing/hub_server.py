@@ -36,16 +36,10 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, quote, unquote, urlsplit
 
+from provision.io.hashing import sha256_file
+
 LFS_SUFFIXES = (".safetensors", ".bin", ".pt", ".gguf", ".model")
 LFS_THRESHOLD = 10 * 1024 * 1024  # the Hub requires LFS (or Xet) for files above 10 MiB
-
-
-def _sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(1 << 22):
-            h.update(block)
-    return h.hexdigest()
 
 
 def git_blob_sha1_file(path: Path) -> str:
@@ -78,7 +72,7 @@ class HubFile:
 def make_file(path: str, source: Path, *, lfs: bool | None = None, sha256: str | None = None) -> HubFile:
     size = source.stat().st_size
     is_lfs = lfs if lfs is not None else (path.endswith(LFS_SUFFIXES) or size >= LFS_THRESHOLD)
-    digest = sha256 or _sha256_file(source)
+    digest = sha256 or sha256_file(source)
     if is_lfs:
         ptr = lfs_pointer(digest, size)
         blob = hashlib.sha1(f"blob {len(ptr)}\0".encode() + ptr).hexdigest()

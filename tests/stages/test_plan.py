@@ -92,3 +92,34 @@ def test_run_dry_run_prints_the_plan(capsys: pytest.CaptureFixture[str]) -> None
     assert run_cli(["run", "pixtral-12b-2409", "--dry-run", "--offline", "--json"]) == 0
     doc = json.loads(capsys.readouterr().out)
     assert doc["dry_run"] is True and doc["plan"]["name"] == "pixtral-12b-2409"
+
+
+def test_make_plan_lists_hf_and_magnet_sources_through_injected_listers(tmp_path: Path) -> None:
+    from provision.settings import network_mode
+    from provision.stages.fetch.request import HubOptions, HubSnapshot, RemoteFile
+    from provision.stages.plan import Listers
+
+    seen: list[object] = []
+    snap = HubSnapshot(endpoint="http://hub", repo="org/m", revision="dev", commit="c" * 40,
+                       files={"b.json": RemoteFile("b.json", 3, "1" * 40, None),
+                              "a.safetensors": RemoteFile("a.safetensors", 5, "2" * 40, "f" * 64)})
+
+    def hub(ref: object, options: HubOptions) -> HubSnapshot:
+        seen.append((ref, options.token))
+        return snap
+
+    def magnet(m: object, timeout: float, network: str) -> list[tuple[str, int | None, str | None]]:
+        seen.append((timeout, network))
+        return [("x.bin", 7, None)]
+
+    listers = Listers(magnet=magnet, hub=hub)
+    plan = make_plan("hf://org/m@dev", home=tmp_path, listers=listers, hub_options=HubOptions(token="t"),
+                     check_disk=False)
+    assert [(f.path, f.size, f.sha256, f.sources) for f in plan.files] == [
+        ("a.safetensors", 5, "f" * 64, ("hf",)), ("b.json", 3, None, ("hf",))]
+    assert plan.hub_snapshot is snap and seen[0][1] == "t"
+    mag = make_plan("magnet:?xt=urn:btih:" + "a" * 40, home=tmp_path, listers=listers, metadata_timeout=9.0,
+                    check_disk=False)
+    assert [f.path for f in mag.files] == ["x.bin"] and seen[1] == (9.0, network_mode()) and mag.hub_snapshot is None
+    off = make_plan("hf://org/m", home=tmp_path, listers=listers, offline=True, check_disk=False)
+    assert off.files == () and len(seen) == 2  # offline: no lister is called

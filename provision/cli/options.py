@@ -54,8 +54,8 @@ def json_option(f: F) -> F:
 
 
 def home_option(f: F) -> F:
-    """``--home``: the model store (``PROVISION_HOME``)."""
-    return click.option("--home", type=click.Path(file_okay=False, path_type=Path), envvar="PROVISION_HOME",
+    """``--home``: the model store; without it commands use ``Settings.home`` (``PROVISION_HOME``)."""
+    return click.option("--home", type=click.Path(file_okay=False, path_type=Path),
                         help="Model store (default ~/.cache/provision).")(f)
 
 

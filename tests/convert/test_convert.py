@@ -284,8 +284,14 @@ def test_corrupt_header_is_exit_5(tiny_copy: Path, tmp_path: Path) -> None:
     raw = bytearray(f.read_bytes())
     raw[0:8] = (10**12).to_bytes(8, "little")
     f.write_bytes(bytes(raw))
-    with pytest.raises(StructureError):
+    with pytest.raises(HostileContentError) as e:  # a header length past the reader's limit is refused unread
         convert(tiny_copy, tmp_path / "o", target="h100", scheme="bf16")
+    assert e.value.exit_code == 5
+    raw[0:8] = (len(raw) - 4).to_bytes(8, "little")  # a plausible length pointing past the end of the file
+    f.write_bytes(bytes(raw))
+    with pytest.raises(StructureError) as e2:
+        convert(tiny_copy, tmp_path / "o", target="h100", scheme="bf16")
+    assert e2.value.exit_code == 5
 
 
 def test_fp16_overflow_is_a_conversion_error(tiny_copy: Path, tmp_path: Path) -> None:

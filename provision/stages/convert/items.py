@@ -15,6 +15,7 @@ from typing import Literal
 
 from provision.errors import StructureError
 from provision.formats.params import ModelArgs, spec_diff, tensor_spec
+from provision.formats.safetensors import FROM_TORCH
 from provision.formats.safetensors_writer import TensorEntry
 from provision.model import hf_names
 from provision.stages.convert.source import SafetensorsSource, SrcTensor
@@ -24,9 +25,6 @@ CHUNK_BYTES = 16 << 20
 QUANT_CHUNK_BYTES = 2 << 20  # cache-sized float32 temporaries while quantizing
 
 Action = Literal["copy", "cast", "quantize"]
-
-_TORCH_TO_ST = {"bfloat16": "BF16", "float16": "F16"}
-
 
 def output_dtype(profile: Profile) -> str:
     """The torch name of the 16-bit dtype a profile writes (its dense tensors, scales and config)."""
@@ -71,7 +69,7 @@ def plan_items(sources: list[SafetensorsSource], args: ModelArgs, profile: Profi
     from provision.quant import SCHEMES  # torch: imported when a conversion starts, not with the package
 
     scheme, hf = profile.scheme, profile.layout == "hf"
-    dt16 = _TORCH_TO_ST[output_dtype(profile)]
+    dt16 = FROM_TORCH[output_dtype(profile)]
     items: list[Item] = []
     seen: set[str] = set()
     for si, src in enumerate(sources):

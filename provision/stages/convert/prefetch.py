@@ -2,64 +2,20 @@
 
 ``Prefetcher`` reads a planned sequence of (source, offset, length) ranges on a helper thread into
 a small ring of reused buffers (no page faults or zero-fill per chunk), feeds every byte of each
-source, in file order, to that file's hasher, and drops the pages read from the page cache. The
-converter asks for the ranges in the planned order. It does not cast, quantize or write.
+source, in file order, to that file's ``BackgroundHasher``, and drops the pages read from the page
+cache. The converter asks for the ranges in the planned order. It does not cast, quantize or write.
 """
 
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import queue
 import threading
 from collections.abc import Callable
 
 from provision.errors import ConvertError
+from provision.io.hashing import BackgroundHasher
 from provision.stages.convert.source import SafetensorsSource
-
-
-class StreamHasher:
-    """sha256 of one file fed in order (header, then every data byte) on a helper thread."""
-
-    def __init__(self) -> None:
-        self.h = hashlib.sha256()
-        self.q: queue.Queue[tuple[bytes | bytearray | memoryview, Callable[[], None] | None] | None] = \
-            queue.Queue(maxsize=3)
-        self.error: BaseException | None = None
-        self.t = threading.Thread(target=self._run, daemon=True)
-        self.t.start()
-
-    def _run(self) -> None:
-        try:
-            while True:
-                item = self.q.get()
-                if item is None:
-                    return
-                data, done = item
-                self.h.update(data)
-                if done is not None:
-                    done()
-        except BaseException as e:  # pragma: no cover  (re-raised by hexdigest on the caller's thread)
-            self.error = e
-
-    def feed(self, b: bytes | bytearray | memoryview, done: Callable[[], None] | None = None) -> None:
-        """Hash ``b`` next; ``done`` is called once it has been (so a reused buffer can be freed)."""
-        self.q.put((b, done))
-
-    def hexdigest(self) -> str:
-        self.q.put(None)
-        self.t.join()
-        if self.error:  # pragma: no cover
-            raise self.error
-        return self.h.hexdigest()
-
-    def abandon(self) -> None:
-        """Stop the helper thread without waiting for the queued data (the run failed)."""
-        with contextlib.suppress(queue.Empty):  # the queue drained: the stop marker fits
-            while True:
-                self.q.get_nowait()
-        with contextlib.suppress(queue.Full):  # the thread refilled it meanwhile: it stops at the next marker
-            self.q.put_nowait(None)
 
 
 class BufferRing:
@@ -97,42 +53,21 @@ class BufferRing:
 class SourceStream:
     """Reads one source's bytes in file order, feeding the hasher and dropping the page cache."""
 
-    def __init__(self, src: SafetensorsSource, hasher: StreamHasher | None) -> None:
+    def __init__(self, src: SafetensorsSource, hasher: BackgroundHasher | None) -> None:
         self.src, self.hasher = src, hasher
         self.pos = src.data_start  # next byte the hasher expects
 
-    def _gap(self, start: int) -> None:
-        if start > self.pos:  # bytes between tensors (not written by well-formed files): hash them too
-            gap = self.src.read(self.pos, start - self.pos)
-            if self.hasher:
-                self.hasher.feed(gap)
-            self.pos = start
-
-    def read(self, start: int, n: int) -> bytearray:
-        """A fresh buffer (used for the rare trailing bytes)."""
-        self._gap(start)
-        buf = self.src.read(start, n)
-        if self.hasher:
-            self.hasher.feed(buf)
-        self.pos = start + n
-        self.src.drop_cache(start, n)
-        return buf
-
-    def read_rest(self) -> None:
-        """Read (and hash) the bytes after the last tensor, if any."""
-        if self.pos < self.src.size:
-            self.read(self.pos, self.src.size - self.pos)
-
     def read_ring(self, start: int, n: int, ring: BufferRing, stop: threading.Event) -> tuple[int, memoryview] | None:
         """Read into a ring buffer held by the caller and (until hashed) by the hasher."""
-        self._gap(start)
+        if start != self.pos:  # the header reader proved the tensors tile the file, and reads follow them
+            raise ConvertError(f"Internal error: {self.src.path.name} read at byte {start}, expected {self.pos}.")
         i = ring.acquire(2 if self.hasher else 1, stop)
         if i is None:
             return None
         mv = memoryview(ring.bufs[i])[:n]
         self.src.read_into(mv, start)
         if self.hasher:
-            self.hasher.feed(mv, lambda: ring.release(i))
+            self.hasher.update(mv, lambda: ring.release(i))
         self.pos = start + n
         self.src.drop_cache(start, n)
         return i, mv

@@ -1,29 +1,26 @@
 """The convert stage's source: the ``consolidated*.safetensors`` files of a Mistral-format folder.
 
 ``find_sources`` picks the weight files of a source folder (refusing symlinks out of it and
-pickle-only releases); ``SafetensorsSource`` opens one of them, checks its header (dtypes convert
-can read, offsets that match shapes and the file size) and reads byte ranges by offset, never
-mapping the file, dropping what it read from the page cache. It does not cast, hash or write.
+pickle-only releases); ``SafetensorsSource`` opens one of them, checks its header with the one
+reader of ``provision.formats.safetensors`` (so the tensors tile the data section exactly) plus
+the dtypes convert can read, and reads byte ranges by offset, never mapping the file, dropping
+what it read from the page cache. It does not cast, hash or write.
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
-import math
 import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
 
 from provision.errors import ConvertError, HostileContentError, StructureError, UsageError
+from provision.formats.pickles import is_pickle_name
+from provision.formats.safetensors import parse_header, read_header
 
-MAX_HEADER = 100 * 10**6
-PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
 SOURCE_NAME = re.compile(r"consolidated(-\d{5}-of-\d{5})?\.safetensors")
-
-# the source dtypes convert reads, by safetensors name
-SOURCE_DTYPES = {"BF16": "bfloat16", "F16": "float16", "F32": "float32"}
+SOURCE_DTYPES = ("BF16", "F16", "F32")  # the safetensors dtypes convert reads
 
 
 @dataclass(frozen=True)
@@ -58,46 +55,15 @@ class SafetensorsSource:
             raise
 
     def _read_header(self) -> None:
-        path = self.path
-        head = os.pread(self.fd, 8, 0)
-        if len(head) < 8:
-            raise StructureError(f"{path.name} is too short to be a safetensors file.", path=str(path))
-        n = int.from_bytes(head, "little")
-        if n > MAX_HEADER or 8 + n > self.size:
-            raise StructureError(f"{path.name} claims a {n}-byte header; the file is {self.size} bytes.",
-                                 path=str(path))
-        self.header_bytes = head + os.pread(self.fd, n, 8)
-        try:
-            doc = json.loads(self.header_bytes[8:])
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            raise StructureError(f"{path.name} has a header that is not JSON.", path=str(path)) from None
-        if not isinstance(doc, dict):
-            raise StructureError(f"{path.name} has a header that is not a JSON object.", path=str(path))
-        self.data_start = 8 + n
-        tensors = []
-        for name, info in doc.items():
-            if name == "__metadata__":
-                continue
-            try:
-                dtype, shape = info["dtype"], tuple(int(x) for x in info["shape"])
-                b, end = (int(x) for x in info["data_offsets"])
-            except (KeyError, TypeError, ValueError):
-                raise StructureError(f"{path.name}: tensor {name!r} has a malformed header entry.",
-                                     path=str(path), tensor=name) from None
-            if dtype not in SOURCE_DTYPES:
-                raise ConvertError(f"{path.name}: tensor {name!r} has dtype {dtype}; only BF16, F16 and "
-                                   "F32 sources can be converted.", tensor=name, dtype=dtype)
-            item = 2 if dtype != "F32" else 4
-            if end - b != math.prod(shape) * item or b < 0 or self.data_start + end > self.size:
-                raise StructureError(f"{path.name}: tensor {name!r} has offsets that do not match its "
-                                     "shape or the file size.", path=str(path), tensor=name)
-            tensors.append(SrcTensor(name, dtype, shape, self.data_start + b, self.data_start + end))
-        self.tensors = sorted(tensors, key=lambda t: t.start)
-
-    def read(self, start: int, n: int) -> bytearray:
-        buf = bytearray(n)
-        self.read_into(memoryview(buf), start)
-        return buf
+        self.header_bytes = read_header(self.fd, self.path)
+        info = parse_header(self.path, self.header_bytes, self.size)
+        self.data_start = info.data_offset
+        for name, t in info.tensors.items():
+            if t.dtype not in SOURCE_DTYPES:
+                raise ConvertError(f"{self.path.name}: tensor {name!r} has dtype {t.dtype}; only BF16, F16 and "
+                                   "F32 sources can be converted.", tensor=name, dtype=t.dtype)
+        self.tensors = sorted((SrcTensor(name, t.dtype, t.shape, self.data_start + t.begin, self.data_start + t.end)
+                               for name, t in info.tensors.items()), key=lambda t: t.start)
 
     def read_into(self, mv: memoryview, start: int) -> None:
         n = mv.nbytes
@@ -129,7 +95,7 @@ def find_sources(src_dir: Path) -> list[Path]:
         if p.is_symlink() and d.resolve() not in p.resolve().parents:
             raise HostileContentError(f"Refusing {p.name}: it is a symlink out of {d}.", path=str(p))
     if not files:
-        pickles = [p.name for p in d.iterdir() if p.suffix in PICKLE_SUFFIXES]
+        pickles = [p.name for p in d.iterdir() if is_pickle_name(p.name)]
         if pickles:
             raise HostileContentError(f"{d} holds only pickle weights ({', '.join(pickles)}); provision never "
                                       "loads pickle files.", hint="Use a safetensors release.", files=pickles)

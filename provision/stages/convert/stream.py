@@ -15,10 +15,12 @@ from functools import partial
 from typing import Any
 
 from provision.errors import ConvertError
+from provision.formats.safetensors import TORCH_NAMES
 from provision.formats.safetensors_writer import CheckpointWriter
+from provision.io.hashing import BackgroundHasher
 from provision.model import hf_names
 from provision.stages.convert.items import Item, chunks, read_plan
-from provision.stages.convert.prefetch import Prefetcher, SourceStream, StreamHasher
+from provision.stages.convert.prefetch import Prefetcher, SourceStream
 from provision.stages.convert.record import TensorReport
 from provision.stages.convert.source import SafetensorsSource
 
@@ -31,7 +33,7 @@ Read = Callable[[int, int], memoryview]
 def _torch_dtype(st: str) -> Any:
     import torch
 
-    return {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32}[st]
+    return getattr(torch, TORCH_NAMES[st])
 
 
 def _as_bytes(t: Any) -> memoryview:
@@ -121,7 +123,7 @@ def stream_tensors(sources: list[SafetensorsSource], items: list[Item], writer: 
     import torch
 
     streams: list[SourceStream] = []
-    hashers: list[tuple[int, StreamHasher]] = []
+    hashers: list[tuple[int, BackgroundHasher]] = []
     try:
         for i, s in enumerate(sources):
             if s.path.name in known_sha256:
@@ -129,9 +131,9 @@ def stream_tensors(sources: list[SafetensorsSource], items: list[Item], writer: 
                 source_files[i]["sha256_from"] = "caller"
                 streams.append(SourceStream(s, None))
                 continue
-            h = StreamHasher()
+            h = BackgroundHasher(depth=3, name=f"sha256:{s.path.name}")
             hashers.append((i, h))
-            h.feed(s.header_bytes)
+            h.update(s.header_bytes)
             streams.append(SourceStream(s, h))
         pre = Prefetcher(streams, read_plan(items), on_bytes)
         threads = torch.get_num_threads()
@@ -143,8 +145,6 @@ def stream_tensors(sources: list[SafetensorsSource], items: list[Item], writer: 
         finally:
             torch.set_num_threads(threads)
             pre.close()
-        for st in streams:
-            st.read_rest()
         digests = [(i, h.hexdigest()) for i, h in hashers]
     except BaseException:
         for _, h in hashers:

@@ -122,12 +122,12 @@ def test_plan_sizes_the_bf16_profile_from_the_tensor_spec(name: str, params: str
 
 
 def test_an_hf_source_without_a_revision_fetches_main_and_says_it_is_unpinned() -> None:
-    from provision.stages.fetch.hub import _source_of
+    from provision.stages.fetch.hub import source_of
 
     m = load_manifest("mistral-nemo-instruct-2407")
     assert m.sources[0].describe() == "hf://mistralai/Mistral-Nemo-Instruct-2407 (main, unpinned)"
     plan = make_plan("mistral-nemo-instruct-2407", offline=True)
-    assert _source_of(plan) == ("mistralai/Mistral-Nemo-Instruct-2407", "main", "")
+    assert source_of(plan) == ("mistralai/Mistral-Nemo-Instruct-2407", "main", "")
 
 
 def test_fetch_with_an_unpinned_hf_source_takes_main_and_verifies_the_pinned_hashes(

@@ -41,7 +41,8 @@ from typing import Any
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from provision.stages.verify import sha256_file, verify_dir  # noqa: E402
+from provision.io.hashing import sha256_file  # noqa: E402
+from provision.stages.verify import verify_dir  # noqa: E402
 
 RATIO_TARGET = 0.9
 RSS_LIMIT_MB = 150.0

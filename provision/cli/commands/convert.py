@@ -7,42 +7,21 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
-from provision.cli.app import get_app, json_option
+from provision.cli.app import get_app
+from provision.cli.options import json_option, layout_option, profile_options
 from provision.units import human_bytes
 
 if TYPE_CHECKING:
     from provision.cli.console import Terminal
     from provision.stages.convert import ConvertResult
 
-SCHEME_CHOICES = ["auto", "bf16", "fp16", "fp8", "w8a16", "w4a16"]
-LAYOUT_CHOICES = ["mistral", "hf"]
-
-
-def target_option(f: Any) -> Any:
-    """--target/--scheme/--context, shared with `plan`."""
-    opts = [
-        click.option("--target", default="auto", show_default=True, metavar="auto|cpu|NAME|sm_XY:MEMGB[xCOUNT]",
-                     help="GPU to convert for: detect it, the CPU, a card (t4, v100, a10g, l4, a100-40gb, "
-                          "a100-80gb, h100, h200; NAMExCOUNT for several) or a compute capability and GiB."),
-        click.option("--scheme", type=click.Choice(SCHEME_CHOICES), default="auto", show_default=True,
-                     help="bf16/fp16 casts, fp8 (FP8_DYNAMIC), w8a16/w4a16 (weight-only int, group 128); "
-                          "auto takes the best that fits."),
-        click.option("--context", type=click.IntRange(min=1), default=32768, show_default=True, metavar="TOKENS",
-                     help="Context length the KV cache must hold (batch 1) when checking the memory fit."),
-    ]
-    for o in reversed(opts):
-        f = o(f)
-    return f
-
 
 @click.command("convert")
 @click.argument("src_dir", type=click.Path(file_okay=False, path_type=Path))
 @click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False, path_type=Path),
               help="Folder to write the converted checkpoint into (new, empty or an earlier conversion).")
-@target_option
-@click.option("--layout", type=click.Choice(LAYOUT_CHOICES), default=None,
-              help="mistral (casts only) or hf (transformers' Llava layout, every scheme). "
-                   "Default: casts keep mistral, quantized schemes write hf.")
+@profile_options
+@layout_option
 @click.option("--no-hf-tokenizer", is_flag=True, help="Do not build tokenizer.json from tekken.json (hf layout).")
 @click.option("--compare/--no-compare", default=None,
               help="Load the original and the converted model on the CPU and compare their logits on the smoke "

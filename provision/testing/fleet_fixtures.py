@@ -43,6 +43,7 @@ from typing import IO, Any
 import pytest
 
 from provision.testing.ci import IN_CI
+from provision.testing.torrent_fixtures import stop_process, wait_for
 
 REPO = Path(__file__).resolve().parents[2]
 PYTHON = sys.executable
@@ -63,21 +64,9 @@ def _die_with_parent() -> None:  # pragma: no cover - runs in the child between 
 def stop_pid(p: subprocess.Popen[Any], sig: int = signal.SIGTERM, timeout: float = 15.0) -> int | None:
     """Stop one process we started, by its PID: ``sig``, then SIGKILL after ``timeout``
     (``None`` when it still has not exited)."""
-    from provision.testing.torrent_fixtures import stop_process
-
     with contextlib.suppress(subprocess.TimeoutExpired):
         return stop_process(p, sig, timeout)
     return p.returncode
-
-
-def wait_for(pred: Any, timeout: float, interval: float = 0.1, what: str = "condition") -> Any:
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        v = pred()
-        if v:
-            return v
-        time.sleep(interval)
-    raise TimeoutError(f"timed out after {timeout:.0f} s waiting for {what}")
 
 
 # ---------------------------------------------------------------------------------------

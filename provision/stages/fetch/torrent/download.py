@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -86,6 +87,16 @@ class PieceOrder:
                                 "so the swarm shares the work")
 
 
+@dataclass
+class DownloadLog:
+    """What the download loop leaves for the report."""
+
+    resumed: bool  # started from resume data
+    order: PieceOrder = field(default_factory=PieceOrder)
+    samples: list[tuple[float, int, int]] = field(default_factory=list)  # (time, bytes done, bytes wanted)
+    already: int = 0  # bytes on disk before this run
+
+
 def fetch_torrent(plan: FetchRequest, *, dest: Path, options: TorrentOptions,
                   progress: ProgressFn | None = None) -> FetchResult:
     """Download the plan's files from BitTorrent into ``dest``, verified (see the module docstring)."""
@@ -101,13 +112,11 @@ def fetch_torrent(plan: FetchRequest, *, dest: Path, options: TorrentOptions,
         hasher = live.pieces.hasher = StreamHasher(
             [StreamFile(s.rel, s.staged, s.offset, s.size, bool(auths[s.rel].sha256)) for s in todo],
             int(ti.piece_length()), int(ti.num_pieces()))
-        order = PieceOrder()
-        samples: list[tuple[float, int, int]] = []  # (time, bytes done, bytes wanted)
+        log = DownloadLog(resumed=resumed)
         clock.download_start = time.monotonic()
-        already = 0
         if todo:
             hasher.start()
-            already = _download(job, live, order, samples, resumed=resumed)
+            _download(job, live, log)
         clock.download_end = time.monotonic()
         st = live.h.status()
         # complete: no final resume data (a crash from here re-downloads at most the pieces since
@@ -121,18 +130,7 @@ def fetch_torrent(plan: FetchRequest, *, dest: Path, options: TorrentOptions,
         # a finished fetch exit 143)
         with DeferredSignals() as deferred:
             _place(job, todo, hasher.synced, clock)
-            extra = FetchTelemetry(
-                infohash=job.src.key, btih=info_hashes(ti.info_hashes())[0], btmh=info_hashes(ti.info_hashes())[1],
-                torrent_name=ti.name(), network=options.network, resumed=resumed, bytes_before_resume=already,
-                hash_failures=live.swarm.hash_failures, failed_bytes=int(st.total_failed_bytes),
-                redundant_bytes=int(st.total_redundant_bytes), peers_seen=len(live.swarm.seen),
-                peers_max=live.swarm.most,
-                download_rate=round(int(st.total_payload_download) / clock.download_seconds, 1) if todo else 0.0,
-                steady_rate=steady_rate(samples), piece_order=order.name,
-                hashed_while_downloading_bytes=hasher.bytes_hashed, reused=[s.rel for s in sels if s.reused],
-                verify=vreport.to_dict() if vreport is not None else None,
-                **clock.phase_seconds(swarm_at=order.swarm_at),
-            ).to_dict()
+            extra = _telemetry(job, ti, live, st, clock, log, hasher, sels, vreport).to_dict()
             if len(todo) < len(sels):
                 note(progress, "fetch", f"{len(sels) - len(todo)} files already in place and verified")
             if options.seed_for > 0:
@@ -147,6 +145,23 @@ def fetch_torrent(plan: FetchRequest, *, dest: Path, options: TorrentOptions,
         if live.pieces.hasher is not None:
             live.pieces.hasher.stop()
         close_session(live.ses)
+
+
+def _telemetry(job: FetchJob, ti: Any, live: LiveTorrent, st: Any, clock: Clock, log: DownloadLog,
+               hasher: StreamHasher, sels: Sequence[Selected], vreport: VerifyReport | None) -> FetchTelemetry:
+    btih, btmh = info_hashes(ti.info_hashes())
+    todo = any(not s.reused for s in sels)
+    return FetchTelemetry(
+        infohash=job.src.key, btih=btih, btmh=btmh, torrent_name=ti.name(), network=job.options.network,
+        resumed=log.resumed, bytes_before_resume=log.already, hash_failures=live.swarm.hash_failures,
+        failed_bytes=int(st.total_failed_bytes), redundant_bytes=int(st.total_redundant_bytes),
+        peers_seen=len(live.swarm.seen), peers_max=live.swarm.most,
+        download_rate=round(int(st.total_payload_download) / clock.download_seconds, 1) if todo else 0.0,
+        steady_rate=steady_rate(log.samples), piece_order=log.order.name,
+        hashed_while_downloading_bytes=hasher.bytes_hashed, reused=[s.rel for s in sels if s.reused],
+        verify=vreport.to_dict() if vreport is not None else None,
+        **clock.phase_seconds(swarm_at=log.order.swarm_at),
+    )
 
 
 def _save_on_interrupt(live: LiveTorrent) -> None:
@@ -314,9 +329,8 @@ def _reuse_present(job: FetchJob, sels: list[Selected], auths: dict[str, Authori
         s.reused = s.rel in good
 
 
-def _download(job: FetchJob, live: LiveTorrent, order: PieceOrder, samples: list[tuple[float, int, int]], *,
-              resumed: bool) -> int:
-    """Run until every selected file is complete; return the bytes that were already there."""
+def _download(job: FetchJob, live: LiveTorrent, log: DownloadLog) -> None:
+    """Run until every selected file is complete."""
     h = live.h
     # wait out libtorrent's check of existing data (resume) before the watchdog starts
     while True:
@@ -324,8 +338,8 @@ def _download(job: FetchJob, live: LiveTorrent, order: PieceOrder, samples: list
         st = h.status()
         if st.state not in (lt.torrent_status.states.checking_files, lt.torrent_status.states.checking_resume_data):
             break
-    already = max(0, int(st.total_wanted_done) - int(st.total_payload_download))  # on disk before this run
-    if already and resumed:
+    already = log.already = max(0, int(st.total_wanted_done) - int(st.total_payload_download))
+    if already and log.resumed:
         note(job.progress, "fetch", f"{already:,d} bytes already downloaded; fetching the rest")
     live.sync_pieces()  # what resume data or the check found on disk (fenced like the rest)
     last_done, last_progress = already, time.monotonic()
@@ -351,14 +365,14 @@ def _download(job: FetchJob, live: LiveTorrent, order: PieceOrder, samples: list
             _reconnect(job, live)
         if now - live.resume.last_request >= RESUME_INTERVAL_S:
             live.request_resume(now)
-        order.check(h, now, job.progress)
+        log.order.check(h, now, job.progress)
         if now - last_emit >= PROGRESS_INTERVAL_S or done >= wanted:
             last_emit = now
-            samples.append((now, done, wanted))
+            log.samples.append((now, done, wanted))
             _emit_progress(job, st, done, wanted)
         if done >= wanted and st.state in (lt.torrent_status.states.finished, lt.torrent_status.states.seeding):
             live.drain_fences()
-            return already
+            return
         if now - last_progress > job.options.stall_timeout:
             raise live.swarm.stall_error(job.plan.name, job.src.key, "downloading", now - last_progress)
 

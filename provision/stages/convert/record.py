@@ -38,6 +38,8 @@ class TensorReport:
 
 @dataclass
 class ConvertResult:
+    """What ``convert`` did: the profile, the files written, the source digests and per-tensor reports."""
+
     src_dir: Path
     out_dir: Path
     target: Target

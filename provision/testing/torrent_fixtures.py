@@ -18,7 +18,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -50,6 +50,17 @@ def wait_for(pred: Any, timeout: float, interval: float = 0.05, what: str = "con
             return v
         time.sleep(interval)
     raise TimeoutError(f"timed out after {timeout:.0f} s waiting for {what}")
+
+
+def wait_listening(p: subprocess.Popen[Any], port: int, timeout: float, what: str, died: Callable[[], str]) -> None:
+    """Wait until something listens on 127.0.0.1:``port``; ``RuntimeError(died())`` once ``p`` exits."""
+    def up() -> bool:
+        if p.poll() is not None:
+            raise RuntimeError(died())
+        with socket.socket() as s:
+            return s.connect_ex(("127.0.0.1", port)) == 0
+
+    wait_for(up, timeout, what=what)
 
 
 def stop_process(p: subprocess.Popen[Any], sig: int = signal.SIGTERM, timeout: float = 10.0) -> int:
@@ -185,13 +196,8 @@ def opentracker(workdir: Path, infohashes: Sequence[str], *, binary: str = "open
     log = open(d / "opentracker.log", "wb")
     p = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, cwd=d)
     try:
-        def up() -> bool:
-            if p.poll() is not None:
-                raise RuntimeError(f"opentracker exited {p.returncode}: {(d / 'opentracker.log').read_text()}")
-            with socket.socket() as s:
-                return s.connect_ex(("127.0.0.1", port)) == 0
-
-        wait_for(up, 10, what="opentracker")
+        wait_listening(p, port, 10, "opentracker",
+                       lambda: f"opentracker exited {p.returncode}: {(d / 'opentracker.log').read_text()}")
         yield Tracker(proc=p, port=port, whitelist=wl)
     finally:
         stop_process(p)
@@ -225,13 +231,7 @@ def aria2c_seed(torrent: Path, data_dir: Path, *, binary: str = "aria2c") -> Ite
     log = open(data_dir.parent / f"aria2c-seed-{port}.log", "w")
     p = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, text=True)
     try:
-        def up() -> bool:
-            if p.poll() is not None:
-                raise RuntimeError(f"aria2c exited {p.returncode}")
-            with socket.socket() as s:
-                return s.connect_ex(("127.0.0.1", port)) == 0
-
-        wait_for(up, 20, what="aria2c to listen")
+        wait_listening(p, port, 20, "aria2c to listen", lambda: f"aria2c exited {p.returncode}")
         yield port, p
     finally:
         stop_process(p)

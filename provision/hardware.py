@@ -53,7 +53,7 @@ class Hardware:
         return d
 
 
-def _ram_bytes() -> int:
+def ram_bytes() -> int:
     try:
         return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     except (ValueError, OSError, AttributeError):  # pragma: no cover
@@ -103,7 +103,7 @@ def detect(nvml: Any = None, *, smi_text: str | None = None, use_smi: bool = Tru
         if text:
             gpus = parse_nvidia_smi_q(text)
             source = "nvidia-smi" if gpus else "none"
-    return Hardware(gpus=gpus or (), cpu_count=os.cpu_count() or 1, ram_bytes=_ram_bytes(), source=source)
+    return Hardware(gpus=gpus or (), cpu_count=os.cpu_count() or 1, ram_bytes=ram_bytes(), source=source)
 
 
 def _run_nvidia_smi() -> str | None:
@@ -249,7 +249,7 @@ def parse_target(spec: str | None, *, hardware: Hardware | None = None) -> Targe
         return target_from_hardware(hardware or detect())
     if s == "cpu":
         hw = hardware or detect(use_smi=False)
-        return Target("cpu", None, hw.ram_bytes or _ram_bytes(), 1, "named")
+        return Target("cpu", None, hw.ram_bytes or ram_bytes(), 1, "named")
     count = 1
     m = re.match(r"^(.*?)x(\d+)$", s)
     if m and m.group(1) in CARDS:

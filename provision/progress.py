@@ -7,6 +7,7 @@ their own callable or ``None``. This module imports nothing heavy.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -34,3 +35,35 @@ def note(progress: ProgressFn | None, task: str, message: str) -> None:
     """Send a one-off message (total 0, finished) through a progress callback."""
     if progress is not None:
         progress(ProgressEvent(task=task, done=0, total=0, unit="msg", description=message, finished=True))
+
+
+class ByteCounter:
+    """Counts bytes as they are processed and reports them through ``progress`` at most every
+    ``interval`` seconds (and, with ``report_end``, as soon as ``total`` is reached)."""
+
+    def __init__(self, progress: ProgressFn | None, *, task: str, total: int, description: str,
+                 interval: float, report_end: bool = False) -> None:
+        self.progress = progress
+        self.task = task
+        self.total = total
+        self.description = description
+        self.interval = interval
+        self.report_end = report_end
+        self.done = 0
+        self._last = 0.0
+
+    def __call__(self, n: int) -> None:
+        self.done += n
+        if self.progress is None:
+            return
+        now = time.monotonic()
+        if now - self._last >= self.interval or (self.report_end and self.done >= self.total):
+            self._last = now
+            self.progress(ProgressEvent(task=self.task, done=self.done, total=self.total,
+                                        description=self.description))
+
+    def finish(self) -> None:
+        """Report the final count as finished."""
+        if self.progress is not None:
+            self.progress(ProgressEvent(task=self.task, done=self.done, total=self.total,
+                                        description=self.description, finished=True))

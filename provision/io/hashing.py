@@ -17,13 +17,12 @@ import os
 import queue
 import stat
 import threading
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from provision.errors import HostileContentError
-from provision.progress import ProgressEvent, ProgressFn
+from provision.progress import ByteCounter, ProgressFn
 
 if TYPE_CHECKING:
     from hashlib import _Hash
@@ -85,22 +84,10 @@ def sha256_file(path: Path, *, progress: ProgressFn | None = None, block_size: i
     path = Path(path)
     h = hashlib.sha256()
     total = os.stat(path).st_size
-    task = f"sha256:{path.name}"
-    done = 0
-    last = 0.0
-
-    def tick(n: int) -> None:
-        nonlocal done, last
-        done += n
-        now = time.monotonic()
-        if progress is not None and now - last >= PROGRESS_INTERVAL_S:
-            last = now
-            progress(ProgressEvent(task=task, done=done, total=total, description=f"sha256 {path.name}"))
-
-    stream_file(path, h.update, buf=bytearray(block_size), on_bytes=tick if progress else None)
-    if progress is not None:
-        progress(ProgressEvent(task=task, done=done, total=total, description=f"sha256 {path.name}",
-                               finished=True))
+    counter = ByteCounter(progress, task=f"sha256:{path.name}", total=total, description=f"sha256 {path.name}",
+                          interval=PROGRESS_INTERVAL_S)
+    stream_file(path, h.update, buf=bytearray(block_size), on_bytes=counter if progress else None)
+    counter.finish()
     return h.hexdigest()
 
 

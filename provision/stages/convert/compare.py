@@ -11,8 +11,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from provision import hardware
 from provision.formats.params import ModelArgs
-from provision.hardware import _ram_bytes
 from provision.stages.convert.record import add_to_record
 
 RECORD_KEY = "logits_comparison"
@@ -21,7 +21,7 @@ RECORD_KEY = "logits_comparison"
 def should_compare(source_bytes: int, *, ram_bytes: int | None = None) -> bool:
     """Whether the comparison runs by default: both models in float32 on the CPU take about 4x
     the 16-bit source bytes, and must fit in a quarter of the RAM."""
-    return source_bytes * 4 < (ram_bytes if ram_bytes is not None else _ram_bytes()) // 4
+    return source_bytes * 4 < (ram_bytes if ram_bytes is not None else hardware.ram_bytes()) // 4
 
 
 def compare_logits(reference_dir: Path, converted_dir: Path, *, prompt: str | None = None,

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +22,7 @@ from provision.formats.params import ModelArgs
 from provision.formats.safetensors_writer import CheckpointWriter, plan_shards
 from provision.hardware import Target, parse_target
 from provision.io.space import check_free_space
-from provision.progress import ProgressEvent, ProgressFn
+from provision.progress import ByteCounter, ProgressEvent, ProgressFn
 from provision.stages.convert.hf_export import write_hf_side_files
 from provision.stages.convert.items import Item, check_against_params, plan_items
 from provision.stages.convert.output import copy_mistral_side_files, prepare_out, remove_leftovers
@@ -55,22 +55,6 @@ def _writer(out_dir: Path, items: list[Item], profile: Profile, source_files: li
     names = ["model.safetensors"] if m == 1 else [f"model-{i + 1:05d}-of-{m:05d}.safetensors" for i in range(m)]
     return CheckpointWriter(out_dir, shards, names, metadata=metadata,
                             index_name=None if m == 1 else "model.safetensors.index.json")
-
-
-def _byte_progress(progress: ProgressFn | None, total: int, description: str) -> Callable[[int], None]:
-    """A callback counting bytes read, reporting at most every 0.2 s (and at the end)."""
-    done = 0
-    last = 0.0
-
-    def on_bytes(n: int) -> None:
-        nonlocal done, last
-        done += n
-        now = time.monotonic()
-        if progress is not None and (now - last > 0.2 or done >= total):
-            last = now
-            progress(ProgressEvent(task="convert", done=done, total=total, unit="B", description=description))
-
-    return on_bytes
 
 
 def convert(
@@ -110,7 +94,8 @@ def convert(
         writer = _writer(out_dir, items, prof, source_files, shard_bytes)
         out_dir.mkdir(parents=True, exist_ok=True)
         check_free_space(out_dir, writer.total_size + (64 << 20), what=f"the {prof.name} conversion")
-        on_bytes = _byte_progress(progress, sum(s.size - s.data_start for s in sources), f"convert -> {prof.name}")
+        on_bytes = ByteCounter(progress, task="convert", total=sum(s.size - s.data_start for s in sources),
+                               description=f"convert -> {prof.name}", interval=0.2, report_end=True)
         reports = stream_tensors(sources, items, writer, prof.scheme, source_files, source_sha256 or {}, on_bytes)
         writer.finish({"provision.source": json.dumps(source_files, separators=(",", ":"))})
         files = [p.name for p in writer.commit()]

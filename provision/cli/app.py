@@ -14,7 +14,6 @@ from dataclasses import dataclass, field
 from typing import Any, NoReturn
 
 from provision.cli.console import Terminal, emit_json
-from provision.cli.options import json_option  # re-exported: commands not yet moved to options import it here
 from provision.errors import ProvisionError
 from provision.settings import Settings
 from provision.version import JSON_SCHEMA_VERSION, __version__
@@ -93,4 +92,4 @@ def get_app(json_flag: bool | None = None, command: str | None = None) -> App:
     return _CURRENT
 
 
-__all__ = ["App", "current_app", "get_app", "json_option", "set_app"]
+__all__ = ["App", "current_app", "get_app", "set_app"]

@@ -12,6 +12,7 @@ import base64
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 from urllib.parse import parse_qsl, urlsplit
 
 from provision.errors import UsageError
@@ -20,6 +21,9 @@ HEX40 = re.compile(r"^[0-9a-fA-F]{40}$")
 HEX64 = re.compile(r"^[0-9a-fA-F]{64}$")
 B32 = re.compile(r"^[A-Za-z2-7]{32}$")
 REPO_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
+
+
+SourceKind = Literal["manifest", "magnet", "torrent", "hf"]  # what a source string is
 
 
 @dataclass(frozen=True)
@@ -68,7 +72,7 @@ class ManifestRef:
 
 @dataclass(frozen=True)
 class ParsedSource:
-    kind: str  # "manifest" | "magnet" | "torrent" | "hf"
+    kind: SourceKind
     magnet: Magnet | None = None
     hf: HFRef | None = None
     torrent: TorrentFileRef | None = None

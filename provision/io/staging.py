@@ -22,21 +22,16 @@ from pathlib import Path
 
 from provision.errors import VerifyError
 from provision.io.atomic import TMP_PREFIX, atomic_copy, fsync_dir
+from provision.io.diskio import fsync_path
 from provision.io.paths import safe_join
 
 
-def _fsync_file(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def commit_file(src: Path, target: Path) -> None:
-    """Move ``src`` under ``target`` atomically and durably (copy + rename across filesystems)."""
+def commit_file(src: Path, target: Path, *, synced: bool = False) -> None:
+    """Move ``src`` under ``target`` atomically and durably (copy + rename across filesystems);
+    ``synced`` says the caller already fsynced ``src`` (a fetcher that syncs as files complete)."""
     target.parent.mkdir(parents=True, exist_ok=True)
-    _fsync_file(src)
+    if not synced:
+        fsync_path(src)
     try:
         os.replace(src, target)
     except OSError as e:

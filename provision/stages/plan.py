@@ -15,7 +15,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
 from provision.errors import DiskSpaceError
 from provision.formats.manifest import FileSpec, Manifest, load_manifest
@@ -228,7 +228,7 @@ def make_plan(
 
     if include:
         files = tuple(f for f in files if any(fnmatch.fnmatch(f.path, g) for g in include))
-    plan = Plan(source=source, kind=cast(SourceKind, parsed.kind), name=name, home=home, dest=d, files=files, sources=descs,
+    plan = Plan(source=source, kind=parsed.kind, name=name, home=home, dest=d, files=files, sources=descs,
                 hardware=hw, free_bytes=free_bytes(d), offline=offline, manifest=manifest,
                 magnet=parsed.magnet, hf=parsed.hf,
                 torrent_file=parsed.torrent.path if parsed.torrent else None, notes=tuple(notes),

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import click
 
-from provision.cli.app import get_app, json_option
-from provision.cli.commands.fetch import parse_rate
+from provision.cli.app import get_app
+from provision.cli.options import json_option, parse_rate
 
 
 @click.command("seed")

@@ -6,7 +6,8 @@ from pathlib import Path
 
 import click
 
-from provision.cli.app import get_app, json_option
+from provision.cli.app import get_app
+from provision.cli.options import json_option
 
 
 @click.command("tiny")

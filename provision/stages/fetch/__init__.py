@@ -2,8 +2,8 @@
 
 ``fetch(plan, ...)`` tries the plan's sources in order (``source="auto"``) or the one named,
 moving to the next when one fails or stalls (a dead torrent falls back to the Hub). The
-sources themselves live in ``torrent`` (the only importer of libtorrent) and ``hub`` (the
-only importer of huggingface_hub); both download into a staging folder and move a file under
+sources themselves live in the ``torrent`` package (the only importer of libtorrent) and the
+``hub`` package (the only importer of huggingface_hub); both download into a staging folder and move a file under
 its final name only after ``verify`` passed. Nothing here prints.
 """
 

@@ -14,10 +14,9 @@ from pathlib import Path
 from typing import Any, Literal, Protocol
 
 from provision.formats.manifest import Manifest
-from provision.formats.sources import HFRef, Magnet
+from provision.formats.sources import HFRef, Magnet, SourceKind
 from provision.settings import network_mode
 
-SourceKind = Literal["manifest", "magnet", "torrent", "hf"]  # what a source string is
 SourceChoice = Literal["auto", "torrent", "hf"]  # what --source accepts
 NetworkMode = Literal["public", "closed"]
 FileStatus = Literal["missing", "present", "size-mismatch"]

@@ -27,6 +27,7 @@ from provision.errors import FetchError, Interrupted
 from provision.formats.sources import parse_peer
 from provision.io import atomic, space
 from provision.io.paths import safe_join
+from provision.io.staging import commit_file
 from provision.progress import ProgressEvent, ProgressFn, note
 from provision.stages import verify
 from provision.stages.fetch.request import FetchedFile, FetchResult
@@ -39,7 +40,7 @@ from provision.stages.fetch.torrent.meta import (
     info_hashes,
     load_torrent_info,
 )
-from provision.stages.fetch.torrent.place import DeferredSignals, move_into_place, remove_staging
+from provision.stages.fetch.torrent.place import DeferredSignals, remove_staging
 from provision.stages.fetch.torrent.seed import add_seed_torrent, current_scope, serve_after_fetch
 from provision.stages.fetch.torrent.session import NOT_STARTED, close_session, closed_flags, open_session
 from provision.stages.fetch.torrent.stream_hash import StreamFile, StreamHasher
@@ -419,7 +420,7 @@ def _verify(job: FetchJob, ti: Any, todo: Sequence[Selected], auths: dict[str, A
 def _place(job: FetchJob, todo: Sequence[Selected], synced: set[str], clock: Clock) -> None:
     """Move the verified files into ``dest`` and forget the staging folder and resume data."""
     for s in todo:
-        move_into_place(s.staged, safe_join(job.dest, s.rel, what="file path"), synced=s.rel in synced)
+        commit_file(s.staged, safe_join(job.dest, s.rel, what="file path"), synced=s.rel in synced)
     if job.dest.exists():
         atomic.fsync_dir(job.dest)
     clock.moved = time.monotonic()

@@ -1,39 +1,16 @@
-"""Putting verified downloads in place: fsync and rename each file under its final name (copy +
-rename across filesystems), and hold SIGINT/SIGTERM back while that must not be cut.
+"""After a verified download: hold SIGINT/SIGTERM back while files move into place
+(``provision.io.staging.commit_file`` moves them), and forget the staging folder and resume data.
 
-Only files already verified reach here; nothing in this module checks content or talks to
-libtorrent.
+Nothing in this module checks content or talks to libtorrent.
 """
 
 from __future__ import annotations
 
-import errno
-import os
 import shutil
 import signal
 import threading
 from pathlib import Path
 from typing import Any
-
-from provision.io import atomic
-from provision.io.diskio import fsync_path
-
-
-def move_into_place(src: Path, dst: Path, *, synced: bool = False) -> None:
-    """fsync the verified file (unless that was done as it completed) and rename it under its
-    final name (copy + rename across filesystems)."""
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    if not synced:
-        fsync_path(src)
-    try:
-        os.replace(src, dst)
-    except OSError as e:
-        if e.errno != errno.EXDEV:
-            raise
-        with atomic.atomic_writer(dst) as out, open(src, "rb") as inp:
-            shutil.copyfileobj(inp, out, 16 << 20)
-        os.unlink(src)
-    atomic.fsync_dir(dst.parent)
 
 
 def remove_staging(staging: Path, resume_path: Path) -> None:

@@ -27,10 +27,7 @@ import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-
-from provision.testing.fleet_fixtures import (  # noqa: E402
+from provision.testing.fleet_fixtures import (
     Fleet,
     fleet_network,
     member_report,

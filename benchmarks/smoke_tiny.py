@@ -21,9 +21,6 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
 
 def _provision() -> list[str]:
     exe = Path(sys.executable).with_name("provision")

@@ -35,16 +35,14 @@ import time
 from pathlib import Path
 from typing import Any
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-
-from provision.testing.torrent_fixtures import (  # noqa: E402
+from provision.testing.torrent_fixtures import (
     aria2c_download,
     opentracker,
     provision_seed,
     run_provision,
 )
 
+REPO = Path(__file__).resolve().parents[1]
 TARGET_VS_ARIA2C = 1.5
 TARGET_VS_CP = 0.6
 TARGET_CHECK_SHARE = 0.10

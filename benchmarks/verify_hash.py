@@ -38,11 +38,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
-
-from provision.io.hashing import sha256_file  # noqa: E402
-from provision.stages.verify import verify_dir  # noqa: E402
+from provision.io.hashing import sha256_file
+from provision.stages.verify import verify_dir
 
 RATIO_TARGET = 0.9
 RSS_LIMIT_MB = 150.0

@@ -1,7 +1,18 @@
-"""Shared fixtures: the tiny checkpoint (built once per session), a clean PROVISION_HOME, and
-``require_tool`` (fails in CI when a tool .ci/run installs is missing, skips elsewhere).
+"""Fixtures every test area may use.
 
-Area-specific fixtures live in ``tests/<area>_fixtures.py`` modules imported by their tests.
+* ``_isolated_env`` (autouse): each test gets its own PROVISION_HOME, no Hugging Face credentials
+  or telemetry, a dead HF endpoint and the closed BitTorrent network mode;
+* ``tiny_src`` / ``tiny_copy``: the tiny Pixtral checkpoint, written once per session (read-only),
+  and a private writable copy of it;
+* ``tiny_7b`` / ``tiny_nemo``: tiny text-only Mistral checkpoints (session-scoped, read-only): the
+  7B-like one has no rope_theta, a sliding window of 8 and the SentencePiece v1 tokenizer; the
+  NeMo-like one rope_theta 1e6 and tekken (model, convert and formats tests); ``tiny_7b_pickle``:
+  the 7B-like one with its weights pickled, as the torrent ships them (convert tests);
+* ``hub``: a loopback Hugging Face Hub serving the tiny checkpoint, HF_ENDPOINT pointing at it
+  (fetch and formats tests).
+
+Fixtures one area uses live in ``tests/<area>/conftest.py``; helpers that are not fixtures live in
+``tests/support`` (or ``provision.testing`` when benchmarks share them).
 """
 
 from __future__ import annotations
@@ -9,12 +20,13 @@ from __future__ import annotations
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 
-from provision.testing.ci import IN_CI, require_tool
+if TYPE_CHECKING:
+    from provision.testing.hub_server import LoopbackHub
 
-__all__ = ["IN_CI", "require_tool"]
 
 @pytest.fixture(autouse=True)
 def _isolated_env(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -51,3 +63,40 @@ def tiny_copy(tiny_src: Path, tmp_path: Path) -> Iterator[Path]:
     dst = tmp_path / "tiny-pixtral"
     shutil.copytree(tiny_src, dst)
     yield dst
+
+
+def _tiny_mistral(tmp_path_factory: pytest.TempPathFactory, kind: str, weights: str = "safetensors") -> Path:
+    """A tiny text-only Mistral checkpoint (``kind`` 7b or nemo) with its weights as ``weights``."""
+    from provision.testing.tiny_text import write_tiny_mistral
+
+    out = tmp_path_factory.mktemp(f"tiny-{kind}-{weights}") / f"tiny-mistral-{kind}"
+    write_tiny_mistral(out, kind, seed=0, weights=weights)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_7b(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return _tiny_mistral(tmp_path_factory, "7b")
+
+
+@pytest.fixture(scope="session")
+def tiny_nemo(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return _tiny_mistral(tmp_path_factory, "nemo")
+
+
+@pytest.fixture(scope="session")
+def tiny_7b_pickle(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The 7B-like checkpoint with its weights as ``consolidated.00.pth`` (as the torrent ships them)."""
+    return _tiny_mistral(tmp_path_factory, "7b", "pickle")
+
+
+@pytest.fixture()
+def hub(tiny_src: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[LoopbackHub]:
+    """The tiny checkpoint served as ``provision/tiny-pixtral`` (its manifest revision, ``main``);
+    HF_ENDPOINT points at it. Tokens: ``provision.testing.hub_server.TOKENS`` (alice, bob)."""
+    from provision.testing.hub_server import TOKENS, serve_tiny
+
+    with serve_tiny(tiny_src, tokens=TOKENS) as h:
+        monkeypatch.setenv("HF_ENDPOINT", h.endpoint)
+        monkeypatch.setenv("HF_HUB_DISABLE_TELEMETRY", "1")
+        yield h

@@ -1,12 +1,16 @@
 """What tests and benchmarks need to know about the CI they run in (``CI=true``).
 
-``require_tool`` fails a test in CI when a tool ``.ci/run`` installs is missing, and skips it elsewhere.
+``require_tool`` (an executable ``.ci/run`` installs) and ``require_module`` (a test-only Python
+dependency) fail a test in CI when the thing is missing, and skip it elsewhere. Nothing here
+installs anything.
 """
 
 from __future__ import annotations
 
+import importlib
 import os
 import shutil
+from types import ModuleType
 
 import pytest
 
@@ -22,3 +26,15 @@ def require_tool(name: str) -> str:
             pytest.fail(msg)
         pytest.skip(msg)
     return path
+
+
+def require_module(name: str, *, why: str) -> ModuleType:
+    """The imported module ``name``; in CI a missing one fails the test (``why`` says what needs it),
+    elsewhere it skips. The message names the distribution (``_`` read as ``-``)."""
+    try:
+        return importlib.import_module(name)
+    except ImportError:
+        dist = name.replace("_", "-")
+        if IN_CI:
+            pytest.fail(f"{dist} is not installed ({why})")
+        pytest.skip(f"{dist} is not installed")

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -17,17 +17,16 @@ from provision.formats.manifest import load_manifest
 from provision.formats.report_schema import validate_report
 from provision.layout import Layout
 from provision.store.state import load_state
+from tests.support.cli import cli_json
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def _run_json(argv: list[str], capsys: pytest.CaptureFixture[str], code: int = 0) -> dict:  # type: ignore[type-arg]
-    rc = run_cli([*argv, "--json"])
-    out = capsys.readouterr()
-    assert rc == code, out.err
-    doc = json.loads(out.out)
+def _run_json(argv: list[str], capsys: pytest.CaptureFixture[str], code: int = 0) -> dict[str, Any]:
+    rc, doc, err = cli_json(capsys, *argv)
+    assert rc == code, err
     validate_report(doc) if code == 0 else None
-    return doc  # type: ignore[no-any-return]
+    return doc
 
 
 def _stages(doc: dict) -> list[tuple[str, str]]:  # type: ignore[type-arg]

@@ -19,6 +19,7 @@ import pytest
 from provision.formats.manifest import Source, load_manifest, write_manifest
 from provision.layout import Layout
 from provision.store.state import load_state
+from provision.testing.torrent_fixtures import wait_for
 
 ROOT = Path(__file__).resolve().parents[2]
 NAME = "tiny-resume"
@@ -57,15 +58,6 @@ def _cmd(manifest: Path, home: Path, *extra: str) -> list[str]:
             "--listen", "127.0.0.1:0", "--no-hf-cache", "--stall-timeout", "30", "--target", "cpu", *extra]
 
 
-def _wait_for(pred: object, timeout: float) -> bool:
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if pred():  # type: ignore[operator]
-            return True
-        time.sleep(0.02)
-    return False
-
-
 def _staged_bytes(home: Path) -> int:
     root = Layout(home).staging(NAME)
     if not root.exists():
@@ -89,7 +81,7 @@ def test_run_killed_during_fetch_resumes_and_downloads_only_the_rest(
     p = subprocess.Popen(_cmd(seeded_manifest, home, "--max-download-rate", "4M"), cwd=ROOT,
                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
-        assert _wait_for(lambda: _staged_bytes(home) > total * 0.5, 60), "the fetch never got halfway"
+        wait_for(lambda: _staged_bytes(home) > total * 0.5, 60, interval=0.02, what="the fetch to get halfway")
         time.sleep(1.5)  # resume data is saved every second: let one save see the halfway mark
         p.send_signal(sig)
         _, err = p.communicate(timeout=60)
@@ -123,7 +115,7 @@ def test_run_killed_during_convert_resumes_without_fetching_or_verifying_again(
     p = subprocess.Popen(_cmd(seeded_manifest, home, "--scheme", "w4a16"), cwd=ROOT,
                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
-        assert _wait_for(verified, 120), "verify never finished"
+        wait_for(verified, 120, interval=0.02, what="verify to finish")
         p.send_signal(sig)
         _, err = p.communicate(timeout=60)
     finally:

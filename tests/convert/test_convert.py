@@ -25,12 +25,7 @@ from provision.errors import (
 from provision.formats.params import ModelArgs
 from provision.model import hf_names as keymap
 from provision.stages.convert import RECORD_NAME, convert
-from tests.support.convert_fixtures import load_st, make_tiny128
-
-
-@pytest.fixture(scope="session")
-def tiny128_src(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return make_tiny128(tmp_path_factory)
+from tests.support.files import load_st
 
 QUANT = ("fp8", "w8a16", "w4a16")
 
@@ -153,7 +148,7 @@ def test_config_json_carries_the_compressed_tensors_quantization_config(tiny_src
 
 
 def test_hf_tokenizer_files_are_built_from_tekken(tiny_src: Path, tmp_path: Path) -> None:
-    from tests.support.model_fixtures import require_transformers
+    from tests.support.hf_reference import require_transformers
 
     require_transformers()
     out = tmp_path / "o"

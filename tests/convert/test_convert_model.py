@@ -8,13 +8,8 @@ import pytest
 import torch
 
 from provision.stages.convert import compare_logits, convert
-from tests.support.convert_fixtures import load_st, make_tiny128, require_compressed_tensors
-from tests.support.model_fixtures import load_golden, require_transformers
-
-
-@pytest.fixture(scope="session")
-def tiny128_src(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return make_tiny128(tmp_path_factory)
+from tests.support.files import load_st
+from tests.support.hf_reference import load_golden, require_compressed_tensors, require_transformers
 
 # (cosine, top-1): random tiny weights give nearly flat logits, so top-1 is a weak signal here
 THRESHOLDS = {"fp8": (0.99, 0.8), "w8a16": (0.999, 0.9), "w4a16": (0.95, 0.5)}
@@ -80,7 +75,7 @@ def test_hf_layout_loads_in_transformers_and_logits_match_ours(outputs: dict[str
     from provision.formats.manifest import SmokeSpec
     from provision.model.inputs import encode_chat, load_tokenizer, square_image
     from provision.model.loader import load_model
-    from tests.support.model_fixtures import hf_logits, hf_model
+    from tests.support.hf_reference import hf_logits, hf_model
 
     spec = SmokeSpec()
     enc = encode_chat(load_tokenizer(tiny_src), spec.prompt, [square_image(spec.image)])

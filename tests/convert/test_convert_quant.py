@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from provision import quant
-from tests.support.convert_fixtures import require_compressed_tensors
+from tests.support.hf_reference import require_compressed_tensors
 
 SCHEMES = ("fp8", "w8a16", "w4a16")
 

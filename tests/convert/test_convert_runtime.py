@@ -18,12 +18,7 @@ from provision.model.quantized import (
     scheme_from_config,
 )
 from provision.stages.convert import convert, quantization_config
-from tests.support.convert_fixtures import load_st, make_tiny128
-
-
-@pytest.fixture(scope="session")
-def tiny128_src(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return make_tiny128(tmp_path_factory)
+from tests.support.files import load_st
 
 
 @pytest.mark.parametrize("scheme", ["fp8", "w8a16", "w4a16"])

@@ -18,7 +18,7 @@ from provision.formats.safetensors_writer import (
     plan_shards,
     remove_stale_temporaries,
 )
-from tests.support.convert_fixtures import load_st
+from tests.support.files import load_st
 
 
 def _b(t: torch.Tensor) -> memoryview:

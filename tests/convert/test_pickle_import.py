@@ -6,7 +6,6 @@ process and keeps only safetensors. Hostile pickles (``__reduce__`` -> ``os.syst
 refused without running, leaving nothing behind.
 """
 
-# ruff: noqa: F811  (pytest fixtures imported from tests.support.mistral_fixtures are re-bound as arguments)
 from __future__ import annotations
 
 import hashlib
@@ -34,7 +33,8 @@ from provision.errors import (
 from provision.io.atomic import TMP_PREFIX
 from provision.stages import pickle_import
 from provision.stages.pickle_import import import_pickle
-from tests.support.mistral_fixtures import PICKLE_NAME, tiny_7b, tiny_7b_pickle  # noqa: F401 - fixtures
+
+PICKLE_NAME = "consolidated.00.pth"
 
 
 def _sha(p: Path) -> str:

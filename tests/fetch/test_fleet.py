@@ -214,7 +214,7 @@ def test_fleet_network_reaches_only_its_own_addresses_and_leaves_nothing_behind(
                 "c,_=s.accept();c.sendall(b'hi');c.close()")
         srv = net["b"].popen([sys.executable, "-c", code])
         try:
-            from provision.testing.fleet_fixtures import wait_for
+            from provision.testing.torrent_fixtures import wait_for
 
             wait_for(lambda: net["b"].listening(7000), 10, what="the listener")
             cli = subprocess.run([*net["a"].nsenter(), sys.executable, "-c",

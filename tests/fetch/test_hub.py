@@ -13,24 +13,16 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any
 
 import pytest
 
 from provision.cli.main import run_cli
 from provision.layout import Layout
-from provision.testing.hub_server import TOKENS, LoopbackHub, hub_fixture, tiny_facts  # noqa: F401 - the `hub` fixture
+from provision.testing.hub_server import TOKENS, LoopbackHub, tiny_facts
 from provision.testing.tiny import TINY_REPO
+from tests.support.cli import cli_json, provision_home
 
 ALICE, BOB = list(TOKENS)
-
-
-def fetch_cli(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, dict[str, Any], str]:
-    """Run ``provision fetch ARGS --json`` in-process: (exit code, JSON report, stderr)."""
-    capsys.readouterr()
-    code = run_cli(["fetch", *args, "--json"])
-    out = capsys.readouterr()
-    return code, json.loads(out.out) if out.out.strip() else {}, out.err
 
 
 def same_files(a: Path, b: Path, names: list[str]) -> bool:
@@ -41,12 +33,8 @@ def resolve_paths(h: LoopbackHub) -> list[str]:
     return [r.path for r in h.requests if r.role == "hub" and "/resolve/" in r.path]
 
 
-def home() -> Path:
-    return Path(os.environ["PROVISION_HOME"])
-
-
 def staging(name: str) -> Path:
-    return Layout(home()).staging(name)
+    return Layout(provision_home()).staging(name)
 
 
 # ---------------------------------------------------------------------------------------
@@ -94,7 +82,7 @@ def test_fetch_hf_uri_gets_every_file_verified_and_reports_the_commit(
         hub: LoopbackHub, tiny_src: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     rev, files = tiny_facts(tiny_src)
     dest = tmp_path / "out"
-    code, rep, err = fetch_cli(capsys, f"hf://{TINY_REPO}", "--dest", str(dest))
+    code, rep, err = cli_json(capsys, "fetch", f"hf://{TINY_REPO}", "--dest", str(dest))
     assert code == 0, err
     f = rep["fetch"]
     assert f["source"] == "hf" and f["extra"]["commit"] == rev and f["extra"]["revision"] == "main"
@@ -111,9 +99,9 @@ def test_fetch_hf_uri_gets_every_file_verified_and_reports_the_commit(
 
 def test_fetch_manifest_uses_the_manifest_sha256_as_authority_and_its_default_dest(
         hub: LoopbackHub, tiny_src: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    code, rep, err = fetch_cli(capsys, str(tiny_src / "manifest.toml"), "--source", "hf")
+    code, rep, err = cli_json(capsys, "fetch", str(tiny_src / "manifest.toml"), "--source", "hf")
     assert code == 0, err
-    dest = Layout(home()).original("tiny-pixtral")
+    dest = Layout(provision_home()).original("tiny-pixtral")
     assert Path(rep["fetch"]["dest"]) == dest
     assert {x["authority"] for x in rep["fetch"]["files"]} == {"manifest-sha256"}
     assert same_files(dest, tiny_src, ["consolidated.safetensors", "params.json", "tekken.json"])
@@ -122,9 +110,9 @@ def test_fetch_manifest_uses_the_manifest_sha256_as_authority_and_its_default_de
 def test_second_fetch_reuses_verified_files_and_downloads_nothing(
         hub: LoopbackHub, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     dest = tmp_path / "out"
-    assert fetch_cli(capsys, f"hf://{TINY_REPO}", "--dest", str(dest))[0] == 0
+    assert cli_json(capsys, "fetch", f"hf://{TINY_REPO}", "--dest", str(dest))[0] == 0
     hub.reset_counters()
-    code, rep, _ = fetch_cli(capsys, f"hf://{TINY_REPO}", "--dest", str(dest))
+    code, rep, _ = cli_json(capsys, "fetch", f"hf://{TINY_REPO}", "--dest", str(dest))
     assert code == 0 and rep["fetch"]["bytes_downloaded"] == 0
     assert all(x["reused"] for x in rep["fetch"]["files"]) and resolve_paths(hub) == []
 
@@ -137,7 +125,7 @@ def test_a_damaged_file_already_in_dest_is_downloaded_again(
     bad = bytearray((tiny_src / "params.json").read_bytes())
     bad[5] ^= 1
     (dest / "params.json").write_bytes(bytes(bad))
-    code, rep, err = fetch_cli(capsys, f"hf://{TINY_REPO}", "--dest", str(dest))
+    code, rep, err = cli_json(capsys, "fetch", f"hf://{TINY_REPO}", "--dest", str(dest))
     assert code == 0, err
     reused = {x["path"]: x["reused"] for x in rep["fetch"]["files"]}
     assert reused == {"consolidated.safetensors": False, "params.json": False, "tekken.json": True}
@@ -147,7 +135,7 @@ def test_a_damaged_file_already_in_dest_is_downloaded_again(
 def test_include_glob_fetches_only_matching_files(hub: LoopbackHub, tmp_path: Path,
                                                   capsys: pytest.CaptureFixture[str]) -> None:
     dest = tmp_path / "out"
-    code, _, err = fetch_cli(capsys, f"hf://{TINY_REPO}", "--dest", str(dest), "--include", "*.json")
+    code, _, err = cli_json(capsys, "fetch", f"hf://{TINY_REPO}", "--dest", str(dest), "--include", "*.json")
     assert code == 0, err
     assert sorted(p.name for p in dest.iterdir()) == ["params.json", "tekken.json"]
 
@@ -156,7 +144,7 @@ def test_plan_of_an_hf_uri_lists_files_with_sizes_and_lfs_sha256(
         hub: LoopbackHub, tiny_src: Path, capsys: pytest.CaptureFixture[str]) -> None:
     from provision.stages.plan import make_plan
 
-    plan = make_plan(f"hf://{TINY_REPO}", home=home(), check_disk=False)
+    plan = make_plan(f"hf://{TINY_REPO}", home=provision_home(), check_disk=False)
     m = tiny_facts(tiny_src)[1]
     facts = {f.path: (f.size, f.sha256) for f in plan.files}
     assert set(facts) == set(m)
@@ -172,7 +160,7 @@ def test_a_branch_is_resolved_once_and_every_file_comes_from_that_commit(
 
     rev, files = tiny_facts(tiny_src)
     hub.repos[TINY_REPO].refs["dev"] = rev
-    plan = make_plan(f"hf://{TINY_REPO}@dev", home=home(), dest=tmp_path / "out", check_disk=False)
+    plan = make_plan(f"hf://{TINY_REPO}@dev", home=provision_home(), dest=tmp_path / "out", check_disk=False)
     # the branch moves between plan and fetch: the fetch must still deliver the commit it listed
     other = tmp_path / "params.json"
     other.write_text(json.dumps({"moved": True}))
@@ -190,7 +178,7 @@ def test_a_later_fetch_of_the_branch_gets_its_new_commit(
     other = tmp_path / "params.json"
     other.write_text(json.dumps({"moved": True}))
     moved = hub.add_repo(TINY_REPO, {**files, "params.json": other}, branches=("dev",))
-    code, rep, err = fetch_cli(capsys, f"hf://{TINY_REPO}@dev", "--dest", str(tmp_path / "out"))
+    code, rep, err = cli_json(capsys, "fetch", f"hf://{TINY_REPO}@dev", "--dest", str(tmp_path / "out"))
     assert code == 0, err
     assert rep["fetch"]["extra"]["commit"] == moved
     assert (tmp_path / "out" / "params.json").read_bytes() == other.read_bytes()
@@ -207,7 +195,7 @@ def test_right_size_wrong_bytes_exits_5_and_leaves_nothing_under_the_final_name(
     (tmp_path / "bad").write_bytes(bytes(bad))
     hub.serve_instead["tekken.json"] = tmp_path / "bad"
     dest = tmp_path / "out"
-    code, rep, err = fetch_cli(capsys, str(tiny_src / "manifest.toml"), "--source", "hf", "--dest", str(dest))
+    code, rep, err = cli_json(capsys, "fetch", str(tiny_src / "manifest.toml"), "--source", "hf", "--dest", str(dest))
     assert code == 5, err
     assert rep["error"]["kind"] == "hash_mismatch" and "tekken.json" in rep["error"]["message"]
     assert not (dest / "tekken.json").exists()
@@ -223,7 +211,7 @@ def test_a_manifest_sha256_that_disagrees_with_the_hub_fails_before_downloading(
     text = (tiny_src / "manifest.toml").read_text()
     sha = hashlib.sha256((tiny_src / "tekken.json").read_bytes()).hexdigest()
     (tmp_path / "m.toml").write_text(text.replace(sha, "0" * 64))
-    code, rep, _ = fetch_cli(capsys, str(tmp_path / "m.toml"), "--dest", str(tmp_path / "out"))
+    code, rep, _ = cli_json(capsys, "fetch", str(tmp_path / "m.toml"), "--dest", str(tmp_path / "out"))
     assert code == 5 and rep["error"]["kind"] == "hash_mismatch"
     assert "disagree" in rep["error"]["message"]
     assert not [p for p in resolve_paths(hub) if p.endswith("tekken.json")]
@@ -232,7 +220,7 @@ def test_a_manifest_sha256_that_disagrees_with_the_hub_fails_before_downloading(
 def test_a_hostile_file_name_in_the_listing_is_refused(
         hub: LoopbackHub, tiny_src: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     hub.add_repo("evil/repo", {"../escape.json": tiny_src / "params.json"})
-    code, rep, _ = fetch_cli(capsys, "hf://evil/repo", "--dest", str(tmp_path / "out"))
+    code, rep, _ = cli_json(capsys, "fetch", "hf://evil/repo", "--dest", str(tmp_path / "out"))
     assert code == 5 and rep["error"]["kind"] == "hostile"
     assert not (tmp_path / "escape.json").exists()
 
@@ -281,7 +269,7 @@ def test_sigkill_midway_then_resume_refetches_under_55_percent(
         time.sleep(0.05)
     hub.rate_limit = 0
     hub.reset_counters()
-    code, rep, err = fetch_cli(capsys, "hf://provision/big", "--dest", str(dest))
+    code, rep, err = cli_json(capsys, "fetch", "hf://provision/big", "--dest", str(dest))
     assert code == 0, err
     assert (dest / "weights.dat").read_bytes() == src.read_bytes()
     assert rep["fetch"]["extra"]["resumed"]["weights.dat"] == kept
@@ -314,7 +302,7 @@ def test_sigterm_midway_exits_143_and_keeps_the_partial_for_the_next_run(
     kept = part.stat().st_size
     assert 0 < kept < size and not (tmp_path / "out" / "weights.dat").exists()
     hub.rate_limit = 0
-    code, rep, _ = fetch_cli(capsys, "hf://provision/big", "--dest", str(tmp_path / "out"))
+    code, rep, _ = cli_json(capsys, "fetch", "hf://provision/big", "--dest", str(tmp_path / "out"))
     assert code == 0 and rep["fetch"]["extra"]["resumed"]["weights.dat"] == kept
 
 
@@ -327,7 +315,7 @@ def test_a_partial_whose_provenance_does_not_match_is_discarded(
     (d / f"{sha}-{size}.part").write_bytes(b"\0" * (size // 2))  # not these bytes...
     (d / f"{sha}-{size}.json").write_text(json.dumps({"schema": 1, "source": "hf", "kind": "hub-lfs-sha256",
                                                       "sha256": "f" * 64, "git_sha1": None, "size": size}))
-    code, rep, err = fetch_cli(capsys, "hf://provision/big", "--dest", str(tmp_path / "out"))
+    code, rep, err = cli_json(capsys, "fetch", "hf://provision/big", "--dest", str(tmp_path / "out"))
     assert code == 0, err
     assert rep["fetch"]["extra"]["resumed"] == {} and hub.sent("weights.dat") == size
     assert (tmp_path / "out" / "weights.dat").read_bytes() == src.read_bytes()
@@ -342,7 +330,7 @@ def test_a_resumed_partial_with_damaged_bytes_is_downloaded_again_from_the_start
     (d / f"{sha}-{size}.part").write_bytes(b"\0" * (size // 2))  # right provenance, wrong bytes (a crash)
     (d / f"{sha}-{size}.json").write_text(json.dumps({"schema": 1, "source": "hf", "kind": "hub-lfs-sha256",
                                                       "sha256": sha, "git_sha1": None, "size": size}))
-    code, _rep, err = fetch_cli(capsys, "hf://provision/big", "--dest", str(tmp_path / "out"))
+    code, _rep, err = cli_json(capsys, "fetch", "hf://provision/big", "--dest", str(tmp_path / "out"))
     assert code == 0, err
     assert "did not verify" in err
     assert hub.sent("weights.dat") == size - size // 2 + size
@@ -356,7 +344,7 @@ def test_a_partial_without_its_provenance_sidecar_is_discarded(
     d = staging("provision/big") / "hub"
     d.mkdir(parents=True)
     (d / f"{sha}-{size}.part").write_bytes(b"\0" * (size // 2))
-    code, _rep, err = fetch_cli(capsys, "hf://provision/big", "--dest", str(tmp_path / "out"))
+    code, _rep, err = cli_json(capsys, "fetch", "hf://provision/big", "--dest", str(tmp_path / "out"))
     assert code == 0, err
     assert hub.sent("weights.dat") == size
     assert (tmp_path / "out" / "weights.dat").read_bytes() == src.read_bytes()
@@ -370,7 +358,7 @@ def test_the_token_goes_to_the_hub_but_not_across_the_redirect_to_the_cdn(
         hub: LoopbackHub, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     hub.repos[TINY_REPO].gated = True
     hub.repos[TINY_REPO].accepted.add("alice")
-    code, rep, err = fetch_cli(capsys, f"hf://{TINY_REPO}", "--dest", str(tmp_path / "out"), "--token", ALICE)
+    code, rep, err = cli_json(capsys, "fetch", f"hf://{TINY_REPO}", "--dest", str(tmp_path / "out"), "--token", ALICE)
     assert code == 0, err
     hub_auth = [r.authorization for r in hub.requests if r.role == "hub"]
     cdn_auth = [r.authorization for r in hub.requests if r.role == "cdn"]
@@ -387,13 +375,13 @@ def test_hf_token_env_and_the_saved_login_token_are_used(
     hub.repos[TINY_REPO].gated = True
     hub.repos[TINY_REPO].accepted.add("alice")
     monkeypatch.setenv("HF_TOKEN", ALICE)
-    assert fetch_cli(capsys, f"hf://{TINY_REPO}", "--dest", str(tmp_path / "a"), "--include", "p*")[0] == 0
+    assert cli_json(capsys, "fetch", f"hf://{TINY_REPO}", "--dest", str(tmp_path / "a"), "--include", "p*")[0] == 0
     monkeypatch.delenv("HF_TOKEN")
     saved = tmp_path / "hf" / "token"
     saved.parent.mkdir()
     saved.write_text(ALICE)
     monkeypatch.setattr(constants, "HF_TOKEN_PATH", str(saved))
-    code, _, err = fetch_cli(capsys, f"hf://{TINY_REPO}", "--dest", str(tmp_path / "b"), "--include", "p*")
+    code, _, err = cli_json(capsys, "fetch", f"hf://{TINY_REPO}", "--dest", str(tmp_path / "b"), "--include", "p*")
     assert code == 0, err
     assert ALICE not in err
 
@@ -401,7 +389,7 @@ def test_hf_token_env_and_the_saved_login_token_are_used(
 def test_gated_repo_without_a_token_exits_4_and_says_to_log_in(
         hub: LoopbackHub, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     hub.repos[TINY_REPO].gated = True
-    code, rep, err = fetch_cli(capsys, f"hf://{TINY_REPO}", "--dest", str(tmp_path / "out"))
+    code, rep, err = cli_json(capsys, "fetch", f"hf://{TINY_REPO}", "--dest", str(tmp_path / "out"))
     assert code == 4 and rep["error"]["kind"] == "auth"
     msg = rep["error"]["message"]
     assert "no Hugging Face token" in msg and "hf auth login" in msg and "HF_TOKEN" in msg
@@ -414,7 +402,7 @@ def test_gated_repo_whose_licence_was_not_accepted_exits_4_and_says_to_accept_it
         hub: LoopbackHub, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     hub.repos[TINY_REPO].gated = True
     hub.repos[TINY_REPO].accepted.add("alice")
-    code, rep, _ = fetch_cli(capsys, f"hf://{TINY_REPO}", "--dest", str(tmp_path / "out"), "--token", BOB)
+    code, rep, _ = cli_json(capsys, "fetch", f"hf://{TINY_REPO}", "--dest", str(tmp_path / "out"), "--token", BOB)
     assert code == 4 and rep["error"]["kind"] == "auth"
     msg = rep["error"]["message"]
     assert "licence" in msg and "accept" in msg and f"{hub.endpoint}/{TINY_REPO}" in msg
@@ -423,7 +411,7 @@ def test_gated_repo_whose_licence_was_not_accepted_exits_4_and_says_to_accept_it
 
 
 def test_an_invalid_token_exits_4(hub: LoopbackHub, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    code, rep, _ = fetch_cli(capsys, f"hf://{TINY_REPO}", "--dest", str(tmp_path / "out"), "--token", "hf_wrong")
+    code, rep, _ = cli_json(capsys, "fetch", f"hf://{TINY_REPO}", "--dest", str(tmp_path / "out"), "--token", "hf_wrong")
     assert code == 4 and rep["error"]["kind"] == "auth" and "hf_wrong" not in rep["error"]["message"]
 
 
@@ -433,7 +421,7 @@ def test_an_invalid_token_exits_4(hub: LoopbackHub, tmp_path: Path, capsys: pyte
 ])
 def test_unknown_repo_or_revision_exits_4_and_says_what_to_check(
         hub: LoopbackHub, tmp_path: Path, capsys: pytest.CaptureFixture[str], source: str, words: str) -> None:
-    code, rep, _ = fetch_cli(capsys, source, "--dest", str(tmp_path / "out"))
+    code, rep, _ = cli_json(capsys, "fetch", source, "--dest", str(tmp_path / "out"))
     assert code == 4 and rep["error"]["kind"] == "not_found"
     assert words in rep["error"]["message"] and "Check" in rep["error"]["message"]
 
@@ -442,14 +430,14 @@ def test_a_manifest_file_missing_from_the_repo_exits_4(
         hub: LoopbackHub, tiny_src: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     text = (tiny_src / "manifest.toml").read_text().replace('path = "params.json"', 'path = "params2.json"')
     (tmp_path / "m.toml").write_text(text)
-    code, rep, _ = fetch_cli(capsys, str(tmp_path / "m.toml"), "--dest", str(tmp_path / "out"))
+    code, rep, _ = cli_json(capsys, "fetch", str(tmp_path / "m.toml"), "--dest", str(tmp_path / "out"))
     assert code == 4 and rep["error"]["kind"] == "not_found" and "params2.json" in rep["error"]["message"]
 
 
 def test_a_file_that_404s_at_download_time_exits_4(
         hub: LoopbackHub, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     hub.fail_once["params.json"] = (404, {"X-Error-Code": "EntryNotFound"})
-    code, rep, _ = fetch_cli(capsys, f"hf://{TINY_REPO}", "--dest", str(tmp_path / "out"), "--include", "p*")
+    code, rep, _ = cli_json(capsys, "fetch", f"hf://{TINY_REPO}", "--dest", str(tmp_path / "out"), "--include", "p*")
     assert code == 4 and rep["error"]["kind"] == "not_found" and "params.json" in rep["error"]["message"]
 
 
@@ -460,7 +448,7 @@ def test_a_file_that_404s_at_download_time_exits_4(
 def test_429_is_retried_after_the_servers_retry_after(
         hub: LoopbackHub, tiny_src: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     hub.fail_once["tekken.json"] = (429, {"Retry-After": "1"})
-    code, rep, err = fetch_cli(capsys, f"hf://{TINY_REPO}", "--dest", str(tmp_path / "out"))
+    code, rep, err = cli_json(capsys, "fetch", f"hf://{TINY_REPO}", "--dest", str(tmp_path / "out"))
     assert code == 0, err
     assert rep["fetch"]["extra"]["retries"] == 1
     tries = [r for r in hub.requests if r.role == "hub" and r.path.endswith("/tekken.json")]
@@ -471,7 +459,7 @@ def test_429_is_retried_after_the_servers_retry_after(
 
 def test_a_503_is_retried(hub: LoopbackHub, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     hub.fail_once["params.json"] = (503, {"Retry-After": "0"})
-    code, rep, err = fetch_cli(capsys, f"hf://{TINY_REPO}", "--dest", str(tmp_path / "out"), "--include", "p*")
+    code, rep, err = cli_json(capsys, "fetch", f"hf://{TINY_REPO}", "--dest", str(tmp_path / "out"), "--include", "p*")
     assert code == 0, err
     assert rep["fetch"]["extra"]["retries"] == 1
 
@@ -480,7 +468,7 @@ def test_a_server_that_stops_sending_is_a_stall_exit_4_and_the_partial_is_kept(
         hub: LoopbackHub, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     src, sha = _big_repo(hub, tmp_path, size=12 << 20)
     hub.stall_after["weights.dat"] = 1 << 20
-    code, rep, _ = fetch_cli(capsys, "hf://provision/big", "--dest", str(tmp_path / "out"),
+    code, rep, _ = cli_json(capsys, "fetch", "hf://provision/big", "--dest", str(tmp_path / "out"),
                              "--stall-timeout", "1")
     assert code == 4 and rep["error"]["kind"] == "stalled"
     part = staging("provision/big") / "hub" / f"{sha}-{src.stat().st_size}.part"
@@ -495,10 +483,10 @@ def test_a_server_that_stops_sending_is_a_stall_exit_4_and_the_partial_is_kept(
 def test_offline_with_a_complete_local_copy_succeeds_without_the_network(
         hub: LoopbackHub, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
     dest = tmp_path / "out"
-    assert fetch_cli(capsys, f"hf://{TINY_REPO}", "--dest", str(dest))[0] == 0
+    assert cli_json(capsys, "fetch", f"hf://{TINY_REPO}", "--dest", str(dest))[0] == 0
     hub.reset_counters()
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    code, rep, err = fetch_cli(capsys, f"hf://{TINY_REPO}", "--dest", str(dest))
+    code, rep, err = cli_json(capsys, "fetch", f"hf://{TINY_REPO}", "--dest", str(dest))
     assert code == 0, err
     assert rep["fetch"]["extra"]["offline"] is True and all(f["reused"] for f in rep["fetch"]["files"])
     assert all(len(f["sha256"]) == 64 for f in rep["fetch"]["files"])  # git-blob files get theirs too
@@ -508,11 +496,11 @@ def test_offline_with_a_complete_local_copy_succeeds_without_the_network(
 def test_offline_with_an_incomplete_local_copy_exits_4_naming_what_is_missing(
         hub: LoopbackHub, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
     dest = tmp_path / "out"
-    assert fetch_cli(capsys, f"hf://{TINY_REPO}", "--dest", str(dest))[0] == 0
+    assert cli_json(capsys, "fetch", f"hf://{TINY_REPO}", "--dest", str(dest))[0] == 0
     (dest / "tekken.json").unlink()
     hub.reset_counters()
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    code, rep, _ = fetch_cli(capsys, f"hf://{TINY_REPO}", "--dest", str(dest))
+    code, rep, _ = cli_json(capsys, "fetch", f"hf://{TINY_REPO}", "--dest", str(dest))
     assert code == 4 and "HF_HUB_OFFLINE" in rep["error"]["message"] and "tekken.json" in rep["error"]["message"]
     assert rep["error"]["context"]["missing"] == ["tekken.json"]
     assert hub.requests == []
@@ -522,13 +510,13 @@ def test_offline_manifest_verifies_a_copied_folder_without_any_hub(
         tiny_copy: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")  # nothing listens there
-    code, rep, err = fetch_cli(capsys, str(tiny_copy / "manifest.toml"), "--source", "hf", "--dest", str(tiny_copy))
+    code, rep, err = cli_json(capsys, "fetch", str(tiny_copy / "manifest.toml"), "--source", "hf", "--dest", str(tiny_copy))
     assert code == 0, err
     assert {f["authority"] for f in rep["fetch"]["files"]} == {"manifest-sha256"}
     bad = bytearray((tiny_copy / "params.json").read_bytes())
     bad[3] ^= 1
     (tiny_copy / "params.json").write_bytes(bytes(bad))
-    code, rep, _ = fetch_cli(capsys, str(tiny_copy / "manifest.toml"), "--source", "hf", "--dest", str(tiny_copy))
+    code, rep, _ = cli_json(capsys, "fetch", str(tiny_copy / "manifest.toml"), "--source", "hf", "--dest", str(tiny_copy))
     assert code == 4 and "failed verification" in rep["error"]["message"]
 
 
@@ -536,14 +524,14 @@ def test_offline_hf_uri_with_no_previous_fetch_exits_4(
         tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")
-    code, rep, _ = fetch_cli(capsys, f"hf://{TINY_REPO}", "--dest", str(tmp_path / "out"))
+    code, rep, _ = cli_json(capsys, "fetch", f"hf://{TINY_REPO}", "--dest", str(tmp_path / "out"))
     assert code == 4 and "HF_HUB_OFFLINE" in rep["error"]["message"]
 
 
 def test_an_unreachable_endpoint_exits_4(tmp_path: Path, capsys: pytest.CaptureFixture[str],
                                         monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")
-    code, rep, _ = fetch_cli(capsys, f"hf://{TINY_REPO}", "--dest", str(tmp_path / "out"), "--stall-timeout", "1")
+    code, rep, _ = cli_json(capsys, "fetch", f"hf://{TINY_REPO}", "--dest", str(tmp_path / "out"), "--stall-timeout", "1")
     assert code == 4 and "127.0.0.1:9" in rep["error"]["message"]
 
 
@@ -558,7 +546,7 @@ def test_nested_paths_empty_files_and_duplicate_contents_are_all_fetched(
              "sub/dir/tekken.json": tiny_src / "tekken.json", "empty.txt": tmp_path / "empty"}
     hub.add_repo("org/shapes", files)
     dest = tmp_path / "out"
-    code, rep, err = fetch_cli(capsys, "hf://org/shapes", "--dest", str(dest))
+    code, rep, err = cli_json(capsys, "fetch", "hf://org/shapes", "--dest", str(dest))
     assert code == 0, err
     for rel, src in files.items():
         assert (dest / rel).read_bytes() == src.read_bytes()
@@ -578,7 +566,7 @@ def test_a_manifest_prefix_selects_the_sub_folder_of_the_repo(
                         'revision = "1111111111111111111111111111111111111111"\nprefix = "weights/"')
     (tmp_path / "m.toml").write_text(text)
     dest = tmp_path / "out"
-    code, rep, err = fetch_cli(capsys, str(tmp_path / "m.toml"), "--dest", str(dest))
+    code, rep, err = cli_json(capsys, "fetch", str(tmp_path / "m.toml"), "--dest", str(dest))
     assert code == 0, err
     assert same_files(dest, tiny_src, list(files)) and rep["fetch"]["extra"]["prefix"] == "weights/"
 
@@ -593,7 +581,7 @@ def test_a_partial_another_process_is_writing_is_left_alone_exit_6(
     with open(d / f"{sha}-{(tiny_src / 'params.json').stat().st_size}.lock", "a+") as held:
         fcntl.flock(held.fileno(), fcntl.LOCK_EX)
         # a manifest pins sha256 for params.json, so its partial is keyed by it
-        code, rep, _ = fetch_cli(capsys, str(tiny_src / "manifest.toml"), "--dest", str(tmp_path / "out"),
+        code, rep, _ = cli_json(capsys, "fetch", str(tiny_src / "manifest.toml"), "--dest", str(tmp_path / "out"),
                                  "--include", "params.json")
     assert code == 6 and rep["error"]["kind"] == "lock" and "params.json" in rep["error"]["message"]
     assert not (tmp_path / "out" / "params.json").exists()
@@ -605,7 +593,7 @@ def test_a_server_whose_bytes_end_early_gets_416_restarts_then_exit_4(
     short = tmp_path / "short"
     short.write_bytes(src.read_bytes()[: 2 << 20])
     hub.serve_instead["weights.dat"] = short  # the CDN's copy is truncated: ranges past it get 416
-    code, rep, _ = fetch_cli(capsys, "hf://provision/big", "--dest", str(tmp_path / "out"))
+    code, rep, _ = cli_json(capsys, "fetch", "hf://provision/big", "--dest", str(tmp_path / "out"))
     assert code == 4 and "refusing ranges" in rep["error"]["message"]
     assert 416 in [r.status for r in hub.requests if "weights.dat" in r.path or r.role == "cdn"]
     assert not (tmp_path / "out" / "weights.dat").exists()
@@ -617,7 +605,7 @@ def test_progress_is_reported_per_file_and_in_total(hub: LoopbackHub, tiny_src: 
     from provision.stages.plan import make_plan
 
     events: list[ProgressEvent] = []
-    plan = make_plan(str(tiny_src / "manifest.toml"), home=home(), dest=tmp_path / "out", check_disk=False)
+    plan = make_plan(str(tiny_src / "manifest.toml"), home=provision_home(), dest=tmp_path / "out", check_disk=False)
     fetch(plan, source="hf", progress=events.append)
     sizes = {f.path: f.size or 0 for f in plan.files}
     for name, size in sizes.items():
@@ -642,7 +630,7 @@ def test_proxies_from_the_environment_are_used(
                     m.delenv(var, raising=False)
                 m.setenv("HTTP_PROXY", f"http://127.0.0.1:{proxy.server_address[1]}")
                 close_session()  # huggingface_hub's shared client reads the proxy settings when it is made
-                code, _, err = fetch_cli(capsys, f"hf://{TINY_REPO}", "--dest", str(tmp_path / "out"),
+                code, _, err = cli_json(capsys, "fetch", f"hf://{TINY_REPO}", "--dest", str(tmp_path / "out"),
                                          "--include", "consolidated.safetensors")
         finally:
             close_session()
@@ -663,7 +651,7 @@ def test_files_download_in_parallel_up_to_max_workers(hub: LoopbackHub, tmp_path
         files[f"shard-{i}.dat"].write_bytes(os.urandom(2 << 20))
     hub.add_repo("org/shards", files)
     hub.rate_limit = 4 << 20  # each shard takes about half a second
-    plan = make_plan("hf://org/shards", home=home(), dest=tmp_path / "out", check_disk=False)
+    plan = make_plan("hf://org/shards", home=provision_home(), dest=tmp_path / "out", check_disk=False)
     res = fetch(plan, source="hf", hub=HubOptions(max_workers=3))
     assert len(res.files) == 6 and hub.max_active == 3
 
@@ -673,11 +661,11 @@ def test_a_private_repo_needs_the_token_for_its_listing_too(
     hub.add_repo("org/private", {"params.json": tiny_src / "params.json"})
     hub.repos["org/private"].private = True
     hub.repos["org/private"].accepted.add("alice")
-    code, rep, _ = fetch_cli(capsys, "hf://org/private", "--dest", str(tmp_path / "a"))
+    code, rep, _ = cli_json(capsys, "fetch", "hf://org/private", "--dest", str(tmp_path / "a"))
     assert code == 4 and rep["error"]["kind"] == "auth" and "private" in rep["error"]["message"]
-    code, rep, err = fetch_cli(capsys, "hf://org/private", "--dest", str(tmp_path / "a"), "--token", ALICE)
+    code, rep, err = cli_json(capsys, "fetch", "hf://org/private", "--dest", str(tmp_path / "a"), "--token", ALICE)
     assert code == 0, err
-    code, rep, _ = fetch_cli(capsys, "hf://org/private", "--dest", str(tmp_path / "b"), "--token", BOB)
+    code, rep, _ = cli_json(capsys, "fetch", "hf://org/private", "--dest", str(tmp_path / "b"), "--token", BOB)
     assert code == 4 and rep["error"]["kind"] == "not_found"
 
 
@@ -689,5 +677,5 @@ def test_provision_run_fetches_a_private_hf_repo_with_its_token(
     code = run_cli(["run", f"hf://{TINY_REPO}", "--token", ALICE, "--skip-convert", "--skip-smoke", "--json"])
     out = capsys.readouterr()
     assert code == 0, out.err
-    assert same_files(Layout(home()).original(TINY_REPO), tiny_src, ["consolidated.safetensors", "params.json"])
+    assert same_files(Layout(provision_home()).original(TINY_REPO), tiny_src, ["consolidated.safetensors", "params.json"])
     assert ALICE not in out.out + out.err

@@ -11,7 +11,7 @@ import pytest
 
 from provision.cli.main import run_cli
 from provision.errors import StallError
-from provision.testing.hub_server import LoopbackHub, hub_fixture  # noqa: F401 - the `hub` fixture
+from provision.testing.hub_server import LoopbackHub
 
 
 def dead_torrent_first(tiny_src: Path, out: Path) -> Path:

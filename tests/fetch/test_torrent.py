@@ -30,19 +30,14 @@ from provision.testing.torrent_fixtures import (
     stop_process,
     wait_for,
 )
+from tests.support.cli import cli_json, provision_home
 
 TINY_FILES = ["consolidated.safetensors", "params.json", "tekken.json"]
 
 
 def fetch_json(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, dict[str, Any]]:
-    capsys.readouterr()
-    rc = run_cli(["fetch", *args, "--network", "closed", "--json"])
-    out = capsys.readouterr().out
-    return rc, json.loads(out)
-
-
-def home() -> Path:
-    return Path(os.environ["PROVISION_HOME"])
+    rc, doc, _ = cli_json(capsys, "fetch", *args, "--network", "closed")
+    return rc, doc
 
 
 def final_names(dest: Path) -> list[str]:
@@ -132,8 +127,8 @@ def test_seed_then_fetch_by_magnet_verifies_and_nothing_stands_under_a_final_nam
         for rel in TINY_FILES:
             assert by_path[rel]["authority"] == "torrent-v2-merkle"
             assert by_path[rel]["sha256"] == hashlib.sha256((tiny_src / rel).read_bytes()).hexdigest()
-        assert not (home() / "staging").exists() or not any((home() / "staging").rglob("*"))
-        assert not list((home() / "torrents").glob("*.resume"))
+        assert not (provision_home() / "staging").exists() or not any((provision_home() / "staging").rglob("*"))
+        assert not list((provision_home() / "torrents").glob("*.resume"))
 
         # again: everything is in place and verified, nothing is downloaded
         rc, rep2 = fetch_json(capsys, info.magnet, "--dest", str(dest), "--stall-timeout", "20")
@@ -212,7 +207,7 @@ def test_hostile_names_in_a_torrent_file_are_refused_before_anything_is_written(
     err = capsys.readouterr().err
     assert rc == 5
     assert "Refusing" in err and "Traceback" not in err
-    assert not dest.exists() and not (home() / "staging").exists()
+    assert not dest.exists() and not (provision_home() / "staging").exists()
 
 
 @pytest.mark.parametrize("tree", [{b"..": {b"x": {b"": {b"length": 1}}}}, {b"a": {b"/etc": {b"": {b"length": 1}}}},
@@ -254,7 +249,7 @@ def test_hostile_names_in_magnet_metadata_are_refused_before_anything_is_written
     assert rc == 5, err
     assert "Refusing" in err
     assert not dest.exists()
-    staged = [p for p in (home() / "staging").rglob("*") if p.is_file()] if (home() / "staging").exists() else []
+    staged = [p for p in (provision_home() / "staging").rglob("*") if p.is_file()] if (provision_home() / "staging").exists() else []
     assert staged == []
 
 
@@ -333,7 +328,7 @@ def test_sigkill_midway_then_rerun_downloads_under_55_percent_of_the_total(
     total = sum(sizes.values())
     dest = tmp_path / "dest"
     with seed_thread(src) as info:
-        resume = home() / "torrents" / f"{info.btih}.resume"
+        resume = provision_home() / "torrents" / f"{info.btih}.resume"
         p = start_fetch(info.magnet, dest, "--max-download-rate", "4M", log=tmp_path / "f1.log")
         try:
             wait_for(lambda: resume_fraction(resume) >= 0.5 or p.poll() is not None, 60,
@@ -360,7 +355,7 @@ def test_a_signal_midway_saves_resume_data_and_staging_and_exits_with_its_code(
     make_payload(src, {"a.dat": 16 << 20})
     dest = tmp_path / "dest"
     with seed_thread(src) as info:
-        resume = home() / "torrents" / f"{info.btih}.resume"
+        resume = provision_home() / "torrents" / f"{info.btih}.resume"
         p = start_fetch(info.magnet, dest, "--max-download-rate", "4M", log=tmp_path / "f.log")
         try:
             wait_for(lambda: resume_fraction(resume) >= 0.25 or p.poll() is not None, 60, what="a quarter")
@@ -375,7 +370,7 @@ def test_a_signal_midway_saves_resume_data_and_staging_and_exits_with_its_code(
     rep = json.loads(out)
     assert rep["exit_code"] == code
     assert resume_fraction(resume) >= before > 0
-    staged = [x for x in (home() / "staging").rglob("*.dat")]
+    staged = [x for x in (provision_home() / "staging").rglob("*.dat")]
     assert staged, "the partial download stays in staging"
     assert final_names(dest) == []
 

@@ -4,7 +4,6 @@ Pinned values must be exactly the reference's (shared/reference/mistral-family.m
 and file; the tokenizer pins are cross-checked against the files mistral-common bundles.
 """
 
-# ruff: noqa: F811  (pytest fixtures imported from tests.support.mistral_fixtures are re-bound as arguments)
 from __future__ import annotations
 
 import hashlib
@@ -18,8 +17,7 @@ from provision.cli.main import run_cli
 from provision.formats.manifest import load_manifest
 from provision.formats.sources import parse_magnet
 from provision.stages.plan import make_plan
-from provision.testing.hub_server import LoopbackHub, hub_fixture  # noqa: F401 - the `hub` fixture
-from tests.support.mistral_fixtures import tiny_7b, tiny_nemo  # noqa: F401 - fixtures
+from provision.testing.hub_server import LoopbackHub
 
 DATA = Path(__file__).resolve().parents[1] / "data"
 NEW = ("mistral-7b-v0.1", "mistral-nemo-instruct-2407", "mistral-nemo-base-2407")

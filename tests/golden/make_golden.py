@@ -20,7 +20,7 @@ sys.path.insert(0, str(ROOT))
 
 from provision.model.inputs import encode_chat, load_tokenizer, square_image  # noqa: E402
 from provision.testing.tiny import write_tiny  # noqa: E402
-from tests.support.model_fixtures import GOLDEN, hf_greedy, hf_model, write_hf_copy  # noqa: E402
+from tests.support.hf_reference import GOLDEN, hf_greedy, hf_model, write_hf_copy  # noqa: E402
 
 
 def main() -> None:

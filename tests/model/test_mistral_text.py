@@ -5,7 +5,6 @@ the tokenizers mistral-common bundles, the loader's two layouts and the smoke te
 tests compare with transformers' ``MistralForCausalLM`` on the CPU in float32.
 """
 
-# ruff: noqa: F811  (pytest fixtures imported from tests.support.mistral_fixtures are re-bound as arguments)
 from __future__ import annotations
 
 import json
@@ -24,15 +23,13 @@ from provision.model.loader import load_model
 from provision.model.mistral import attention_mask, explicit_params
 from provision.model.pixtral import greedy_generate
 from provision.stages.smoke import smoke
-from tests.support.mistral_fixtures import (  # noqa: F401 - fixtures
+from tests.support.hf_reference import (
     hf_text_greedy,
     hf_text_logits,
     hf_text_model,
-    tiny_7b,
-    tiny_nemo,
+    require_transformers,
     write_hf_text_copy,
 )
-from tests.support.model_fixtures import require_transformers
 
 DATA = Path(__file__).resolve().parents[1] / "data"
 PROMPT = "Tell me about the history of the city of Paris in a few words."

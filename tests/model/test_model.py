@@ -1,6 +1,5 @@
 """Pixtral in plain PyTorch: loading, the vision mask, the KV cache, image token layouts."""
 
-# ruff: noqa: F811  (pytest fixtures imported from tests.support.model_fixtures are re-bound as arguments)
 from __future__ import annotations
 
 import json
@@ -19,7 +18,7 @@ from provision.model import loader
 from provision.model.inputs import encode_chat, square_image
 from provision.model.loader import load_model, open_checkpoint
 from provision.model.pixtral import build_model, greedy_generate
-from tests.support.model_fixtures import tiny_hf, tiny_model, tiny_tok, write_hf_copy  # noqa: F401 - fixtures
+from tests.support.hf_reference import write_hf_copy
 
 PROMPT = "Describe the image."
 

@@ -4,7 +4,6 @@ Parity is against transformers' ``MixtralForCausalLM`` on the CPU in float32, lo
 checkpoint converted to the on-disk names of ``mistralai/Mixtral-8x7B-v0.1`` (``block_sparse_moe``).
 """
 
-# ruff: noqa: F811  (pytest fixtures imported from tests.support.large_fixtures are re-bound as arguments)
 from __future__ import annotations
 
 import json
@@ -21,18 +20,8 @@ from provision.formats.params import ModelArgs, parameter_count, tensor_spec
 from provision.model.loader import load_model
 from provision.model.moe import MoeFeedForward, hf_mixtral_name_to_mistral, mistral_name_to_hf_mixtral, route
 from provision.model.pixtral import greedy_generate
-from tests.support.large_fixtures import (  # noqa: F401 - fixtures
-    hf_mixtral_model,
-    tiny_mixtral,
-    write_hf_mixtral_copy,
-)
-from tests.support.model_fixtures import require_transformers
-
-MIXTRAL_8X7B = {"dim": 4096, "n_layers": 32, "head_dim": 128, "hidden_dim": 14336, "n_heads": 32, "n_kv_heads": 8,
-                "norm_eps": 1e-05, "vocab_size": 32000, "moe": {"num_experts_per_tok": 2, "num_experts": 8}}
-MIXTRAL_8X22B = {"dim": 6144, "n_layers": 56, "head_dim": 128, "hidden_dim": 16384, "n_heads": 48, "n_kv_heads": 8,
-                 "rope_theta": 1000000, "norm_eps": 1e-05, "vocab_size": 32000,
-                 "moe": {"num_experts": 8, "num_experts_per_tok": 2}, "max_seq_len": 65536}
+from tests.support.hf_reference import hf_mixtral_model, require_transformers, write_hf_mixtral_copy
+from tests.support.params import MIXTRAL_8X7B, MIXTRAL_8X22B
 
 
 def _moe(seed: int = 0, dim: int = 16, hidden: int = 24, experts: int = 4, k: int = 2) -> MoeFeedForward:

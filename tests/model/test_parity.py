@@ -4,7 +4,6 @@ The tiny checkpoint is converted with provision's key map to the transformers la
 get the same token ids and the same mistral-common-preprocessed images, in float32 on the CPU.
 """
 
-# ruff: noqa: F811  (pytest fixtures imported from tests.support.model_fixtures are re-bound as arguments)
 from __future__ import annotations
 
 from pathlib import Path
@@ -16,16 +15,7 @@ import torch
 from provision.formats.manifest import load_manifest
 from provision.model.inputs import encode_chat, square_image
 from provision.model.pixtral import greedy_generate
-from tests.support.model_fixtures import (  # noqa: F401 - fixtures
-    hf_greedy,
-    hf_logits,
-    hf_model,
-    load_golden,
-    require_transformers,
-    tiny_hf,
-    tiny_model,
-    tiny_tok,
-)
+from tests.support.hf_reference import hf_greedy, hf_logits, hf_model, load_golden, require_transformers
 
 pytestmark = pytest.mark.parity
 

@@ -3,7 +3,6 @@ params.json (14/15 with the v7m1 SentencePiece tokenizer), vocab 32768; parity w
 ``LlavaForConditionalGeneration`` (Pixtral vision) on a tiny Pixtral-Large-like checkpoint.
 """
 
-# ruff: noqa: F811  (pytest fixtures imported from tests.support.large_fixtures are re-bound as arguments)
 from __future__ import annotations
 
 import json
@@ -19,8 +18,13 @@ from provision.model.inputs import encode_chat, load_tokenizer, square_image
 from provision.model.loader import load_model
 from provision.model.pixtral import greedy_generate
 from provision.stages.smoke import image_layout_ok
-from tests.support.large_fixtures import tiny_pixtral_large, write_hf_llava_copy  # noqa: F401 - fixtures
-from tests.support.model_fixtures import hf_greedy, hf_logits, hf_model, require_transformers
+from tests.support.hf_reference import (
+    hf_greedy,
+    hf_logits,
+    hf_model,
+    require_transformers,
+    write_hf_llava_copy,
+)
 
 # reference §3: the params.json values of Pixtral Large 2411 (third-party copies, consistent with the HF config)
 PIXTRAL_LARGE = {

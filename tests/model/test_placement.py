@@ -1,7 +1,6 @@
 """The layer -> device map (pure), the forward pass with every device mapped to the CPU, and the
 281 GB Mixtral 8x22B shape placed on four devices and run on the meta device (no memory)."""
 
-# ruff: noqa: F811  (pytest fixtures imported from tests.support.large_fixtures are re-bound as arguments)
 from __future__ import annotations
 
 import itertools
@@ -15,8 +14,7 @@ import torch
 from provision.errors import GPUMemoryError, UsageError
 from provision.formats.params import ModelArgs, parameter_count
 from provision.model.placement import model_bytes, place_model, plan_placement, split
-from tests.model.test_moe import MIXTRAL_8X22B
-from tests.support.large_fixtures import tiny_mixtral, tiny_pixtral_large  # noqa: F401 - fixtures
+from tests.support.params import MIXTRAL_8X22B
 
 H100 = 81559 * 2**20  # NVML's total for an H100 80GB HBM3 (provision.hardware.CARDS)
 CUDA4 = [f"cuda:{i}" for i in range(4)]

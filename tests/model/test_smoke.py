@@ -15,7 +15,7 @@ from provision.errors import SmokeError
 from provision.formats.manifest import load_manifest, write_manifest
 from provision.model import loader
 from provision.stages.smoke import image_layout_ok, smoke
-from tests.support.model_fixtures import GOLDEN, load_golden
+from tests.support.hf_reference import GOLDEN, load_golden
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -51,7 +51,7 @@ def test_smoke_on_the_tiny_checkpoint_generates_the_golden_ids(tiny_src: Path) -
 
 
 def test_the_transformers_layout_passes_the_same_golden_check(tiny_src: Path, tmp_path: Path) -> None:
-    from tests.support.model_fixtures import write_hf_copy
+    from tests.support.hf_reference import write_hf_copy
 
     hf = write_hf_copy(tiny_src, tmp_path / "hf", dtype="bfloat16")
     rep = smoke(hf, device="cpu", manifest=tiny_src / "manifest.toml", golden=load_golden()["token_ids"])

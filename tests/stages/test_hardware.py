@@ -14,8 +14,8 @@ from provision.hardware import (
     parse_target,
     target_from_hardware,
 )
-from tests.support.convert_fixtures import CARDS as RECORDED
-from tests.support.convert_fixtures import FakeNVML, smi_text
+from tests.support.nvml import CARDS as RECORDED
+from tests.support.nvml import FakeNVML, smi_text
 
 EXPECTED_CC = {"t4": (7, 5), "a10g": (8, 6), "l4": (8, 9), "a100-40gb": (8, 0), "a100-80gb": (8, 0),
                "h100": (9, 0)}

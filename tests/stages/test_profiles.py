@@ -20,7 +20,8 @@ from provision.stages.profiles import (
     support,
     weight_bytes,
 )
-from tests.support.convert_fixtures import PIXTRAL_12B_PARAMS_JSON, FakeNVML, pixtral_args
+from tests.support.nvml import FakeNVML
+from tests.support.params import PIXTRAL_12B_PARAMS_JSON, pixtral_args
 
 
 def test_reference_params_json_is_the_453_byte_release_file() -> None:

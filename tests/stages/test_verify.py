@@ -34,7 +34,8 @@ from provision.stages.verify import (
     verify_dir,
     verify_files,
 )
-from tests.support.verify_fixtures import (
+from tests.support.cli import cli_json
+from tests.support.files import (
     data_offset,
     flip_byte,
     pack,
@@ -47,19 +48,11 @@ from tests.support.verify_fixtures import (
 W = "consolidated.safetensors"
 
 
-def cli(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, dict[str, Any], str]:
-    """Run `provision ... --json` in-process: (exit code, JSON report, stderr)."""
-    capsys.readouterr()
-    rc = run_cli([*argv, "--json"])
-    out, err = capsys.readouterr()
-    return rc, json.loads(out), err
-
-
 def assert_fails(capsys: pytest.CaptureFixture[str], root: Path, code: int, kind: str,
                  *extra: str) -> dict[str, Any]:
     """`provision verify root` fails with ``code``/``kind``, one error line, disk untouched."""
     before = snapshot(root)
-    rc, doc, err = cli(capsys, "verify", str(root), *extra)
+    rc, doc, err = cli_json(capsys, "verify", str(root), *extra)
     assert rc == code, err
     assert doc["ok"] is False and doc["exit_code"] == code
     assert doc["error"]["kind"] == kind, doc["error"]
@@ -93,7 +86,7 @@ def test_tiny_checkpoint_verifies_clean_against_its_manifest(tiny_src: Path) -> 
 
 
 def test_verify_cli_exit_0_and_json_lists_every_check(tiny_src: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    rc, doc, _ = cli(capsys, "verify", str(tiny_src), "--manifest", str(tiny_src / "manifest.toml"))
+    rc, doc, _ = cli_json(capsys, "verify", str(tiny_src), "--manifest", str(tiny_src / "manifest.toml"))
     assert rc == 0
     assert doc["ok"] is True and doc["command"] == "verify"
     assert doc["manifest_sha256"] == load_manifest(tiny_src / "manifest.toml").sha256
@@ -504,7 +497,7 @@ def test_verify_of_a_missing_folder_is_a_usage_error(tmp_path: Path, capsys: pyt
 
 
 def test_unknown_manifest_exits_3(tiny_src: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    rc, doc, _ = cli(capsys, "verify", str(tiny_src), "--manifest", "no-such-model")
+    rc, doc, _ = cli_json(capsys, "verify", str(tiny_src), "--manifest", "no-such-model")
     assert rc == 3 and doc["error"]["kind"] == "manifest"
 
 

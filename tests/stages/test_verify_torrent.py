@@ -13,7 +13,7 @@ import pytest
 import provision.stages.verify.parallel as parallel
 from provision.errors import HashMismatchError
 from provision.stages.verify import Authority, merkle_root_file, sha256_file, verify_files
-from tests.support.verify_fixtures import flip_byte, snapshot
+from tests.support.files import flip_byte, snapshot
 
 PIECE = 32 * 1024
 SIZES = {"a.safetensors.part": 100_000, "b.json": 50_000, "c.bin.txt": 16_384, "d": 5 * (1 << 20) + 12_345,

@@ -11,7 +11,6 @@ from pathlib import Path
 
 import pytest
 
-from provision.cli.main import run_cli
 from provision.errors import LockTimeoutError, UsageError
 from provision.io.atomic import TMP_PREFIX
 from provision.layout import Layout
@@ -20,6 +19,7 @@ from provision.store.inventory import list_models
 from provision.store.lock import ModelLock, read_lock
 from provision.store.remove import remove_model
 from provision.store.state import load_state, save_state
+from tests.support.cli import cli_json
 
 IH_A = "a1" * 20  # infohash of model "alpha"'s torrent
 IH_ORPHAN = "0f" * 20
@@ -75,13 +75,6 @@ def write_dead_lock(path: Path) -> None:
                                 "started": time.time() - 100, "token": "d" * 32}))
 
 
-def run_json(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, dict]:  # type: ignore[type-arg]
-    capsys.readouterr()
-    code = run_cli([*argv, "--json"])
-    out = capsys.readouterr().out
-    return code, json.loads(out)
-
-
 @pytest.fixture()
 def home(tmp_path: Path) -> Path:
     h = tmp_path / "home"
@@ -94,7 +87,7 @@ def test_ls_lists_models_sizes_profiles_stages_and_locks(home: Path, capsys: pyt
     make_model(home, "alpha", profiles=("fp8-hf", "bf16-mistral"), staging=True)
     make_model(home, "beta", profiles=())
     with ModelLock(Layout(home).lock_file("beta")):
-        code, doc = run_json(capsys, "ls", "--home", str(home))
+        code, doc, _ = cli_json(capsys, "ls", "--home", str(home))
     assert code == 0 and doc["ok"] and doc["command"] == "ls"
     by = {m["name"]: m for m in doc["models"]}
     assert set(by) == {"alpha", "beta"}
@@ -120,7 +113,7 @@ def test_ls_shows_a_stage_whose_files_changed_as_invalid(home: Path) -> None:
 
 
 def test_ls_on_an_empty_or_missing_home_lists_nothing(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    code, doc = run_json(capsys, "ls", "--home", str(tmp_path / "nothing-here"))
+    code, doc, _ = cli_json(capsys, "ls", "--home", str(tmp_path / "nothing-here"))
     assert code == 0 and doc["models"] == []
     assert not (tmp_path / "nothing-here").exists()
 
@@ -128,7 +121,7 @@ def test_ls_on_an_empty_or_missing_home_lists_nothing(tmp_path: Path, capsys: py
 def test_ls_warns_about_a_corrupt_state_file_and_still_lists(home: Path, capsys: pytest.CaptureFixture[str]) -> None:
     mdir = make_model(home, "alpha")
     (mdir / "state.json").write_text("{oops")
-    code, doc = run_json(capsys, "ls", "--home", str(home))
+    code, doc, _ = cli_json(capsys, "ls", "--home", str(home))
     assert code == 0 and doc["models"][0]["stages"] == []
     assert "corrupt" in doc["models"][0]["warnings"][0]
 
@@ -139,7 +132,7 @@ def test_rm_removes_the_model_and_its_staging_and_nothing_else(home: Path,
     make_model(home, "alpha", staging=True)
     make_model(home, "beta", staging=True)
     before = snapshot(home)
-    code, doc = run_json(capsys, "rm", "alpha", "--yes", "--home", str(home))
+    code, doc, _ = cli_json(capsys, "rm", "alpha", "--yes", "--home", str(home))
     assert code == 0 and doc["ok"]
     assert doc["bytes_freed"] > 0
     after = snapshot(home)
@@ -152,7 +145,7 @@ def test_rm_refuses_a_locked_model_with_exit_6_and_removes_nothing(home: Path,
     make_model(home, "alpha", staging=True)
     with ModelLock(Layout(home).lock_file("alpha")):
         before = snapshot(home)
-        code, doc = run_json(capsys, "rm", "alpha", "--yes", "--home", str(home))
+        code, doc, _ = cli_json(capsys, "rm", "alpha", "--yes", "--home", str(home))
         assert code == 6 and not doc["ok"] and doc["error"]["kind"] == "lock"
         assert f"pid {os.getpid()}" in doc["error"]["message"] and "not removing" in doc["error"]["message"]
         assert snapshot(home) == before
@@ -173,20 +166,20 @@ def test_rm_without_yes_and_without_a_terminal_refuses_with_exit_2(home: Path,
                                                                   capsys: pytest.CaptureFixture[str]) -> None:
     make_model(home, "alpha")
     before = snapshot(home)
-    code, doc = run_json(capsys, "rm", "alpha", "--home", str(home))
+    code, doc, _ = cli_json(capsys, "rm", "alpha", "--home", str(home))
     assert code == 2 and "--yes" in doc["error"]["message"]
     assert snapshot(home) == before
 
 
 def test_rm_of_an_unknown_model_is_a_usage_error(home: Path, capsys: pytest.CaptureFixture[str]) -> None:
     make_model(home, "alpha")
-    code, doc = run_json(capsys, "rm", "nope", "--yes", "--home", str(home))
+    code, doc, _ = cli_json(capsys, "rm", "nope", "--yes", "--home", str(home))
     assert code == 2 and "No model named 'nope'" in doc["error"]["message"] and "alpha" in doc["error"]["message"]
 
 
 def test_rm_profile_removes_only_that_profile_and_its_stages(home: Path, capsys: pytest.CaptureFixture[str]) -> None:
     mdir = make_model(home, "alpha", profiles=("fp8-hf", "bf16-mistral"))
-    code, doc = run_json(capsys, "rm", "alpha", "--profile", "fp8-hf", "--yes", "--home", str(home))
+    code, doc, _ = cli_json(capsys, "rm", "alpha", "--profile", "fp8-hf", "--yes", "--home", str(home))
     assert code == 0 and doc["profile"] == "fp8-hf"
     assert sorted(doc["dropped_stages"]) == ["convert:fp8-hf", "smoke:fp8-hf"]
     assert not (mdir / "fp8-hf").exists() and (mdir / "bf16-mistral" / "model.safetensors").exists()
@@ -287,7 +280,7 @@ def test_gc_dry_run_reports_the_garbage_and_removes_nothing(home: Path, tmp_path
     expected, held = fabricate_store(home, tmp_path)
     try:
         before = snapshot(home)
-        code, doc = run_json(capsys, "gc", "--dry-run", "--home", str(home))
+        code, doc, _ = cli_json(capsys, "gc", "--dry-run", "--home", str(home))
         assert code == 0 and doc["dry_run"] is True
         assert snapshot(home) == before
         assert {os.path.relpath(i["path"], home) for i in doc["removed"]} >= {
@@ -304,7 +297,7 @@ def test_gc_removes_what_it_should_and_nothing_else(home: Path, tmp_path: Path,
     try:
         before = snapshot(home)
         assert expected <= before
-        code, doc = run_json(capsys, "gc", "--home", str(home))
+        code, doc, _ = cli_json(capsys, "gc", "--home", str(home))
         assert code == 0 and doc["dry_run"] is False
         after = snapshot(home)
         assert after == before - expected

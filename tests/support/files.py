@@ -1,5 +1,8 @@
-"""Helpers for the verify tests: raw safetensors writers (no torch), header surgery on the tiny
-checkpoint, and a disk snapshot to prove a failed verify changed nothing."""
+"""Files on disk for tests: raw safetensors bytes (no torch), header surgery, byte flips, a snapshot
+that proves a failed command changed nothing, and reading a small safetensors file back.
+
+Test-only helpers; no pytest fixtures here.
+"""
 
 from __future__ import annotations
 
@@ -73,6 +76,7 @@ def rewrite_header(path: Path, header: dict[str, Any], data: bytes | None = None
 
 
 def flip_byte(path: Path, offset: int) -> None:
+    """Invert every bit of the byte at ``offset`` in place."""
     with open(path, "r+b") as f:
         f.seek(offset)
         b = f.read(1)
@@ -81,6 +85,14 @@ def flip_byte(path: Path, offset: int) -> None:
 
 
 def data_offset(path: Path) -> int:
+    """Where a safetensors file's data section starts (8 + header length)."""
     with open(path, "rb") as f:
         (n,) = struct.unpack("<Q", f.read(8))
     return 8 + n
+
+
+def load_st(path: Path) -> dict[str, Any]:
+    """Every tensor of a safetensors file (small test files only)."""
+    from safetensors.torch import load_file
+
+    return dict(load_file(str(path)))

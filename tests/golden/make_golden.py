@@ -1,6 +1,7 @@
 """Regenerate ``tiny_seed0.json``: the ids transformers generates greedily for the tiny checkpoint.
 
-Run once, by hand, where transformers is installed: ``.venv/bin/python tests/golden/make_golden.py``.
+Run once, by hand, from the repository root where transformers is installed:
+``.venv/bin/python -m tests.golden.make_golden``.
 The ids come from transformers' ``LlavaForConditionalGeneration`` (an independent implementation),
 fed the weights converted with ``provision.model.hf_names``, the manifest's generated test image
 and prompt tokenized by mistral-common, float32 on the CPU. The test suite then checks provision's
@@ -11,16 +12,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-import sys
 import tempfile
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT))
-
-from provision.model.inputs import encode_chat, load_tokenizer, square_image  # noqa: E402
-from provision.testing.tiny import write_tiny  # noqa: E402
-from tests.support.hf_reference import GOLDEN, hf_greedy, hf_model, write_hf_copy  # noqa: E402
+from provision.model.inputs import encode_chat, load_tokenizer, square_image
+from provision.testing.tiny import write_tiny
+from tests.support.hf_reference import GOLDEN, hf_greedy, hf_model, write_hf_copy
 
 
 def main() -> None:

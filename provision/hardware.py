@@ -223,8 +223,6 @@ class Target:
 
 _SPEC = re.compile(r"^sm_?(\d{1,2}?)(\d):(\d+(?:\.\d+)?)\s*(?:gib|gb|g)?(?:x(\d+))?$", re.I)
 
-TARGET_NAMES = ("auto", "cpu", *CARDS)
-
 
 def target_from_hardware(hw: Hardware) -> Target:
     """The detected GPUs as a target (the smallest card when they differ; its total memory), or the CPU."""

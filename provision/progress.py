@@ -27,10 +27,6 @@ class ProgressEvent:
 ProgressFn = Callable[[ProgressEvent], None]
 
 
-def null_progress(_event: ProgressEvent) -> None:
-    """A progress callback that ignores everything."""
-
-
 def note(progress: ProgressFn | None, task: str, message: str) -> None:
     """Send a one-off message (total 0, finished) through a progress callback."""
     if progress is not None:

@@ -86,11 +86,3 @@ class Settings:
             lock_stale_after=_float("PROVISION_LOCK_STALE_AFTER", DEFAULT_LOCK_STALE_AFTER),
             forbid_public_network=os.environ.get("PROVISION_FORBID_PUBLIC_NETWORK") == "1",
         )
-
-    @property
-    def models_dir(self) -> Path:
-        return self.home / "models"
-
-
-def settings() -> Settings:
-    return Settings.load()

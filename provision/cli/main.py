@@ -57,9 +57,8 @@ class LazyGroup(click.Group):
             return self.commands[cmd_name]
         if cmd_name not in self._names():
             return None
-        mod = import_module(f"provision.cli.commands.{cmd_name.replace('-', '_')}")
-        cmd = getattr(mod, "command", None)
-        return cmd if isinstance(cmd, click.Command) else None
+        cmd: click.Command = import_module(f"provision.cli.commands.{cmd_name.replace('-', '_')}").command
+        return cmd
 
 
 @click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})

@@ -153,10 +153,6 @@ class Manifest:
         return next((f for f in self.files if f.path == path), None)
 
     @property
-    def known_size(self) -> int:
-        return sum(f.size or 0 for f in self.files)
-
-    @property
     def complete(self) -> bool:
         """True when every file has a size and a sha256."""
         return all(f.size is not None and f.sha256 for f in self.files)

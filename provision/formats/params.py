@@ -143,10 +143,6 @@ class ModelArgs:
         # Mixtral 8x7B's torrent params.json has none and means 1e6 (Mistral docs: "Rope Theta = 1e6")
         return 1000000.0 if self.moe is not None else 10000.0
 
-    @property
-    def is_multimodal(self) -> bool:
-        return self.vision_encoder is not None
-
     @classmethod
     def from_dict(cls, d: Any) -> ModelArgs:
         if not isinstance(d, dict):

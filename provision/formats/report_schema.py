@@ -22,8 +22,6 @@ from pathlib import Path
 from typing import Any
 
 SCHEMA_RESOURCE = "run-report.schema.json"
-STAGE_NAMES = ("plan", "fetch", "verify", "convert", "smoke")
-STAGE_RESULTS = ("ok", "skipped", "failed")
 
 
 def schema_text() -> str:

@@ -13,8 +13,6 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from provision.formats.params import ModelArgs
-
 if TYPE_CHECKING:
     import torch
 
@@ -43,11 +41,6 @@ def attention_mask(start_pos: int, t: int, window: int | None,
         assert window is not None
         mask = mask & (keys[None, :] > pos[:, None] - window)
     return mask, False
-
-
-def text_rope_theta(args: ModelArgs) -> float:
-    """The decoder's RoPE base: params.json's ``rope_theta``, or 10000 when it has none (7B v0.1)."""
-    return args.rope_theta_value
 
 
 def explicit_params(params: dict[str, Any]) -> tuple[dict[str, Any], bool]:

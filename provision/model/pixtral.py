@@ -138,7 +138,6 @@ class GenerateResult:
     prefill_seconds: float
     step_seconds: list[float] = field(default_factory=list)  # one per token after the first
     finite: list[bool] = field(default_factory=list)  # logits finite, one per step (prefill included)
-    stopped_on_eos: bool = False
 
     @property
     def all_finite(self) -> bool:
@@ -175,7 +174,6 @@ def greedy_generate(model: Pixtral, prompt: Sequence[int], images: Sequence[torc
         if on_token is not None:
             on_token(step, nxt)
         if eos_id is not None and nxt == eos_id:
-            res.stopped_on_eos = True
             break
         if step == max_tokens - 1:
             break

@@ -55,10 +55,6 @@ class Plan:
     hub_snapshot: HubSnapshot | None = field(default=None, repr=False, compare=False)
 
     @property
-    def listing_known(self) -> bool:
-        return bool(self.files)
-
-    @property
     def bytes_total(self) -> int:
         return sum(f.size or 0 for f in self.files)
 

@@ -39,7 +39,6 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from types import TracebackType
 from typing import Any
 
 from provision.errors import LockTimeoutError, ResourceError
@@ -402,7 +401,7 @@ class ModelLock:
     def __enter__(self) -> ModelLock:
         return self.acquire()
 
-    def __exit__(self, et: type[BaseException] | None, ev: BaseException | None, tb: TracebackType | None) -> None:
+    def __exit__(self, *_exc: object) -> None:
         self.release()
 
     # -- internals --------------------------------------------------------------------------

@@ -69,11 +69,11 @@ def detect_nvml(nvml: Any = None) -> tuple[GPU, ...] | None:
     if pynvml is None:
         try:
             pynvml = importlib.import_module("pynvml")
-        except ImportError:
+        except ImportError:  # pynvml not installed: detect() asks nvidia-smi instead
             return None
     try:
         pynvml.nvmlInit()
-    except Exception:
+    except Exception:  # any NVML failure (NVMLError, a driver library that will not load): no NVML GPUs
         return None
     try:
         gpus = []
@@ -90,7 +90,7 @@ def detect_nvml(nvml: Any = None) -> tuple[GPU, ...] | None:
     finally:
         try:
             pynvml.nvmlShutdown()
-        except Exception:
+        except Exception:  # the GPUs are read (or the read's error is on its way): shutdown changes neither
             pass
 
 
@@ -114,7 +114,7 @@ def _run_nvidia_smi() -> str | None:
         return None
     try:
         out = subprocess.run([exe, "-q"], capture_output=True, text=True, timeout=20, check=False)
-    except (OSError, subprocess.SubprocessError):
+    except (OSError, subprocess.SubprocessError):  # cannot run or hangs: no GPUs seen through nvidia-smi
         return None
     return out.stdout if out.returncode == 0 else None
 

@@ -185,6 +185,7 @@ class ShardWriter:
             os.fsync(self._fd)
         except OSError as e:
             raise _enospc(self.path, e) from e
+        # advice only (and missing on macOS): pages left cached cost memory, not correctness
         with contextlib.suppress(OSError, AttributeError):
             os.posix_fadvise(self._fd, 0, 0, os.POSIX_FADV_DONTNEED)
         os.close(self._fd)
@@ -200,10 +201,10 @@ class ShardWriter:
         if self._flusher is not None:
             self._flusher.join()
         if self._fd is not None:
-            with contextlib.suppress(OSError):
+            with contextlib.suppress(OSError):  # the file is being thrown away: a failed close loses nothing
                 os.close(self._fd)
             self._fd = None
-        with contextlib.suppress(OSError):
+        with contextlib.suppress(OSError):  # never created, or already gone: nothing to clean up
             os.unlink(self.tmp)
 
 
@@ -288,7 +289,7 @@ def remove_stale_temporaries(out_dir: Path) -> list[Path]:
         return removed
     for p in d.iterdir():
         if p.name.startswith(TMP_PREFIX) and (p.is_file() or p.is_symlink()):
-            with contextlib.suppress(OSError):
+            with contextlib.suppress(OSError):  # gone meanwhile, or not ours to delete: not reported
                 p.unlink()
                 removed.append(p)
     return removed

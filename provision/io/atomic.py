@@ -22,13 +22,14 @@ TMP_PREFIX = ".provision-tmp-"
 
 
 def fsync_dir(path: Path) -> None:
+    """fsync a folder so a rename in it survives a crash (best effort: some filesystems refuse it)."""
     try:
         fd = os.open(path, os.O_RDONLY)
-    except OSError:
+    except OSError:  # a folder that cannot be opened (permissions, odd filesystems): the rename stands
         return
     try:
         os.fsync(fd)
-    except OSError:
+    except OSError:  # EINVAL where a filesystem cannot fsync folders: the rename is done, only less durable
         pass
     finally:
         os.close(fd)
@@ -62,7 +63,7 @@ def atomic_writer(target: Path, mode: str = "wb", *, perms: int = 0o644, durable
         raise
     finally:
         if not ok:
-            with contextlib.suppress(OSError):
+            with contextlib.suppress(OSError):  # already renamed or gone: the error on its way is the one to see
                 os.unlink(tmp)
 
 

@@ -29,7 +29,7 @@ def _libc_sync_file_range() -> Callable[[int, int, int, int], int] | None:
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
         fn = libc.sync_file_range
-    except (OSError, AttributeError):
+    except (OSError, AttributeError):  # no libc or no sync_file_range (not Linux): writeback hints do nothing
         return None
     fn.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
     fn.restype = ctypes.c_int

@@ -156,7 +156,7 @@ def _mem_available() -> int:
             for line in f:
                 if line.startswith("MemAvailable:"):
                     return int(line.split()[1]) * 1024
-    except OSError:
+    except OSError:  # no /proc (not Linux): the free pages below are the next best estimate
         pass
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
 

@@ -133,7 +133,7 @@ def _parts_for(module_name: str, tensors: Mapping[str, torch.Tensor], names: tup
         return {k: tensors[f"{module_name}.{k}"] for k in names}
     try:
         hf = hf_names.mistral_name_to_hf(module_name + ".weight")[: -len(".weight")]
-    except ConvertError:
+    except ConvertError:  # a module transformers has no name for: it has no quantized parts either
         return None
     cands = [hf] + [new + hf[len(old):] for new, old in hf_names.HF_NEW_TO_LEGACY_PREFIXES if hf.startswith(old)]
     for base in cands:

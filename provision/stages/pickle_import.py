@@ -142,6 +142,7 @@ def _child_command(payload_file: str) -> list[str]:
 def _no_core_dumps() -> None:  # runs in the child between fork and exec
     import resource
 
+    # a hard limit that forbids it: the load still runs, a crash may leave a core file
     with contextlib.suppress(ValueError, OSError):
         resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
 
@@ -161,13 +162,13 @@ def _run_child(payload: dict[str, Any], timeout: float, staging: Path) -> dict[s
         try:
             rc = proc.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
-            with contextlib.suppress(ProcessLookupError):
+            with contextlib.suppress(ProcessLookupError):  # it exited on its own meanwhile
                 os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
             raise ConvertError(f"The pickle loader process ran past {timeout:.0f} s and was killed.",
                                hint="Raise --timeout on a slow disk.") from None
         except BaseException:  # Ctrl-C, SIGTERM: the loader goes too
-            with contextlib.suppress(ProcessLookupError):
+            with contextlib.suppress(ProcessLookupError):  # it exited on its own meanwhile
                 os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
             raise
@@ -175,7 +176,7 @@ def _run_child(payload: dict[str, Any], timeout: float, staging: Path) -> dict[s
     stderr = err_f.read_text(encoding="utf-8", errors="replace")
     doc: dict[str, Any] | None = None
     for line in reversed(stdout.strip().splitlines()):
-        with contextlib.suppress(ValueError):
+        with contextlib.suppress(ValueError):  # a line of the loader's own output, not the JSON answer
             cand = json.loads(line)
             if isinstance(cand, dict):
                 doc = cand
@@ -277,7 +278,7 @@ def import_pickle(src: Path, out_dir: Path, *, sha256: str | None = None, md5: s
                    "spec": {k: list(v) for k, v in spec.items()}, "source_sha256": got_sha}
         child = _run_child(payload, timeout, staging)
         for name in (".child.in", ".child.out", ".child.err"):
-            with contextlib.suppress(OSError):
+            with contextlib.suppress(OSError):  # scratch files: the staging folder goes at the end anyway
                 (staging / name).unlink()
         # 3. check what the child wrote, then the small files
         dtypes = _spec_check(staging / WEIGHTS_NAME, spec)

@@ -166,7 +166,7 @@ def _tmp_candidates(home: Path, live: bool, now: float) -> list[GcItem]:
     for d in (home, lay.manifests, lay.torrents):
         try:
             entries = list(os.scandir(d))
-        except OSError:
+        except OSError:  # no such folder yet: nothing to collect there
             continue
         for e in entries:
             if not e.name.startswith(TMP_PREFIX):

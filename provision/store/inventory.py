@@ -24,7 +24,7 @@ def tree_bytes(path: Path, *, disk: bool = False) -> int:
     that removing the tree would free (files with other hard links elsewhere count 0)."""
     try:
         st = os.lstat(path)
-    except OSError:
+    except OSError:  # nothing there (or removed meanwhile): it takes no space
         return 0
 
     def one(s: os.stat_result) -> int:
@@ -54,7 +54,7 @@ def model_names(home: Path) -> list[str]:
                 for e in it:
                     if not e.name.startswith(".") and e.is_dir():
                         names.add(e.name)
-        except OSError:
+        except OSError:  # no models/ or staging/ yet: no names there
             continue
     return sorted(names)
 

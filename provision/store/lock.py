@@ -73,7 +73,7 @@ def _read_text(path: str) -> str | None:
     try:
         with open(path, encoding="ascii", errors="replace") as fh:
             return fh.read().strip()
-    except OSError:
+    except OSError:  # no /proc (not Linux) or no such process: unknown
         return None
 
 
@@ -84,7 +84,7 @@ def boot_id() -> str | None:
 def pid_namespace() -> int | None:
     try:
         return os.stat("/proc/self/ns/pid").st_ino
-    except OSError:
+    except OSError:  # no /proc or no namespaces: unknown
         return None
 
 
@@ -96,7 +96,7 @@ def _proc_stat(pid: int) -> tuple[str, int] | None:
     rest = text.rsplit(")", 1)[1].split()
     try:
         return rest[0], int(rest[19])
-    except (IndexError, ValueError):
+    except (IndexError, ValueError):  # not the stat line we know: unknown
         return None
 
 
@@ -111,7 +111,7 @@ def pid_alive(pid: int, start: int | None = None) -> bool:
         return False
     try:
         os.kill(pid, 0)
-    except ProcessLookupError:
+    except ProcessLookupError:  # no such process: that is the answer
         return False
     except PermissionError:
         pass  # another user's process: it exists
@@ -157,7 +157,7 @@ class LockInfo:
             return None
         try:
             host, pid, started, token = d["host"], d["pid"], d["started"], d["token"]
-        except KeyError:
+        except KeyError:  # not a lock this tool wrote: callers treat it as unreadable
             return None
         if not (isinstance(host, str) and isinstance(pid, int) and isinstance(started, (int, float))
                 and isinstance(token, str)):
@@ -216,11 +216,11 @@ def _flock_held(path: Path) -> bool:
     """True only when another open file visibly holds ``flock`` on ``path``; False is inconclusive."""
     try:
         fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    except OSError:
+    except OSError:  # gone or unreadable: no information, as documented
         return False
     try:
         fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-    except BlockingIOError:
+    except BlockingIOError:  # someone holds LOCK_EX: that is the answer
         return True
     except OSError:
         return False  # ENOLCK on nolock mounts and the like: no information
@@ -277,6 +277,8 @@ def break_stale(status: LockStatus) -> bool:
     try:
         fd = os.open(breaker, os.O_CREAT | os.O_EXCL | os.O_WRONLY | os.O_CLOEXEC, 0o644)
     except FileExistsError:
+        # another breaker is at work; its file left by a killed breaker is removed once old. A breaker
+        # file that vanished or cannot be removed meanwhile changes nothing: this call returns False
         with contextlib.suppress(OSError):
             if time.time() - os.stat(breaker).st_mtime > BREAKER_STALE_AFTER:
                 os.unlink(breaker)
@@ -291,11 +293,11 @@ def break_stale(status: LockStatus) -> bool:
             return False
         try:
             os.unlink(path)
-        except FileNotFoundError:
+        except FileNotFoundError:  # its holder released it meanwhile: gone all the same
             pass
         return True
     finally:
-        with contextlib.suppress(OSError):
+        with contextlib.suppress(OSError):  # a leftover breaker file is removed by the next breaker once old
             os.unlink(breaker)
 
 
@@ -388,12 +390,12 @@ class ModelLock:
         assert self.info is not None
         info, _ = read_lock(self.path)
         if info is not None and info.token == self.info.token:
-            with contextlib.suppress(FileNotFoundError):
+            with contextlib.suppress(FileNotFoundError):  # broken as stale meanwhile: released all the same
                 os.unlink(self.path)
         else:
             self._lost.set()
         if self._fd is not None:
-            with contextlib.suppress(OSError):
+            with contextlib.suppress(OSError):  # the lock file is released: closing its descriptor loses nothing
                 os.close(self._fd)
             self._fd = None
         self.info = None
@@ -409,7 +411,7 @@ class ModelLock:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         try:
             fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_RDWR | os.O_CLOEXEC, 0o600)
-        except FileExistsError:
+        except FileExistsError:  # held by someone else: the caller waits or judges it
             return False
         except PermissionError as e:
             raise ResourceError(
@@ -426,7 +428,7 @@ class ModelLock:
             os.fsync(fd)
         except OSError as e:
             os.close(fd)
-            with contextlib.suppress(OSError):
+            with contextlib.suppress(OSError):  # the ResourceError below is the error to report
                 os.unlink(self.path)
             raise ResourceError(f"Cannot write the lock file {self.path}: {e.strerror}.",
                                 hint="Free some space or fix the home's permissions, then run again.",
@@ -461,6 +463,7 @@ class ModelLock:
             if info is None or info.token != token:
                 self._lost.set()
                 return
+            # a missed beat (a full or flaky filesystem) only ages the lock; the next beat tries again
             with contextlib.suppress(OSError):
                 os.utime(self.path)
 

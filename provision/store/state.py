@@ -49,7 +49,7 @@ def current_umask() -> int:
             for line in fh:
                 if line.startswith("Umask:"):
                     return int(line.split()[1], 8)
-    except (OSError, ValueError, IndexError):
+    except (OSError, ValueError, IndexError):  # no /proc or no Umask line (old kernels): ask os.umask
         pass
     old = os.umask(0o022)  # racy with other threads, only where /proc is missing
     os.umask(old)
@@ -221,7 +221,7 @@ def _fact_to_dict(f: FileFact, base: Path | None) -> dict[str, Any]:
     if base is not None:
         try:
             p = f.path.relative_to(base.absolute())
-        except ValueError:
+        except ValueError:  # outside ``base``: recorded as an absolute path
             pass
     return {"path": str(p), "size": f.size, "mtime_ns": f.mtime_ns, "inode": f.inode, "sha256": f.sha256}
 

@@ -37,7 +37,7 @@ class BufferRing:
         while not stop.is_set():
             try:
                 i = self.free.get(timeout=0.1)
-            except queue.Empty:
+            except queue.Empty:  # none free yet: wait again unless stopped
                 continue
             self.refs[i] = holders
             return i
@@ -99,7 +99,7 @@ class Prefetcher:
             try:
                 self.q.put(x, timeout=0.1)
                 return True
-            except queue.Full:
+            except queue.Full:  # the consumer is behind: wait again unless stopped
                 continue
         return False
 

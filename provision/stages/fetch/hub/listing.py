@@ -114,7 +114,7 @@ class HubRecord:
             return None
         try:
             files = {str(p): RemoteFile(path=str(p), size=int(s), blob_id=b, lfs_sha256=sh) for p, s, b, sh in rows}
-        except (TypeError, ValueError):
+        except (TypeError, ValueError):  # a malformed snapshot row: treat the revision as not recorded
             return None
         for p in files:
             safe_relpath(p, what=f"file name recorded for {repo}")

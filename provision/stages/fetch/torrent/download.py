@@ -75,7 +75,7 @@ class PieceOrder:
         self.last_check = now
         try:
             peers = h.get_peer_info()
-        except RuntimeError:
+        except RuntimeError:  # the handle is going away: keep the order, check again later
             return
         leechers = [p for p in peers if not (int(p.flags) & int(lt.peer_info.seed))
                     and int(p.connection_type) == int(lt.peer_info.standard_bittorrent)]
@@ -206,7 +206,7 @@ def _read_resume(job: FetchJob) -> Any:
         atp = lt.read_resume_data(job.resume_path.read_bytes())
         if job.src.key in info_hashes(atp.info_hashes):
             return atp
-    except (RuntimeError, OSError):
+    except (RuntimeError, OSError):  # unreadable or corrupt: said below, and the download starts afresh
         pass
     note(job.progress, "fetch", f"ignoring unreadable resume data {job.resume_path}")
     return None
@@ -305,13 +305,13 @@ def _reconnect(job: FetchJob, live: LiveTorrent) -> None:
     # each call below may raise RuntimeError for a torrent or peer libtorrent refuses right now;
     # the download loop calls back again every 5 s while nobody is connected
     for ep in sorted(peers):
-        with contextlib.suppress(RuntimeError):
+        with contextlib.suppress(RuntimeError):  # refused now: retried in 5 s (above)
             live.h.connect_peer(ep)
     if job.options.trackers or (job.src.magnet is not None and job.src.magnet.trackers):
-        with contextlib.suppress(RuntimeError):
+        with contextlib.suppress(RuntimeError):  # same
             live.h.force_reannounce()
     if job.options.network == "public":
-        with contextlib.suppress(RuntimeError):
+        with contextlib.suppress(RuntimeError):  # same
             live.h.force_dht_announce()
 
 

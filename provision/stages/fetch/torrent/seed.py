@@ -261,7 +261,7 @@ def _kept_metadata(job: FetchJob) -> Any:
             ti = lt.torrent_info(job.torrent_copy.read_bytes())
             check_info_names(ti.info_section())
             return ti
-    except (RuntimeError, UsageError, HostileContentError):
+    except (RuntimeError, UsageError, HostileContentError):  # unusable metadata: the caller builds it afresh
         pass
     return None
 

@@ -124,10 +124,11 @@ def close_session(ses: Any) -> None:
     """Pause ``ses`` and remove its torrents (best effort: it may be half torn down already)."""
     if ses is None:
         return
-    # teardown: libtorrent raises for a session or handle already gone, nothing left to stop then
+    # teardown, often in a finally: libtorrent raises for a session or handle already gone (nothing
+    # left to stop then), and whatever it raises must not replace the error being handled
     with contextlib.suppress(Exception):
         ses.pause()
-    with contextlib.suppress(Exception):
+    with contextlib.suppress(Exception):  # same
         for h in ses.get_torrents():
             ses.remove_torrent(h)
 
@@ -157,6 +158,6 @@ def _primary_address() -> str:
             ip = str(addr[0])
             if fam == socket.AF_INET and not ip.startswith("127."):
                 return ip
-    except OSError:
+    except OSError:  # the host name does not resolve: loopback is what others on this host can use
         pass
     return "127.0.0.1"

@@ -21,6 +21,15 @@ from provision.errors import DiskSpaceError
 TMP_PREFIX = ".provision-tmp-"
 
 
+def fsync_path(path: os.PathLike[str] | str) -> None:
+    """fsync one file by path (opened read-only for it)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def fsync_dir(path: Path) -> None:
     """fsync a folder so a rename in it survives a crash (best effort: some filesystems refuse it)."""
     try:

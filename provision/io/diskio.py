@@ -88,12 +88,3 @@ def hash_range(h: Hash, fd: int, start: int, end: int, buf: memoryview) -> None:
             raise OSError(errno.EIO, "the file is shorter than expected")
         h.update(buf[:n])
         pos += n
-
-
-def fsync_path(path: os.PathLike[str] | str) -> None:
-    """fsync one file by path (opened read-only for it)."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

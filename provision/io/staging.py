@@ -21,8 +21,7 @@ from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 from provision.errors import VerifyError
-from provision.io.atomic import TMP_PREFIX, atomic_copy, fsync_dir
-from provision.io.diskio import fsync_path
+from provision.io.atomic import TMP_PREFIX, atomic_copy, fsync_dir, fsync_path
 from provision.io.paths import safe_join
 
 

@@ -1,17 +1,10 @@
-"""The Python API: each stage callable from another program with the CLI's behaviour.
+"""The Python API: each stage callable from another program, with the CLI's behaviour.
 
-Example::
-
-    import provision
-    from provision import api
-
-    result = provision.run("pixtral-12b-2409", home="/srv/provision", scheme="fp8")
-    report = api.verify(result.model_dir / "original", "pixtral-12b-2409")
-    print(result.profile_dir, result.stages[-1]["details"]["text"])
-
-Every function raises ``provision.errors.ProvisionError`` subclasses (with ``exit_code``)
-and prints nothing; pass ``progress=`` a callable taking ``ProgressEvent`` to watch. The stages
-are imported when called, so ``import provision`` stays light (no torch, no libtorrent).
+Example: ``result = provision.run("pixtral-12b-2409", home="/srv/provision", scheme="fp8")``,
+then ``api.verify(result.model_dir / "original", "pixtral-12b-2409")``. Every function raises
+``provision.errors.ProvisionError`` subclasses (with ``exit_code``) and prints nothing; pass
+``progress=`` a callable taking ``ProgressEvent`` to watch. The stages are imported when called,
+so ``import provision`` stays light (no torch, no libtorrent).
 """
 
 from __future__ import annotations

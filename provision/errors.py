@@ -1,12 +1,9 @@
 """Typed errors and the exit-code table: the one place both are defined.
 
-Every failure a stage can report is a ``ProvisionError`` subclass that carries its exit
-code, a one-sentence message (what is wrong and what to do next) and context attributes
-for the ``--json`` report. Classes also inherit from the closest builtin so library users
-can catch ``OSError``/``ValueError`` as usual. This module does not print or exit:
-``cli.main`` turns these into exit codes.
-
-Exit codes::
+Every failure a stage can report is a ``ProvisionError`` subclass carrying its exit code, a
+one-sentence message (what is wrong, what to do next) and context for the ``--json`` report; each
+also inherits from the closest builtin (``OSError``, ``ValueError``...). This module does not
+print or exit (``cli.main`` does). The table below is the reference for the exit codes::
 
     0   ok
     1   unexpected error (a bug: run again with PROVISION_DEBUG=1 for the traceback)

@@ -1,12 +1,11 @@
 """What the host has: GPUs (through NVML, or ``nvidia-smi -q`` when NVML cannot load; never
 importing torch), CPU count, memory; and the conversion ``Target`` a ``--target`` names.
 
-``detect()`` returns a ``Hardware`` record; it never fails (no NVML or no GPU means a CPU
-host). ``parse_target`` turns ``auto``, ``cpu``, a card name (``t4``, ``v100``, ``a10g``,
-``l4``, ``a100-40gb``, ``a100-80gb``, ``h100``, ``h200``) or ``sm_XY:MEMGB[xCOUNT]`` into a
-``Target`` (compute capability, memory per device, device count). The named cards' figures
-are NVIDIA's published specs (memory as NVML reports it, in MiB); they were not read off real
-cards here. The profile table built on targets lives in ``profiles.py``.
+``detect()`` returns a ``Hardware`` record and never fails (no NVML or no GPU means a CPU host).
+``parse_target`` turns ``auto``, ``cpu``, a card name (``t4`` ... ``h200``, see ``CARDS``) or
+``sm_XY:MEMGB[xCOUNT]`` into a ``Target`` (compute capability, memory per device, device count);
+the named cards' figures are their makers' specifications (memory in MiB, as NVML reports it).
+The profile table built on targets lives in ``stages.profiles``.
 """
 
 from __future__ import annotations

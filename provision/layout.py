@@ -1,6 +1,8 @@
-"""Where things live under ``PROVISION_HOME`` (pure path arithmetic, nothing is created).
+"""Where things live under ``PROVISION_HOME``: pure path arithmetic, nothing is read or created.
 
-::
+``Layout(home)`` gives every path below (the tree is the reference for the store's layout);
+``Layout.model(name)`` those of one model (its name made a safe folder name) and
+``Layout.model_at(dirname)`` those of a folder found by listing ``models/`` or ``staging/``::
 
     $PROVISION_HOME/                      default ~/.cache/provision
     ├── models/
@@ -13,10 +15,6 @@
     ├── torrents/<infohash>.torrent       torrent metadata and
     ├── torrents/<infohash>.resume        libtorrent resume data
     └── manifests/<model>.toml            manifests written for magnet/hf sources
-
-``Layout(home)`` gives every one of these paths; ``Layout.model(name)`` the paths of one model
-(its name made a safe folder name) and ``Layout.model_at(dirname)`` those of a folder found by
-listing ``models/`` or ``staging/`` (taken as it is). Nothing here reads or writes the disk.
 """
 
 from __future__ import annotations

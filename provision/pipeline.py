@@ -2,14 +2,12 @@
 
 Each stage is a library function (``stages.fetch.fetch`` or ``stages.adopt.adopt``,
 ``stages.verify.verify_files``, ``stages.convert.convert``, ``stages.smoke.smoke``) wrapped in a
-``Stage(name, is_valid, run)``; ``run_pipeline`` loops over them under the model's lock
-(``store.lock.ModelLock``) and records every finished stage in ``state.json`` with the size,
-mtime, inode and sha256 of the files it relied on. A rerun skips a stage whose files still match
-and redoes what does not; ``reverify`` re-hashes everything. The conversion profile is chosen
-once: before the fetch when params.json is already known, else from the verified original. A run killed anywhere resumes: fetches
-continue from their staging/resume data, conversions write shards atomically, and a stage is
-recorded only once it finished. It never prints: progress goes through the callback, failures
-are ``ProvisionError``s, and the result carries one record per stage for the report.
+``Stage``; ``run_pipeline`` runs them under the model's lock and records every finished stage in
+``state.json`` with the facts of the files it relied on, so a rerun skips what still matches and
+a run killed anywhere resumes (``reverify`` re-hashes everything). The conversion profile is
+chosen once, before the fetch when params.json is known, else from the verified original. It
+never prints: progress goes through the callback, failures are ``ProvisionError``s, and the
+result carries one record per stage for the report.
 """
 
 from __future__ import annotations

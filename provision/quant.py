@@ -1,23 +1,11 @@
 """Weight quantizers as pure functions ``w -> (q, scales)`` and their exact inverses.
 
-Three schemes, in the formats compressed-tensors (and so vLLM and transformers) load:
-
-* ``fp8``: float8 E4M3 weights with one scale per output channel (``weight_scale`` of shape
-  ``[out, 1]``), ``scale = amax / 448``. Activations are quantized dynamically per token at
-  run time by the engine (FP8_DYNAMIC); nothing about them is stored.
-* ``w8a16`` / ``w4a16``: symmetric int8 / int4 weights with one scale per group of 128 input
-  columns (``weight_scale`` of shape ``[out, in / 128]``), ``scale = amax / 127.5`` or
-  ``amax / 7.5`` as llm-compressor's min-max observer computes it, values clamped to
-  ``[-128, 127]`` / ``[-8, 7]`` and packed into int32 as compressed-tensors'
-  ``pack-quantized`` format does (element i at bits ``i*b`` of consecutive words, stored
-  offset by ``2**(b-1)``).
-
-Error bounds (tests check them): int schemes ``|w - dq(q(w))| <= scale / 2`` element-wise;
-fp8 ``|w - dq(q(w))| <= max(|w| / 16, scale / 1024)`` (3 mantissa bits, subnormal spacing).
-Scales are rounded *up* to the storage dtype so the bounds hold with the stored scale.
-
-Every function works on any number of rows, so callers may quantize a weight in row chunks
-(both scale layouts are row-local). Nothing here reads or writes files.
+Three schemes, in the formats compressed-tensors (and so vLLM and transformers) load: ``fp8``
+(float8 E4M3, one scale per output channel, activations quantized per token by the engine) and
+``w8a16`` / ``w4a16`` (symmetric int8 / int4, one scale per group of 128 input columns, packed
+into int32 as ``pack-quantized``). Scales are rounded up to their storage dtype so the error
+bounds the tests check hold with the stored scale. Every function works on any number of rows,
+so callers may quantize a weight in row chunks. Nothing here reads or writes files.
 """
 
 from __future__ import annotations

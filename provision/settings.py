@@ -1,9 +1,7 @@
 """Every ``PROVISION_*`` environment variable, read in one place, and the default home.
 
-Nothing here touches the disk; ``Settings.load()`` only reads the environment. Other modules
-call ``Settings.load()`` (or take a ``Settings``) instead of reading ``os.environ`` themselves.
-
-Variables::
+``Settings.load()`` only reads the environment (never the disk); other modules call it (or take
+a ``Settings``) instead of reading ``os.environ``. The table is the reference for the variables::
 
     PROVISION_HOME                   where models, state, locks and resume data live (default ~/.cache/provision)
     PROVISION_DEBUG                  1 to show tracebacks for expected errors

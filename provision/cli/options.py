@@ -4,8 +4,8 @@ Each decorator adds one option (or one group of options) with the same name, def
 environment variable in every command that carries it. The choices come from the library, never
 from a list typed here: schemes and layouts from ``provision.stages.profiles``, target names from
 ``provision.hardware.CARDS``, sources from ``provision.stages.fetch``, network modes from
-``provision.settings``. This module parses option
-values (``parse_rate``) but does no work and reads no files.
+``provision.settings``. This module parses option values (``parse_rate``) but does no work and
+reads no files.
 """
 
 from __future__ import annotations

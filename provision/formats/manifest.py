@@ -1,10 +1,10 @@
-"""Manifests: one TOML file per model describing sources, files, sizes, hashes and the smoke test.
+"""Manifests: one TOML file per model naming its sources, files, sizes, hashes and smoke test.
 
-Pure: load (``tomllib``), validate (one-line ``ManifestError`` naming the field), write
-(``tomli_w``, atomically). A manifest never guesses: a size or hash it does not know is left
-unset and ``provision manifest lock`` records it after a verified fetch.
-
-Schema (``schema_version = 1``)::
+Load (``tomllib``), validate (a one-line ``ManifestError`` naming the field) and write
+(``tomli_w``, atomically). A manifest never guesses: an unknown size or hash stays unset until
+``provision manifest lock`` records it after a verified fetch. Nothing here fetches or verifies.
+The module stays large because parsing and writing the one schema field by field belong
+together. The schema below is the reference for the manifest format (``schema_version = 1``)::
 
     schema_version = 1
     name = "pixtral-12b-2409"            # [a-z0-9][a-z0-9._-]*

@@ -1,18 +1,11 @@
 """The safetensors format, read side: the dtype table, the bounded header reader and its checks.
 
-``DTYPES`` is provision's one table of safetensors dtypes (name, bits per element, and the
-name of the matching ``torch`` dtype where provision maps one, as a string so this module never
-imports torch). ``read_header(fd, path)`` reads the 8-byte header length and the JSON header of
-an open file (at most ``MAX_HEADER_BYTES``), ``parse_header`` proves it well formed: the JSON
-parses with no duplicate keys, every dtype is known, ``prod(shape) * bits / 8 == end - begin``,
-offsets lie inside the file, do not overlap and cover the data section exactly.
-``check_safetensors(path)`` does both on a path; ``check_index(path)`` checks a
-``*.safetensors.index.json`` against its shards.
-
-Written by hand rather than through the ``safetensors`` library because that library mmaps
-the file, needs a tensor framework and reports failures in words we cannot map to a precise
-one-line error; the format is simple and the checks here are the spec's. This module never
-imports torch, never reads tensor data and never writes anything (``safetensors_writer`` does).
+``DTYPES`` is the one table of safetensors dtypes (bits per element, the matching ``torch`` dtype
+named as a string). The header reader is bounded (``MAX_HEADER_BYTES``) and proves a header well
+formed: no duplicate keys, known dtypes, sizes that match shapes, offsets that tile the data
+section exactly; ``check_index`` checks an index against its shards. Written by hand rather than
+through the ``safetensors`` library, which mmaps, needs a tensor framework and reports failures
+we cannot map to a one-line error. It never imports torch, reads tensor data or writes.
 """
 
 from __future__ import annotations

@@ -1,18 +1,12 @@
-"""A streaming safetensors writer: the header first (from names, dtypes and shapes), then the
-tensors one by one, in pieces if need be, so a 25 GB checkpoint never sits in memory.
+"""A streaming safetensors writer: the header first, then the tensors one by one (in pieces if need
+be), so a 25 GB checkpoint never sits in memory.
 
-* ``TensorEntry`` / ``plan_shards``: what will be written and how it splits into shards of
-  about ``max_shard_bytes`` (a tensor is never split across shards).
-* ``ShardWriter``: one ``.safetensors`` file written under a unique temporary name beside its
-  target (``.provision-tmp-<name>.<random>``). Its header can keep a reserve of spaces so
-  metadata known only at the end (source hashes computed while streaming) can be patched in
-  place before the file is fsynced and renamed. JSON allows trailing whitespace and
-  safetensors pads headers with spaces itself, so the file stays a plain safetensors file.
-* ``CheckpointWriter``: several shards plus the ``*.index.json``; nothing appears under a final
-  name until ``commit()``, so a run killed midway leaves only temporary files, which
-  ``remove_stale_temporaries`` deletes on the next run.
-
-It does not read checkpoints, convert tensors or decide names.
+``plan_shards`` splits the entries into shards (a tensor is never split); a ``ShardWriter`` writes
+one file under a ``.provision-tmp-`` name beside its target, keeping a reserve of header spaces so
+metadata known only at the end (source hashes) is patched in place before fsync and rename; a
+``CheckpointWriter`` adds the index, and nothing appears under a final name until ``commit()``
+(``remove_stale_temporaries`` cleans up after a killed run). It does not read checkpoints,
+convert tensors or choose names.
 """
 
 from __future__ import annotations

@@ -1,20 +1,12 @@
-"""The Mistral <-> transformers (Llava + Pixtral vision) key map, as data plus small functions.
+"""The Mistral <-> transformers (Llava + Pixtral vision) tensor names, as data plus small functions.
 
 Mistral ("consolidated") names are the module paths of ``provision.model``; the transformers
-names are the legacy on-disk names of ``mistral-community/pixtral-12b``
-(``language_model.model.*``, ``language_model.lm_head.weight``, ``vision_tower.*``,
-``multi_modal_projector.*``). Reading also accepts the newer in-memory names transformers >= 4.52
-saves (``model.language_model.*``, ``model.vision_tower.*``, ``model.multi_modal_projector.*``,
-``lm_head.weight``).
-
-Besides the renames, every q/k projection (text and vision) is permuted between Mistral's
-interleaved-pair rotary layout and transformers' ``rotate_half`` layout. The
-permutation acts on dim 0 (output features) only, so it applies unchanged to per-channel
-scales or packed quantized rows whose dim 0 is the output dimension.
-
-``hf_config(args)`` builds the ``config.json`` dict of ``LlavaForConditionalGeneration``;
-``args_from_hf_config(cfg)`` reads one back into ``ModelArgs``. This module does no I/O and
-imports torch only for type checking; it does not quantize or write files.
+names are the legacy on-disk ones (``language_model.model.*``, ``vision_tower.*``...), and reading
+also accepts the newer in-memory ones (``model.language_model.*``...). Besides renaming, every q/k
+projection is permuted between Mistral's interleaved-pair rotary layout and transformers'
+``rotate_half`` layout, on dim 0 only, so the same permutation applies to per-channel scales and
+packed quantized rows. ``hf_config`` builds the Llava ``config.json`` and ``args_from_hf_config``
+reads one back. No I/O, no quantization; torch only for type checking.
 """
 
 from __future__ import annotations

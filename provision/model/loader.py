@@ -1,21 +1,12 @@
 """Load Pixtral weights from a checkpoint folder onto a device, with no second copy in RAM.
 
-Two on-disk layouts are read:
-
-* Mistral: ``params.json`` + ``consolidated.safetensors`` (or ``consolidated-*.safetensors``
-  shards with ``consolidated.safetensors.index.json``): names are the model's own;
-* transformers (Llava): ``config.json`` + ``model.safetensors`` or ``model-*.safetensors``
-  shards with ``model.safetensors.index.json``: names and q/k layouts go through
-  ``provision.model.hf_names``. A ``quantization_config`` in ``config.json`` hands the model
-  and the tensors to ``provision.model.quantized.apply_quantization``, which swaps the
-  quantized ``nn.Linear`` layers for its own modules before the strict load.
-
-The shards' headers are read and checked by ``provision.formats.safetensors`` (no tensor data).
-The model is built on the meta device; each tensor is read with ``safe_open`` straight onto the
-target device (cast per tensor), then ``load_state_dict(strict=True, assign=True)`` adopts them.
-Before reading anything, ``check_fits`` compares the bytes needed with the device's free memory
-and raises ``GPUMemoryError``/``ResourceError`` (exit 6) with both numbers.
-Pickle files (``.bin``, ``.pt``...) are never read. This module does not tokenize or generate.
+It reads the Mistral layout (``params.json`` + ``consolidated*.safetensors``, the model's own
+names) and the transformers (Llava) layout (``config.json`` + ``model*.safetensors``, renamed and
+q/k-permuted through ``hf_names``; a ``quantization_config`` swaps in ``quantized.QuantLinear``).
+The model is built on the meta device, each tensor read with ``safe_open`` straight onto the
+device, then adopted by ``load_state_dict(strict=True, assign=True)``; ``check_fits`` refuses
+(exit 6, with both numbers) before anything is read when the device lacks memory. Pickle files
+are never read. It does not tokenize or generate.
 """
 
 from __future__ import annotations

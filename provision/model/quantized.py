@@ -1,20 +1,12 @@
-"""Run compressed-tensors checkpoints in our model: dequantize-on-the-fly Linear layers.
+"""Run compressed-tensors checkpoints in our model: Linear layers that dequantize on the fly.
 
-``apply_quantization(model, config, tensors)`` reads a compressed-tensors
-``quantization_config`` (the whole ``config.json`` or just that block), and replaces every
-``nn.Linear`` of ``model`` whose quantized parts are in ``tensors`` by a ``QuantLinear`` that
-keeps the stored form (float8 + per-channel scales, or packed int4/int8 + group scales) as
-buffers named exactly as the checkpoint names them (``weight`` / ``weight_packed``,
-``weight_scale``, ``weight_shape``), so a later ``load_state_dict(strict=True, assign=True)``
-with the same tensors matches. ``tensors`` may be keyed by our (Mistral) names, already
-mapped and q/k-permuted by ``hf_names.hf_to_mistral``, or by the transformers names of the
-file, which are mapped here.
-
-Each forward dequantizes the weight to the input's dtype and calls ``F.linear``: exact, slow,
-memory-light (the weight is materialised for one layer at a time). For FP8_DYNAMIC (dynamic
-per-token fp8 input activations in the config) the input is quantized and dequantized per
-token the same way first, so the CPU result follows what a W8A8 engine computes. It does not
-use fp8 tensor cores (``torch._scaled_mm``); serving engines do that.
+``apply_quantization`` reads a ``quantization_config`` and replaces every ``nn.Linear`` whose
+quantized parts are in the given tensors (keyed by our Mistral names or by the file's
+transformers names) by a ``QuantLinear`` that keeps the stored form as buffers named as the
+checkpoint names them, so a later strict ``load_state_dict`` matches. Each forward dequantizes
+the weight (one layer at a time) and calls ``F.linear``; for FP8_DYNAMIC it also quantizes the
+input per token, as a W8A8 engine does. Exact and slow: no fp8 tensor cores (serving engines
+use them), no weight loading.
 """
 
 from __future__ import annotations

@@ -1,19 +1,12 @@
 """Reuse before download: take in an existing, verified copy instead of fetching again.
 
-``find_hf_snapshot`` looks for the manifest's pinned Hub commit in the user's Hugging Face
-cache (``HF_HUB_CACHE``, else ``HF_HOME/hub``, else ``~/.cache/huggingface/hub``) without
-importing huggingface_hub: the cache layout is stable and documented::
-
-    <cache>/models--<org>--<name>/
-    ├── blobs/<sha256 for LFS files | git blob sha1 for small files>
-    ├── refs/main                      (a commit id)
-    └── snapshots/<commit>/<path>  ->  ../../blobs/<id>   (symlinks)
-
-``adopt`` verifies every planned file of a folder (or a cache snapshot) against its
-authority, then hard-links it (or copies it, atomically) into the destination. A cache blob's
-name is the Hub's own id of its content, so it serves as the authority when the manifest pins
-no hash. Symlinks are followed only when they stay inside the folder or the repo's cache
-folder. Nothing under the destination is created before its file verified.
+``find_hf_snapshot`` looks for the manifest's pinned Hub commit in the user's Hugging Face cache
+(``HF_HUB_CACHE``, ``HF_HOME/hub`` or ``~/.cache/huggingface/hub``; ``snapshots/<commit>/<path>``
+links into ``blobs/``) without importing huggingface_hub. ``adopt`` verifies every planned file of
+a folder or snapshot against its authority (a blob's name is the Hub's id of its content, so it
+vouches when the manifest pins no hash), then hard-links or atomically copies it into the
+destination. Symlinks are followed only inside the folder or the repo's cache folder; nothing
+is created under the destination before its file verified. It downloads nothing.
 """
 
 from __future__ import annotations

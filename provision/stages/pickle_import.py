@@ -1,27 +1,14 @@
 """Import a pickled PyTorch release (Mistral 7B's ``consolidated.00.pth``) as safetensors, safely.
 
-Pickles are refused everywhere else in provision (manifests, verify, the loader, convert). This
-module is the one explicit way in, and it never unpickles in the calling process:
-
-1. the caller names the release's hash (``sha256=`` or ``md5=``: the published checksum); the
-   file is hashed by streaming its bytes, and a mismatch raises ``HashMismatchError`` (exit 5)
-   before anything parses it or writes anything;
-2. ``params.json`` (beside the pickle, or given) is parsed and its ``tensor_spec`` computed;
-3. a fresh interpreter (``python -m provision.stages.pickle_import --child``, no core dumps, its own
-   session) runs ``torch.load(path, weights_only=True, mmap=True, map_location="cpu")``.
-   ``weights_only`` refuses any global outside torch's tensor allow-list, so a payload whose
-   ``__reduce__`` calls ``os.system`` is rejected unexecuted; a crash, a hang (``timeout``) or an
-   out-of-memory kill ends only that process. The child checks the loaded object is a flat
-   ``{name: tensor}`` dict equal to the spec (names and shapes), then streams the tensors, in spec
-   order, through ``provision.formats.safetensors_writer.CheckpointWriter`` into a staging folder (memory:
-   about one tensor, the rest is the page cache of the mmap);
-4. back in the parent, the written ``consolidated.safetensors`` header is checked against the
-   spec once more (without torch), ``params.json`` is written (with ``rope_theta`` made explicit
-   when the release left it out: 7B v0.1 means 10000), the tokenizer files are copied,
-   ``import.json`` records where it all came from, and the staging folder is renamed to ``out``.
-
-A failure at any step leaves ``out`` untouched (the staging folder is removed). The pickle itself
-is never copied into ``out``: only the safetensors is the model.
+The one way a pickle gets in (manifests, verify, the loader and convert refuse them), and it is
+never unpickled in the calling process: the published sha256 or md5 is checked first (exit 5 on
+a mismatch, before anything parses the file); a fresh interpreter without core dumps runs
+``torch.load(weights_only=True, mmap=True)``, checks the loaded dict against ``params.json``'s
+``tensor_spec`` and streams it into a staging folder; the parent checks the written header
+again, adds ``params.json`` (``rope_theta`` made explicit), the tokenizer and ``import.json``, and
+renames the folder to ``out``. A failure leaves ``out`` untouched and the pickle is never copied.
+The module stays large because the parent and the child it starts (``--child``) share one file:
+the protocol between them is read in one place.
 """
 
 from __future__ import annotations

@@ -1,24 +1,12 @@
 """The profile table: which (scheme, layout, GPU count) a target can run, what it needs, what fits.
 
-A *profile* is a conversion target: ``scheme`` (bf16, fp16, fp8, w8a16, w4a16), ``layout``
-(mistral, hf) and ``gpus`` (tensor-parallel size). Memory needed per device =
-(weights + KV cache for ``context`` tokens at batch 1 in the activation dtype) x 1.1, split
-evenly over the GPUs. Rules, following vLLM's kernels:
-
-* the activation dtype is bf16 on compute capability >= 8.0 (and on the CPU), fp16 below;
-  ``bf16`` itself cannot run below 8.0;
-* ``fp8`` is FP8_DYNAMIC (E4M3 weights, per-output-channel scales, dynamic per-token
-  activations): W8A8 on >= 8.9, weight-only (Marlin) on 8.0-8.8, not at all below 8.0;
-  ``auto`` picks it only on >= 8.9;
-* ``w8a16`` / ``w4a16`` are weight-only int8 / int4, group 128, for when 16-bit weights do
-  not fit;
-* the ``mistral`` layout takes only casts (vLLM's Mistral loader knows no compressed-tensors
-  config); every scheme can be written in the ``hf`` layout. Default: casts keep ``mistral``,
-  quantized schemes write ``hf``.
-
-``auto`` takes the first scheme of the target's preference list that fits, on the fewest GPUs.
-Only the decoder's Linear weights are quantized; embeddings, norms, ``output``, the vision
-encoder and the adapter stay 16-bit (``quantized_tensor``). Pure: no torch, no I/O.
+A profile is a ``scheme`` (bf16, fp16, fp8, w8a16, w4a16), a ``layout`` (mistral, hf) and a GPU
+count; it needs, per device, (weights + KV cache for ``context`` tokens) x 1.1, split evenly. The
+rules follow vLLM's kernels: 16-bit activations are bf16 from compute capability 8.0 (fp16
+below, where ``bf16`` cannot run); ``fp8`` (FP8_DYNAMIC) runs W8A8 from 8.9 and weight-only from
+8.0; the ``mistral`` layout takes only casts, ``hf`` every scheme. ``auto`` takes the first scheme
+of the target's preference list that fits, on the fewest GPUs. Only the decoder's Linear weights
+are quantized (``quantized_tensor``). Pure: no torch, no I/O.
 """
 
 from __future__ import annotations

@@ -1,21 +1,12 @@
 """The smoke test: one image and one prompt through the whole multimodal model, checked.
 
-``smoke(model_dir, ...)`` tokenizes a chat request (by default the manifest's generated test
-image and prompt) with mistral-common, checks that the weights fit the device (exit 6 with
-needed vs free bytes, before anything is read), loads the model with ``load_model`` (meta device
-+ assign), decodes greedily with the KV cache and checks:
-
-* ``logits_finite``: the logits of every step are finite;
-* ``image_tokens``: the ``[IMG]`` count equals the number of image patches, laid out as rows of
-  ``[IMG]`` closed by ``[IMG_BREAK]`` and the last by ``[IMG_END]``;
-* ``decodes``: the generated ids decode to text;
-* ``golden`` (when golden ids are given, e.g. for the tiny checkpoint): the ids equal them;
-* ``expected`` (when the manifest names an answer and the default image/prompt are used): the
-  answer appears in the text, case-insensitively.
-
-It returns a ``SmokeReport`` (device, dtype, load seconds, prefill and per-token latency, peak
-RAM/GPU, tokens, text, checks) or raises ``SmokeError`` (exit 8) carrying the report when a check
-fails. It never prints; progress goes through the callback. It does not fetch or convert.
+``smoke`` tokenizes a chat request (by default the manifest's generated image and prompt) with
+mistral-common, refuses a device too small before reading weights (exit 6), loads the model,
+decodes greedily with the KV cache and checks that the logits stay finite, the ``[IMG]`` token
+layout matches the image patches, the ids decode, and, when given, that the ids equal golden
+ones or the answer names the manifest's expected word. It returns a ``SmokeReport`` (timings,
+peak memory, tokens, text, checks) or raises ``SmokeError`` (exit 8) carrying it. It never
+prints, fetches or converts.
 """
 
 from __future__ import annotations

@@ -1,19 +1,11 @@
 """Finding and removing what the store no longer needs (the library behind ``provision gc``).
 
-``collect_garbage(home, dry_run=...)`` removes, per model, unless a live run holds the model's lock:
-
-* its staging folder (``staging/<model>``: an abandoned download; a download you still want to
-  resume should be resumed with ``provision run`` before ``gc``),
-* partial and temporary files inside the model folder (``.provision-tmp-*``, ``*.incomplete``,
-  ``*.part``, ``*.parts``) that no state record vouches for,
-* a dead lock (its holder died: see ``provision.store.lock``) and a leftover ``.lock.break``.
-
-Across the store it removes resume data (``torrents/<infohash>.*``) that no existing model refers
-to (by its state file, its manifest under ``manifests/`` or its staging folder), and temporary
-files (``.provision-tmp-*``) in the store's own folders once no run can be writing them. The
-cleaning of one model happens under that model's lock (taken without waiting), so a run cannot
-start in the middle of it. A live lock, and anything of a model it protects, is never touched.
-``dry_run`` reports the same list and removes nothing. Symlinks are never followed. It prints nothing.
+Per model, unless a live run holds its lock, ``collect_garbage`` removes the staging folder (an
+abandoned download), partial and temporary files no state record vouches for, a dead lock and a
+leftover ``.lock.break``; across the store, resume data no model refers to and temporary files
+no run can still be writing. Each model is cleaned under its own lock (taken without waiting).
+A live lock, and anything of a model it protects, is never touched; symlinks are never followed;
+``dry_run`` reports the same list and removes nothing. It prints nothing.
 """
 
 from __future__ import annotations

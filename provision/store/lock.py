@@ -1,29 +1,13 @@
 """One run per model at a time: a lock file that works where ``flock`` lies (NFS, Lustre).
 
-``ModelLock(path)`` creates ``path`` with ``O_CREAT|O_EXCL`` (atomic on local filesystems and on
-NFSv3+) and writes who holds it: host, PID, start time, a random token, the boot id and PID
-namespace (so a PID is only judged on the machine it belongs to) and the heartbeat interval.
-While held, a background thread refreshes the file's mtime every ``heartbeat`` seconds.
-
-A lock is *stale* (and is taken over) when:
-
-* it was written on this machine (same host name, PID namespace and boot) and its PID is dead
-  (or is a zombie, or was reused by a process that started later), or the machine rebooted since;
-* it was written on another machine and its mtime has not moved for ``stale_after`` seconds
-  (measured as the larger of the wall-clock age and how long this process has watched it
-  unchanged, so a skewed clock alone cannot make a live lock look dead for long).
-
-``flock`` is an extra guard, never the only one: the holder also takes ``flock(LOCK_EX)`` on the
-file, and a lock whose ``flock`` is visibly held is never judged stale; a ``flock`` that succeeds
-proves nothing (``localflock`` on Lustre, ``nolock`` NFS mounts) and the rules above decide.
-(On NFS, Linux emulates ``flock`` with POSIX locks, which a probe from the holder's own process
-can release: so the guard is advisory there, and nothing depends on it.)
-Taking over a stale lock goes through a short-lived ``<lock>.break`` file and re-reads the lock
-under it, so two waiters cannot both break it or delete a fresh lock made in between.
-
-A waiter polls with backoff up to ``timeout`` seconds, then raises ``LockTimeoutError`` (exit 6)
-naming the holder. This module does not know about models or stages; ``provision run``, ``rm``
-and ``gc`` decide what to lock.
+``ModelLock`` creates the file with ``O_CREAT|O_EXCL``, writes who holds it (host, PID, start
+time, token, boot id, PID namespace) and refreshes its mtime on a heartbeat. A lock is stale when
+its holder on this machine is dead (or the machine rebooted), or when a lock from another machine
+has not moved for ``stale_after`` seconds; a visibly held ``flock`` is an extra guard, never the
+only one. Breaking a stale lock goes through a short-lived ``<lock>.break`` file so two waiters
+cannot both break it. A waiter polls, then raises ``LockTimeoutError`` (exit 6) naming the
+holder. It knows nothing of models or stages. The module stays large because judging staleness
+and taking the lock must agree on every rule and are read together.
 """
 
 from __future__ import annotations

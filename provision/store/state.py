@@ -1,19 +1,12 @@
 """The per-model state file: which pipeline stages finished, and the file facts they relied on.
 
-``provision run`` records a stage when it finishes (``State.record_stage``): for every file the
-stage produced or relied on, its size, ``mtime_ns``, inode and (when known) sha256, plus free
-``facts`` (source, seconds, bytes, checks). A rerun skips a stage whose files still match by size,
-mtime and inode (``State.stage_valid``) and redoes one that does not; ``--reverify`` ignores the
-state and re-hashes. The file is schema-versioned JSON carrying the tool version, written
-atomically and group-readable (``save_state``); paths inside the model folder are stored relative
-to it so a home can be moved. A missing, corrupt or future-schema file loads as an empty state
-with a warning in ``State.warnings``: it never crashes a run, it only costs a redo.
-
-Stage names are ``plan``, ``fetch``, ``verify``, ``convert``, ``smoke``, optionally qualified by a
-profile: ``convert:fp8-hf``, ``smoke:fp8-hf``. ``State.invalidate(stage)`` drops the stage and every
-later one (for a qualified stage, only later stages of the same profile and unqualified ones).
-
-This module does not decide *what* a stage must record, run any stage, or hash files itself.
+``State.record_stage`` stores, for every file a finished stage relied on, its size, ``mtime_ns``,
+inode and (when known) sha256, plus free facts; ``State.stage_valid`` lets a rerun skip a stage
+whose files still match. Stage names are ``plan`` ... ``smoke``, optionally qualified by a profile
+(``convert:fp8-hf``); ``invalidate`` drops a stage and the later ones. The file is schema-versioned
+JSON, written atomically and group-readable, with paths relative to the model folder; a missing,
+corrupt or future-schema file loads as an empty state with a warning (it only costs a redo). It
+does not decide what a stage records, run stages or hash files.
 """
 
 from __future__ import annotations

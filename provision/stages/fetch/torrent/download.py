@@ -1,15 +1,13 @@
 """``fetch_torrent``: download only the plan's files (in order) into a staging folder, hash each
 file while its pieces are still in the page cache, verify, then rename the files into ``dest``.
 
-The steps: add the torrent (resuming from ``torrents/<id>.resume`` when it matches), learn the
-metadata, refuse hostile names before anything is written, reuse files already verified in
-``dest``, check free space again, download with a stall watchdog ("No peers found" when nobody
-answered), hand the stream hashes to ``provision.stages.verify`` (a stream hash is only trusted
-when a manifest sha256 confirms it), move the files into place and report. Resume data is saved
-every second and on SIGINT/SIGTERM. A download switches from in-order to rarest-first pieces once
-another downloader is connected, and ``--seed-for`` then serves the verified files (``seed``).
-It does not choose the source (``provision.stages.fetch``), define a valid file (``verify``) or
-print anything (events go through ``progress``).
+It resumes from saved resume data, learns the metadata, refuses hostile names before anything
+is written, reuses verified files already in ``dest``, downloads with a stall watchdog, hands the
+stream hashes to ``provision.stages.verify``, moves the files into place and reports; resume data
+is saved every second and on SIGINT/SIGTERM. It switches from in-order to rarest-first pieces once
+another downloader is connected. It does not choose the source, define a valid file or print.
+The module stays large because it is the one sequence of steps of a torrent download, each a
+short function, and splitting the sequence would scatter it.
 """
 
 from __future__ import annotations

@@ -1,12 +1,12 @@
-"""Serving verified files: the ``provision seed`` command's library side, ``--seed-for`` after a
-fetch, and background seeding while ``provision run`` converts and smoke-tests.
+"""Serving verified files: ``provision seed``, ``--seed-for`` after a fetch, and background seeding
+while ``provision run`` converts and smoke-tests.
 
-``seed`` makes a torrent of a folder (``create``), writes the .torrent, the magnet (``btih`` +
-``btmh`` + ``x.pe`` + trackers) and an opentracker whitelist line, and serves in seed mode
-without re-hashing. ``background_seeding()`` is a scope in which a fetch with ``seed_for > 0``
-hands its session to a thread and returns; ``seed_verified`` does the same for a model fetched
-by an earlier run. Nothing here downloads or verifies content: every piece served was hashed
-when created or verified when fetched.
+``seed`` makes a torrent of a folder (``create``), writes the .torrent, the magnet and an
+opentracker whitelist line, and serves without re-hashing. ``background_seeding()`` is a scope in
+which a fetch with ``seed_for > 0`` hands its session to a thread and returns; ``seed_verified``
+does the same for a model fetched by an earlier run. Nothing here downloads or verifies content.
+The module stays large because the three ways of seeding share the serving loop and the
+seeding thread, kept in one place.
 """
 
 from __future__ import annotations

@@ -615,22 +615,7 @@ def serve_tiny(tiny_dir: Path, **kwargs: Any) -> Iterator[LoopbackHub]:
         yield hub
 
 
-# ---------------------------------------------------------------------------------------
-# pytest fixtures (imported by tests/test_hub*.py)
-
-import pytest  # noqa: E402 - fixtures only; the server above does not need pytest
-
-TOKENS = {"hf_alice_token_0123456789": "alice", "hf_bob_token_0123456789": "bob"}
-
-
-@pytest.fixture(name="hub")
-def hub_fixture(tiny_src: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[LoopbackHub]:
-    """The tiny checkpoint served as ``provision/tiny-pixtral`` (its manifest revision, ``main``);
-    HF_ENDPOINT points at it. Tokens: ``TOKENS`` (alice, bob)."""
-    with serve_tiny(tiny_src, tokens=TOKENS) as h:
-        monkeypatch.setenv("HF_ENDPOINT", h.endpoint)
-        monkeypatch.setenv("HF_HUB_DISABLE_TELEMETRY", "1")
-        yield h
+TOKENS = {"hf_alice_token_0123456789": "alice", "hf_bob_token_0123456789": "bob"}  # test users of the loopback hub
 
 
 def main(argv: list[str] | None = None) -> int:

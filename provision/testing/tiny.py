@@ -26,6 +26,7 @@ from typing import Any
 from provision.formats.manifest import FileSpec, Manifest, SmokeImage, SmokeSpec, Source, write_manifest
 from provision.formats.params import ModelArgs, tensor_spec
 from provision.io.atomic import atomic_write_bytes
+from provision.io.hashing import sha256_file
 
 TINY_NAME = "tiny-pixtral"
 TINY_REPO = "provision/tiny-pixtral"
@@ -101,14 +102,6 @@ def tiny_state_dict(args: ModelArgs, seed: int = 0) -> dict[str, Any]:
     return sd
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def write_tiny(out_dir: Path, seed: int = 0, *, params: dict[str, Any] | None = None) -> TinyResult:
     """Write the tiny checkpoint and its manifest into ``out_dir`` (created if missing)."""
     from safetensors.torch import save
@@ -121,7 +114,7 @@ def write_tiny(out_dir: Path, seed: int = 0, *, params: dict[str, Any] | None = 
     blob = save(tiny_state_dict(args, seed), metadata={"format": "pt"})
     atomic_write_bytes(out_dir / "consolidated.safetensors", blob)
     atomic_write_bytes(out_dir / "tekken.json", release_tekken_bytes())
-    facts = {name: ((out_dir / name).stat().st_size, _sha256(out_dir / name)) for name in FILES}
+    facts = {name: ((out_dir / name).stat().st_size, sha256_file(out_dir / name)) for name in FILES}
     revision = hashlib.sha1("".join(f"{n}:{s}:{h}\n" for n, (s, h) in sorted(facts.items())).encode()).hexdigest()
     manifest = Manifest(
         name=TINY_NAME,

@@ -26,7 +26,8 @@ from typing import Any
 from provision.formats.manifest import FileSpec, Manifest, SmokeImage, SmokeSpec, Source, write_manifest
 from provision.formats.params import ModelArgs
 from provision.io.atomic import atomic_write_bytes
-from provision.testing.tiny import MANIFEST_NAME, TinyResult, _sha256, tiny_state_dict
+from provision.io.hashing import sha256_file
+from provision.testing.tiny import MANIFEST_NAME, TinyResult, tiny_state_dict
 
 TINY_MIXTRAL_PARAMS: dict[str, Any] = {  # the 8x22B torrent's keys, in its order
     "dim": 64,
@@ -90,7 +91,7 @@ def _write(out_dir: Path, kind: str, params: dict[str, Any], seed: int, smoke: S
                        save(tiny_state_dict(args, seed), metadata={"format": "pt"}))
     atomic_write_bytes(out_dir / tok_name, _mc_data(tok_src).read_bytes())
     names = ("consolidated.safetensors", "params.json", tok_name)
-    facts = {n: ((out_dir / n).stat().st_size, _sha256(out_dir / n)) for n in names}
+    facts = {n: ((out_dir / n).stat().st_size, sha256_file(out_dir / n)) for n in names}
     revision = hashlib.sha1("".join(f"{n}:{s}:{h}\n" for n, (s, h) in sorted(facts.items())).encode()).hexdigest()
     manifest = Manifest(
         name=f"tiny-{kind}",

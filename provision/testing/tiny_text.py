@@ -30,7 +30,8 @@ from provision.errors import UsageError
 from provision.formats.manifest import FileSpec, Manifest, SmokeSpec, Source, write_manifest
 from provision.formats.params import ModelArgs
 from provision.io.atomic import atomic_write_bytes
-from provision.testing.tiny import MANIFEST_NAME, TinyResult, _sha256, tiny_state_dict
+from provision.io.hashing import sha256_file
+from provision.testing.tiny import MANIFEST_NAME, TinyResult, tiny_state_dict
 
 KINDS = ("7b", "nemo")
 PICKLE_NAME = "consolidated.00.pth"
@@ -111,7 +112,7 @@ def write_tiny_mistral(out_dir: Path, kind: str = "7b", seed: int = 0, *, weight
     atomic_write_bytes(out_dir / weights_name, blob)
     atomic_write_bytes(out_dir / tok_name, tok_src.read_bytes())
     names = (weights_name, "params.json", tok_name)
-    facts = {n: ((out_dir / n).stat().st_size, _sha256(out_dir / n)) for n in names}
+    facts = {n: ((out_dir / n).stat().st_size, sha256_file(out_dir / n)) for n in names}
     revision = hashlib.sha1("".join(f"{n}:{s}:{h}\n" for n, (s, h) in sorted(facts.items())).encode()).hexdigest()
     specs = []
     for n, (s, h) in sorted(facts.items()):

@@ -28,9 +28,9 @@ def _json_out(capsys: pytest.CaptureFixture[str]) -> dict:  # type: ignore[type-
 
 def test_golden_ids_belong_to_this_tiny_checkpoint(tiny_src: Path) -> None:
     """If the tiny writer changes, regenerate the golden ids (tests/golden/make_golden.py)."""
-    from provision.testing.tiny import _sha256
+    from provision.io.hashing import sha256_file
 
-    assert _sha256(tiny_src / "consolidated.safetensors") == load_golden()["consolidated_sha256"]
+    assert sha256_file(tiny_src / "consolidated.safetensors") == load_golden()["consolidated_sha256"]
 
 
 def test_smoke_on_the_tiny_checkpoint_generates_the_golden_ids(tiny_src: Path) -> None:

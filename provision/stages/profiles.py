@@ -13,16 +13,18 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal, get_args
 
 from provision.errors import GPUMemoryError, ManifestError, UsageError
 from provision.formats.params import ModelArgs, tensor_spec
 from provision.hardware import Target
 
-SCHEMES = ("bf16", "fp16", "fp8", "w8a16", "w4a16")
-CASTS = ("bf16", "fp16")
-QUANTIZED = ("fp8", "w8a16", "w4a16")
-LAYOUTS = ("mistral", "hf")
+Scheme = Literal["bf16", "fp16", "fp8", "w8a16", "w4a16"]
+LayoutName = Literal["mistral", "hf"]
+SCHEMES: tuple[Scheme, ...] = get_args(Scheme)
+CASTS: tuple[Scheme, ...] = ("bf16", "fp16")
+QUANTIZED: tuple[Scheme, ...] = ("fp8", "w8a16", "w4a16")
+LAYOUTS: tuple[LayoutName, ...] = get_args(LayoutName)
 DEFAULT_CONTEXT = 32768
 OVERHEAD = 1.10
 GROUP_SIZE = 128
@@ -51,11 +53,26 @@ def default_layout(scheme: str) -> str:
     return "mistral" if scheme in CASTS else "hf"
 
 
+def parse_scheme(name: str) -> Scheme:
+    """``name`` as a ``Scheme``; ``UsageError`` (exit 2) naming the choices otherwise."""
+    for s in SCHEMES:
+        if s == name:
+            return s
+    raise UsageError(f"Unknown scheme {name!r}: use one of auto, {', '.join(SCHEMES)}.", scheme=name)
+
+
+def parse_layout(name: str) -> LayoutName:
+    """``name`` as a ``LayoutName``; ``UsageError`` (exit 2) naming the choices otherwise."""
+    for lay in LAYOUTS:
+        if lay == name:
+            return lay
+    raise UsageError(f"Unknown layout {name!r}: use one of {', '.join(LAYOUTS)}.", layout=name)
+
+
 def support(scheme: str, target: Target) -> tuple[bool, str]:
     """(can the target run the scheme, how or why not)."""
     cc = target.compute_capability
-    if scheme not in SCHEMES:
-        raise UsageError(f"Unknown scheme {scheme!r}: use one of auto, {', '.join(SCHEMES)}.", scheme=scheme)
+    parse_scheme(scheme)
     if cc is None:
         return True, "CPU: our runtime dequantizes on the fly" if scheme in QUANTIZED else "CPU"
     if scheme == "bf16":
@@ -112,8 +129,8 @@ def kv_cache_bytes(args: ModelArgs, context: int, act_bytes: int = 2) -> int:
 
 @dataclass(frozen=True)
 class Profile:
-    scheme: str
-    layout: str
+    scheme: Scheme
+    layout: LayoutName
     gpus: int
     activation_dtype: str
     weight_bytes: int
@@ -171,7 +188,7 @@ def profile(args: ModelArgs, target: Target, scheme: str, layout: str | None = N
     w = weight_bytes(args, scheme, ab)
     kv = kv_cache_bytes(args, context, ab)
     need = math.ceil((w + kv) * OVERHEAD / gpus)
-    return Profile(scheme=scheme, layout=lay, gpus=gpus, activation_dtype=act, weight_bytes=w, kv_bytes=kv,
+    return Profile(scheme=parse_scheme(scheme), layout=parse_layout(lay), gpus=gpus, activation_dtype=act, weight_bytes=w, kv_bytes=kv,
                    need_bytes=need, available_bytes=target.memory_bytes, runnable=runnable,
                    fits=need <= target.memory_bytes, how=how)
 

@@ -15,6 +15,7 @@ from provision.errors import LockTimeoutError
 from provision.formats.report_schema import load_schema, main, report_errors, schema_text, validate_report
 from provision.settings import Settings
 from provision.version import JSON_SCHEMA_VERSION, __version__
+from tests.support.cli import cli_json
 
 
 @pytest.fixture()
@@ -58,7 +59,27 @@ def test_a_successful_run_report_validates(good_report: dict[str, Any]) -> None:
     assert good_report["version"] == __version__
 
 
-def test_a_failure_report_from_the_cli_error_path_validates() -> None:
+def test_failing_run_json_reports_from_the_cli_validate(tiny_copy: Path, tmp_path: Path,
+                                                        capsys: pytest.CaptureFixture[str]) -> None:
+    """Real `provision run --json` failures, each through its own error path, validate against the schema."""
+    manifest = str(tiny_copy / "manifest.toml")
+    bad = tmp_path / "bad.toml"
+    bad.write_text("schema_version = 1\nname = 'x'\n")  # no architecture, format, sources or files
+    rc, doc, _ = cli_json(capsys, "run", str(bad), "--home", str(tmp_path / "h1"))
+    assert rc == 3 and doc["ok"] is False and doc["error"]["kind"] == "manifest"
+    validate_report(doc)
+
+    weights = tiny_copy / "consolidated.safetensors"
+    raw = bytearray(weights.read_bytes())
+    raw[-1] ^= 0xFF  # one flipped byte: the adopted original fails its sha256
+    weights.write_bytes(bytes(raw))
+    rc, doc, _ = cli_json(capsys, "run", manifest, "--home", str(tmp_path / "h2"), "--adopt", str(tiny_copy))
+    assert rc == 5 and doc["ok"] is False and doc["exit_code"] == 5
+    assert doc["error"]["kind"] == "hash_mismatch" and doc["error"]["context"]["path"] == "consolidated.safetensors"
+    validate_report(doc)
+
+
+def test_a_lock_timeout_error_report_validates() -> None:
     app = App(terminal=Terminal(), settings=Settings.load(), command="run")
     err = LockTimeoutError("Model x is locked.", holder_pid=12, holder_host="h")
     doc = app.envelope(False, err.exit_code)

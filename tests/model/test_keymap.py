@@ -9,6 +9,7 @@ from provision.errors import ConvertError, ParamsError
 from provision.formats.params import ModelArgs, tensor_spec
 from provision.model import hf_names as keymap
 from provision.testing.tiny import TINY_PARAMS
+from tests.support.hf_reference import require_transformers
 
 ARGS = ModelArgs.from_dict(TINY_PARAMS)
 
@@ -118,7 +119,7 @@ def test_a_config_without_text_config_is_a_params_error() -> None:
 
 @pytest.mark.parity
 def test_hf_config_is_accepted_by_transformers_llava_config() -> None:
-    transformers = pytest.importorskip("transformers")
+    transformers = require_transformers()
     cfg = transformers.LlavaConfig(**keymap.hf_config(ARGS))
     assert cfg.vision_config.hidden_act == "silu"
     assert cfg.text_config.head_dim == ARGS.head_dim

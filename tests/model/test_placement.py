@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import itertools
 import random
-import resource
 from pathlib import Path
 
 import pytest
@@ -130,7 +129,6 @@ def test_the_281_gb_8x22b_shape_runs_on_the_meta_device_over_four_devices_withou
     from provision.model.pixtral import build_model
 
     a = ModelArgs.from_dict(MIXTRAL_8X22B)
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     model = build_model(a, dtype=torch.bfloat16)
     p = plan_placement(a, CUDA4, capacity_bytes=[H100] * 4).remap({d: "meta" for d in CUDA4})
     place_model(model, p)
@@ -138,8 +136,8 @@ def test_the_281_gb_8x22b_shape_runs_on_the_meta_device_over_four_devices_withou
     with torch.no_grad():
         logits = model(torch.zeros(1, 8, dtype=torch.long, device="meta"))
     assert logits.shape == (1, 8, 32000) and logits.device.type == "meta"
-    grown = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - before
-    assert grown < 2 * 2**30, f"peak RSS grew by {grown / 2**30:.2f} GiB for a 281 GB model"
+    # without memory: not one parameter or buffer holds storage (a meta tensor has none)
+    assert {t.device.type for t in [*model.parameters(), *model.buffers()]} == {"meta"}
 
 
 def test_the_smoke_command_takes_devices_and_reports_the_placement(

@@ -152,6 +152,34 @@ def test_quiet_prints_nothing_but_errors(capsys: pytest.CaptureFixture[str]) -> 
     assert capsys.readouterr().err == ""
 
 
+def test_quiet_failure_keeps_only_the_one_line_error_and_the_exit_code(
+        tiny_copy: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from tests.support.files import data_offset, flip_byte
+
+    model = tiny_copy
+    weights = model / "consolidated.safetensors"
+    flip_byte(weights, data_offset(weights) + 1000)  # one tensor byte: its sha256 is no longer the manifest's
+    argv = ["verify", str(model), "--manifest", str(model / "manifest.toml")]
+    assert run_cli(argv) == 5  # 5: verification failed (the README's table)
+    loud = capsys.readouterr()
+    loud_lines = loud.err.splitlines()
+    errors = [ln for ln in loud_lines if ln.startswith("error: ")]
+    assert len(errors) == 1 and "consolidated.safetensors" in errors[0]
+    assert len(loud_lines) > 1  # without --quiet there is more than the error to suppress
+    assert run_cli(["--quiet", *argv]) == 5
+    quiet = capsys.readouterr()
+    assert quiet.out == ""
+    assert quiet.err.splitlines() == errors  # the same one line, nothing else
+
+
+def test_quiet_usage_error_still_says_what_is_wrong_and_exits_2(capsys: pytest.CaptureFixture[str]) -> None:
+    assert run_cli(["--quiet", "plan", "pixtral-12b-2409", "--offline", "--target", "gtx1080"]) == 2
+    cap = capsys.readouterr()
+    assert cap.out == ""
+    lines = cap.err.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: Unknown target 'gtx1080'")
+
+
 def test_log_file_receives_every_message(tmp_path: Path) -> None:
     log = tmp_path / "log.txt"
     assert run_cli(["--log-file", str(log), "--quiet", "plan", "pixtral-12b-2409", "--offline"]) == 0

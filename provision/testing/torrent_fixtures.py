@@ -77,6 +77,20 @@ def stop_process(p: subprocess.Popen[Any], sig: int = signal.SIGTERM, timeout: f
     return int(p.returncode)
 
 
+def resume_fraction(path: Path) -> float:
+    """The share of pieces libtorrent's resume data at ``path`` says are downloaded and checked
+    (0.0 while the file is missing or unreadable): real progress, unlike the size of files the
+    fetch preallocates. A rerun resumes from exactly this."""
+    import libtorrent as lt
+
+    try:
+        atp = lt.read_resume_data(path.read_bytes())
+    except (OSError, RuntimeError):
+        return 0.0
+    have = list(atp.have_pieces)
+    return sum(have) / len(have) if have else 0.0
+
+
 def make_payload(folder: Path, sizes: dict[str, int], seed: int = 1) -> dict[str, int]:
     """Write deterministic pseudo-random files (``.dat``: not a pickle suffix)."""
     import random

@@ -25,6 +25,7 @@ from provision.testing.torrent_fixtures import (
     corrupt_peer,
     make_payload,
     provision_env,
+    resume_fraction,
     same_tree,
     seed_thread,
     stop_process,
@@ -300,17 +301,6 @@ def test_a_peer_serving_corrupted_pieces_is_survived_and_its_hash_failures_count
 
 # ---------------------------------------------------------------------------------------
 # interruption and resume
-
-
-def resume_fraction(path: Path) -> float:
-    import libtorrent as lt
-
-    try:
-        atp = lt.read_resume_data(path.read_bytes())
-    except (OSError, RuntimeError):
-        return 0.0
-    have = list(atp.have_pieces)
-    return sum(have) / len(have) if have else 0.0
 
 
 def start_fetch(magnet: str, dest: Path, *extra: str, log: Path) -> subprocess.Popen[str]:

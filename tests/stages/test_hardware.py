@@ -17,8 +17,44 @@ from provision.hardware import (
 from tests.support.nvml import CARDS as RECORDED
 from tests.support.nvml import FakeNVML, smi_text
 
-EXPECTED_CC = {"t4": (7, 5), "a10g": (8, 6), "l4": (8, 9), "a100-40gb": (8, 0), "a100-80gb": (8, 0),
-               "h100": (9, 0)}
+# Each card's facts, written here from public sources, never read from ``hardware.CARDS``:
+# (name as NVML / nvidia-smi print it, CUDA compute capability from NVIDIA's "CUDA GPUs" table,
+#  memory in the maker's spec sheet in GB (HBM/GDDR sizes are binary: 16 GB = 16 * 1024 MiB),
+#  total MiB as the driver reports it, or None where it varies with the driver version).
+SPEC: dict[str, tuple[str, tuple[int, int], int, int | None]] = {
+    "t4": ("Tesla T4", (7, 5), 16, 15360),
+    "v100": ("Tesla V100-SXM2-16GB", (7, 0), 16, None),  # 16160 MiB on older drivers
+    "v100-32gb": ("Tesla V100-SXM2-32GB", (7, 0), 32, None),
+    "a10g": ("NVIDIA A10G", (8, 6), 24, 23028),
+    "l4": ("NVIDIA L4", (8, 9), 24, 23034),
+    "a100-40gb": ("NVIDIA A100-SXM4-40GB", (8, 0), 40, 40960),
+    "a100-80gb": ("NVIDIA A100-SXM4-80GB", (8, 0), 80, 81920),
+    "h100": ("NVIDIA H100 80GB HBM3", (9, 0), 80, 81559),  # H100 SXM5
+    "h200": ("NVIDIA H200", (9, 0), 141, 143771),
+}
+MIB = 2**20
+
+
+def spec_mib(card: str) -> int:
+    """The card's total in MiB as its driver reports it (the recordings carry the same figures)."""
+    mib = SPEC[card][3]
+    assert mib is not None, f"no driver figure written for {card}"
+    return mib
+
+
+def test_every_named_card_has_its_facts_written_in_this_test() -> None:
+    assert sorted(CARDS) == sorted(SPEC)
+
+
+@pytest.mark.parametrize("card", list(SPEC))
+def test_card_table_agrees_with_the_published_name_capability_and_memory(card: str) -> None:
+    name, cc, spec_gb, mib = SPEC[card]
+    c = CARDS[card]
+    assert (c.name, c.compute_capability) == (name, cc)
+    # the driver reports a little less than the spec sheet (ECC, reserved memory), never more
+    assert 0.9 * spec_gb * 1024 <= c.memory_mib <= spec_gb * 1024
+    if mib is not None:
+        assert c.memory_mib == mib
 
 
 @pytest.mark.parametrize("card", RECORDED)
@@ -26,9 +62,9 @@ def test_nvml_recording_gives_name_capability_and_memory(card: str) -> None:
     gpus = detect_nvml(FakeNVML.card(card))
     assert gpus is not None and len(gpus) == 1
     g = gpus[0]
-    assert g.compute_capability == EXPECTED_CC[card]
-    assert g.name == CARDS[card].name
-    assert g.total_bytes == CARDS[card].memory_mib * 2**20
+    assert g.compute_capability == SPEC[card][1]
+    assert g.name == SPEC[card][0]
+    assert g.total_bytes == spec_mib(card) * MIB
     assert 0 < g.free_bytes < g.total_bytes
 
 
@@ -44,7 +80,7 @@ def test_nvidia_smi_q_parse_agrees_with_nvml(card: str) -> None:
 
 def test_nvidia_smi_q_reads_fb_memory_not_bar1() -> None:
     g = parse_nvidia_smi_q(smi_text("h100"))[0]
-    assert g.total_bytes == 81559 * 2**20  # BAR1's 256 MiB "Total" must not be taken
+    assert g.total_bytes == 81559 * MIB  # BAR1's 256 MiB "Total" must not be taken
 
 
 def test_nvidia_smi_q_with_two_gpus_lists_both() -> None:
@@ -78,18 +114,19 @@ def test_detected_multi_gpu_host_becomes_a_counted_target() -> None:
     hw = detect(FakeNVML.card("h100", count=2), use_smi=False)
     t = target_from_hardware(hw)
     assert (t.count, t.compute_capability, t.source) == (2, (9, 0), "detected")
-    assert t.memory_bytes == CARDS["h100"].memory_mib * 2**20
+    assert t.memory_bytes == 81559 * MIB  # what the recording's NVML reports per H100
 
 
-@pytest.mark.parametrize("name", list(CARDS))
-def test_every_card_name_is_a_target(name: str) -> None:
+@pytest.mark.parametrize("name", list(SPEC))
+def test_every_card_name_is_a_target_with_the_published_capability(name: str) -> None:
     t = parse_target(name)
-    assert t.compute_capability == CARDS[name].compute_capability and t.count == 1
+    assert t.compute_capability == SPEC[name][1] and t.count == 1
+    assert 0.9 * SPEC[name][2] * 2**30 <= t.memory_bytes <= SPEC[name][2] * 2**30
 
 
 def test_card_name_with_count() -> None:
     t = parse_target("a100-80gbx4")
-    assert t.count == 4 and t.compute_capability == (8, 0)
+    assert t.count == 4 and t.compute_capability == (8, 0) and t.memory_bytes == 81920 * MIB
 
 
 @pytest.mark.parametrize("spec,cc,gib,count", [("sm_89:24", (8, 9), 24, 1), ("sm_75:16GB", (7, 5), 16, 1),

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import os
 import stat
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -57,11 +59,27 @@ def test_state_file_carries_schema_tool_version_and_relative_paths(tmp_path: Pat
     assert [p.name for p in sf.parent.iterdir() if p.name.startswith(".provision-tmp-")] == []
 
 
-def test_state_file_is_group_readable(tmp_path: Path) -> None:
-    _st, sf, _orig = _recorded(tmp_path)
-    mode = stat.S_IMODE(sf.stat().st_mode)
-    assert mode & 0o040 and mode & 0o400
-    assert mode == shared_file_mode()
+@contextmanager
+def umask(mask: int) -> Iterator[None]:
+    old = os.umask(mask)
+    try:
+        yield
+    finally:
+        os.umask(old)
+
+
+# A new file's mode is 0o666 with the umask's bits cleared; the state file then gets 0o440 added
+# (owner and group may always read it, so a shared home stays usable under a private umask):
+#   umask 022: 0o666 & ~0o022 = 0o644, | 0o440 -> 0o644 (the usual default)
+#   umask 002: 0o666 & ~0o002 = 0o664, | 0o440 -> 0o664 (the advice for a shared home: group-writable)
+#   umask 027: 0o666 & ~0o027 = 0o640, | 0o440 -> 0o640
+#   umask 077: 0o666 & ~0o077 = 0o600, | 0o440 -> 0o640 (group-readable even so)
+@pytest.mark.parametrize(("mask", "mode"), [(0o022, 0o644), (0o002, 0o664), (0o027, 0o640), (0o077, 0o640)])
+def test_state_file_mode_follows_the_umask_and_stays_group_readable(tmp_path: Path, mask: int, mode: int) -> None:
+    with umask(mask):
+        assert shared_file_mode() == mode
+        _st, sf, _orig = _recorded(tmp_path)
+    assert stat.S_IMODE(sf.stat().st_mode) == mode
 
 
 def test_files_outside_the_model_folder_are_stored_absolute(tmp_path: Path) -> None:

@@ -4,6 +4,7 @@ piece ranges hashed in parallel, and name the bad piece when a byte flips."""
 
 from __future__ import annotations
 
+import hashlib
 import os
 from pathlib import Path
 from typing import Any
@@ -12,7 +13,7 @@ import pytest
 
 import provision.stages.verify.parallel as parallel
 from provision.errors import HashMismatchError
-from provision.stages.verify import Authority, merkle_root_file, sha256_file, verify_files
+from provision.stages.verify import Authority, merkle_root_file, verify_files
 from tests.support.files import flip_byte, snapshot
 
 PIECE = 32 * 1024
@@ -102,7 +103,7 @@ def test_torrent_authorities_verify_clean_and_are_named(payload: Path, build: An
     assert {f.authority for f in rep.files} == {kind}
     assert any(c.name == kind and c.ok for c in rep.checks)
     for f in rep.files:  # the whole-file sha256 is reported even under a torrent authority
-        assert f.sha256 == sha256_file(payload / f.path)
+        assert f.sha256 == hashlib.sha256((payload / f.path).read_bytes()).hexdigest()
 
 
 @pytest.mark.parametrize("build", [_v1_authorities, _v2_authorities], ids=["v1", "v2"])
@@ -124,8 +125,6 @@ def test_flipped_byte_under_torrent_authority_names_the_file_and_piece(payload: 
 
 
 def test_v1_pieces_without_padding_accept_a_short_last_piece(tmp_path: Path) -> None:
-    import hashlib
-
     d = tmp_path / "x"
     d.mkdir()
     data = os.urandom(PIECE * 2 + 100)

@@ -139,6 +139,8 @@ class _Handler(BaseHTTPRequestHandler):
     def _dispatch(self, *, head: bool) -> None:
         hub = self.server.hub
         self._status = 0
+        with hub._changed:
+            hub.in_flight += 1
         try:
             if self.server.role == "cdn":
                 self._cdn(head)
@@ -152,6 +154,9 @@ class _Handler(BaseHTTPRequestHandler):
                                       authorization=self.headers.get("Authorization"),
                                       range=self.headers.get("Range"), status=self._status,
                                       at=time.monotonic()))
+            with hub._changed:
+                hub.in_flight -= 1
+                hub._changed.notify_all()
 
     def _send(self, status: int, headers: dict[str, str], body: bytes = b"", *, head: bool = False) -> None:
         self._status = status
@@ -364,9 +369,15 @@ class _Handler(BaseHTTPRequestHandler):
         self.end_headers()
         if head or count == 0:
             return
-        with hub._lock:
+        with hub._changed:
             hub.active += 1
             hub.max_active = max(hub.max_active, hub.active)
+            hub._changed.notify_all()
+            if hub.overlap_gate and not hub.gate_opened:
+                # hold every body until that many are being sent at once (then never again)
+                hub.gate_opened = hub._changed.wait_for(lambda: hub.active >= hub.overlap_gate or hub.gate_opened,
+                                                        timeout=hub.gate_timeout)
+                hub._changed.notify_all()
         try:
             self._send_range(f, source, start, count, role_path)
         finally:
@@ -431,7 +442,15 @@ class LoopbackHub:
         self.bytes_sent: dict[tuple[str, str], int] = {}  # (role, repo path) -> body bytes
         self.active = 0  # bodies being sent right now
         self.max_active = 0  # the most bodies sent at once
+        self.in_flight = 0  # requests being answered (a finished one is in ``requests``)
+        # > 0: the first bodies wait until this many are being sent at once (or gate_timeout
+        # passes); gate_opened says whether that many ever overlapped. Proves parallelism
+        # without relying on transfers happening to overlap.
+        self.overlap_gate = 0
+        self.gate_timeout = 30.0
+        self.gate_opened = False
         self._lock = threading.Lock()
+        self._changed = threading.Condition(self._lock)
         self._hub = _Server(self, "hub")
         self._cdn = _Server(self, "cdn")
         self._threads: list[threading.Thread] = []
@@ -513,6 +532,13 @@ class LoopbackHub:
         """Body bytes of ``path`` sent on both ports."""
         with self._lock:
             return sum(v for (_, p), v in self.bytes_sent.items() if p == path)
+
+    def wait_idle(self, timeout: float = 30.0) -> None:
+        """Wait until no request is being answered (a killed client's response has ended and is
+        recorded in ``requests`` and the byte counters); ``TimeoutError`` after ``timeout``."""
+        with self._changed:
+            if not self._changed.wait_for(lambda: self.in_flight == 0, timeout=timeout):
+                raise TimeoutError(f"the loopback hub still answered {self.in_flight} request(s) after {timeout:.0f} s")
 
     def reset_counters(self) -> None:
         with self._lock:

@@ -10,8 +10,6 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -20,6 +18,7 @@ from provision.cli.main import run_cli
 from provision.layout import Layout
 from provision.testing.hub_server import TOKENS, LoopbackHub, tiny_facts
 from provision.testing.tiny import TINY_REPO
+from provision.testing.torrent_fixtures import PROVISION, provision_env, stop_process, wait_for
 from tests.support.cli import cli_json, provision_home
 
 ALICE, BOB = list(TOKENS)
@@ -244,29 +243,23 @@ def test_sigkill_midway_then_resume_refetches_under_55_percent(
     hub.rate_limit = 8 << 20
     dest = tmp_path / "out"
     part = staging("provision/big") / "hub" / f"{sha}-{size}.part"
-    exe = Path(sys.executable).with_name("provision")
-    proc = subprocess.Popen([str(exe), "fetch", "hf://provision/big", "--dest", str(dest)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=dict(os.environ))
+    proc = subprocess.Popen([*PROVISION, "fetch", "hf://provision/big", "--dest", str(dest)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=provision_env())
     try:
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline and proc.poll() is None:
-            if part.exists() and part.stat().st_size >= size // 2:
-                break
-            time.sleep(0.05)
+        wait_for(lambda: _size(part) >= size // 2 or proc.poll() is not None, 60, what="half of the file")
         assert proc.poll() is None, "the first fetch ended before it could be killed"
         os.kill(proc.pid, signal.SIGKILL)
     finally:
-        proc.wait(timeout=30)
+        stop_process(proc, signal.SIGKILL)
     assert proc.returncode == -signal.SIGKILL
     kept = part.stat().st_size
     assert size // 2 <= kept < size and not (dest / "weights.dat").exists()
     sidecar = json.loads(part.with_suffix(".json").read_text())
     assert sidecar["sha256"] == sha and sidecar["size"] == size
 
-    # let the server notice the dead client and finish that response before counting afresh
-    deadline = time.monotonic() + 10
-    while not [r for r in hub.requests if r.role == "cdn"] and time.monotonic() < deadline:
-        time.sleep(0.05)
+    # the server notices the dead client and ends that response (recorded, counted) before counting afresh
+    hub.wait_idle(30)
+    assert [r.range for r in hub.requests if r.role == "cdn"] == [None]  # the killed download, from byte 0
     hub.rate_limit = 0
     hub.reset_counters()
     code, rep, err = cli_json(capsys, "fetch", "hf://provision/big", "--dest", str(dest))
@@ -284,26 +277,29 @@ def test_sigterm_midway_exits_143_and_keeps_the_partial_for_the_next_run(
     size = src.stat().st_size
     hub.rate_limit = 8 << 20
     part = staging("provision/big") / "hub" / f"{sha}-{size}.part"
-    exe = Path(sys.executable).with_name("provision")
-    proc = subprocess.Popen([str(exe), "fetch", "hf://provision/big", "--dest", str(tmp_path / "out")],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=dict(os.environ))
+    proc = subprocess.Popen([*PROVISION, "fetch", "hf://provision/big", "--dest", str(tmp_path / "out")],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=provision_env())
     try:
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline and proc.poll() is None:
-            if part.exists() and part.stat().st_size >= 4 << 20:
-                break
-            time.sleep(0.05)
+        wait_for(lambda: _size(part) >= 4 << 20 or proc.poll() is not None, 60, what="4 MiB of the file")
+        assert proc.poll() is None, "the first fetch ended before it could be stopped"
         proc.send_signal(signal.SIGTERM)
         _, err = proc.communicate(timeout=60)
     finally:
-        if proc.poll() is None:
-            proc.kill()
+        stop_process(proc, signal.SIGKILL)
     assert proc.returncode == 143, err.decode()
     kept = part.stat().st_size
     assert 0 < kept < size and not (tmp_path / "out" / "weights.dat").exists()
+    hub.wait_idle(30)
     hub.rate_limit = 0
     code, rep, _ = cli_json(capsys, "fetch", "hf://provision/big", "--dest", str(tmp_path / "out"))
     assert code == 0 and rep["fetch"]["extra"]["resumed"]["weights.dat"] == kept
+
+
+def _size(p: Path) -> int:
+    try:
+        return p.stat().st_size
+    except OSError:
+        return 0
 
 
 def test_a_partial_whose_provenance_does_not_match_is_discarded(
@@ -650,10 +646,13 @@ def test_files_download_in_parallel_up_to_max_workers(hub: LoopbackHub, tmp_path
         files[f"shard-{i}.dat"] = tmp_path / f"s{i}"
         files[f"shard-{i}.dat"].write_bytes(os.urandom(2 << 20))
     hub.add_repo("org/shards", files)
-    hub.rate_limit = 4 << 20  # each shard takes about half a second
+    hub.rate_limit = 4 << 20  # each shard takes about half a second: a fourth worker would overlap
+    hub.overlap_gate = 3  # the first bodies wait until three are being sent at once (30 s at most)
     plan = make_plan("hf://org/shards", home=provision_home(), dest=tmp_path / "out", check_disk=False)
     res = fetch(plan, source="hf", hub=HubOptions(max_workers=3))
-    assert len(res.files) == 6 and hub.max_active == 3
+    assert len(res.files) == 6
+    assert hub.gate_opened, f"never three downloads at once (at most {hub.max_active})"
+    assert hub.max_active == 3
 
 
 def test_a_private_repo_needs_the_token_for_its_listing_too(

@@ -15,6 +15,7 @@ import pytest
 
 from provision.errors import EXIT_RESOURCES, LockTimeoutError, ResourceError
 from provision.store.lock import LockInfo, ModelLock, break_stale, lock_status, pid_start_time, read_lock
+from provision.testing.torrent_fixtures import wait_for
 
 HOLDER = r"""
 import os, sys, pathlib
@@ -33,7 +34,7 @@ RACER = r"""
 import sys, time, pathlib
 from provision.store.lock import ModelLock
 from provision.errors import LockTimeoutError
-path, go = pathlib.Path(sys.argv[1]), pathlib.Path(sys.argv[2])
+path, go, done = pathlib.Path(sys.argv[1]), pathlib.Path(sys.argv[2]), pathlib.Path(sys.argv[3])
 print("ready", flush=True)
 deadline = time.monotonic() + 20
 while not go.exists() and time.monotonic() < deadline:
@@ -41,7 +42,9 @@ while not go.exists() and time.monotonic() < deadline:
 try:
     with ModelLock(path, timeout=0, heartbeat=None):
         print("got", flush=True)
-        time.sleep(2.0)
+        deadline = time.monotonic() + 60  # hold until every racer has answered (the test says so)
+        while not done.exists() and time.monotonic() < deadline:
+            time.sleep(0.01)
 except LockTimeoutError as e:
     print(f"timeout {e.exit_code}", flush=True)
 """
@@ -121,13 +124,20 @@ def test_waiter_gets_the_lock_once_the_holder_releases(tmp_path: Path) -> None:
 
 
 def test_only_one_of_several_simultaneous_processes_gets_the_lock(tmp_path: Path) -> None:
-    path, go = tmp_path / "m" / ".lock", tmp_path / "go"
-    procs = [_spawn(RACER, str(path), str(go)) for _ in range(4)]
-    for p in procs:
-        assert p.stdout is not None and p.stdout.readline().strip() == "ready"
-    go.touch()
-    outs = [p.communicate(timeout=30)[0].strip() for p in procs]
-    assert sorted(outs) == ["got", "timeout 6", "timeout 6", "timeout 6"]
+    path, go, done = tmp_path / "m" / ".lock", tmp_path / "go", tmp_path / "done"
+    procs = [_spawn(RACER, str(path), str(go), str(done)) for _ in range(4)]
+    try:
+        for p in procs:
+            assert p.stdout is not None and p.stdout.readline().strip() == "ready"
+        go.touch()
+        # each racer tries once (timeout 0) and answers; a winner holds until all have answered,
+        # so a second "got" can only mean two holders at once, never a late try after a release
+        answers = [p.stdout.readline().strip() for p in procs if p.stdout is not None]
+    finally:
+        done.touch()
+        for p in procs:
+            p.communicate(timeout=30)
+    assert sorted(answers) == ["got", "timeout 6", "timeout 6", "timeout 6"]
 
 
 def test_lock_gives_mutual_exclusion_across_processes(tmp_path: Path) -> None:
@@ -160,10 +170,8 @@ def test_lock_of_an_unreaped_zombie_is_stale(tmp_path: Path) -> None:
     proc = _spawn(HOLDER, str(path), "die")
     try:
         assert proc.stdout is not None and proc.stdout.readline().strip() == "held"
-        deadline = time.monotonic() + 10
-        while lock_status(path).state != "stale" and time.monotonic() < deadline:
-            time.sleep(0.02)  # the process exits right after printing; we have not reaped it
-        assert lock_status(path).state == "stale"
+        # the process exits right after printing; we have not reaped it
+        wait_for(lambda: lock_status(path).state == "stale", 10, interval=0.02, what="the zombie's lock to be stale")
     finally:
         proc.wait(timeout=20)
 
@@ -213,11 +221,17 @@ def test_lock_from_before_a_reboot_is_stale(tmp_path: Path) -> None:
 
 def test_heartbeat_keeps_a_lock_from_another_host_live(tmp_path: Path) -> None:
     path = tmp_path / "m" / ".lock"
-    with ModelLock(path, host="node-a", heartbeat=0.05, use_flock=False):
-        m0 = path.stat().st_mtime_ns
+    with ModelLock(path, host="node-a", heartbeat=0.05, use_flock=False) as lk:
+        # age the lock by an hour: without a heartbeat node-b would find it stale (60 s limit)
+        hour_ago = time.time() - 3600
+        os.utime(path, (hour_ago, hour_ago))
+        # the heartbeat brings the mtime back to now; no timing decides, only the deadline bounds it
+        wait_for(lambda: path.stat().st_mtime > hour_ago + 3000, 30, interval=0.01, what="a heartbeat")
+        st = lock_status(path, host="node-b", stale_after=60, use_flock=False)
+        assert st.state == "live" and "heartbeat from node-a" in st.reason
         with pytest.raises(LockTimeoutError, match="host node-a"):
-            ModelLock(path, host="node-b", stale_after=0.4, timeout=1.2, use_flock=False).acquire()
-        assert path.stat().st_mtime_ns > m0  # the heartbeat moved the mtime
+            ModelLock(path, host="node-b", stale_after=60, timeout=0, use_flock=False).acquire()
+        assert not lk.lost
 
 
 def test_lock_from_another_host_without_heartbeat_goes_stale_and_holder_sees_it_lost(tmp_path: Path) -> None:
@@ -237,10 +251,7 @@ def test_heartbeat_notices_a_broken_lock(tmp_path: Path) -> None:
     path = tmp_path / "m" / ".lock"
     with ModelLock(path, heartbeat=0.02) as lk:
         path.unlink()
-        deadline = time.monotonic() + 5
-        while not lk.lost and time.monotonic() < deadline:
-            time.sleep(0.01)
-        assert lk.lost
+        wait_for(lambda: lk.lost, 10, interval=0.01, what="the heartbeat to notice")
 
 
 def test_visibly_held_flock_keeps_an_old_lock_from_being_broken(tmp_path: Path) -> None:

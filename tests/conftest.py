@@ -1,7 +1,8 @@
 """Fixtures every test area may use.
 
-* ``_isolated_env`` (autouse): each test gets its own PROVISION_HOME, no Hugging Face credentials
-  or telemetry, a dead HF endpoint and the closed BitTorrent network mode;
+* ``_isolated_env`` (autouse): each test gets its own PROVISION_HOME and HF_HOME (huggingface_hub's
+  token and cache paths, computed once per process, follow it), no Hugging Face credentials or
+  telemetry, a dead HF endpoint and the closed BitTorrent network mode;
 * ``tiny_src`` / ``tiny_copy``: the tiny Pixtral checkpoint, written once per session (read-only),
   and a private writable copy of it;
 * ``tiny_7b`` / ``tiny_nemo``: tiny text-only Mistral checkpoints (session-scoped, read-only): the
@@ -36,6 +37,9 @@ def _isolated_env(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.
     monkeypatch.setenv("HF_HUB_DISABLE_TELEMETRY", "1")
     monkeypatch.setenv("HF_HUB_OFFLINE", "0")
     monkeypatch.setenv("HF_HOME", str(home / "hf"))
+    for var in ("HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE", "HF_TOKEN_PATH", "HF_ASSETS_CACHE", "HF_XET_CACHE"):
+        monkeypatch.delenv(var, raising=False)  # everything follows this test's HF_HOME
+    _follow_hf_home(monkeypatch, home / "hf")
     # a dead loopback port: a test that forgets to start its hub fails fast instead of leaving the machine
     monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")
     monkeypatch.delenv("HF_TOKEN", raising=False)
@@ -45,6 +49,22 @@ def _isolated_env(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.
     # a test that forgets --network closed can never reach a public tracker or the DHT.
     monkeypatch.setenv("PROVISION_NETWORK", "closed")
     monkeypatch.setenv("PROVISION_FORBID_PUBLIC_NETWORK", "1")
+
+
+# huggingface_hub constants derived from HF_HOME (the paths below it)
+_HF_HOME_PATHS = {"HF_HOME": "", "HF_HUB_CACHE": "hub", "HUGGINGFACE_HUB_CACHE": "hub", "HF_ASSETS_CACHE": "assets",
+                  "HUGGINGFACE_ASSETS_CACHE": "assets", "HF_TOKEN_PATH": "token",
+                  "HF_STORED_TOKENS_PATH": "stored_tokens", "HF_XET_CACHE": "xet"}
+
+
+def _follow_hf_home(monkeypatch: pytest.MonkeyPatch, hf_home: Path) -> None:
+    """huggingface_hub computes its token and cache paths from HF_HOME once per process, at import:
+    point them at this test's HF_HOME, so no test reads another's (or the user's) saved token."""
+    from huggingface_hub import constants
+
+    for name, rel in _HF_HOME_PATHS.items():
+        if hasattr(constants, name):
+            monkeypatch.setattr(constants, name, str(hf_home / rel) if rel else str(hf_home))
 
 
 @pytest.fixture(scope="session")

@@ -678,3 +678,19 @@ def test_provision_run_fetches_a_private_hf_repo_with_its_token(
     assert code == 0, out.err
     assert same_files(Layout(provision_home()).original(TINY_REPO), tiny_src, ["consolidated.safetensors", "params.json"])
     assert ALICE not in out.out + out.err
+
+
+def test_huggingface_hub_reads_its_token_and_cache_under_this_tests_hf_home(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # huggingface_hub computes these paths from HF_HOME once per process, at import; each test
+    # has its own HF_HOME, so a stale path would read another test's (or the user's) saved token
+    from huggingface_hub import constants
+    from huggingface_hub.utils import get_token
+
+    hf_home = Path(os.environ["HF_HOME"])
+    assert Path(constants.HF_TOKEN_PATH) == hf_home / "token"
+    assert Path(constants.HF_HUB_CACHE) == hf_home / "hub"
+    assert get_token() is None
+    (hf_home / "token").parent.mkdir(parents=True, exist_ok=True)
+    (hf_home / "token").write_text(ALICE)  # what `hf auth login` saves
+    assert get_token() == ALICE

@@ -7,6 +7,7 @@ import torch
 
 from provision import quant
 from tests.support.hf_reference import require_compressed_tensors
+from tests.support.quant_bounds import format_error_bound, smallest_scale
 
 SCHEMES = ("fp8", "w8a16", "w4a16")
 
@@ -26,11 +27,15 @@ def _weights() -> dict[str, torch.Tensor]:
 @pytest.mark.parametrize("scheme", SCHEMES)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("kind", list(_weights()))
-def test_round_trip_is_within_the_documented_bound(scheme: str, dtype: torch.dtype, kind: str) -> None:
+def test_round_trip_error_is_within_half_a_code_step_of_the_stored_scale(scheme: str, dtype: torch.dtype,
+                                                                         kind: str) -> None:
     w = _weights()[kind].to(dtype)
     parts = quant.quantize(w, scheme, scale_dtype=dtype)
+    scale = parts["weight_scale"]
+    assert scale.dtype == dtype
+    assert bool((scale.float() >= smallest_scale(w, scheme)).all())  # nothing clipped
     deq = quant.dequantize(parts, scheme)
-    bound = quant.error_bound(w, parts, scheme)
+    bound = format_error_bound(w, scale, scheme)  # derived in tests/support/quant_bounds.py
     err = (w.float() - deq).abs()
     assert bool((err <= bound).all()), float((err - bound).max())
     assert torch.isfinite(deq).all()
@@ -121,6 +126,52 @@ def test_packing_matches_compressed_tensors(bits: int, cols: int, seed: int) -> 
     ours = quant.pack_int32(q, bits)
     assert torch.equal(ours, helpers.pack_to_int32(q, bits))
     assert torch.equal(helpers.unpack_from_int32(ours, bits, torch.Size([9, cols])), q)
+
+
+def _ct_args(scheme: str) -> object:
+    from compressed_tensors.quantization import QuantizationArgs
+
+    if scheme == "fp8":
+        return QuantizationArgs(num_bits=8, type="float", strategy="channel", symmetric=True)
+    return QuantizationArgs(num_bits=8 if scheme == "w8a16" else 4, type="int", strategy="group",
+                            group_size=128, symmetric=True)
+
+
+@pytest.mark.parametrize("scheme", SCHEMES)
+@pytest.mark.parametrize("kind", list(_weights()))
+@pytest.mark.parity
+def test_codes_and_dequantized_weights_match_compressed_tensors_given_our_scales(scheme: str, kind: str) -> None:
+    """compressed-tensors (the reference reader and writer of the format) rounds ``w`` to codes with
+    our stored scale exactly as we do, dequantizes them to the same values, and never asks for a
+    larger scale than we store (so we clip nothing it would keep)."""
+    require_compressed_tensors()
+    from compressed_tensors.quantization.lifecycle.forward import dequantize, quantize
+    from compressed_tensors.quantization.utils import calculate_qparams
+
+    w = _weights()[kind].bfloat16()
+    parts = quant.quantize(w, scheme)
+    s = parts["weight_scale"].float()
+    zero = torch.zeros_like(s)
+    args = _ct_args(scheme)
+    if scheme == "fp8":
+        ours = parts["weight"]
+        theirs = quantize(w.float(), s, zero, args, dtype=torch.float8_e4m3fn)  # type: ignore[arg-type]
+        assert torch.equal(theirs.view(torch.uint8), ours.view(torch.uint8))
+        x = w.float()
+        ideal, _ = calculate_qparams(x.amin(1, keepdim=True), x.amax(1, keepdim=True), args)  # type: ignore[arg-type]
+    else:
+        bits = 8 if scheme == "w8a16" else 4
+        ours = quant.unpack_int32(parts["weight_packed"], bits, w.shape[1])
+        theirs = quantize(w.float(), s, zero, args, dtype=torch.int8)  # type: ignore[arg-type]
+        assert torch.equal(theirs, ours)
+        x = w.float().reshape(w.shape[0], -1, 128)
+        ideal, _ = calculate_qparams(x.amin(2), x.amax(2), args)  # type: ignore[arg-type]
+    deq = dequantize(theirs, s, zero, args, dtype=torch.float32)  # type: ignore[arg-type]
+    assert torch.equal(deq, quant.dequantize(parts, scheme))
+    # an all-zero row/group is coded 0 by any positive scale: compressed-tensors floors its scale at
+    # float32's eps there, we at the storage dtype's smallest normal; compare the others
+    live = smallest_scale(w, scheme) > 0
+    assert bool((s[live] >= ideal[live]).all())
 
 
 @pytest.mark.parametrize("scheme", SCHEMES)

@@ -42,6 +42,43 @@ def free_port(host: str = "127.0.0.1") -> int:
     raise RuntimeError("no free port on loopback")
 
 
+def free_ports(n: int, host: str = "127.0.0.1") -> list[int]:
+    """``n`` distinct ports free right now: candidates for a tool that tries each in turn
+    (``aria2c --listen-port=A,B,C``), so one taken meanwhile by someone else costs nothing."""
+    out: list[int] = []
+    while len(out) < n:
+        port = free_port(host)
+        if port not in out:
+            out.append(port)
+    return out
+
+
+def listening_ports(pid: int) -> set[int]:
+    """The TCP ports process ``pid`` itself listens on: its socket inodes (``/proc/PID/fd``)
+    matched in its namespace's ``/proc/PID/net/tcp*``. Unlike a connect probe, a port someone
+    else took meanwhile never counts. Empty once the process is gone."""
+    inodes: set[str] = set()
+    try:
+        for fd in Path(f"/proc/{pid}/fd").iterdir():
+            with contextlib.suppress(OSError):
+                link = os.readlink(fd)
+                if link.startswith("socket:["):
+                    inodes.add(link[8:-1])
+    except OSError:
+        return set()
+    ports: set[int] = set()
+    for table in ("tcp", "tcp6"):
+        try:
+            lines = Path(f"/proc/{pid}/net/{table}").read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for ln in lines:
+            parts = ln.split()
+            if len(parts) > 9 and parts[3] == "0A" and parts[9] in inodes:  # 0A: LISTEN
+                ports.add(int(parts[1].rsplit(":", 1)[1], 16))
+    return ports
+
+
 def wait_for(pred: Any, timeout: float, interval: float = 0.05, what: str = "condition") -> Any:
     end = time.monotonic() + timeout
     while time.monotonic() < end:
@@ -53,14 +90,17 @@ def wait_for(pred: Any, timeout: float, interval: float = 0.05, what: str = "con
 
 
 def wait_listening(p: subprocess.Popen[Any], port: int, timeout: float, what: str, died: Callable[[], str]) -> None:
-    """Wait until something listens on 127.0.0.1:``port``; ``RuntimeError(died())`` once ``p`` exits."""
+    """Wait until ``p`` itself listens on ``port``; ``RuntimeError(died())`` once ``p`` exits."""
     def up() -> bool:
         if p.poll() is not None:
             raise RuntimeError(died())
-        with socket.socket() as s:
-            return s.connect_ex(("127.0.0.1", port)) == 0
+        return port in listening_ports(p.pid)
 
     wait_for(up, timeout, what=what)
+
+
+class PortTaken(RuntimeError):
+    """The process we started exited before listening: its port was taken meanwhile (or it failed)."""
 
 
 def stop_process(p: subprocess.Popen[Any], sig: int = signal.SIGTERM, timeout: float = 10.0) -> int:
@@ -125,6 +165,15 @@ def provision_env(**extra: str) -> dict[str, str]:
     env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
     env.update(extra)
     return env
+
+
+def seeding_endpoint(log: str) -> str | None:
+    """HOST:PORT from the "seeding NAME ... on HOST:PORT" line ``provision fetch|run --seed-for``
+    writes to stderr: with ``--listen 127.0.0.1:0`` the port is the one it really bound."""
+    import re
+
+    m = re.search(r"seeding \S+ .*?\bon (\d+\.\d+\.\d+\.\d+:\d+)", log)
+    return m.group(1) if m else None
 
 
 def run_provision(args: Sequence[str], *, timeout: float = 120, env: dict[str, str] | None = None,
@@ -194,6 +243,29 @@ class Tracker:
         return f"http://127.0.0.1:{self.port}/announce"
 
 
+def _start_on_a_free_port(start: Callable[[int], subprocess.Popen[Any]], what: str, log: Callable[[], str],
+                          attempts: int = 5) -> tuple[int, subprocess.Popen[Any]]:
+    """Start a tool that must be told its port: on a port that was free a moment ago, again on
+    another when it exits before listening (someone took the port in between)."""
+    last = ""
+    for _ in range(attempts):
+        port = free_port()
+        p = start(port)
+
+        def died(p: subprocess.Popen[Any] = p) -> str:
+            return f"{what} exited {p.returncode}: {log()[-2000:]}"
+
+        try:
+            wait_listening(p, port, 20, what, died)
+            return port, p
+        except RuntimeError as e:
+            last = str(e)
+        except BaseException:
+            stop_process(p)
+            raise
+    raise PortTaken(f"{what} did not listen after {attempts} ports: {last}")
+
+
 @contextlib.contextmanager
 def opentracker(workdir: Path, infohashes: Sequence[str], *, binary: str = "opentracker") -> Iterator[Tracker]:
     """Debian's opentracker on 127.0.0.1, serving only ``infohashes`` (40 hex each)."""
@@ -203,19 +275,20 @@ def opentracker(workdir: Path, infohashes: Sequence[str], *, binary: str = "open
     wl = d / "whitelist.txt"
     wl.write_text("".join(h + "\n" for h in infohashes))
     os.chmod(wl, 0o644)
-    port = free_port()
-    args = [binary, "-i", "127.0.0.1", "-p", str(port), "-P", str(port), "-w", "whitelist.txt", "-d", str(d)]
-    if os.geteuid() == 0:
-        args += ["-u", "nobody"]  # it refuses to keep root; chroots into d first
-    log = open(d / "opentracker.log", "wb")
-    p = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, cwd=d)
+    logpath = d / "opentracker.log"
+
+    def start(port: int) -> subprocess.Popen[bytes]:
+        args = [binary, "-i", "127.0.0.1", "-p", str(port), "-P", str(port), "-w", "whitelist.txt", "-d", str(d)]
+        if os.geteuid() == 0:
+            args += ["-u", "nobody"]  # it refuses to keep root; chroots into d first
+        with open(logpath, "wb") as log:
+            return subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, cwd=d)
+
+    port, p = _start_on_a_free_port(start, "opentracker", lambda: logpath.read_text())
     try:
-        wait_listening(p, port, 10, "opentracker",
-                       lambda: f"opentracker exited {p.returncode}: {(d / 'opentracker.log').read_text()}")
         yield Tracker(proc=p, port=port, whitelist=wl)
     finally:
         stop_process(p)
-        log.close()
 
 
 # ---------------------------------------------------------------------------------------
@@ -231,7 +304,8 @@ def aria2c_download(torrent: Path, out_dir: Path, *, timeout: float = 120,
                     binary: str = "aria2c") -> subprocess.CompletedProcess[str]:
     """aria2c downloads ``torrent`` (it finds peers through the torrent's tracker) and exits."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    args = [binary, *ARIA2_COMMON, f"--listen-port={free_port()}", "--seed-time=0", "--bt-stop-timeout=60",
+    ports = ",".join(map(str, free_ports(8)))  # it binds the first it can: one taken meanwhile costs nothing
+    args = [binary, *ARIA2_COMMON, f"--listen-port={ports}", "--seed-time=0", "--bt-stop-timeout=60",
             "-d", str(out_dir), str(torrent)]
     return subprocess.run(args, capture_output=True, text=True, timeout=timeout)
 
@@ -239,17 +313,22 @@ def aria2c_download(torrent: Path, out_dir: Path, *, timeout: float = 120,
 @contextlib.contextmanager
 def aria2c_seed(torrent: Path, data_dir: Path, *, binary: str = "aria2c") -> Iterator[tuple[int, subprocess.Popen[str]]]:
     """aria2c seeds ``torrent`` from ``data_dir`` on 127.0.0.1:PORT until the block ends."""
-    port = free_port()
-    args = [binary, *ARIA2_COMMON, f"--listen-port={port}", "--seed-ratio=0.0", "--bt-seed-unverified=true",
-            "--check-integrity=false", "-d", str(data_dir), str(torrent)]
-    log = open(data_dir.parent / f"aria2c-seed-{port}.log", "w")
-    p = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, text=True)
+    candidates = free_ports(8)  # it binds the first it can; the port is read from the process
+    args = [binary, *ARIA2_COMMON, f"--listen-port={','.join(map(str, candidates))}", "--seed-ratio=0.0",
+            "--bt-seed-unverified=true", "--check-integrity=false", "-d", str(data_dir), str(torrent)]
+    logpath = data_dir.parent / f"aria2c-seed-{candidates[0]}.log"
+    with open(logpath, "w") as log:
+        p = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, text=True)
     try:
-        wait_listening(p, port, 20, "aria2c to listen", lambda: f"aria2c exited {p.returncode}")
+        def bound() -> set[int]:
+            if p.poll() is not None:
+                raise RuntimeError(f"aria2c exited {p.returncode}: {logpath.read_text()[-2000:]}")
+            return listening_ports(p.pid) & set(candidates)
+
+        port = min(wait_for(bound, 20, what="aria2c to listen"))
         yield port, p
     finally:
         stop_process(p)
-        log.close()
 
 
 def make_v1_torrent(target: Path, out: Path, *, tool: str, trackers: Sequence[str] = ()) -> Path:

@@ -19,9 +19,9 @@ import pytest
 from provision.cli.main import run_cli
 from provision.testing.torrent_fixtures import (
     REPO,
-    free_port,
     provision_env,
     seed_thread,
+    seeding_endpoint,
     stop_process,
     wait_for,
 )
@@ -88,16 +88,16 @@ def test_a_signal_while_run_waits_out_seed_for_ends_the_seed_normally_and_a_reru
                                text=True, timeout=240, cwd=REPO, env=provision_env())
         assert first.returncode == 0, first.stderr[-3000:]
     # the origin is gone; the rerun skips the fetch but serves the verified files on a known port
-    port = free_port()
     log = tmp_path / "rerun.log"
-    with open(log, "w") as lf:
+    with open(log, "w") as lf:  # port 0: the seeding line says which port it bound
         p = subprocess.Popen(run_cmd(info.magnet, home, "--skip-convert", "--skip-smoke", "--seed-for", "120",
-                                     "--listen", f"127.0.0.1:{port}"),
+                                     "--listen", "127.0.0.1:0"),
                              stdout=subprocess.PIPE, stderr=lf, text=True, cwd=REPO, env=provision_env())
     try:
-        wait_for(lambda: "seeding" in log.read_text() or p.poll() is not None, 60, what="the rerun to seed")
+        endpoint = wait_for(lambda: seeding_endpoint(log.read_text()) or p.poll() is not None, 60,
+                            what="the rerun to seed")
         assert p.poll() is None, log.read_text()
-        late = info.magnet.split("&x.pe=")[0] + f"&x.pe=127.0.0.1:{port}"
+        late = info.magnet.split("&x.pe=")[0] + f"&x.pe={endpoint}"
         capsys.readouterr()
         rc = run_cli(["fetch", late, "--dest", str(tmp_path / "late"), "--network", "closed",
                       "--stall-timeout", "30", "--json"])

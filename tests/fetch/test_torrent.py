@@ -28,6 +28,7 @@ from provision.testing.torrent_fixtures import (
     resume_fraction,
     same_tree,
     seed_thread,
+    seeding_endpoint,
     stop_process,
     wait_for,
 )
@@ -368,23 +369,21 @@ def test_a_signal_midway_saves_resume_data_and_staging_and_exits_with_its_code(
 @pytest.mark.slow
 def test_seed_for_after_a_fetch_serves_the_verified_files_to_the_next_host(
         tiny_src: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    from provision.testing.torrent_fixtures import free_port
-
-    port = free_port()
-    first = tmp_path / "first"
+    first, alog = tmp_path / "first", tmp_path / "a.log"
     with seed_thread(tiny_src) as info:
-        a = start_fetch(info.magnet, first, "--seed-for", "60", "--listen", f"127.0.0.1:{port}",
-                        log=tmp_path / "a.log")
+        # port 0: the seeding line says which port it bound (no port picked here and used later)
+        a = start_fetch(info.magnet, first, "--seed-for", "60", "--listen", "127.0.0.1:0", log=alog)
         try:
-            wait_for(lambda: (first / "consolidated.safetensors").is_file() or a.poll() is not None, 60,
-                     what="the first fetch to finish")
-            assert a.poll() is None, (tmp_path / "a.log").read_text()
+            endpoint = wait_for(lambda: seeding_endpoint(alog.read_text()) or a.poll() is not None, 60,
+                                what="the first fetch to finish and seed")
+            assert a.poll() is None, alog.read_text()
+            assert (first / "consolidated.safetensors").is_file()
         except BaseException:
             stop_process(a)
             raise
     # the original seed is gone: only the first host can serve now
     try:
-        magnet = info.magnet.split("&x.pe=")[0] + f"&x.pe=127.0.0.1:{port}"
+        magnet = info.magnet.split("&x.pe=")[0] + f"&x.pe={endpoint}"
         rc, rep = fetch_json(capsys, magnet, "--dest", str(tmp_path / "second"), "--stall-timeout", "20")
         assert rc == 0, rep
         assert same_tree(tiny_src, tmp_path / "second", TINY_FILES)

@@ -19,6 +19,7 @@ from provision.formats.manifest import load_manifest, parse_manifest_bytes, writ
 from provision.formats.params import ModelArgs, parameter_count, tensor_spec
 from provision.formats.sources import parse_magnet
 from provision.stages.verify import authorities_from_manifest, verify_dir
+from tests.support import sizing
 
 ROOT = Path(__file__).resolve().parents[2]
 NAMES = ("mixtral-8x7b-v0.1", "mixtral-8x22b-v0.1", "mistral-large-2407", "pixtral-large-2411")
@@ -207,13 +208,41 @@ def _plan(name: str, target: str, capsys: pytest.CaptureFixture[str], *extra: st
     return prof
 
 
-# fewest H100s per scheme (32k context), as profiles.py sizes them
+# Fewest H100s (81,559 MiB = 85.52 GB each) per scheme at a 32k context:
+# (weights + KV cache) x 1.1 / GPUs, weights from the parameter count and bytes per weight
+# (tests/support/sizing.py; worked out again in the test right below). Need for the whole model, GB:
+#                      bf16    fp8   w8a16  w4a16   KV cache
+#   mixtral-8x7b      107.5   56.4   57.2   31.6    4.3   -> 2 (53.7 per GPU), 1, 1, 1
+#   mixtral-8x22b     317.6  163.4  165.8   88.7    7.5   -> 4 (79.4), 2, 2, 2 (88.7 > 85.5 on one)
+#   mistral-large     282.7  148.8  150.8   83.9   11.8   -> 4 (70.7), 2, 2, 1 (dense 123B: int4 just fits)
+#   pixtral-large     286.1  152.1  154.2   87.2   11.8   -> 4, 2, 2, 2 (the 1.5B vision tower tips int4 over)
 EXPECTED_GPUS = {
     "mixtral-8x7b-v0.1": {"bf16": 2, "fp8": 1, "w8a16": 1, "w4a16": 1},
     "mixtral-8x22b-v0.1": {"bf16": 4, "fp8": 2, "w8a16": 2, "w4a16": 2},
-    "mistral-large-2407": {"bf16": 4, "fp8": 2, "w8a16": 2, "w4a16": 1},  # dense 123B: int4 just fits one
+    "mistral-large-2407": {"bf16": 4, "fp8": 2, "w8a16": 2, "w4a16": 1},
     "pixtral-large-2411": {"bf16": 4, "fp8": 2, "w8a16": 2, "w4a16": 2},
 }
+ARCH = {"mixtral-8x7b-v0.1": sizing.MIXTRAL_8X7B, "mixtral-8x22b-v0.1": sizing.MIXTRAL_8X22B,
+        "mistral-large-2407": sizing.MISTRAL_LARGE_2407, "pixtral-large-2411": sizing.PIXTRAL_LARGE_2411}
+H100_BYTES = 81559 * 2**20  # what the driver reports for an H100 80GB HBM3
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_the_expected_h100_counts_follow_from_parameter_counts_and_bytes_per_weight(name: str) -> None:
+    arch = ARCH[name]
+    assert arch.quantized_params() < arch.total_params
+    assert {s: arch.gpus_needed(s, H100_BYTES) for s in EXPECTED_GPUS[name]} == EXPECTED_GPUS[name]
+
+
+def test_the_sizing_arches_match_the_params_the_manifests_carry() -> None:
+    for name, arch in ARCH.items():
+        p = load_manifest(name).params
+        assert p is not None
+        moe = p.get("moe") or {}
+        assert (p["dim"], p["n_layers"], p["head_dim"], p["hidden_dim"], p["n_heads"], p["n_kv_heads"],
+                moe.get("num_experts", 1)) == (arch.dim, arch.n_layers, arch.head_dim, arch.hidden_dim,
+                                               arch.n_heads, arch.n_kv_heads, arch.experts), name
+    assert sizing.PIXTRAL_LARGE_VISION == 1_524_776_320
 
 
 @pytest.mark.parametrize("name", NAMES)

@@ -22,6 +22,40 @@ from provision.stages.profiles import (
 )
 from tests.support.nvml import FakeNVML
 from tests.support.params import PIXTRAL_12B_PARAMS_JSON, pixtral_args
+from tests.support.sizing import PIXTRAL_12B
+
+# The profile auto picks for Pixtral 12B at a 32k context, worked out without profiles.py: auto takes
+# the first scheme of the card's list that fits, on the fewest GPUs (README: fp8 first on sm_89+,
+# bf16 from sm_80 and fp16 below, then w8a16, w4a16). Needs for the whole model, GB, from its
+# 12.68B parameters (10.91B of them in decoder Linears) and bytes per weight, x 1.1 with the KV cache:
+#   bf16/fp16 33.8, fp8 21.8, w8a16 22.0, w4a16 16.0.
+# Per card (driver MiB): T4 15,360 MiB = 16.1 GB -> w4a16 (16.0); A10G 23,028 MiB = 24.1 GB -> w8a16;
+# L4 -> fp8; A100 40/80 GB -> bf16; H100 -> fp8. Two A10Gs: bf16 at 16.9 GB each; two T4s: fp16 at
+# 16.9 > 16.1 GB, so w8a16 at 11.0 GB each.
+AUTO_CHOICES = [  # (card, count, driver MiB, schemes auto tries in order, the profile it picks)
+    ("t4", 1, 15360, ("fp16", "w8a16", "w4a16"), "w4a16-hf"),
+    ("a10g", 1, 23028, ("bf16", "w8a16", "w4a16"), "w8a16-hf"),
+    ("l4", 1, 23034, ("fp8", "bf16", "w8a16", "w4a16"), "fp8-hf"),
+    ("a100-40gb", 1, 40960, ("bf16", "w8a16", "w4a16"), "bf16-mistral"),
+    ("a100-80gb", 1, 81920, ("bf16", "w8a16", "w4a16"), "bf16-mistral"),
+    ("h100", 1, 81559, ("fp8", "bf16", "w8a16", "w4a16"), "fp8-hf"),
+    ("a10g", 2, 23028, ("bf16", "w8a16", "w4a16"), "bf16-mistral-tp2"),
+    ("t4", 2, 15360, ("fp16", "w8a16", "w4a16"), "w8a16-hf-tp2"),
+]
+
+
+@pytest.mark.parametrize(("card", "count", "mib", "order", "expected"), AUTO_CHOICES)
+def test_the_expected_choices_follow_from_bytes_per_weight(card: str, count: int, mib: int,
+                                                           order: tuple[str, ...], expected: str) -> None:
+    derived = None
+    for scheme in order:
+        n = PIXTRAL_12B.gpus_needed(scheme, mib * 2**20, max_gpus=count)
+        if n is not None:
+            layout = "mistral" if scheme in ("bf16", "fp16") else "hf"
+            derived = f"{scheme}-{layout}" + (f"-tp{n}" if n > 1 else "")
+            break
+    assert derived == expected
+    assert choose(pixtral_args(), parse_target(card if count == 1 else f"{card}x{count}")).name == expected
 
 
 def test_reference_params_json_is_the_453_byte_release_file() -> None:

@@ -150,6 +150,7 @@ def test_config_json_carries_the_compressed_tensors_quantization_config(tiny_src
         assert (out / name).is_file()
 
 
+@pytest.mark.slow  # 5-7 s: builds the transformers tokenizer from the 19 MB tekken.json
 def test_hf_tokenizer_files_are_built_from_tekken(tiny_src: Path, tmp_path: Path) -> None:
     from tests.support.hf_reference import require_transformers
 

@@ -322,6 +322,7 @@ def _pickle_manifest(tmp_path: Path, md5: str) -> Path:
     return p
 
 
+@pytest.mark.slow  # 2-4.5 s: the import runs in a child process that loads torch, then a model is built
 def test_import_pickle_takes_the_md5_from_the_manifest_and_writes_rope_1e6_for_a_moe(
         tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     src, md5 = _tiny_8x7b_torrent(tmp_path)

@@ -321,6 +321,28 @@ class Member:
     verified_at: float | None = None  # when every final file was in place (they appear only after verify)
 
 
+# exit 0 when the tracker at argv[1] accepts announces of every infohash in argv[2:], 1 when it
+# refuses one, 2 when it cannot be asked (run inside the tracker's namespace; stdlib only)
+_WHITELIST_PROBE = r"""
+import sys, urllib.parse, urllib.request
+url, hashes = sys.argv[1], sys.argv[2:]
+peer = "-PRPROBE-" + "0" * 11
+try:
+    for h in hashes:
+        q = {"info_hash": bytes.fromhex(h), "peer_id": peer, "port": "9", "uploaded": "0", "downloaded": "0",
+             "left": "0", "compact": "1", "numwant": "0"}
+        body = urllib.request.urlopen(url + "?" + urllib.parse.urlencode(q), timeout=5).read()
+        if b"failure reason" in body:
+            sys.exit(1)
+        q["event"] = "stopped"  # take the probe out of the swarm again
+        urllib.request.urlopen(url + "?" + urllib.parse.urlencode(q), timeout=5).read()
+except OSError as e:
+    print(e, file=sys.stderr)
+    sys.exit(2)
+sys.exit(0)
+"""
+
+
 class Fleet:
     """Processes on a ``FleetNet``: tracker on ``tracker``, origin on ``origin``, members elsewhere."""
 
@@ -376,7 +398,25 @@ class Fleet:
                 fh.write("".join(x + "\n" for x in new))
         assert self.tracker is not None
         os.kill(self.tracker.pid, signal.SIGHUP)
-        time.sleep(0.5)  # the reload runs in opentracker's accesslist thread
+        # the reload runs in opentracker's accesslist thread: wait until it accepts every line
+        host, want = self.net["tracker"], list(dict.fromkeys(lines))
+        wait_for(lambda: self._tracker_accepts(host, want), 30, interval=0.1, what="opentracker to reload its whitelist")
+
+    def _tracker_accepts(self, host: Host, infohashes: Sequence[str]) -> bool:
+        """Whether opentracker, asked from inside its namespace, accepts an announce of each of
+        ``infohashes`` (a refused one is answered "not authorized"); each probe peer is removed
+        again at once with event=stopped."""
+        if not infohashes:
+            return True
+        url = f"http://{host.addr}:{TRACKER_PORT}/announce"
+        cp = subprocess.run([*host.nsenter(), PYTHON, "-c", _WHITELIST_PROBE, url, *infohashes],
+                            capture_output=True, text=True, timeout=30)
+        if cp.returncode not in (0, 1):
+            assert self.tracker is not None
+            if self.tracker.poll() is not None:
+                raise RuntimeError(f"opentracker exited {self.tracker.returncode}: "
+                                   f"{(self.tracker_dir / 'opentracker.log').read_text()}")
+        return cp.returncode == 0
 
     # -- the origin ---------------------------------------------------------------
     def start_origin(self, payload: Path, *, cap: str, name: str = "origin", extra: Sequence[str] = ()) -> Origin:

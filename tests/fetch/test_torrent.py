@@ -410,8 +410,8 @@ def test_deferred_signals_hold_sigterm_until_released_then_raise_it_where_the_ca
     try:
         with DeferredSignals() as deferred:
             os.kill(os.getpid(), signal.SIGTERM)
-            time.sleep(0.05)  # the noting handler ran here; nothing was raised
-            assert deferred.pending == signal.SIGTERM
+            # the noting handler runs in this thread at its next check; nothing is raised
+            wait_for(lambda: deferred.pending == signal.SIGTERM, 10, interval=0.01, what="the signal to be noted")
             with pytest.raises(Landed):
                 deferred.release()
         assert signal.getsignal(signal.SIGTERM) is handler  # the caller's handler is back

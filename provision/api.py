@@ -36,11 +36,12 @@ def plan(source: str, *, home: str | Path | None = None, offline: bool = False, 
 
 
 def fetch(source: str, *, home: str | Path | None = None, progress: ProgressFn | None = None,
-          **kw: Any) -> FetchResult:
-    """`provision fetch`: keyword arguments go to ``provision.stages.fetch.fetch``."""
+          via: str = "auto", **kw: Any) -> FetchResult:
+    """`provision fetch`: ``via`` is `--source` (auto, torrent or hf); other keyword arguments
+    (dest, torrent, hub) go to ``provision.stages.fetch.fetch``."""
     from provision.stages.fetch import fetch as _fetch
 
-    return _fetch(make_plan(source, home=Path(home) if home else None), progress=progress, **kw)
+    return _fetch(make_plan(source, home=Path(home) if home else None), source=via, progress=progress, **kw)
 
 
 def verify(root: str | Path, manifest: str | Path | None = None, *,

@@ -57,7 +57,8 @@ def command(src: Path, out_dir: Path, sha256: str | None, md5: str | None, manif
     res = import_pickle(src, out_dir, sha256=sha256, md5=md5, params=params, explicit_rope=not keep_params,
                         timeout=timeout, progress=app.terminal.progress)
     t = app.terminal
-    t.info(f"{res.source.name}: {res.authority} matches the release ({res.source_sha256})")
+    checked = res.source_md5 if res.authority == "md5" else res.source_sha256
+    t.info(f"{res.source.name}: {res.authority} matches the release ({checked}); sha256 {res.source_sha256}")
     t.info(f"{res.tensors} tensors, {res.parameters:,d} parameters ({', '.join(f'{n} {d}' for d, n in res.dtypes.items())})")
     if res.rope_theta_added:
         t.info("params.json had no rope_theta: wrote it out (10000 for Mistral 7B v0.1, 1e6 for Mixtral)")

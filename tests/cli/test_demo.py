@@ -11,6 +11,7 @@ from provision.cli.demo import main
 from provision.formats.report_schema import validate_report
 
 
+@pytest.mark.slow
 def test_demo_fetches_the_tiny_model_over_bittorrent_converts_to_fp8_and_passes_the_smoke_test(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -236,6 +236,7 @@ def _big_repo(hub: LoopbackHub, tmp_path: Path, size: int = 48 << 20) -> tuple[P
     return src, sha
 
 
+@pytest.mark.slow
 def test_sigkill_midway_then_resume_refetches_under_55_percent(
         hub: LoopbackHub, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     src, sha = _big_repo(hub, tmp_path)
@@ -583,6 +584,7 @@ def test_a_partial_another_process_is_writing_is_left_alone_exit_6(
     assert not (tmp_path / "out" / "params.json").exists()
 
 
+@pytest.mark.slow
 def test_a_server_whose_bytes_end_early_gets_416_restarts_then_exit_4(
         hub: LoopbackHub, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     src, _ = _big_repo(hub, tmp_path, size=6 << 20)

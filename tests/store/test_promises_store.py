@@ -15,6 +15,8 @@ import stat
 import subprocess
 from pathlib import Path
 
+import pytest
+
 from provision.testing.hub_server import LoopbackHub
 from provision.testing.torrent_fixtures import PROVISION, REPO, provision_env
 
@@ -44,6 +46,7 @@ def _entries(home: Path) -> tuple[list[Path], list[Path]]:
     return dirs, files
 
 
+@pytest.mark.slow
 def test_a_setgid_store_under_umask_002_gives_every_new_folder_and_file_the_store_group(
     hub: LoopbackHub, tiny_src: Path, tmp_path: Path
 ) -> None:

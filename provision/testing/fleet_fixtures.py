@@ -21,7 +21,9 @@ What it does:
   are in place: they are moved there only after verification) and read their reports.
 
 It does not assert anything (the tests and the benchmark do) and never reaches an address
-outside the namespaces it created.
+outside the namespaces it created. One responsibility, the fleet scenario's processes and network;
+it is long because namespaces, tracker, origin, members and the lying member must be started,
+watched and stopped together (splitting them would only spread one lifecycle over files).
 """
 
 from __future__ import annotations

@@ -15,10 +15,12 @@ sent, so huggingface_hub never loads hf_xet.
 
 Every request is recorded (which port, method, path, Authorization header, Range, when), and so
 are the body bytes sent per file and the most bodies sent at once. ``loopback_proxy()`` is a
-forward HTTP proxy to 127.0.0.1 only, for ``HTTP_PROXY`` tests. The ``hub`` pytest fixture
-serves the tiny checkpoint and points ``HF_ENDPOINT`` at it; ``python -m provision.testing.hub_server
-FOLDER REPO`` serves a folder (the benchmark uses it). It is a fixture, not a Hub: no uploads,
-no pagination, no auth beyond a token table.
+forward HTTP proxy to 127.0.0.1 only, for ``HTTP_PROXY`` tests. ``serve_tiny`` serves the tiny
+checkpoint (tests/conftest.py's ``hub`` fixture wraps it); ``python -m provision.testing.hub_server
+FOLDER REPO`` serves a folder (the benchmark uses it). It is a test double, not a Hub: no uploads,
+no pagination, no auth beyond a token table. One responsibility, the Hub's HTTP surface; it is
+long because that surface (API routes, resolve + CDN redirect, ranges, gating, fault injection,
+request recording) must stay in one server to behave like one.
 """
 
 from __future__ import annotations

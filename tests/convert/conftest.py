@@ -14,27 +14,12 @@ from typing import Any
 
 import pytest
 
+from provision.testing.tiny import TINY_PARAMS
+
+# the default tiny (tests' TINY_PARAMS) with the decoder widened to 128 and one vision layer
 TINY128_PARAMS: dict[str, Any] = {
-    "dim": 128,
-    "n_layers": 2,
-    "head_dim": 32,
-    "hidden_dim": 256,
-    "n_heads": 4,
-    "n_kv_heads": 2,
-    "rope_theta": 1000000000.0,
-    "norm_eps": 1e-05,
-    "vocab_size": 131072,
-    "vision_encoder": {
-        "hidden_size": 64,
-        "num_channels": 3,
-        "image_size": 1024,
-        "patch_size": 16,
-        "rope_theta": 10000.0,
-        "intermediate_size": 128,
-        "num_hidden_layers": 1,
-        "num_attention_heads": 4,
-        "image_token_id": 10,
-    },
+    **TINY_PARAMS, "dim": 128, "head_dim": 32, "hidden_dim": 256,
+    "vision_encoder": {**TINY_PARAMS["vision_encoder"], "num_hidden_layers": 1},
 }
 
 

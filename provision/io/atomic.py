@@ -1,7 +1,9 @@
 """Atomic writes: a unique temporary name beside the target, fsync, rename, fsync the folder.
 
 A crash leaves the old file or the new one, never a half file under the final name. Temporary
-names start with ``.provision-tmp-`` so ``gc`` can find them. ``durable=False`` skips the
+names start with ``.provision-tmp-`` so ``gc`` can find them. A new file gets the mode a plain
+``open()`` would give it (0o666 less the umask, so ``umask 002`` makes it group-writable) unless
+the caller asks for another. ``durable=False`` skips the
 fsyncs, for bookkeeping files whose loss only costs work, never trust. Nothing here checks
 paths or space, or moves whole folders (``provision.io.staging`` does).
 """
@@ -19,6 +21,25 @@ from typing import IO
 from provision.errors import DiskSpaceError
 
 TMP_PREFIX = ".provision-tmp-"
+
+
+def current_umask() -> int:
+    """The process umask, read without changing it where Linux allows (``/proc/self/status``)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as fh:
+            for line in fh:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):  # no /proc or no Umask line (old kernels): ask os.umask
+        pass
+    old = os.umask(0o022)  # racy with other threads, only where /proc is missing
+    os.umask(old)
+    return old
+
+
+def umask_file_mode() -> int:
+    """The mode ``open()`` gives a new file: 0o666 less the umask."""
+    return 0o666 & ~current_umask()
 
 
 def fsync_path(path: os.PathLike[str] | str) -> None:
@@ -45,7 +66,7 @@ def fsync_dir(path: Path) -> None:
 
 
 @contextlib.contextmanager
-def atomic_writer(target: Path, mode: str = "wb", *, perms: int = 0o644, durable: bool = True) -> Iterator[IO[bytes]]:
+def atomic_writer(target: Path, mode: str = "wb", *, perms: int | None = None, durable: bool = True) -> Iterator[IO[bytes]]:
     """Yield a file object; on clean exit it replaces ``target`` atomically (fsynced unless not ``durable``)."""
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -57,7 +78,7 @@ def atomic_writer(target: Path, mode: str = "wb", *, perms: int = 0o644, durable
             fh.flush()
             if durable:
                 os.fsync(fh.fileno())
-        os.chmod(tmp, perms)
+        os.chmod(tmp, umask_file_mode() if perms is None else perms)
         os.replace(tmp, target)
         if durable:
             fsync_dir(target.parent)
@@ -76,16 +97,16 @@ def atomic_writer(target: Path, mode: str = "wb", *, perms: int = 0o644, durable
                 os.unlink(tmp)
 
 
-def atomic_write_bytes(target: Path, data: bytes, *, perms: int = 0o644, durable: bool = True) -> None:
+def atomic_write_bytes(target: Path, data: bytes, *, perms: int | None = None, durable: bool = True) -> None:
     with atomic_writer(target, perms=perms, durable=durable) as fh:
         fh.write(data)
 
 
-def atomic_write_text(target: Path, text: str, *, perms: int = 0o644, durable: bool = True) -> None:
+def atomic_write_text(target: Path, text: str, *, perms: int | None = None, durable: bool = True) -> None:
     atomic_write_bytes(target, text.encode("utf-8"), perms=perms, durable=durable)
 
 
-def atomic_copy(src: Path, target: Path, *, perms: int = 0o644) -> None:
+def atomic_copy(src: Path, target: Path, *, perms: int | None = None) -> None:
     """Copy ``src``'s bytes to ``target`` atomically and durably (e.g. across filesystems)."""
     with open(src, "rb") as fi, atomic_writer(target, perms=perms) as fo:
         shutil.copyfileobj(fi, fo, 1 << 22)

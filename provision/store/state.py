@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from provision.io.atomic import atomic_write_text
+from provision.io.atomic import atomic_write_text, current_umask
 from provision.version import __version__
 
 STATE_SCHEMA_VERSION = 1
@@ -33,20 +33,6 @@ def shared_file_mode() -> int:
     With ``umask 002`` (the advice for a shared home) this is 0o664; with 077 it is 0o640.
     """
     return (0o666 & ~current_umask()) | 0o440
-
-
-def current_umask() -> int:
-    """The process umask, read without changing it where Linux allows (``/proc/self/status``)."""
-    try:
-        with open("/proc/self/status", encoding="ascii") as fh:
-            for line in fh:
-                if line.startswith("Umask:"):
-                    return int(line.split()[1], 8)
-    except (OSError, ValueError, IndexError):  # no /proc or no Umask line (old kernels): ask os.umask
-        pass
-    old = os.umask(0o022)  # racy with other threads, only where /proc is missing
-    os.umask(old)
-    return old
 
 
 def split_stage(stage: str) -> tuple[str, str | None]:

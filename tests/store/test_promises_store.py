@@ -1,12 +1,8 @@
 """The README's shared store: in a group-owned setgid home under ``umask 002`` every folder a run
 creates keeps the store's group, the setgid bit and group write, and every file it writes gets the
-store's group. The run downloads from the loopback Hub (a hard-linked adoption keeps the source's own
-inode, mode and group).
-
-Not under test because it does not hold today (see issue 22's note): "with umask 002 [files] are
-also group-writable" (the converted profile's files and staging's hub-record.json are 0644) and
-"Files are always group-readable" (under umask 077 the Hub-downloaded originals and the converted
-shard are 0600)."""
+store's group and group write (a file's mode is what ``open()`` gives under the umask: 0o666 & ~0o002
+= 0o664). The run downloads from the loopback Hub (a hard-linked adoption keeps the source's own
+inode, mode and group)."""
 
 from __future__ import annotations
 
@@ -68,4 +64,4 @@ def test_a_setgid_store_under_umask_002_gives_every_new_folder_and_file_the_stor
     for f in files:
         st = f.stat()
         assert st.st_gid == gid, f"{f} has group {st.st_gid}, not the store's {gid}"
-        assert st.st_mode & 0o040, f"{f} is {oct(st.st_mode)}: not group-readable"
+        assert st.st_mode & 0o060 == 0o060, f"{f} is {oct(st.st_mode)}: not group-writable under umask 002"

@@ -247,7 +247,7 @@ class _Run:
             from provision.stages.fetch import fetch
 
             fres = fetch(plan, source=opts.source, dest=original, torrent=opts.torrent, hub=opts.hub,
-                         progress=self.progress)
+                         progress=self.progress, lock=False)  # run_pipeline holds the model's lock
             extra = fres.extra
             facts = {f.path: (f.size, f.sha256) for f in fres.files if f.sha256}
             nbytes, details = fres.bytes_downloaded, {"how": fres.source, **fres.to_dict()}

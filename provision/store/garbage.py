@@ -1,11 +1,14 @@
 """Finding and removing what the store no longer needs (the library behind ``provision gc``).
 
-Per model, unless a live run holds its lock, ``collect_garbage`` removes the staging folder (an
-abandoned download), partial and temporary files no state record vouches for, a dead lock and a
-leftover ``.lock.break``; across the store, resume data no model refers to and temporary files
-no run can still be writing. Each model is cleaned under its own lock (taken without waiting).
-A live lock, and anything of a model it protects, is never touched; symlinks are never followed;
-``dry_run`` reports the same list and removes nothing. It prints nothing.
+Per model, unless a live process (``provision run`` or ``provision fetch``) holds its lock,
+``collect_garbage`` removes partial and temporary files in the model folder no state record
+vouches for, a dead lock, a leftover ``.lock.break`` and an empty staging folder; across the
+store, resume data no model refers to and temporary files no run can still be writing. A staging
+folder holding files is a resumable partial download (a stopped run or fetch continues from it)
+and, with its resume data, is kept unless ``partials`` is asked for (``gc --partials``). Each model
+is cleaned under its own lock (taken without waiting). A live lock, and anything of a model it
+protects, is never touched; symlinks are never followed; every item carries the reason it goes
+(or stays), and ``dry_run`` reports the same list and removes nothing. It prints nothing.
 """
 
 from __future__ import annotations
@@ -33,6 +36,9 @@ _HEX_RUN = re.compile(r"[0-9a-fA-F]{40,}")
 _B32_BTIH = re.compile(r"btih:([A-Za-z2-7]{32})\b")
 
 GcKind = Literal["staging", "partial", "tmp", "dead-lock", "breaker", "resume", "lock"]
+_BT_STAGING = re.compile(r"bt-([0-9a-f]{16})")  # a torrent fetch's staging folder: bt-<first 16 of its key>
+RESUMABLE = ("resumable partial download: the same `provision run`/`fetch` continues it; "
+             "`provision gc --partials` or `provision rm NAME` removes it")
 
 
 @dataclass
@@ -63,11 +69,28 @@ def _is_partial(name: str) -> bool:
     return name.startswith(TMP_PREFIX) or name.endswith(PARTIAL_SUFFIXES)
 
 
-def _model_candidates(m: ModelPaths, now: float) -> list[GcItem]:
-    """What of one (unlocked) model is garbage, found without following symlinks."""
+def _has_files(root: Path) -> bool:
+    """Whether the tree ``root`` holds anything but folders (a symlink counts), without following links."""
+    if root.is_symlink() or not root.is_dir():
+        return root.is_symlink() or root.exists()
+    return any(files or any(os.path.islink(os.path.join(d, x)) for x in dirs)
+               for d, dirs, files in os.walk(root, followlinks=False))
+
+
+def _model_candidates(m: ModelPaths, now: float, partials: bool) -> tuple[list[GcItem], list[GcItem]]:
+    """What of one (unlocked) model is garbage, and what stays with its reason, found without
+    following symlinks: (to remove, to keep)."""
     out: list[GcItem] = []
+    keep: list[GcItem] = []
     if m.staging.is_symlink() or m.staging.is_dir():
-        out.append(GcItem(str(m.staging), "staging", tree_bytes(m.staging, disk=True), "abandoned download"))
+        size = tree_bytes(m.staging, disk=True)
+        if not _has_files(m.staging):
+            out.append(GcItem(str(m.staging), "staging", size, "empty staging folder: nothing to resume"))
+        elif partials:
+            out.append(GcItem(str(m.staging), "staging", size, "resumable partial download, and --partials asked "
+                                                               "for partials to go"))
+        else:
+            keep.append(GcItem(str(m.staging), "staging", size, RESUMABLE))
     if m.root.is_dir() and not m.root.is_symlink():
         state = load_state(m.state_file)
         vouched = {str(f.path) for rec in state.stages.values() for f in rec.files.values()}
@@ -77,13 +100,18 @@ def _model_candidates(m: ModelPaths, now: float) -> list[GcItem]:
                 if Path(root) == m.root and name.startswith(LOCK_FILE):
                     continue
                 if _is_partial(name) and str(p.absolute()) not in vouched:
-                    kind: GcKind = "tmp" if name.startswith(TMP_PREFIX) else "partial"
-                    out.append(GcItem(str(p), kind, tree_bytes(p, disk=True), "partial or temporary file"))
+                    if name.startswith(TMP_PREFIX):
+                        out.append(GcItem(str(p), "tmp", tree_bytes(p, disk=True),
+                                          "temporary file of a write that no live run is doing"))
+                    else:
+                        out.append(GcItem(str(p), "partial", tree_bytes(p, disk=True),
+                                          "partial file in the model folder: no stage record vouches for it "
+                                          "and nothing resumes from it"))
         breaker = breaker_path(m.lock_file)
         with contextlib.suppress(OSError):  # no breaker (or none we can stat): nothing to collect
             if now - breaker.lstat().st_mtime > BREAKER_STALE_AFTER:
                 out.append(GcItem(str(breaker), "breaker", 0, "left by a process that died breaking a lock"))
-    return out
+    return out, keep
 
 
 def _hashes_in(text: str) -> set[str]:
@@ -126,11 +154,23 @@ def _known_hashes(home: Path, names: list[str]) -> set[str]:
     return _hashes_in("\n".join(texts))
 
 
+def _staged_prefixes(home: Path, names: list[str]) -> set[str]:
+    """The key prefixes of the torrent fetches whose staging folders (``bt-<16 hex>``) still exist:
+    their resume data is what resumes them."""
+    lay = Layout(home)
+    out: set[str] = set()
+    for d in names:
+        with contextlib.suppress(OSError):  # no staging folder: no torrent fetch to resume
+            out |= {m.group(1) for e in os.listdir(lay.model_at(d).staging) if (m := _BT_STAGING.fullmatch(e))}
+    return out
+
+
 def _resume_candidates(home: Path, names: list[str], live: list[LockStatus]) -> tuple[list[GcItem], list[GcItem]]:
     tdir = Layout(home).torrents
     if not tdir.is_dir():
         return [], []
     known = _known_hashes(home, names)
+    staged = _staged_prefixes(home, names)
     oldest_live = min((s.info.started for s in live if s.info), default=None) if live else None
     rm: list[GcItem] = []
     keep: list[GcItem] = []
@@ -142,7 +182,12 @@ def _resume_candidates(home: Path, names: list[str], live: list[LockStatus]) -> 
             continue  # not ours to judge
         if stem in known or any(k.startswith(stem) for k in known):
             continue
-        item = GcItem(str(entry), "resume", tree_bytes(entry, disk=True), "no model refers to this torrent")
+        if stem[:16] in staged:
+            keep.append(GcItem(str(entry), "resume", tree_bytes(entry, disk=True),
+                               "resume data of a " + RESUMABLE))
+            continue
+        item = GcItem(str(entry), "resume", tree_bytes(entry, disk=True),
+                      "no model, manifest or staged download refers to this torrent")
         mtime = entry.lstat().st_mtime
         if live and (oldest_live is None or mtime >= oldest_live - 1):
             item.reason = "may belong to a running fetch"
@@ -165,12 +210,14 @@ def _tmp_candidates(home: Path, live: bool, now: float) -> list[GcItem]:
                 continue
             age = now - e.stat(follow_symlinks=False).st_mtime
             if not live or age > TMP_GRACE_S:
-                out.append(GcItem(e.path, "tmp", tree_bytes(Path(e.path), disk=True), "temporary file of a dead write"))
+                out.append(GcItem(e.path, "tmp", tree_bytes(Path(e.path), disk=True), "temporary file of a write no live run is doing"))
     return out
 
 
-def collect_garbage(home: Path, *, dry_run: bool = False, stale_after: float | None = None) -> GcResult:
-    """Remove (or with ``dry_run`` list) what the store no longer needs; see the module docstring."""
+def collect_garbage(home: Path, *, dry_run: bool = False, stale_after: float | None = None,
+                    partials: bool = False) -> GcResult:
+    """Remove (or with ``dry_run`` list) what the store no longer needs; ``partials`` removes resumable
+    partial downloads too. See the module docstring."""
     home = Path(home)
     lay = Layout(home)
     now = time.time()
@@ -183,17 +230,20 @@ def collect_garbage(home: Path, *, dry_run: bool = False, stale_after: float | N
             live.append(st)
             who = st.info.describe() if st.info else "a run"
             res.kept.append(GcItem(str(st.path), "lock", 0, f"live: held by {who}"))
-            for it in _model_candidates(m, now):
+            rm, keep = _model_candidates(m, now, partials)
+            for it in rm + keep:
                 it.reason = f"model in use by {who}"
                 res.kept.append(it)
             continue
+        rm, keep = _model_candidates(m, now, partials)
+        res.kept += keep
         if dry_run:
             if st.state == "stale":
-                res.removed.append(GcItem(str(st.path), "dead-lock", 0, st.reason))
-            res.removed += _model_candidates(m, now)
+                res.removed.append(GcItem(str(st.path), "dead-lock", 0, f"dead lock: {st.reason}"))
+            res.removed += rm
             continue
-        if st.state == "stale" or _model_candidates(m, now):
-            _clean_model(res, m, stale_after, now)
+        if st.state == "stale" or rm:
+            _clean_model(res, m, stale_after, now, partials)
     _remove_all(res, _tmp_candidates(home, bool(live), now))
     rm, keep = _resume_candidates(home, model_names(home), live)
     _remove_all(res, rm)
@@ -208,7 +258,7 @@ def _remove_all(res: GcResult, items: list[GcItem]) -> None:
         res.removed.append(it)
 
 
-def _clean_model(res: GcResult, m: ModelPaths, stale_after: float | None, now: float) -> None:
+def _clean_model(res: GcResult, m: ModelPaths, stale_after: float | None, now: float, partials: bool) -> None:
     created = not m.root.exists()
     lock = ModelLock(m.lock_file, timeout=0, heartbeat=None, stale_after=stale_after, command="gc",
                      what=f"Model {m.dirname}")
@@ -219,8 +269,8 @@ def _clean_model(res: GcResult, m: ModelPaths, stale_after: float | None, now: f
         return
     try:
         for st in lock.took_over:
-            res.removed.append(GcItem(str(st.path), "dead-lock", 0, st.reason))
-        for it in _model_candidates(m, now):
+            res.removed.append(GcItem(str(st.path), "dead-lock", 0, f"dead lock: {st.reason}"))
+        for it in _model_candidates(m, now, partials)[0]:
             it.bytes = remove_path(Path(it.path))
             res.removed.append(it)
     finally:

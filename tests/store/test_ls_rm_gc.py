@@ -280,7 +280,7 @@ def test_gc_dry_run_reports_the_garbage_and_removes_nothing(home: Path, tmp_path
     expected, held = fabricate_store(home, tmp_path)
     try:
         before = snapshot(home)
-        code, doc, _ = cli_json(capsys, "gc", "--dry-run", "--home", str(home))
+        code, doc, _ = cli_json(capsys, "gc", "--dry-run", "--partials", "--home", str(home))
         assert code == 0 and doc["dry_run"] is True
         assert snapshot(home) == before
         assert {os.path.relpath(i["path"], home) for i in doc["removed"]} >= {
@@ -297,7 +297,7 @@ def test_gc_removes_what_it_should_and_nothing_else(home: Path, tmp_path: Path,
     try:
         before = snapshot(home)
         assert expected <= before
-        code, doc, _ = cli_json(capsys, "gc", "--home", str(home))
+        code, doc, _ = cli_json(capsys, "gc", "--partials", "--home", str(home))
         assert code == 0 and doc["dry_run"] is False
         after = snapshot(home)
         assert after == before - expected
@@ -316,14 +316,39 @@ def test_gc_removes_what_it_should_and_nothing_else(home: Path, tmp_path: Path,
     finally:
         held.release()
     # with the run gone, its leftovers are garbage too; everything still vouched for stays
-    res = collect_garbage(home)
+    res = collect_garbage(home, partials=True)
     removed = {os.path.relpath(i.path, home) for i in res.removed}
     assert removed == {"staging/beta", f"models/beta/original/{TMP_PREFIX}x.y", f"torrents/{'7c' * 20}.resume",
                        f"manifests/{TMP_PREFIX}new.toml.2"}
     for name in ("alpha", "beta", "gamma"):
         st = load_state(home / "models" / name / "state.json")
         assert st.stages and all(st.stage_valid(s) for s in st.stages)
-    assert collect_garbage(home).removed == []
+    assert collect_garbage(home, partials=True).removed == []
+
+
+def test_gc_keeps_resumable_staging_without_partials_and_says_why_each_item_goes(
+        home: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    expected, held = fabricate_store(home, tmp_path)
+    held.release()
+    lay = Layout(home)
+    (lay.staging("epsilon") / "hub").mkdir(parents=True)  # an empty staging folder: nothing to resume
+    code, doc, _ = cli_json(capsys, "gc", "--dry-run", "--home", str(home))
+    assert code == 0
+    would = {os.path.relpath(i["path"], home): i for i in doc["removed"]}
+    kept = {os.path.relpath(i["path"], home): i for i in doc["kept"]}
+    for name in ("alpha", "beta", "gamma", "delta"):  # staging holding files: resumable, kept
+        assert f"staging/{name}" not in would
+        assert kept[f"staging/{name}"]["kind"] == "staging"
+        assert "gc --partials" in kept[f"staging/{name}"]["reason"]
+    assert would["staging/epsilon"]["reason"].startswith("empty staging folder")
+    assert "dead lock" in would["models/gamma/.lock"]["reason"]
+    assert "no model" in would[f"torrents/{IH_ORPHAN}.resume"]["reason"]
+    assert all(i["reason"] for i in doc["removed"])
+    before = snapshot(home)
+    code, doc, out = cli_json(capsys, "gc", "--home", str(home))
+    assert code == 0
+    assert snapshot(home) >= {p for p in before if p.startswith("staging/")}  # every staged byte still there
+    assert not lay.staging("epsilon").exists()
 
 
 def test_gc_on_a_missing_home_does_nothing(tmp_path: Path) -> None:
@@ -340,7 +365,7 @@ def test_gc_does_not_clean_inside_a_model_folder_that_is_a_symlink_out_of_the_ho
     os.symlink(elsewhere, home / "models" / "alpha")
     (home / "staging" / "alpha").mkdir(parents=True)
     (home / "staging" / "alpha" / "part").write_bytes(b"p" * 10)
-    res = collect_garbage(home)
+    res = collect_garbage(home, partials=True)
     assert {os.path.relpath(i.path, home) for i in res.removed} == {"staging/alpha"}
     assert tmp_outside.exists() and (home / "models" / "alpha").is_symlink()
     assert not (elsewhere / ".lock").exists()

@@ -4,15 +4,20 @@
 moving to the next when one fails or stalls (a dead torrent falls back to the Hub). The
 sources themselves live in the ``torrent`` package (the only importer of libtorrent) and the
 ``hub`` package (the only importer of huggingface_hub); both download into a staging folder and move a file under
-its final name only after ``verify`` passed. Nothing here prints.
+its final name only after ``verify`` passed. Unless the caller already holds it (``provision run`` does), the
+fetch holds the model's lock while it runs, so ``provision gc`` and ``provision rm`` leave its staging folder
+and resume data alone. Nothing here prints.
 """
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from provision.errors import FetchError, ManifestError, UsageError
+from provision.layout import Layout
 from provision.progress import ProgressFn, note
 from provision.stages.fetch.request import (
     NETWORK_CHOICES,
@@ -27,7 +32,7 @@ from provision.stages.fetch.request import (
 )
 
 __all__ = ["NETWORK_CHOICES", "SOURCE_CHOICES", "FetchRequest", "FetchResult", "FetchedFile", "HubOptions",
-           "HubSnapshot", "PlannedFile", "TorrentOptions", "fetch", "source_order"]
+           "HubSnapshot", "PlannedFile", "TorrentOptions", "fetch", "model_lock", "source_order"]
 
 
 def source_order(plan: FetchRequest, source: str) -> list[str]:
@@ -48,6 +53,24 @@ def source_order(plan: FetchRequest, source: str) -> list[str]:
     return [source]
 
 
+@contextlib.contextmanager
+def model_lock(plan: FetchRequest, *, timeout: float | None = None) -> Iterator[None]:
+    """Hold ``plan``'s model lock (``LockTimeoutError``, exit 6, when another run or fetch holds it
+    past ``timeout``); a model folder created only to hold the lock is removed again when empty."""
+    from provision.store.lock import ModelLock
+
+    m = Layout(plan.home).model(plan.name)
+    created = not m.root.exists()
+    try:
+        with ModelLock(m.lock_file, timeout=timeout, command=f"fetch {plan.source[:200]}",
+                       what=f"Model {m.dirname}"):
+            yield
+    finally:
+        if created:
+            with contextlib.suppress(OSError):  # the fetch filled it (its default dest) or a run started meanwhile
+                m.root.rmdir()
+
+
 def fetch(
     plan: FetchRequest,
     *,
@@ -56,10 +79,19 @@ def fetch(
     torrent: TorrentOptions | None = None,
     hub: HubOptions | None = None,
     progress: ProgressFn | None = None,
+    lock: bool = True,
+    lock_timeout: float | None = None,
 ) -> FetchResult:
-    """Fetch every file of ``plan`` into ``dest`` (default ``plan.dest``), verified."""
+    """Fetch every file of ``plan`` into ``dest`` (default ``plan.dest``), verified. ``lock=False`` says
+    the caller already holds the model's lock; otherwise it is held for the fetch (``lock_timeout``)."""
     order = source_order(plan, source)
-    target = Path(dest) if dest else plan.dest
+    with model_lock(plan, timeout=lock_timeout) if lock else contextlib.nullcontext():
+        return _fetch_in_order(plan, order, Path(dest) if dest else plan.dest, torrent, hub, progress)
+
+
+def _fetch_in_order(plan: FetchRequest, order: list[str], target: Path, torrent: TorrentOptions | None,
+                    hub: HubOptions | None, progress: ProgressFn | None) -> FetchResult:
+    """Try ``order``'s sources one after the other until one delivers."""
     attempts: list[dict[str, Any]] = []
     last: FetchError | None = None
     for i, kind in enumerate(order):

@@ -12,6 +12,8 @@ result carries one record per stage for the report.
 
 from __future__ import annotations
 
+import contextlib
+import json
 import shutil
 import time
 from collections.abc import Callable, Iterator, Mapping
@@ -175,11 +177,14 @@ class _Run:
     def stages(self) -> Iterator[Stage]:
         """The stages in order; each is built once the ones before it ran (convert needs the params)."""
         st, opts = self.state, self.opts
-        yield Stage("fetch", "fetch", lambda: st.stage_valid("fetch") and self.original.is_dir(), self.fetch,
-                    "already fetched and unchanged", invalidate_first=True, on_skip=self.seed_earlier_fetch)
+        kept = ("original dropped after a verified conversion (--drop-original); the converted profile is "
+                "still valid") if st.original_dropped else None
+        yield Stage("fetch", "fetch", self.original_ready, self.fetch, kept or "already fetched and unchanged",
+                    invalidate_first=True, on_skip=self.seed_earlier_fetch)
         manifest = self.manifest or load_manifest(self.lay.manifest_file(self.plan.name))
         self.manifest = manifest
-        yield Stage("verify", "verify", lambda: st.stage_valid("verify"), self.verify, "verified and unchanged")
+        yield Stage("verify", "verify", lambda: st.stage_valid("verify") or self.dropped_but_converted(), self.verify,
+                    kept or "verified and unchanged")
         smoke_dir = self.original
         if not opts.skip_convert:
             target, prof = self._profile()
@@ -188,7 +193,7 @@ class _Run:
             convert_key = f"convert:{prof.name}"
             yield Stage("convert", convert_key, lambda: st.stage_valid(convert_key) and out.is_dir(),
                         lambda: self.convert(target, prof, out), "converted and unchanged", profile=prof.name,
-                        invalidate_first=True)
+                        invalidate_first=True, on_skip=lambda: self.recall_serve_command(convert_key, out))
             smoke_dir = out
         if not opts.skip_smoke:
             smoke_key = f"smoke:{self.result.profile or 'original'}"
@@ -203,7 +208,25 @@ class _Run:
         from provision.hardware import parse_target
 
         target = parse_target(self.opts.target, hardware=self.plan.hardware)
-        return target, _choose_profile(ModelArgs.from_file(self.original / "params.json"), self.opts, target)
+        dropped = self.state.dropped_params() if not (self.original / "params.json").is_file() else None
+        args = ModelArgs.from_dict(dropped) if dropped is not None else ModelArgs.from_file(self.original / "params.json")
+        self.chosen = target, _choose_profile(args, self.opts, target)
+        return self.chosen
+
+    def original_ready(self) -> bool:
+        """The fetch can be skipped: the recorded original is still there, or ``--drop-original`` removed it
+        and the conversion this run asks for is still valid."""
+        if self.state.original_dropped:
+            return self.dropped_but_converted()
+        return self.state.stage_valid("fetch") and self.original.is_dir()
+
+    def dropped_but_converted(self) -> bool:
+        """``--drop-original`` removed the original, and this run's profile is converted and unchanged."""
+        if not self.state.original_dropped or self.opts.skip_convert or self.original.is_dir():
+            return False
+        _target, prof = self._profile()
+        return (self.state.stage_valid(f"convert:{prof.name}")
+                and self.lay.profile(self.plan.name, prof.name).is_dir())
 
     def run_stage(self, stage: Stage) -> dict[str, Any]:
         t = time.monotonic()
@@ -224,7 +247,7 @@ class _Run:
 
     # -- the stages --------------------------------------------------------------------------
     def seed_earlier_fetch(self) -> None:
-        if self.seeding is not None:  # a restarted fleet member still serves late hosts
+        if self.seeding is not None and self.original.is_dir():  # a restarted fleet member still serves late hosts
             from provision.stages.fetch.torrent import seed_verified
 
             seed_verified(self.plan, self.original, self.opts.torrent, self.progress)
@@ -257,6 +280,18 @@ class _Run:
                        facts={"source": details.get("how"),
                               **{k: v for k, v in extra.items() if isinstance(v, (str, int, float))}},
                        sha256={p: h for p, (_s, h) in facts.items()})
+
+    def recall_serve_command(self, convert_key: str, out: Path) -> None:
+        """A conversion skipped as done still ends the run with its serve command: the one recorded
+        in the state file, else the one in the converted folder's own record."""
+        rec = self.state.get(convert_key)
+        cmd = rec.facts.get("vllm_command") if rec is not None else None
+        if not isinstance(cmd, str) or not cmd:
+            from provision.stages.convert.record import read_record
+
+            with contextlib.suppress(OSError, ValueError):  # no readable record: no serve line
+                cmd = read_record(out).get("vllm_command")
+        self.result.vllm_command = cmd if isinstance(cmd, str) and cmd else None
 
     def verify(self) -> Outcome:
         from provision.stages.verify import authorities_from_manifest, verify_files
@@ -315,9 +350,11 @@ class _Run:
                 and not opts.skip_smoke and self.original.is_dir()):
             return None
         freed = sum(p.stat().st_size for p in _files_of(self.original))
-        shutil.rmtree(self.original)
-        self.state.invalidate("fetch")
+        params = json.loads((self.original / "params.json").read_text(encoding="utf-8"))
+        # recorded first: a removal cut short leaves a state that refetches, never one that trusts half a folder
+        self.state.mark_original_dropped(params if isinstance(params, dict) else None)
         save_state(self.state, self.state_path)
+        shutil.rmtree(self.original)
         _record(self.result, "drop-original", "ok", 0.0, freed, {"removed": str(self.original)})
         return self.result.stages[-1]
 

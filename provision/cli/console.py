@@ -14,20 +14,21 @@ import json
 import sys
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
 from rich.console import Console
 from rich.progress import (
     BarColumn,
-    DownloadColumn,
-    MofNCompleteColumn,
     Progress,
+    ProgressColumn,
+    Task,
     TaskID,
     TextColumn,
     TimeRemainingColumn,
-    TransferSpeedColumn,
 )
+from rich.text import Text
 
 from provision.progress import ProgressEvent
 from provision.settings import Settings
@@ -64,8 +65,7 @@ class Terminal:
         self._lock = threading.Lock()
         self._progress: Progress | None = None
         self._tasks: dict[str, TaskID] = {}
-        self._plain_last: dict[str, float] = {}
-        self._plain_start: dict[str, tuple[float, float]] = {}
+        self._clocks: dict[str, _Clock] = {}
 
     # -- messages ---------------------------------------------------------------
     def _logline(self, level: str, msg: str) -> None:
@@ -98,10 +98,34 @@ class Terminal:
         if self.verbose and not self.quiet:
             self.console.print(f"[dim]{escape(msg)}[/dim]")
 
+    def out(self, text: str, *, commentary: bool = False) -> None:
+        """Write one line exactly as given, never wrapped at the terminal width and without markup
+        (so a command in it pastes): on stdout as the result, which ``--quiet`` does not silence; with
+        ``commentary`` (the result is in a ``--json`` document) on stderr instead, unless quiet."""
+        self._logline("RESULT", text)
+        if commentary and self.quiet:
+            return
+        with self._lock:
+            if self._progress is not None:  # live bars redraw stderr: let them end their line first
+                self._progress.refresh()
+            dest = self.console.file if commentary else sys.stdout
+            dest.write(text + "\n")
+            dest.flush()
+
     def print(self, renderable: Any) -> None:
-        """Print a rich renderable (a table, a panel) unless quiet."""
+        """Print a rich renderable (a table, a panel) unless quiet; bars still drawn end first, so
+        nothing is left stacked under it."""
         if not self.quiet:
+            self.end_progress()
             self.console.print(renderable)
+
+    def end_progress(self) -> None:
+        """Take down the live bars (their finished tasks have printed their summaries)."""
+        with self._lock:
+            if self._progress is not None:
+                self._progress.stop()
+                self._progress = None
+                self._tasks.clear()
 
     # -- progress -----------------------------------------------------------------
     def progress(self, ev: ProgressEvent) -> None:
@@ -112,59 +136,66 @@ class Terminal:
                 return
             if self.quiet:
                 return
+            clock = self._clocks.get(ev.task)
+            if ev.finished and clock is not None and clock.finished == _shown(ev):
+                return  # already summed up: a finished task is reported once
+            if clock is None or clock.finished is not None:
+                clock = self._clocks[ev.task] = _Clock(time.monotonic(), ev.done)  # a new (or restarted) task
+            if ev.finished and not ev.done and not ev.total:
+                clock.finished = 0.0  # nothing to do, nothing to report
+                return
             if self.is_tty:
-                self._progress_tty(ev)
+                self._progress_tty(ev, clock)
             else:
-                self._progress_plain(ev)
+                self._progress_plain(ev, clock)
+            if ev.finished:
+                clock.finished = _shown(ev)
 
-    def _progress_tty(self, ev: ProgressEvent) -> None:
+    def _progress_tty(self, ev: ProgressEvent, clock: _Clock) -> None:
+        tid = self._tasks.get(ev.task)
+        if ev.finished:  # the bar gives way to its one-line summary
+            if tid is not None and self._progress is not None:
+                self._progress.remove_task(tid)
+                del self._tasks[ev.task]
+            self._plain(summary_line(ev, clock.rate(ev.done)))
+            if not self._tasks and self._progress is not None:
+                self._progress.stop()
+                self._progress = None
+            return
         if self._progress is None:
             self._progress = Progress(
-                TextColumn("{task.description}"),
-                BarColumn(),
-                DownloadColumn() if ev.unit == "B" else MofNCompleteColumn(),
-                TransferSpeedColumn(),
-                TimeRemainingColumn(),
-                console=self.console,
-                transient=False,
-            )
+                TextColumn("{task.description}"), BarColumn(), _AmountColumn(), _RateColumn(),
+                TimeRemainingColumn(), TextColumn("{task.fields[extra]}"),
+                console=self.console, transient=True, redirect_stdout=False, redirect_stderr=False)
             self._progress.start()
-        tid = self._tasks.get(ev.task)
         desc = ev.description or ev.task
+        extra, rate = format_extra(ev.extra), ev.extra.get("rate")
         if tid is None:
-            tid = self._progress.add_task(desc, total=ev.total)
+            tid = self._progress.add_task(desc, total=ev.total, completed=int(_shown(ev)), unit=ev.unit, extra=extra,
+                                          rate=rate)
             self._tasks[ev.task] = tid
-        self._progress.update(tid, completed=ev.done, total=ev.total, description=desc)
-        if ev.finished:
-            self._progress.update(tid, completed=ev.total if ev.total is not None else ev.done)
+        self._progress.update(tid, completed=_shown(ev), total=ev.total, description=desc, unit=ev.unit, extra=extra,
+                              rate=rate)
 
-    def _progress_plain(self, ev: ProgressEvent) -> None:
+    def _progress_plain(self, ev: ProgressEvent, clock: _Clock) -> None:
         now = time.monotonic()
-        start = self._plain_start.setdefault(ev.task, (now, ev.done))
-        last = self._plain_last.get(ev.task)
-        if not ev.finished and last is not None and now - last < self.progress_interval:
+        if ev.finished:
+            self._plain(summary_line(ev, clock.rate(ev.done)))
             return
-        if last is None and not ev.finished:
-            self._plain_last[ev.task] = now  # first event: start the clock, print later
+        if ev.total is None:  # open-ended (seeding, waiting): a line only when something changed
+            key = (ev.done, tuple(sorted((k, str(v)) for k, v in ev.extra.items() if k not in VOLATILE)))
+            if key == clock.last_key:
+                return
+            clock.last_key = key
+        elif clock.printed_at is None:  # the first event starts the clock: a task that ends within
+            clock.printed_at = now  # the interval needs no line before its summary
             return
-        self._plain_last[ev.task] = now
-        elapsed = max(now - start[0], 1e-9)
-        rate = max(0.0, (ev.done - start[1]) / elapsed)
-        desc = ev.description or ev.task
-        if ev.unit == "B":
-            done = human_bytes(ev.done)
-            tot = f" / {human_bytes(ev.total)}" if ev.total else ""
-            pct = f" ({100 * ev.done / ev.total:.0f}%)" if ev.total else ""
-            extra = f" {human_bytes(rate)}/s"
-        else:
-            done = f"{ev.done:g}"
-            tot = f" / {ev.total:g}" if ev.total else ""
-            pct = f" ({100 * ev.done / ev.total:.0f}%)" if ev.total else ""
-            extra = ""
-        for k, v in ev.extra.items():
-            extra += f" {k}={v}"
-        state = " done" if ev.finished else ""
-        line = f"{desc}: {done}{tot}{pct}{extra}{state}"
+        elif now - clock.printed_at < self.progress_interval:
+            return
+        clock.printed_at = now
+        self._plain(progress_line(ev, clock.rate(ev.done)))
+
+    def _plain(self, line: str) -> None:
         self._logline("PROGRESS", line)
         self.console.print(line, markup=False, highlight=False)
 
@@ -173,9 +204,89 @@ class Terminal:
             self._progress.stop()
             self._progress = None
             self._tasks.clear()
+        self._clocks.clear()
         if self._log is not None:
             self._log.close()
             self._log = None
+
+
+VOLATILE = frozenset({"rate", "eta", "left"})  # extras that change without anything happening
+
+
+@dataclass
+class _Clock:
+    """When a task started (and at what count), and what of it was last shown."""
+
+    start: float
+    start_done: float
+    printed_at: float | None = None
+    last_key: tuple[Any, ...] | None = None
+    finished: float | None = None  # the count its summary showed, once finished
+
+    def rate(self, done: float) -> float | None:
+        """Units per second since the task's first event (None when no time has passed)."""
+        elapsed = time.monotonic() - self.start
+        return (done - self.start_done) / elapsed if elapsed > 0 else None
+
+
+def _shown(ev: ProgressEvent) -> float:
+    """The count to show: never past the total (a bar does not end at 101%)."""
+    return min(ev.done, ev.total) if ev.total else ev.done
+
+
+def format_amount(done: float, total: float | None, unit: str) -> str:
+    """``12.00 MB / 34.00 MB`` for bytes, ``9/16 tokens`` for anything counted."""
+    if unit == "B":
+        return human_bytes(done) + (f" / {human_bytes(total)}" if total else "")
+    return f"{done:g}" + (f"/{total:g}" if total else "") + f" {unit}"
+
+
+def format_rate(rate: float | None, unit: str) -> str:
+    if rate is None or rate <= 0:
+        return ""
+    return f"{human_bytes(rate)}/s" if unit == "B" else f"{rate:.1f} {unit}/s"
+
+
+def format_extra(extra: dict[str, Any]) -> str:
+    """The stage's own facts (peers, eta, ...), ``rate`` excepted: a line shows one rate."""
+    return " ".join(f"{k}={v}" for k, v in extra.items() if k != "rate")
+
+
+def progress_line(ev: ProgressEvent, rate: float | None) -> str:
+    """One plain progress line: what, how far (with the percentage of the real total), one rate."""
+    shown = _shown(ev)
+    pct = f" ({100 * shown / ev.total:.0f}%)" if ev.total else ""
+    speed = str(ev.extra["rate"]) if "rate" in ev.extra else format_rate(rate, ev.unit)
+    parts = [f"{ev.description or ev.task}: {format_amount(shown, ev.total, ev.unit)}{pct}", speed,
+             format_extra(ev.extra)]
+    return " ".join(p for p in parts if p)
+
+
+def summary_line(ev: ProgressEvent, rate: float | None) -> str:
+    """What a finished task leaves behind: its total and average rate, once."""
+    speed = format_rate(rate, ev.unit)
+    return f"{ev.description or ev.task}: done, {format_amount(_shown(ev), None, ev.unit)}" + (
+        f" ({speed})" if speed else "")
+
+
+class _AmountColumn(ProgressColumn):
+    """Bytes as sizes, anything else as ``done/total unit``."""
+
+    def render(self, task: Task) -> Text:
+        unit = str(task.fields.get("unit", "B"))
+        done = min(task.completed, task.total) if task.total else task.completed
+        if unit == "B":
+            return Text(format_amount(done, task.total, unit).replace(" / ", "/"), style="progress.download")
+        return Text(format_amount(done, task.total, unit), style="progress.download")
+
+
+class _RateColumn(ProgressColumn):
+    """The stage's own rate when it gives one, else the measured one, in the task's unit."""
+
+    def render(self, task: Task) -> Text:
+        given = task.fields.get("rate")
+        speed = str(given) if given else format_rate(task.speed, str(task.fields.get("unit", "B")))
+        return Text(speed, style="progress.data.speed")
 
 
 def escape(msg: str) -> str:

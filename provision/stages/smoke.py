@@ -221,7 +221,7 @@ def smoke(model_dir: Path, *, device: str = "auto", dtype: str | None = None, im
 
     def on_token(step: int, _tok: int) -> None:
         if progress is not None:
-            progress(ProgressEvent(task="smoke:generate", done=step + 1, total=n_new, unit="tok",
+            progress(ProgressEvent(task="smoke:generate", done=step + 1, total=n_new, unit="tokens",
                                    description="generating", finished=step + 1 == n_new))
 
     eos = tok.instruct_tokenizer.tokenizer.eos_id

@@ -49,7 +49,8 @@ def command(src_dir: Path, out_dir: Path, target: str, scheme: str, context: int
     rate = res.bytes_read / res.seconds / 1e6 if res.seconds else 0.0
     app.terminal.success(f"converted {human_bytes(res.bytes_read)} in {res.seconds:.1f} s ({rate:.0f} MB/s) "
                          f"into {res.out_dir}")
-    app.terminal.info(f"serve it with: {res.vllm_command}")
+    # one unbroken line; under --json the report carries vllm_command
+    app.terminal.out(f"serve it with: {res.vllm_command}", commentary=app.json)
     report = res.to_dict()
     report["logits_comparison"] = logits
     app.finish({"convert": report})

@@ -36,7 +36,7 @@ def render_summary(app: App, stages: list[dict[str, Any]]) -> None:
         if s["stage"] == "smoke" and s["result"] == "ok":
             note = f"{note} text={d.get('text', '')[:40]!r}"
         table.add_row(s["stage"], s["result"], f"{s['seconds']:.2f}", human_bytes(s["bytes"]), str(note))
-    app.terminal.print(table)
+    app.result(table)
 
 
 @click.command("run")
@@ -99,6 +99,6 @@ def command(source: str, home: Path | None, source_kind: str, target: str, schem
         render_summary(app, result.stages)
         if result.profile_dir is not None:
             app.terminal.success(f"{result.plan.name}: {result.profile} ready in {result.profile_dir}")
-        if result.vllm_command:
-            app.terminal.info(f"serve it with: {result.vllm_command}")
+        if result.vllm_command:  # one unbroken line; under --json the report carries vllm_command
+            app.terminal.out(f"serve it with: {result.vllm_command}", commentary=app.json)
     app.finish(result.to_dict())

@@ -13,8 +13,8 @@ from provision.stages.profiles import QUANTIZED, Profile
 
 
 def vllm_command(out_dir: Path, profile: Profile, context: int, *, hf_tokenizer: bool = True) -> str:
-    """The exact ``vllm serve`` line for a converted folder."""
-    parts = ["vllm", "serve", shlex.quote(str(out_dir))]
+    """The exact ``vllm serve`` line for a converted folder, shell-quoted (``shlex.join``) so it pastes."""
+    parts = ["vllm", "serve", str(out_dir)]
     if profile.layout == "mistral":
         parts += ["--tokenizer-mode", "mistral", "--config-format", "mistral", "--load-format", "mistral"]
     else:
@@ -25,5 +25,5 @@ def vllm_command(out_dir: Path, profile: Profile, context: int, *, hf_tokenizer:
     parts += ["--dtype", output_dtype(profile), "--max-model-len", str(context)]
     if profile.gpus > 1:
         parts += ["--tensor-parallel-size", str(profile.gpus)]
-    parts += ["--limit-mm-per-prompt", shlex.quote('{"image": 4}')]
-    return " ".join(parts)
+    parts += ["--limit-mm-per-prompt", '{"image": 4}']
+    return shlex.join(parts)

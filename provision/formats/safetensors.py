@@ -3,7 +3,7 @@
 ``DTYPES`` is the one table of safetensors dtypes (bits per element, the matching ``torch`` dtype
 named as a string). The header reader is bounded (``MAX_HEADER_BYTES``) and proves a header well
 formed: no duplicate keys, known dtypes, sizes that match shapes, offsets that tile the data
-section exactly; ``check_index`` checks an index against its shards. Written by hand rather than
+section exactly; its memory is bounded by ``MAX_HEADER_ITEMS`` as well as by the byte limit; ``check_index`` checks an index against its shards. Written by hand rather than
 through the ``safetensors`` library, which mmaps, needs a tensor framework and reports failures
 we cannot map to a one-line error. It never imports torch, reads tensor data or writes.
 """
@@ -22,9 +22,15 @@ from pathlib import Path
 from typing import Any
 
 from provision.errors import HostileContentError, StructureError
+from provision.io.opening import open_regular, read_regular
 from provision.io.paths import safe_relpath
 
 MAX_HEADER_BYTES = 100_000_000  # the safetensors library's own limit is 100 MB
+# At most this many JSON values (keys, objects, arrays, strings, numbers) in one header, bounded by
+# counting ``,``/``[``/``{`` before parsing. A tensor entry takes about 16, so this is ~156,000 tensors
+# per file (Mistral Large 2 has 795 in all). With it, parsing a header peaks at about twice its bytes
+# (the raw buffer and its decoded text) plus at most ~300 MB of parsed values.
+MAX_HEADER_ITEMS = 2_500_000
 MAX_INDEX_BYTES = 100_000_000
 
 
@@ -151,12 +157,12 @@ def _tensor(path: Path, name: str, entry: Any) -> TensorInfo:
     return TensorInfo(dtype=dtype, shape=tuple(shape), begin=begin, end=end)
 
 
-def read_header(fd: int, path: Path) -> bytes:
+def read_header(fd: int, path: Path) -> bytearray:
     """The raw header of the open file ``fd``: the 8-byte length then the N JSON bytes.
 
     Raises ``HostileContentError`` for something other than a regular file or a header length
     over ``MAX_HEADER_BYTES`` (nothing that large is read), ``StructureError`` for a file too
-    short for the length it claims. Reads 8 + N bytes, never the data.
+    short for the length it claims. Reads 8 + N bytes into one buffer, never the data.
     """
     st = os.fstat(fd)
     if not stat.S_ISREG(st.st_mode):
@@ -176,24 +182,44 @@ def read_header(fd: int, path: Path) -> bytes:
     if 8 + n > size:
         raise _bad(path, f"the header length {n:,d} points past the end of the {size:,d}-byte file",
                    header_len=n, size=size)
-    raw = bytearray(head)
-    while len(raw) < 8 + n:
-        chunk = os.pread(fd, 8 + n - len(raw), len(raw))
-        if not chunk:
+    raw = bytearray(8 + n)
+    raw[:8] = head
+    mv = memoryview(raw)
+    got = 8
+    while got < 8 + n:
+        k = os.preadv(fd, [mv[got:]], got)
+        if not k:
             raise _bad(path, "the file shrank while its header was read")
-        raw += chunk
-    return bytes(raw)
+        got += k
+    return raw
 
 
-def parse_header(path: Path, raw: bytes, size: int) -> SafetensorsInfo:
+def _items_bound(raw: bytes | bytearray, start: int) -> int:
+    """An upper bound on the JSON values (keys included) in ``raw[start:]``, counted without
+    parsing or copying: every value but the first follows a ``,`` or opens a container (an
+    object's key and value count as two)."""
+    return 1 + 2 * sum(raw.count(c, start) for c in (b",", b"[", b"{"))
+
+
+def parse_header(path: Path, raw: bytes | bytearray, size: int) -> SafetensorsInfo:
     """Check the header ``raw`` (as ``read_header`` returns it) of the ``size``-byte file ``path``:
-    JSON without duplicate keys, known dtypes, byte lengths that match shapes, offsets that do not
-    overlap and cover the data section exactly. Raises ``StructureError``."""
+    at most ``MAX_HEADER_ITEMS`` JSON values (counted before parsing), JSON without duplicate keys,
+    known dtypes, byte lengths that match shapes, offsets that do not overlap and cover the data
+    section exactly. Raises ``HostileContentError`` for too many values, else ``StructureError``."""
     n = len(raw) - 8
+    items = _items_bound(raw, 8)
+    if items > MAX_HEADER_ITEMS:
+        raise HostileContentError(
+            f"Refusing {path.name}: its header holds up to {items:,d} JSON values (the limit is "
+            f"{MAX_HEADER_ITEMS:,d}, about {MAX_HEADER_ITEMS // 16:,d} tensors).",
+            hint="This is not a genuine checkpoint; delete it and fetch it again from a trusted source.",
+            path=str(path), header_len=n)
     try:
-        header = json.loads(raw[8:].decode("utf-8"), object_pairs_hook=_no_duplicates)
+        text = str(memoryview(raw)[8:], "utf-8")  # one copy, not a slice and then a decode
+        header = json.loads(text, object_pairs_hook=_no_duplicates)
     except (UnicodeDecodeError, ValueError) as e:
         raise _bad(path, f"the header is not valid JSON ({e})", header_len=n) from None
+    del text
     if not isinstance(header, dict):
         raise _bad(path, "the header is not a JSON object", header_len=n)
     meta_raw = header.pop("__metadata__", {})
@@ -224,15 +250,16 @@ def parse_header(path: Path, raw: bytes, size: int) -> SafetensorsInfo:
     return SafetensorsInfo(path=path, size=size, header_len=n, metadata=dict(meta_raw), tensors=tensors)
 
 
-def check_safetensors(path: Path) -> SafetensorsInfo:
+def check_safetensors(path: Path, *, root: Path | None = None) -> SafetensorsInfo:
     """Prove ``path`` is a well-formed safetensors file; return its header facts.
 
-    Raises ``HostileContentError`` for a special file or a header length over
-    ``MAX_HEADER_BYTES`` and ``StructureError`` for everything else. Reads 8 + N bytes, never the data.
+    Raises ``HostileContentError`` for a special file, a symlink out of ``root`` (when given), a
+    header length over ``MAX_HEADER_BYTES`` or too many values, and ``StructureError`` for
+    everything else. Reads 8 + N bytes, never the data.
     """
     path = Path(path)
     try:
-        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+        fd = open_regular(path, root=root, what="weights file")
     except OSError as e:
         raise StructureError(f"Cannot open {path.name}: {e.strerror}.", path=str(path)) from None
     try:
@@ -258,11 +285,11 @@ def read_index(path: Path) -> IndexInfo:
     """Parse a ``*.safetensors.index.json`` (``{"metadata": ..., "weight_map": {tensor: shard}}``)."""
     path = Path(path)
     try:
-        size = path.stat().st_size
-        if size > MAX_INDEX_BYTES:
-            raise HostileContentError(f"Refusing {path.name}: {size:,d} bytes is far too large for an index.",
+        raw = read_regular(path, root=path.parent, what="index", max_bytes=MAX_INDEX_BYTES)
+        if _items_bound(raw, 0) > MAX_HEADER_ITEMS:
+            raise HostileContentError(f"Refusing {path.name}: it holds far too many JSON values for an index.",
                                       path=str(path))
-        doc = json.loads(path.read_bytes().decode("utf-8"), object_pairs_hook=_no_duplicates)
+        doc = json.loads(raw.decode("utf-8"), object_pairs_hook=_no_duplicates)
     except OSError as e:
         raise StructureError(f"Cannot read {path.name}: {e.strerror}.", path=str(path)) from None
     except (UnicodeDecodeError, ValueError) as e:

@@ -1,14 +1,17 @@
-"""Import a pickled PyTorch release (Mistral 7B's ``consolidated.00.pth``) as safetensors, safely.
+"""Import a pickled PyTorch release (``consolidated.00.pth``, or shards ``consolidated.NN.pt``) as safetensors, safely.
 
 The one way a pickle gets in (manifests, verify, the loader and convert refuse them), and it is
-never unpickled in the calling process: the published sha256 or md5 is checked first (exit 5 on
-a mismatch, before anything parses the file); a fresh interpreter without core dumps runs
-``torch.load(weights_only=True, mmap=True)``, checks the loaded dict against ``params.json``'s
-``tensor_spec`` and streams it into a staging folder; the parent checks the written header
-again, adds ``params.json`` (``rope_theta`` made explicit), the tokenizer and ``import.json``, and
-renames the folder to ``out``. A failure leaves ``out`` untouched and the pickle is never copied.
-The module stays large because the parent and the child it starts (``--child``) share one file:
-the protocol between them is read in one place.
+never unpickled in the calling process: every pickle's published sha256 or md5 (or the sha256 a
+verified torrent download computed) is checked first (exit 5 on a mismatch, before anything
+parses the file; shards are imported together only when every one has such an authority). A
+fresh interpreter locked down by ``pickle_sandbox`` (memory and CPU limits, no network, no
+writes outside its folder, no core dumps) runs ``torch.load(weights_only=True, mmap=True)``,
+merges the shards, checks the dict against ``params.json``'s ``tensor_spec`` and streams it into
+a staging folder. The parent treats that output as hostile: it re-reads the written header with
+the parser verify uses and checks it against the spec, adds ``params.json`` (``rope_theta`` made
+explicit), the tokenizer and ``import.json``, and renames the folder to ``out``. A failure leaves
+``out`` untouched and the pickle is never copied. The module stays large because the parent and
+the child it starts (``--child``) share one file: the protocol between them is read in one place.
 """
 
 from __future__ import annotations
@@ -34,8 +37,10 @@ from provision.errors import (
     HostileContentError,
     ParamsError,
     ProvisionError,
+    ResourceError,
     StructureError,
     UsageError,
+    VerifyError,
 )
 from provision.formats.params import spec_diff
 from provision.formats.pickles import PICKLE_SUFFIXES, is_pickle_name
@@ -44,15 +49,27 @@ from provision.io.atomic import TMP_PREFIX, atomic_write_text, fsync_dir
 from provision.io.hashing import hash_file
 from provision.io.space import check_free_space
 from provision.progress import ProgressFn, note
+from provision.stages.pickle_sandbox import Limits, net_namespace, preexec
 
 WEIGHTS_NAME = "consolidated.safetensors"
 RECORD_NAME = "import.json"
 TOKENIZER_GLOBS = ("tekken*.json", "tokenizer.model", "tokenizer.model.v*")
 DEFAULT_TIMEOUT_S = 3600.0
+BASE_MEMORY = 4 << 30  # the loader's own needs (the interpreter, torch) on top of twice the pickles
 WRITE_CHUNK = 64 << 20
 CHILD_ERROR_EXIT = 3
 _HEX = {"sha256": re.compile(r"^[0-9a-fA-F]{64}$"), "md5": re.compile(r"^[0-9a-fA-F]{32}$")}
 
+
+
+@dataclass(frozen=True)
+class PickleSource:
+    """One pickle to import and what vouches for it (a release hash, or a verified download's sha256)."""
+
+    path: Path
+    sha256: str | None = None
+    md5: str | None = None
+    authority: str = ""  # what the hash came from, for the record: "sha256", "md5", "torrent-v1-pieces", ...
 
 
 @dataclass
@@ -68,13 +85,15 @@ class ImportResult:
     rope_theta_added: bool
     files: dict[str, tuple[int, str]] = field(default_factory=dict)  # path -> (size, sha256)
     seconds: float = 0.0
+    shards: list[dict[str, Any]] = field(default_factory=list)  # one per pickle: name, size, sha256, md5, authority
+    sandbox: dict[str, Any] = field(default_factory=dict)  # the loader's limits and network mode
 
     def to_dict(self) -> dict[str, Any]:
         return {"out_dir": str(self.out_dir), "source": str(self.source), "source_sha256": self.source_sha256,
                 "source_md5": self.source_md5, "authority": self.authority, "tensors": self.tensors,
                 "parameters": self.parameters, "dtypes": self.dtypes, "rope_theta_added": self.rope_theta_added,
                 "files": [{"path": p, "size": s, "sha256": h} for p, (s, h) in sorted(self.files.items())],
-                "seconds": round(self.seconds, 3)}
+                "seconds": round(self.seconds, 3), "shards": self.shards, "sandbox": self.sandbox}
 
 
 # ---------------------------------------------------------------------------------------
@@ -122,22 +141,26 @@ def _prepare_out(out_dir: Path, src_folder: Path) -> None:
 
 
 def _child_command(payload_file: str) -> list[str]:
-    """The command that runs the loader process (a separate interpreter)."""
-    return [sys.executable, "-s", "-m", "provision.stages.pickle_import", "--child", payload_file]
+    """The command that runs the loader process (a separate interpreter, writing no bytecode)."""
+    return [sys.executable, "-s", "-B", "-m", "provision.stages.pickle_import", "--child", payload_file]
 
 
-def _no_core_dumps() -> None:  # runs in the child between fork and exec
-    import resource
-
-    # a hard limit that forbids it: the load still runs, a crash may leave a core file
-    with contextlib.suppress(ValueError, OSError):
-        resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+def default_memory_limit(pickle_bytes: int) -> int:
+    """The loader's data-memory limit: twice the pickles (a legacy file is read into memory, a zip
+    one mapped privately) plus the interpreter's own needs."""
+    return 2 * int(pickle_bytes) + BASE_MEMORY
 
 
-def _run_child(payload: dict[str, Any], timeout: float, staging: Path) -> dict[str, Any]:
+def _signal_name(num: int) -> str:
+    return signal.Signals(num).name if num in signal.Signals._value2member_map_ else str(num)
+
+
+def _run_child(payload: dict[str, Any], timeout: float, staging: Path, limits: Limits) -> dict[str, Any]:
     env = dict(os.environ)
     env["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = "1"  # belt and braces: weights_only even if a caller forgot
     env["PYTHONPATH"] = os.pathsep.join(p for p in sys.path if p)  # the same modules as this interpreter
+    for proxy in ("http_proxy", "https_proxy", "HTTP_PROXY", "HTTPS_PROXY", "all_proxy", "ALL_PROXY"):
+        env.pop(proxy, None)
     out_f = staging / ".child.out"
     err_f = staging / ".child.err"
     in_f = staging / ".child.in"  # a file, not argv: a big model's spec outgrows one argument (128 KiB)
@@ -145,7 +168,7 @@ def _run_child(payload: dict[str, Any], timeout: float, staging: Path) -> dict[s
     with open(out_f, "wb") as out, open(err_f, "wb") as err:
         proc = subprocess.Popen(_child_command(str(in_f)), stdin=subprocess.DEVNULL, stdout=out,
                                 stderr=err, env=env, cwd=str(staging), start_new_session=True,
-                                preexec_fn=_no_core_dumps)
+                                preexec_fn=preexec(limits))
         try:
             rc = proc.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
@@ -168,31 +191,47 @@ def _run_child(payload: dict[str, Any], timeout: float, staging: Path) -> dict[s
             if isinstance(cand, dict):
                 doc = cand
                 break
+    where = payload["paths"][0] if len(payload["paths"]) == 1 else f"{len(payload['paths'])} pickle shards"
     if rc < 0:
-        name = signal.Signals(-rc).name if -rc in signal.Signals._value2member_map_ else str(-rc)
-        raise ConvertError(f"The pickle loader process died ({name}); nothing was written.",
-                           hint="A killed loader is often out of memory; check free RAM and try again.",
-                           signal=-rc)
+        if -rc in (signal.SIGXCPU, signal.SIGKILL) and (doc is None or "error" not in doc):
+            hint = ("A killed loader is often out of memory or past its CPU limit "
+                    f"({limits.cpu_seconds} s); check free RAM and --timeout.")
+        else:
+            hint = "A killed loader is often out of memory; check free RAM and try again."
+        if -rc == signal.SIGXCPU:
+            raise ResourceError(f"The pickle loader process used its {limits.cpu_seconds} s of CPU time and was "
+                                "stopped; nothing was written.", hint="Raise --timeout for a big pickle.",
+                                signal=-rc)
+        raise ConvertError(f"The pickle loader process died ({_signal_name(-rc)}); nothing was written.",
+                           hint=hint, signal=-rc)
     if rc == 0 and doc is not None and "error" not in doc:
         return doc
     if doc is not None and "error" in doc:
         msg = str(doc.get("message", "")).strip()
         kind = doc["error"]
         if kind == "hostile":
-            raise HostileContentError(f"torch.load(weights_only=True) refused {payload['path']}: {msg}",
+            raise HostileContentError(f"torch.load(weights_only=True) refused {where}: {msg}",
                                       hint="The file holds more than tensors; it was not executed. Do not use it.",
-                                      path=payload["path"])
+                                      path=where)
+        if kind == "sandbox":
+            raise HostileContentError(f"The pickle loader tried something its sandbox forbids ({msg}); "
+                                      f"{where} was not imported.", hint="Do not use this file.", path=where)
+        if kind == "memory":
+            raise ResourceError(f"Loading {where} needed more than the loader's memory limit "
+                                f"({limits.memory_bytes:,d} bytes); nothing was written.",
+                                hint="A pickle that claims far more than its size is hostile; otherwise raise "
+                                     "the memory limit.", path=where, limit=limits.memory_bytes)
         if kind == "structure":
             raise StructureError(msg, hint="The pickle and params.json come from different models; check both.",
-                                 path=payload["path"])
-        raise ConvertError(f"Importing {payload['path']} failed: {msg}", path=payload["path"])
+                                 path=where)
+        raise ConvertError(f"Importing {where} failed: {msg}", path=where)
     tail = " ".join(stderr.strip().splitlines()[-3:])[-400:]
-    raise ConvertError(f"The pickle loader process exited with status {rc}: {tail or 'no message'}.",
-                       path=payload["path"])
+    raise ConvertError(f"The pickle loader process exited with status {rc}: {tail or 'no message'}.", path=where)
 
 
 def _spec_check(path: Path, spec: dict[str, tuple[int, ...]]) -> dict[str, int]:
-    """Header-only re-check of the written file against the spec; returns dtype counts."""
+    """Header-only re-check of the written file against the spec (the parser verify uses); returns
+    dtype counts. The loader's output is not trusted: this is what stands between it and ``out``."""
     info = check_safetensors(path)
     have = {n: tuple(t.shape) for n, t in info.tensors.items()}
     problem = spec_problem(have, spec)
@@ -212,23 +251,75 @@ def spec_problem(have: dict[str, tuple[int, ...]], spec: dict[str, tuple[int, ..
 
 def import_pickle(src: Path, out_dir: Path, *, sha256: str | None = None, md5: str | None = None,
                   params: Path | None = None, explicit_rope: bool = True, timeout: float = DEFAULT_TIMEOUT_S,
-                  progress: ProgressFn | None = None) -> ImportResult:
+                  memory_limit: int | None = None, progress: ProgressFn | None = None) -> ImportResult:
     """Import the pickle at ``src`` (file or folder) into ``out_dir`` as Mistral-format safetensors.
 
     ``sha256`` or ``md5`` (the release's published hash) is required and checked first."""
-    from provision.formats.params import ModelArgs, parameter_count, tensor_spec
-    from provision.model.mistral import explicit_params
-
-    t0 = time.monotonic()
     want_sha = _check_hash_arg("sha256", sha256)
     want_md5 = _check_hash_arg("md5", md5)
     if want_sha is None and want_md5 is None:
         raise UsageError("Importing a pickle needs the release's hash: pass --sha256 (or --md5) from a source "
                          "you trust; provision never loads an unverified pickle.")
+    pkl = find_pickle(Path(src))
+    source = PickleSource(pkl, want_sha, want_md5, authority="sha256" if want_sha else "md5")
+    return import_pickles([source], out_dir, params=params, explicit_rope=explicit_rope, timeout=timeout,
+                          memory_limit=memory_limit, progress=progress)
+
+
+def _check_sources(sources: Sequence[PickleSource]) -> list[PickleSource]:
+    if not sources:
+        raise UsageError("No pickle to import.")
+    out = [PickleSource(Path(s.path), _check_hash_arg("sha256", s.sha256), _check_hash_arg("md5", s.md5),
+                        s.authority) for s in sources]
+    folders = {s.path.parent.absolute() for s in out}
+    if len(folders) > 1:
+        raise UsageError("The pickle shards must sit in one folder.")
+    bare = [s.path.name for s in out if not (s.sha256 or s.md5)]
+    if bare and len(out) == 1:
+        raise UsageError("Importing a pickle needs the release's hash: pass --sha256 (or --md5) from a source "
+                         "you trust; provision never loads an unverified pickle.")
+    if bare:
+        raise VerifyError(f"Refusing to import {len(out)} pickle shards: {', '.join(bare[:3])} "
+                          f"{'has' if len(bare) == 1 else 'have'} no sha256 or md5 from the torrent or a manifest; "
+                          "shards are imported together only when every one is authenticated.",
+                          hint="Fetch them by torrent, or pin every shard's hash in the manifest.", files=bare)
+    for s in out:
+        if not s.path.is_file() or s.path.is_symlink():
+            raise UsageError(f"{s.path} is not a regular file.", path=str(s.path))
+    return out
+
+
+def _check_hashes(sources: Sequence[PickleSource], progress: ProgressFn | None) -> list[dict[str, Any]]:
+    """Hash every pickle (before anything parses one) and compare with its authority."""
+    shards = []
+    for s in sources:
+        note(progress, "import", f"hashing {s.path.name} ({s.path.stat().st_size:,d} bytes)")
+        got_sha, got_md5 = hash_file(s.path, md5=s.md5 is not None)
+        for kind, want, got in (("sha256", s.sha256, got_sha), ("md5", s.md5, got_md5)):
+            if want is not None and got != want:
+                raise HashMismatchError(f"{s.path.name}: {kind} is {got} but the release's is {want}; it was not "
+                                        "loaded.", hint="The file is damaged or not the release; fetch it again.",
+                                        path=str(s.path), expected=want, actual=got, check=kind)
+        shards.append({"name": s.path.name, "size": s.path.stat().st_size, "sha256": got_sha, "md5": got_md5,
+                       "authority": s.authority or ("sha256" if s.sha256 else "md5")})
+    return shards
+
+
+def import_pickles(sources: Sequence[PickleSource], out_dir: Path, *, params: Path | None = None,
+                   explicit_rope: bool = True, timeout: float = DEFAULT_TIMEOUT_S, memory_limit: int | None = None,
+                   progress: ProgressFn | None = None) -> ImportResult:
+    """Import one pickle, or the shards of one model (all in one folder, each with its hash), into
+    ``out_dir`` as one ``consolidated.safetensors`` (see the module docstring)."""
+    from provision.formats.params import ModelArgs, parameter_count, tensor_spec
+    from provision.model.mistral import explicit_params
+
+    t0 = time.monotonic()
     if timeout <= 0:
         raise UsageError(f"--timeout must be positive, got {timeout}.")
-    pkl = find_pickle(Path(src))
-    folder = pkl.parent
+    if memory_limit is not None and memory_limit <= 0:
+        raise UsageError(f"The memory limit must be positive, got {memory_limit}.")
+    srcs = _check_sources(sources)
+    folder = srcs[0].path.parent
     out_dir = Path(out_dir).absolute()
     params_path = Path(params) if params is not None else folder / "params.json"
     if not params_path.is_file():
@@ -242,32 +333,31 @@ def import_pickle(src: Path, out_dir: Path, *, sha256: str | None = None, md5: s
     spec = tensor_spec(args)
     _prepare_out(out_dir, folder)
 
-    # 1. the release hash, before anything parses the file
-    note(progress, "import", f"hashing {pkl.name} ({pkl.stat().st_size:,d} bytes)")
-    got_sha, got_md5 = hash_file(pkl, md5=want_md5 is not None)
-    if want_sha is not None and got_sha != want_sha:
-        raise HashMismatchError(f"{pkl.name}: sha256 is {got_sha} but the release's is {want_sha}; it was not "
-                                "loaded.", hint="The file is damaged or not the release; fetch it again.",
-                                path=str(pkl), expected=want_sha, actual=got_sha, check="sha256")
-    if want_md5 is not None and got_md5 != want_md5:
-        raise HashMismatchError(f"{pkl.name}: md5 is {got_md5} but the release's is {want_md5}; it was not "
-                                "loaded.", hint="The file is damaged or not the release; fetch it again.",
-                                path=str(pkl), expected=want_md5, actual=got_md5, check="md5")
+    # 1. the release hashes, before anything parses a file
+    shards = _check_hashes(srcs, progress)
+    total = sum(int(s["size"]) for s in shards)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    check_free_space(out_dir.parent, pkl.stat().st_size + (64 << 20), what="the imported safetensors")
+    check_free_space(out_dir.parent, total + (64 << 20), what="the imported safetensors")
+    limits = Limits(memory_bytes=memory_limit or default_memory_limit(total), cpu_seconds=int(timeout) + 1)
 
-    # 2. load and write in a separate process, into a staging folder beside out_dir
+    # 2. load and write in a separate, locked-down process, into a staging folder beside out_dir
     staging = out_dir.parent / f"{TMP_PREFIX}import-{out_dir.name}.{secrets.token_hex(4)}"
     staging.mkdir()
     try:
-        note(progress, "import", f"loading {pkl.name} with torch.load(weights_only=True) in a separate process")
-        payload = {"path": str(pkl.resolve()), "out": str(staging / WEIGHTS_NAME),
-                   "spec": {k: list(v) for k, v in spec.items()}, "source_sha256": got_sha}
-        child = _run_child(payload, timeout, staging)
+        names = ", ".join(s.path.name for s in srcs)
+        note(progress, "import", f"loading {names} with torch.load(weights_only=True) in a locked-down process")
+        payload = {"paths": [str(s.path.resolve()) for s in srcs], "out": str(staging / WEIGHTS_NAME),
+                   "spec": {k: list(v) for k, v in spec.items()},
+                   "source_sha256": ",".join(str(s["sha256"]) for s in shards), "parent_net": net_namespace()}
+        child = _run_child(payload, timeout, staging, limits)
         for name in (".child.in", ".child.out", ".child.err"):
             with contextlib.suppress(OSError):  # scratch files: the staging folder goes at the end anyway
                 (staging / name).unlink()
-        # 3. check what the child wrote, then the small files
+        leftovers = sorted(p.name for p in staging.iterdir() if p.name != WEIGHTS_NAME)
+        if leftovers or not (staging / WEIGHTS_NAME).is_file() or (staging / WEIGHTS_NAME).is_symlink():
+            raise HostileContentError(f"The pickle loader left {', '.join(leftovers) or 'no weights'} in its "
+                                      "folder; nothing was imported.", path=str(staging))
+        # 3. check what the child wrote (hostile until proven otherwise), then the small files
         dtypes = _spec_check(staging / WEIGHTS_NAME, spec)
         new_params, added = explicit_params(raw_params) if explicit_rope else (raw_params, False)
         if added:
@@ -281,9 +371,13 @@ def import_pickle(src: Path, out_dir: Path, *, sha256: str | None = None, md5: s
         files: dict[str, tuple[int, str]] = {}
         for p in sorted(staging.iterdir()):
             files[p.name] = (p.stat().st_size, hash_file(p)[0])
-        record = {"imported_from": str(pkl.resolve()), "source_sha256": got_sha, "source_md5": got_md5,
-                  "checked_against": "sha256" if want_sha else "md5", "loader": "torch.load(weights_only=True, "
-                  "mmap=True) in a separate process", "tensors": len(spec), "parameters": parameter_count(args),
+        first = shards[0]
+        sandbox = {"memory_limit": limits.memory_bytes, "cpu_seconds": limits.cpu_seconds,
+                   "network": child.get("network", "no-sockets")}
+        record = {"imported_from": str(srcs[0].path.resolve()), "source_sha256": first["sha256"],
+                  "source_md5": first["md5"], "checked_against": first["authority"], "shards": shards,
+                  "loader": "torch.load(weights_only=True, mmap=True) in a separate, locked-down process",
+                  "sandbox": sandbox, "tensors": len(spec), "parameters": parameter_count(args),
                   "rope_theta_added": added, "files": {k: {"size": s, "sha256": h} for k, (s, h) in files.items()},
                   "child": child}
         atomic_write_text(staging / RECORD_NAME, json.dumps(record, indent=2) + "\n")
@@ -296,10 +390,10 @@ def import_pickle(src: Path, out_dir: Path, *, sha256: str | None = None, md5: s
         shutil.rmtree(staging, ignore_errors=True)
         raise
     note(progress, "import", f"wrote {len(spec)} tensors to {out_dir / WEIGHTS_NAME}")
-    return ImportResult(out_dir=out_dir, source=pkl, source_sha256=got_sha, source_md5=got_md5,
-                        authority="sha256" if want_sha else "md5", tensors=len(spec),
+    return ImportResult(out_dir=out_dir, source=srcs[0].path, source_sha256=str(first["sha256"]),
+                        source_md5=first["md5"], authority=str(first["authority"]), tensors=len(spec),
                         parameters=parameter_count(args), dtypes=dtypes, rope_theta_added=added, files=files,
-                        seconds=time.monotonic() - t0)
+                        seconds=time.monotonic() - t0, shards=shards, sandbox=sandbox)
 
 
 # ---------------------------------------------------------------------------------------
@@ -317,6 +411,8 @@ def _load(path: str) -> Any:
 
     import torch
 
+    from provision.stages.pickle_sandbox import SandboxRefusal
+
     try:
         try:
             return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
@@ -325,27 +421,56 @@ def _load(path: str) -> Any:
                 raise
             # a legacy (non-zip) torch.save file cannot be mmapped; weights_only still applies
             return torch.load(path, map_location="cpu", weights_only=True)
+    except SandboxRefusal as e:
+        raise _ChildError("sandbox", str(e)[:300]) from None
+    except MemoryError:
+        raise _ChildError("memory", "out of memory") from None
     except pickle.UnpicklingError as e:
-        first = str(e).strip().splitlines()
+        text = str(e)
+        if "SandboxRefusal" in text or "the loader may not" in text:
+            raise _ChildError("sandbox", next(ln.strip() for ln in text.splitlines() if "may not" in ln)[:300]) \
+                from None
+        first = text.strip().splitlines()
         detail = next((ln.strip() for ln in first if "Unsupported" in ln or "global" in ln.lower()),
                       first[0] if first else "")
         raise _ChildError("hostile", detail[:300]) from None
     except (RuntimeError, EOFError, ValueError, OSError) as e:
-        raise _ChildError("load", f"{type(e).__name__}: {str(e).strip().splitlines()[0][:300] if str(e) else ''}") \
+        text = str(e)
+        if "allocate" in text.lower() or "out of memory" in text.lower():
+            raise _ChildError("memory", text.strip().splitlines()[0][:300]) from None
+        raise _ChildError("load", f"{type(e).__name__}: {text.strip().splitlines()[0][:300] if text else ''}") \
             from None
+
+
+def _merge(paths: Sequence[str]) -> dict[str, Any]:
+    """Load every shard and merge them into one {name: tensor} dict (a name in two shards is refused)."""
+    import torch
+
+    merged: dict[str, Any] = {}
+    for path in paths:
+        obj = _load(path)
+        if not isinstance(obj, dict) or not all(isinstance(k, str) for k in obj):
+            raise _ChildError("structure", f"The pickle holds a {type(obj).__name__}, not a {{name: tensor}} dict.")
+        bad = [k for k, v in obj.items() if not isinstance(v, torch.Tensor)]
+        if bad:
+            raise _ChildError("structure", f"Entry {bad[0]!r} of the pickle is not a tensor.")
+        dup = sorted(set(obj) & set(merged))
+        if dup:
+            raise _ChildError("structure", f"Tensor {dup[0]!r} is in two shards ({Path(path).name} and an "
+                                           "earlier one).")
+        merged.update(obj)
+    return merged
 
 
 def _child(payload: dict[str, Any]) -> dict[str, Any]:
     import torch
 
     from provision.formats.safetensors_writer import CheckpointWriter, TensorEntry
+    from provision.stages.pickle_sandbox import lock_down, network_mode
 
-    obj = _load(payload["path"])
-    if not isinstance(obj, dict) or not all(isinstance(k, str) for k in obj):
-        raise _ChildError("structure", f"The pickle holds a {type(obj).__name__}, not a {{name: tensor}} dict.")
-    bad = [k for k, v in obj.items() if not isinstance(v, torch.Tensor)]
-    if bad:
-        raise _ChildError("structure", f"Entry {bad[0]!r} of the pickle is not a tensor.")
+    out = Path(payload["out"])
+    lock_down(str(out.parent))  # from here: no sockets, no processes, no writes outside the staging folder
+    obj = _merge(payload["paths"])
     spec = {k: tuple(v) for k, v in payload["spec"].items()}
     problem = spec_problem({k: tuple(v.shape) for k, v in obj.items()}, spec)
     if problem:
@@ -356,8 +481,7 @@ def _child(payload: dict[str, Any]) -> dict[str, Any]:
         if dt not in FROM_TORCH:
             raise _ChildError("structure", f"Tensor {name!r} has dtype {dt}, which safetensors cannot hold here.")
         entries.append(TensorEntry(name, FROM_TORCH[dt], tuple(obj[name].shape)))
-    out = Path(payload["out"])
-    meta = {"format": "pt", "provision.imported_from": Path(payload["path"]).name,
+    meta = {"format": "pt", "provision.imported_from": ",".join(Path(p).name for p in payload["paths"]),
             "provision.source_sha256": payload["source_sha256"]}
     writer = CheckpointWriter(out_dir=out.parent, shards=[entries], names=[out.name], metadata=meta)
     try:
@@ -370,7 +494,8 @@ def _child(payload: dict[str, Any]) -> dict[str, Any]:
     except BaseException:
         writer.abort()
         raise
-    return {"tensors": len(entries), "bytes": writer.data_bytes, "pid": os.getpid()}
+    return {"tensors": len(entries), "bytes": writer.data_bytes, "pid": os.getpid(),
+            "network": network_mode(str(payload.get("parent_net", "")))}
 
 
 def _child_main(argv: Sequence[str]) -> int:
@@ -379,6 +504,12 @@ def _child_main(argv: Sequence[str]) -> int:
         doc = _child(payload)
     except _ChildError as e:
         print(json.dumps({"error": e.kind, "message": str(e)}), flush=True)
+        return CHILD_ERROR_EXIT
+    except MemoryError:
+        print(json.dumps({"error": "memory", "message": "out of memory"}), flush=True)
+        return CHILD_ERROR_EXIT
+    except PermissionError as e:  # the sandbox's refusal outside the load (the writer's own files are allowed)
+        print(json.dumps({"error": "sandbox", "message": str(e)[:300]}), flush=True)
         return CHILD_ERROR_EXIT
     except ProvisionError as e:
         print(json.dumps({"error": "write", "message": e.message}), flush=True)

@@ -1,19 +1,26 @@
-"""State shared by one CLI invocation: the terminal, the settings, ``--json`` and the report.
+"""State shared by one CLI invocation: the terminal, the settings, the global flags and the report.
 
-``cli.main`` creates one ``App`` per process; commands take it with ``get_app()`` and end with
-``app.finish(report)``, or, when a stage failed part-way and handed back a partial report, with
-``app.fail(error, report)`` (the one failure path: the report and the error in one JSON document,
-then the error raised for ``cli.main`` to print and map to its exit code). Stages never see it;
-it renders nothing but the JSON envelope.
+``cli.main`` creates one ``App`` per process; the global options (``--json``, ``--quiet``,
+``--verbose``, ``--log-file``, ``--home``; before or after the subcommand) set its fields and
+rebuild its ``Terminal``. Commands take it with ``get_app()``, print their human result with
+``app.result(...)`` (stdout; see ``cli.output``) and end with ``app.finish(report)``, or, when a
+stage failed part-way and handed back a partial report, with ``app.fail(error, report)`` (the one
+failure path: the report and the error in one JSON document, then the error raised for
+``cli.main`` to print and map to its exit code). Stages never see it; it renders nothing but the
+JSON envelope.
 """
 
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import Any, NoReturn
 
+from rich.console import RenderableType
+
 from provision.cli.console import Terminal, emit_json
+from provision.cli.output import write_result
 from provision.errors import ProvisionError
 from provision.settings import Settings
 from provision.version import JSON_SCHEMA_VERSION, __version__
@@ -28,6 +35,30 @@ class App:
     manifest_sha256: str | None = None
     started: float = field(default_factory=time.monotonic)
     reported: bool = False
+    quiet: bool = False
+    verbose: bool = False
+    log_file: Path | None = None
+
+    def configure(self, *, quiet: bool | None = None, verbose: bool | None = None, log_file: Path | None = None,
+                  home: Path | None = None) -> None:
+        """Apply global options (given before or after the subcommand); a flag once set stays set."""
+        self.quiet = self.quiet or bool(quiet)
+        self.verbose = self.verbose or bool(verbose)
+        if home is not None:
+            self.settings = replace(self.settings, home=Path(home).expanduser())
+        changed_log = log_file is not None and log_file != self.log_file
+        if changed_log:
+            self.log_file = log_file
+        t = self.terminal
+        if changed_log or t.quiet != self.quiet or t.verbose != self.verbose:
+            t.close()
+            self.terminal = Terminal(quiet=self.quiet, verbose=self.verbose,
+                                     log_file=self.log_file or self.settings.log_file,
+                                     progress_interval=self.settings.progress_interval)
+
+    def result(self, item: RenderableType) -> None:
+        """Print part of the command's human result: stdout, or stderr when ``--json`` owns stdout."""
+        write_result(self.terminal, item, json_mode=self.json)
 
     def envelope(self, ok: bool, exit_code: int) -> dict[str, Any]:
         return {
@@ -85,8 +116,8 @@ def get_app(json_flag: bool | None = None, command: str | None = None) -> App:
     global _CURRENT
     if _CURRENT is None:
         _CURRENT = App(terminal=Terminal(), settings=Settings.load())
-    if json_flag is not None:
-        _CURRENT.json = json_flag
+    if json_flag:  # a --json given before the subcommand already set it; a False here keeps it
+        _CURRENT.json = True
     if command is not None:
         _CURRENT.command = command
     return _CURRENT

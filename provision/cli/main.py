@@ -23,6 +23,15 @@ import click
 
 from provision.cli.app import App, current_app, set_app
 from provision.cli.console import Terminal
+from provision.cli.examples import GROUP_EPILOG, decorate
+from provision.cli.options import (
+    HOME_HELP,
+    JSON_HELP,
+    LOG_FILE_HELP,
+    QUIET_HELP,
+    VERBOSE_HELP,
+    add_global_options,
+)
 from provision.errors import (
     EXIT_SIGINT,
     EXIT_SIGTERM,
@@ -54,35 +63,45 @@ class LazyGroup(click.Group):
 
     def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
         if cmd_name in self.commands:  # added programmatically (plugins, tests)
-            return self.commands[cmd_name]
+            return add_global_options(self.commands[cmd_name])
         if cmd_name not in self._names():
             return None
         cmd: click.Command = import_module(f"provision.cli.commands.{cmd_name.replace('-', '_')}").command
-        return cmd
+        return decorate(cmd, cmd_name)
 
 
-@click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.group(cls=LazyGroup, invoke_without_command=True, epilog=GROUP_EPILOG,
+             context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(__version__, "--version", prog_name="provision")
-@click.option("-q", "--quiet", is_flag=True, envvar="PROVISION_QUIET", help="Only print errors.")
-@click.option("-v", "--verbose", is_flag=True, envvar="PROVISION_VERBOSE", help="Print debug lines too.")
+@click.option("--json", "json_out", is_flag=True, help=JSON_HELP)
+@click.option("-q", "--quiet", is_flag=True, envvar="PROVISION_QUIET", show_envvar=True, help=QUIET_HELP)
+@click.option("-v", "--verbose", is_flag=True, envvar="PROVISION_VERBOSE", show_envvar=True, help=VERBOSE_HELP)
 @click.option("--log-file", type=click.Path(dir_okay=False, path_type=Path), envvar="PROVISION_LOG_FILE",
-              help="Append every message to this file.")
-def cli(quiet: bool, verbose: bool, log_file: Path | None) -> None:
+              show_envvar=True, help=LOG_FILE_HELP)
+@click.option("--home", type=click.Path(file_okay=False, path_type=Path), help=HOME_HELP)
+@click.pass_context
+def cli(ctx: click.Context, json_out: bool, quiet: bool, verbose: bool, log_file: Path | None,
+        home: Path | None) -> None:
     """Take a bare GPU host to a verified, GPU-ready, smoke-tested copy of a model.
 
     SOURCE is a manifest name or path, a magnet link, a .torrent file or hf://org/repo[@rev].
-    Exit codes: 0 ok, 1 unexpected, 2 usage, 3 manifest/config, 4 fetch, 5 verification,
-    6 resources (disk, GPU memory, lock), 7 conversion, 8 smoke test, 130 SIGINT, 143 SIGTERM.
+    Results go to stdout, progress and notes to stderr. The options above are accepted before or
+    after the command. Exit codes: 0 ok, 1 unexpected, 2 usage, 3 manifest/config, 4 fetch,
+    5 verification, 6 resources (disk, GPU memory, lock), 7 conversion, 8 smoke test,
+    130 SIGINT, 143 SIGTERM.
     """
     settings = Settings.load()
     app = current_app()
-    terminal = Terminal(quiet=quiet, verbose=verbose, log_file=log_file or settings.log_file,
-                        progress_interval=settings.progress_interval)
     if app is None:
-        set_app(App(terminal=terminal, settings=settings))
+        app = App(terminal=Terminal(progress_interval=settings.progress_interval), settings=settings)
+        set_app(app)
     else:
-        app.terminal = terminal
         app.settings = settings
+    app.json = app.json or json_out
+    app.configure(quiet=quiet, verbose=verbose, log_file=log_file or settings.log_file, home=home)
+    if ctx.invoked_subcommand is None:  # bare `provision`: the help, and success
+        click.echo(ctx.get_help())
+        ctx.exit(0)
 
 
 def _on_sigterm(signum: int, _frame: FrameType | None) -> None:
@@ -97,12 +116,14 @@ def main(argv: list[str] | None = None) -> None:
 
 def run_cli(argv: list[str] | None = None) -> int:
     settings = Settings.load()
-    app = App(terminal=Terminal(progress_interval=settings.progress_interval), settings=settings)
+    args = list(sys.argv[1:] if argv is None else argv)
+    app = App(terminal=Terminal(progress_interval=settings.progress_interval), settings=settings,
+              json=wants_json(args), command=command_name(args, cli.list_commands(click.Context(cli))))
     set_app(app)
     old = signal.signal(signal.SIGTERM, _on_sigterm)
     code = 0
     try:
-        rv: Any = cli.main(args=argv, prog_name="provision", standalone_mode=False)
+        rv: Any = cli.main(args=args, prog_name="provision", standalone_mode=False)
         code = rv if isinstance(rv, int) else 0
     except click.exceptions.Exit as e:
         code = e.exit_code
@@ -146,6 +167,45 @@ def run_cli(argv: list[str] | None = None) -> int:
     if code == EXIT_SIGTERM:
         sys.stderr.flush()
     return code
+
+
+_VALUE_OPTIONS = frozenset({"--log-file", "--home"})  # global options that take a value
+
+
+def wants_json(args: list[str]) -> bool:
+    """Whether ``--json`` is among the options (before a ``--``), read before click parses anything,
+    so a usage error is reported as JSON too."""
+    for a in args:
+        if a == "--":
+            return False
+        if a == "--json":
+            return True
+    return False
+
+
+def command_name(args: list[str], names: list[str]) -> str:
+    """The command ``args`` name (``manifest show`` for a subcommand), or ``provision`` when none."""
+    words: list[str] = []
+    skip = False
+    for a in args:
+        if skip:
+            skip = False
+            continue
+        if a in _VALUE_OPTIONS:
+            skip = True
+            continue
+        if a == "--" or a.startswith("-"):
+            if a == "--":
+                break
+            continue
+        words.append(a)
+        if len(words) == 2 or words[0] not in names:
+            break
+        if words[0] != "manifest":
+            break
+    if not words or words[0] not in names:
+        return "provision"
+    return " ".join(words)
 
 
 def _report_error(e: ProvisionError, code: int) -> None:

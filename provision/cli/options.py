@@ -48,15 +48,89 @@ def _stack(f: F, opts: list[Callable[[F], F]]) -> F:
     return f
 
 
+JSON_HELP = "Print one JSON report on stdout (nothing else goes there), also on failure."
+HOME_HELP = "Model store (default: $PROVISION_HOME, else ~/.cache/provision)."
+QUIET_HELP = "Silence stderr (progress, notes, warnings) except the error line; results still go to stdout."
+VERBOSE_HELP = "Print debug lines too."
+LOG_FILE_HELP = "Append every message, result and debug line to this file."
+
+
+def _app_configure(**kw: Any) -> None:
+    from provision.cli.app import get_app
+
+    get_app().configure(**kw)
+
+
+def _on_json(ctx: click.Context, param: click.Parameter, value: bool) -> bool:
+    if value:
+        from provision.cli.app import get_app
+
+        get_app(json_flag=True)
+    return value
+
+
+def _on_home(ctx: click.Context, param: click.Parameter, value: Path | None) -> Path | None:
+    if value is not None:
+        _app_configure(home=value)
+    return value
+
+
+def _on_quiet(ctx: click.Context, param: click.Parameter, value: bool) -> bool:
+    if value:
+        _app_configure(quiet=True)
+    return value
+
+
+def _on_verbose(ctx: click.Context, param: click.Parameter, value: bool) -> bool:
+    if value:
+        _app_configure(verbose=True)
+    return value
+
+
+def _on_log_file(ctx: click.Context, param: click.Parameter, value: Path | None) -> Path | None:
+    if value is not None:
+        _app_configure(log_file=value)
+    return value
+
+
 def json_option(f: F) -> F:
-    """The ``--json`` flag every command carries."""
-    return click.option("--json", "json_out", is_flag=True, help="Print one JSON report on stdout at the end.")(f)
+    """The ``--json`` flag every command carries (also accepted before the subcommand)."""
+    return click.option("--json", "json_out", is_flag=True, callback=_on_json, help=JSON_HELP)(f)
 
 
 def home_option(f: F) -> F:
     """``--home``: the model store; without it commands use ``Settings.home`` (``PROVISION_HOME``)."""
-    return click.option("--home", type=click.Path(file_okay=False, path_type=Path),
-                        help="Model store (default ~/.cache/provision).")(f)
+    return click.option("--home", type=click.Path(file_okay=False, path_type=Path), callback=_on_home,
+                        help=HOME_HELP)(f)
+
+
+def global_params() -> list[click.Option]:
+    """The global options as a subcommand carries them (values go to the ``App``, not the function):
+    ``--json``, ``--quiet``, ``--verbose``, ``--log-file`` and ``--home``."""
+    path = click.Path(dir_okay=False, path_type=Path)
+    return [
+        click.Option(["--json", "json_out"], is_flag=True, expose_value=False, callback=_on_json, help=JSON_HELP),
+        click.Option(["-q", "--quiet"], is_flag=True, expose_value=False, callback=_on_quiet, help=QUIET_HELP),
+        click.Option(["-v", "--verbose"], is_flag=True, expose_value=False, callback=_on_verbose,
+                     help=VERBOSE_HELP),
+        click.Option(["--log-file"], type=path, expose_value=False, callback=_on_log_file, help=LOG_FILE_HELP),
+        click.Option(["--home"], type=click.Path(file_okay=False, path_type=Path), expose_value=False,
+                     callback=_on_home, help=HOME_HELP),
+    ]
+
+
+def add_global_options(cmd: click.Command) -> click.Command:
+    """Give ``cmd`` (and a group's subcommands) every global option it does not declare itself, so
+    ``provision run X --quiet`` means what ``provision --quiet run X`` does. Idempotent."""
+    if isinstance(cmd, click.Group):
+        for sub in cmd.commands.values():
+            add_global_options(sub)
+        return cmd
+    have = {p.name for p in cmd.params} | {o for p in cmd.params for o in getattr(p, "opts", ())}
+    for p in global_params():
+        if p.name not in have and not set(p.opts) & have:
+            cmd.params.append(p)
+    return cmd
 
 
 def source_option(f: F) -> F:
@@ -68,7 +142,7 @@ def source_option(f: F) -> F:
 def network_option(f: F) -> F:
     """``--network``: the BitTorrent network mode (``PROVISION_NETWORK``)."""
     return click.option("--network", type=click.Choice(NETWORK_MODES), envvar="PROVISION_NETWORK",
-                        default="public", show_default=True,
+                        show_envvar=True, default="public", show_default=True,
                         help="public: DHT, trackers, PEX. closed: only the peers and trackers given, "
                              "no DHT/LSD/UPnP/NAT-PMP/uTP.")(f)
 
@@ -99,9 +173,20 @@ def transfer_options(f: F) -> F:
     ])
 
 
+def _check_target(ctx: click.Context, param: click.Parameter, value: str) -> str:
+    """Reject an unknown target while parsing (exit 2 before any work or output); ``auto`` and
+    ``cpu`` are resolved later, against the host."""
+    if value.strip().lower() not in ("auto", "cpu"):
+        from provision.hardware import parse_target
+
+        parse_target(value)  # raises UsageError naming the known targets
+    return value
+
+
 def target_option(f: F) -> F:
     """``--target``: the GPU a conversion is for."""
     return click.option("--target", default="auto", show_default=True, metavar="auto|cpu|NAME|sm_XY:MEMGB[xCOUNT]",
+                        callback=_check_target,
                         help=f"GPU to convert for: detect it, the CPU, a card ({CARD_NAMES}; NAMExCOUNT for "
                              "several) or a compute capability and GiB.")(f)
 

@@ -49,12 +49,12 @@ def command(home: Path | None, json_out: bool) -> None:
         for w in m.warnings:
             app.terminal.warn(w)
     if not models:
-        app.terminal.info(f"No models in {root}.")
+        app.result(f"No models in {root}.")
     else:
         t = Table(show_header=True, header_style="bold")
         for col in ("model", "original", "profiles", "stages", "lock"):
             t.add_column(col, justify="right" if col == "original" else "left")
         for m in models:
             t.add_row(*_row(m))
-        app.terminal.print(t)
+        app.result(t)
     app.finish({"home": str(root), "models": [m.to_dict() for m in models]})

@@ -61,7 +61,7 @@ def lock(folder: Path, manifest_ref: str, out: Path | None, workers: int | None,
     app.manifest_sha256 = locked.sha256
     for f in locked.files:
         state = "recorded" if f.path in changed else "unchanged" if f.sha256 else "absent (optional)"
-        app.terminal.info(f"{f.path:40s} {state}")
+        app.result(f"{f.path:40s} {state}")
     app.terminal.success(f"locked {len(facts)} files into {target} (sha256 {locked.sha256}).")
     app.finish({"verify": report.to_dict(), "written": str(target), "manifest_sha256_after": locked.sha256,
                 "recorded": changed, "complete": locked.complete})
@@ -77,17 +77,17 @@ def show(manifest_ref: str, json_out: bool) -> None:
 
     m = load_manifest(manifest_ref)
     app.manifest_sha256 = m.sha256
-    t = app.terminal
-    t.info(f"{m.name} ({m.architecture}, {m.format} format) from {m.path}")
+    out = app.result
+    out(f"{m.name} ({m.architecture}, {m.format} format) from {m.path}")
     if m.description:
-        t.info(f"  {m.description}")
+        out(f"  {m.description}")
     for i, s in enumerate(m.sources, 1):
-        t.info(f"  source {i}: {s.describe()}")
+        out(f"  source {i}: {s.describe()}")
     for f in m.files:
         size = f"{f.size:,d} B" if f.size is not None else "size unknown"
         sha = f"sha256 {f.sha256}" if f.sha256 else "sha256 unknown"
         opt = " (optional)" if f.optional else ""
-        t.info(f"  {f.path}{opt}: {size}, {sha}")
-    t.info(f"  complete: {'yes' if m.complete else 'no (run provision manifest lock after a verified fetch)'}")
+        out(f"  {f.path}{opt}: {size}, {sha}")
+    out(f"  complete: {'yes' if m.complete else 'no (run provision manifest lock after a verified fetch)'}")
     doc: dict[str, Any] = {"path": str(m.path), "complete": m.complete, "manifest": manifest_to_dict(m)}
     app.finish(doc)

@@ -20,10 +20,10 @@ def render_plan(app: App, plan: Plan) -> None:
     from provision.units import human_bytes
 
     t = app.terminal
-    t.info(f"Plan for {plan.name} ({plan.kind})")
+    app.result(f"Plan for {plan.name} ({plan.kind})")
     for i, s in enumerate(plan.sources, 1):
-        t.info(f"  source {i}: {s}")
-    t.info(f"  destination: {plan.dest}")
+        app.result(f"  source {i}: {s}")
+    app.result(f"  destination: {plan.dest}")
     if plan.files:
         table = Table(show_header=True, header_style="bold")
         table.add_column("file")
@@ -35,13 +35,13 @@ def render_plan(app: App, plan: Plan) -> None:
             table.add_row(f.path, f"{f.size:,d}" if f.size is not None else "unknown",
                           (f.sha256[:16] + "…") if f.sha256 else "unknown", ",".join(f.sources),
                           f.status + (" (optional)" if f.optional else ""))
-        t.print(table)
+        app.result(table)
     else:
-        t.info("  files: unknown until the metadata is fetched")
+        app.result("  files: unknown until the metadata is fetched")
     unk = " + unknown" if plan.unknown_sizes else ""
-    t.info(f"  to fetch: {human_bytes(plan.bytes_to_fetch)}{unk}; free: {human_bytes(plan.free_bytes)}"
-           f" -> {'fits' if plan.disk_ok else 'DOES NOT FIT'}")
-    t.info(f"  hardware: {plan.hardware.describe()}")
+    app.result(f"  to fetch: {human_bytes(plan.bytes_to_fetch)}{unk}; free: {human_bytes(plan.free_bytes)}"
+               f" -> {'fits' if plan.disk_ok else 'DOES NOT FIT'}")
+    app.result(f"  hardware: {plan.hardware.describe()}")
     for n in plan.notes:
         t.info(f"  note: {n}")
 
@@ -50,8 +50,7 @@ def render_profiles(app: App, rows: list[dict[str, Any]], chosen: str | None, ta
     """The candidate conversion profiles for the target: memory needed, fit, and why not."""
     from rich.table import Table
 
-    t = app.terminal
-    t.info(f"Conversion profiles for {target_desc}:")
+    app.result(f"Conversion profiles for {target_desc}:")
     table = Table(show_header=True, header_style="bold")
     for col in ("profile", "activations", "weights", "KV cache", "needed/GPU", "available", "verdict"):
         table.add_column(col, justify="right" if col not in ("profile", "verdict", "activations") else "left")
@@ -61,7 +60,7 @@ def render_profiles(app: App, rows: list[dict[str, Any]], chosen: str | None, ta
         table.add_row(r["name"], r["activation_dtype"], f"{r['weight_bytes'] / 2**30:.2f} GiB",
                       f"{r['kv_bytes'] / 2**30:.2f} GiB", f"{r['need_bytes'] / 2**30:.2f} GiB",
                       f"{r['available_bytes'] / 2**30:.2f} GiB", verdict + mark)
-    t.print(table)
+    app.result(table)
 
 
 def plan_profiles(plan: Plan, target: str, scheme: str, context: int, params: Path | None) -> dict[str, Any]:
@@ -101,20 +100,20 @@ def render_gpu_needs(app: App, name: str, prof: dict[str, Any]) -> None:
     t = app.terminal
     tgt = prof["target"]
     have = int(tgt["count"])
-    t.info(f"GPUs needed per scheme ({tgt['name']}, {prof['context']}-token context; this host: {have}):")
+    app.result(f"GPUs needed per scheme ({tgt['name']}, {prof['context']}-token context; this host: {have}):")
     for r in prof["gpus_needed"]:
         label = f"{r['scheme']}-{r['layout']}"
         if not r["runnable"] and r["gpus_needed"] is not None:
             n = r["gpus_needed"]
-            t.info(f"  {label:14s} {n} GPU{'s' if n > 1 else ''} by memory, but not available: {r['how']}")
+            app.result(f"  {label:14s} {n} GPU{'s' if n > 1 else ''} by memory, but not available: {r['how']}")
         elif not r["runnable"]:
-            t.info(f"  {label:14s} cannot run here: {r['how']}")
+            app.result(f"  {label:14s} cannot run here: {r['how']}")
         elif r["gpus_needed"] is None:
-            t.info(f"  {label:14s} more than 8 GPUs")
+            app.result(f"  {label:14s} more than 8 GPUs")
         else:
             n = r["gpus_needed"]
             verdict = "fits this host" if r["fits_host"] else f"this host has {have}"
-            t.info(f"  {label:14s} {n} GPU{'s' if n > 1 else ''} ({verdict})")
+            app.result(f"  {label:14s} {n} GPU{'s' if n > 1 else ''} ({verdict})")
     if not prof["host_can_hold"]:
         ok = [r for r in prof["gpus_needed"] if r["runnable"] and r["gpus_needed"] is not None]
         fewest = min(ok, key=lambda r: r["gpus_needed"]) if ok else None
@@ -151,5 +150,5 @@ def command(source: str, home: Path | None, dest: Path | None, include: tuple[st
         if prof["error"]:
             app.terminal.warn(prof["error"]["message"])
     else:
-        app.terminal.info(f"  profiles: {prof['note']}")
+        app.result(f"  profiles: {prof['note']}")
     app.finish({"plan": plan.to_dict(), "profiles": prof})

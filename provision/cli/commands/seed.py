@@ -31,7 +31,7 @@ from provision.cli.options import json_option, parse_rate
               help="BEP 19 web seed (repeatable); a client fetches URL + name + '/' + path.")
 @click.option("--tracker", "trackers", multiple=True, metavar="URL", help="Announce to this tracker (repeatable).")
 @click.option("--network", type=click.Choice(["public", "closed"]), envvar="PROVISION_NETWORK", default="public",
-              show_default=True,
+              show_default=True, show_envvar=True,
               help="public: DHT, trackers, PEX. closed: only the trackers given, no DHT/LSD/UPnP/NAT-PMP/uTP, "
                    "listening on 127.0.0.1 unless --listen.")
 @click.option("--listen", metavar="HOST:PORT", help="Listen interface (closed mode default 127.0.0.1:0).")
@@ -60,9 +60,9 @@ def command(folder: Path, manifest_ref: str | None, torrent_version: str, torren
         app.manifest_sha256 = manifest.sha256
 
     def ready(info: SeedInfo) -> None:
-        app.terminal.info(f"magnet: {info.magnet}")
+        app.result(f"magnet: {info.magnet}")
         if info.torrent_file:
-            app.terminal.info(f"torrent: {info.torrent_file}")
+            app.result(f"torrent: {info.torrent_file}")
         app.terminal.info(f"seeding {info.name} on {info.listen}"
                           + (f" for {seed_for:g} s" if seed_for else "" if seed_for == 0 else
                              " until SIGINT/SIGTERM"))

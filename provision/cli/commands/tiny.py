@@ -43,7 +43,7 @@ def command(out_dir: Path, seed: int, kind: str, as_pickle: bool, json_out: bool
         res = write_tiny(out_dir, seed=seed)
     app.manifest_sha256 = res.manifest.sha256
     for name, (size, sha) in sorted(res.files.items()):
-        app.terminal.info(f"{name:28s} {size:>12,d} B  sha256 {sha}")
+        app.result(f"{name:28s} {size:>12,d} B  sha256 {sha}")
     app.terminal.success(f"tiny checkpoint written to {out_dir} (manifest: {out_dir / 'manifest.toml'})")
     app.finish({"out_dir": str(out_dir), "seed": seed, "kind": kind, "manifest": str(res.manifest.path),
                 "files": [{"path": n, "size": s, "sha256": h} for n, (s, h) in sorted(res.files.items())]})

@@ -29,10 +29,10 @@ def render_report(app: App, report: VerifyReport) -> None:
         auth = f"[{f.authority}]" if f.authority else ""
         line = f"{f.status:8s} {f.path:40s} {size}  {auth} {sha}".rstrip()
         if f.status == "unlisted":
-            t.info(f"{'unlisted':8s} {f.path:40s} {human_bytes(f.size or 0):>16s}  (not in the manifest; "
-                   "left alone)")
+            app.result(f"{'unlisted':8s} {f.path:40s} {human_bytes(f.size or 0):>16s}  (not in the manifest; "
+                       "left alone)")
         else:
-            t.info(line)
+            app.result(line)
     for c in report.checks:
         if c.ok and c.name in ("index", "params", "tensors"):
             t.debug(f"{c.name}: ok {c.actual or ''}".rstrip())

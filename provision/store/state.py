@@ -3,7 +3,10 @@
 ``State.record_stage`` stores, for every file a finished stage relied on, its size, ``mtime_ns``,
 inode and (when known) sha256, plus free facts; ``State.stage_valid`` lets a rerun skip a stage
 whose files still match. Stage names are ``plan`` ... ``smoke``, optionally qualified by a profile
-(``convert:fp8-hf``); ``invalidate`` drops a stage and the later ones. The file is schema-versioned
+(``convert:fp8-hf``); ``invalidate`` drops a stage and the later ones. ``mark_original_dropped``
+records that ``--drop-original`` removed the verified original (the fetch and verify records stay,
+without files, with the original's params.json, so a rerun keeps the converted profile that
+depends on them instead of downloading again). The file is schema-versioned
 JSON, written atomically and group-readable, with paths relative to the model folder; a missing,
 corrupt or future-schema file loads as an empty state with a warning (it only costs a redo). It
 does not decide what a stage records, run stages or hash files.
@@ -25,6 +28,8 @@ from provision.version import __version__
 STATE_SCHEMA_VERSION = 1
 STATE_KIND = "provision-state"
 STAGES: tuple[str, ...] = ("plan", "fetch", "verify", "convert", "smoke")
+ORIGINAL_DROPPED = "original_dropped"  # fact of the fetch and verify records once --drop-original ran
+DROPPED_PARAMS = "params"  # fact of the fetch record then: the original's params.json, as a JSON object
 
 
 def shared_file_mode() -> int:
@@ -144,6 +149,9 @@ class State:
         rec = self.stages.get(stage)
         if rec is None:
             return StageCheck(stage, False, (f"stage {stage} was not recorded",))
+        if rec.facts.get(ORIGINAL_DROPPED):
+            return StageCheck(stage, False, ("the original was removed by --drop-original after a verified "
+                                             "conversion",))
         reasons = tuple(r for r in (f.mismatch() for f in rec.files.values()) if r is not None)
         return StageCheck(stage, not reasons, reasons)
 
@@ -173,6 +181,30 @@ class State:
 
     def get(self, stage: str) -> StageRecord | None:
         return self.stages.get(stage)
+
+    def mark_original_dropped(self, params: dict[str, Any] | None) -> None:
+        """Record that the verified original was removed: the fetch and verify records keep their facts
+        (and the fetch record ``params``, the original's params.json) but no files; later stages stay."""
+        for name in ("fetch", "verify"):
+            rec = self.stages.get(name)
+            if rec is not None:
+                rec.files = {}
+                rec.facts[ORIGINAL_DROPPED] = True
+        rec = self.stages.get("fetch")
+        if rec is not None and params is not None:
+            rec.facts[DROPPED_PARAMS] = params
+
+    @property
+    def original_dropped(self) -> bool:
+        """Whether ``--drop-original`` removed the original after the recorded fetch."""
+        rec = self.stages.get("fetch")
+        return rec is not None and bool(rec.facts.get(ORIGINAL_DROPPED))
+
+    def dropped_params(self) -> dict[str, Any] | None:
+        """The dropped original's params.json, as recorded by ``mark_original_dropped``."""
+        rec = self.stages.get("fetch")
+        params = rec.facts.get(DROPPED_PARAMS) if rec is not None and self.original_dropped else None
+        return params if isinstance(params, dict) else None
 
     def to_dict(self, base: Path | None = None) -> dict[str, Any]:
         return {

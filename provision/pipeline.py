@@ -372,7 +372,7 @@ def run_pipeline(
 ) -> RunResult:
     """Run SOURCE through every stage; return the per-stage records (raises on failure)."""
     from provision.hardware import parse_target
-    from provision.store.lock import ModelLock
+    from provision.store.lock import LockWait, ModelLock
 
     opts = options or RunOptions()
     st = settings or Settings.load()
@@ -398,7 +398,11 @@ def run_pipeline(
         if on_stage is not None and rec is not None:
             on_stage(rec)
 
-    with ModelLock(lay.lock_file(plan.name), timeout=opts.lock_timeout, command=f"run {source[:200]}"), \
+    def waiting(w: LockWait) -> None:  # at once, then every few seconds: a silent wait looks hung
+        note(progress, "lock", w.message(f"Model {plan.name}"))
+
+    with ModelLock(lay.lock_file(plan.name), timeout=opts.lock_timeout, command=f"run {source[:200]}",
+                   on_wait=waiting), \
             _background_seeding(opts) as seeding:
         state = load_state(lay.state_file(plan.name))
         for w in state.warnings:

@@ -21,6 +21,7 @@ import secrets
 import socket
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -32,6 +33,7 @@ from provision.version import __version__
 
 LOCK_KIND = "provision-lock"
 DEFAULT_HEARTBEAT = 10.0
+WAIT_REPORT_EVERY = 5.0  # seconds between a waiter's "still waiting" reports
 BREAK_SUFFIX = ".break"
 BREAKER_STALE_AFTER = 30.0  # a breaker holds its file for milliseconds; older means it died
 
@@ -285,6 +287,25 @@ def break_stale(status: LockStatus) -> bool:
             os.unlink(breaker)
 
 
+@dataclass(frozen=True)
+class LockWait:
+    """What a waiter knows while it waits: who holds the lock, for how long it has waited, its limit."""
+
+    path: Path
+    holder: LockInfo | None
+    waited_s: float
+    timeout_s: float
+
+    def message(self, what: str) -> str:
+        h = self.holder
+        who = "another provision run"
+        if h is not None:
+            who = f"pid {h.pid} on {h.host}" + (f" (provision {h.command})" if h.command else "")
+            who += f", holding it for {max(time.time() - h.started, 0.0):.0f} s"
+        limit = "no limit" if self.timeout_s == float("inf") else f"giving up after {self.timeout_s:.0f} s"
+        return f"{what} is locked by {who}; waited {self.waited_s:.0f} s, {limit} (--lock-timeout)."
+
+
 class ModelLock:
     """Hold ``path`` while the ``with`` block runs; see the module docstring for the rules.
 
@@ -305,6 +326,8 @@ class ModelLock:
         host: str | None = None,
         command: str | None = None,
         what: str | None = None,
+        on_wait: Callable[[LockWait], None] | None = None,
+        report_every: float = WAIT_REPORT_EVERY,
     ) -> None:
         self.path = Path(path)
         self.timeout = default_timeout() if timeout is None else timeout
@@ -314,6 +337,8 @@ class ModelLock:
         self.host = host or socket.gethostname()
         self.command = command
         self.what = what or f"Model {self.path.parent.name}"
+        self.on_wait = on_wait  # told at once when the lock is held by another, then every report_every s
+        self.report_every = report_every
         self.info: LockInfo | None = None
         self.took_over: list[LockStatus] = []  # stale locks this lock replaced
         self._fd: int | None = None
@@ -337,6 +362,7 @@ class ModelLock:
         start = time.monotonic()
         delay = 0.02
         quick = 0
+        reported: float | None = None
         watched: tuple[tuple[str | None, int | None, int | None], float] | None = None
         while True:
             if self._try_create():
@@ -360,6 +386,10 @@ class ModelLock:
             elapsed = time.monotonic() - start
             if elapsed >= self.timeout:
                 raise self._timeout_error(status, elapsed)
+            if self.on_wait is not None and status.state != "free" and (
+                    reported is None or time.monotonic() - reported >= self.report_every):
+                reported = time.monotonic()
+                self.on_wait(LockWait(self.path, status.info, elapsed, self.timeout))
             pause = min(delay * random.uniform(0.8, 1.2), max(self.timeout - elapsed, 0.0))
             time.sleep(pause)
             delay = min(delay * 1.5, 1.0)

@@ -63,14 +63,6 @@ def _die_with_parent() -> None:  # pragma: no cover - runs in the child between 
         ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
 
 
-def stop_pid(p: subprocess.Popen[Any], sig: int = signal.SIGTERM, timeout: float = 15.0) -> int | None:
-    """Stop one process we started, by its PID: ``sig``, then SIGKILL after ``timeout``
-    (``None`` when it still has not exited)."""
-    with contextlib.suppress(subprocess.TimeoutExpired):
-        return stop_process(p, sig, timeout)
-    return p.returncode
-
-
 # ---------------------------------------------------------------------------------------
 # namespaces
 
@@ -140,7 +132,7 @@ def _holder(lifetime: float) -> subprocess.Popen[bytes]:
     try:
         wait_for(moved, 10, interval=0.01, what="a new network namespace")
     except BaseException:
-        stop_pid(p, signal.SIGKILL)
+        stop_process(p, signal.SIGKILL, timeout=15)
         raise
     return p
 
@@ -156,7 +148,7 @@ class FleetNet:
     def close(self) -> None:
         """Kill the holders (by PID); the namespaces, the bridge and the veths go with them."""
         for h in [*self.hosts.values(), self.switch]:
-            stop_pid(h.holder, signal.SIGKILL, timeout=5)
+            stop_process(h.holder, signal.SIGKILL, timeout=5)
 
 
 def _no_ipv6(host: Host) -> None:
@@ -361,9 +353,9 @@ class Fleet:
 
     def close(self) -> None:
         for p in reversed(self.procs):
-            stop_pid(p.proc, signal.SIGKILL, timeout=5)
+            stop_process(p.proc, signal.SIGKILL, timeout=5)
         if self.tracker is not None:
-            stop_pid(self.tracker, signal.SIGKILL, timeout=5)
+            stop_process(self.tracker, signal.SIGKILL, timeout=5)
 
     # -- opentracker --------------------------------------------------------------
     def start_tracker(self, binary: str = "opentracker") -> None:
@@ -442,7 +434,7 @@ class Fleet:
 
     def stop_origin(self, origin: Origin) -> int:
         """SIGTERM ends the seed normally (exit 0 with its report): the bytes it uploaded."""
-        rc = stop_pid(origin.proc.proc, signal.SIGTERM)
+        rc = stop_process(origin.proc.proc, signal.SIGTERM, timeout=15)
         rep = origin.proc.report()
         if rc != 0 or not rep:
             raise AssertionError(f"the origin exited {rc}:\n{origin.proc.tail()}")
@@ -554,12 +546,12 @@ def member_report(m: Member, timeout: float = 60.0) -> dict[str, Any]:
     """End a member (SIGTERM ends its seeding normally: exit 0 with its JSON report; one that does
     not seed exits by itself) and read its report."""
     if m.seed_for > 0:
-        rc = stop_pid(m.proc.proc, signal.SIGTERM, timeout=timeout)
+        rc = stop_process(m.proc.proc, signal.SIGTERM, timeout=timeout)
     else:
         try:
             rc = m.proc.proc.wait(timeout)
         except subprocess.TimeoutExpired:
-            rc = stop_pid(m.proc.proc, signal.SIGKILL)
+            rc = stop_process(m.proc.proc, signal.SIGKILL, timeout=15)
     rep = m.proc.report()
     if rc != 0 or not rep:
         raise AssertionError(f"{m.proc.name} exited {rc}:\n{m.proc.tail()}")

@@ -103,8 +103,10 @@ class PortTaken(RuntimeError):
     """The process we started exited before listening: its port was taken meanwhile (or it failed)."""
 
 
-def stop_process(p: subprocess.Popen[Any], sig: int = signal.SIGTERM, timeout: float = 10.0) -> int:
-    """Stop one process we started, by its PID: ``sig``, then SIGKILL after ``timeout``."""
+def stop_process(p: subprocess.Popen[Any], sig: int = signal.SIGTERM, timeout: float = 10.0) -> int | None:
+    """Stop one process we started, by its PID: ``sig``, then SIGKILL after ``timeout``; its exit
+    status (negative: the signal that ended it), or ``None`` when even SIGKILL has not ended it
+    within another ``timeout`` (a process stuck in the kernel). The one way tests stop a process."""
     if p.poll() is None:
         with contextlib.suppress(ProcessLookupError):
             os.kill(p.pid, sig)
@@ -113,8 +115,9 @@ def stop_process(p: subprocess.Popen[Any], sig: int = signal.SIGTERM, timeout: f
         except subprocess.TimeoutExpired:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(p.pid, signal.SIGKILL)
-            p.wait(timeout)
-    return int(p.returncode)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                p.wait(timeout)
+    return p.returncode
 
 
 def resume_fraction(path: Path) -> float:
@@ -196,7 +199,7 @@ class SeedProc:
     whitelist: list[str]
     log: Path
 
-    def stop(self, sig: int = signal.SIGTERM) -> int:
+    def stop(self, sig: int = signal.SIGTERM) -> int | None:
         return stop_process(self.proc, sig)
 
     def report(self) -> dict[str, Any]:
@@ -407,8 +410,10 @@ def corrupt_peer(torrent: Path, good_dir: Path, work: Path, *, host: str = "127.
 @contextlib.contextmanager
 def seed_thread(folder: Path, *, version: str = "hybrid", max_upload_rate: int = 0, listen: str | None = None,
                 trackers: Sequence[str] = (), torrent_out: Path | None = None,
-                manifest: Any = None) -> Iterator[Any]:
-    """``provision.stages.fetch.torrent.seed`` on loopback (closed mode) in a thread; yields its SeedInfo."""
+                manifest: Any = None, seed_for: float | None = None) -> Iterator[Any]:
+    """``provision.stages.fetch.torrent.seed`` on loopback (closed mode) in a thread; yields its SeedInfo.
+    The one background seeder of the tests: an exception the seed raises while starting is raised
+    here; the seed stops when the block ends (or after ``seed_for`` seconds)."""
     import threading
 
     from provision.stages.fetch.torrent import SeedInfo, seed
@@ -421,7 +426,7 @@ def seed_thread(folder: Path, *, version: str = "hybrid", max_upload_rate: int =
         try:
             seed(folder, version=version, network="closed", listen=listen, trackers=trackers, stop=stop,
                  max_upload_rate=max_upload_rate, torrent_out=torrent_out, manifest=manifest,
-                 on_ready=ready.append)
+                 seed_for=seed_for, on_ready=ready.append)
         except BaseException as e:  # reported to the test below
             errors.append(e)
 
@@ -435,3 +440,7 @@ def seed_thread(folder: Path, *, version: str = "hybrid", max_upload_rate: int =
     finally:
         stop.set()
         t.join(30)
+    if errors:  # the seed failed while the block ran: the test does not pass over it
+        raise errors[0]
+    if t.is_alive():
+        raise RuntimeError("the seed thread did not stop within 30 s of being told to")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -17,6 +18,7 @@ from provision.formats.manifest import load_manifest
 from provision.formats.report_schema import validate_report
 from provision.layout import Layout
 from provision.store.state import load_state
+from provision.testing.torrent_fixtures import stop_process
 from tests.support.cli import cli_json
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -146,8 +148,7 @@ def test_a_second_run_waits_for_the_lock_then_exits_6_naming_the_holder(
         assert f"pid {holder.pid}" in err
         assert not Layout(home).original("tiny-pixtral").exists()
     finally:
-        holder.kill()
-        holder.wait(timeout=10)
+        stop_process(holder, signal.SIGKILL)
 
 
 def test_a_stale_lock_from_a_dead_process_is_taken_over(

@@ -14,8 +14,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -25,7 +23,14 @@ from provision.formats.manifest import Source, load_manifest, write_manifest
 from provision.layout import Layout
 from provision.stages.convert.record import RECORD_NAME
 from provision.store.state import load_state
-from provision.testing.torrent_fixtures import provision_env, resume_fraction, stop_process, wait_for
+from provision.testing.torrent_fixtures import (
+    PROVISION,
+    provision_env,
+    resume_fraction,
+    seed_thread,
+    stop_process,
+    wait_for,
+)
 
 ROOT = Path(__file__).resolve().parents[2]
 NAME = "tiny-resume"
@@ -34,33 +39,15 @@ NAME = "tiny-resume"
 @pytest.fixture()
 def seeded_manifest(tiny_src: Path, tmp_path: Path) -> Iterator[Path]:
     """The tiny checkpoint seeded on 127.0.0.1 (closed network) and a manifest pointing at it."""
-    from provision.stages.fetch.torrent import SeedInfo, seed
-
     manifest = load_manifest(tiny_src / "manifest.toml")
-    ready, stop = threading.Event(), threading.Event()
-    box: dict[str, SeedInfo] = {}
-
-    def on_ready(info: SeedInfo) -> None:
-        box["info"] = info
-        ready.set()
-
-    th = threading.Thread(target=seed, args=(tiny_src,), daemon=True,
-                          kwargs={"manifest": manifest, "network": "closed", "listen": "127.0.0.1:0",
-                                  "stop": stop, "on_ready": on_ready, "seed_for": 300})
-    th.start()
-    try:
-        assert ready.wait(60), "seeder did not start"
-        info = box["info"]
+    with seed_thread(tiny_src, manifest=manifest, listen="127.0.0.1:0", seed_for=300) as info:
         m = dataclasses.replace(manifest, name=NAME,
                                 sources=(Source(type="torrent", magnet=info.magnet, prefix=f"{info.name}/"),))
         yield write_manifest(m, tmp_path / "resume.toml").path  # type: ignore[misc]
-    finally:
-        stop.set()
-        th.join(timeout=30)
 
 
 def _cmd(manifest: Path, home: Path, *extra: str) -> list[str]:
-    return [sys.executable, "-m", "provision.cli.main", "run", str(manifest), "--home", str(home), "--network", "closed",
+    return [*PROVISION, "run", str(manifest), "--home", str(home), "--network", "closed",
             "--listen", "127.0.0.1:0", "--no-hf-cache", "--stall-timeout", "30", "--target", "cpu", *extra]
 
 

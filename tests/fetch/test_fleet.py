@@ -35,10 +35,10 @@ from provision.testing.fleet_fixtures import (
     reported_sha256,
     require_netns,
     sha256_of,
-    stop_pid,
     wait_verified,
     write_payload,
 )
+from provision.testing.torrent_fixtures import stop_process
 
 pytestmark = [pytest.mark.netns, pytest.mark.slow, pytest.mark.timeout(280)]
 
@@ -167,7 +167,7 @@ def test_members_finish_from_each_other_when_the_origin_is_killed_once_they_hold
             return
         held, complete = pieces_held(members, env.files, npieces)
         if held == npieces:
-            stop_pid(origin.proc.proc, signal.SIGKILL)
+            stop_process(origin.proc.proc, signal.SIGKILL, timeout=15)
             killed.append((held, complete))
 
     t = wait_verified(members, env.files, timeout=150, on_tick=kill_when_all_pieces_are_held)
@@ -192,7 +192,7 @@ def test_a_member_serving_corrupted_data_does_not_stop_the_others_finishing_with
         _check_verified(env, rep, m.proc.name)
         for rel in env.files:  # and read back independently, not only as reported
             assert sha256_of(Path(rep["fetch"]["dest"]) / rel) == env.facts[rel][1], (m.proc.name, rel)
-    stop_pid(bad.proc, signal.SIGTERM)
+    stop_process(bad.proc, signal.SIGTERM, timeout=15)
     print(f"\ncorrupted member: hash failures per member {failures}; all {len(members)} finished with "
           f"correct files in {t:.1f} s")
     assert sum(failures) > 0, "nobody took data from the corrupted member: the case proved nothing"
@@ -222,5 +222,5 @@ def test_fleet_network_reaches_only_its_own_addresses_and_leaves_nothing_behind(
                                  capture_output=True, text=True, timeout=20)
             assert "b'hi'" in cli.stdout, cli.stderr
         finally:
-            stop_pid(srv, signal.SIGKILL)
+            stop_process(srv, signal.SIGKILL, timeout=15)
     assert all(p.poll() is not None for p in holders)  # holders killed: namespaces, veths, bridge gone

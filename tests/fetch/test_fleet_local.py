@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -18,6 +17,7 @@ import pytest
 
 from provision.cli.main import run_cli
 from provision.testing.torrent_fixtures import (
+    PROVISION,
     REPO,
     provision_env,
     seed_thread,
@@ -30,7 +30,7 @@ TINY_FILES = ["consolidated.safetensors", "params.json", "tekken.json"]
 
 
 def run_cmd(source: str, home: Path, *extra: str) -> list[str]:
-    return [sys.executable, "-m", "provision.cli.main", "run", source, "--home", str(home), "--network", "closed",
+    return [*PROVISION, "run", source, "--home", str(home), "--network", "closed",
             "--no-hf-cache", "--stall-timeout", "30", "--target", "cpu", "--json", *extra]
 
 

@@ -2,9 +2,11 @@
 importing torch), CPU count, memory; and the conversion ``Target`` a ``--target`` names.
 
 ``detect()`` returns a ``Hardware`` record and never fails (no NVML or no GPU means a CPU host).
-``parse_target`` turns ``auto``, ``cpu``, a card name (``t4`` ... ``h200``, see ``CARDS``) or
-``sm_XY:MEMGB[xCOUNT]`` into a ``Target`` (compute capability, memory per device, device count);
-the named cards' figures are their makers' specifications (memory in MiB, as NVML reports it).
+``parse_target`` turns ``auto``, ``cpu``, a card name (``t4`` ... ``b200``, see ``CARDS``; case,
+spaces and dashes do not matter, so ``"RTX 4090"`` works) or ``sm_XY:MEMGB[xCOUNT]`` into a
+``Target`` (compute capability, memory per device, device count). ``CARDS`` is the one table of
+named targets that every command's help and error message lists (``card_summary``); its figures are
+the makers' specifications (memory in MiB, as NVML reports it).
 The profile table built on targets lives in ``stages.profiles``.
 """
 
@@ -171,11 +173,43 @@ CARDS: dict[str, Card] = {c.key: c for c in (
     Card("a100-80gb", "NVIDIA A100-SXM4-80GB", (8, 0), 81920),
     Card("h100", "NVIDIA H100 80GB HBM3", (9, 0), 81559),
     Card("h200", "NVIDIA H200", (9, 0), 143771),
+    Card("gh200", "NVIDIA GH200 480GB", (9, 0), 97871),  # the 96 GB HBM3 Grace Hopper module
+    Card("b200", "NVIDIA B200", (10, 0), 183359),
+    Card("l40s", "NVIDIA L40S", (8, 9), 46068),
+    Card("a6000", "NVIDIA RTX A6000", (8, 6), 49140),
+    Card("rtx3090", "NVIDIA GeForce RTX 3090", (8, 6), 24576),
+    Card("rtx4090", "NVIDIA GeForce RTX 4090", (8, 9), 24564),
 )}
+
+
+def _card_key(name: str) -> str:
+    """A card name as typed (``"RTX 4090"``, ``a100_80gb``) in the form ``CARDS`` is searched by."""
+    return re.sub(r"[\s_-]+", "", name.strip().lower())
+
+
+def _spellings(c: Card) -> tuple[str, ...]:
+    """The key and the product name, with and without the maker's prefix (``RTX A6000``)."""
+    short = c.name.removeprefix("NVIDIA ").removeprefix("Tesla ")
+    return c.key, c.name, short, short.removeprefix("GeForce ")
+
+
+_BY_KEY: dict[str, Card] = {_card_key(n): c for c in CARDS.values() for n in _spellings(c)}
+
+
+def find_card(name: str) -> Card | None:
+    """The named card by key or product name (case, spaces, dashes and underscores ignored), or None."""
+    return _BY_KEY.get(_card_key(name))
+
+
+def card_summary() -> str:
+    """Every named target with its compute capability and memory, for help texts and errors:
+    ``t4 (sm_75, 15 GiB), ...``."""
+    return ", ".join(f"{c.key} (sm_{c.compute_capability[0]}{c.compute_capability[1]}, "
+                     f"{c.memory_mib / 1024:.0f} GiB)" for c in CARDS.values())
 
 # substrings of product names -> compute capability (for nvidia-smi outputs without the field)
 _NAME_CC: tuple[tuple[str, tuple[int, int]], ...] = (
-    ("H200", (9, 0)), ("H100", (9, 0)), ("GH200", (9, 0)), ("L40", (8, 9)), ("L4", (8, 9)),
+    ("GH200", (9, 0)), ("H200", (9, 0)), ("H100", (9, 0)), ("L40", (8, 9)), ("L4", (8, 9)),
     ("RTX 40", (8, 9)), ("A100", (8, 0)), ("A800", (8, 0)), ("A30", (8, 0)), ("A10", (8, 6)),
     ("A40", (8, 6)), ("RTX 30", (8, 6)), ("A6000", (8, 6)), ("T4", (7, 5)), ("RTX 20", (7, 5)),
     ("V100", (7, 0)), ("P100", (6, 0)), ("B200", (10, 0)),
@@ -249,10 +283,11 @@ def parse_target(spec: str | None, *, hardware: Hardware | None = None) -> Targe
         return Target("cpu", None, hw.ram_bytes or ram_bytes(), 1, "named")
     count = 1
     m = re.match(r"^(.*?)x(\d+)$", s)
-    if m and m.group(1) in CARDS:
+    if m and find_card(m.group(1)) is not None:
         s, count = m.group(1), int(m.group(2))
-    if s in CARDS:
-        c = CARDS[s]
+    card = find_card(s)
+    if card is not None:
+        c = card
         if count < 1:
             raise UsageError(f"Target {spec!r} asks for {count} GPUs; use at least 1.")
         return Target(c.key, c.compute_capability, c.memory_mib * _MIB, count, "named")
@@ -263,7 +298,7 @@ def parse_target(spec: str | None, *, hardware: Hardware | None = None) -> Targe
             raise UsageError(f"Target {spec!r} needs a positive memory size and GPU count.")
         return Target(f"sm_{major}{minor}:{m.group(3)}GiB", (major, minor), int(mem * _GIB), n, "spec")
     raise UsageError(
-        f"Unknown target {spec!r}: use auto, cpu, one of {', '.join(CARDS)} (optionally xCOUNT), "
+        f"Unknown target {spec!r}: use auto, cpu, a card ({card_summary()}; NAMExCOUNT for several) "
         "or sm_XY:MEMGB[xCOUNT] such as sm_89:24x2.",
         target=spec,
     )

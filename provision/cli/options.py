@@ -17,7 +17,7 @@ from typing import Any, TypeVar
 
 import click
 
-from provision.hardware import CARDS
+from provision.hardware import card_summary
 from provision.settings import NETWORK_MODES
 from provision.stages.fetch import SOURCE_CHOICES
 from provision.stages.profiles import DEFAULT_CONTEXT, LAYOUTS, SCHEMES
@@ -25,7 +25,6 @@ from provision.stages.profiles import DEFAULT_CONTEXT, LAYOUTS, SCHEMES
 F = TypeVar("F", bound=Callable[..., Any])
 
 SCHEME_CHOICES: tuple[str, ...] = ("auto", *SCHEMES)
-CARD_NAMES = ", ".join(CARDS)
 
 _RATE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kKmMgG]?)(i?)[bB]?(?:/s)?\s*$")
 
@@ -187,7 +186,7 @@ def target_option(f: F) -> F:
     """``--target``: the GPU a conversion is for."""
     return click.option("--target", default="auto", show_default=True, metavar="auto|cpu|NAME|sm_XY:MEMGB[xCOUNT]",
                         callback=_check_target,
-                        help=f"GPU to convert for: detect it, the CPU, a card ({CARD_NAMES}; NAMExCOUNT for "
+                        help=f"GPU to convert for: detect it, the CPU, a card ({card_summary()}; NAMExCOUNT for "
                              "several) or a compute capability and GiB.")(f)
 
 

@@ -31,6 +31,18 @@ SPEC: dict[str, tuple[str, tuple[int, int], int, int | None]] = {
     "a100-80gb": ("NVIDIA A100-SXM4-80GB", (8, 0), 80, 81920),
     "h100": ("NVIDIA H100 80GB HBM3", (9, 0), 80, 81559),  # H100 SXM5
     "h200": ("NVIDIA H200", (9, 0), 141, 143771),
+    # NVIDIA GH200 datasheet: 96 GB HBM3 per Grace Hopper superchip's GPU; sm_90 (CUDA GPUs table)
+    "gh200": ("NVIDIA GH200 480GB", (9, 0), 96, None),
+    # NVIDIA DGX B200 datasheet: 1,440 GB HBM3e over 8 GPUs = 180 GB each; compute capability 10.0
+    "b200": ("NVIDIA B200", (10, 0), 180, None),
+    # NVIDIA L40S datasheet: 48 GB GDDR6 with ECC; Ada Lovelace, compute capability 8.9
+    "l40s": ("NVIDIA L40S", (8, 9), 48, None),
+    # NVIDIA RTX A6000 datasheet: 48 GB GDDR6; Ampere GA102, compute capability 8.6
+    "a6000": ("NVIDIA RTX A6000", (8, 6), 48, None),
+    # GeForce RTX 3090 specifications: 24 GB GDDR6X; GA102, compute capability 8.6
+    "rtx3090": ("NVIDIA GeForce RTX 3090", (8, 6), 24, None),
+    # GeForce RTX 4090 specifications: 24 GB GDDR6X; AD102, compute capability 8.9
+    "rtx4090": ("NVIDIA GeForce RTX 4090", (8, 9), 24, None),
 }
 MIB = 2**20
 
@@ -150,6 +162,28 @@ def test_an_empty_target_means_auto() -> None:
     hw = detect(FakeNVML.card("l4"), use_smi=False)
     assert parse_target("", hardware=hw) == parse_target("auto", hardware=hw)
     assert parse_target("", hardware=hw).compute_capability == (8, 9)
+
+
+@pytest.mark.parametrize(("typed", "key"), [("RTX 4090", "rtx4090"), ("rtx-3090", "rtx3090"), ("L40S", "l40s"),
+                                            ("A100 80GB", "a100-80gb"), ("a100_40gb", "a100-40gb"),
+                                            ("GH200", "gh200"), ("B200", "b200"), ("RTX A6000", "a6000"),
+                                            ("NVIDIA GeForce RTX 4090", "rtx4090"), ("Tesla T4", "t4")])
+def test_card_names_ignore_case_spaces_and_dashes(typed: str, key: str) -> None:
+    t = parse_target(typed)
+    assert (t.compute_capability, t.name) == (SPEC[key][1], key)
+
+
+def test_rtx4090_pair_counts_two_cards() -> None:
+    t = parse_target("RTX 4090x2")
+    assert t.count == 2 and t.compute_capability == (8, 9)
+
+
+def test_unknown_target_error_lists_every_card_with_capability_and_memory() -> None:
+    with pytest.raises(UsageError) as e:
+        parse_target("gtx1080")
+    msg = str(e.value)
+    for key, (_, cc, _, _) in SPEC.items():
+        assert f"{key} (sm_{cc[0]}{cc[1]}, " in msg, key
 
 
 @pytest.mark.parametrize("bad", ["gtx1080", "sm_89", "sm_89:", "sm_89:0", "sm_89:24x0", "h100x0", "sm_x9:24"])

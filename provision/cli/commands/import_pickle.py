@@ -38,7 +38,7 @@ from provision.cli.options import json_option
 @json_option
 def command(src: Path, out_dir: Path, sha256: str | None, md5: str | None, manifest_ref: str | None,
             params: Path | None, keep_params: bool, timeout: float, json_out: bool) -> None:
-    """Import the PyTorch pickle SRC (a .pth file or its folder) as Mistral-format safetensors in DIR."""
+    """Import the PyTorch pickle SRC (a .pth file or its folder) as Mistral-format safetensors in the --out folder."""
     app = get_app(json_out, "import-pickle")
     from provision.errors import ManifestError
     from provision.stages.pickle_import import find_pickle, import_pickle

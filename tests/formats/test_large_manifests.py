@@ -20,23 +20,15 @@ from provision.formats.params import ModelArgs, parameter_count, tensor_spec
 from provision.formats.sources import parse_magnet
 from provision.stages.verify import authorities_from_manifest, verify_dir
 from tests.support import sizing
+from tests.support.reference_facts import MIXTRAL_8X7B, MIXTRAL_8X22B
 
 ROOT = Path(__file__).resolve().parents[2]
 NAMES = ("mixtral-8x7b-v0.1", "mixtral-8x22b-v0.1", "mistral-large-2407", "pixtral-large-2411")
 
-# Every size and hash the manifests may pin, from ../shared/reference/mistral-family.md (§1-§5).
+# Every size and hash the manifests may pin: the reference's confirmed facts (tests/support/reference_facts).
 CONFIRMED: dict[str, dict[str, dict[str, Any]]] = {
-    "mixtral-8x7b-v0.1": {
-        "model-00001-of-00019.safetensors": {"sha256": "b43400ce8695edf089a8c276245f670ef0f39e798688e7cf9256636c8f5da053"},
-        "model-00002-of-00019.safetensors": {"sha256": "ae019aa5319535c0f14629cc009da551e86ec385315bf4bb871f23547ad4fa59"},
-        "consolidated.00.pt": {"sha256": "78074bbe2b8e78e15f3edb237b7d1b5fd744bbb40d60ac7298de8ed0afe1846e"},
-        "consolidated.01.pt": {"sha256": "f5a3d70225a42ade1d5b1d277fada2cdcde6a403609829ab2acd7bff5d12bb83"},
-        "consolidated.00.pth": {"md5": "1faa9bc9b20fcfe81fcd4eb7166a79e6"},
-        "tokenizer.model": {"md5": "37974873eb68a7ab30c4912fc36264ae", "size": 493443,
-                            "sha256": "dadfd56d766715c61d2ef780a525ab43b8e6da4de6865bda3d95fdef5e134055"},
-        "params.json": {"size": 193},
-    },
-    "mixtral-8x22b-v0.1": {"params.json": {"size": 274}},
+    "mixtral-8x7b-v0.1": MIXTRAL_8X7B.files,
+    "mixtral-8x22b-v0.1": MIXTRAL_8X22B.files,
     "mistral-large-2407": {},
     "pixtral-large-2411": {},
 }
@@ -58,12 +50,14 @@ def test_each_manifest_pins_exactly_the_sizes_and_hashes_the_reference_confirms(
 
 
 def test_the_magnets_carry_the_reference_infohashes_and_decoded_trackers() -> None:
+    ref7, ref22 = MIXTRAL_8X7B.magnet, MIXTRAL_8X22B.magnet
+    assert ref7 is not None and ref22 is not None
     m7 = parse_magnet(next(s.magnet for s in load_manifest("mixtral-8x7b-v0.1").sources if s.magnet))
-    assert m7.btih == "5546272da9065eddeb6fcd7ffddeef5b75be79a7" and m7.name == "mixtral-8x7b-32kseqlen"
-    assert "udp://opentracker.i2p.rocks:6969/announce" in m7.trackers
+    assert (m7.btih, m7.name) == (ref7.btih, ref7.name)
+    assert ref7.trackers[0] in m7.trackers
     m22 = parse_magnet(next(s.magnet for s in load_manifest("mixtral-8x22b-v0.1").sources if s.magnet))
-    assert m22.btih == "9238b09245d0d8cd915be09927769d5f7584c1c9" and m22.name == "mixtral-8x22b"
-    assert set(m22.trackers) == {"udp://open.demonii.com:1337/announce", "http://tracker.opentrackr.org:1337/announce"}
+    assert (m22.btih, m22.name) == (ref22.btih, ref22.name)
+    assert set(m22.trackers) == set(ref22.trackers)
 
 
 def test_hf_repos_and_gating_follow_the_reference() -> None:

@@ -10,6 +10,8 @@ import pytest
 from provision.cli.main import run_cli
 from provision.errors import ManifestError
 from provision.formats.manifest import dump_manifest, load_manifest, parse_manifest_bytes, write_manifest
+from provision.formats.sources import parse_magnet
+from tests.support.reference_facts import PIXTRAL_12B
 
 ROOT = Path(__file__).resolve().parents[2]
 PIXTRAL = (ROOT / "manifests" / "pixtral-12b-2409.toml").resolve()
@@ -33,12 +35,14 @@ def test_shipped_pixtral_manifest_has_real_sources_and_only_confirmed_facts() ->
     m = load_manifest("pixtral-12b-2409")
     assert m.path == PIXTRAL
     tor, hf = m.source("torrent"), m.source("hf")
-    assert tor is not None and tor.magnet is not None and "7278e625de2b1da598b23954c13933047126238a" in tor.magnet
-    assert tor.prefix == "pixtral-12b-240910/"
-    assert hf is not None and hf.repo == "mistralai/Pixtral-12B-2409"
-    assert hf.revision == "a9da202d8e3192195835f077c43435c8b22545ab"
+    ref = PIXTRAL_12B.magnet
+    assert ref is not None
+    assert tor is not None and tor.magnet is not None and parse_magnet(tor.magnet).btih == ref.btih
+    assert tor.prefix == f"{ref.name}/"
+    assert hf is not None and hf.repo == PIXTRAL_12B.hf_repo
+    assert hf.revision == PIXTRAL_12B.hf_revision
     params = m.file("params.json")
-    assert params is not None and params.size == 453
+    assert params is not None and params.size == PIXTRAL_12B.files["params.json"]["size"]
     cons = m.file("consolidated.safetensors")
     # the reference's sha256 07bddad7... belongs to the Base repo: it must not be borrowed here
     assert cons is not None and cons.sha256 is None and cons.size is None

@@ -18,6 +18,7 @@ from provision.formats.manifest import load_manifest
 from provision.formats.sources import parse_magnet
 from provision.stages.plan import make_plan
 from provision.testing.hub_server import LoopbackHub
+from tests.support.reference_facts import MISTRAL_7B, NEMO_INSTRUCT_2407
 
 DATA = Path(__file__).resolve().parents[1] / "data"
 NEW = ("mistral-7b-v0.1", "mistral-nemo-instruct-2407", "mistral-nemo-base-2407")
@@ -44,22 +45,19 @@ def test_mistral_7b_manifest_has_the_torrent_infohash_and_the_hf_repo() -> None:
     m = load_manifest("mistral-7b-v0.1")
     tor = m.source("torrent")
     assert tor is not None and tor.magnet is not None
-    mag = parse_magnet(tor.magnet)
-    assert mag.btih == "208b101a0f51514ecf285885a8b0f6fb1a1e4d7d" and mag.name == "mistral-7B-v0.1"
-    assert list(mag.trackers) == ["udp://tracker.opentrackr.org:1337/announce"]
+    mag, ref = parse_magnet(tor.magnet), MISTRAL_7B.magnet
+    assert ref is not None
+    assert (mag.btih, mag.name) == (ref.btih, ref.name)
+    assert tuple(mag.trackers) == ref.trackers
     hf = m.source("hf")
-    assert hf is not None and hf.repo == "mistralai/Mistral-7B-v0.1" and hf.revision is None
+    assert hf is not None and hf.repo == MISTRAL_7B.hf_repo and hf.revision is None
     assert m.format == "hf"
 
 
 def test_mistral_7b_manifest_pins_only_the_reference_hashes() -> None:
     m = load_manifest("mistral-7b-v0.1")
     pinned = {f.path: f.sha256 for f in m.files if f.sha256}
-    assert pinned == {
-        "model-00001-of-00002.safetensors": "9742cb4764964155b7a5f35eefad651f590006091ddeb536863d6c5865cca1b9",
-        "model-00002-of-00002.safetensors": "9bcf56354ec0c68b5f8e97b4f3b02d16af899a65b0868d6dba5a51c1b30f01cb",
-        "tokenizer.model": "dadfd56d766715c61d2ef780a525ab43b8e6da4de6865bda3d95fdef5e134055",
-    }
+    assert pinned == {path: facts["sha256"] for path, facts in MISTRAL_7B.files.items()}
     tok = m.file("tokenizer.model")
     v1 = _mc_data("tokenizer.model.v1")
     assert tok is not None and (tok.size, tok.sha256) == (v1.stat().st_size, _sha(v1))
@@ -72,9 +70,10 @@ def test_nemo_instruct_manifest_pins_the_reference_hashes_and_tekken_240718() ->
     assert m.format == "mistral" and m.smoke.expected == "Paris"
     assert {f.path for f in m.files} == {"consolidated.safetensors", "params.json", "tekken.json"}
     c = m.file("consolidated.safetensors")
-    assert c is not None and c.sha256 == "5f96d5192b5a0b531f093531a8450014da99527945831b58ac1a42a7c0727834"
+    assert c is not None and c.sha256 == NEMO_INSTRUCT_2407.files["consolidated.safetensors"]["sha256"]
     p = m.file("params.json")
-    assert p is not None and p.size == 204 and p.size == (DATA / "mistral-nemo-2407-params.json").stat().st_size
+    assert p is not None and p.size == NEMO_INSTRUCT_2407.files["params.json"]["size"]
+    assert p.size == (DATA / "mistral-nemo-2407-params.json").stat().st_size
     t = m.file("tekken.json")
     bundled = _mc_data("tekken_240718.json")
     assert t is not None and (t.size, t.sha256) == (bundled.stat().st_size, _sha(bundled))

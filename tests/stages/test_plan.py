@@ -11,6 +11,7 @@ import pytest
 from provision.cli.main import run_cli
 from provision.errors import DiskSpaceError
 from provision.stages.plan import make_plan
+from tests.support.reference_facts import PIXTRAL_12B
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -26,7 +27,9 @@ def test_plan_for_the_real_pixtral_manifest_works_offline(capsys: pytest.Capture
     plan = json.loads(out.out)["plan"]
     assert [f["path"] for f in plan["files"]] == ["consolidated.safetensors", "params.json", "tekken.json", "RELEASE"]
     assert plan["files"][1]["size"] == 453 and plan["unknown_sizes"] is True
-    assert plan["sources"][0].startswith("btih:7278e625") and plan["sources"][1].startswith("hf://mistralai/")
+    assert PIXTRAL_12B.magnet is not None
+    assert plan["sources"][0].startswith(f"btih:{PIXTRAL_12B.magnet.btih[:8]}")
+    assert plan["sources"][1].startswith(f"hf://{PIXTRAL_12B.hf_repo}")
     assert plan["files"][3]["sources"] == ["torrent"] and plan["files"][3]["optional"] is True
     assert "hardware: no GPU detected (3 CPU cores)" in out.err
 

@@ -10,7 +10,7 @@ STAMP := $(VENV)/.provision-installed
 # The CPU build of torch that lies on this machine's disk; an unpinned torch pulls GBs of CUDA.
 TORCH_PIN ?= torch==2.13.0
 
-.PHONY: venv demo test test-fast lint typecheck bench clean
+.PHONY: venv demo test test-fast lint typecheck bench clean mutate mutate-report
 
 venv: $(STAMP)
 
@@ -37,6 +37,20 @@ lint: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) benchmarks/verify_hash.py
+
+# Mutation testing of the core modules listed in pyproject.toml [tool.mutmut] (slow; not in CI).
+# Starts from a fresh mutants/ copy; one child process so it leaves the other cores free.
+# MUTANTS narrows it to one module, e.g. make mutate MUTANTS='provision.quant.*'
+MUTANTS ?=
+MUTATE_CHILDREN ?= 1
+mutate: $(STAMP)
+	$(PY) -c "import mutmut" 2>/dev/null || $(PY) -m pip install -q -e ".[test,mutate]"
+	rm -rf mutants && mkdir mutants && ln -s provision/data/manifests mutants/manifests
+	CI=true $(VENV)/bin/mutmut run --max-children $(MUTATE_CHILDREN) $(MUTANTS)
+	$(PY) benchmarks/mutation_report.py
+
+mutate-report:
+	$(PY) benchmarks/mutation_report.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -31,7 +31,14 @@ from provision.errors import (
 )
 from provision.formats.params import ModelArgs
 from provision.formats.pickles import PICKLE_SUFFIXES
-from provision.formats.safetensors import DTYPE_BYTES, TORCH_NAMES, SafetensorsInfo, check_safetensors
+from provision.formats.safetensors import (
+    DTYPE_BYTES,
+    TORCH_NAMES,
+    SafetensorsInfo,
+    check_safetensors,
+    read_index,
+)
+from provision.io.opening import read_regular
 from provision.model.pixtral import Pixtral, build_model
 from provision.model.placement import Placement
 
@@ -60,16 +67,10 @@ class Checkpoint:
 def _shards(folder: Path, single: str, index: str, pattern: str) -> list[Path]:
     idx = folder / index
     if idx.is_file():
-        try:
-            data = json.loads(idx.read_text(encoding="utf-8"))
-            weight_map = data["weight_map"]
-            names = sorted(set(weight_map.values()))
-        except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
-            raise StructureError(f"{idx} is not a valid safetensors index ({e}); re-fetch or re-convert it.",
-                                 path=str(idx)) from None
+        names = read_index(idx).shards  # the shared reader: bounded, no duplicate keys, no '..'
         out = []
         for n in names:
-            if not isinstance(n, str) or "/" in n or "\\" in n or n.startswith("."):
+            if "/" in n or n.startswith("."):
                 raise HostileContentError(f"{idx} names a shard outside its folder: {n!r}.", path=str(idx))
             out.append(folder / n)
         return out
@@ -86,7 +87,7 @@ def _headers(shards: list[Path]) -> dict[Path, SafetensorsInfo]:
             raise StructureError(f"Weight shard {shard.name} is missing from {shard.parent}; fetch it again.",
                                  path=str(shard))
         try:
-            infos[shard] = check_safetensors(shard)
+            infos[shard] = check_safetensors(shard, root=shard.parent)
         except (StructureError, HostileContentError) as e:
             raise StructureError(f"{shard} is not a readable safetensors file ({e.message}); fetch it again.",
                                  path=str(shard)) from None
@@ -110,7 +111,8 @@ def open_checkpoint(path: Path) -> Checkpoint:
         from provision.model.hf_names import args_from_hf_config
 
         try:
-            config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+            config = json.loads(read_regular(folder / "config.json", root=folder, what="config file",
+                                             max_bytes=16 << 20).decode("utf-8"))
         except (OSError, ValueError) as e:
             raise ParamsError(f"{folder / 'config.json'} is not valid JSON ({e}).") from None
         args = args_from_hf_config(config)
@@ -232,6 +234,53 @@ def _read_tensors(ckpt: Checkpoint, device: torch.device, dtype: torch.dtype | N
     return out
 
 
+def _meta_tensors(ckpt: Checkpoint) -> dict[str, torch.Tensor]:
+    """Every stored tensor as a meta tensor of its stored dtype and shape, under the model's names
+    (what ``_read_tensors`` would return, without reading a byte of data)."""
+    from provision.model import hf_names as keymap
+
+    out: dict[str, torch.Tensor] = {}
+    for info in _headers(sorted(set(ckpt.files.values()))).values():
+        for name, t in info.tensors.items():
+            torch_name = TORCH_NAMES.get(t.dtype)
+            if torch_name is None:
+                raise StructureError(f"{info.path.name}: tensor {name!r} has dtype {t.dtype}, which the loader "
+                                     "cannot read.", path=str(info.path), tensor=name)
+            meta = torch.empty(t.shape, dtype=getattr(torch, torch_name), device="meta")
+            if ckpt.layout == "hf":
+                name, meta = keymap.hf_to_mistral(name, meta, ckpt.args)
+            out[name] = meta
+    return out
+
+
+def _assign(model: Pixtral, ckpt: Checkpoint, tensors: dict[str, torch.Tensor], path: Path) -> None:
+    """Swap in the quantized layers, then adopt ``tensors`` (strict): the checks every load makes."""
+    if ckpt.quantized:
+        try:
+            from provision.model.quantized import apply_quantization
+        except ImportError:
+            raise ConvertError(f"{path} is quantized but this installation has no quantization runtime "
+                               "(provision.model.quantized); reinstall provision.", path=str(path)) from None
+        apply_quantization(model, ckpt.config or {}, tensors)
+    try:
+        model.load_state_dict(tensors, strict=True, assign=True)
+    except RuntimeError as e:
+        first = str(e).strip().splitlines()
+        detail = " ".join(x.strip() for x in first[:3])[:400]
+        raise StructureError(f"The tensors in {path} do not match the architecture of its "
+                             f"{'params' if ckpt.layout == 'mistral' else 'config'}.json: {detail}",
+                             path=str(path)) from None
+
+
+def check_loadable(path: Path) -> Checkpoint:
+    """The load check of a checkpoint folder without reading its tensor data: the headers, the
+    args, the quantized layers and every tensor's name and shape against the architecture, on
+    the meta device. Raises what ``load_model`` would (``StructureError``, ``ConvertError``...)."""
+    ckpt = open_checkpoint(path)
+    _assign(build_model(ckpt.args, device="meta"), ckpt, _meta_tensors(ckpt), Path(path))
+    return ckpt
+
+
 def load_model(path: Path, *, device: str = "cpu", dtype: torch.dtype | None = None,
                reserve_bytes: int = 0, placement: Placement | None = None) -> tuple[Pixtral, ModelArgs]:
     """Build Pixtral on meta and assign the checkpoint's tensors on ``device`` (strict).
@@ -249,20 +298,5 @@ def load_model(path: Path, *, device: str = "cpu", dtype: torch.dtype | None = N
     else:
         check_placement_fits(placement, reserve_bytes)
     model = build_model(ckpt.args, device="meta")
-    tensors = _read_tensors(ckpt, dev, dt, placement)
-    if ckpt.quantized:
-        try:
-            from provision.model.quantized import apply_quantization
-        except ImportError:
-            raise ConvertError(f"{path} is quantized but this installation has no quantization runtime "
-                               "(provision.model.quantized); reinstall provision.", path=str(path)) from None
-        apply_quantization(model, ckpt.config or {}, tensors)
-    try:
-        model.load_state_dict(tensors, strict=True, assign=True)
-    except RuntimeError as e:
-        first = str(e).strip().splitlines()
-        detail = " ".join(x.strip() for x in first[:3])[:400]
-        raise StructureError(f"The tensors in {path} do not match the architecture of its "
-                             f"{'params' if ckpt.layout == 'mistral' else 'config'}.json: {detail}",
-                             path=str(path)) from None
+    _assign(model, ckpt, _read_tensors(ckpt, dev, dt, placement), Path(path))
     return model.eval(), ckpt.args

@@ -231,7 +231,7 @@ def test_full_disk_is_exit_6_before_writing(tiny_src: Path, tmp_path: Path, monk
     with pytest.raises(DiskSpaceError) as e:
         convert(tiny_src, tmp_path / "o", target="h100", scheme="fp8")
     assert e.value.exit_code == 6
-    assert list((tmp_path / "o").iterdir()) == []
+    assert list(tmp_path.iterdir()) == []  # no output folder and no staging folder
 
 
 def test_foreign_files_in_out_are_refused_and_kept(tiny_src: Path, tmp_path: Path) -> None:
@@ -302,7 +302,8 @@ def test_fp16_overflow_is_a_conversion_error(tiny_copy: Path, tmp_path: Path) ->
     with pytest.raises(ConvertError) as e:
         convert(tiny_copy, tmp_path / "o", target="t4", scheme="fp16")
     assert e.value.exit_code == 7 and "norm.weight" in str(e.value)
-    assert not any(p.name.endswith(".safetensors") for p in (tmp_path / "o").iterdir())
+    assert not (tmp_path / "o").exists()  # a failed conversion leaves no output folder (nor a staging one)
+    assert not any(p.name.startswith(".provision-tmp-") for p in tmp_path.iterdir())
 
 
 _KILLER = r"""
@@ -327,10 +328,11 @@ def test_a_conversion_killed_midway_leaves_no_final_shard_and_reruns_cleanly(tin
     r = subprocess.run([sys.executable, "-c", _KILLER, str(tiny128_src), str(out), str(size * 2 // 3)],
                        env=env, capture_output=True, timeout=120)
     assert r.returncode == -9, r.stderr.decode()[-2000:]
-    left = [p.name for p in out.iterdir()]
-    assert left and all(n.startswith(".provision-tmp-") for n in left), left
+    assert not out.exists()  # nothing under the final name: the run wrote into a staging folder beside it
+    left = [p.name for p in tmp_path.iterdir()]
+    assert left and all(n.startswith(".provision-tmp-convert-o-") for n in left), left
     res = convert(tiny128_src, out, target="h100", scheme="w8a16", hf_tokenizer=False, shard_bytes=150_000)
-    assert not any(p.name.startswith(".provision-tmp-") for p in out.iterdir())
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["o"]  # the dead run's staging folder is gone
     fresh = tmp_path / "fresh"
     convert(tiny128_src, fresh, target="h100", scheme="w8a16", hf_tokenizer=False, shard_bytes=150_000)
     for p in sorted(fresh.glob("model-*.safetensors")):

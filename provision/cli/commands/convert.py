@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import click
 
@@ -25,24 +25,28 @@ if TYPE_CHECKING:
 @click.option("--no-hf-tokenizer", is_flag=True, help="Do not build tokenizer.json from tekken.json (hf layout).")
 @click.option("--compare/--no-compare", default=None,
               help="Load the original and the converted model on the CPU and compare their logits on the smoke "
-                   "prompt (top-1 agreement, cosine). Default: only when both fit easily in RAM.")
+                   "prompt (top-1 agreement, cosine), before the output is committed. Default: only when both "
+                   "fit easily in RAM.")
+@click.option("--force", is_flag=True,
+              help="Add the conversion to an --out folder that holds other files; a file convert did not write "
+                   "is never overwritten or deleted (a name collision is refused, exit 2).")
 @json_option
 def command(src_dir: Path, out_dir: Path, target: str, scheme: str, context: int, layout: str | None,
-            no_hf_tokenizer: bool, compare: bool | None, json_out: bool) -> None:
+            no_hf_tokenizer: bool, compare: bool | None, force: bool, json_out: bool) -> None:
     """Convert the Mistral-format checkpoint in SRC_DIR for a GPU, streamed tensor by tensor.
 
-    Exit codes: 2 unknown scheme/target, 3 a scheme the target cannot run, 6 nothing fits
-    (GPU memory or disk), 7 conversion failed.
+    Exit codes: 2 unknown scheme/target, or an --out holding files convert did not write;
+    3 a scheme the target (or the model) cannot run; 5 hostile source (symlink out, FIFO,
+    malformed header); 6 nothing fits (GPU memory or disk); 7 conversion failed.
     """
     app = get_app(json_out, "convert")
-    from provision.stages.convert import compare_and_record, convert, should_compare
+    from provision.stages.convert import convert
 
     res = convert(src_dir, out_dir, target=target, scheme=scheme, layout=layout, context=context,
-                  progress=app.terminal.progress, hf_tokenizer=not no_hf_tokenizer)
+                  progress=app.terminal.progress, hf_tokenizer=not no_hf_tokenizer, force=force, compare=compare)
     _show_result(app.terminal, res)
-    logits: dict[str, Any] | None = None
-    if compare if compare is not None else should_compare(res.bytes_read):
-        logits = compare_and_record(src_dir, out_dir)
+    logits = res.logits_comparison
+    if logits is not None:
         app.terminal.info(f"  logits vs the original on the smoke prompt ({logits['positions']} positions): "
                           f"top-1 agreement {logits['top1_agreement']:.3f}, cosine {logits['cosine']:.5f} "
                           f"(min {logits['cosine_min']:.5f})")
@@ -51,9 +55,7 @@ def command(src_dir: Path, out_dir: Path, target: str, scheme: str, context: int
                          f"into {res.out_dir}")
     # one unbroken line; under --json the report carries vllm_command
     app.terminal.out(f"serve it with: {res.vllm_command}", commentary=app.json)
-    report = res.to_dict()
-    report["logits_comparison"] = logits
-    app.finish({"convert": report})
+    app.finish({"convert": res.to_dict()})
 
 
 def _show_result(t: Terminal, res: ConvertResult) -> None:

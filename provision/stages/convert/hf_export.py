@@ -20,10 +20,10 @@ from pathlib import Path
 from typing import Any
 
 from provision.formats.params import ModelArgs
-from provision.io.atomic import TMP_PREFIX, atomic_write_bytes, atomic_write_text
+from provision.io.atomic import TMP_PREFIX, atomic_write_text
 from provision.model import hf_names
 from provision.stages.convert.items import Item, output_dtype
-from provision.stages.convert.output import OUR_FILES
+from provision.stages.convert.output import OUR_FILES, copy_side_file
 from provision.stages.profiles import QUANTIZED, Profile
 
 
@@ -139,9 +139,9 @@ def write_hf_side_files(src_dir: Path, out_dir: Path, args: ModelArgs, profile: 
     if not tekken.is_file():
         out.notes.append("no tekken.json in the source: copy the tokenizer files into the output by hand")
         return out
-    atomic_write_bytes(out_dir / "tekken.json", tekken.read_bytes())
-    out.files.append("tekken.json")
-    tok_files = _write_hf_tokenizer(tekken, out_dir) if hf_tokenizer else []
+    out.files.append(copy_side_file(tekken, src_dir, out_dir))
+    # the copy, not the source: it was read once, through the checks of ``copy_side_file``
+    tok_files = _write_hf_tokenizer(out_dir / "tekken.json", out_dir) if hf_tokenizer else []
     out.files += tok_files
     out.hf_tokenizer = "tokenizer.json" in tok_files
     if not out.hf_tokenizer:

@@ -52,6 +52,7 @@ class ConvertResult:
     seconds: float
     vllm_command: str
     notes: list[str] = field(default_factory=list)
+    logits_comparison: dict[str, Any] | None = None  # compare_logits' result, when it ran before the commit
 
     @property
     def scheme(self) -> str:
@@ -75,7 +76,7 @@ class ConvertResult:
             "bytes_read": self.bytes_read, "bytes_written": self.bytes_written, "seconds": round(self.seconds, 3),
             "throughput_bytes_per_s": round(self.bytes_read / self.seconds) if self.seconds else None,
             "quality": self.quality(), "tensors": [t.to_dict() for t in self.tensors],
-            "vllm_command": self.vllm_command, "notes": self.notes,
+            "vllm_command": self.vllm_command, "notes": self.notes, "logits_comparison": self.logits_comparison,
         }
 
 
@@ -83,11 +84,12 @@ def _write(out_dir: Path, record: dict[str, Any]) -> None:
     atomic_write_text(out_dir / RECORD_NAME, json.dumps(record, indent=2) + "\n")
 
 
-def write_record(result: ConvertResult, *, context: int) -> None:
-    """Write ``provision-convert.json`` for a finished conversion (its last file)."""
+def write_record(result: ConvertResult, *, context: int, folder: Path | None = None) -> None:
+    """Write ``provision-convert.json`` for a finished conversion (its last file) into ``folder``
+    (default: the result's ``out_dir``; convert passes its staging folder)."""
     record = result.to_dict()
     record["context"] = context
-    _write(result.out_dir, record)
+    _write(folder if folder is not None else result.out_dir, record)
 
 
 def read_record(out_dir: Path) -> dict[str, Any]:

@@ -1,8 +1,9 @@
 """The convert stage's source: the ``consolidated*.safetensors`` files of a Mistral-format folder.
 
 ``find_sources`` picks the weight files of a source folder (refusing symlinks out of it and
-pickle-only releases); ``SafetensorsSource`` opens one of them, checks its header with the one
-reader of ``provision.formats.safetensors`` (so the tensors tile the data section exactly) plus
+pickle-only releases); ``SafetensorsSource`` opens one of them (``provision.io.opening``), checks its header with the one
+reader of ``provision.formats.safetensors`` (so the tensors tile the data section exactly, no key
+is duplicated and the recorded hash of header plus tensors is the file's) plus
 the dtypes convert can read, and reads byte ranges by offset, never mapping the file, dropping
 what it read from the page cache. It does not cast, hash or write.
 """
@@ -18,6 +19,7 @@ from pathlib import Path
 from provision.errors import ConvertError, HostileContentError, StructureError, UsageError
 from provision.formats.pickles import is_pickle_name
 from provision.formats.safetensors import parse_header, read_header
+from provision.io.opening import open_regular
 
 SOURCE_NAME = re.compile(r"consolidated(-\d{5}-of-\d{5})?\.safetensors")
 SOURCE_DTYPES = ("BF16", "F16", "F32")  # the safetensors dtypes convert reads
@@ -41,10 +43,10 @@ class SrcTensor:
 class SafetensorsSource:
     """One safetensors file read by offsets: header parsed and checked, tensors read in pieces."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, *, root: Path | None = None) -> None:
         self.path = Path(path)
-        try:
-            self.fd = os.open(self.path, os.O_RDONLY)
+        try:  # a FIFO, a device or a symlink out of ``root`` is refused without blocking (exit 5)
+            self.fd = open_regular(self.path, root=root, what="weights file")
         except OSError as e:
             raise StructureError(f"Cannot open {self.path}: {e.strerror}.", path=str(path)) from None
         try:

@@ -1,45 +1,55 @@
 """The convert stage: a Mistral-format checkpoint -> a cast or quantized copy for one target GPU.
 
-``convert`` reads ``params.json`` and the source headers, chooses the profile (``profiles.choose``)
-and checks the output folder and the free disk before anything is written; then it streams the
-tensors into shards under temporary names (``stream``), commits them, writes the side files of the
-layout (``output`` for ``mistral``, ``hf_export`` for ``hf``) and, last, the record
-(``record``). A run killed midway leaves only ``.provision-tmp-*`` files, removed by the next
-run. It does not verify the source against a manifest (``verify`` does) and does not run the model
-(``compare`` does, on request).
+``convert`` reads ``params.json`` and the source headers, chooses the profile (``profiles.choose``),
+checks the output folder (``output.check_out``) and refuses a quantized scheme that would quantize
+no layer, all before anything is written; then, in a new staging folder beside the output, it
+streams the tensors into shards (``stream``), writes the side files of the layout (``output`` for
+``mistral``, ``hf_export`` for ``hf``), checks the result (verify's structure checks, the loader's
+load check and, when asked, the logit comparison of ``compare``), writes the record (``record``)
+and commits the folder by rename. A failure removes the staging folder; a run killed midway
+leaves only a ``.provision-tmp-convert-*`` folder beside the output, removed by the next run. It
+does not verify the source against a manifest (``verify`` does).
 """
 
 from __future__ import annotations
 
 import json
+import shutil
 import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from provision.errors import UsageError
+from provision.errors import ManifestError, UsageError
 from provision.formats.params import ModelArgs
 from provision.formats.safetensors_writer import CheckpointWriter, plan_shards
 from provision.hardware import Target, parse_target
 from provision.io.space import check_free_space
 from provision.progress import ByteCounter, ProgressEvent, ProgressFn
+from provision.stages.convert.compare import compare_logits, should_compare
 from provision.stages.convert.hf_export import write_hf_side_files
 from provision.stages.convert.items import Item, check_against_params, plan_items
-from provision.stages.convert.output import copy_mistral_side_files, prepare_out, remove_leftovers
-from provision.stages.convert.record import ConvertResult, write_record
+from provision.stages.convert.output import (
+    MISTRAL_SIDE_FILES,
+    check_out,
+    commit_output,
+    copy_side_file,
+    new_stage,
+    side_files,
+)
+from provision.stages.convert.record import RECORD_NAME, ConvertResult, write_record
 from provision.stages.convert.serve import vllm_command
 from provision.stages.convert.source import SafetensorsSource, find_sources
 from provision.stages.convert.stream import stream_tensors
-from provision.stages.profiles import Profile, choose
+from provision.stages.profiles import QUANTIZED, Profile, choose
 
 SHARD_BYTES = 5 * 10**9
 
 
-def _source_files(sources: list[SafetensorsSource], src_dir: Path) -> list[dict[str, Any]]:
+def _source_files(sources: list[SafetensorsSource], side: list[Path]) -> list[dict[str, Any]]:
     """The record's ``source_files``, digests still zero (filled in while streaming)."""
     return [{"path": s.path.name, "size": s.size, "sha256": "0" * 64, "sha256_from": "computed"}
-            for s in sources] + [
-        {"path": n, "size": (src_dir / n).stat().st_size} for n in ("params.json",) if (src_dir / n).is_file()]
+            for s in sources] + [{"path": p.name, "size": p.stat().st_size} for p in side if p.name == "params.json"]
 
 
 def _writer(out_dir: Path, items: list[Item], profile: Profile, source_files: list[dict[str, Any]],
@@ -57,6 +67,28 @@ def _writer(out_dir: Path, items: list[Item], profile: Profile, source_files: li
                             index_name=None if m == 1 else "model.safetensors.index.json")
 
 
+def _refuse_unquantizable(items: list[Item], prof: Profile) -> None:
+    """A quantized scheme that would quantize no layer of this model is refused (exit 3) before
+    anything is written: its output would declare a ``quantization_config`` no layer carries."""
+    if prof.scheme in QUANTIZED and not any(it.action == "quantize" for it in items):
+        from provision.quant import SCHEMES
+
+        spec = SCHEMES[prof.scheme]
+        size = f" (in_features must be a multiple of the group size {spec.group_size})" if spec.group_size else ""
+        raise ManifestError(f"--scheme {prof.scheme} would quantize no layer of this model{size}; use --scheme "
+                            "bf16 or fp16 instead.", scheme=prof.scheme)
+
+
+def _check_output(stage: Path) -> None:
+    """The checks a conversion passes before it is committed: ``verify``'s structure checks of the
+    weights and index, then the loader's load check (names, shapes, quantized layers, on meta)."""
+    from provision.model.loader import check_loadable
+    from provision.stages.verify import verify_dir
+
+    verify_dir(stage).raise_for_failure()
+    check_loadable(stage)
+
+
 def convert(
     src_dir: Path,
     out_dir: Path,
@@ -69,9 +101,16 @@ def convert(
     shard_bytes: int = SHARD_BYTES,
     hf_tokenizer: bool = True,
     source_sha256: Mapping[str, str] | None = None,
+    force: bool = False,
+    compare: bool | None = False,
 ) -> ConvertResult:
     """Convert the Mistral-format checkpoint in ``src_dir`` into ``out_dir`` for ``target``.
 
+    The output is written into a staging folder beside ``out_dir`` and moved there only when it
+    passed ``verify``'s structure checks, the loader's load check and (``compare``; ``None``: the
+    default of ``should_compare``) the logit comparison against the source; any failure removes
+    it. ``out_dir`` must be new, empty or an earlier conversion; ``force`` adds the conversion to
+    a folder holding other files without ever overwriting one (``output.check_out``).
     ``source_sha256`` maps source file names to sha256 digests the caller has just verified
     (``provision run`` passes what verify computed); those files are recorded with that digest
     instead of being hashed again while streaming.
@@ -84,47 +123,65 @@ def convert(
     if prof.layout == "hf" and args.vision_encoder is None:
         raise UsageError("The hf layout is written for Pixtral (Llava) checkpoints; use --layout mistral.")
     paths = find_sources(src_dir)
-    prepare_out(src_dir, out_dir)
-    sources = [SafetensorsSource(p) for p in paths]
-    writer: CheckpointWriter | None = None
+    side = side_files(src_dir)
+    mode = check_out(src_dir, out_dir, force=force)
+    sources: list[SafetensorsSource] = []
     try:
+        sources += [SafetensorsSource(p, root=src_dir) for p in paths]
         items = plan_items(sources, args, prof)
         check_against_params(items, args)
-        source_files = _source_files(sources, src_dir)
-        writer = _writer(out_dir, items, prof, source_files, shard_bytes)
-        out_dir.mkdir(parents=True, exist_ok=True)
-        check_free_space(out_dir, writer.total_size + (64 << 20), what=f"the {prof.name} conversion")
-        on_bytes = ByteCounter(progress, task="convert", total=sum(s.size - s.data_start for s in sources),
-                               description=f"convert -> {prof.name}", interval=0.2, report_end=True)
-        reports = stream_tensors(sources, items, writer, prof.scheme, source_files, source_sha256 or {}, on_bytes)
-        writer.finish({"provision.source": json.dumps(source_files, separators=(",", ":"))})
-        files = [p.name for p in writer.commit()]
-    except BaseException:
-        if writer is not None:
-            writer.abort()
-        raise
+        _refuse_unquantizable(items, prof)
+        source_files = _source_files(sources, side)
+        stage = new_stage(out_dir)
+        try:
+            res = _write(src_dir, stage, out_dir, args, tgt, prof, items, sources, side, source_files,
+                         shard_bytes=shard_bytes, context=context, progress=progress, hf_tokenizer=hf_tokenizer,
+                         source_sha256=source_sha256 or {}, t0=t0)
+            _check_output(stage)
+            if compare if compare is not None else should_compare(res.bytes_read):
+                res.logits_comparison = compare_logits(src_dir, stage)
+            res.seconds = time.monotonic() - t0
+            write_record(res, context=context, folder=stage)
+            commit_output(stage, out_dir, mode, [n for n, _ in res.files] + [RECORD_NAME])
+        finally:
+            shutil.rmtree(stage, ignore_errors=True)  # gone after a commit; a failed run leaves nothing
     finally:
         for s in sources:
             s.close()
+    if progress is not None:
+        progress(ProgressEvent(task="convert", done=res.bytes_read, total=res.bytes_read, unit="B",
+                               description=f"convert -> {prof.name}", finished=True))
+    return res
 
+
+def _write(src_dir: Path, stage: Path, out_dir: Path, args: ModelArgs, tgt: Target, prof: Profile,
+           items: list[Item], sources: list[SafetensorsSource], side: list[Path], source_files: list[dict[str, Any]],
+           *, shard_bytes: int, context: int, progress: ProgressFn | None, hf_tokenizer: bool,
+           source_sha256: Mapping[str, str], t0: float) -> ConvertResult:
+    """Stream the tensors and write the side files of the layout into ``stage``; the result (for ``out_dir``)."""
+    writer = _writer(stage, items, prof, source_files, shard_bytes)
+    try:
+        check_free_space(stage, writer.total_size + (64 << 20), what=f"the {prof.name} conversion")
+        on_bytes = ByteCounter(progress, task="convert", total=sum(s.size - s.data_start for s in sources),
+                               description=f"convert -> {prof.name}", interval=0.2, report_end=True)
+        reports = stream_tensors(sources, items, writer, prof.scheme, source_files, source_sha256, on_bytes)
+        writer.finish({"provision.source": json.dumps(source_files, separators=(",", ":"))})
+        files = [p.name for p in writer.commit()]
+    except BaseException:
+        writer.abort()
+        raise
     notes: list[str] = []
     hf_tok = False
     if prof.layout == "mistral":
-        files += copy_mistral_side_files(src_dir, out_dir)
+        files += [copy_side_file(p, src_dir, stage) for p in side if MISTRAL_SIDE_FILES.match(p.name)]
     else:
-        side = write_hf_side_files(src_dir, out_dir, args, prof, items, writer.data_bytes, hf_tokenizer=hf_tokenizer)
-        files += side.files
-        notes += side.notes
-        hf_tok = side.hf_tokenizer
-    remove_leftovers(out_dir, keep=files)
-    sizes = [(n, (out_dir / n).stat().st_size) for n in files]
+        hf = write_hf_side_files(src_dir, stage, args, prof, items, writer.data_bytes, hf_tokenizer=hf_tokenizer)
+        files += hf.files
+        notes += hf.notes
+        hf_tok = hf.hf_tokenizer
+    sizes = [(n, (stage / n).stat().st_size) for n in files]
     bytes_read = sum(s.size for s in sources)
-    res = ConvertResult(src_dir=src_dir, out_dir=out_dir, target=tgt, profile=prof, files=sizes,
-                        source_files=source_files, tensors=reports, bytes_read=bytes_read,
-                        bytes_written=sum(s for _, s in sizes), seconds=time.monotonic() - t0,
-                        vllm_command=vllm_command(out_dir, prof, context, hf_tokenizer=hf_tok), notes=notes)
-    write_record(res, context=context)
-    if progress is not None:
-        progress(ProgressEvent(task="convert", done=bytes_read, total=bytes_read, unit="B",
-                               description=f"convert -> {prof.name}", finished=True))
-    return res
+    return ConvertResult(src_dir=src_dir, out_dir=out_dir, target=tgt, profile=prof, files=sizes,
+                         source_files=source_files, tensors=reports, bytes_read=bytes_read,
+                         bytes_written=sum(s for _, s in sizes), seconds=time.monotonic() - t0,
+                         vllm_command=vllm_command(out_dir, prof, context, hf_tokenizer=hf_tok), notes=notes)

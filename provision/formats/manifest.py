@@ -67,6 +67,7 @@ from provision.errors import HostileContentError, ManifestError, UsageError
 from provision.formats.pickles import PICKLE_SUFFIXES, is_pickle_name
 from provision.formats.sources import HEX40, HEX64, parse_magnet
 from provision.io.atomic import atomic_write_text
+from provision.io.opening import read_regular
 from provision.io.paths import safe_relpath
 from provision.settings import Settings
 
@@ -380,10 +381,13 @@ def resolve_manifest_path(ref: str) -> Path:
                         hint=f"Known manifests: {', '.join(available_names()) or 'none'}; or pass a .toml path.")
 
 
+MAX_MANIFEST_BYTES = 64 << 20  # a manifest listing thousands of files is well under 1 MB
+
+
 def load_manifest(ref: str | Path) -> Manifest:
     path = resolve_manifest_path(str(ref))
-    try:
-        raw = path.read_bytes()
+    try:  # a FIFO or a device named like a manifest is refused without blocking (exit 5)
+        raw = read_regular(path, what="manifest", max_bytes=MAX_MANIFEST_BYTES)
     except OSError as e:
         raise ManifestError(f"Cannot read manifest {path}: {e.strerror}.", path=str(path)) from None
     return parse_manifest_bytes(raw, path=path)

@@ -44,7 +44,7 @@ from provision.settings import Settings
 from provision.version import __version__
 
 COMMAND_ORDER = ["run", "plan", "fetch", "verify", "convert", "smoke", "seed", "manifest", "tiny",
-                 "ls", "rm", "gc"]
+                 "ls", "rm", "gc", "doctor", "schema"]
 
 
 class LazyGroup(click.Group):

@@ -1,5 +1,6 @@
 """The wheel built from pyproject.toml is complete: installed into a fresh virtual environment, away from the
-repository, it finds its shipped manifests and plans Pixtral 12B offline."""
+repository, it finds its shipped manifests and plans Pixtral 12B offline, and it carries every command's report
+schema (``provision schema COMMAND`` prints each)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import subprocess
 import sys
 import sysconfig
 import venv
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -23,6 +25,9 @@ def test_wheel_installed_in_a_fresh_venv_plans_pixtral_from_its_shipped_manifest
     subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
                     "-w", str(dist), str(ROOT)], check=True, timeout=300)
     (wheel,) = dist.glob("provision-*.whl")
+    shipped_schemas = {Path(n).name for n in zipfile.ZipFile(wheel).namelist() if n.endswith(".schema.json")}
+    in_repo = {p.name for p in (ROOT / "provision" / "data").glob("*.schema.json")}
+    assert in_repo and shipped_schemas == in_repo
 
     env_dir = tmp_path / "fresh"
     venv.EnvBuilder(with_pip=True).create(env_dir)
@@ -52,3 +57,10 @@ def test_wheel_installed_in_a_fresh_venv_plans_pixtral_from_its_shipped_manifest
     shipped = (ROOT / "manifests" / "pixtral-12b-2409.toml").read_bytes()
     assert report["manifest_sha256"] == hashlib.sha256(shipped).hexdigest()
     assert {f["path"] for f in report["plan"]["files"]} >= {"consolidated.safetensors", "params.json", "tekken.json"}
+
+    for cmd in ("ls", "manifest show", "doctor", "provision"):
+        out = subprocess.run([str(env_dir / "bin" / "provision"), "schema", *cmd.split()], cwd=work, env=env,
+                             capture_output=True, text=True, timeout=120)
+        assert out.returncode == 0, out.stderr
+        schema = json.loads(out.stdout)
+        assert schema["$schema"] == "https://json-schema.org/draft/2020-12/schema", cmd

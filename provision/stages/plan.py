@@ -17,12 +17,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from provision.errors import DiskSpaceError
+from provision.errors import DiskSpaceError, NotFoundError
 from provision.formats.manifest import FileSpec, Manifest, load_manifest
 from provision.formats.sources import HFRef, Magnet, ParsedSource, parse_source
 from provision.hardware import Hardware, detect
 from provision.io.paths import safe_relpath
-from provision.io.space import free_bytes, nearest_existing
+from provision.io.space import free_bytes, nearest_existing, staged_bytes
 from provision.layout import Layout
 from provision.settings import Settings
 from provision.stages.fetch.request import (
@@ -53,6 +53,7 @@ class Plan:
     torrent_file: Path | None = None
     notes: tuple[str, ...] = field(default=())
     hub_snapshot: HubSnapshot | None = field(default=None, repr=False, compare=False)
+    staged_bytes: int = 0  # bytes of this download already staged (a stopped fetch), on dest's filesystem
 
     @property
     def bytes_total(self) -> int:
@@ -67,8 +68,13 @@ class Plan:
         return not self.files or any(f.size is None for f in self.files if f.to_fetch)
 
     @property
+    def bytes_still_needed(self) -> int:
+        """Disk space the fetch still needs: what is to fetch, less what a stopped fetch already staged."""
+        return max(self.bytes_to_fetch - self.staged_bytes, 0)
+
+    @property
     def disk_ok(self) -> bool:
-        return self.bytes_to_fetch <= self.free_bytes
+        return self.bytes_still_needed <= self.free_bytes
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -88,6 +94,7 @@ class Plan:
             "bytes_to_fetch": self.bytes_to_fetch,
             "unknown_sizes": self.unknown_sizes,
             "free_bytes": self.free_bytes,
+            "staged_bytes": self.staged_bytes,
             "disk_ok": self.disk_ok,
             "hardware": self.hardware.to_dict(),
             "notes": list(self.notes),
@@ -223,19 +230,25 @@ def make_plan(
             files = _planned_from_listing(d, hub_snapshot.listing() if hub_snapshot else [], "hf")
 
     if include:
+        listed = files
         files = tuple(f for f in files if any(fnmatch.fnmatch(f.path, g) for g in include))
+        if listed and not files:
+            raise NotFoundError(f"No file of {source} matches --include {' '.join(include)} "
+                                f"({len(listed)} files listed, e.g. {listed[0].path}).",
+                                hint="Check the glob patterns (they match paths inside the model).")
     plan = Plan(source=source, kind=parsed.kind, name=name, home=home, dest=d, files=files, sources=descs,
                 hardware=hw, free_bytes=free_bytes(d), offline=offline, manifest=manifest,
                 magnet=parsed.magnet, hf=parsed.hf,
                 torrent_file=parsed.torrent.path if parsed.torrent else None, notes=tuple(notes),
-                hub_snapshot=hub_snapshot)
+                hub_snapshot=hub_snapshot, staged_bytes=staged_bytes(layout.staging(name), d))
     if check_disk and not plan.disk_ok:
         from provision.units import human_bytes
 
+        staged = f" ({human_bytes(plan.staged_bytes)} of it already staged)" if plan.staged_bytes else ""
         raise DiskSpaceError(
             f"Not enough disk space in {nearest_existing(d)}: {plan.name} needs "
-            f"{human_bytes(plan.bytes_to_fetch)} more, {human_bytes(plan.free_bytes)} free.",
+            f"{human_bytes(plan.bytes_still_needed)} more{staged}, {human_bytes(plan.free_bytes)} free.",
             hint="Free some space or choose another --home/--dest.",
-            needed=plan.bytes_to_fetch, free=plan.free_bytes, path=str(d),
+            needed=plan.bytes_still_needed, staged=plan.staged_bytes, free=plan.free_bytes, path=str(d),
         )
     return plan

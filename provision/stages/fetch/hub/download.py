@@ -7,7 +7,8 @@ does not match is discarded) and a ``.lock`` that one process at a time holds (`
 helper thread (the kept prefix is hashed first), retries 408/429/5xx and dropped connections
 with backoff honouring ``Retry-After``, starts over when the server will not continue the range,
 and raises ``StallError`` when no byte came for ``stall_timeout`` seconds. It does not verify or
-move the finished file (``fetch`` does) and never trusts the partial's bytes as such.
+move the finished file (``fetch`` does) and never trusts the partial's bytes as such. A full disk is
+``DiskSpaceError`` (exit 6), the partial kept to resume.
 """
 
 from __future__ import annotations
@@ -26,8 +27,15 @@ from typing import Any
 from provision.errors import FetchError, LockTimeoutError, SizeMismatchError, StallError
 from provision.io.atomic import atomic_write_text
 from provision.io.hashing import BackgroundHasher, sha256_prefix
+from provision.io.space import disk_full_error, is_disk_full
 from provision.progress import ProgressEvent, ProgressFn, note
-from provision.stages.fetch.hub.errors import http_status, hub_error, is_transient, retry_after
+from provision.stages.fetch.hub.errors import (
+    RetryPolicy,
+    http_status,
+    hub_error,
+    is_transient,
+    unresolved_host,
+)
 from provision.stages.fetch.hub.http import RangeRefused, ResolveTarget, open_resolve, read_body
 from provision.stages.fetch.hub.wanted import Wanted
 from provision.stages.fetch.request import HubOptions
@@ -189,9 +197,9 @@ def _receive(tr: Transfer, w: Wanted, part: Path, cur: _Cursor, hasher: Backgrou
             raise httpx2.RemoteProtocolError("the response ended before the file did")
 
 
-def _wait_to_retry(tr: Transfer, w: Wanted, err: BaseException, status: int | None, attempt: int) -> None:
-    """Count the retry, say so, and sleep the server's Retry-After or the backoff (cancellable)."""
-    wait_s = retry_after(err, attempt)
+def _wait_to_retry(tr: Transfer, w: Wanted, err: BaseException, status: int | None, attempt: int,
+                   wait_s: float) -> None:
+    """Count the retry, say so, and sleep ``wait_s`` (the policy's wait; cancellable)."""
     with tr.lock:
         tr.retries_used += 1
     note(tr.note, "hf", f"{w.path}: {status or type(err).__name__}; retrying in {wait_s:.1f} s "
@@ -203,6 +211,15 @@ def _wait_to_retry(tr: Transfer, w: Wanted, err: BaseException, status: int | No
 
 def download(tr: Transfer, w: Wanted) -> tuple[Path, str, int]:
     """Download ``w`` into its partial file; return (partial, sha256, bytes received now)."""
+    try:
+        return _download(tr, w)
+    except OSError as e:
+        if is_disk_full(e):  # the partial stays (under staging, never under the final name): resume later
+            raise disk_full_error(partial_path(tr, w), kept="the partial download is kept to resume") from None
+        raise
+
+
+def _download(tr: Transfer, w: Wanted) -> tuple[Path, str, int]:
     import httpx2
     from huggingface_hub.errors import HfHubHTTPError
 
@@ -246,13 +263,16 @@ def download(tr: Transfer, w: Wanted) -> tuple[Path, str, int]:
             status = http_status(e)
             err = hub_error(e, repo=tr.repo, revision=tr.commit, path=w.repo_path, token=bool(tr.token),
                             endpoint=tr.endpoint)
-            if not is_transient(status):
+            if not is_transient(status) or (status is None and unresolved_host(e)):
                 raise err from None
-            if attempt >= tr.options.retries or (
-                    status is None and time.monotonic() - cur.alive_at > tr.options.stall_timeout):
+            # the one retry rule (RetryPolicy): the deadline runs from the server's last sign of life
+            policy = RetryPolicy(retries=tr.options.retries, deadline_s=tr.options.stall_timeout,
+                                 first_failure=cur.alive_at)
+            wait_s = policy.wait_before_retry(e, status, attempt)
+            if wait_s is None:
                 raise type(err)(f"{err.message} Gave up after {attempt + 1} attempts.", hint=err.hint,
                                 **err.context) from None
-            _wait_to_retry(tr, w, e, status, attempt)
+            _wait_to_retry(tr, w, e, status, attempt, wait_s)
             attempt += 1
             if status is not None:
                 cur.alive_at = time.monotonic()

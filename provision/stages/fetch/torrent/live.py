@@ -19,6 +19,7 @@ import libtorrent as lt
 
 from provision.errors import DiskSpaceError, FetchError, StallError
 from provision.io import atomic
+from provision.io.space import disk_full_error, is_disk_full
 from provision.stages.fetch.torrent.stream_hash import StreamHasher
 
 FENCE_INTERVAL_S = 0.25  # how often passed pieces are fenced (flush_cache) for the hasher
@@ -115,7 +116,14 @@ class ResumeFile:
             return
         # periodic: a rename keeps it whole across a killed process; fsync is for the last save only
         tmp = self.path.with_name(f"{atomic.TMP_PREFIX}{self.path.name}.{os.getpid()}")
-        tmp.write_bytes(data)
+        try:
+            tmp.write_bytes(data)
+        except OSError as e:
+            tmp.unlink(missing_ok=True)  # never a half-written file: the previous save stays
+            if is_disk_full(e):
+                raise disk_full_error(self.path, kept="the download so far and its last resume data are kept") \
+                    from None
+            raise
         os.replace(tmp, self.path)
 
 

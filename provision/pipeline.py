@@ -359,6 +359,29 @@ class _Run:
         return self.result.stages[-1]
 
 
+CONVERT_MARGIN = 64 << 20  # headers, index and side files beside the converted weights (as convert checks)
+
+
+def _check_space(plan: Plan, opts: RunOptions, chosen: tuple[Target, Profile] | None, state: State,
+                 lay: Layout) -> None:
+    """Room for what the run still has to write: the download (less what is staged or skipped) and the
+    conversion (the chosen profile's weights, else as much as the original's safetensors), at once:
+    the original is dropped only after the conversion passed. ``DiskSpaceError`` (exit 6) names both."""
+    from provision.io.space import check_run_space
+
+    prof = chosen[1] if chosen is not None else None
+    converted = prof is not None and state.stage_valid(f"convert:{prof.name}") and lay.profile(
+        plan.name, prof.name).is_dir()
+    fetch_need = 0 if state.original_dropped and converted else plan.bytes_still_needed
+    if opts.skip_convert or converted:
+        convert_need = 0
+    elif prof is not None:
+        convert_need = prof.weight_bytes + CONVERT_MARGIN
+    else:
+        convert_need = sum(f.size or 0 for f in plan.files if f.path.endswith(".safetensors")) + CONVERT_MARGIN
+    check_run_space(plan.dest, fetch_need, convert_need, drop_original=opts.drop_original)
+
+
 def run_pipeline(
     source: str,
     *,
@@ -379,7 +402,8 @@ def run_pipeline(
     home = Path(home) if home else st.home
     t0 = time.monotonic()
     plan = make_plan(source, settings=st, home=home, offline=offline or source.startswith("magnet:"),
-                     hub_options=opts.hub)  # the listing of a private hf:// repo uses the token too
+                     hub_options=opts.hub,  # the listing of a private hf:// repo uses the token too
+                     check_disk=dry_run)  # a run checks room for the download and the conversion together, below
     result = RunResult(plan=plan, dry_run=dry_run)
     _record(result, "plan", "ok", time.monotonic() - t0, plan.bytes_to_fetch,
             {"files": len(plan.files), "bytes_total": plan.bytes_total, "free_bytes": plan.free_bytes})
@@ -407,6 +431,13 @@ def run_pipeline(
         state = load_state(lay.state_file(plan.name))
         for w in state.warnings:
             note(progress, "run", f"state: {w}")
+        dropped = None if chosen is not None or opts.skip_convert else state.dropped_params()
+        if dropped is not None:  # --drop-original removed params.json with the original: the state kept it
+            from provision.formats.params import ModelArgs
+
+            target = parse_target(opts.target, hardware=plan.hardware)
+            chosen = target, _choose_profile(ModelArgs.from_dict(dropped), opts, target)
+        _check_space(plan, opts, chosen, state, lay)
         run = _Run(plan, opts, lay, result, state, progress, seeding, chosen)
         for stage in run.stages():
             emit(run.run_stage(stage))

@@ -67,7 +67,13 @@ class Checkpoint:
 def _shards(folder: Path, single: str, index: str, pattern: str) -> list[Path]:
     idx = folder / index
     if idx.is_file():
-        names = read_index(idx).shards  # the shared reader: bounded, no duplicate keys, no '..'
+        try:  # the shared reader: bounded, no duplicate keys, no '..'
+            names = read_index(idx).shards
+        except HostileContentError as e:
+            if e.context.get("path") == str(idx):  # the index itself (too large): not a shard name
+                raise
+            raise HostileContentError(f"{idx} names a shard outside its folder ({e.message}).",
+                                      path=str(idx)) from None
         out = []
         for n in names:
             if "/" in n or n.startswith("."):

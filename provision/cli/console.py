@@ -2,7 +2,8 @@
 
 Only ``cli.py`` and this module touch the terminal. On a TTY progress is a set of rich bars;
 without one (CI logs, pipes) it is a plain line per task every few seconds, never a redraw.
-``--quiet`` keeps errors only, ``--verbose`` adds debug lines; ``NO_COLOR`` is honoured by
+``--quiet`` keeps errors only, ``--verbose`` adds debug lines (library log records among them:
+the root logger's handler turns them into debug lines); ``NO_COLOR`` is honoured by
 rich; ``--log-file``/``PROVISION_LOG_FILE`` appends every message with a timestamp; the plain
 progress interval comes from ``Settings.progress_interval``.
 It does not decide exit codes (``cli.main`` does) nor format reports beyond rendering.
@@ -11,6 +12,7 @@ It does not decide exit codes (``cli.main`` does) nor format reports beyond rend
 from __future__ import annotations
 
 import json
+import logging
 import sys
 import threading
 import time
@@ -66,6 +68,7 @@ class Terminal:
         self._progress: Progress | None = None
         self._tasks: dict[str, TaskID] = {}
         self._clocks: dict[str, _Clock] = {}
+        _LIBRARY_LOGS.attach(self)
 
     # -- messages ---------------------------------------------------------------
     def _logline(self, level: str, msg: str) -> None:
@@ -287,6 +290,32 @@ class _RateColumn(ProgressColumn):
         given = task.fields.get("rate")
         speed = str(given) if given else format_rate(task.speed, str(task.fields.get("unit", "B")))
         return Text(speed, style="progress.data.speed")
+
+
+class _LibraryLogs(logging.Handler):
+    """Python logging's root handler: a library's log line (huggingface_hub's retries, say) becomes a
+    debug line of the newest terminal, shown with ``--verbose`` and kept in ``--log-file``."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.terminal: Terminal | None = None
+
+    def attach(self, terminal: Terminal) -> None:
+        self.terminal = terminal
+        root = logging.getLogger()
+        if self not in root.handlers:
+            root.addHandler(self)
+
+    def emit(self, record: logging.LogRecord) -> None:
+        t = self.terminal
+        if t is not None:
+            try:
+                t.debug(f"{record.name}: {record.getMessage()}")
+            except Exception:  # a log line must never break the command it is about
+                self.handleError(record)
+
+
+_LIBRARY_LOGS = _LibraryLogs()
 
 
 def escape(msg: str) -> str:

@@ -2,18 +2,23 @@
 
 ``hub_error`` turns a huggingface_hub/httpx2 exception into a ``ProvisionError`` subclass with a
 message and hint; ``is_transient`` says whether it is worth another try; ``retry_after`` is how
-long to wait (the server's ``Retry-After``, else jittered exponential backoff); ``with_retries``
-calls a metadata request under that policy. Downloads apply the same policy in ``download``.
+long to wait (the server's ``Retry-After``, else jittered exponential backoff); ``RetryPolicy``
+is the one retry rule of every Hub request: a bounded number of tries, all within one deadline
+(``--stall-timeout``) counted from the first failure, and none at all for a host name that does
+not resolve. ``with_retries`` runs a metadata request under it; ``download`` asks it per file.
 """
 
 from __future__ import annotations
 
 import contextlib
 import random
+import socket
 import time
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from email.utils import parsedate_to_datetime
 from typing import Any, TypeVar
+from urllib.parse import urlsplit
 
 from provision.errors import AuthError, FetchError, NotFoundError, ProvisionError, StallError
 from provision.progress import ProgressFn, note
@@ -46,6 +51,48 @@ def retry_after(err: BaseException, attempt: int) -> float:
             when = parsedate_to_datetime(raw).timestamp()
             return min(max(when - time.time(), 0.0), MAX_RETRY_AFTER_S)
     return min(0.5 * 2**attempt, 30.0) * (0.75 + 0.5 * random.random())
+
+
+def unresolved_host(err: BaseException) -> bool:
+    """True when ``err`` (or what caused it) is a failed host name lookup: retrying will not help soon."""
+    seen: set[int] = set()
+    e: BaseException | None = err
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, socket.gaierror):
+            return True
+        text = str(e).lower()
+        if "name resolution" in text or "name or service not known" in text or "nodename nor servname" in text:
+            return True
+        e = e.__cause__ or e.__context__
+    return False
+
+
+@dataclass
+class RetryPolicy:
+    """When to try a failed Hub request again: at most ``retries`` more tries, each wait cut so that
+    the last try starts within ``deadline_s`` of the first failure, never for a 4xx other than
+    408/429, nor for a host name that does not resolve."""
+
+    retries: int
+    deadline_s: float
+    first_failure: float | None = field(default=None)
+
+    def wait_before_retry(self, err: BaseException, status: int | None, attempt: int) -> float | None:
+        """Seconds to wait before try ``attempt + 2``, or None to give up now."""
+        now = time.monotonic()
+        if self.first_failure is None:
+            self.first_failure = now
+        if not is_transient(status) or attempt >= self.retries or (status is None and unresolved_host(err)):
+            return None
+        left = self.first_failure + self.deadline_s - now
+        if left <= 0:
+            return None
+        return min(retry_after(err, attempt), left)
+
+    def reset(self) -> None:
+        """A request got through: the next failure starts a new deadline."""
+        self.first_failure = None
 
 
 def hub_error(err: BaseException, *, repo: str, revision: str, path: str | None, token: bool,
@@ -104,6 +151,10 @@ def hub_error(err: BaseException, *, repo: str, revision: str, path: str | None,
     if isinstance(err, httpx2.TimeoutException):
         return StallError(f"{endpoint} did not answer for {uri} in time.",
                           hint="Check the network or HF_ENDPOINT and run again.", **ctx)
+    if unresolved_host(err):
+        host = urlsplit(endpoint).hostname or endpoint
+        return FetchError(f"Cannot resolve the host name {host} of {endpoint} for {uri}.",
+                          hint="Check the network's DNS, proxies and HF_ENDPOINT, then run again.", **ctx)
     if isinstance(err, (httpx2.TransportError, OSError)):
         return FetchError(f"Cannot reach {endpoint} for {uri}: {type(err).__name__}.",
                           hint="Check the network, proxies and HF_ENDPOINT, then run again.", **ctx)
@@ -113,25 +164,25 @@ def hub_error(err: BaseException, *, repo: str, revision: str, path: str | None,
 
 def with_retries(fn: Callable[[], T], *, retries: int, what: Callable[[BaseException], ProvisionError],
                  progress: ProgressFn | None = None, give_up_after: float = 120.0) -> T:
-    """Call ``fn``; retry 429/5xx and transport errors with backoff honouring Retry-After.
-    Transport errors (no answer at all) stop being retried ``give_up_after`` seconds after the first."""
+    """Call ``fn`` under a ``RetryPolicy`` of ``retries`` tries within ``give_up_after`` seconds of the
+    first failure; each retry is one note, the final failure ``what(error)``."""
     import httpx2
     from huggingface_hub.errors import HfHubHTTPError
 
+    from provision.stages.fetch.hub.env import route_hub_logging
+
+    route_hub_logging()
+    policy = RetryPolicy(retries=retries, deadline_s=give_up_after)
     attempt = 0
-    first_failure: float | None = None
     while True:
         try:
             return fn()
         except (HfHubHTTPError, httpx2.TransportError) as e:
             status = http_status(e)
-            transient = is_transient(status) if status is not None else isinstance(e, httpx2.TransportError)
-            if first_failure is None:
-                first_failure = time.monotonic()
-            if not transient or attempt >= retries or (
-                    status is None and time.monotonic() - first_failure > give_up_after):
+            wait_s = policy.wait_before_retry(e, status, attempt)
+            if wait_s is None:
                 raise what(e) from None
-            wait_s = retry_after(e, attempt)
-            note(progress, "hf", f"the Hub answered {status or type(e).__name__}; retrying in {wait_s:.1f} s")
+            note(progress, "hf", f"the Hub answered {status or type(e).__name__}; retrying in {wait_s:.1f} s "
+                                 f"(try {attempt + 2} of {retries + 1})")
             time.sleep(wait_s)
             attempt += 1

@@ -1,9 +1,11 @@
-"""One ranged GET of a file's ``resolve`` URL, and its body read fast.
+"""The Hub's HTTP requests provision sends itself: one ranged GET of a file's ``resolve`` URL (and
+its body read fast), and the listing of a commit's file tree.
 
-``open_resolve`` sends the request with huggingface_hub's own HTTP client (httpx2) and follows
-redirects itself, so the token is sent to the endpoint's origin only, never to a host a redirect
-leads to (a CDN, a signed URL). ``read_body`` yields the raw body. Nothing here retries, hashes
-or writes: ``download`` does.
+Both go through huggingface_hub's own HTTP client (httpx2) but not through its ``http_backoff``,
+which retries on its own and prints a line per try: the one retry layer is ``errors.with_retries``
+(and ``download``), under one deadline. ``open_resolve`` follows redirects itself, so the token is
+sent to the endpoint's origin only, never to a host a redirect leads to (a CDN, a signed URL).
+``read_body`` yields the raw body. Nothing here retries, hashes or writes.
 """
 
 from __future__ import annotations
@@ -11,10 +13,11 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 from urllib.parse import quote, urljoin, urlsplit
 
 from provision.errors import FetchError
+from provision.stages.fetch.hub.env import route_hub_logging
 
 if TYPE_CHECKING:
     import httpx2
@@ -55,6 +58,7 @@ def open_resolve(t: ResolveTarget, offset: int) -> Iterator[httpx2.Response]:
     import httpx2
     from huggingface_hub.utils import build_hf_headers, get_session, hf_raise_for_status
 
+    route_hub_logging()
     url = t.url
     home = _origin(t.endpoint)
     headers = build_hf_headers(token=t.token if t.token else False, library_name="provision")
@@ -90,6 +94,31 @@ def open_resolve(t: ResolveTarget, offset: int) -> Iterator[httpx2.Response]:
             resp.close()
     raise FetchError(f"Too many redirects for {t.repo_path} from {t.endpoint}.", hint="Check HF_ENDPOINT.",
                      path=t.repo_path)
+
+
+def list_tree(endpoint: str, repo: str, commit: str, token: str | None, timeout: float) -> list[dict[str, Any]]:
+    """Every entry of ``repo`` at ``commit`` (recursive), following the Hub's ``Link: next`` pages:
+    the API's own dicts (``type``, ``path``, ``size``, ``oid``, ``lfs``). Errors are huggingface_hub's."""
+    import httpx2
+    from huggingface_hub.utils import build_hf_headers, get_session, hf_raise_for_status
+
+    route_hub_logging()
+    headers = build_hf_headers(token=token if token else False, library_name="provision")
+    url: str | None = f"{endpoint}/api/models/{repo}/tree/{quote(commit, safe='')}"
+    params: dict[str, Any] | None = {"recursive": True, "expand": False}
+    entries: list[dict[str, Any]] = []
+    session = get_session()
+    while url is not None:
+        resp = session.get(url, params=params, headers=headers,
+                           timeout=httpx2.Timeout(timeout, connect=min(30.0, timeout)))
+        hf_raise_for_status(resp)
+        page = resp.json()
+        if not isinstance(page, list):
+            raise FetchError(f"{endpoint} did not answer a file list for {repo}@{commit}.",
+                             hint="Check that HF_ENDPOINT points to a Hugging Face Hub.", repo=repo)
+        entries.extend(e for e in page if isinstance(e, dict))
+        url, params = resp.links.get("next", {}).get("url"), None
+    return entries
 
 
 def read_body(resp: httpx2.Response, timeout: float) -> Iterator[bytes]:

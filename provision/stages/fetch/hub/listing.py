@@ -22,6 +22,7 @@ from provision.layout import Layout
 from provision.progress import ProgressFn
 from provision.stages.fetch.hub.env import hub_endpoint, hub_offline, resolve_token
 from provision.stages.fetch.hub.errors import hub_error, with_retries
+from provision.stages.fetch.hub.http import list_tree
 from provision.stages.fetch.request import HubOptions, HubSnapshot, RemoteFile
 
 RECORD_SCHEMA = 1
@@ -47,17 +48,16 @@ def resolve_snapshot(endpoint: str, repo: str, revision: str, token: str | None,
                              hint="Check that HF_ENDPOINT points to a Hugging Face Hub.", repo=repo)
     pinned = commit
 
-    def listing() -> list[Any]:
-        return list(api.list_repo_tree(repo, revision=pinned, recursive=True))
+    from huggingface_hub.hf_api import RepoFile
+
+    def listing() -> list[Any]:  # not api.list_repo_tree: its http_backoff would retry on its own
+        return [RepoFile(**e) for e in list_tree(endpoint, repo, pinned, token, options.stall_timeout)
+                if e.get("type") == "file"]  # not a folder
 
     entries = with_retries(listing, retries=options.retries, what=err, progress=progress,
                            give_up_after=options.stall_timeout)
-    from huggingface_hub.hf_api import RepoFile
-
     files: dict[str, RemoteFile] = {}
     for e in entries:
-        if not isinstance(e, RepoFile):
-            continue  # a folder
         path = str(e.path)
         safe_relpath(path, what=f"file name from {repo}")
         lfs = e.lfs

@@ -34,6 +34,7 @@ from provision.store.state import State, load_state, save_state
 if TYPE_CHECKING:
     from provision.formats.params import ModelArgs
     from provision.hardware import Target
+    from provision.stages.pickle_release import PickledRelease
     from provision.stages.profiles import Profile
 
 
@@ -54,6 +55,7 @@ class RunOptions:
     torrent: TorrentOptions = field(default_factory=TorrentOptions)
     hub: HubOptions = field(default_factory=HubOptions)
     lock_timeout: float | None = None
+    keep_pickle: bool = False  # a pickled torrent release: keep the pickle in staging after the import
 
 
 @dataclass
@@ -173,14 +175,23 @@ class _Run:
         self.state_path = lay.state_file(plan.name)
         self.original = plan.dest
         self.manifest: Manifest | None = plan.manifest
+        self.pickled: PickledRelease | None = None
 
     def stages(self) -> Iterator[Stage]:
         """The stages in order; each is built once the ones before it ran (convert needs the params)."""
         st, opts = self.state, self.opts
         kept = ("original dropped after a verified conversion (--drop-original); the converted profile is "
                 "still valid") if st.original_dropped else None
-        yield Stage("fetch", "fetch", self.original_ready, self.fetch, kept or "already fetched and unchanged",
-                    invalidate_first=True, on_skip=self.seed_earlier_fetch)
+        self.pickled = self._pickled_release()
+        if self.pickled is None:
+            yield Stage("fetch", "fetch", self.original_ready, self.fetch, kept or "already fetched and unchanged",
+                        invalidate_first=True, on_skip=self.seed_earlier_fetch)
+        else:  # a pickled torrent release: the pickle into staging, then imported into the original
+            yield Stage("fetch", "fetch", self.pickle_fetched, self.fetch_pickled, kept or "already fetched",
+                        invalidate_first=True)
+            yield Stage("import", "import", self.pickle_imported, self.import_pickled,
+                        kept or "imported and unchanged", invalidate_first=True)
+            self.manifest = None  # verify checks the imported files against the manifest the import pinned
         manifest = self.manifest or load_manifest(self.lay.manifest_file(self.plan.name))
         self.manifest = manifest
         yield Stage("verify", "verify", lambda: st.stage_valid("verify") or self.dropped_but_converted(), self.verify,
@@ -227,6 +238,58 @@ class _Run:
         _target, prof = self._profile()
         return (self.state.stage_valid(f"convert:{prof.name}")
                 and self.lay.profile(self.plan.name, prof.name).is_dir())
+
+    def _pickled_release(self) -> PickledRelease | None:
+        """The pickled torrent release this run imports, or None (another source, or no pickle)."""
+        if self.opts.adopt is not None:
+            return None
+        from provision.stages.pickle_release import PickledRelease, pickles_to_import
+
+        rec = self.state.get("import") or self.state.get("fetch")
+        recorded = rec.facts.get("pickles") if rec is not None else None
+        if isinstance(recorded, list) and recorded and all(isinstance(p, str) for p in recorded):
+            pickles = tuple(recorded)
+        elif rec is not None and rec.facts.get("source") == "torrent" and self.original.is_dir():
+            return None  # fetched before as a release without pickles
+        else:
+            pickles = pickles_to_import(self.plan, self.opts.source, self.opts.torrent)
+        if not pickles:
+            return None
+        return PickledRelease(self.plan, pickles, torrent=self.opts.torrent, keep_pickle=self.opts.keep_pickle,
+                              progress=self.progress)
+
+    def pickle_fetched(self) -> bool:
+        """The pickled release's fetch can be skipped: its files still match the record, or the import
+        that consumed them is recorded or published (the pickle is gone then)."""
+        st, pk = self.state, self.pickled
+        if st.original_dropped:
+            return self.dropped_but_converted()
+        rec = st.get("fetch")
+        return rec is not None and pk is not None and (
+            st.stage_valid("fetch") or self.pickle_imported()
+            or pk.published({k: f.sha256 for k, f in rec.files.items() if f.sha256}))
+
+    def pickle_imported(self) -> bool:
+        if self.state.original_dropped:
+            return self.dropped_but_converted()
+        return self.state.stage_valid("import") and self.original.is_dir()
+
+    def fetch_pickled(self) -> Outcome:
+        assert self.pickled is not None
+        got = self.pickled.fetch()
+        return Outcome(got.bytes_downloaded, got.details, files={p: got.folder / p for p in got.files},
+                       facts=got.facts, sha256={p: h for p, (_s, h) in got.files.items()})
+
+    def import_pickled(self) -> Outcome:
+        assert self.pickled is not None
+        rec = self.state.get("fetch")
+        known = {k: f.sha256 for k, f in rec.files.items() if f.sha256} if rec is not None else {}
+        auths = rec.facts.get("authorities", {}) if rec is not None else {}
+        imp = self.pickled.import_(known, auths if isinstance(auths, dict) else {})
+        self.manifest = imp.manifest
+        return Outcome(sum(s for s, _h in imp.files.values()), imp.details,
+                       files={p: self.original / p for p in imp.files}, facts=imp.facts,
+                       sha256={p: h for p, (_s, h) in imp.files.items()})
 
     def run_stage(self, stage: Stage) -> dict[str, Any]:
         t = time.monotonic()
@@ -300,7 +363,7 @@ class _Run:
         if manifest is None:  # pragma: no cover - stages() loads it right after the fetch
             raise ProvisionError("internal: verify without a manifest")
         known: dict[str, str] = {}
-        rec = self.state.get("fetch")
+        rec = self.state.get("import") or self.state.get("fetch")  # import: a pickled release's written files
         if rec is not None and not self.opts.reverify:  # hashed while fetching: no second read
             known = {k: f.sha256 for k, f in rec.files.items() if f.sha256}
 

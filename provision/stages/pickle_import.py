@@ -481,8 +481,10 @@ def _child(payload: dict[str, Any]) -> dict[str, Any]:
         if dt not in FROM_TORCH:
             raise _ChildError("structure", f"Tensor {name!r} has dtype {dt}, which safetensors cannot hold here.")
         entries.append(TensorEntry(name, FROM_TORCH[dt], tuple(obj[name].shape)))
-    meta = {"format": "pt", "provision.imported_from": ",".join(Path(p).name for p in payload["paths"]),
-            "provision.source_sha256": payload["source_sha256"]}
+    # safetensors' own order (widest dtype first, then by name) and metadata: the file equals what
+    # safetensors.torch.save writes for the same tensors; the provenance is in import.json
+    entries.sort(key=lambda e: (-obj[e.name].element_size(), e.name))
+    meta = {"format": "pt"}
     writer = CheckpointWriter(out_dir=out.parent, shards=[entries], names=[out.name], metadata=meta)
     try:
         for e in entries:

@@ -27,7 +27,7 @@ from provision.version import __version__
 
 STATE_SCHEMA_VERSION = 1
 STATE_KIND = "provision-state"
-STAGES: tuple[str, ...] = ("plan", "fetch", "verify", "convert", "smoke")
+STAGES: tuple[str, ...] = ("plan", "fetch", "import", "verify", "convert", "smoke")  # import: a pickled release
 ORIGINAL_DROPPED = "original_dropped"  # fact of the fetch and verify records once --drop-original ran
 DROPPED_PARAMS = "params"  # fact of the fetch record then: the original's params.json, as a JSON object
 
@@ -162,7 +162,7 @@ class State:
     def invalidate(self, stage: str) -> list[str]:
         """Forget ``stage`` and every later stage; return the names dropped.
 
-        ``invalidate("fetch")`` drops fetch, verify, every convert and every smoke;
+        ``invalidate("fetch")`` drops fetch, import, verify, every convert and every smoke;
         ``invalidate("convert")`` drops every convert and every smoke.
         ``invalidate("convert:fp8")`` drops convert:fp8, smoke:fp8 and an unqualified smoke, but not
         convert:bf16 or smoke:bf16.

@@ -53,6 +53,8 @@ def render_summary(app: App, stages: list[dict[str, Any]]) -> None:
 @click.option("--no-hf-cache", is_flag=True, help="Do not look for the model in the Hugging Face cache.")
 @click.option("--drop-original", is_flag=True, help="Remove the original after a verified conversion and smoke test.")
 @click.option("--reverify", is_flag=True, help="Re-hash and redo every stage check, even when recorded as done.")
+@click.option("--keep-pickle", is_flag=True,
+              help="A pickled torrent release: keep the verified pickle in staging after the import (default: drop it).")
 @click.option("--skip-smoke", is_flag=True, help="Stop after the conversion.")
 @click.option("--skip-convert", is_flag=True, help="Smoke-test the original instead of converting.")
 @click.option("--lock-timeout", type=click.FloatRange(min=0), default=None,
@@ -64,7 +66,7 @@ def command(source: str, home: Path | None, source_kind: str, target: str, schem
             context: int, device: str, peers: tuple[str, ...], network: str, listen: str | None,
             trackers: tuple[str, ...], seed_for: float, max_upload_rate: str | None,
             max_download_rate: str | None, stall_timeout: float, token: str | None, adopt: Path | None,
-            no_hf_cache: bool, drop_original: bool, reverify: bool, skip_smoke: bool, skip_convert: bool,
+            no_hf_cache: bool, drop_original: bool, reverify: bool, keep_pickle: bool, skip_smoke: bool, skip_convert: bool,
             lock_timeout: float | None, offline: bool, dry_run: bool, json_out: bool) -> None:
     """Plan, fetch, verify, convert and smoke-test SOURCE, skipping what is already done."""
     app = get_app(json_out, "run")
@@ -78,7 +80,7 @@ def command(source: str, home: Path | None, source_kind: str, target: str, schem
     opts = RunOptions(
         source=source_kind, target=target, scheme=scheme, layout=layout, context=context, device=device,
         adopt=adopt, discover_hf_cache=not no_hf_cache, drop_original=drop_original, reverify=reverify,
-        skip_smoke=skip_smoke, skip_convert=skip_convert, lock_timeout=lock_timeout,
+        skip_smoke=skip_smoke, skip_convert=skip_convert, lock_timeout=lock_timeout, keep_pickle=keep_pickle,
         torrent=TorrentOptions(peers=peers, trackers=trackers, network=network, listen=listen, seed_for=seed_for,
                                max_upload_rate=parse_rate(max_upload_rate),
                                max_download_rate=parse_rate(max_download_rate), stall_timeout=stall_timeout,

@@ -81,16 +81,19 @@ def fetch(
     progress: ProgressFn | None = None,
     lock: bool = True,
     lock_timeout: float | None = None,
+    pickles_as_data: bool = False,
 ) -> FetchResult:
     """Fetch every file of ``plan`` into ``dest`` (default ``plan.dest``), verified. ``lock=False`` says
-    the caller already holds the model's lock; otherwise it is held for the fetch (``lock_timeout``)."""
+    the caller already holds the model's lock; otherwise it is held for the fetch (``lock_timeout``).
+    ``pickles_as_data``: the caller imports the torrent's pickles, so they are verified as bytes, not refused."""
     order = source_order(plan, source)
     with model_lock(plan, timeout=lock_timeout) if lock else contextlib.nullcontext():
-        return _fetch_in_order(plan, order, Path(dest) if dest else plan.dest, torrent, hub, progress)
+        return _fetch_in_order(plan, order, Path(dest) if dest else plan.dest, torrent, hub, progress,
+                               pickles_as_data)
 
 
 def _fetch_in_order(plan: FetchRequest, order: list[str], target: Path, torrent: TorrentOptions | None,
-                    hub: HubOptions | None, progress: ProgressFn | None) -> FetchResult:
+                    hub: HubOptions | None, progress: ProgressFn | None, pickles_as_data: bool = False) -> FetchResult:
     """Try ``order``'s sources one after the other until one delivers."""
     attempts: list[dict[str, Any]] = []
     last: FetchError | None = None
@@ -99,7 +102,8 @@ def _fetch_in_order(plan: FetchRequest, order: list[str], target: Path, torrent:
             if kind == "torrent":
                 from provision.stages.fetch.torrent import fetch_torrent
 
-                res = fetch_torrent(plan, dest=target, options=torrent or TorrentOptions(), progress=progress)
+                res = fetch_torrent(plan, dest=target, options=torrent or TorrentOptions(), progress=progress,
+                                    pickles_as_data=pickles_as_data)
             else:
                 from provision.stages.fetch.hub import fetch_hub
 

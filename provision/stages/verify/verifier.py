@@ -13,6 +13,7 @@ structure checks live in the sibling modules. It never raises for bad content.
 from __future__ import annotations
 
 import os
+import stat
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -58,7 +59,7 @@ def _check_root(root: Path) -> Path:
 
 
 def _admit(rel: str, auth: Authority, root: Path, entries: Mapping[str, Entry], hostile: Mapping[str, Check],
-           fr: FileReport, checks: list[Check]) -> tuple[Path, int] | None:
+           fr: FileReport, checks: list[Check], pickles_as_data: bool = False) -> tuple[Path, int] | None:
     """Presence, hostility and size checks of one expected file; (path, size) when it may be hashed."""
     err: ProvisionError
     try:
@@ -66,7 +67,7 @@ def _admit(rel: str, auth: Authority, root: Path, entries: Mapping[str, Entry], 
     except HostileContentError as exc:
         checks.append(Check("hostile", rel, False, auth.kind, message=exc.message, error=exc))
         return None
-    if rel in hostile or is_pickle_name(rel):
+    if rel in hostile or (is_pickle_name(rel) and not pickles_as_data):
         if rel not in hostile:
             err = HostileContentError(f"Refusing {rel}: it is a pickle format; provision reads safetensors "
                                       "only and never opens it.", path=rel)
@@ -99,6 +100,17 @@ def _admit(rel: str, auth: Authority, root: Path, entries: Mapping[str, Entry], 
         return None
     checks.append(Check("size", rel, True, auth.kind, auth.size, size))
     return path, size
+
+
+def _as_data(e: Entry) -> Entry:
+    """A regular pickle file as plain bytes to hash (a symlinked one stays refused)."""
+    if e.kind != "pickle" or e.target is not None:
+        return e
+    try:
+        st = os.stat(e.path, follow_symlinks=False)
+    except OSError:
+        return e
+    return Entry(e.rel, e.path, "file", size=st.st_size) if stat.S_ISREG(st.st_mode) else e
 
 
 def _content_checks(w: FileWork, fr: FileReport, known: Mapping[str, str]) -> list[Check]:
@@ -139,10 +151,13 @@ def verify_files(
     check_params: bool = True,
     progress: ProgressFn | None = None,
     workers: int | None = None,
+    pickles_as_data: bool = False,
 ) -> VerifyReport:
     """Verify the ``expected`` files under ``root`` (see the module docstring); different files
     are hashed in parallel on ``workers`` threads (default: the CPU count). Never raises for bad
-    content; call ``raise_for_failure()`` on the report."""
+    content; call ``raise_for_failure()`` on the report. ``pickles_as_data`` (a pickled release's
+    download, for ``import-pickle``) hashes regular pickle files like any bytes instead of refusing them.
+    """
     t0 = time.monotonic()
     root = _check_root(root)
     nworkers = max(1, workers or _default_workers())
@@ -151,6 +166,8 @@ def verify_files(
     expected = {_norm(k): v for k, v in expected.items()}
 
     entries = {e.rel: e for e in scan(root)}
+    if pickles_as_data:  # a pickled release's download: its pickles are hashed as bytes, never opened as pickles
+        entries = {r: _as_data(e) for r, e in entries.items()}
     hostile: dict[str, Check] = {}
     for e in entries.values():
         c = hostile_check(e)
@@ -165,7 +182,7 @@ def verify_files(
         auth = expected[rel]
         reports[rel] = FileReport(path=rel, status="ok", authority=auth.kind)
         file_checks[rel] = []
-        admitted = _admit(rel, auth, root, entries, hostile, reports[rel], file_checks[rel])
+        admitted = _admit(rel, auth, root, entries, hostile, reports[rel], file_checks[rel], pickles_as_data)
         if admitted is not None:
             path, size = admitted
             works[rel] = FileWork(rel=rel, path=path, size=size, auth=auth, want_sha256=rel not in known)

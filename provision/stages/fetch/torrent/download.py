@@ -97,9 +97,11 @@ class DownloadLog:
 
 
 def fetch_torrent(plan: FetchRequest, *, dest: Path, options: TorrentOptions,
-                  progress: ProgressFn | None = None) -> FetchResult:
-    """Download the plan's files from BitTorrent into ``dest``, verified (see the module docstring)."""
+                  progress: ProgressFn | None = None, pickles_as_data: bool = False) -> FetchResult:
+    """Download the plan's files from BitTorrent into ``dest``, verified (see the module docstring);
+    ``pickles_as_data``: pickle files are verified as bytes for an import, not refused."""
     job = FetchJob(plan, dest, options, progress)
+    job.pickles_as_data = pickles_as_data
     clock = Clock(start=time.monotonic())
     live = LiveTorrent(open_session(job.settings), job.staging, ResumeFile(job.resume_path))
     try:
@@ -322,7 +324,7 @@ def _reuse_present(job: FetchJob, sels: list[Selected], auths: dict[str, Authori
     if not present:
         return
     rep = verify.verify_files(job.dest, {s.rel: auths[s.rel] for s in present}, structure=False,
-                              progress=job.progress)
+                              progress=job.progress, pickles_as_data=job.pickles_as_data)
     good = {f.path for f in rep.files if f.status == "ok"}
     for s in present:
         s.reused = s.rel in good
@@ -409,7 +411,7 @@ def _verify(job: FetchJob, ti: Any, todo: Sequence[Selected], auths: dict[str, A
     if todo:
         note(job.progress, "fetch", f"verifying {len(todo)} files")
         vreport = verify.verify_files(job.staged_root(ti), {s.rel: auths[s.rel] for s in todo}, known_sha256=known,
-                               progress=job.progress)
+                               progress=job.progress, pickles_as_data=job.pickles_as_data)
         vreport.raise_for_failure()
     clock.verified = time.monotonic()
     return known, vreport

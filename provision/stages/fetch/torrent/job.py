@@ -94,6 +94,7 @@ class FetchJob:
         self.dest = Path(dest)
         self.options = options
         self.progress = progress
+        self.pickles_as_data = False  # the caller imports the torrent's pickles: verify them as bytes
         self.src = resolve_source(plan)
         layout = Layout(plan.home)
         self.staging = layout.staging(plan.name) / f"bt-{self.src.key[:16]}"

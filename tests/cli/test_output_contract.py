@@ -143,3 +143,11 @@ def test_json_prints_exactly_one_object_on_stdout(argv: list[str], capsys: pytes
     doc = _one_json_object(out)
     assert doc["exit_code"] == rc
     assert doc["command"] == (" ".join(argv[:2]) if argv[0] == "manifest" else argv[0])
+
+
+def test_rm_lists_what_it_removed_on_stdout(tiny_src: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    _store_with_tiny(tiny_src)
+    rc, out, err = _run(capsys, "rm", "tiny-pixtral", "--yes", "--quiet")
+    assert rc == 0 and err == ""
+    assert out.splitlines() and all(ln.startswith("removed ") for ln in out.splitlines())
+    assert str(provision_home() / "models" / "tiny-pixtral") in out

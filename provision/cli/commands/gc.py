@@ -32,9 +32,9 @@ def command(dry_run: bool, partials: bool, home: Path | None, json_out: bool) ->
     res = collect_garbage(root, dry_run=dry_run, partials=partials)
     verb = "would remove" if dry_run else "removed"
     for it in res.removed:
-        app.terminal.info(f"{verb} {it.kind}: {it.path} ({human_bytes(it.bytes)}; {it.reason})")
+        app.result(f"{verb} {it.kind}: {it.path} ({human_bytes(it.bytes)}; {it.reason})")
     for it in res.kept:
-        app.terminal.info(f"kept {it.kind}: {it.path} ({it.reason})")
+        app.result(f"kept {it.kind}: {it.path} ({it.reason})")
     total = human_bytes(res.bytes_freed)
     app.terminal.success(f"{'would free' if dry_run else 'freed'} {total} in {root}"
                          + (" (dry run: nothing removed)" if dry_run else ""))

@@ -41,7 +41,7 @@ def command(name: str, profile: str | None, yes: bool, home: Path | None, json_o
             return
     res = remove_model(root, name, profile=profile)
     for r in res.removed:
-        app.terminal.info(f"removed {r.kind}: {r.path}")
+        app.result(f"removed {r.kind}: {r.path}")
     if res.dropped_stages:
         app.terminal.info(f"state: dropped {', '.join(res.dropped_stages)}")
     app.terminal.success(f"removed {target} ({human_bytes(res.bytes_freed)} freed)")

@@ -99,8 +99,12 @@ def cli(ctx: click.Context, json_out: bool, quiet: bool, verbose: bool, log_file
         app.settings = settings
     app.json = app.json or json_out
     app.configure(quiet=quiet, verbose=verbose, log_file=log_file or settings.log_file, home=home)
-    if ctx.invoked_subcommand is None:  # bare `provision`: the help, and success
-        click.echo(ctx.get_help())
+    if ctx.invoked_subcommand is None:  # bare `provision`: the help (or, with --json, the commands), and success
+        if app.json:
+            app.command = "provision"
+            app.finish({"commands": cli.list_commands(ctx)})
+        else:
+            click.echo(ctx.get_help())
         ctx.exit(0)
 
 

@@ -119,6 +119,14 @@ def test_bare_provision_prints_the_help_on_stdout_and_exits_0(capsys: pytest.Cap
     assert out.startswith("Usage: provision") and "Commands:" in out and "doctor" in out
 
 
+def test_bare_provision_with_json_lists_the_commands_in_one_object(capsys: pytest.CaptureFixture[str]) -> None:
+    rc, out, _ = _run(capsys, "--json")
+    doc = json.loads(out)
+    assert rc == 0 and doc["ok"] is True and doc["command"] == "provision"
+    assert {"run", "doctor", "schema", "manifest"} <= set(doc["commands"])
+    validate_report(doc)
+
+
 @pytest.mark.parametrize(("path", "cmd"), _command_paths(), ids=lambda v: v if isinstance(v, str) else "")
 def test_every_command_help_ends_with_examples_of_itself(path: str, cmd: click.Command,
                                                          capsys: pytest.CaptureFixture[str]) -> None:

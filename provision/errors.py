@@ -20,6 +20,7 @@ print or exit (``cli.main`` does). The table below is the reference for the exit
 
 from __future__ import annotations
 
+import re
 from typing import Any, Protocol
 
 EXIT_OK = 0
@@ -49,6 +50,16 @@ EXIT_CODES: dict[int, str] = {
 }
 
 
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+
+
+def printable(text: str) -> str:
+    """``text`` with every control character (C0, DEL, C1: newlines and terminal escape sequences
+    included) written as a visible ``\\xNN`` escape, so a name from a download or a checkpoint
+    cannot move the cursor, clear the screen or forge a second line on a terminal."""
+    return _CONTROL.sub(lambda m: f"\\x{ord(m.group(0)):02x}", text)
+
+
 class ProvisionError(Exception):
     """Base of every expected failure. ``str(err)`` is the one-line message."""
 
@@ -56,9 +67,10 @@ class ProvisionError(Exception):
     kind: str = "error"
 
     def __init__(self, message: str, *, hint: str | None = None, **context: Any) -> None:
+        message = printable(message)  # names from a download or a file reach the terminal escaped
         super().__init__(message)
         self.message = message
-        self.hint = hint
+        self.hint = printable(hint) if hint is not None else None
         self.context: dict[str, Any] = context
 
     def __str__(self) -> str:

@@ -80,6 +80,15 @@ class ParsedSource:
     raw: str = field(default="")
 
 
+def _one_hash(kind: str, seen: str | None, found: str) -> str:
+    """``found``, unless the magnet already named a different ``kind`` hash (then exit 2: which torrent
+    is meant cannot be told, and keeping either would fetch something the user may not have asked for)."""
+    if seen is not None and seen != found:
+        raise UsageError(f"Malformed magnet link: it names two different {kind} infohashes ({seen} and {found}).",
+                         hint="Use a magnet with one infohash per kind.")
+    return found
+
+
 def parse_magnet(uri: str) -> Magnet:
     """Parse a magnet URI; raise ``UsageError`` naming what is wrong."""
     if not uri.lower().startswith("magnet:?"):
@@ -97,20 +106,21 @@ def parse_magnet(uri: str) -> Magnet:
             if low.startswith("urn:btih:"):
                 h = v[len("urn:btih:"):]
                 if HEX40.match(h):
-                    btih = h.lower()
+                    found = h.lower()
                 elif B32.match(h):
-                    btih = base64.b32decode(h.upper()).hex()
+                    found = base64.b32decode(h.upper()).hex()
                 else:
                     raise UsageError(
                         f"Malformed magnet link: btih {h!r} is neither 40 hex nor 32 base32 characters."
                     )
+                btih = _one_hash("btih", btih, found)
             elif low.startswith("urn:btmh:"):
                 h = v[len("urn:btmh:"):].lower()
                 if not (h.startswith("1220") and HEX64.match(h[4:])):
                     raise UsageError(
                         f"Malformed magnet link: btmh {h!r} is not a sha2-256 multihash (1220 + 64 hex)."
                     )
-                btmh = h[4:]
+                btmh = _one_hash("btmh", btmh, h[4:])
             # other xt kinds (ed2k, ...) are ignored
         elif k == "dn":
             name = value

@@ -70,12 +70,14 @@ def test_gc_during_a_live_fetch_removes_nothing_of_it_and_the_fetch_finishes_byt
 
 
 def test_fetch_refuses_a_model_a_live_run_holds_with_exit_6(hub: LoopbackHub, tmp_path: Path,
+                                                            monkeypatch: pytest.MonkeyPatch,
                                                             capsys: pytest.CaptureFixture[str]) -> None:
     from provision.store.lock import ModelLock
 
     _big_repo(hub, tmp_path, 1 << 20)
+    monkeypatch.setenv("PROVISION_LOCK_TIMEOUT", "0.5")
     with ModelLock(Layout(provision_home()).lock_file(REPO), heartbeat=None):
-        code, doc, err = cli_json(capsys, "fetch", f"hf://{REPO}", "--dest", str(tmp_path / "out"))
+        code, _doc, err = cli_json(capsys, "fetch", f"hf://{REPO}", "--dest", str(tmp_path / "out"))
     assert code == 6, err
     assert not (tmp_path / "out" / "weights.dat").exists()
 

@@ -73,12 +73,35 @@ def _str_part(raw: Any, what: str) -> str:
         raise HostileContentError(f"Refusing the torrent: the {what} {raw!r} is not valid UTF-8.") from None
 
 
+NAME_MAX = 255  # bytes in one path component (Linux filesystems)
+PATH_MAX = 4096  # bytes in a whole path (Linux)
+PATH_RESERVE = 512  # of PATH_MAX, kept for the destination or staging folder the torrent's paths go under
+MAX_RELPATH = PATH_MAX - PATH_RESERVE  # the longest path inside a torrent we accept, in bytes
+
+
 def check_component(part: str, what: str) -> None:
-    """Refuse one path component that is empty, ``.``/``..``, has a separator or NUL, or a drive."""
+    """Refuse one path component that is empty, ``.``/``..``, has a separator or NUL, a drive, or is
+    longer than ``NAME_MAX`` bytes (no filesystem could create it)."""
     if part in ("", ".", "..") or "/" in part or "\\" in part or "\x00" in part or (len(part) > 1 and part[1] == ":"):
         raise HostileContentError(
             f"Refusing the torrent: the {what} {part!r} would leave the destination folder or is not a plain name.",
             hint="Do not use this torrent; ask its publisher for a clean one.", path=part)
+    if len(part.encode("utf-8")) > NAME_MAX:
+        raise HostileContentError(
+            f"Refusing the torrent: a {what} is {len(part.encode('utf-8'))} bytes long, over the {NAME_MAX}-byte "
+            f"limit of a file name ({part[:40]!r}...).",
+            hint="Do not use this torrent; ask its publisher for one with shorter names.", path=part[:200])
+
+
+def check_path_length(parts: Sequence[str]) -> None:
+    """Refuse a path inside the torrent longer than ``MAX_RELPATH`` bytes (with the folder it goes
+    under it would pass ``PATH_MAX``, and no file could be created there)."""
+    rel = "/".join(parts)
+    if len(rel.encode("utf-8")) > MAX_RELPATH:
+        raise HostileContentError(
+            f"Refusing the torrent: a file path is {len(rel.encode('utf-8'))} bytes long, over the {MAX_RELPATH}-byte "
+            f"limit ({PATH_MAX} for a whole path, {PATH_RESERVE} kept for the destination) ({rel[:40]!r}...).",
+            hint="Do not use this torrent; ask its publisher for one with shorter paths.", path=rel[:200])
 
 
 def check_info_names(info_section: bytes) -> None:
@@ -87,9 +110,11 @@ def check_info_names(info_section: bytes) -> None:
     info: Any = lt.bdecode(bytes(info_section))
     if not isinstance(info, dict):
         raise HostileContentError("Refusing the torrent: its info dictionary is malformed.")
+    root = ""
     for key in (b"name", b"name.utf-8"):
         if key in info:
-            check_component(_str_part(info[key], "torrent name"), "torrent name")
+            root = _str_part(info[key], "torrent name")
+            check_component(root, "torrent name")
     for f in info.get(b"files") or []:
         if not isinstance(f, dict):
             raise HostileContentError("Refusing the torrent: a file entry is malformed.")
@@ -98,22 +123,26 @@ def check_info_names(info_section: bytes) -> None:
                 parts = f[key]
                 if not isinstance(parts, list) or not parts:
                     raise HostileContentError("Refusing the torrent: a file path is empty or malformed.")
-                for p in parts:
-                    check_component(_str_part(p, "file name"), "file name")
+                names = [_str_part(p, "file name") for p in parts]
+                for n in names:
+                    check_component(n, "file name")
+                check_path_length([root, *names])
     if b"file tree" in info:
-        _check_file_tree(info[b"file tree"], 0)
+        _check_file_tree(info[b"file tree"], 0, (root,))
 
 
-def _check_file_tree(tree: Any, depth: int) -> None:
+def _check_file_tree(tree: Any, depth: int, above: tuple[str, ...]) -> None:
     if depth > 64 or not isinstance(tree, dict) or not tree:
         raise HostileContentError("Refusing the torrent: its v2 file tree is malformed.")
     if b"" in tree:  # a file node: {"": {"length": ...}} and nothing else, never the root
         if depth == 0 or len(tree) != 1:
             raise HostileContentError("Refusing the torrent: its v2 file tree has an empty file name.")
         return
+    check_path_length(above)
     for k, v in tree.items():
-        check_component(_str_part(k, "file name"), "file name")
-        _check_file_tree(v, depth + 1)
+        name = _str_part(k, "file name")
+        check_component(name, "file name")
+        _check_file_tree(v, depth + 1, (*above, name))
 
 
 def files_of(ti: Any) -> Any:

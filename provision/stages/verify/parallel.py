@@ -50,13 +50,20 @@ class FileWork:
 
 
 class _Progress:
-    """Thread-safe byte counter that emits throttled ProgressEvents."""
+    """Thread-safe byte counter that emits throttled ProgressEvents.
 
-    def __init__(self, progress: ProgressFn | None, total: int, big: Mapping[str, int]) -> None:
+    ``done`` counts the bytes read; the events count the files' own bytes (a file read twice, for
+    its sha256 and for its torrent pieces, advances by half its reads), so a finished verify shows
+    the real size at 100%."""
+
+    def __init__(self, progress: ProgressFn | None, sizes: Mapping[str, int], work: Mapping[str, int],
+                 big: Mapping[str, int]) -> None:
         self.fn = progress
-        self.total = total
+        self.total = sum(sizes.values())
+        self.scale = {k: sizes[k] / work[k] if work.get(k) else 0.0 for k in sizes}
         self.done = 0
-        self.per_file: dict[str, int] = {k: 0 for k in big}
+        self.shown = 0.0
+        self.per_file: dict[str, float] = {k: 0.0 for k in big}
         self.big = dict(big)
         self.lock = threading.Lock()
         self.last = 0.0
@@ -68,16 +75,17 @@ class _Progress:
             self.done += n
             if self.fn is None:
                 return
+            self.shown += n * self.scale.get(rel, 0.0)
             now = time.monotonic()
             if now - self.last >= PROGRESS_INTERVAL_S:
                 self.last = now
-                events.append(ProgressEvent(task="verify", done=self.done, total=self.total,
+                events.append(ProgressEvent(task="verify", done=round(self.shown), total=self.total,
                                             description="verify"))
             if rel in self.per_file:
-                self.per_file[rel] += n
+                self.per_file[rel] += n * self.scale.get(rel, 0.0)
                 if now - self.last_file.get(rel, 0.0) >= PROGRESS_INTERVAL_S:
                     self.last_file[rel] = now
-                    events.append(ProgressEvent(task=f"verify:{rel}", done=self.per_file[rel],
+                    events.append(ProgressEvent(task=f"verify:{rel}", done=round(self.per_file[rel]),
                                                 total=self.big[rel], description=f"verify {rel}"))
         for ev in events:
             self.fn(ev)
@@ -86,9 +94,9 @@ class _Progress:
         if self.fn is None:
             return
         for rel, total in self.big.items():
-            self.fn(ProgressEvent(task=f"verify:{rel}", done=self.per_file[rel], total=total,
+            self.fn(ProgressEvent(task=f"verify:{rel}", done=round(self.per_file[rel]), total=total,
                                   description=f"verify {rel}", finished=True))
-        self.fn(ProgressEvent(task="verify", done=self.done, total=self.total, description="verify",
+        self.fn(ProgressEvent(task="verify", done=round(self.shown), total=self.total, description="verify",
                               finished=True))
 
 
@@ -150,13 +158,15 @@ def _units(works: Mapping[str, FileWork]) -> list[_Unit]:
             per = max(1, SPLIT_UNIT_BYTES // plen)
             for first in range(0, len(a.piece_hashes), per):
                 cnt = min(per, len(a.piece_hashes) - first)
-                units.append((cnt * plen, partial(_v1_unit, w, first, cnt), w))
+                nbytes = min(cnt * plen, w.size - first * plen)  # the last piece may be short
+                units.append((nbytes, partial(_v1_unit, w, first, cnt), w))
         if a.merkle_root is not None and w.size > 0:
             nchunks, chunk, _ = v2_geometry(w.size)
             per = max(1, SPLIT_UNIT_BYTES // (chunk * V2_BLOCK))
             for first in range(0, nchunks, per):
                 cnt = min(per, nchunks - first)
-                units.append((cnt * chunk * V2_BLOCK, partial(_v2_unit, w, first, cnt, chunk), w))
+                nbytes = min(cnt * chunk * V2_BLOCK, w.size - first * chunk * V2_BLOCK)  # the last may be short
+                units.append((nbytes, partial(_v2_unit, w, first, cnt, chunk), w))
     return units
 
 
@@ -164,9 +174,11 @@ def hash_all(works: Mapping[str, FileWork], nworkers: int, progress: ProgressFn 
     """Run every hashing unit of ``works`` on a thread pool (largest first) and fill in the
     results; a file that cannot be read gets its ``error``. Returns the bytes hashed."""
     units = _units(works)
-    total = sum(u[0] for u in units)
+    work: dict[str, int] = {}
+    for size, _run, w in units:
+        work[w.rel] = work.get(w.rel, 0) + size
     big = {w.rel: w.size for w in works.values() if w.size >= FILE_PROGRESS_MIN}
-    prog = _Progress(progress, total, big)
+    prog = _Progress(progress, {w.rel: w.size for w in works.values() if w.rel in work}, work, big)
     units.sort(key=lambda u: -u[0])
     local = threading.local()
 

@@ -227,7 +227,8 @@ def check_network(mode: str, offline: bool, endpoint: str, trackers: Iterable[st
     if offline or mode == "closed":
         why = "offline" if offline else "closed network mode"
         out.append(Check("hub", "ok", f"{endpoint} not checked ({why})"))
-        out.append(Check("tracker", "ok", f"not checked ({why}); closed mode uses only --peer/--tracker given"))
+        out.append(Check("tracker", "ok", f"not checked ({why})" + (
+            "" if offline else "; closed mode uses only the --peer and --tracker given")))
         return out
     err = probe_http(endpoint, timeout) if endpoint.startswith(("http://", "https://")) else "not an http(s) URL"
     out.append(Check("hub", "ok", f"{endpoint} answers") if err is None else

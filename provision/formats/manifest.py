@@ -368,9 +368,9 @@ def available_names() -> list[str]:
 def resolve_manifest_path(ref: str) -> Path:
     p = Path(ref)
     if p.suffix == ".toml" or os.sep in ref or "/" in ref:
-        if not p.is_file():
+        if not p.exists() or p.is_dir():
             raise ManifestError(f"Manifest file not found: {ref}.", path=ref)
-        return p
+        return p  # anything but a regular file is refused when it is opened (exit 5)
     if not NAME_RE.match(ref):
         raise ManifestError(f"Unknown manifest {ref!r}.", hint=f"Known: {', '.join(available_names()) or 'none'}.")
     for d in builtin_dirs():

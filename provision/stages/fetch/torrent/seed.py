@@ -80,9 +80,11 @@ def serve(ses: Any, h: Any, *, seconds: float | None, stop: threading.Event | No
             peers_max = max(peers_max, int(st.num_peers))
             if progress is not None and now - last_emit >= 1.0:
                 last_emit = now
-                progress(ProgressEvent(
-                    task=task, done=int(st.total_payload_upload), total=None, description="seeding (uploaded)",
-                    extra={"peers": int(st.num_peers), "rate": f"{st.upload_payload_rate / 1e6:.1f}MB/s"}))
+                extra: dict[str, Any] = {"peers": int(st.num_peers), "rate": f"{st.upload_payload_rate / 1e6:.1f}MB/s"}
+                if seconds is not None:  # --seed-for: a countdown (the renderer does not count it as a change)
+                    extra["left"] = f"{max(seconds - (now - start), 0.0):.0f}s"
+                progress(ProgressEvent(task=task, done=int(st.total_payload_upload), total=None,
+                                       description="seeding (uploaded)", extra=extra))
     except (KeyboardInterrupt, Interrupted):
         stopped_by = "signal"
     st = h.status()

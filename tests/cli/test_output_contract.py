@@ -151,3 +151,21 @@ def test_rm_lists_what_it_removed_on_stdout(tiny_src: Path, capsys: pytest.Captu
     assert rc == 0 and err == ""
     assert out.splitlines() and all(ln.startswith("removed ") for ln in out.splitlines())
     assert str(provision_home() / "models" / "tiny-pixtral") in out
+
+
+def _success_cases() -> list[Any]:
+    from tests.cli.test_every_report_schema import CASES, SLOW
+
+    return [pytest.param(c, build, id=c, marks=[pytest.mark.slow] if (c, case) in SLOW else [])
+            for c, case, build, code in CASES if code == 0]
+
+
+@pytest.mark.parametrize(("command", "build"), _success_cases())
+def test_quiet_leaves_stderr_empty_for_every_command(command: str, build: Any, request: pytest.FixtureRequest,
+                                                     tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    argv = build(request, tmp_path)
+    rc, out, err = _run(capsys, *argv, "--quiet")
+    assert rc == 0 and err == "", f"{command}: {err[:300]}"
+    if command in ("ls", "plan", "manifest show", "manifest lock", "verify", "tiny", "seed", "rm", "doctor",
+                   "schema", "run", "convert"):
+        assert out.strip(), f"{command} printed no result on stdout"

@@ -121,7 +121,13 @@ def open_checkpoint(path: Path) -> Checkpoint:
                                              max_bytes=16 << 20).decode("utf-8"))
         except (OSError, ValueError) as e:
             raise ParamsError(f"{folder / 'config.json'} is not valid JSON ({e}).") from None
-        args = args_from_hf_config(config)
+        try:
+            args = args_from_hf_config(config)
+        except ParamsError:
+            raise
+        except (ArithmeticError, ValueError, TypeError) as e:  # a zero divisor, a huge or mistyped number
+            raise ParamsError(f"{folder / 'config.json'} holds an impossible value ({type(e).__name__}: "
+                              f"{str(e)[:200]}).", path=str(folder / "config.json")) from None
         shards = _shards(folder, "model.safetensors", HF_INDEX, "model*.safetensors")
         layout = "hf"
     else:

@@ -286,3 +286,22 @@ def test_the_recorded_source_hash_is_the_sha256_of_the_file(tiny_src: Path, tmp_
     want = hashlib.sha256((tiny_src / "consolidated.safetensors").read_bytes()).hexdigest()
     assert [f["sha256"] for f in res.source_files if f["path"] == "consolidated.safetensors"] == [want]
     assert read_record(tmp_path / "o")["source_files"][0]["sha256"] == want
+
+
+@pytest.mark.parametrize(("key", "value"), [("num_attention_heads", 0), ("num_hidden_layers", 10**9),
+                                            ("rope_theta", 10**400)], ids=["zero-heads", "billion-layers", "huge-int"])
+def test_an_hf_config_with_an_impossible_value_is_exit_3(tiny_src: Path, tmp_path: Path, key: str,
+                                                         value: int) -> None:
+    from provision.errors import ParamsError
+    from provision.model.loader import check_loadable
+
+    out = tmp_path / "o"
+    convert(tiny_src, out, target="h100", scheme="bf16", layout="hf", hf_tokenizer=False)
+    cfg = json.loads((out / "config.json").read_text())
+    cfg["text_config"][key] = value
+    cfg["text_config"].pop("head_dim", None)  # derived from hidden_size / num_attention_heads
+    cfg["text_config"].pop("rope_parameters", None)  # read before rope_theta
+    (out / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ParamsError) as e:
+        check_loadable(out)
+    assert e.value.exit_code == 3

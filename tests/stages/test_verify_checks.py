@@ -1,0 +1,164 @@
+"""The verify digests and content checks against independent implementations and exact messages.
+
+``merkle_root_file`` (BEP 52 pieces root) is compared with the pieces root libtorrent writes into
+a v2 torrent it creates, across the sizes where the tree shape changes; ``git_blob_sha1`` with
+``git hash-object``; the v1/v2 checks with hand-made authorities whose expected outcome is
+worked out in the test.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import subprocess
+from pathlib import Path
+
+import libtorrent as lt
+import pytest
+
+from provision.errors import HashMismatchError
+from provision.stages.verify.authority import Authority
+from provision.stages.verify.content import hash_check, v1_check, v2_check
+from provision.stages.verify.digests import (
+    ZERO,
+    git_blob_sha1,
+    merkle_reduce,
+    merkle_root_file,
+    pad_hash,
+    v2_geometry,
+)
+from provision.stages.verify.parallel import FileWork
+from provision.testing.ci import require_tool
+
+BLOCK = 16384
+
+
+def _libtorrent_pieces_root(path: Path) -> bytes:
+    """The v2 pieces root libtorrent computes for ``path`` (a v2-only torrent of that one file)."""
+    ct = lt.create_torrent([lt.create_file_entry(path.name, path.stat().st_size)], 0, lt.create_torrent.v2_only)
+    lt.set_piece_hashes(ct, str(path.parent))
+    node = ct.generate()[b"info"][b"file tree"][path.name.encode()][b""]
+    return bytes(node[b"pieces root"])
+
+
+# sizes around every change of shape: one block, a partial second block, an odd number of
+# blocks, exactly one 256-leaf chunk, one block past it (two chunks, padded subtree), three chunks
+@pytest.mark.parametrize("size", [1, BLOCK - 1, BLOCK, BLOCK + 1, 5 * BLOCK + 7, 256 * BLOCK,
+                                  256 * BLOCK + 1, 600 * BLOCK + 3])
+def test_the_merkle_root_equals_the_pieces_root_libtorrent_writes(tmp_path: Path, size: int) -> None:
+    p = tmp_path / f"f{size}.bin"
+    p.write_bytes(os.urandom(size))
+    assert merkle_root_file(p) == _libtorrent_pieces_root(p)
+
+
+def test_an_empty_file_has_no_merkle_root(tmp_path: Path) -> None:
+    p = tmp_path / "empty"
+    p.write_bytes(b"")
+    assert merkle_root_file(p) is None
+
+
+@pytest.mark.parametrize(("size", "geometry"), [
+    (1, (1, 1, 1)), (BLOCK, (1, 1, 1)), (BLOCK + 1, (1, 2, 2)), (3 * BLOCK, (1, 4, 4)),
+    (256 * BLOCK, (1, 256, 256)), (257 * BLOCK, (2, 256, 512)), (600 * BLOCK, (3, 256, 1024)),
+])
+def test_v2_geometry_counts_chunks_leaves_per_chunk_and_padded_leaves(size: int,
+                                                                       geometry: tuple[int, int, int]) -> None:
+    # blocks = ceil(size / 16 KiB); leaves = next power of two; a chunk is min(256, leaves)
+    assert v2_geometry(size) == geometry
+
+
+def test_pad_hashes_are_roots_of_all_zero_subtrees() -> None:
+    z1 = hashlib.sha256(bytes(64)).digest()
+    assert pad_hash(0) == bytes(32) == ZERO
+    assert pad_hash(1) == z1
+    assert pad_hash(2) == hashlib.sha256(z1 + z1).digest()
+
+
+def test_merkle_reduce_pads_the_bottom_row_to_the_width() -> None:
+    a, b, c = (hashlib.sha256(x).digest() for x in (b"a", b"b", b"c"))
+    ab = hashlib.sha256(a + b).digest()
+    cz = hashlib.sha256(c + ZERO).digest()
+    assert merkle_reduce([a, b, c], 4, ZERO) == hashlib.sha256(ab + cz).digest()
+    assert merkle_reduce([a], 1, ZERO) == a
+
+
+def test_git_blob_sha1_equals_git_hash_object(tmp_path: Path) -> None:
+    require_tool("git")
+    for name, data in (("empty", b""), ("text", b"hello\n"), ("bin", os.urandom(70000))):
+        p = tmp_path / name
+        p.write_bytes(data)
+        git = subprocess.run(["git", "hash-object", str(p)], capture_output=True, text=True, check=True,
+                             timeout=30).stdout.strip()
+        assert git_blob_sha1(p) == git
+
+
+def _work(tmp_path: Path, data: bytes, auth: Authority) -> FileWork:
+    p = tmp_path / "w.bin"
+    p.write_bytes(data)
+    return FileWork(rel="w.bin", path=p, size=len(data), auth=auth, want_sha256=False)
+
+
+def test_a_hash_check_passes_on_equal_hex_and_names_both_and_the_authority_otherwise() -> None:
+    auth = Authority(kind="manifest-sha256", sha256="aa" * 32)
+    ok = hash_check("sha256", "m/x.bin", auth, "aa" * 32, "aa" * 32)
+    assert ok.ok and ok.error is None and (ok.expected, ok.actual) == ("aa" * 32, "aa" * 32)
+    bad = hash_check("sha256", "m/x.bin", auth, "aa" * 32, "bb" * 32)
+    assert not bad.ok and isinstance(bad.error, HashMismatchError) and bad.error.exit_code == 5
+    assert bad.message == f"m/x.bin: sha256 is {'bb' * 32} but the manifest-sha256 authority says {'aa' * 32}."
+    assert bad.error.context["check"] == "sha256" and bad.error.context["authority"] == "manifest-sha256"
+    missing = hash_check("md5", "x", auth, "cc" * 16, None)
+    assert not missing.ok and "md5 is None" in missing.message
+
+
+def test_v1_pieces_pass_when_none_is_bad_and_their_count_matches(tmp_path: Path) -> None:
+    auth = Authority(kind="torrent-v1-pieces", piece_length=1000, piece_hashes=(b"x" * 20,) * 3)
+    c = v1_check(_work(tmp_path, b"z" * 2500, auth))  # ceil(2500 / 1000) = 3 pieces
+    assert c.ok and c.actual == "3 pieces ok" and c.name == "torrent-v1-pieces"
+
+
+def test_v1_piece_count_mismatch_is_reported_before_bad_pieces(tmp_path: Path) -> None:
+    auth = Authority(kind="torrent-v1-pieces", piece_length=1000, piece_hashes=(b"x" * 20,) * 2)
+    w = _work(tmp_path, b"z" * 2001, auth)  # 3 pieces, 2 listed
+    w.v1_bad = [0]
+    c = v1_check(w)
+    assert not c.ok and (c.expected, c.actual) == (2, 3)
+    assert c.message == "w.bin spans 3 pieces of 1,000 bytes but the torrent-v1-pieces authority lists 2."
+
+
+def test_v1_bad_pieces_name_the_first_and_its_byte_range_clipped_to_the_file(tmp_path: Path) -> None:
+    auth = Authority(kind="torrent-v1-pieces", piece_length=1000, piece_hashes=(b"x" * 20,) * 3)
+    w = _work(tmp_path, b"z" * 2500, auth)
+    w.v1_bad = [2, 1]
+    c = v1_check(w)
+    assert not c.ok and isinstance(c.error, HashMismatchError)
+    assert c.message == ("w.bin: 2 of 3 pieces fail their SHA-1 (first: piece 1, bytes 1,000..2,000) "
+                         "under the torrent-v1-pieces authority.")
+    w.v1_bad = [2]
+    assert "first: piece 2, bytes 2,000..2,500)" in v1_check(w).message  # the last piece ends at the file's end
+    assert c.error.context["bad_pieces"] == [1, 2]
+
+
+def test_v2_check_reduces_the_chunk_roots_to_the_authoritys_root(tmp_path: Path) -> None:
+    data = os.urandom(257 * BLOCK)  # two chunks
+    w = _work(tmp_path, data, Authority(kind="torrent-v2-merkle"))
+    root = _libtorrent_pieces_root(w.path)
+    from provision.stages.verify.digests import v2_chunk_root
+
+    buf = bytearray(1 << 20)
+    w.v2_roots = {i: v2_chunk_root(w.path, i, 256, buf) for i in range(2)}
+    w.auth = Authority(kind="torrent-v2-merkle", merkle_root=root)
+    good = v2_check(w)
+    assert good.ok and good.actual == root.hex() == good.expected
+    w.auth = Authority(kind="torrent-v2-merkle", merkle_root=bytes(32))
+    bad = v2_check(w)
+    assert not bad.ok and bad.message == f"w.bin: merkle root is {root.hex()} but the torrent-v2-merkle authority says {'00' * 32}."
+    w.auth = Authority(kind="torrent-v2-merkle", merkle_root=root)
+    w.v2_roots = {0: w.v2_roots[0]}  # a chunk missing: no root at all, never a partial one
+    missing = v2_check(w)
+    assert not missing.ok and missing.actual is None
+
+
+def test_an_empty_file_passes_v2_only_without_a_root_or_with_the_zero_root(tmp_path: Path) -> None:
+    for root, ok in ((None, True), (ZERO, True), (b"\x01" * 32, False)):
+        c = v2_check(_work(tmp_path, b"", Authority(kind="torrent-v2-merkle", merkle_root=root)))
+        assert c.ok is ok and c.actual is None

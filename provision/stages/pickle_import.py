@@ -224,6 +224,10 @@ def _run_child(payload: dict[str, Any], timeout: float, staging: Path, limits: L
         if kind == "structure":
             raise StructureError(msg, hint="The pickle and params.json come from different models; check both.",
                                  path=where)
+        if kind == "load":
+            raise StructureError(f"{where} is not a readable PyTorch checkpoint (truncated or damaged): {msg}",
+                                 hint="Fetch it again; if its hash matches, the release itself is damaged.",
+                                 path=where)
         raise ConvertError(f"Importing {where} failed: {msg}", path=where)
     tail = " ".join(stderr.strip().splitlines()[-3:])[-400:]
     raise ConvertError(f"The pickle loader process exited with status {rc}: {tail or 'no message'}.", path=where)
@@ -289,6 +293,30 @@ def _check_sources(sources: Sequence[PickleSource]) -> list[PickleSource]:
     return out
 
 
+def check_zip_members(path: Path) -> None:
+    """A zip-format pickle (``torch.save``'s container) names only plain relative members: an
+    absolute path, a ``..`` step, a backslash or a symlink entry is refused (exit 5). Reads the
+    central directory only, never a member; a non-zip (legacy) pickle passes untouched."""
+    import stat
+    import zipfile
+
+    if not zipfile.is_zipfile(path):
+        return
+    try:
+        with zipfile.ZipFile(path) as zf:
+            infos = zf.infolist()
+    except (zipfile.BadZipFile, OSError, ValueError) as e:
+        raise StructureError(f"{path.name} is a damaged zip container ({e}).", path=str(path)) from None
+    for info in infos:
+        name = info.filename
+        parts = name.split("/")
+        if (name.startswith("/") or "\\" in name or ".." in parts or (len(name) > 1 and name[1] == ":")
+                or stat.S_ISLNK(info.external_attr >> 16)):
+            raise HostileContentError(f"{path.name} holds the zip member {name[:200]!r}, which escapes its "
+                                      "archive; it was not loaded.", hint="Do not use this file.", path=str(path),
+                                      member=name[:200])
+
+
 def _check_hashes(sources: Sequence[PickleSource], progress: ProgressFn | None) -> list[dict[str, Any]]:
     """Hash every pickle (before anything parses one) and compare with its authority."""
     shards = []
@@ -300,6 +328,7 @@ def _check_hashes(sources: Sequence[PickleSource], progress: ProgressFn | None) 
                 raise HashMismatchError(f"{s.path.name}: {kind} is {got} but the release's is {want}; it was not "
                                         "loaded.", hint="The file is damaged or not the release; fetch it again.",
                                         path=str(s.path), expected=want, actual=got, check=kind)
+        check_zip_members(s.path)
         shards.append({"name": s.path.name, "size": s.path.stat().st_size, "sha256": got_sha, "md5": got_md5,
                        "authority": s.authority or ("sha256" if s.sha256 else "md5")})
     return shards

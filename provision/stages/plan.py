@@ -152,6 +152,29 @@ def _planned_from_listing(dest: Path, listing: Listing, src: str) -> tuple[Plann
     return tuple(out)
 
 
+def _pickle_notes(manifest: Manifest) -> list[str]:
+    """What happens to a manifest's pickles: a torrent's are fetched into staging and imported
+    (the pickle and the safetensors side by side meanwhile: the disk that needs); the rest never."""
+    from provision.units import human_bytes
+
+    torrent = [f for f in manifest.files if f.pickle and f.in_source("torrent") and manifest.source("torrent")]
+    notes = [f"{f.path} is a PyTorch pickle only the Hub lists: never fetched or loaded (the Hub's safetensors are)"
+             for f in manifest.files if f.pickle and f not in torrent]
+    if torrent:
+        size = sum(f.size or 0 for f in torrent) if all(f.size for f in torrent) else None
+        if size is None and manifest.params is not None:
+            from provision.formats.params import ModelArgs, parameter_count
+
+            size = 2 * parameter_count(ModelArgs.from_dict(manifest.params))  # bf16 weights
+        need = f"about {human_bytes(2 * size)} ({human_bytes(size)} each)" if size else "twice the weights"
+        names = ", ".join(f.path for f in torrent)
+        notes.append(f"{names} is a PyTorch pickle in the torrent: with --source torrent it is fetched into staging, "
+                     "checked against the torrent and the release's hash, then an import step (import-pickle's "
+                     "locked-down loader) writes consolidated.safetensors; pickle and safetensors coexist meanwhile: "
+                     f"{need} of disk")
+    return notes
+
+
 def make_plan(
     source: str,
     *,
@@ -189,10 +212,7 @@ def make_plan(
         d = Path(dest) if dest else layout.original(name)
         types = tuple(s.type for s in manifest.sources)
         files = _planned_from_specs(d, [f for f in manifest.files if not f.pickle], types)
-        for f in manifest.files:
-            if f.pickle:
-                notes.append(f"{f.path} is a PyTorch pickle: never fetched or loaded; download it yourself and "
-                             f"run `provision import-pickle` with its sha256 to get safetensors")
+        notes += _pickle_notes(manifest)
         descs = tuple(s.describe() for s in manifest.sources)
         unknown = [f.path for f in manifest.files if (f.size is None or not f.sha256) and not f.pickle]
         if unknown:

@@ -7,11 +7,11 @@ source and ``record`` the ``provision-convert.json`` it writes. The other module
 files), ``serve`` (the ``vllm serve`` line). Importing the package does not import torch.
 """
 
-from provision.stages.convert.compare import compare_and_record, compare_logits, should_compare
+from provision.stages.convert.compare import compare_logits, should_compare
 from provision.stages.convert.hf_export import quantization_config
 from provision.stages.convert.record import RECORD_NAME, ConvertResult, TensorReport, read_record
 from provision.stages.convert.serve import vllm_command
 from provision.stages.convert.stage import convert
 
-__all__ = ["RECORD_NAME", "ConvertResult", "TensorReport", "compare_and_record", "compare_logits", "convert",
+__all__ = ["RECORD_NAME", "ConvertResult", "TensorReport", "compare_logits", "convert",
            "quantization_config", "read_record", "should_compare", "vllm_command"]

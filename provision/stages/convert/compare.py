@@ -1,8 +1,9 @@
 """The model-level check of a conversion: logits of the converted model against the 16-bit source.
 
 ``compare_logits`` loads both folders with ``provision.model.loader`` in float32 and compares
-their logits on the smoke prompt; ``should_compare`` is the default decision (both models must fit
-easily in RAM); ``compare_and_record`` runs the comparison and adds it to the conversion's record.
+their logits on the smoke prompt (``convert`` runs it on its staging folder, before the commit, and
+keeps the result in the record); ``should_compare`` is the default decision (both models must fit
+easily in RAM).
 It does not convert anything and never runs on a GPU unless asked.
 """
 
@@ -13,9 +14,6 @@ from typing import Any
 
 from provision import hardware
 from provision.formats.params import ModelArgs
-from provision.stages.convert.record import add_to_record
-
-RECORD_KEY = "logits_comparison"
 
 
 def should_compare(source_bytes: int, *, ram_bytes: int | None = None) -> bool:
@@ -57,10 +55,3 @@ def compare_logits(reference_dir: Path, converted_dir: Path, *, prompt: str | No
     agree = (a.argmax(-1) == b.argmax(-1)).float()
     return {"positions": int(a.shape[0]), "top1_agreement": float(agree.mean()), "cosine": float(cos.mean()),
             "cosine_min": float(cos.min()), "max_abs_diff": float((a - b).abs().max())}
-
-
-def compare_and_record(reference_dir: Path, converted_dir: Path) -> dict[str, Any]:
-    """``compare_logits`` on the CPU, stored as ``logits_comparison`` in the converted folder's record."""
-    logits = compare_logits(reference_dir, converted_dir)
-    add_to_record(Path(converted_dir), RECORD_KEY, logits)
-    return logits

@@ -2,8 +2,7 @@
 
 ``ConvertResult`` is what ``convert`` returns (profile, files, source digests, per-tensor reports,
 the ``vllm serve`` command); ``write_record`` stores it, with the context length, as the last file
-of a conversion, and ``add_to_record`` rewrites one field of an existing record (the logit
-comparison is added after the conversion). Nothing here converts or reads tensors.
+of a conversion; ``read_record`` reads it back. Nothing here converts or reads tensors.
 """
 
 from __future__ import annotations
@@ -96,10 +95,3 @@ def read_record(out_dir: Path) -> dict[str, Any]:
     """The record of the conversion in ``out_dir``."""
     doc: dict[str, Any] = json.loads((out_dir / RECORD_NAME).read_text(encoding="utf-8"))
     return doc
-
-
-def add_to_record(out_dir: Path, key: str, value: Any) -> None:
-    """Set ``key`` in the record of ``out_dir`` and write it back atomically."""
-    record = read_record(out_dir)
-    record[key] = value
-    _write(out_dir, record)

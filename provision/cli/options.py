@@ -121,10 +121,9 @@ def global_params() -> list[click.Option]:
 def add_global_options(cmd: click.Command) -> click.Command:
     """Give ``cmd`` (and a group's subcommands) every global option it does not declare itself, so
     ``provision run X --quiet`` means what ``provision --quiet run X`` does. Idempotent."""
-    if isinstance(cmd, click.Group):
+    if isinstance(cmd, click.Group):  # its subcommands, and the group itself (`provision manifest -q show M`)
         for sub in cmd.commands.values():
             add_global_options(sub)
-        return cmd
     have = {p.name for p in cmd.params} | {o for p in cmd.params for o in getattr(p, "opts", ())}
     for p in global_params():
         if p.name not in have and not set(p.opts) & have:

@@ -106,6 +106,12 @@ def test_usage_errors_with_json_print_one_error_object_and_exit_2(
     assert needle.lower() in err.lower()  # the human line stays on stderr
 
 
+def test_global_options_between_a_group_and_its_subcommand(tiny_src: Path,
+                                                           capsys: pytest.CaptureFixture[str]) -> None:
+    rc, out, err = _run(capsys, "manifest", "--json", "-q", "show", str(tiny_src / "manifest.toml"))
+    assert rc == 0 and err == "" and json.loads(out)["command"] == "manifest show"
+
+
 def test_usage_error_report_names_the_command_it_was_for(capsys: pytest.CaptureFixture[str]) -> None:
     rc, out, _ = _run(capsys, "manifest", "show", "--bogus", "--json")
     assert rc == 2 and json.loads(out)["command"] == "manifest show"

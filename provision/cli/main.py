@@ -122,7 +122,7 @@ def run_cli(argv: list[str] | None = None) -> int:
     settings = Settings.load()
     args = list(sys.argv[1:] if argv is None else argv)
     app = App(terminal=Terminal(progress_interval=settings.progress_interval), settings=settings,
-              json=wants_json(args), command=command_name(args, cli.list_commands(click.Context(cli))))
+              json=wants_json(args), command=command_name(args))
     set_app(app)
     old = signal.signal(signal.SIGTERM, _on_sigterm)
     code = 0
@@ -187,29 +187,32 @@ def wants_json(args: list[str]) -> bool:
     return False
 
 
-def command_name(args: list[str], names: list[str]) -> str:
-    """The command ``args`` name (``manifest show`` for a subcommand), or ``provision`` when none."""
+def _leading_words(args: list[str], n: int) -> list[str]:
+    """The first ``n`` arguments that are neither options nor the values of global options."""
     words: list[str] = []
     skip = False
     for a in args:
+        if a == "--" or len(words) == n:
+            break
         if skip:
             skip = False
-            continue
-        if a in _VALUE_OPTIONS:
+        elif a in _VALUE_OPTIONS:
             skip = True
-            continue
-        if a == "--" or a.startswith("-"):
-            if a == "--":
-                break
-            continue
-        words.append(a)
-        if len(words) == 2 or words[0] not in names:
-            break
-        if words[0] != "manifest":
-            break
-    if not words or words[0] not in names:
+        elif not a.startswith("-"):
+            words.append(a)
+    return words
+
+
+def command_name(args: list[str]) -> str:
+    """The command ``args`` name (``manifest show`` for a group's subcommand), or ``provision`` when
+    they name none, for the report of a usage error found before the command runs."""
+    words = _leading_words(args, 2)
+    cmd = cli.get_command(click.Context(cli), words[0]) if words else None
+    if cmd is None:
         return "provision"
-    return " ".join(words)
+    if isinstance(cmd, click.Group) and len(words) == 2 and words[1] in cmd.commands:
+        return " ".join(words)
+    return words[0]
 
 
 def _report_error(e: ProvisionError, code: int) -> None:

@@ -13,6 +13,7 @@ Nothing leaves loopback. Exits with `provision run`'s exit code.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import sys
 import tempfile
@@ -47,7 +48,8 @@ def _demo(root: Path, json_out: bool, target: str, t0: float) -> int:
 
     tiny = root / "tiny-pixtral"
     _say(f"1/3 building the tiny checkpoint in {tiny}")
-    rc = run_cli(["--quiet", "tiny", str(tiny)])
+    with contextlib.redirect_stdout(sys.stderr):  # tiny's file list is its result: keep stdout for run's report
+        rc = run_cli(["--quiet", "tiny", str(tiny)])
     if rc:
         return rc
     manifest = load_manifest(tiny / "manifest.toml")

@@ -4,8 +4,10 @@ Each decorator adds one option (or one group of options) with the same name, def
 environment variable in every command that carries it. The choices come from the library, never
 from a list typed here: schemes and layouts from ``provision.stages.profiles``, target names from
 ``provision.hardware.CARDS``, sources from ``provision.stages.fetch``, network modes from
-``provision.settings``. This module parses option values (``parse_rate``) but does no work and
-reads no files.
+``provision.settings``. The global options (``--json``, ``--quiet``, ``--verbose``, ``--log-file``,
+``--home``) are declared here too: ``add_global_options`` gives them to every command, and their
+callbacks set the invocation's ``App`` (so they work before or after the subcommand). This module
+parses and checks option values (``parse_rate``, ``--target``) but does no work and reads no files.
 """
 
 from __future__ import annotations

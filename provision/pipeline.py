@@ -464,7 +464,8 @@ def run_pipeline(
     st = settings or Settings.load()
     home = Path(home) if home else st.home
     t0 = time.monotonic()
-    plan = make_plan(source, settings=st, home=home, offline=offline or source.startswith("magnet:"),
+    # a bare magnet's files come with its metadata, in the fetch: not listed here (nor called offline)
+    plan = make_plan(source, settings=st, home=home, offline=offline, list_magnet=False,
                      hub_options=opts.hub,  # the listing of a private hf:// repo uses the token too
                      check_disk=dry_run)  # a run checks room for the download and the conversion together, below
     result = RunResult(plan=plan, dry_run=dry_run)

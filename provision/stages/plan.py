@@ -188,9 +188,13 @@ def make_plan(
     metadata_timeout: float = 30.0,
     hub_options: HubOptions | None = None,
     listers: Listers | None = None,
+    network: str | None = None,
+    list_magnet: bool = True,
 ) -> Plan:
     """Build the plan for SOURCE; raise ``DiskSpaceError`` when it cannot fit (``check_disk``).
-    ``hub_options`` (token, stall timeout) are used to list an ``hf://`` repo."""
+    ``hub_options`` (token, stall timeout) are used to list an ``hf://`` repo; ``network`` (default
+    the settings') is the BitTorrent mode a bare magnet is listed in; ``list_magnet=False`` leaves a
+    bare magnet's files to the fetch (which gets them with the metadata) without claiming offline."""
     import fnmatch
 
     st = settings or Settings.load()
@@ -233,10 +237,11 @@ def make_plan(
         name = m.name or m.infohash
         d = Path(dest) if dest else layout.original(name)
         descs = (m.describe(),)
-        if offline:
-            notes.append("offline: the file list of a bare magnet comes from peers; it is unknown until fetched")
+        if offline or not list_magnet:
+            notes.append(("offline: " if offline else "")
+                         + "the file list of a bare magnet comes from peers; it is unknown until fetched")
         else:
-            files = _planned_from_listing(d, list_with.magnet(m, metadata_timeout, st.network), "torrent")
+            files = _planned_from_listing(d, list_with.magnet(m, metadata_timeout, network or st.network), "torrent")
     else:
         assert parsed.hf is not None
         ref = parsed.hf

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Any
 import click
 
 from provision.cli.app import App, get_app
-from provision.cli.options import home_option, json_option, profile_options
+from provision.cli.options import home_option, json_option, network_option, profile_options
 
 if TYPE_CHECKING:
     from provision.stages.plan import Plan
@@ -128,17 +128,20 @@ def render_gpu_needs(app: App, name: str, prof: dict[str, Any]) -> None:
 @click.option("--dest", type=click.Path(file_okay=False, path_type=Path), help="Where the original files go.")
 @click.option("--include", multiple=True, help="Only files matching this glob (repeatable).")
 @click.option("--offline", is_flag=True, help="Never touch the network; show what is unknown instead.")
+@network_option
 @profile_options
 @click.option("--params", "params_file", type=click.Path(dir_okay=False, path_type=Path),
               help="params.json to size the conversion profiles with (default: the fetched one).")
 @json_option
 def command(source: str, home: Path | None, dest: Path | None, include: tuple[str, ...], offline: bool,
-            target: str, scheme: str, context: int, params_file: Path | None, json_out: bool) -> None:
+            network: str, target: str, scheme: str, context: int, params_file: Path | None, json_out: bool) -> None:
     """Show what SOURCE would fetch, its sizes, sources, what is present, hardware and disk."""
     app = get_app(json_out, "plan")
     from provision.stages.plan import make_plan
 
-    plan = make_plan(source, settings=app.settings, home=home, dest=dest, offline=offline, include=include)
+    # --network: the BitTorrent mode a bare magnet's file list is asked for in (closed: only its x.pe peers)
+    plan = make_plan(source, settings=app.settings, home=home, dest=dest, offline=offline, include=include,
+                     network=network)
     if plan.manifest is not None:
         app.manifest_sha256 = plan.manifest.sha256
     render_plan(app, plan)

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -28,7 +28,7 @@ from provision.io.paths import safe_join
 from provision.io.staging import commit_file
 from provision.progress import ProgressEvent, ProgressFn, note
 from provision.stages import verify
-from provision.stages.fetch.request import FetchedFile, FetchResult
+from provision.stages.fetch.request import FetchedFile, FetchResult, check_existing
 from provision.stages.fetch.torrent.job import FetchJob, Selected, authorities
 from provision.stages.fetch.torrent.live import LiveTorrent, ResumeFile
 from provision.stages.fetch.torrent.meta import (
@@ -97,9 +97,11 @@ class DownloadLog:
 
 
 def fetch_torrent(plan: FetchRequest, *, dest: Path, options: TorrentOptions,
-                  progress: ProgressFn | None = None, pickles_as_data: bool = False) -> FetchResult:
+                  progress: ProgressFn | None = None, pickles_as_data: bool = False,
+                  on_placed: Callable[[], None] | None = None) -> FetchResult:
     """Download the plan's files from BitTorrent into ``dest``, verified (see the module docstring);
-    ``pickles_as_data``: pickle files are verified as bytes for an import, not refused."""
+    ``pickles_as_data``: pickle files are verified as bytes for an import, not refused; ``on_placed``
+    runs once the files are in place, before any seeding (the caller releases the model's lock)."""
     job = FetchJob(plan, dest, options, progress)
     job.pickles_as_data = pickles_as_data
     clock = Clock(start=time.monotonic())
@@ -131,6 +133,8 @@ def fetch_torrent(plan: FetchRequest, *, dest: Path, options: TorrentOptions,
         # a finished fetch exit 143)
         with DeferredSignals() as deferred:
             _place(job, todo, hasher.synced, clock)
+            if on_placed is not None:
+                on_placed()
             extra = _telemetry(job, ti, live, st, clock, log, hasher, sels, vreport).to_dict()
             if len(todo) < len(sels):
                 note(progress, "fetch", f"{len(sels) - len(todo)} files already in place and verified")
@@ -180,6 +184,14 @@ def _start(job: FetchJob, live: LiveTorrent) -> tuple[Any, bool]:
     """Add the torrent, learn its metadata (a magnet without resume data learns it from peers)
     and keep a copy of it; return the torrent info and whether resume data was used."""
     atp, resumed = _initial_params(job)
+    if job.options.network == "closed" and not (atp.peers or atp.trackers or atp.url_seeds):
+        # no DHT, no LSD and nobody named: no peer can ever be found, so say so now, not at the stall
+        what = "torrent file" if job.src.torrent_path is not None else "magnet"
+        raise FetchError(
+            f"No peer to ask for {job.plan.name}: the network is closed (no DHT or LSD) and the {what} names "
+            "no peer, tracker or web seed.",
+            hint="Pass --peer HOST:PORT (the seeder's `seeding ... on HOST:PORT` line), --tracker URL, "
+                 "or use --network public.", phase="connecting", peers=0, infohash=job.src.key)
     if not resumed:
         note(job.progress, "fetch", f"torrent {job.src.key}: connecting to peers ({job.options.network} network)")
     else:
@@ -321,13 +333,16 @@ def _reuse_present(job: FetchJob, sels: list[Selected], auths: dict[str, Authori
     if not present:
         present = [s for s in sels if s.spec is None and (job.dest / s.rel).is_file()
                    and (job.dest / s.rel).stat().st_size == s.size]
-    if not present:
-        return
-    rep = verify.verify_files(job.dest, {s.rel: auths[s.rel] for s in present}, structure=False,
-                              progress=job.progress, pickles_as_data=job.pickles_as_data)
-    good = {f.path for f in rep.files if f.status == "ok"}
-    for s in present:
-        s.reused = s.rel in good
+    if present:
+        rep = verify.verify_files(job.dest, {s.rel: auths[s.rel] for s in present}, structure=False,
+                                  progress=job.progress, pickles_as_data=job.pickles_as_data)
+        good = {f.path for f in rep.files if f.status == "ok"}
+        for s in present:
+            s.reused = s.rel in good
+    if job.options.existing != "replace":  # a user's --dest: what is there and not verified stays theirs
+        differing = {s.rel: "not the verified file" for s in sels
+                     if not s.reused and ((job.dest / s.rel).exists() or (job.dest / s.rel).is_symlink())}
+        check_existing(job.dest, differing, job.options.existing, job.progress)
 
 
 def _download(job: FetchJob, live: LiveTorrent, log: DownloadLog) -> None:

@@ -338,3 +338,259 @@ def test_the_importing_process_itself_never_imports_torch(tiny_7b_pickle: Path, 
     assert res.returncode == 0, res.stderr
     assert res.stdout.strip() == "False"
     assert (tmp_path / "out" / "consolidated.safetensors").is_file()
+
+
+# ---------------------------------------------------------------------------------------
+# more bad input: globals outside the allow-list, truncated, escaping zip members, limits
+
+
+class _NotATensor:
+    """A custom class: pickled as a global weights_only does not allow."""
+
+
+def _release_with(folder: Path, params_from: Path, obj: Any, **save: Any) -> Path:
+    folder.mkdir()
+    shutil.copy(params_from / "params.json", folder / "params.json")
+    torch.save(obj, folder / PICKLE_NAME, **save)
+    return folder / PICKLE_NAME
+
+
+@pytest.mark.parametrize("what", ["numpy", "custom-class"])
+def test_a_global_outside_torch_s_allow_list_is_refused_with_exit_5(what: str, tiny_7b: Path, tmp_path: Path) -> None:
+    import numpy as np
+
+    value: Any = np.zeros(3) if what == "numpy" else _NotATensor()
+    pkl = _release_with(tmp_path / "rel", tiny_7b, {"tok_embeddings.weight": value})
+    with pytest.raises(HostileContentError, match=r"weights_only=True\) refused") as ei:
+        import_pickle(pkl, tmp_path / "out", sha256=_sha(pkl))
+    assert ei.value.exit_code == 5 and "\n" not in ei.value.message
+    assert not (tmp_path / "out").exists() and _leftovers(tmp_path) == []
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("legacy", [False, True], ids=["zip", "legacy"])
+def test_a_truncated_pickle_whose_hash_matches_is_refused_as_unreadable_with_exit_5(
+        legacy: bool, tiny_7b_pickle: Path, tmp_path: Path) -> None:
+    rel = tmp_path / "rel"
+    rel.mkdir()
+    shutil.copy(tiny_7b_pickle / "params.json", rel / "params.json")
+    whole = torch.load(tiny_7b_pickle / PICKLE_NAME, weights_only=True)  # our own test file
+    torch.save(whole, rel / PICKLE_NAME, _use_new_zipfile_serialization=not legacy)
+    data = (rel / PICKLE_NAME).read_bytes()
+    (rel / PICKLE_NAME).write_bytes(data[: len(data) // 2])
+    with pytest.raises(StructureError, match="not a readable PyTorch checkpoint") as ei:
+        import_pickle(rel, tmp_path / "out", sha256=_sha(rel / PICKLE_NAME))
+    assert ei.value.exit_code == 5 and "\n" not in ei.value.message
+    assert not (tmp_path / "out").exists() and _leftovers(tmp_path) == []
+
+
+@pytest.mark.parametrize("member", ["../../escaped.txt", "/tmp/escaped.txt", "archive/../../escaped.txt"])
+def test_a_zip_pickle_with_a_member_path_that_escapes_is_refused_before_loading(
+        member: str, tiny_7b_pickle: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import warnings
+    import zipfile
+
+    rel = tmp_path / "rel"
+    shutil.copytree(tiny_7b_pickle, rel)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # zipfile warns about the odd name: that is the point
+        with zipfile.ZipFile(rel / PICKLE_NAME, "a") as zf:
+            zf.writestr(member, b"written where it should not be")
+
+    def never(*_a: Any, **_k: Any) -> Any:
+        raise AssertionError("the loader ran on a zip with an escaping member")
+
+    monkeypatch.setattr(pickle_import, "_run_child", never)
+    with pytest.raises(HostileContentError, match="escapes its archive") as ei:
+        import_pickle(rel, tmp_path / "out", sha256=_sha(rel / PICKLE_NAME))
+    assert ei.value.exit_code == 5
+    assert not (tmp_path / "out").exists() and _leftovers(tmp_path) == []
+    assert not list(tmp_path.rglob("escaped.txt")) and not Path("/tmp/escaped.txt").exists()
+
+
+def _memory_bomb(folder: Path, params_from: Path) -> Path:
+    """A legacy torch.save file whose storage claims 2**31 - 1 float64s (16 GiB) but holds about 1 MB."""
+    import struct
+
+    n = 123_457  # over 65535, so pickled as BININT; it appears only as the storage's size and the shape
+    pkl = _release_with(folder, params_from, {"tok_embeddings.weight": torch.zeros(n, dtype=torch.float64)},
+                        _use_new_zipfile_serialization=False)
+    data = pkl.read_bytes()
+    pat = b"J" + struct.pack("<i", n)  # BININT n: first the storage's element count, then the shape
+    i = data.index(pat)
+    pkl.write_bytes(data[:i] + b"J" + struct.pack("<i", 2**31 - 1) + data[i + len(pat):])
+    return pkl
+
+
+@pytest.mark.slow
+def test_a_pickle_that_claims_more_memory_than_the_loader_may_use_is_refused_with_exit_6(
+        tiny_7b: Path, tmp_path: Path) -> None:
+    from provision.errors import ResourceError
+
+    pkl = _memory_bomb(tmp_path / "rel", tiny_7b)
+    with pytest.raises(ResourceError, match="memory limit") as ei:
+        import_pickle(pkl, tmp_path / "out", sha256=_sha(pkl), memory_limit=3 << 30)
+    assert ei.value.exit_code == 6 and "\n" not in ei.value.message
+    assert not (tmp_path / "out").exists() and _leftovers(tmp_path) == []
+
+
+def test_the_loader_s_cpu_limit_stops_a_process_that_spins(tmp_path: Path) -> None:
+    import subprocess
+
+    from provision.stages.pickle_sandbox import Limits, preexec
+
+    proc = subprocess.run([sys.executable, "-c", "while True: pass"], preexec_fn=preexec(Limits(1 << 30, 1)),
+                          timeout=60, check=False)
+    assert proc.returncode == -signal_number("SIGXCPU")
+
+
+def signal_number(name: str) -> int:
+    import signal
+
+    return int(getattr(signal, name))
+
+
+# ---------------------------------------------------------------------------------------
+# the sandbox: no network, no writes outside its folder, no processes
+
+
+_SANDBOXED = """
+import json, os, socket, subprocess, sys
+from provision.stages.pickle_sandbox import SandboxRefusal, lock_down, network_mode
+folder, parent_net = sys.argv[1], sys.argv[2]
+lock_down(folder)
+out = {"network": network_mode(parent_net)}
+def attempt(name, fn):
+    try:
+        fn()
+        out[name] = "allowed"
+    except SandboxRefusal:
+        out[name] = "refused"
+attempt("socket", lambda: socket.socket(socket.AF_INET, socket.SOCK_STREAM))
+attempt("connect", lambda: socket.create_connection(("127.0.0.1", 9), timeout=1))
+attempt("write_outside", lambda: open(os.path.join(folder, "..", "outside.txt"), "w"))
+attempt("write_inside", lambda: open(os.path.join(folder, "inside.txt"), "w").close())
+attempt("process", lambda: subprocess.run(["true"]))
+attempt("system", lambda: os.system("true"))
+attempt("read", lambda: open(sys.executable, "rb").close())
+print(json.dumps(out))
+"""
+
+
+def test_the_loader_sandbox_refuses_sockets_processes_and_writes_outside_its_folder(tmp_path: Path) -> None:
+    import subprocess
+
+    from provision.stages.pickle_sandbox import Limits, net_namespace, preexec
+
+    folder = tmp_path / "staging"
+    folder.mkdir()
+    proc = subprocess.run([sys.executable, "-c", _SANDBOXED, str(folder), net_namespace()], capture_output=True,
+                          text=True, timeout=60, check=False, preexec_fn=preexec(Limits(4 << 30, 60)))
+    assert proc.returncode == 0, proc.stderr
+    got = json.loads(proc.stdout)
+    assert {k: v for k, v in got.items() if k != "network"} == {
+        "socket": "refused", "connect": "refused", "write_outside": "refused", "write_inside": "allowed",
+        "process": "refused", "system": "refused", "read": "allowed"}
+    assert not (tmp_path / "outside.txt").exists() and (folder / "inside.txt").exists()
+    if os.geteuid() == 0:  # root may always make a network namespace: the loader gets a closed one
+        assert got["network"] == "namespace"
+
+
+@pytest.mark.slow
+def test_an_import_records_its_sandbox_and_as_root_runs_in_a_closed_network_namespace(
+        tiny_7b_pickle: Path, tmp_path: Path) -> None:
+    res = import_pickle(tiny_7b_pickle, tmp_path / "out", sha256=_sha(tiny_7b_pickle / PICKLE_NAME))
+    rec = json.loads((tmp_path / "out" / "import.json").read_text())
+    size = (tiny_7b_pickle / PICKLE_NAME).stat().st_size
+    assert rec["sandbox"]["memory_limit"] == 2 * size + (4 << 30) == res.sandbox["memory_limit"]
+    assert rec["sandbox"]["network"] in ("namespace", "no-sockets")
+    if os.geteuid() == 0:
+        assert rec["sandbox"]["network"] == "namespace"
+
+
+# ---------------------------------------------------------------------------------------
+# the parent treats the loader's output as hostile
+
+
+def _fake_child(tmp_path: Path, body: str) -> list[str]:
+    script = tmp_path / "fake_child.py"
+    script.write_text("import json, sys\nfrom pathlib import Path\np = json.loads(Path(sys.argv[1]).read_text())\n"
+                      + body + "\nprint(json.dumps({'tensors': 1, 'pid': 0}))\n")
+    return [sys.executable, str(script)]
+
+
+@pytest.mark.slow
+def test_weights_the_loader_wrote_that_do_not_match_params_json_are_refused_by_the_parent(
+        tiny_7b_pickle: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    cmd = _fake_child(tmp_path, "import torch\nfrom safetensors.torch import save_file\n"
+                                "save_file({'tok_embeddings.weight': torch.zeros(2, 2)}, p['out'])")
+    monkeypatch.setattr(pickle_import, "_child_command", lambda payload: [*cmd, payload])
+    with pytest.raises(StructureError, match=r"The written consolidated\.safetensors does not match params\.json"):
+        import_pickle(tiny_7b_pickle, tmp_path / "out", sha256=_sha(tiny_7b_pickle / PICKLE_NAME))
+    assert not (tmp_path / "out").exists() and _leftovers(tmp_path) == []
+
+
+def test_a_loader_that_leaves_other_files_in_its_folder_is_refused(
+        tiny_7b_pickle: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    cmd = _fake_child(tmp_path, "Path(p['out']).write_bytes(b'x')\n"
+                                "(Path(p['out']).parent / 'model.py').write_text('import os')")
+    monkeypatch.setattr(pickle_import, "_child_command", lambda payload: [*cmd, payload])
+    with pytest.raises(HostileContentError, match=r"left model\.py"):
+        import_pickle(tiny_7b_pickle, tmp_path / "out", sha256=_sha(tiny_7b_pickle / PICKLE_NAME))
+    assert not (tmp_path / "out").exists() and _leftovers(tmp_path) == []
+
+
+# ---------------------------------------------------------------------------------------
+# shards
+
+
+@pytest.mark.slow
+def test_shards_each_with_a_hash_import_as_one_model_byte_identical_to_safetensors_save(tmp_path: Path) -> None:
+    from safetensors.torch import save
+
+    from provision.stages.pickle_import import PickleSource, import_pickles
+    from provision.testing.tiny import tiny_state_dict
+    from provision.testing.tiny_pickled import release_params, write_pickled_release
+
+    rel = write_pickled_release(tmp_path / "rel", "mixtral", shards=3)
+    sources = [PickleSource(rel.folder / n, sha256=_sha(rel.folder / n)) for n in rel.pickles]
+    res = import_pickles(sources, tmp_path / "out")
+    from provision.formats.params import ModelArgs
+
+    want = save(tiny_state_dict(ModelArgs.from_dict(release_params("mixtral")), 0), metadata={"format": "pt"})
+    assert (tmp_path / "out" / "consolidated.safetensors").read_bytes() == want
+    assert [s["name"] for s in res.shards] == list(rel.pickles)
+
+
+def test_shards_are_refused_when_one_has_no_hash_from_the_torrent_or_a_manifest(tmp_path: Path,
+                                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    from provision.errors import VerifyError
+    from provision.stages.pickle_import import PickleSource, import_pickles
+    from provision.testing.tiny_pickled import write_pickled_release
+
+    rel = write_pickled_release(tmp_path / "rel", "mixtral", shards=3)
+    monkeypatch.setattr(pickle_import, "_run_child", lambda *_a, **_k: pytest.fail("the loader ran"))
+    sources = [PickleSource(rel.folder / n, sha256=_sha(rel.folder / n) if n != "consolidated.01.pt" else None)
+               for n in rel.pickles]
+    with pytest.raises(VerifyError, match=r"consolidated\.01\.pt has no sha256 or md5") as ei:
+        import_pickles(sources, tmp_path / "out")
+    assert ei.value.exit_code == 5 and "\n" not in ei.value.message
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.slow
+def test_a_tensor_in_two_shards_is_refused(tiny_7b: Path, tmp_path: Path) -> None:
+    from provision.stages.pickle_import import PickleSource, import_pickles
+
+    rel = tmp_path / "rel"
+    rel.mkdir()
+    shutil.copy(tiny_7b / "params.json", rel / "params.json")
+    from safetensors.torch import load_file
+
+    whole = load_file(str(tiny_7b / "consolidated.safetensors"))
+    torch.save(whole, rel / "consolidated.00.pt")
+    torch.save({"norm.weight": whole["norm.weight"]}, rel / "consolidated.01.pt")
+    sources = [PickleSource(rel / n, sha256=_sha(rel / n)) for n in ("consolidated.00.pt", "consolidated.01.pt")]
+    with pytest.raises(StructureError, match=r"'norm\.weight' is in two shards"):
+        import_pickles(sources, tmp_path / "out")
+    assert not (tmp_path / "out").exists() and _leftovers(tmp_path) == []

@@ -116,18 +116,41 @@ def test_second_fetch_reuses_verified_files_and_downloads_nothing(
     assert all(x["reused"] for x in rep["fetch"]["files"]) and resolve_paths(hub) == []
 
 
-def test_a_damaged_file_already_in_dest_is_downloaded_again(
+def test_a_file_in_dest_that_differs_is_refused_exit_2_and_replaced_only_with_force_which_names_it(
         hub: LoopbackHub, tiny_src: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    # issue 16 changed this: a user's --dest is never overwritten unasked (it used to be, silently)
     dest = tmp_path / "out"
     dest.mkdir()
     shutil.copy(tiny_src / "tekken.json", dest / "tekken.json")
     bad = bytearray((tiny_src / "params.json").read_bytes())
     bad[5] ^= 1
     (dest / "params.json").write_bytes(bytes(bad))
+    mine = dest / "consolidated.safetensors"
+    mine.write_bytes(b"the user's own weights")  # another size
     code, rep, err = cli_json(capsys, "fetch", f"hf://{TINY_REPO}", "--dest", str(dest))
+    assert code == 2, err
+    assert "refusing to replace" in rep["error"]["message"] and "--force" in rep["error"]["message"]
+    assert set(rep["error"]["context"]["files"]) == {"consolidated.safetensors", "params.json"}
+    assert (dest / "params.json").read_bytes() == bytes(bad) and mine.read_bytes() == b"the user's own weights"
+    assert resolve_paths(hub) == []  # refused before a byte was downloaded
+
+    code, rep, err = cli_json(capsys, "fetch", f"hf://{TINY_REPO}", "--dest", str(dest), "--force")
     assert code == 0, err
+    assert f"replacing {dest / 'params.json'}" in err and f"replacing {mine}" in err
     reused = {x["path"]: x["reused"] for x in rep["fetch"]["files"]}
     assert reused == {"consolidated.safetensors": False, "params.json": False, "tekken.json": True}
+    assert same_files(dest, tiny_src, ["params.json", "consolidated.safetensors"])
+
+
+def test_a_damaged_file_in_the_stores_own_original_is_downloaded_again(
+        hub: LoopbackHub, tiny_src: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    dest = Layout(provision_home()).original(TINY_REPO)  # provision's own folder: repaired, no --force
+    dest.mkdir(parents=True)
+    bad = bytearray((tiny_src / "params.json").read_bytes())
+    bad[5] ^= 1
+    (dest / "params.json").write_bytes(bytes(bad))
+    code, rep, err = cli_json(capsys, "fetch", f"hf://{TINY_REPO}")
+    assert code == 0, err
     assert same_files(dest, tiny_src, ["params.json"])
 
 

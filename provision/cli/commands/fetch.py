@@ -15,10 +15,12 @@ from provision.cli.options import home_option, json_option, parse_rate, source_o
 @click.option("--dest", type=click.Path(file_okay=False, path_type=Path), help="Destination folder.")
 @home_option
 @click.option("--include", multiple=True, metavar="GLOB", help="Only files matching this glob (repeatable).")
+@click.option("--force", is_flag=True,
+              help="Replace files already in --dest that are not the verified ones (each is named).")
 @source_option
 @transfer_options
 @json_option
-def command(source: str, dest: Path | None, home: Path | None, include: tuple[str, ...], source_kind: str,
+def command(source: str, dest: Path | None, home: Path | None, include: tuple[str, ...], force: bool, source_kind: str,
             peers: tuple[str, ...], network: str, listen: str | None, trackers: tuple[str, ...], seed_for: float,
             max_upload_rate: str | None, max_download_rate: str | None, stall_timeout: float, token: str | None,
             json_out: bool) -> None:
@@ -41,7 +43,8 @@ def command(source: str, dest: Path | None, home: Path | None, include: tuple[st
     topts = TorrentOptions(peers=peers, trackers=trackers, network=network, listen=listen, seed_for=seed_for,
                            max_upload_rate=up, max_download_rate=down, stall_timeout=stall_timeout,
                            metadata_timeout=stall_timeout, include=include)
-    res = fetch(plan, source=source_kind, dest=dest, torrent=topts, hub=hopts, progress=app.terminal.progress)
+    res = fetch(plan, source=source_kind, dest=dest, torrent=topts, hub=hopts, progress=app.terminal.progress,
+                force=force)
     app.terminal.success(f"{len(res.files)} files verified in {res.dest} from {res.source}: "
                          f"{human_bytes(res.bytes_downloaded)} downloaded in {res.seconds:.1f} s")
     app.finish({"fetch": res.to_dict()})

@@ -12,7 +12,8 @@ and resume data alone. Nothing here prints.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +23,7 @@ from provision.progress import ProgressFn, note
 from provision.stages.fetch.request import (
     NETWORK_CHOICES,
     SOURCE_CHOICES,
+    ExistingPolicy,
     FetchedFile,
     FetchRequest,
     FetchResult,
@@ -54,17 +56,18 @@ def source_order(plan: FetchRequest, source: str) -> list[str]:
 
 
 @contextlib.contextmanager
-def model_lock(plan: FetchRequest, *, timeout: float | None = None) -> Iterator[None]:
+def model_lock(plan: FetchRequest, *, timeout: float | None = None) -> Iterator[Callable[[], None]]:
     """Hold ``plan``'s model lock (``LockTimeoutError``, exit 6, when another run or fetch holds it
-    past ``timeout``); a model folder created only to hold the lock is removed again when empty."""
+    past ``timeout``); yields a function that releases it early (once the files are in place, before
+    seeding). A model folder created only to hold the lock is removed again when empty."""
     from provision.store.lock import ModelLock
 
     m = Layout(plan.home).model(plan.name)
     created = not m.root.exists()
     try:
         with ModelLock(m.lock_file, timeout=timeout, command=f"fetch {plan.source[:200]}",
-                       what=f"Model {m.dirname}"):
-            yield
+                       what=f"Model {m.dirname}") as held:
+            yield held.release
     finally:
         if created:
             with contextlib.suppress(OSError):  # the fetch filled it (its default dest) or a run started meanwhile
@@ -82,18 +85,34 @@ def fetch(
     lock: bool = True,
     lock_timeout: float | None = None,
     pickles_as_data: bool = False,
+    force: bool = False,
 ) -> FetchResult:
     """Fetch every file of ``plan`` into ``dest`` (default ``plan.dest``), verified. ``lock=False`` says
     the caller already holds the model's lock; otherwise it is held for the fetch (``lock_timeout``).
-    ``pickles_as_data``: the caller imports the torrent's pickles, so they are verified as bytes, not refused."""
+    ``pickles_as_data``: the caller imports the torrent's pickles, so they are verified as bytes, not refused.
+    A file already in a ``dest`` outside the store, under a name the fetch writes, that is not the
+    verified file is refused (``UsageError``, exit 2) unless ``force`` (then replaced and named)."""
     order = source_order(plan, source)
-    with model_lock(plan, timeout=lock_timeout) if lock else contextlib.nullcontext():
-        return _fetch_in_order(plan, order, Path(dest) if dest else plan.dest, torrent, hub, progress,
-                               pickles_as_data)
+    target = Path(dest) if dest else plan.dest
+    policy = existing_policy(plan, target, force)
+    torrent = replace(torrent or TorrentOptions(), existing=policy)
+    hub = replace(hub or HubOptions(), existing=policy)
+    with model_lock(plan, timeout=lock_timeout) if lock else contextlib.nullcontext(None) as release:
+        return _fetch_in_order(plan, order, target, torrent, hub, progress, pickles_as_data, release)
+
+
+def existing_policy(plan: FetchRequest, dest: Path, force: bool) -> ExistingPolicy:
+    """"replace" inside the store's models folder (provision wrote what is there and repairs it),
+    else "force" or "refuse": a folder of the user's, whose files no fetch replaces unasked."""
+    models = Layout(plan.home).models.resolve()
+    if dest.resolve().is_relative_to(models):
+        return "replace"
+    return "force" if force else "refuse"
 
 
 def _fetch_in_order(plan: FetchRequest, order: list[str], target: Path, torrent: TorrentOptions | None,
-                    hub: HubOptions | None, progress: ProgressFn | None, pickles_as_data: bool = False) -> FetchResult:
+                    hub: HubOptions | None, progress: ProgressFn | None, pickles_as_data: bool = False,
+                    on_placed: Callable[[], None] | None = None) -> FetchResult:
     """Try ``order``'s sources one after the other until one delivers."""
     attempts: list[dict[str, Any]] = []
     last: FetchError | None = None
@@ -103,7 +122,7 @@ def _fetch_in_order(plan: FetchRequest, order: list[str], target: Path, torrent:
                 from provision.stages.fetch.torrent import fetch_torrent
 
                 res = fetch_torrent(plan, dest=target, options=torrent or TorrentOptions(), progress=progress,
-                                    pickles_as_data=pickles_as_data)
+                                    pickles_as_data=pickles_as_data, on_placed=on_placed)
             else:
                 from provision.stages.fetch.hub import fetch_hub
 

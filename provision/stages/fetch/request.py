@@ -3,23 +3,31 @@
 ``FetchRequest`` is the part of a ``Plan`` the fetchers read (a protocol: ``stages.plan.Plan``
 satisfies it, and the fetchers never import the planner). ``HubSnapshot`` is a Hub repo's file
 list at one commit, as the planner's listing resolved it, so the fetch downloads exactly what
-was planned. Nothing here does I/O beyond reading ``PROVISION_NETWORK`` for a default.
+was planned. ``ExistingPolicy`` and ``check_existing`` say what happens to a file already in the
+destination under a name the fetch would write, when it is not the verified file: in the store
+(provision's own folder) it is replaced, in a user's ``--dest`` refused unless ``--force``, and
+then named. Nothing here does I/O beyond reading ``PROVISION_NETWORK`` for a default.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Protocol
 
+from provision.errors import UsageError
 from provision.formats.manifest import Manifest
 from provision.formats.sources import HFRef, Magnet, SourceKind
+from provision.progress import ProgressFn, note
 from provision.settings import network_mode
 
 SourceChoice = Literal["auto", "torrent", "hf"]  # what --source accepts
 NetworkMode = Literal["public", "closed"]
 FileStatus = Literal["missing", "present", "size-mismatch"]
+# a file already in dest under a name the fetch writes, that is not the verified file: "replace" it (a
+# folder of the store's), "refuse" (a user's --dest: exit 2) or "force" (replace it, naming each)
+ExistingPolicy = Literal["replace", "refuse", "force"]
 Listing = Sequence[tuple[str, int | None, str | None]]  # (path, size or None, sha256 or None)
 
 
@@ -102,6 +110,7 @@ class TorrentOptions:
     stall_timeout: float = 120.0
     metadata_timeout: float = 120.0
     include: tuple[str, ...] = ()  # globs, for sources whose file list is known only at fetch time (a bare magnet)
+    existing: ExistingPolicy = "replace"  # set by ``stages.fetch.fetch`` from where dest is
 
 
 @dataclass(frozen=True)
@@ -110,6 +119,7 @@ class HubOptions:
     max_workers: int = 4
     stall_timeout: float = 60.0
     retries: int = 5
+    existing: ExistingPolicy = "replace"  # set by ``stages.fetch.fetch`` from where dest is
 
 
 @dataclass
@@ -136,3 +146,21 @@ class FetchResult:
         d = asdict(self)
         d["dest"] = str(self.dest)
         return d
+
+
+def check_existing(dest: Path, differing: Mapping[str, str], policy: ExistingPolicy,
+                   progress: ProgressFn | None) -> list[str]:
+    """Apply ``policy`` to ``differing`` ({path under dest: how it differs}), files the fetch would
+    replace: ``UsageError`` (exit 2) naming them for "refuse", else a note for each; the paths replaced."""
+    if not differing:
+        return []
+    if policy == "refuse":
+        first, why = next(iter(differing.items()))
+        more = f" and {len(differing) - 1} more" if len(differing) > 1 else ""
+        raise UsageError(
+            f"{dest} already holds {first} ({why}){more}, which this fetch did not write; refusing to replace it.",
+            hint="Move it away, choose another --dest, or pass --force to replace it (each replaced file is named).",
+            dest=str(dest), files=dict(differing))
+    for rel, why in differing.items():
+        note(progress, "fetch", f"replacing {dest / rel} ({why})")
+    return list(differing)

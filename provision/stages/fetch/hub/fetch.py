@@ -38,7 +38,14 @@ from provision.stages.fetch.hub.download import (
 from provision.stages.fetch.hub.env import hub_endpoint, hub_offline, resolve_token
 from provision.stages.fetch.hub.listing import HubRecord, resolve_snapshot
 from provision.stages.fetch.hub.wanted import Wanted, source_of, wanted_files, wanted_offline
-from provision.stages.fetch.request import FetchedFile, FetchRequest, FetchResult, HubOptions, HubSnapshot
+from provision.stages.fetch.request import (
+    FetchedFile,
+    FetchRequest,
+    FetchResult,
+    HubOptions,
+    HubSnapshot,
+    check_existing,
+)
 
 if TYPE_CHECKING:
     from provision.stages.verify import VerifyReport
@@ -114,16 +121,23 @@ def _fetch_group(tr: Transfer, group: list[Wanted], dest: Path) -> list[FetchedF
 
 def _present(dest: Path, wanted: list[Wanted],
              progress: ProgressFn | None = None) -> tuple[dict[str, FetchedFile], dict[str, str]]:
-    """Files already in ``dest`` that pass verification: {path: reused file}, and {path: why not}."""
+    """Files already in ``dest`` that pass verification: {path: reused file}, and {path: why not} for
+    every other file there under a wanted name (a symlink, not a file, another size, other bytes)."""
     cands = {}
+    failed: dict[str, str] = {}
     for w in wanted:
         p = safe_join(dest, w.path)
-        if p.is_file() and not p.is_symlink() and p.stat().st_size == w.size:
+        if p.is_symlink():
+            failed[w.path] = "a symlink"
+        elif p.exists() and not p.is_file():
+            failed[w.path] = "not a regular file"
+        elif p.is_file() and p.stat().st_size != w.size:
+            failed[w.path] = f"{p.stat().st_size:,d} bytes, not the {w.size:,d} expected"
+        elif p.is_file():
             cands[w.path] = w
     if not cands:
-        return {}, {}
+        return {}, failed
     report = _verify(dest, cands, {}, progress)
-    failed: dict[str, str] = {}
     ok: dict[str, FetchedFile] = {}
     for fr in report.files:
         if fr.path not in cands:
@@ -223,8 +237,11 @@ def fetch_hub(plan: FetchRequest, *, dest: Path, options: HubOptions, progress: 
         note(serial, "hf", f"hf://{repo}@{revision} is commit {snap.commit}")
     wanted, skipped = wanted_files(plan, snap, prefix)
     present, failed = _present(dest, wanted, serial)
-    for p, why in failed.items():
-        note(serial, "hf", f"{p} in {dest} failed verification ({why}); downloading it again")
+    if options.existing == "replace":
+        for p, why in failed.items():
+            note(serial, "hf", f"{p} in {dest} failed verification ({why}); downloading it again")
+    else:
+        check_existing(dest, failed, options.existing, serial)
     todo = sorted((w for w in wanted if w.path not in present), key=lambda w: -w.size)
     prog = ByteProgress(serial, sum(w.size for w in wanted), sum(w.size for w in present.values()))
     tr = Transfer(endpoint=endpoint, repo=repo, commit=snap.commit, token=token, options=options, staging=staging,

@@ -8,8 +8,9 @@ by verify, nothing placed in ``original/``); ``import_`` checks each pickle's sh
 verified download) and the release's md5 or sha256 where the manifest pins one, imports them in
 the locked-down loader (``pickle_import``) into ``original/`` by one rename, pins the imported
 files in a manifest so verify has an authority for them, and drops the pickles unless asked to
-keep them. A pickle that fails the release's hash is dropped too (the same torrent would deliver
-the same bytes). An ``original/`` left by an import killed before it was recorded is taken over
+keep them. A pickle the import refuses for its content (the release's hash, a hostile or
+mismatched pickle: exit 5) is dropped too unless kept (the same torrent brings the same bytes);
+one stopped by a resource (memory, time: exit 6 or 7) stays for the rerun. An ``original/`` left by an import killed before it was recorded is taken over
 when its ``import.json`` names the same pickles and its files still hash as recorded. Nothing
 here prints, chooses a profile or runs the later stages.
 """
@@ -24,7 +25,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from provision.errors import HashMismatchError, UsageError
+from provision.errors import UsageError, VerifyError
 from provision.formats.manifest import FileSpec, Manifest, Source, write_manifest
 from provision.formats.pickles import is_pickle_name
 from provision.io.hashing import hash_file
@@ -201,8 +202,9 @@ class PickledRelease:
             try:
                 # params.json byte for byte: the import changes the container, nothing the model means
                 res = import_pickles(sources, self.original, explicit_rope=False, progress=self.progress)
-            except HashMismatchError:
-                self._drop_pickles()
+            except VerifyError:  # not the release, hostile or not this model: the same torrent brings the same bytes
+                if not self.keep_pickle:
+                    self._drop_pickles()
                 raise
             files = {k: v for k, v in res.files.items() if k != RECORD_NAME}
             details = {"how": "import-pickle", **res.to_dict()}

@@ -9,8 +9,9 @@ same tensors with ``safetensors.torch.save``: the imported original weights equa
 converted files equal the twin run's byte for byte (all but the conversion's own record of paths
 and timings), and the smoke test generates the same token ids. A manifest run (``--source
 torrent``) checks the release's md5, keeps the pickle only with ``--keep-pickle`` and refuses a
-pickle that fails its md5. A download killed by SIGKILL resumes; an import already published
-is taken over without importing again.
+pickle that fails its md5. A hostile pickle from the swarm never runs (exit 5, nothing left).
+A download killed by SIGKILL resumes; an import already published is taken over without
+importing again. A host that imported the pickle seeds the derived safetensors to the next.
 """
 
 from __future__ import annotations
@@ -263,3 +264,56 @@ def test_an_import_published_before_its_record_was_saved_is_taken_over_without_i
         ("plan", "ok"), ("fetch", "skipped"), ("import", "ok"), ("verify", "ok")]
     assert next(st for st in doc["stages"] if st["stage"] == "import")["details"]["how"] == "taken over"
     assert (model / "original" / "consolidated.safetensors").stat().st_ino == before  # not written again
+
+
+class _RunsACommand:
+    """Unpickling this runs ``touch <marker>`` (what a hostile release would do)."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self) -> tuple[Any, tuple[str]]:
+        return (os.system, (f"touch {self.marker}",))
+
+
+@pytest.mark.slow
+def test_a_hostile_pickle_from_the_swarm_never_runs_exits_5_and_leaves_no_original_and_no_pickle(
+        tmp_path: Path) -> None:
+    import torch
+
+    rel = write_pickled_release(tmp_path / "release" / "mistral-hostile", "7b")
+    marker = tmp_path / "PWNED"
+    pickled = rel.folder / "consolidated.00.pth"
+    torch.save({"tok_embeddings.weight": _RunsACommand(marker)}, pickled)  # saving pickles it, runs nothing
+    assert not marker.exists()
+    home = tmp_path / "home"
+    with seed_thread(rel.folder) as info:
+        cp = run_provision(run_args(info.magnet, home), timeout=300)
+    assert cp.returncode == 5, cp.stderr[-3000:]
+    doc = json.loads(cp.stdout)
+    assert doc["error"]["kind"] == "hostile" and "weights_only=True) refused" in doc["error"]["message"]
+    assert "\n" not in doc["error"]["message"]
+    assert not marker.exists()
+    assert not (_model_dir(home) / "original").exists()
+    assert _pickles_under(home) == []
+
+
+@pytest.mark.slow
+def test_a_host_that_imported_the_pickle_seeds_the_verified_safetensors_and_the_next_host_never_sees_a_pickle(
+        tmp_path: Path) -> None:
+    rel = write_pickled_release(tmp_path / "release" / "mistral-pickled", "7b")
+    first = tmp_path / "home-a"
+    with seed_thread(rel.folder) as info:
+        cp = run_provision(run_args(info.magnet, first, "--skip-convert", "--skip-smoke"), timeout=300)
+    assert cp.returncode == 0, cp.stderr[-3000:]
+    original = _model_dir(first) / "original"
+    second = tmp_path / "home-b"
+    with provision_seed(original, tmp_path / "seed-derived") as s:
+        cp = run_provision(run_args(s.magnet, second), timeout=300)
+    assert cp.returncode == 0, cp.stderr[-3000:]
+    doc = json_report(cp)
+    assert [st["stage"] for st in doc["stages"]] == ["plan", "fetch", "verify", "convert", "smoke"]
+    got = _model_dir(second) / "original"
+    assert (got / "consolidated.safetensors").read_bytes() == (original / "consolidated.safetensors").read_bytes()
+    assert _pickles_under(second) == []
+    _smoke_ids(doc)

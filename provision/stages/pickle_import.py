@@ -29,12 +29,13 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from provision.errors import (
     ConvertError,
     HashMismatchError,
     HostileContentError,
+    ManifestError,
     ParamsError,
     ProvisionError,
     ResourceError,
@@ -50,6 +51,9 @@ from provision.io.hashing import hash_file
 from provision.io.space import check_free_space
 from provision.progress import ProgressFn, note
 from provision.stages.pickle_sandbox import Limits, net_namespace, preexec
+
+if TYPE_CHECKING:
+    from provision.formats.manifest import Manifest
 
 WEIGHTS_NAME = "consolidated.safetensors"
 RECORD_NAME = "import.json"
@@ -117,6 +121,38 @@ def find_pickle(src: Path) -> Path:
         raise UsageError(f"{src} holds {len(found)} pickle files ({', '.join(p.name for p in found[:4])}); "
                          "pass the one to import.", path=str(src))
     return found[0]
+
+
+def find_pickles(src: Path) -> list[Path]:
+    """``src`` itself (a pickle file), or every pickle file in folder ``src``, by name."""
+    src = Path(src)
+    if src.is_file():
+        return [find_pickle(src)]
+    if not src.is_dir():
+        raise UsageError(f"{src} does not exist; pass the .pth file or the folder holding it.", path=str(src))
+    found = sorted(p for p in src.iterdir() if p.is_file() and is_pickle_name(p.name))
+    if not found:
+        raise UsageError(f"{src} holds no pickle file ({', '.join(PICKLE_SUFFIXES)}).", path=str(src))
+    return found
+
+
+def manifest_sources(src: Path, manifest: Manifest) -> list[PickleSource]:
+    """The pickles at ``src`` (a file, or every one in a folder: shards) with the hashes ``manifest``
+    pins for them. One pickle without a pinned hash is a manifest error (exit 3); among shards,
+    ``import_pickles`` refuses the lot (exit 5)."""
+    paths = find_pickles(src)
+    out = []
+    for p in paths:
+        spec = manifest.file(p.name)
+        if spec is None or not spec.pickle:
+            raise ManifestError(f"Manifest {manifest.name} does not list the pickle {p.name}; pass --sha256 from "
+                                "a source you trust.", manifest=manifest.name, file=p.name)
+        if len(paths) == 1 and not (spec.sha256 or spec.md5):
+            raise ManifestError(f"Manifest {manifest.name} pins no sha256 for the pickle {p.name}; pass --sha256 "
+                                "from a source you trust.", manifest=manifest.name, file=p.name)
+        out.append(PickleSource(p, spec.sha256, spec.md5, authority="manifest-sha256" if spec.sha256 else
+                                "manifest-md5" if spec.md5 else ""))
+    return out
 
 
 def _check_hash_arg(kind: str, value: str | None) -> str | None:

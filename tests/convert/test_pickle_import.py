@@ -594,3 +594,42 @@ def test_a_tensor_in_two_shards_is_refused(tiny_7b: Path, tmp_path: Path) -> Non
     with pytest.raises(StructureError, match=r"'norm\.weight' is in two shards"):
         import_pickles(sources, tmp_path / "out")
     assert not (tmp_path / "out").exists() and _leftovers(tmp_path) == []
+
+
+def _shard_manifest(path: Path, rel: Any, pinned: set[str]) -> Path:
+    from provision.formats.manifest import FileSpec, Manifest, Source, write_manifest
+
+    files = tuple(FileSpec(path=n, sha256=rel.sha256(n) if n in pinned else None, optional=True, pickle=True,
+                           sources=("hf",)) for n in rel.pickles)
+    m = Manifest(name="tiny-mixtral-shards", architecture="mixtral", format="hf",
+                 sources=(Source(type="hf", repo="provision/tiny-mixtral-shards"),), files=files)
+    write_manifest(m, path)
+    return path
+
+
+@pytest.mark.slow
+def test_the_cli_imports_a_folder_of_shards_whose_manifest_pins_every_one(tmp_path: Path, capsys: Any) -> None:
+    from provision.testing.tiny_pickled import write_pickled_release, write_safetensors_twin
+
+    rel = write_pickled_release(tmp_path / "rel", "mixtral", shards=3)
+    twin = write_safetensors_twin(tmp_path / "twin", "mixtral")
+    manifest = _shard_manifest(tmp_path / "m.toml", rel, set(rel.pickles))
+    code = run_cli(["import-pickle", str(rel.folder), "--out", str(tmp_path / "out"), "--manifest", str(manifest),
+                    "--keep-params", "--memory-limit", "6GiB", "--json"])
+    doc = json.loads(capsys.readouterr().out)
+    assert code == 0, doc
+    assert [s["name"] for s in doc["shards"]] == list(rel.pickles)
+    assert doc["sandbox"]["memory_limit"] == 6 * 2**30
+    assert _sha(tmp_path / "out" / "consolidated.safetensors") == twin.sha256("consolidated.safetensors")
+
+
+def test_the_cli_refuses_shards_when_the_manifest_pins_only_some_with_exit_5(tmp_path: Path, capsys: Any) -> None:
+    from provision.testing.tiny_pickled import write_pickled_release
+
+    rel = write_pickled_release(tmp_path / "rel", "mixtral", shards=3)
+    manifest = _shard_manifest(tmp_path / "m.toml", rel, {"consolidated.00.pt", "consolidated.01.pt"})
+    code = run_cli(["import-pickle", str(rel.folder), "--out", str(tmp_path / "out"), "--manifest", str(manifest),
+                    "--json"])
+    doc = json.loads(capsys.readouterr().out)
+    assert code == 5 and "consolidated.02.pt has no sha256 or md5" in doc["error"]["message"]
+    assert not (tmp_path / "out").exists()

@@ -162,3 +162,179 @@ def test_an_empty_file_passes_v2_only_without_a_root_or_with_the_zero_root(tmp_p
     for root, ok in ((None, True), (ZERO, True), (b"\x01" * 32, False)):
         c = v2_check(_work(tmp_path, b"", Authority(kind="torrent-v2-merkle", merkle_root=root)))
         assert c.ok is ok and c.actual is None
+
+
+# ---- the folder scan, admission and the whole verify, on folders built here
+
+
+def _folder(tmp_path: Path) -> Path:
+    root = tmp_path / "model"
+    (root / "sub").mkdir(parents=True)
+    (root / "a.dat").write_bytes(b"aaaa")
+    (root / "sub" / "b.dat").write_bytes(b"bb")
+    (root / "w.pth").write_bytes(b"pickle")
+    (root / "in-link").symlink_to(root / "a.dat")
+    (root / "pickled-link.bin").symlink_to(root / "w.pth")
+    (root / "dir-link").symlink_to(root / "sub")
+    outside = tmp_path / "outside.dat"
+    outside.write_bytes(b"o")
+    (root / "out-link").symlink_to(outside)
+    (root / "dangling").symlink_to(root / "nothing")
+    os.mkfifo(root / "fifo")
+    return root
+
+
+def test_scan_classifies_every_entry_without_following_links(tmp_path: Path) -> None:
+    from provision.stages.verify.scan import scan
+
+    root = _folder(tmp_path)
+    got = {e.rel: (e.kind, e.size) for e in scan(root)}
+    assert got == {
+        "a.dat": ("file", 4), "sub/b.dat": ("file", 2), "w.pth": ("pickle", None),
+        "in-link": ("symlink-in", 4), "pickled-link.bin": ("pickle", None), "dir-link": ("dir-link", None),
+        "out-link": ("symlink-out", None), "dangling": ("special", None), "fifo": ("special", None),
+    }
+    assert [e.rel for e in scan(root)] == sorted(got)
+    readable = {e.rel for e in scan(root) if e.readable}
+    assert readable == {"a.dat", "sub/b.dat", "in-link"}
+    out = next(e for e in scan(root) if e.rel == "out-link")
+    assert out.target == str((tmp_path / "outside.dat").resolve())
+
+
+def test_hostile_checks_name_what_each_refused_entry_is(tmp_path: Path) -> None:
+    from provision.stages.verify.scan import hostile_check, scan
+
+    root = _folder(tmp_path)
+    checks = {e.rel: hostile_check(e) for e in scan(root)}
+    assert {r for r, c in checks.items() if c is None} == {"a.dat", "sub/b.dat", "in-link", "dir-link"}
+    pick = checks["w.pth"]
+    assert pick is not None and not pick.ok and pick.name == "hostile" and pick.actual == "pickle"
+    assert pick.message.startswith("Refusing w.pth: it is a pickle format (.pth), which can run code")
+    out = checks["out-link"]
+    target = str((tmp_path / "outside.dat").resolve())
+    assert out is not None and out.message == f"Refusing out-link: it is a symlink that leaves the model folder (to {target})."
+    assert out.actual == f"symlink -> {target}"
+    fifo = checks["fifo"]
+    assert fifo is not None and fifo.actual == "special" and "not a regular file" in fifo.message
+    for c in checks.values():
+        if c is not None:
+            assert c.error is not None and c.error.exit_code == 5
+
+
+def _sha(b: bytes) -> str:
+    return hashlib.sha256(b).hexdigest()
+
+
+def test_admission_reports_missing_folders_sizes_and_statuses_with_exact_messages(tmp_path: Path) -> None:
+    from provision.stages.verify.verifier import verify_files
+
+    root = _folder(tmp_path)
+    A = Authority
+    rep = verify_files(root, {
+        "a.dat": A(kind="manifest-sha256", size=4, sha256=_sha(b"aaaa").upper()),
+        "sub/b.dat": A(kind="manifest-sha256", size=3),
+        "gone.dat": A(kind="manifest-sha256", size=6),
+        "gone2.dat": A(kind="hub-lfs-sha256"),
+        "sub": A(kind="manifest-sha256"),
+        "in-link": A(kind="git-blob-sha1", git_sha1=git_blob_sha1(root / "a.dat").upper()),
+    }, structure=False, workers=1)
+    status = {f.path: f.status for f in rep.files}
+    assert status["a.dat"] == "ok" and status["in-link"] == "ok"
+    assert status["sub/b.dat"] == "failed" and status["gone.dat"] == "missing" and status["sub"] == "missing"
+    assert status["w.pth"] == "refused" and status["fifo"] == "refused" and status["dir-link"] == "unlisted"
+    msgs = {(c.name, c.file): c.message for c in rep.failures}
+    assert msgs[("size", "sub/b.dat")] == "sub/b.dat is 2 bytes but the manifest-sha256 authority says 3."
+    assert msgs[("present", "gone.dat")] == "gone.dat is missing; the manifest-sha256 authority expects a file of 6 bytes."
+    assert msgs[("present", "gone2.dat")] == "gone2.dat is missing; the hub-lfs-sha256 authority expects a file."
+    assert msgs[("present", "sub")] == "sub is a folder; the manifest-sha256 authority expects a file."
+    a = rep.file("a.dat")
+    assert a is not None and (a.size, a.sha256, a.sha256_source) == (4, _sha(b"aaaa"), "read")
+    assert not any(c.file == "sub/b.dat" and c.name == "sha256" for c in rep.checks)  # no hashing after a bad size
+    assert rep.facts["a.dat"] == (4, _sha(b"aaaa")) and "sub/b.dat" not in rep.facts
+
+
+def test_expected_hostile_paths_and_pickles_are_refused_without_reading(tmp_path: Path) -> None:
+    from provision.stages.verify.verifier import verify_files
+
+    root = _folder(tmp_path)
+    rep = verify_files(root, {"../outside.dat": Authority(kind="manifest-sha256"),
+                              "new.pt": Authority(kind="manifest-sha256")}, structure=False, workers=1)
+    by = {(c.name, c.file): c for c in rep.failures}
+    assert by[("hostile", "../outside.dat")].error is not None
+    assert by[("hostile", "new.pt")].message == ("Refusing new.pt: it is a pickle format; provision reads "
+                                                 "safetensors only and never opens it.")
+    assert rep.file("new.pt") is not None and rep.file("new.pt").status == "refused"  # type: ignore[union-attr]
+
+
+def test_pickles_as_data_hashes_a_regular_pickle_but_never_a_linked_one(tmp_path: Path) -> None:
+    from provision.stages.verify.verifier import verify_files
+
+    root = _folder(tmp_path)
+    rep = verify_files(root, {"w.pth": Authority(kind="manifest-sha256", sha256=_sha(b"pickle")),
+                              "pickled-link.bin": Authority(kind="manifest-sha256")},
+                       structure=False, workers=1, pickles_as_data=True)
+    w = rep.file("w.pth")
+    assert w is not None and w.status == "ok" and w.sha256 == _sha(b"pickle")
+    link = rep.file("pickled-link.bin")
+    assert link is not None and link.status == "refused"
+
+
+def test_a_fetcher_hash_stands_in_for_the_read_but_is_still_compared(tmp_path: Path) -> None:
+    from provision.stages.verify.verifier import verify_files
+
+    root = tmp_path / "m"
+    root.mkdir()
+    (root / "a.dat").write_bytes(b"aaaa")
+    auth = {"a.dat": Authority(kind="manifest-sha256", sha256=_sha(b"aaaa"))}
+    rep = verify_files(root, auth, known_sha256={"./a.dat": _sha(b"aaaa").upper()}, structure=False, workers=1)
+    a = rep.file("a.dat")
+    assert rep.ok and a is not None and a.sha256_source == "fetcher" and a.sha256 == _sha(b"aaaa")
+    assert rep.bytes_hashed == 0  # nothing read: the fetcher's hash stood in
+    bad = verify_files(root, auth, known_sha256={"a.dat": "00" * 32}, structure=False, workers=1)
+    assert [c.name for c in bad.failures] == ["sha256"] and bad.failures[0].actual == "00" * 32
+
+
+def test_md5_is_checked_when_the_authority_sets_it(tmp_path: Path) -> None:
+    from provision.stages.verify.verifier import verify_files
+
+    root = tmp_path / "m"
+    root.mkdir()
+    (root / "t.model").write_bytes(b"tok")
+    good = verify_files(root, {"t.model": Authority(kind="manifest-md5", md5=hashlib.md5(b"tok").hexdigest().upper())},
+                        structure=False, workers=1)
+    assert good.ok and [c.name for c in good.checks] == ["present", "md5"]
+    bad = verify_files(root, {"t.model": Authority(kind="manifest-md5", md5="0" * 32)}, structure=False, workers=1)
+    assert not bad.ok and bad.failures[0].name == "md5"
+
+
+def test_a_root_that_is_not_a_folder_is_a_usage_error(tmp_path: Path) -> None:
+    from provision.errors import UsageError
+    from provision.stages.verify.verifier import verify_files
+
+    f = tmp_path / "file"
+    f.write_bytes(b"")
+    for bad in (f, tmp_path / "missing"):
+        with pytest.raises(UsageError, match="is not a folder") as ei:
+            verify_files(bad, {})
+        assert ei.value.exit_code == 2
+
+
+def test_the_worker_count_is_at_least_one(tmp_path: Path) -> None:
+    from provision.stages.verify.verifier import verify_files
+
+    assert verify_files(tmp_path, {}, workers=3).workers == 3
+    assert verify_files(tmp_path, {}, workers=0).workers >= 1
+
+
+@pytest.mark.parametrize(("rels", "weights"), [
+    (["consolidated.safetensors", "extra.safetensors", "params.json"], ["consolidated.safetensors"]),
+    (["a.safetensors", "b.safetensors", "params.json"], ["a.safetensors", "b.safetensors"]),
+    (["a.safetensors", "config.json", "params.json"], []),
+    (["model-1.safetensors", "model.safetensors.index.json"], []),
+    (["sub/consolidated.safetensors", "x.bin"], []),
+])
+def test_mistral_weights_are_consolidated_files_else_top_level_ones_unless_hf(rels: list[str],
+                                                                              weights: list[str]) -> None:
+    from provision.stages.verify.structure import mistral_weights
+
+    assert mistral_weights(rels) == weights

@@ -151,6 +151,7 @@ def test_a_damaged_file_in_the_stores_own_original_is_downloaded_again(
     (dest / "params.json").write_bytes(bytes(bad))
     code, rep, err = cli_json(capsys, "fetch", f"hf://{TINY_REPO}")
     assert code == 0, err
+    assert {x["path"]: x["reused"] for x in rep["fetch"]["files"]}["params.json"] is False
     assert same_files(dest, tiny_src, ["params.json"])
 
 

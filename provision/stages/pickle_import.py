@@ -456,7 +456,7 @@ def import_pickles(sources: Sequence[PickleSource], out_dir: Path, *, params: Pa
         raise
     note(progress, "import", f"wrote {len(spec)} tensors to {out_dir / WEIGHTS_NAME}")
     return ImportResult(out_dir=out_dir, source=srcs[0].path, source_sha256=str(first["sha256"]),
-                        source_md5=first["md5"], authority=str(first["authority"]), tensors=len(spec),
+                        source_md5=first["md5"], authority="sha256" if srcs[0].sha256 else "md5", tensors=len(spec),
                         parameters=parameter_count(args), dtypes=dtypes, rope_theta_added=added, files=files,
                         seconds=time.monotonic() - t0, shards=shards, sandbox=sandbox)
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import os
 import sys
 import tempfile
 import threading
@@ -48,7 +49,8 @@ def _demo(root: Path, json_out: bool, target: str, t0: float) -> int:
 
     tiny = root / "tiny-pixtral"
     _say(f"1/3 building the tiny checkpoint in {tiny}")
-    with contextlib.redirect_stdout(sys.stderr):  # tiny's file list is its result: keep stdout for run's report
+    # tiny's file list is its result, not the demo's: stdout stays for run's result (or --json report)
+    with open(os.devnull, "w") as sink, contextlib.redirect_stdout(sink):
         rc = run_cli(["--quiet", "tiny", str(tiny)])
     if rc:
         return rc

@@ -14,6 +14,7 @@ import pytest
 
 from provision.cli.main import cli, run_cli
 from provision.errors import EXIT_CODES
+from provision.testing.torrent_fixtures import stop_process
 from provision.version import JSON_SCHEMA_VERSION, __version__
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -126,8 +127,7 @@ def test_signals_exit_143_and_130_after_cleanup_runs(tmp_path: Path, sig: int, c
         p.send_signal(sig)
         _, err = p.communicate(timeout=20)
     finally:
-        if p.poll() is None:
-            p.kill()
+        stop_process(p, signal.SIGKILL)
     assert p.returncode == code, err
     assert marker.read_text() == "saved"
     assert "Traceback" not in err

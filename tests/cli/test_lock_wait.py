@@ -7,6 +7,7 @@ import itertools
 import math
 import os
 import select
+import signal
 import subprocess
 import sys
 import time
@@ -14,7 +15,7 @@ from pathlib import Path
 
 from provision.layout import Layout
 from provision.store.lock import LockWait, ModelLock
-from provision.testing.torrent_fixtures import provision_env
+from provision.testing.torrent_fixtures import provision_env, stop_process
 
 ROOT = Path(__file__).resolve().parents[2]
 NAME = "tiny-pixtral"  # the tiny manifest's model name
@@ -102,6 +103,5 @@ def test_provision_run_says_it_waits_for_the_lock_before_the_holder_releases_it(
         assert run.wait(timeout=120) == 0
     finally:
         for p in (holder, run):
-            if p is not None and p.poll() is None:
-                p.kill()
-                p.wait()
+            if p is not None:
+                stop_process(p, signal.SIGKILL)

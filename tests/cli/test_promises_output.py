@@ -8,6 +8,7 @@ import os
 import pty
 import re
 import select
+import signal
 import subprocess
 import sys
 import time
@@ -18,7 +19,7 @@ import pytest
 from provision.cli.main import run_cli
 from provision.testing.hub_server import TOKENS, LoopbackHub
 from provision.testing.tiny import TINY_REPO
-from provision.testing.torrent_fixtures import PROVISION, REPO, provision_env, run_provision
+from provision.testing.torrent_fixtures import PROVISION, REPO, provision_env, run_provision, stop_process
 
 ALICE = next(t for t, user in TOKENS.items() if user == "alice")
 
@@ -132,9 +133,7 @@ def _on_a_tty(argv: list[str], env: dict[str, str]) -> tuple[int, str]:
         rc = p.wait(timeout=max(1.0, deadline - time.monotonic()))
     finally:
         os.close(master)
-        if p.poll() is None:
-            p.kill()
-            p.wait(timeout=10)
+        stop_process(p, signal.SIGKILL)
     return rc, out.decode("utf-8", "replace")
 
 

@@ -28,6 +28,7 @@ from typing import Any
 from provision.errors import UsageError, VerifyError
 from provision.formats.manifest import FileSpec, Manifest, Source, write_manifest
 from provision.formats.pickles import is_pickle_name
+from provision.io.atomic import TMP_PREFIX
 from provision.io.hashing import hash_file
 from provision.layout import Layout, model_dirname
 from provision.progress import ProgressFn, note
@@ -199,6 +200,8 @@ class PickledRelease:
                                      f"{', '.join(self.pickles)}; remove it to import again.",
                                      path=str(self.original))
                 shutil.rmtree(self.original)  # an earlier import of other bytes: redone from the verified pickle
+            for stale in self.original.parent.glob(f"{TMP_PREFIX}import-{self.original.name}.*"):
+                shutil.rmtree(stale, ignore_errors=True)  # a killed import's folder (the run holds the model lock)
             try:
                 # params.json byte for byte: the import changes the container, nothing the model means
                 res = import_pickles(sources, self.original, explicit_rope=False, progress=self.progress)

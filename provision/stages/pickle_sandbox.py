@@ -1,6 +1,7 @@
 """The locks on the pickle loader process: resource limits, no network, no writes outside its folder.
 
-The parent side (``preexec``) runs between fork and exec of the loader: no core dumps, a memory
+The parent side (``preexec``) runs between fork and exec of the loader: it dies with its parent
+(``PR_SET_PDEATHSIG``, so a SIGKILLed run leaves no loader writing behind it), no core dumps, a memory
 limit (``RLIMIT_DATA``: heap and private mappings, which is where unpickled storages live), a
 CPU-time limit (``RLIMIT_CPU``: SIGXCPU at the soft limit, SIGKILL at the hard one) and, where
 the host allows it, a fresh empty network namespace (``unshare(CLONE_NEWNET)`` as root, else
@@ -17,11 +18,13 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import os
+import signal
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal
 
+PR_SET_PDEATHSIG = 1
 CLONE_NEWNET = 0x40000000
 CLONE_NEWUSER = 0x10000000
 NetworkMode = Literal["namespace", "no-sockets"]
@@ -62,8 +65,10 @@ def preexec(limits: Limits) -> Callable[[], None]:
                            (resource.RLIMIT_CPU, (cpu, cpu + 5))):
             with contextlib.suppress(ValueError, OSError):  # a hard limit already lower: it stays
                 resource.setrlimit(lim, value)
-        if libc is not None and libc.unshare(CLONE_NEWNET) != 0:
-            libc.unshare(CLONE_NEWUSER | CLONE_NEWNET)  # unprivileged hosts that allow user namespaces
+        if libc is not None:
+            libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)  # a parent killed by SIGKILL takes the loader along
+            if libc.unshare(CLONE_NEWNET) != 0:
+                libc.unshare(CLONE_NEWUSER | CLONE_NEWNET)  # unprivileged hosts that allow user namespaces
 
     return run
 

@@ -633,3 +633,36 @@ def test_the_cli_refuses_shards_when_the_manifest_pins_only_some_with_exit_5(tmp
     doc = json.loads(capsys.readouterr().out)
     assert code == 5 and "consolidated.02.pt has no sha256 or md5" in doc["error"]["message"]
     assert not (tmp_path / "out").exists()
+
+
+def test_the_loader_dies_with_its_parent_when_the_parent_is_killed(tmp_path: Path) -> None:
+    import signal
+    import subprocess
+
+    from provision.testing.torrent_fixtures import wait_for
+
+    pidfile = tmp_path / "child.pid"
+    parent_code = ("import subprocess, sys, time\n"
+                   "from provision.stages.pickle_sandbox import Limits, preexec\n"
+                   "c = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(120)'], "
+                   "preexec_fn=preexec(Limits(1 << 30, 120)))\n"
+                   f"open({str(pidfile)!r}, 'w').write(str(c.pid))\n"
+                   "time.sleep(120)\n")
+    parent = subprocess.Popen([sys.executable, "-c", parent_code])
+    try:
+        wait_for(lambda: pidfile.is_file() and pidfile.read_text().strip(), 60, what="the loader to start")
+        child = int(pidfile.read_text())
+        parent.send_signal(signal.SIGKILL)
+        parent.wait(30)
+
+        def gone() -> bool:
+            try:
+                return Path(f"/proc/{child}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+            except OSError:
+                return True
+
+        wait_for(gone, 30, what="the loader to die with its parent")  # it would sleep 120 s otherwise
+    finally:
+        if parent.poll() is None:
+            parent.kill()
+            parent.wait(30)

@@ -108,6 +108,9 @@ def test_run_by_magnet_takes_a_pickled_release_from_the_swarm_to_a_smoke_test_eq
     doc = json_report(cp)
     assert [st["stage"] for st in doc["stages"]] == STAGES
     assert all(st["result"] == "ok" for st in doc["stages"])
+    from provision.formats.report_schema import validate_report
+
+    validate_report(doc)  # the import stage is a documented stage of the run report
     model = _model_dir(home)
     original = model / "original"
     # the import wrote exactly what safetensors.torch.save writes for the same tensors
@@ -317,3 +320,58 @@ def test_a_host_that_imported_the_pickle_seeds_the_verified_safetensors_and_the_
     assert (got / "consolidated.safetensors").read_bytes() == (original / "consolidated.safetensors").read_bytes()
     assert _pickles_under(second) == []
     _smoke_ids(doc)
+
+
+def _loader_children(parent: int) -> list[int]:
+    """The pids of the pickle loader processes ``parent`` started (read from /proc)."""
+    out = []
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit():
+            continue
+        try:
+            cmd = (d / "cmdline").read_bytes().split(b"\0")
+            ppid = int((d / "stat").read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            continue
+        if ppid == parent and b"provision.stages.pickle_import" in cmd and b"--child" in cmd:
+            out.append(int(d.name))
+    return out
+
+
+def _gone(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return True
+    return state == "Z"
+
+
+@pytest.mark.slow
+def test_a_run_killed_during_the_import_takes_its_loader_along_and_the_rerun_imports_without_fetching_again(
+        tmp_path: Path) -> None:
+    rel = write_pickled_release(tmp_path / "release" / "mistral-pickled", "7b")
+    home = tmp_path / "home"
+    with seed_thread(rel.folder) as info:
+        args = [sys.executable, "-m", "provision.cli.main", *run_args(info.magnet, home)]
+        p = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=provision_env(),
+                             cwd=REPO)
+        try:
+            children = wait_for(lambda: _loader_children(p.pid) or p.poll() is not None, 120,
+                                what="the pickle loader to start")
+            assert p.poll() is None and isinstance(children, list), "the run ended before its import"
+            os.kill(p.pid, signal.SIGKILL)
+            p.wait(30)
+            wait_for(lambda: all(_gone(c) for c in children), 30, what="the loader to die with its parent")
+        finally:
+            stop_process(p)
+        model = _model_dir(home)
+        assert not (model / "original").exists()
+        staged = home / "staging" / model.name / "pickle-src" / "consolidated.00.pth"
+        assert _sha(staged) == rel.sha256("consolidated.00.pth")  # verified and kept for the rerun
+        cp = run_provision(run_args(info.magnet, home), timeout=300)
+    assert cp.returncode == 0, cp.stderr[-3000:]
+    doc = json_report(cp)
+    assert [(st["stage"], st["result"]) for st in doc["stages"]][:3] == [
+        ("plan", "ok"), ("fetch", "skipped"), ("import", "ok")]
+    assert [d.name for d in model.iterdir() if d.name.startswith(".provision-tmp-")] == []
+    assert _pickles_under(home) == []

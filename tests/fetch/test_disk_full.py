@@ -116,6 +116,7 @@ def test_hub_disk_full_midway_exits_6_keeps_the_partial_and_resumes_once_space_i
         assert proc.returncode == 6, err
         assert "No space left on the device" in _one_line_error(err)
         assert not (dest / "weights.dat").exists()
+        assert not [p for p in home.rglob("*") if p.name.startswith(".provision-tmp")]  # nothing half-written
         kept = _partial(home, "provision/big").read_bytes()
         assert 2 * MiB <= len(kept) < size and kept == src.read_bytes()[:len(kept)]
 

@@ -51,11 +51,21 @@ def test_a_v2_file_tree_path_over_the_limit_is_refused() -> None:
     from provision.stages.fetch.torrent import check_info_names
 
     tree: dict[bytes, Any] = {b"f.dat": {b"": {b"length": 1}}}
-    for _ in range(18):  # 18 folders of 200 bytes: 3600 + 18 separators + 'model/f.dat', over 3584
+    for _ in range(18):  # 'model' + 18 x '/<200 bytes>' + '/f.dat' = 5 + 3618 + 6 = 3629 bytes, over 3584
         tree = {b"d" * 200: tree}
     with pytest.raises(HostileContentError):
         check_info_names(lt.bencode({b"name": b"model", b"piece length": 16384, b"meta version": 2,
                                      b"file tree": tree}))
+    # 'model' + 17 x '/<200 bytes>' + '/f.dat' = 5 + 3417 + 6 = 3428 bytes, fine; with a 200-byte file
+    # name at the end 5 + 3417 + 201 = 3623, over 3584: the file's own name counts
+    ok: dict[bytes, Any] = {b"f.dat": {b"": {b"length": 1}}}
+    long_leaf: dict[bytes, Any] = {b"f" * 200: {b"": {b"length": 1}}}
+    for _ in range(17):
+        ok, long_leaf = {b"d" * 200: ok}, {b"d" * 200: long_leaf}
+    check_info_names(lt.bencode({b"name": b"model", b"piece length": 16384, b"meta version": 2, b"file tree": ok}))
+    with pytest.raises(HostileContentError):
+        check_info_names(lt.bencode({b"name": b"model", b"piece length": 16384, b"meta version": 2,
+                                     b"file tree": long_leaf}))
 
 
 def test_printable_escapes_control_characters_and_keeps_the_rest() -> None:

@@ -137,8 +137,8 @@ def _check_file_tree(tree: Any, depth: int, above: tuple[str, ...]) -> None:
     if b"" in tree:  # a file node: {"": {"length": ...}} and nothing else, never the root
         if depth == 0 or len(tree) != 1:
             raise HostileContentError("Refusing the torrent: its v2 file tree has an empty file name.")
+        check_path_length(above)  # the file's whole path: its folders and its own name
         return
-    check_path_length(above)
     for k, v in tree.items():
         name = _str_part(k, "file name")
         check_component(name, "file name")

@@ -305,3 +305,16 @@ def test_an_hf_config_with_an_impossible_value_is_exit_3(tiny_src: Path, tmp_pat
     with pytest.raises(ParamsError) as e:
         check_loadable(out)
     assert e.value.exit_code == 3
+
+
+def test_an_interrupted_writers_temporary_in_an_earlier_conversion_is_cleaned_but_a_folder_is_foreign(
+        tiny_src: Path, tmp_path: Path) -> None:
+    out = tmp_path / "o"
+    convert(tiny_src, out, target="h100", scheme="bf16")
+    (out / ".provision-tmp-consolidated.safetensors-123").write_bytes(b"partial")
+    res = convert(tiny_src, out, target="h100", scheme="bf16")
+    assert sorted(p.name for p in out.iterdir()) == sorted([n for n, _ in res.files] + [RECORD_NAME])
+    (out / ".provision-tmp-fetch-1").mkdir()  # another command's staging folder: not convert's
+    with pytest.raises(UsageError):
+        convert(tiny_src, out, target="h100", scheme="bf16")
+    assert (out / ".provision-tmp-fetch-1").is_dir()

@@ -7,8 +7,9 @@ is written, how ``--out`` may be used (``OutMode``):
 
 * ``new``: ``--out`` does not exist or is an empty folder; the staging folder is renamed onto it.
 * ``replace``: ``--out`` holds an earlier conversion and nothing else (every file is named in its
-  ``provision-convert.json`` with the size recorded there); the old folder is swapped out by a
-  rename and then only its recorded files are deleted.
+  ``provision-convert.json`` with the size recorded there, or is a ``.provision-tmp-*`` file an
+  interrupted writer left); the old folder is swapped out by a rename and then only those files
+  are deleted.
 * ``merge`` (``--force``): ``--out`` holds files convert did not write; convert's files are added
   next to them and the command is refused (exit 2) when any of their names is already taken by
   a file convert did not write. Files of an earlier conversion recorded there may be replaced.
@@ -77,6 +78,13 @@ def _written_by_convert(out_dir: Path) -> set[str]:
     return mine
 
 
+def _temporaries(out_dir: Path) -> set[str]:
+    """The ``.provision-tmp-*`` regular files in ``out_dir``: an interrupted writer's temporaries
+    (folders of that name are another command's staging and are not counted)."""
+    return {p.name for p in out_dir.iterdir()
+            if p.name.startswith(TMP_PREFIX) and p.is_file() and not p.is_symlink()}
+
+
 def check_out(src_dir: Path, out_dir: Path, *, force: bool = False) -> OutMode:
     """How a conversion of ``src_dir`` may use ``out_dir`` (see the module docstring); raises
     ``UsageError`` (exit 2) when it may not. Writes nothing."""
@@ -91,7 +99,7 @@ def check_out(src_dir: Path, out_dir: Path, *, force: bool = False) -> OutMode:
     entries = sorted(p.name for p in out_dir.iterdir())
     if not entries:
         return "new"
-    mine = _written_by_convert(out_dir)
+    mine = _written_by_convert(out_dir) | _temporaries(out_dir)
     foreign = [n for n in entries if n not in mine]
     if not foreign:
         return "replace"
@@ -175,7 +183,8 @@ def commit_output(stage: Path, out_dir: Path, mode: OutMode, files: list[str]) -
     if mode == "replace":
         old = parent / f"{TMP_PREFIX}convert-old-{_stage_label(out_dir)}-{os.getpid()}"
         mine = _written_by_convert(out_dir)
-        if any(p.name not in mine and not p.name.startswith(TMP_PREFIX) for p in out_dir.iterdir()):
+        temporaries = _temporaries(out_dir)
+        if any(p.name not in mine and p.name not in temporaries for p in out_dir.iterdir()):
             raise UsageError(f"--out {out_dir} gained files convert did not write during the conversion; "
                              "nothing was replaced.", path=str(out_dir))
         os.replace(out_dir, old)
@@ -184,10 +193,9 @@ def commit_output(stage: Path, out_dir: Path, mode: OutMode, files: list[str]) -
         for name in mine:
             with contextlib.suppress(FileNotFoundError):
                 (old / name).unlink()
-        for p in old.iterdir():  # temporaries of convert's own writers
-            if p.name.startswith(TMP_PREFIX) and (p.is_file() or p.is_symlink()):
-                with contextlib.suppress(OSError):
-                    p.unlink()
+        for name in temporaries:  # an interrupted writer's temporaries
+            with contextlib.suppress(OSError):
+                (old / name).unlink()
         with contextlib.suppress(OSError):  # something that is not ours appeared: the folder stays
             old.rmdir()
         return

@@ -2,7 +2,8 @@
 
 Each stage is a library function (``stages.fetch.fetch`` or ``stages.adopt.adopt``,
 ``stages.verify.verify_files``, ``stages.convert.convert``, ``stages.smoke.smoke``) wrapped in a
-``Stage``; ``run_pipeline`` runs them under the model's lock and records every finished stage in
+``Stage``; a pickled torrent release (``stages.pickle_release``) fetches into staging and adds
+an ``import`` stage before verify. ``run_pipeline`` runs them under the model's lock and records every finished stage in
 ``state.json`` with the facts of the files it relied on, so a rerun skips what still matches and
 a run killed anywhere resumes (``reverify`` re-hashes everything). The conversion profile is
 chosen once, before the fetch when params.json is known, else from the verified original. It
@@ -155,7 +156,7 @@ class Outcome:
 class Stage:
     """One resumable step: ``is_valid`` says the recorded result still holds (skip it), ``run`` redoes it."""
 
-    name: str  # in the report: fetch | verify | convert | smoke
+    name: str  # in the report: fetch | import | verify | convert | smoke
     key: str  # in the state file: fetch, verify, convert:<profile>, smoke:<profile or original>
     is_valid: Callable[[], bool]
     run: Callable[[], Outcome]

@@ -3,9 +3,9 @@
 Each stage is a library function (``stages.fetch.fetch`` or ``stages.adopt.adopt``,
 ``stages.verify.verify_files``, ``stages.convert.convert``, ``stages.smoke.smoke``) wrapped in a
 ``Stage``; a pickled torrent release (``stages.pickle_release``) fetches into staging and adds
-an ``import`` stage before verify. ``run_pipeline`` runs them under the model's lock and records every finished stage in
-``state.json`` with the facts of the files it relied on, so a rerun skips what still matches and
-a run killed anywhere resumes (``reverify`` re-hashes everything). The conversion profile is
+an ``import`` stage before verify. ``run_pipeline`` runs them under the model's lock and records
+every finished stage in ``state.json`` with the facts of the files it relied on, so a rerun skips
+what still matches and a run killed anywhere resumes (``reverify`` re-hashes everything). The conversion profile is
 chosen once, before the fetch when params.json is known, else from the verified original. It
 never prints: progress goes through the callback, failures are ``ProvisionError``s, and the
 result carries one record per stage for the report.

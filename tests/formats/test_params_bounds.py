@@ -247,3 +247,14 @@ def test_plan_with_an_enormous_integer_exits_3(tmp_path: Path) -> None:
     rc, _peak, err = _run_cli("plan", "pixtral-12b-2409", "--offline", "--params", str(p), home=tmp_path / "h")
     assert rc == 3, err
     assert "OverflowError" not in err and "'dim'" in err
+
+
+def test_verify_with_an_enormous_integer_exits_3(tiny_src: Path, tmp_path: Path) -> None:
+    folder = tmp_path / "m"
+    shutil.copytree(tiny_src, folder)
+    p = json.loads((folder / "params.json").read_text())
+    p["vocab_size"] = 10**400
+    (folder / "params.json").write_text(json.dumps(p))
+    rc, _peak, err = _run_cli("verify", str(folder), home=tmp_path / "h")
+    assert rc == 3, err
+    assert "OverflowError" not in err and "'vocab_size'" in err

@@ -53,7 +53,7 @@ def test_the_same_hash_twice_is_one_hash_and_two_different_ones_are_refused() ->
     assert parse_magnet(f"magnet:?xt=urn:btih:{H1}&xt=urn:btih:{b32}").btih == H1
     with pytest.raises(UsageError, match=f"two different btih infohashes \\({H1} and {H2}\\)") as ei:
         parse_magnet(f"magnet:?xt=urn:btih:{H1}&xt=urn:btih:{H2}")
-    assert ei.value.exit_code == 2
+    assert ei.value.exit_code == 2 and ei.value.hint is not None and "one infohash per kind" in ei.value.hint
     with pytest.raises(UsageError, match="two different btmh infohashes"):
         parse_magnet(f"magnet:?xt=urn:btmh:1220{V2}&xt=urn:btmh:1220{'ab' * 32}")
 
@@ -97,6 +97,8 @@ def test_a_long_non_magnet_is_quoted_shortened_in_the_error() -> None:
 @pytest.mark.parametrize(("peer", "host", "port"), [
     ("127.0.0.1:1", "127.0.0.1", 1), ("host-a.example:65535", "host-a.example", 65535),
     ("[::1]:6881", "::1", 6881), (" 10.0.0.2:80 ", "10.0.0.2", 80),
+    ("Seed-A.Example:7", "Seed-A.Example", 7), ("[::FFFF:7f00:1]:9", "::FFFF:7f00:1", 9),
+    ("Xeon-1:80", "Xeon-1", 80),  # only the brackets of an IPv6 address are stripped, never letters
 ])
 def test_peers_parse_host_and_port_at_the_bounds(peer: str, host: str, port: int) -> None:
     assert parse_peer(peer) == (host, port)
@@ -133,6 +135,7 @@ def test_describe_and_infohash_prefer_v1() -> None:
 @pytest.mark.parametrize(("uri", "repo", "rev"), [
     ("hf://org/repo", "org/repo", None), ("hf://org/repo/", "org/repo", None),
     ("hf://Org-1/re.po_2@v1.0", "Org-1/re.po_2", "v1.0"), (f"hf://a/b@{H1}", "a/b", H1),
+    ("hf://Xorg/repoX", "Xorg/repoX", None),  # only slashes are trimmed from the ends
 ])
 def test_hf_references_split_repo_and_revision(uri: str, repo: str, rev: str | None) -> None:
     ref = parse_hf(uri)

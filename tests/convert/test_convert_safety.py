@@ -147,6 +147,7 @@ def test_a_failed_logit_comparison_leaves_nothing(tiny_src: Path, tmp_path: Path
     _nothing_left(tmp_path)
 
 
+@pytest.mark.slow
 def test_a_comparison_that_passes_is_in_the_committed_record(tiny_src: Path, tmp_path: Path) -> None:
     res = convert(tiny_src, tmp_path / "o", target="h100", scheme="bf16", compare=True)
     assert res.logits_comparison is not None and res.logits_comparison["top1_agreement"] == 1.0

@@ -21,9 +21,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from provision.errors import ConvertError, DiskSpaceError
+from provision.errors import ConvertError
 from provision.formats.safetensors import DTYPE_BYTES
-from provision.io.atomic import TMP_PREFIX, fsync_dir
+from provision.io.atomic import TMP_PREFIX, disk_full_is_exit_6, fsync_dir
 
 DEFAULT_SHARD_BYTES = 5 * 10**9
 
@@ -77,13 +77,6 @@ def build_header(entries: list[TensorEntry], metadata: Mapping[str, str] | None,
     return n.to_bytes(8, "little") + raw.ljust(n, b" ")
 
 
-def _enospc(path: Path, e: OSError) -> Exception:
-    if e.errno == 28:
-        return DiskSpaceError(f"No space left on the device while writing {path}.",
-                              hint="Free some space or choose another --out, then run again.", path=str(path))
-    return e
-
-
 class ShardWriter:
     """One safetensors file written tensor by tensor under a temporary name."""
 
@@ -113,12 +106,10 @@ class ShardWriter:
     def _write(self, data: bytes | memoryview) -> None:
         assert self._fd is not None
         mv = memoryview(data).cast("B")
-        try:
+        with disk_full_is_exit_6(self.path, kept="the conversion wrote nothing under its final name"):
             while mv:
                 n = os.write(self._fd, mv)
                 mv = mv[n:]
-        except OSError as e:
-            raise _enospc(self.path, e) from e
 
     @property
     def current(self) -> TensorEntry | None:
@@ -175,10 +166,8 @@ class ShardWriter:
             length = len(self.header) - 8
             body = new[8:].rstrip(b" ").ljust(length, b" ")
             os.pwrite(self._fd, length.to_bytes(8, "little") + body, 0)
-        try:
+        with disk_full_is_exit_6(self.path, kept="the conversion wrote nothing under its final name"):
             os.fsync(self._fd)
-        except OSError as e:
-            raise _enospc(self.path, e) from e
         # advice only (and missing on macOS): pages left cached cost memory, not correctness
         with contextlib.suppress(OSError, AttributeError):
             os.posix_fadvise(self._fd, 0, 0, os.POSIX_FADV_DONTNEED)

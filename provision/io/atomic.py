@@ -18,7 +18,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import IO
 
-from provision.errors import DiskSpaceError
+from provision.io.space import disk_full_error, is_disk_full
 
 TMP_PREFIX = ".provision-tmp-"
 
@@ -66,35 +66,39 @@ def fsync_dir(path: Path) -> None:
 
 
 @contextlib.contextmanager
+def disk_full_is_exit_6(target: Path, kept: str = "nothing was written under that name") -> Iterator[None]:
+    """Turn a full disk or quota (ENOSPC, EDQUOT) raised inside into the one-line DiskSpaceError (exit 6)."""
+    try:
+        yield
+    except OSError as e:
+        if is_disk_full(e):
+            raise disk_full_error(target, kept=kept) from e
+        raise
+
+
+@contextlib.contextmanager
 def atomic_writer(target: Path, mode: str = "wb", *, perms: int | None = None, durable: bool = True) -> Iterator[IO[bytes]]:
     """Yield a file object; on clean exit it replaces ``target`` atomically (fsynced unless not ``durable``)."""
     target = Path(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=TMP_PREFIX + target.name + ".", dir=target.parent)
-    ok = False
-    try:
-        with os.fdopen(fd, mode) as fh:
-            yield fh  # type: ignore[misc]
-            fh.flush()
+    with disk_full_is_exit_6(target):
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=TMP_PREFIX + target.name + ".", dir=target.parent)
+        ok = False
+        try:
+            with os.fdopen(fd, mode) as fh:
+                yield fh  # type: ignore[misc]
+                fh.flush()
+                if durable:
+                    os.fsync(fh.fileno())
+            os.chmod(tmp, umask_file_mode() if perms is None else perms)
+            os.replace(tmp, target)
             if durable:
-                os.fsync(fh.fileno())
-        os.chmod(tmp, umask_file_mode() if perms is None else perms)
-        os.replace(tmp, target)
-        if durable:
-            fsync_dir(target.parent)
-        ok = True
-    except OSError as e:
-        if e.errno == 28:  # ENOSPC
-            raise DiskSpaceError(
-                f"No space left on the device while writing {target}.",
-                hint="Free some space or choose another destination, then run again.",
-                path=str(target),
-            ) from e
-        raise
-    finally:
-        if not ok:
-            with contextlib.suppress(OSError):  # already renamed or gone: the error on its way is the one to see
-                os.unlink(tmp)
+                fsync_dir(target.parent)
+            ok = True
+        finally:
+            if not ok:
+                with contextlib.suppress(OSError):  # already renamed or gone: the error on its way is the one to see
+                    os.unlink(tmp)
 
 
 def atomic_write_bytes(target: Path, data: bytes, *, perms: int | None = None, durable: bool = True) -> None:

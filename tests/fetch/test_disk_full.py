@@ -5,19 +5,15 @@ download, enough for the rest) the same command resumes and finishes byte-identi
 
 from __future__ import annotations
 
-import contextlib
-import errno
 import hashlib
 import os
 import shutil
 import subprocess
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from provision.layout import Layout
-from provision.testing.ci import IN_CI
 from provision.testing.hub_server import LoopbackHub
 from provision.testing.tiny import TINY_REPO
 from provision.testing.torrent_fixtures import (
@@ -30,37 +26,9 @@ from provision.testing.torrent_fixtures import (
     wait_for,
 )
 from tests.support.cli import cli_json
+from tests.support.disk import fill, small_tmpfs
 
 MiB = 1 << 20
-
-
-@contextlib.contextmanager
-def small_tmpfs(path: Path, size: int) -> Iterator[Path]:
-    """A tmpfs of ``size`` bytes mounted at ``path`` (root only: in CI a failure to mount fails the test)."""
-    path.mkdir(parents=True, exist_ok=True)
-    cp = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size},mode=0755", "tmpfs", str(path)],
-                        capture_output=True, text=True, check=False)
-    if cp.returncode != 0:
-        msg = f"cannot mount a {size}-byte tmpfs at {path} (needs root): {cp.stderr.strip()}"
-        if IN_CI:
-            pytest.fail(msg)
-        pytest.skip(msg)
-    try:
-        yield path
-    finally:
-        subprocess.run(["umount", "-l", str(path)], check=False)
-
-
-def fill(path: Path) -> Path:
-    """Write ``path`` until the filesystem refuses (ENOSPC): the disk is then full."""
-    with open(path, "wb") as fh:
-        try:
-            while True:
-                fh.write(b"\xff" * (64 << 10))
-                fh.flush()
-        except OSError as e:
-            assert e.errno == errno.ENOSPC
-    return path
 
 
 def free_to(filler: Path, target_free: int) -> None:

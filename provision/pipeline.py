@@ -163,6 +163,7 @@ class Stage:
     skip_reason: str
     profile: str | None = None
     invalidate_first: bool = False  # forget the record (and later stages') before redoing it
+    keep_on_reverify: bool = False  # skipped when valid even under --reverify (nothing left to re-check)
     on_skip: Callable[[], None] | None = None
 
 
@@ -189,7 +190,7 @@ class _Run:
                         invalidate_first=True, on_skip=self.seed_earlier_fetch)
         else:  # a pickled torrent release: the pickle into staging, then imported into the original
             yield Stage("fetch", "fetch", self.pickle_fetched, self.fetch_pickled, kept or "already fetched",
-                        invalidate_first=True)
+                        invalidate_first=True, keep_on_reverify=True)  # --reverify re-checks the import instead
             yield Stage("import", "import", self.pickle_imported, self.import_pickled,
                         kept or "imported and unchanged", invalidate_first=True)
             self.manifest = None  # verify checks the imported files against the manifest the import pinned
@@ -294,7 +295,7 @@ class _Run:
 
     def run_stage(self, stage: Stage) -> dict[str, Any]:
         t = time.monotonic()
-        if not self.opts.reverify and stage.is_valid():
+        if (not self.opts.reverify or stage.keep_on_reverify) and stage.is_valid():
             _record(self.result, stage.name, "skipped", time.monotonic() - t, 0, {"reason": stage.skip_reason},
                     profile=stage.profile)
             if stage.on_skip is not None:

@@ -261,12 +261,21 @@ def test_an_import_published_before_its_record_was_saved_is_taken_over_without_i
         state_path.write_text(json.dumps(state))
         before = (model / "original" / "consolidated.safetensors").stat().st_ino
         cp = run_provision(run_args(info.magnet, home, "--skip-convert", "--skip-smoke"), timeout=300)
+        again = run_provision(run_args(info.magnet, home, "--skip-convert", "--skip-smoke", "--reverify"),
+                              timeout=300)
     assert cp.returncode == 0, cp.stderr[-3000:]
     doc = json_report(cp)
     assert [(st["stage"], st["result"]) for st in doc["stages"]] == [
         ("plan", "ok"), ("fetch", "skipped"), ("import", "ok"), ("verify", "ok")]
     assert next(st for st in doc["stages"] if st["stage"] == "import")["details"]["how"] == "taken over"
     assert (model / "original" / "consolidated.safetensors").stat().st_ino == before  # not written again
+    # --reverify re-checks the import against its record; the dropped pickle is not fetched again
+    assert again.returncode == 0, again.stderr[-3000:]
+    redo = json_report(again)
+    assert [(st["stage"], st["result"]) for st in redo["stages"]] == [
+        ("plan", "ok"), ("fetch", "skipped"), ("import", "ok"), ("verify", "ok")]
+    assert next(st for st in redo["stages"] if st["stage"] == "import")["details"]["how"] == "taken over"
+    assert _pickles_under(home) == []
 
 
 class _RunsACommand:

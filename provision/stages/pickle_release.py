@@ -134,6 +134,9 @@ class PickledRelease:
 
         note(self.progress, "fetch", f"{', '.join(self.pickles)}: a PyTorch pickle; fetched into staging, "
                                      "then imported in a locked-down process")
+        if self.torrent.seed_for > 0:
+            note(self.progress, "fetch", "--seed-for: a pickle is not seeded; after the import, "
+                                         f"`provision seed {self.original}` serves the safetensors")
         self.folder.mkdir(parents=True, exist_ok=True)
         res = fetch(self._request(), source="torrent", dest=self.folder, torrent=replace(self.torrent, seed_for=0.0),
                     progress=self.progress, lock=False,  # the run holds the model's lock

@@ -175,6 +175,20 @@ def _pickle_notes(manifest: Manifest) -> list[str]:
     return notes
 
 
+def _listed_pickle_notes(files: tuple[PlannedFile, ...]) -> list[str]:
+    """A torrent's listed pickles: what `provision run` does with them and the disk the import needs."""
+    from provision.formats.pickles import is_pickle_name
+    from provision.units import human_bytes
+
+    pickles = [f for f in files if is_pickle_name(f.path)]
+    if not pickles:
+        return []
+    size = sum(f.size or 0 for f in pickles)
+    return [f"{', '.join(f.path for f in pickles)}: a PyTorch pickle; `provision run` fetches it into staging and an "
+            "import step (import-pickle's locked-down loader) writes consolidated.safetensors; pickle and "
+            f"safetensors coexist meanwhile: about {human_bytes(2 * size)} of disk"]
+
+
 def make_plan(
     source: str,
     *,
@@ -261,6 +275,8 @@ def make_plan(
             raise NotFoundError(f"No file of {source} matches --include {' '.join(include)} "
                                 f"({len(listed)} files listed, e.g. {listed[0].path}).",
                                 hint="Check the glob patterns (they match paths inside the model).")
+    if parsed.kind in ("torrent", "magnet"):
+        notes += _listed_pickle_notes(files)
     plan = Plan(source=source, kind=parsed.kind, name=name, home=home, dest=d, files=files, sources=descs,
                 hardware=hw, free_bytes=free_bytes(d), offline=offline, manifest=manifest,
                 magnet=parsed.magnet, hf=parsed.hf,

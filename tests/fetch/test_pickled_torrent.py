@@ -384,3 +384,31 @@ def test_a_run_killed_during_the_import_takes_its_loader_along_and_the_rerun_imp
         ("plan", "ok"), ("fetch", "skipped"), ("import", "ok")]
     assert [d.name for d in model.iterdir() if d.name.startswith(".provision-tmp-")] == []
     assert _pickles_under(home) == []
+
+
+# ---------------------------------------------------------------------------------------
+# plan
+
+
+def test_plan_of_the_mixtral_manifest_shows_the_import_and_the_disk_it_needs_offline() -> None:
+    from provision.stages.plan import make_plan
+
+    plan = make_plan("mixtral-8x7b-v0.1", offline=True, check_disk=False)
+    # 46,702,792,704 parameters (the reference's count for 8x7B) x 2 bytes (bf16) = 93.41 GB for the
+    # pickle, and as much for the safetensors while both exist: 186.81 GB
+    note = next(n for n in plan.notes if n.startswith("consolidated.00.pth is a PyTorch pickle in the torrent"))
+    assert "186.81 GB" in note and "93.41 GB each" in note
+    assert "consolidated.00.pth" not in {f.path for f in plan.files}  # the Hub way never lists it to fetch
+
+
+def test_plan_of_a_pickled_magnet_lists_the_pickle_and_the_disk_its_import_needs(tmp_path: Path) -> None:
+    rel = write_pickled_release(tmp_path / "release" / "mistral-pickled", "7b")
+    size = rel.files["consolidated.00.pth"][0]
+    with seed_thread(rel.folder) as info:
+        cp = run_provision(["plan", info.magnet, "--home", str(tmp_path / "home"), "--network", "closed", "--json"],
+                           timeout=120)
+    assert cp.returncode == 0, cp.stderr[-2000:]
+    plan = json_report(cp)["plan"]
+    assert 1e6 <= 2 * size < 1e8  # so the note writes it in MB with two decimals
+    assert any(n.startswith("consolidated.00.pth: a PyTorch pickle") and f"{2 * size / 1e6:.2f} MB" in n
+               for n in plan["notes"])

@@ -4,7 +4,7 @@ Reads the per-file result files mutmut leaves under mutants/ (``<path>.meta``, J
 ``exit_code_by_key``) and classifies each exit code the way mutmut's own ``stats.py`` does.
 Kill rate = (killed + timeout) / (all mutants that were run). Mutants not yet run are counted
 apart, so a partial run shows what it covered. It does not run mutmut; ``make mutate`` does.
-Usage: python benchmarks/mutation_report.py [--survivors] [MUTANTS_DIR]
+Usage: python benchmarks/mutation_report.py [--survivors] [--names FILE] [MUTANTS_DIR]
 """
 from __future__ import annotations
 
@@ -33,10 +33,11 @@ def classify(code: int | None) -> Status:
     return _BY_CODE.get(code, "suspicious")
 
 
-def module_counts(meta: Path) -> tuple[Counter[Status], list[str]]:
-    """Status counts and the names of surviving mutants for one ``<path>.meta`` file."""
+def module_counts(meta: Path, only: set[str] | None = None) -> tuple[Counter[Status], list[str]]:
+    """Status counts and the names of surviving mutants for one ``<path>.meta`` file (of the
+    mutants named in ``only`` when given)."""
     data = json.loads(meta.read_text())
-    codes: dict[str, int | None] = data["exit_code_by_key"]
+    codes: dict[str, int | None] = {k: v for k, v in data["exit_code_by_key"].items() if only is None or k in only}
     counts: Counter[Status] = Counter(classify(c) for c in codes.values())
     survivors = sorted(k for k, c in codes.items() if classify(c) in ("survived", "no tests"))
     return counts, survivors
@@ -52,7 +53,9 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("mutants", nargs="?", default="mutants", type=Path)
     ap.add_argument("--survivors", action="store_true", help="list the surviving mutants under each module")
+    ap.add_argument("--names", type=Path, help="count only the mutants named in this file (one a line), e.g. a sample")
     args = ap.parse_args(argv)
+    only = set(args.names.read_text().split()) if args.names else None
     metas = sorted(args.mutants.rglob("*.py.meta"))
     if not metas:
         print(f"no mutmut results under {args.mutants}/ (run `make mutate` first)", file=sys.stderr)
@@ -60,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{'module':<44} {'mutants':>7} {'killed':>6} {'surv':>5} {'notest':>6} {'unrun':>5} {'kill rate':>9}")
     total: Counter[Status] = Counter()
     for meta in metas:
-        counts, survivors = module_counts(meta)
+        counts, survivors = module_counts(meta, only)
         total += counts
         rate = kill_rate(counts)
         name = str(meta.relative_to(args.mutants)).removesuffix(".meta")

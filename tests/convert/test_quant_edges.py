@@ -102,14 +102,16 @@ def test_int4_codes_pack_two_per_byte_low_nibble_first_in_little_endian_words() 
     assert words.flatten().tolist() == [int.from_bytes(bytes([0x10, 0x32, 0x54, 0x76]), "little", signed=True),
                                         int.from_bytes(bytes([0x98, 0xBA, 0xDC, 0xFE]), "little", signed=True)]
     assert words.flatten().tolist() == [1985229328, -19088744]
-    assert torch.equal(quant.unpack_int32(words, 4, 16), q)
+    back = quant.unpack_int32(words, 4, 16)
+    assert back.dtype == torch.int8 and torch.equal(back, q)  # torch.equal alone ignores the dtype
 
 
 def test_int8_codes_pack_four_per_little_endian_word_offset_by_128() -> None:
     q = torch.tensor([[-128, -1, 0, 127]], dtype=torch.int8)
     words = quant.pack_int32(q, 8)  # stored bytes 0x00, 0x7f, 0x80, 0xff
     assert words.flatten().tolist() == [int.from_bytes(bytes([0x00, 0x7F, 0x80, 0xFF]), "little", signed=True)]
-    assert torch.equal(quant.unpack_int32(words, 8, 4), q)
+    back = quant.unpack_int32(words, 8, 4)
+    assert back.dtype == torch.int8 and torch.equal(back, q)
 
 
 def test_unpack_keeps_only_the_asked_columns() -> None:

@@ -11,6 +11,7 @@ reads one back. No I/O, no quantization; torch only for type checking.
 
 from __future__ import annotations
 
+import math
 import re
 from typing import TYPE_CHECKING, Any
 
@@ -256,19 +257,38 @@ def _get(d: dict[str, Any], key: str, where: str) -> Any:
     return d[key]
 
 
-def _theta(d: dict[str, Any], default: float) -> float:
+def _positive_int(d: dict[str, Any], key: str, where: str) -> int:
+    """``d[key]`` when it is an int >= 1 (a divisor below): else a one-line ParamsError naming it."""
+    v = _get(d, key, where)
+    if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+        raise ParamsError(f"config.json{where}: {key!r} must be a whole number >= 1, got {v!r}.", key=key)
+    return v
+
+
+def _finite(v: Any, key: str, where: str) -> float:
+    """``v`` as a finite float: else a one-line ParamsError naming ``key`` (never OverflowError)."""
+    try:
+        f = float(v)
+    except (TypeError, ValueError, OverflowError):
+        f = math.nan
+    if isinstance(v, bool) or not math.isfinite(f):
+        raise ParamsError(f"config.json{where}: {key!r} must be a finite number, got {v!r:.40}.", key=key)
+    return f
+
+
+def _theta(d: dict[str, Any], default: float, where: str = "") -> float:
     rp = d.get("rope_parameters")
     if isinstance(rp, dict) and "rope_theta" in rp:
-        return float(rp["rope_theta"])
+        return _finite(rp["rope_theta"], "rope_parameters.rope_theta", where)
     if "rope_theta" in d:
-        return float(d["rope_theta"])
+        return _finite(d["rope_theta"], "rope_theta", where)
     return default
 
 
 def _decoder_params(t: dict[str, Any], where: str) -> dict[str, Any]:
     """params.json's decoder keys from a ``MistralConfig`` dict (``where`` names it in errors)."""
-    hidden = _get(t, "hidden_size", where)
-    heads = _get(t, "num_attention_heads", where)
+    hidden = _positive_int(t, "hidden_size", where)
+    heads = _positive_int(t, "num_attention_heads", where)
     return {
         "dim": hidden,
         "n_layers": _get(t, "num_hidden_layers", where),
@@ -276,7 +296,7 @@ def _decoder_params(t: dict[str, Any], where: str) -> dict[str, Any]:
         "hidden_dim": _get(t, "intermediate_size", where),
         "n_heads": heads,
         "n_kv_heads": t.get("num_key_value_heads") or heads,
-        "rope_theta": _theta(t, 10000.0),
+        "rope_theta": _theta(t, 10000.0, where),
         "norm_eps": _get(t, "rms_norm_eps", where),
         "vocab_size": _get(t, "vocab_size", where),
     }
@@ -293,7 +313,7 @@ def args_from_hf_config(cfg: dict[str, Any]) -> ModelArgs:
     if not isinstance(t, dict) or not isinstance(vc, dict):
         raise ParamsError("config.json: text_config and vision_config must be objects.")
     vh = _get(vc, "hidden_size", ".vision_config")
-    vheads = _get(vc, "num_attention_heads", ".vision_config")
+    vheads = _positive_int(vc, "num_attention_heads", ".vision_config")
     d: dict[str, Any] = {
         **_decoder_params(t, ".text_config"),
         "vision_encoder": {
@@ -301,7 +321,7 @@ def args_from_hf_config(cfg: dict[str, Any]) -> ModelArgs:
             "num_channels": vc.get("num_channels", 3),
             "image_size": vc.get("image_size", 1024),
             "patch_size": vc.get("patch_size", 16),
-            "rope_theta": _theta(vc, 10000.0),
+            "rope_theta": _theta(vc, 10000.0, ".vision_config"),
             "intermediate_size": _get(vc, "intermediate_size", ".vision_config"),
             "num_hidden_layers": _get(vc, "num_hidden_layers", ".vision_config"),
             "num_attention_heads": vheads,

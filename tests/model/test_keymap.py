@@ -117,6 +117,24 @@ def test_a_config_without_text_config_is_a_params_error() -> None:
         keymap.args_from_hf_config({"vision_config": {}})
 
 
+@pytest.mark.parametrize(("section", "key", "value"), [
+    ("text_config", "num_attention_heads", 0), ("text_config", "num_attention_heads", True),
+    ("text_config", "hidden_size", "4096"), ("vision_config", "num_attention_heads", 0),
+    ("text_config", "rope_theta", 10**400), ("text_config", "rope_theta", float("nan")),
+    ("vision_config", "rope_theta", "ten thousand"),
+])
+def test_an_hf_config_divisor_or_theta_that_cannot_be_is_a_params_error_naming_the_key(
+    section: str, key: str, value: object
+) -> None:
+    cfg = keymap.hf_config(ARGS)
+    cfg[section].pop("head_dim", None)  # so hidden_size / num_attention_heads is computed
+    cfg[section].pop("rope_parameters", None)  # read before rope_theta
+    cfg[section][key] = value
+    with pytest.raises(ParamsError) as e:
+        keymap.args_from_hf_config(cfg)
+    assert e.value.exit_code == 3 and repr(key) in str(e.value) and "\n" not in str(e.value)
+
+
 @pytest.mark.parity
 def test_hf_config_is_accepted_by_transformers_llava_config() -> None:
     transformers = require_transformers()

@@ -204,7 +204,7 @@ def _run_child(payload: dict[str, Any], timeout: float, staging: Path, limits: L
     with open(out_f, "wb") as out, open(err_f, "wb") as err:
         proc = subprocess.Popen(_child_command(str(in_f)), stdin=subprocess.DEVNULL, stdout=out,
                                 stderr=err, env=env, cwd=str(staging), start_new_session=True,
-                                preexec_fn=preexec(limits))
+                                preexec_fn=preexec(limits, writable=str(staging)))
         try:
             rc = proc.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
@@ -438,7 +438,8 @@ def import_pickles(sources: Sequence[PickleSource], out_dir: Path, *, params: Pa
             files[p.name] = (p.stat().st_size, hash_file(p)[0])
         first = shards[0]
         sandbox = {"memory_limit": limits.memory_bytes, "cpu_seconds": limits.cpu_seconds,
-                   "network": child.get("network", "no-sockets")}
+                   "network": child.get("network", "no-sockets"),
+                   "filesystem": child.get("filesystem", "python-writes-refused")}
         record = {"imported_from": str(srcs[0].path.resolve()), "source_sha256": first["sha256"],
                   "source_md5": first["md5"], "checked_against": first["authority"], "shards": shards,
                   "loader": "torch.load(weights_only=True, mmap=True) in a separate, locked-down process",
@@ -531,7 +532,7 @@ def _child(payload: dict[str, Any]) -> dict[str, Any]:
     import torch
 
     from provision.formats.safetensors_writer import CheckpointWriter, TensorEntry
-    from provision.stages.pickle_sandbox import lock_down, network_mode
+    from provision.stages.pickle_sandbox import filesystem_mode, lock_down, network_mode
 
     out = Path(payload["out"])
     lock_down(str(out.parent))  # from here: no sockets, no processes, no writes outside the staging folder
@@ -562,7 +563,7 @@ def _child(payload: dict[str, Any]) -> dict[str, Any]:
         writer.abort()
         raise
     return {"tensors": len(entries), "bytes": writer.data_bytes, "pid": os.getpid(),
-            "network": network_mode(str(payload.get("parent_net", "")))}
+            "network": network_mode(str(payload.get("parent_net", ""))), "filesystem": filesystem_mode()}
 
 
 def _child_main(argv: Sequence[str]) -> int:

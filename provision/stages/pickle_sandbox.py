@@ -5,12 +5,13 @@ The parent side (``preexec``) runs between fork and exec of the loader: it dies 
 limit (``RLIMIT_DATA``: heap and private mappings, which is where unpickled storages live), a
 CPU-time limit (``RLIMIT_CPU``: SIGXCPU at the soft limit, SIGKILL at the hard one) and, where
 the host allows it, a fresh empty network namespace (``unshare(CLONE_NEWNET)`` as root, else
-inside a new user namespace; the loader then has only a loopback device that is down). The
+inside a new user namespace; the loader then has only a loopback device that is down) and, as
+root, a mount namespace in which every mount is read-only but the loader's own folder. The
 child side (``lock_down``) installs an audit hook before the pickle is opened, which cannot be
 removed: creating or connecting a socket, starting a process, and opening for writing, renaming
 or removing anything outside the loader's own output folder raise ``SandboxRefusal``. The hook
-works everywhere, so "no sockets" holds even where no namespace could be made; ``network_mode``
-says which of the two the loader ran under. This module does not load pickles or pick limits.
+works everywhere, so "no sockets" and "no writes outside" hold even where no namespace could be
+made; ``network_mode`` and ``filesystem_mode`` say what the loader ran under. This module does not load pickles or pick limits.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import os
+import re
 import signal
 import sys
 from collections.abc import Callable
@@ -25,9 +27,12 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 PR_SET_PDEATHSIG = 1
+CLONE_NEWNS = 0x00020000
 CLONE_NEWNET = 0x40000000
+MS_RDONLY, MS_REMOUNT, MS_BIND, MS_REC, MS_PRIVATE = 1, 32, 4096, 16384, 1 << 18
 CLONE_NEWUSER = 0x10000000
 NetworkMode = Literal["namespace", "no-sockets"]
+FilesystemMode = Literal["read-only", "python-writes-refused"]
 
 _DENIED_EVENTS = frozenset({
     "socket.__new__", "socket.connect", "socket.bind", "socket.getaddrinfo", "socket.sendto", "socket.sendmsg",
@@ -51,14 +56,41 @@ class Limits:
     cpu_seconds: int
 
 
-def preexec(limits: Limits) -> Callable[[], None]:
-    """The function ``subprocess.Popen(preexec_fn=...)`` runs in the forked child before exec."""
+def _mount_points() -> list[bytes]:
+    """Every mount point of this process (``/proc/self/mountinfo``, octal escapes decoded)."""
+    out = []
+    with open("/proc/self/mountinfo", "rb") as f:
+        for line in f:
+            fields = line.split()
+            if len(fields) > 4:
+                out.append(re.sub(rb"\\([0-7]{3})", lambda m: bytes([int(m.group(1), 8)]), fields[4]))
+    return out
+
+
+def _read_only_except(libc: Any, writable: bytes) -> None:
+    """In a new mount namespace: ``writable`` bound onto itself, every other mount read-only. Each
+    step may fail (no CAP_SYS_ADMIN): the loader then runs with the mounts as they were."""
+    if libc.unshare(CLONE_NEWNS) != 0:
+        return
+    if libc.mount(b"none", b"/", None, MS_REC | MS_PRIVATE, None) != 0:  # nothing leaks back to the host
+        return
+    if libc.mount(writable, writable, None, MS_BIND, None) != 0:
+        return
+    for mp in _mount_points():
+        if mp != writable:
+            libc.mount(b"none", mp, None, MS_BIND | MS_REMOUNT | MS_RDONLY, None)
+
+
+def preexec(limits: Limits, writable: str | None = None) -> Callable[[], None]:
+    """The function ``subprocess.Popen(preexec_fn=...)`` runs in the forked child before exec;
+    ``writable``: the one folder left writable where a mount namespace can be made."""
     import resource
 
     libc: Any = None
     with contextlib.suppress(OSError):  # no libc to call: the audit hook alone keeps sockets out
         libc = ctypes.CDLL(None, use_errno=True)  # resolved here, before the fork
     mem, cpu = int(limits.memory_bytes), max(1, int(limits.cpu_seconds))
+    keep = os.fsencode(os.path.realpath(writable)) if writable is not None else None
 
     def run() -> None:
         for lim, value in ((resource.RLIMIT_CORE, (0, 0)), (resource.RLIMIT_DATA, (mem, mem)),
@@ -67,6 +99,9 @@ def preexec(limits: Limits) -> Callable[[], None]:
                 resource.setrlimit(lim, value)
         if libc is not None:
             libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)  # a parent killed by SIGKILL takes the loader along
+            if keep is not None:
+                with contextlib.suppress(OSError):  # no /proc: the mounts stay as they were
+                    _read_only_except(libc, keep)
             if libc.unshare(CLONE_NEWNET) != 0:
                 libc.unshare(CLONE_NEWUSER | CLONE_NEWNET)  # unprivileged hosts that allow user namespaces
 
@@ -85,6 +120,14 @@ def network_mode(parent_namespace: str) -> NetworkMode:
     """'namespace' when this process runs in another network namespace than ``parent_namespace``."""
     mine = net_namespace()
     return "namespace" if mine and parent_namespace and mine != parent_namespace else "no-sockets"
+
+
+def filesystem_mode() -> FilesystemMode:
+    """'read-only' when this process sees the root filesystem mounted read-only (its own mount namespace)."""
+    try:
+        return "read-only" if os.statvfs("/").f_flag & os.ST_RDONLY else "python-writes-refused"
+    except OSError:
+        return "python-writes-refused"
 
 
 def _inside(path: Any, root: str) -> bool:

@@ -504,8 +504,9 @@ def test_an_import_records_its_sandbox_and_as_root_runs_in_a_closed_network_name
     size = (tiny_7b_pickle / PICKLE_NAME).stat().st_size
     assert rec["sandbox"]["memory_limit"] == 2 * size + (4 << 30) == res.sandbox["memory_limit"]
     assert rec["sandbox"]["network"] in ("namespace", "no-sockets")
+    assert rec["sandbox"]["filesystem"] in ("read-only", "python-writes-refused")
     if os.geteuid() == 0:
-        assert rec["sandbox"]["network"] == "namespace"
+        assert rec["sandbox"]["network"] == "namespace" and rec["sandbox"]["filesystem"] == "read-only"
 
 
 # ---------------------------------------------------------------------------------------
@@ -666,3 +667,39 @@ def test_the_loader_dies_with_its_parent_when_the_parent_is_killed(tmp_path: Pat
         if parent.poll() is None:
             parent.kill()
             parent.wait(30)
+
+
+_NATIVE_WRITES = """
+import errno, os, sys
+from provision.stages.pickle_sandbox import filesystem_mode
+folder, outside = sys.argv[1], sys.argv[2]
+res = {"filesystem": filesystem_mode()}
+for name, path in (("inside", os.path.join(folder, "in.txt")), ("outside", outside)):
+    try:
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT, 0o644))  # no audit hook here: only the mounts stop it
+        res[name] = "written"
+    except OSError as e:
+        res[name] = errno.errorcode.get(e.errno, str(e.errno))
+print(res)
+"""
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="a mount namespace needs root (CAP_SYS_ADMIN)")
+def test_as_root_the_loader_sees_every_mount_read_only_but_its_own_folder(tmp_path: Path) -> None:
+    import ast
+    import subprocess
+
+    from provision.stages.pickle_sandbox import Limits, preexec
+
+    folder = tmp_path / "staging"
+    folder.mkdir()
+    outside = tmp_path / "outside.txt"
+    proc = subprocess.run([sys.executable, "-c", _NATIVE_WRITES, str(folder), str(outside)], capture_output=True,
+                          text=True, timeout=60, check=False, preexec_fn=preexec(Limits(4 << 30, 60), str(folder)))
+    assert proc.returncode == 0, proc.stderr
+    assert ast.literal_eval(proc.stdout.strip()) == {"filesystem": "read-only", "inside": "written",
+                                                     "outside": "EROFS"}
+    assert (folder / "in.txt").exists() and not outside.exists()
+    probe = tmp_path / "host-still-writable.txt"
+    probe.write_text("the host's mounts are untouched")  # nothing propagated back
+    assert probe.read_text() == "the host's mounts are untouched"

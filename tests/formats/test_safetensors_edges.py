@@ -273,3 +273,20 @@ def test_an_index_with_too_many_values_is_refused_as_hostile(tmp_path: Path, mon
         st.read_index(p)
     monkeypatch.setattr(st, "MAX_HEADER_ITEMS", 7)
     assert st.read_index(p).weight_map == {"a": "s", "b": "s"}
+
+
+def test_an_index_symlinked_out_of_its_folder_is_refused_naming_it_an_index(tmp_path: Path) -> None:
+    outside = tmp_path / "elsewhere.json"
+    outside.write_text(json.dumps({"weight_map": {}}))
+    model = tmp_path / "model"
+    model.mkdir()
+    link = model / "model.safetensors.index.json"
+    link.symlink_to(outside)
+    with pytest.raises(HostileContentError, match=r"Refusing index model\.safetensors\.index\.json: it is a symlink out of"):
+        st.read_index(link)
+
+
+def test_an_unreadable_index_is_a_structure_error_naming_it(tmp_path: Path) -> None:
+    with pytest.raises(StructureError, match=r"Cannot read gone\.index\.json: No such file or directory\.") as ei:
+        st.read_index(tmp_path / "gone.index.json")
+    assert ei.value.context["path"] == str(tmp_path / "gone.index.json")

@@ -160,7 +160,7 @@ class Terminal:
             if tid is not None and self._progress is not None:
                 self._progress.remove_task(tid)
                 del self._tasks[ev.task]
-            self._plain(summary_line(ev, clock.rate(ev.done)))
+            self._plain(summary_line(ev, clock.rate(ev.done), clock.seconds()))
             if not self._tasks and self._progress is not None:
                 self._progress.stop()
                 self._progress = None
@@ -183,7 +183,7 @@ class Terminal:
     def _progress_plain(self, ev: ProgressEvent, clock: _Clock) -> None:
         now = time.monotonic()
         if ev.finished:
-            self._plain(summary_line(ev, clock.rate(ev.done)))
+            self._plain(summary_line(ev, clock.rate(ev.done), clock.seconds()))
             return
         if ev.total is None:  # open-ended (seeding, waiting): a line only when something changed
             key = (ev.done, tuple(sorted((k, str(v)) for k, v in ev.extra.items() if k not in VOLATILE)))
@@ -226,6 +226,10 @@ class _Clock:
     last_key: tuple[Any, ...] | None = None
     finished: float | None = None  # the count its summary showed, once finished
 
+    def seconds(self) -> float:
+        """Seconds since the task's first event."""
+        return time.monotonic() - self.start
+
     def rate(self, done: float) -> float | None:
         """Units per second since the task's first event (None when no time has passed)."""
         elapsed = time.monotonic() - self.start
@@ -265,10 +269,11 @@ def progress_line(ev: ProgressEvent, rate: float | None) -> str:
     return " ".join(p for p in parts if p)
 
 
-def summary_line(ev: ProgressEvent, rate: float | None) -> str:
-    """What a finished task leaves behind: its total and average rate, once."""
+def summary_line(ev: ProgressEvent, rate: float | None, seconds: float | None = None) -> str:
+    """What a finished task leaves behind, once: its total, how long it took, its average rate."""
     speed = format_rate(rate, ev.unit)
-    return f"{ev.description or ev.task}: done, {format_amount(_shown(ev), None, ev.unit)}" + (
+    took = f" in {seconds:.1f} s" if seconds is not None and seconds >= 0.05 else ""
+    return f"{ev.description or ev.task}: done, {format_amount(_shown(ev), None, ev.unit)}{took}" + (
         f" ({speed})" if speed else "")
 
 

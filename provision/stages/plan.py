@@ -158,8 +158,9 @@ def _pickle_notes(manifest: Manifest) -> list[str]:
     from provision.units import human_bytes
 
     torrent = [f for f in manifest.files if f.pickle and f.in_source("torrent") and manifest.source("torrent")]
-    notes = [f"{f.path} is a PyTorch pickle only the Hub lists: never fetched or loaded (the Hub's safetensors are)"
-             for f in manifest.files if f.pickle and f not in torrent]
+    hub_only = [f.path for f in manifest.files if f.pickle and f not in torrent]
+    notes = [f"{', '.join(hub_only)}: PyTorch pickles only the Hub lists, never fetched or loaded (the Hub's "
+             "safetensors are)"] if hub_only else []
     if torrent:
         size = sum(f.size or 0 for f in torrent) if all(f.size for f in torrent) else None
         if size is None and manifest.params is not None:

@@ -105,7 +105,9 @@ def test_a_hash_check_passes_on_equal_hex_and_names_both_and_the_authority_other
     bad = hash_check("sha256", "m/x.bin", auth, "aa" * 32, "bb" * 32)
     assert not bad.ok and isinstance(bad.error, HashMismatchError) and bad.error.exit_code == 5
     assert bad.message == f"m/x.bin: sha256 is {'bb' * 32} but the manifest-sha256 authority says {'aa' * 32}."
-    assert bad.error.context["check"] == "sha256" and bad.error.context["authority"] == "manifest-sha256"
+    assert bad.error.context == {"path": "m/x.bin", "expected": "aa" * 32, "actual": "bb" * 32,
+                                 "authority": "manifest-sha256", "check": "sha256"}
+    assert bad.authority == "manifest-sha256" and ok.authority == "manifest-sha256"
     missing = hash_check("md5", "x", auth, "cc" * 16, None)
     assert not missing.ok and "md5 is None" in missing.message
 
@@ -121,8 +123,11 @@ def test_v1_piece_count_mismatch_is_reported_before_bad_pieces(tmp_path: Path) -
     w = _work(tmp_path, b"z" * 2001, auth)  # 3 pieces, 2 listed
     w.v1_bad = [0]
     c = v1_check(w)
-    assert not c.ok and (c.expected, c.actual) == (2, 3)
+    assert not c.ok and (c.expected, c.actual) == (2, 3) and c.authority == "torrent-v1-pieces"
     assert c.message == "w.bin spans 3 pieces of 1,000 bytes but the torrent-v1-pieces authority lists 2."
+    assert c.error is not None and c.error.context == {"path": "w.bin", "expected": 2, "actual": 3,
+                                                       "authority": "torrent-v1-pieces"}
+    assert c.error.hint == "Delete it and fetch it again."
 
 
 def test_v1_bad_pieces_name_the_first_and_its_byte_range_clipped_to_the_file(tmp_path: Path) -> None:
@@ -135,7 +140,8 @@ def test_v1_bad_pieces_name_the_first_and_its_byte_range_clipped_to_the_file(tmp
                          "under the torrent-v1-pieces authority.")
     w.v1_bad = [2]
     assert "first: piece 2, bytes 2,000..2,500)" in v1_check(w).message  # the last piece ends at the file's end
-    assert c.error.context["bad_pieces"] == [1, 2]
+    assert c.error.context == {"path": "w.bin", "bad_pieces": [1, 2], "authority": "torrent-v1-pieces"}
+    assert (c.expected, c.actual) == ("3 pieces ok", "2 bad: [1, 2]")
 
 
 def test_v2_check_reduces_the_chunk_roots_to_the_authoritys_root(tmp_path: Path) -> None:
@@ -148,10 +154,14 @@ def test_v2_check_reduces_the_chunk_roots_to_the_authoritys_root(tmp_path: Path)
     w.v2_roots = {i: v2_chunk_root(w.path, i, 256, buf) for i in range(2)}
     w.auth = Authority(kind="torrent-v2-merkle", merkle_root=root)
     good = v2_check(w)
-    assert good.ok and good.actual == root.hex() == good.expected
+    assert good.ok and good.actual == root.hex() == good.expected and good.authority == "torrent-v2-merkle"
+    assert good.name == "torrent-v2-merkle" and good.file == "w.bin"
     w.auth = Authority(kind="torrent-v2-merkle", merkle_root=bytes(32))
     bad = v2_check(w)
     assert not bad.ok and bad.message == f"w.bin: merkle root is {root.hex()} but the torrent-v2-merkle authority says {'00' * 32}."
+    assert bad.error is not None and bad.error.context == {"path": "w.bin", "expected": "00" * 32,
+                                                           "actual": root.hex(), "authority": "torrent-v2-merkle"}
+    assert bad.authority == "torrent-v2-merkle" and (bad.expected, bad.actual) == ("00" * 32, root.hex())
     w.auth = Authority(kind="torrent-v2-merkle", merkle_root=root)
     w.v2_roots = {0: w.v2_roots[0]}  # a chunk missing: no root at all, never a partial one
     missing = v2_check(w)

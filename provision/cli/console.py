@@ -241,6 +241,11 @@ def _shown(ev: ProgressEvent) -> float:
     return min(ev.done, ev.total) if ev.total else ev.done
 
 
+def _has_rate(unit: str, total: float | None) -> bool:
+    """Bytes, and counts working towards a total, have a rate; an open-ended count (peers) has none."""
+    return unit == "B" or total is not None
+
+
 def format_amount(done: float, total: float | None, unit: str) -> str:
     """``12.00 MB / 34.00 MB`` for bytes, ``9/16 tokens`` for anything counted."""
     if unit == "B":
@@ -263,7 +268,8 @@ def progress_line(ev: ProgressEvent, rate: float | None) -> str:
     """One plain progress line: what, how far (with the percentage of the real total), one rate."""
     shown = _shown(ev)
     pct = f" ({100 * shown / ev.total:.0f}%)" if ev.total else ""
-    speed = str(ev.extra["rate"]) if "rate" in ev.extra else format_rate(rate, ev.unit)
+    speed = str(ev.extra["rate"]) if "rate" in ev.extra else format_rate(rate if _has_rate(ev.unit, ev.total) else None,
+                                                                         ev.unit)
     parts = [f"{ev.description or ev.task}: {format_amount(shown, ev.total, ev.unit)}{pct}", speed,
              format_extra(ev.extra)]
     return " ".join(p for p in parts if p)
@@ -293,7 +299,8 @@ class _RateColumn(ProgressColumn):
 
     def render(self, task: Task) -> Text:
         given = task.fields.get("rate")
-        speed = str(given) if given else format_rate(task.speed, str(task.fields.get("unit", "B")))
+        unit = str(task.fields.get("unit", "B"))
+        speed = str(given) if given else format_rate(task.speed if _has_rate(unit, task.total) else None, unit)
         return Text(speed, style="progress.data.speed")
 
 

@@ -134,3 +134,11 @@ def test_verify_without_a_tty_ends_with_one_summary_of_the_real_size(tiny_src: P
     assert sum(1 for ln in verify if "done" in ln) == 1
     assert all("%" not in ln or re.search(r"\((\d+)%\)", ln) for ln in verify)
     assert "\r" not in cp.stderr and "\x1b" not in cp.stderr
+
+
+def test_waiting_for_metadata_counts_peers_once_per_change_without_a_rate() -> None:
+    t, buf = _plain()
+    for peers in (0, 0, 0, 2, 2):
+        t.progress(ProgressEvent(task="fetch:metadata", done=peers, total=None, unit="peers",
+                                 description="waiting for metadata"))
+    assert _lines(buf) == ["waiting for metadata: 0 peers", "waiting for metadata: 2 peers"]

@@ -279,8 +279,8 @@ def _wait_metadata(job: FetchJob, live: LiveTorrent) -> Any:
         if now - last_note >= 5:
             last_note = now
             if job.progress is not None:
-                job.progress(ProgressEvent(task="fetch:metadata", done=0, total=None, unit="peers",
-                                           description="waiting for metadata", extra={"peers": int(st.num_peers)}))
+                job.progress(ProgressEvent(task="fetch:metadata", done=int(st.num_peers), total=None, unit="peers",
+                                           description="waiting for metadata"))  # the count is the peers
 
 
 def _prepare(job: FetchJob, live: LiveTorrent, ti: Any) -> tuple[list[Selected], dict[str, Authority]]:

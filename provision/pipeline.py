@@ -358,6 +358,22 @@ class _Run:
                 cmd = read_record(out).get("vllm_command")
         self.result.vllm_command = cmd if isinstance(cmd, str) and cmd else None
 
+    def serve_original(self) -> None:
+        """--skip-convert: the ``vllm serve`` line for the original (Mistral layout), in the 16-bit
+        dtype the target runs; none when no 16-bit copy fits the target (nothing to serve there)."""
+        from provision.formats.params import ModelArgs
+        from provision.hardware import parse_target
+        from provision.stages.convert.serve import vllm_command
+        from provision.stages.profiles import choose
+
+        if not (self.original / "params.json").is_file():
+            return
+        with contextlib.suppress(ProvisionError):  # no 16-bit profile fits: no serve line, the run stands
+            target = parse_target(self.opts.target, hardware=self.plan.hardware)
+            prof = choose(ModelArgs.from_file(self.original / "params.json"), target, "auto", "mistral",
+                          context=self.opts.context)
+            self.result.vllm_command = vllm_command(self.original, prof, self.opts.context)
+
     def verify(self) -> Outcome:
         from provision.stages.verify import authorities_from_manifest, verify_files
 
@@ -510,4 +526,6 @@ def run_pipeline(
         for rec in run.finish_seeding():
             emit(rec)
         emit(run.drop_original())
+        if opts.skip_convert:
+            run.serve_original()
     return result

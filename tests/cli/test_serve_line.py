@@ -135,3 +135,19 @@ def test_the_serve_line_under_json_goes_to_stderr_and_quiet_silences_it_there(
     Terminal(quiet=True).out("result")
     out, err = capsys.readouterr()
     assert (out, err) == ("result\n", "")
+
+
+@pytest.mark.parametrize(("target", "dtype"), [("cpu", "bfloat16"), ("t4", "float16")])  # T4 is sm_75: no bf16
+def test_a_run_without_conversion_ends_with_the_serve_command_for_the_original(
+    target: str, dtype: str, tiny_src: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    home = tmp_path / "home"
+    rc, out, err = _run_human(capsys, "run", str(tiny_src / "manifest.toml"), "--home", str(home), "--adopt",
+                              str(tiny_src), "--no-hf-cache", "--target", target, "--skip-convert", "--skip-smoke")
+    assert rc == 0, err[-3000:]
+    (line,) = [ln for ln in out.splitlines() if ln.startswith("serve it with: ")]
+    argv = shlex.split(line.removeprefix("serve it with: "))
+    original = home / "models" / "tiny-pixtral" / "original"
+    expected = _expected_argv(original)
+    expected[expected.index("--dtype") + 1] = dtype
+    assert argv == expected

@@ -54,18 +54,18 @@ SCHEMES: dict[str, SchemeSpec] = {
 }
 
 
+_SAME_WIDTH_INT = {2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
 def _round_up_to(scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """``scale`` (float32) cast to ``dtype``, moved up one step wherever the cast rounded down."""
+    """``scale`` (float32, positive) cast to ``dtype`` and, wherever the cast rounded down, moved up to the
+    next value ``dtype`` holds: the smallest ``dtype`` value >= ``scale``."""
     s = scale.to(dtype)
     low = s.float() < scale
     if bool(low.any()):
-        bumped = torch.nextafter(s.float(), torch.full_like(scale, math.inf)).to(dtype)
-        # nextafter in float32 may still round back down in a 16-bit dtype: step by the dtype's eps
-        still = bumped.float() < scale
-        if bool(still.any()):
-            eps = torch.finfo(dtype).eps
-            bumped = torch.where(still, (s.float() * (1 + 2 * eps)).to(dtype), bumped)
-        s = torch.where(low, bumped, s)
+        # for positive finite floats the next representable value is the bit pattern plus one
+        ints = _SAME_WIDTH_INT[s.element_size()]
+        s = torch.where(low, (s.view(ints) + 1).view(dtype), s)
     return s
 
 

@@ -102,6 +102,18 @@ def test_scales_are_rounded_up_to_the_storage_dtype() -> None:
         assert bool((s >= amax / div).all())
 
 
+@pytest.mark.parametrize("scale_dtype", [torch.bfloat16, torch.float16])
+def test_a_scale_between_two_storage_values_is_rounded_up_by_exactly_one_step(scale_dtype: torch.dtype) -> None:
+    # amax 448 * 1.001 wants a scale of 1.001: the next value above 1.0 is 1 + 2**-7 = 1.0078125 in bfloat16
+    # (7 mantissa bits) and 1 + 2**-10 = 1.0009765625 in float16 (10 bits); 1.001 lies above both, so
+    # bfloat16 stores 1.0078125 and float16 the step after 1.0009765625: 1 + 2 * 2**-10 = 1.001953125.
+    want = {torch.bfloat16: 1.0078125, torch.float16: 1.001953125}[scale_dtype]
+    w = torch.tensor([[448.0 * 1.001, 1.0], [448.0, -1.0]])
+    _, scale = quant.quantize_fp8(w, scale_dtype=scale_dtype)
+    assert scale.dtype == scale_dtype
+    assert scale.float().flatten().tolist() == [want, 1.0]  # 448 / 448 = 1.0 exactly: no step up
+
+
 def test_bad_inputs_are_refused() -> None:
     with pytest.raises(ValueError):
         quant.quantize_fp8(torch.randn(4))

@@ -65,7 +65,8 @@ def test_a_refused_hub_connection_ends_in_one_error_line_and_exit_4_with_no_libr
     retries = [ln for ln in lines if ln.startswith("the Hub answered ConnectError; retrying in ")]
     assert len(retries) <= RETRIES  # (the plan's listing retries without notes: it has no progress callback)
     assert lines == [*retries, lines[-1]]  # nothing else: huggingface_hub printed no line of its own
-    assert lines[-1].startswith(f"error: Cannot reach http://127.0.0.1:{refusing_port} for hf://org/repo@main")
+    assert lines[-1].startswith(f"error: Cannot reach http://127.0.0.1:{refusing_port} for hf://org/repo@main: "
+                                "the connection was refused.")
 
 
 def test_the_retry_policy_cuts_every_wait_to_the_deadline_and_gives_up_past_it() -> None:

@@ -68,6 +68,18 @@ def unresolved_host(err: BaseException) -> bool:
     return False
 
 
+def _refused(err: BaseException) -> bool:
+    """True when ``err`` (or what caused it) is a refused TCP connection."""
+    seen: set[int] = set()
+    e: BaseException | None = err
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, ConnectionRefusedError) or "connection refused" in str(e).lower():
+            return True
+        e = e.__cause__ or e.__context__
+    return False
+
+
 @dataclass
 class RetryPolicy:
     """When to try a failed Hub request again: at most ``retries`` more tries, each wait cut so that
@@ -156,7 +168,8 @@ def hub_error(err: BaseException, *, repo: str, revision: str, path: str | None,
         return FetchError(f"Cannot resolve the host name {host} of {endpoint} for {uri}.",
                           hint="Check the network's DNS, proxies and HF_ENDPOINT, then run again.", **ctx)
     if isinstance(err, (httpx2.TransportError, OSError)):
-        return FetchError(f"Cannot reach {endpoint} for {uri}: {type(err).__name__}.",
+        why = "the connection was refused" if _refused(err) else type(err).__name__
+        return FetchError(f"Cannot reach {endpoint} for {uri}: {why}.",
                           hint="Check the network, proxies and HF_ENDPOINT, then run again.", **ctx)
     return FetchError(f"The Hub answered {status} for {uri}{' ' + path if path else ''}.",
                       hint="Run again later; if it persists check HF_ENDPOINT.", **ctx)

@@ -249,20 +249,7 @@ class ModelArgs:
     def from_file(cls, path: Path) -> ModelArgs:
         """Parse ``path``, opened with ``read_regular`` (a FIFO, a device or a symlink out of its
         folder is ``HostileContentError``, exit 5; a file over ``MAX_PARAMS_BYTES`` too)."""
-        path = Path(path)
-        try:
-            raw = read_regular(path, root=path.parent, what="params file", max_bytes=MAX_PARAMS_BYTES)
-        except FileNotFoundError:
-            raise ParamsError(f"params.json not found: {path}.", path=str(path)) from None
-        except OSError as e:
-            raise ParamsError(f"Cannot read {path}: {e.strerror or e}.", path=str(path)) from None
-        try:
-            data = json.loads(raw.decode("utf-8"))
-        except UnicodeDecodeError as e:
-            raise ParamsError(f"{path} is not UTF-8 text: {e}.", path=str(path)) from None
-        except ValueError as e:  # JSONDecodeError, and integers of more than 4,300 digits
-            raise ParamsError(f"{path} is not valid JSON: {e}.", path=str(path)) from None
-        return cls.from_dict(data)
+        return cls.from_dict(read_params_file(path)[1])
 
     def to_dict(self) -> dict[str, Any]:
         d: dict[str, Any] = {"dim": self.dim, "n_layers": self.n_layers, "head_dim": self.head_dim,
@@ -364,3 +351,25 @@ def spec_diff(have: dict[str, tuple[int, ...]], spec: dict[str, tuple[int, ...]]
         parts.append(f"{len(wrong)} with the wrong shape (first {n!r}: {list(have[n])}, params.json implies "
                      f"{list(spec[n])})")
     return missing, extra, wrong, parts
+
+
+def read_params_file(path: Path) -> tuple[bytes, dict[str, Any]]:
+    """A ``params.json``'s bytes and its JSON object, read once with ``read_regular`` (a FIFO, a device
+    or a symlink out of its folder is ``HostileContentError``, exit 5; a file over ``MAX_PARAMS_BYTES``
+    too); a missing, unreadable or malformed file is a one-line ``ParamsError`` (exit 3)."""
+    path = Path(path)
+    try:
+        raw = read_regular(path, root=path.parent, what="params file", max_bytes=MAX_PARAMS_BYTES)
+    except FileNotFoundError:
+        raise ParamsError(f"params.json not found: {path}.", path=str(path)) from None
+    except OSError as e:
+        raise ParamsError(f"Cannot read {path}: {e.strerror or e}.", path=str(path)) from None
+    try:
+        data = json.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError as e:
+        raise ParamsError(f"{path} is not UTF-8 text: {e}.", path=str(path)) from None
+    except ValueError as e:  # JSONDecodeError, and integers of more than 4,300 digits
+        raise ParamsError(f"{path} is not valid JSON: {e}.", path=str(path)) from None
+    if not isinstance(data, dict):
+        raise ParamsError(f"{path} must hold a JSON object, not {type(data).__name__}.", path=str(path))
+    return raw, data

@@ -43,10 +43,10 @@ from provision.errors import (
     UsageError,
     VerifyError,
 )
-from provision.formats.params import spec_diff
+from provision.formats.params import read_params_file, spec_diff
 from provision.formats.pickles import PICKLE_SUFFIXES, is_pickle_name
 from provision.formats.safetensors import FROM_TORCH, check_safetensors
-from provision.io.atomic import TMP_PREFIX, atomic_write_text, fsync_dir
+from provision.io.atomic import TMP_PREFIX, atomic_write_bytes, atomic_write_text, fsync_dir
 from provision.io.hashing import hash_file
 from provision.io.space import check_free_space
 from provision.progress import ProgressFn, note
@@ -387,13 +387,10 @@ def import_pickles(sources: Sequence[PickleSource], out_dir: Path, *, params: Pa
     folder = srcs[0].path.parent
     out_dir = Path(out_dir).absolute()
     params_path = Path(params) if params is not None else folder / "params.json"
-    if not params_path.is_file():
+    if not params_path.exists() and not params_path.is_symlink():
         raise ParamsError(f"params.json not found at {params_path}; pass --params with the release's params.json.",
                           path=str(params_path))
-    try:
-        raw_params = json.loads(params_path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, ValueError) as e:
-        raise ParamsError(f"{params_path} is not valid JSON ({e}).", path=str(params_path)) from None
+    params_bytes, raw_params = read_params_file(params_path)  # read once: the copy below is these bytes
     args = ModelArgs.from_dict(raw_params)
     spec = tensor_spec(args)
     _prepare_out(out_dir, folder)
@@ -428,7 +425,7 @@ def import_pickles(sources: Sequence[PickleSource], out_dir: Path, *, params: Pa
         if added:
             atomic_write_text(staging / "params.json", json.dumps(new_params, indent=4) + "\n")
         else:  # byte for byte
-            shutil.copyfile(params_path, staging / "params.json")
+            atomic_write_bytes(staging / "params.json", params_bytes)
         for pattern in TOKENIZER_GLOBS:
             for tok in sorted(folder.glob(pattern)):
                 if tok.is_file() and not tok.is_symlink():

@@ -703,3 +703,22 @@ def test_as_root_the_loader_sees_every_mount_read_only_but_its_own_folder(tmp_pa
     probe = tmp_path / "host-still-writable.txt"
     probe.write_text("the host's mounts are untouched")  # nothing propagated back
     assert probe.read_text() == "the host's mounts are untouched"
+
+
+@pytest.mark.parametrize("kind", ["fifo", "symlink-out"])
+def test_a_params_json_that_is_a_fifo_or_links_out_of_the_folder_is_refused_with_exit_5(
+    kind: str, tiny_7b_pickle: Path, tmp_path: Path
+) -> None:
+    src = tmp_path / "release"
+    shutil.copytree(tiny_7b_pickle, src)
+    (src / "params.json").unlink()
+    if kind == "fifo":
+        os.mkfifo(src / "params.json")  # reading it would block forever: refused without opening for read
+    else:
+        private = tmp_path / "private.json"
+        private.write_text((tiny_7b_pickle / "params.json").read_text())
+        (src / "params.json").symlink_to(private)
+    with pytest.raises(HostileContentError) as e:
+        import_pickle(src, tmp_path / "out", sha256=_sha(src / PICKLE_NAME))
+    assert e.value.exit_code == 5 and "params" in str(e.value)
+    assert not (tmp_path / "out").exists()

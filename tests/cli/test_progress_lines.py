@@ -14,7 +14,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
+import pytest  # noqa: F401 - fixtures by name
 
 from provision.cli.console import Terminal
 from provision.progress import ProgressEvent
@@ -122,7 +122,6 @@ def test_on_a_terminal_a_finished_bar_gives_way_to_its_summary_and_nothing_stays
     assert text.count("verify: done") == 1
 
 
-@pytest.mark.slow
 def test_verify_without_a_tty_ends_with_one_summary_of_the_real_size(tiny_src: Path) -> None:
     size = sum(p.stat().st_size for p in tiny_src.iterdir() if p.name != "manifest.toml")
     cp = subprocess.run([sys.executable, "-m", "provision.cli.main", "verify", str(tiny_src), "--manifest",

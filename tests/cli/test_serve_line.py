@@ -93,7 +93,6 @@ def _run_human(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str
     return rc, out, err
 
 
-@pytest.mark.slow
 def test_a_cached_rerun_still_ends_with_the_serve_command_in_human_and_json_output(
     tiny_src: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

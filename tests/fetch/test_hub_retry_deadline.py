@@ -55,6 +55,7 @@ def test_an_unresolvable_hub_host_is_one_error_line_and_exit_4_without_retries(
     assert lines[0].startswith("error: Cannot resolve the host name hub.example.invalid of http://hub.example.invalid")
 
 
+@pytest.mark.slow
 def test_a_refused_hub_connection_ends_in_one_error_line_and_exit_4_with_no_library_lines(
     refusing_port: int, tmp_path: Path
 ) -> None:

@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Literal
 
 from provision.errors import UsageError
+from provision.formats.provenance import PROVENANCE_NAME
 from provision.io.atomic import TMP_PREFIX, atomic_write_bytes, fsync_dir
 from provision.io.opening import check_regular, read_regular
 from provision.stages.convert.record import RECORD_NAME
@@ -43,7 +44,7 @@ OUR_FILES = re.compile(
     r"model(-\d{5}-of-\d{5})?\.safetensors|model\.safetensors\.index\.json|params\.json|tekken\.json|"
     r"tokenizer\.model(\.v\d+m?\d*)?|config\.json|generation_config\.json|preprocessor_config\.json|"
     r"processor_config\.json|tokenizer\.json|tokenizer_config\.json|special_tokens_map\.json|"
-    r"chat_template\.jinja|chat_template\.json|" + re.escape(RECORD_NAME) + r")$")
+    r"chat_template\.jinja|chat_template\.json|" + re.escape(RECORD_NAME) + "|" + re.escape(PROVENANCE_NAME) + r")$")
 MISTRAL_SIDE_FILES = re.compile(r"^(params\.json|tekken\.json|tokenizer\.model(\.v\d+m?\d*)?)$")
 MAX_SIDE_FILE_BYTES = 256 << 20  # tekken.json is ~19 MB
 _STAGE = re.compile(re.escape(TMP_PREFIX) + r"convert(-old)?-(?P<name>.+)-(?P<pid>\d+)$")
@@ -69,6 +70,9 @@ def _written_by_convert(out_dir: Path) -> set[str]:
     if not recorded:
         return set()
     mine = {RECORD_NAME}
+    with contextlib.suppress(OSError):  # its provenance record (rewritten by smoke, so no size to compare)
+        if (out_dir / PROVENANCE_NAME).is_file() and not (out_dir / PROVENANCE_NAME).is_symlink():
+            mine.add(PROVENANCE_NAME)
     for name, size in recorded.items():
         p = out_dir / name
         with contextlib.suppress(OSError):

@@ -1,19 +1,24 @@
 """The result of a conversion and its record on disk, ``provision-convert.json``.
 
 ``ConvertResult`` is what ``convert`` returns (profile, files, source digests, per-tensor reports,
-the ``vllm serve`` command); ``write_record`` stores it, with the context length, as the last file
-of a conversion; ``read_record`` reads it back. Nothing here converts or reads tensors.
+the ``vllm serve`` command); ``write_record`` stores it, with the context length, in a conversion's
+staging folder, ``write_provenance`` then adds the folder's ``provenance.json`` (its last file);
+``read_record`` reads the first back. Nothing here converts or reads tensors.
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from provision.formats import provenance
+from provision.formats.provenance import SourceIdentity
 from provision.hardware import Target
 from provision.io.atomic import atomic_write_text
+from provision.io.hashing import sha256_file
 from provision.stages.convert.items import Action
 from provision.stages.profiles import Profile
 
@@ -89,6 +94,25 @@ def write_record(result: ConvertResult, *, context: int, folder: Path | None = N
     record = result.to_dict()
     record["context"] = context
     _write(folder if folder is not None else result.out_dir, record)
+
+
+def write_provenance(result: ConvertResult, folder: Path, *, context: int, source: SourceIdentity | None,
+                     side: list[Path], source_sha256: Mapping[str, str]) -> None:
+    """Write ``provenance.json`` into ``folder`` (convert's staging folder, after ``write_record``):
+    the source (``source``'s identity, every weight file and side file with its size and sha256;
+    a side file is hashed here unless ``source_sha256`` names it), the recipe and every file of
+    ``folder`` hashed (``provision.formats.provenance``)."""
+    files = [{"path": f["path"], "size": f["size"], "sha256": f["sha256"]} for f in result.source_files
+             if "sha256" in f]
+    for p in side:
+        files.append({"path": p.name, "size": p.stat().st_size,
+                      "sha256": source_sha256.get(p.name) or sha256_file(p)})
+    prof = result.profile
+    rec = provenance.build(folder, source=source or SourceIdentity(), source_files=files,
+                           recipe=provenance.recipe(scheme=prof.scheme, layout=prof.layout,
+                                                    target=result.target.to_dict(), profile=prof.name,
+                                                    context=context))
+    provenance.write(folder, rec)
 
 
 def read_record(out_dir: Path) -> dict[str, Any]:

@@ -12,6 +12,7 @@ a ``Settings``) instead of reading ``os.environ``. The table is the reference fo
     PROVISION_LOCK_TIMEOUT           seconds to wait for a model lock (default 60)
     PROVISION_LOCK_STALE_AFTER       seconds without a heartbeat before a lock counts as stale (default 120)
     PROVISION_FORBID_PUBLIC_NETWORK  1 to refuse any libtorrent session in the public network mode (tests set it)
+    PROVISION_CONVERT_WORKERS        threads converting tensors (default: the usable CPUs, at most 8; --workers wins)
     PROVISION_QUIET, PROVISION_VERBOSE  the -q / -v flags (read by click in the CLI)
 """
 
@@ -68,6 +69,7 @@ class Settings:
     lock_timeout: float = DEFAULT_LOCK_TIMEOUT
     lock_stale_after: float = DEFAULT_LOCK_STALE_AFTER
     forbid_public_network: bool = False
+    convert_workers: str | None = None  # validated where it is used (provision.stages.convert.parallel)
 
     @classmethod
     def load(cls) -> Settings:
@@ -83,4 +85,5 @@ class Settings:
             lock_timeout=_float("PROVISION_LOCK_TIMEOUT", DEFAULT_LOCK_TIMEOUT),
             lock_stale_after=_float("PROVISION_LOCK_STALE_AFTER", DEFAULT_LOCK_STALE_AFTER),
             forbid_public_network=os.environ.get("PROVISION_FORBID_PUBLIC_NETWORK") == "1",
+            convert_workers=os.environ.get("PROVISION_CONVERT_WORKERS", "").strip() or None,
         )

@@ -4,7 +4,7 @@
 quantized, under which output name (the ``hf`` layout renames and marks q/k for the RoPE
 permutation) and which output entries it produces; ``check_against_params`` refuses a source whose
 tensors do not match ``params.json``. ``chunks`` and ``read_plan`` cut tensors into the row
-pieces the streaming loop reads. Nothing here reads tensor data or writes.
+pieces the streaming loop reads (q/k tensors of the ``hf`` layout at head boundaries). Nothing here reads tensor data or writes.
 """
 
 from __future__ import annotations
@@ -100,17 +100,33 @@ def check_against_params(items: list[Item], args: ModelArgs) -> None:
             missing=missing[:20], extra=extra[:20], wrong_shape=wrong[:20])
 
 
+def head_rows(item: Item) -> int:
+    """The rows of one head of a q/k tensor permuted for the ``hf`` layout (1 for other tensors).
+    The permutation moves rows only within a head, so a piece of whole heads permutes alone."""
+    rows = item.src.shape[0] if item.src.shape else 1
+    heads = item.permute_heads
+    if heads is None or heads <= 0 or rows % (2 * heads):
+        return 1
+    return rows // heads
+
+
 def chunks(item: Item) -> Iterator[tuple[int, int]]:
-    """(first row, row count) pieces of about CHUNK_BYTES (the whole tensor when it must be permuted)."""
+    """(first row, row count) pieces of about CHUNK_BYTES; a tensor permuted for the ``hf`` layout is
+    cut at head boundaries (whole when its rows do not divide into its heads)."""
     shape = item.src.shape
     rows = shape[0] if shape else 1
-    if item.permute_heads is not None or len(shape) < 2 or rows <= 1:
+    if len(shape) < 2 or rows <= 1:
+        yield 0, rows
+        return
+    unit = head_rows(item)
+    if item.permute_heads is not None and unit == 1:  # permute_to_hf refuses it: one piece, one error
         yield 0, rows
         return
     row_bytes = item.src.nbytes // rows
     per = max(1, CHUNK_BYTES // max(row_bytes, 1))
     if item.action == "quantize":
         per = max(1, min(per, QUANT_CHUNK_BYTES // max(row_bytes, 1)))
+    per = max(unit, per // unit * unit)
     for r in range(0, rows, per):
         yield r, min(per, rows - r)
 

@@ -81,13 +81,16 @@ class Prefetcher:
 
     At most ``depth`` chunks wait in memory, in a ring of reused buffers. ``read(si, start, n)``
     must ask for the ranges in the planned order; the memoryview it returns stays valid until
-    the next ``read`` (or ``close``). Progress is reported on the calling thread.
+    the next ``read`` (or ``close``). ``take`` is the same read for a caller that keeps up to
+    ``hold`` chunks at once: the buffer stays valid until the caller passes its number to
+    ``release``. Progress is reported on the calling thread.
     """
 
     def __init__(self, streams: list[SourceStream], plan: list[tuple[int, int, int]],
-                 on_bytes: Callable[[int], None], depth: int = 3) -> None:
+                 on_bytes: Callable[[int], None], depth: int = 3, hold: int = 1) -> None:
         self.streams, self.plan, self.on_bytes = streams, plan, on_bytes
-        self.ring = BufferRing(max((n for _, _, n in plan), default=1), depth + 6)
+        # depth queued + hold taken + buffers the hasher has not finished with yet
+        self.ring = BufferRing(max((n for _, _, n in plan), default=1), depth + max(hold, 1) + 5)
         self.q: queue.Queue[_Slot] = queue.Queue(maxsize=depth)
         self.stop = threading.Event()
         self.held: int | None = None
@@ -121,15 +124,23 @@ class Prefetcher:
             self.ring.release(self.held)
             self.held = None
 
-    def read(self, si: int, start: int, n: int) -> memoryview:
-        self._release_held()
+    def take(self, si: int, start: int, n: int) -> tuple[int, memoryview]:
+        """The next planned range, which must be (si, start, n): its buffer number and its bytes."""
         key, idx, mv, err = self.q.get()
         if err is not None:
             raise err
         if key != (si, start, n) or mv is None or idx is None:
             raise ConvertError(f"Internal error: read {key} arrived where {(si, start, n)} was expected.")
-        self.held = idx
         self.on_bytes(n)
+        return idx, mv
+
+    def release(self, idx: int) -> None:
+        """Give back a buffer ``take`` handed out."""
+        self.ring.release(idx)
+
+    def read(self, si: int, start: int, n: int) -> memoryview:
+        self._release_held()
+        self.held, mv = self.take(si, start, n)
         return mv
 
     def close(self) -> None:

@@ -5,8 +5,9 @@ checks the output folder (``output.check_out``) and refuses a quantized scheme t
 no layer, all before anything is written; then, in a new staging folder beside the output, it
 streams the tensors into shards (``stream``), writes the side files of the layout (``output`` for
 ``mistral``, ``hf_export`` for ``hf``), checks the result (verify's structure checks, the loader's
-load check and, when asked, the logit comparison of ``compare``), writes the record (``record``)
-and commits the folder by rename. A failure removes the staging folder; a run killed midway
+load check and, when asked, the logit comparison of ``compare``), writes the record and the
+``provenance.json`` that hashes every file of the folder (``record``) and commits the folder by
+rename. A failure removes the staging folder; a run killed midway
 leaves only a ``.provision-tmp-convert-*`` folder beside the output, removed by the next run. It
 does not verify the source against a manifest (``verify`` does).
 """
@@ -22,6 +23,7 @@ from typing import Any
 
 from provision.errors import ManifestError, UsageError
 from provision.formats.params import ModelArgs
+from provision.formats.provenance import PROVENANCE_NAME, SourceIdentity
 from provision.formats.safetensors_writer import CheckpointWriter, plan_shards
 from provision.hardware import Target, parse_target
 from provision.io.space import check_free_space
@@ -37,7 +39,8 @@ from provision.stages.convert.output import (
     new_stage,
     side_files,
 )
-from provision.stages.convert.record import RECORD_NAME, ConvertResult, write_record
+from provision.stages.convert.parallel import resolve_workers
+from provision.stages.convert.record import RECORD_NAME, ConvertResult, write_provenance, write_record
 from provision.stages.convert.serve import vllm_command
 from provision.stages.convert.source import SafetensorsSource, find_sources
 from provision.stages.convert.stream import stream_tensors
@@ -103,6 +106,8 @@ def convert(
     source_sha256: Mapping[str, str] | None = None,
     force: bool = False,
     compare: bool | None = False,
+    source_identity: SourceIdentity | None = None,
+    workers: int | None = None,
 ) -> ConvertResult:
     """Convert the Mistral-format checkpoint in ``src_dir`` into ``out_dir`` for ``target``.
 
@@ -113,7 +118,11 @@ def convert(
     a folder holding other files without ever overwriting one (``output.check_out``).
     ``source_sha256`` maps source file names to sha256 digests the caller has just verified
     (``provision run`` passes what verify computed); those files are recorded with that digest
-    instead of being hashed again while streaming.
+    instead of being hashed again while streaming. ``source_identity`` (manifest, infohash, Hub
+    repository) goes into the ``provenance.json`` written into the staging folder before the
+    commit. ``workers`` threads convert the tensors
+    (``parallel.resolve_workers``: ``None`` reads ``PROVISION_CONVERT_WORKERS``, else the usable
+    CPUs, at most 8); the output is the same for any number.
     """
     t0 = time.monotonic()
     src_dir, out_dir = Path(src_dir), Path(out_dir)
@@ -122,6 +131,7 @@ def convert(
     prof = choose(args, tgt, scheme, layout, context=context)
     if prof.layout == "hf" and args.vision_encoder is None:
         raise UsageError("The hf layout is written for Pixtral (Llava) checkpoints; use --layout mistral.")
+    n_workers = resolve_workers(workers)
     paths = find_sources(src_dir)
     side = side_files(src_dir)
     mode = check_out(src_dir, out_dir, force=force)
@@ -136,13 +146,15 @@ def convert(
         try:
             res = _write(src_dir, stage, out_dir, args, tgt, prof, items, sources, side, source_files,
                          shard_bytes=shard_bytes, context=context, progress=progress, hf_tokenizer=hf_tokenizer,
-                         source_sha256=source_sha256 or {}, t0=t0)
+                         source_sha256=source_sha256 or {}, t0=t0, workers=n_workers)
             _check_output(stage)
             if compare if compare is not None else should_compare(res.bytes_read):
                 res.logits_comparison = compare_logits(src_dir, stage)
             res.seconds = time.monotonic() - t0
             write_record(res, context=context, folder=stage)
-            commit_output(stage, out_dir, mode, [n for n, _ in res.files] + [RECORD_NAME])
+            write_provenance(res, stage, context=context, source=source_identity, side=side,
+                             source_sha256=source_sha256 or {})
+            commit_output(stage, out_dir, mode, [n for n, _ in res.files] + [RECORD_NAME, PROVENANCE_NAME])
         finally:
             shutil.rmtree(stage, ignore_errors=True)  # gone after a commit; a failed run leaves nothing
     finally:
@@ -157,14 +169,15 @@ def convert(
 def _write(src_dir: Path, stage: Path, out_dir: Path, args: ModelArgs, tgt: Target, prof: Profile,
            items: list[Item], sources: list[SafetensorsSource], side: list[Path], source_files: list[dict[str, Any]],
            *, shard_bytes: int, context: int, progress: ProgressFn | None, hf_tokenizer: bool,
-           source_sha256: Mapping[str, str], t0: float) -> ConvertResult:
+           source_sha256: Mapping[str, str], t0: float, workers: int) -> ConvertResult:
     """Stream the tensors and write the side files of the layout into ``stage``; the result (for ``out_dir``)."""
     writer = _writer(stage, items, prof, source_files, shard_bytes)
     try:
         check_free_space(stage, writer.total_size + (64 << 20), what=f"the {prof.name} conversion")
         on_bytes = ByteCounter(progress, task="convert", total=sum(s.size - s.data_start for s in sources),
                                description=f"convert -> {prof.name}", interval=0.2, report_end=True)
-        reports = stream_tensors(sources, items, writer, prof.scheme, source_files, source_sha256, on_bytes)
+        reports = stream_tensors(sources, items, writer, prof.scheme, source_files, source_sha256, on_bytes,
+                                 workers=workers)
         writer.finish({"provision.source": json.dumps(source_files, separators=(",", ":"))})
         files = [p.name for p in writer.commit()]
     except BaseException:

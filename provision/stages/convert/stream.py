@@ -1,16 +1,18 @@
 """The streaming loop of a conversion: source tensors, chunk by chunk, cast or quantized into the shard writer.
 
 ``stream_tensors`` reads every planned tensor through the ``Prefetcher`` (so each source file is
-read once, in order, and hashed on the way), casts it or quantizes it (``provision.quant``),
-permutes q/k rows for the ``hf`` layout (``provision.model.hf_names``) and hands the bytes to the
-``CheckpointWriter``; it returns one ``TensorReport`` per tensor, with the relative error of every
-quantized weight. It does not choose the profile, name the output files or commit them.
+read once, in order, and hashed on the way), casts or quantizes its row pieces (``provision.quant``)
+on one or several threads (``parallel.OrderedPool``), permutes q/k rows for the ``hf`` layout
+(``provision.model.hf_names``) and hands the bytes to the ``CheckpointWriter`` in order, so the
+output is the same for any number of threads; it returns one ``TensorReport`` per tensor, with
+the relative error of every quantized weight. It does not choose the profile, name the output files or commit them.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
 from functools import partial
 from typing import Any
 
@@ -20,15 +22,14 @@ from provision.formats.safetensors_writer import CheckpointWriter
 from provision.io.hashing import BackgroundHasher
 from provision.model import hf_names
 from provision.stages.convert.items import Item, chunks, read_plan
+from provision.stages.convert.parallel import OrderedPool
 from provision.stages.convert.prefetch import Prefetcher, SourceStream
 from provision.stages.convert.record import TensorReport
 from provision.stages.convert.source import SafetensorsSource
 
 ERROR_SAMPLE = 16  # relative error of tensors over ERROR_SAMPLE_MIN_BYTES: measured on every 16th row
 ERROR_SAMPLE_MIN_BYTES = 1 << 20
-
-Read = Callable[[int, int], memoryview]
-
+WINDOW_PER_WORKER = 2  # pieces started and not yet written, per conversion thread
 
 def _torch_dtype(st: str) -> Any:
     import torch
@@ -42,83 +43,137 @@ def _as_bytes(t: Any) -> memoryview:
     return memoryview(t.contiguous().view(torch.uint8).numpy()).cast("B")
 
 
-def _copy_or_cast(item: Item, read: Read, writer: CheckpointWriter) -> None:
+@dataclass
+class ChunkOut:
+    """What converting one row piece of a tensor produced: the bytes of its first output entry and,
+    for a quantized weight, its scales and the squared-error sums of its sampled rows."""
+
+    data: memoryview
+    scale: Any = None
+    err2: float = 0.0
+    ref2: float = 0.0
+    max_abs: float = 0.0
+
+
+def _rows(item: Item, buf: memoryview, r: int, n: int) -> Any:
+    """The piece as a tensor of the source dtype, q/k rows permuted for the ``hf`` layout."""
+    import torch
+
+    t = item.src
+    w = torch.frombuffer(buf, dtype=_torch_dtype(t.dtype)).reshape((n, *t.shape[1:]) if t.shape else ())
+    if item.permute_heads is not None:
+        w = hf_names.permute_to_hf(w, item.permute_heads * n // t.shape[0])
+    return w
+
+
+def _cast_chunk(item: Item, buf: memoryview, r: int, n: int) -> ChunkOut:
     import torch
 
     t = item.src
     if item.action == "copy" and item.permute_heads is None:
-        for r, n in chunks(item):
-            writer.write(item.out_name, read(t.start + r * item.row_bytes, n * item.row_bytes))
-        return
+        return ChunkOut(buf)
     src_dt, out_dt = _torch_dtype(t.dtype), _torch_dtype(item.out_dtype)
-    for r, n in chunks(item):
-        buf = read(t.start + r * item.row_bytes, n * item.row_bytes)
-        w = torch.frombuffer(buf, dtype=src_dt).reshape((n, *t.shape[1:]) if t.shape else ())
-        if item.permute_heads is not None:
-            w = hf_names.permute_to_hf(w, item.permute_heads)
-        o = w.to(out_dt)
-        if out_dt != src_dt and not bool(torch.isfinite(o).all()):
-            raise ConvertError(f"Tensor {t.name!r} overflows {item.out_dtype}; convert it to bf16 instead.",
-                               tensor=t.name)
-        writer.write(item.out_name, _as_bytes(o))
+    o = _rows(item, buf, r, n).to(out_dt)
+    if out_dt != src_dt and not bool(torch.isfinite(o).all()):
+        raise ConvertError(f"Tensor {t.name!r} overflows {item.out_dtype}; convert it to bf16 instead.",
+                           tensor=t.name)
+    return ChunkOut(_as_bytes(o))
 
 
-def _quantize(item: Item, read: Read, writer: CheckpointWriter, scheme: str, rep: TensorReport) -> None:
+def _quantize_chunk(item: Item, buf: memoryview, r: int, n: int, scheme: str) -> ChunkOut:
     import torch
 
     from provision import quant
 
     t = item.src
     spec = quant.SCHEMES[scheme]
-    src_dt, out_dt = _torch_dtype(t.dtype), _torch_dtype(item.out_dtype)
     cols = t.shape[1]
-    scales: list[Any] = []
-    err2 = ref2 = max_abs = 0.0
-    for r, n in chunks(item):
-        buf = read(t.start + r * item.row_bytes, n * item.row_bytes)
-        w = torch.frombuffer(buf, dtype=src_dt).reshape(n, cols)
-        if item.permute_heads is not None:
-            w = hf_names.permute_to_hf(w, item.permute_heads)
-        parts = quant.quantize(w, scheme, scale_dtype=out_dt)
-        # the error is measured on every ERROR_SAMPLE-th row of big tensors (all rows of small
-        # ones): dequantizing everything again would cost as much as quantizing
-        step = ERROR_SAMPLE if t.nbytes > ERROR_SAMPLE_MIN_BYTES and n >= ERROR_SAMPLE else 1
-        sample = {k: (v[::step] if k != "weight_shape" else v) for k, v in parts.items()}
-        wf = w[::step].float()
-        deq = quant.dequantize(sample, scheme) if spec.kind == "float" else quant.dequantize_int(
-            quant.unpack_int32(sample["weight_packed"], spec.num_bits, cols), sample["weight_scale"],
-            spec.group_size or quant.GROUP_SIZE)
-        diff = wf.sub_(deq)
-        err2 += float(torch.linalg.vector_norm(diff)) ** 2
-        ref2 += float(torch.linalg.vector_norm(w[::step].float())) ** 2
-        max_abs = max(max_abs, float(diff.abs().max()))
-        writer.write(item.entries[0].name, _as_bytes(parts["weight"] if spec.kind == "float" else
-                                                     parts["weight_packed"]))
-        scales.append(parts["weight_scale"])
-    writer.write(item.entries[1].name, _as_bytes(torch.cat(scales, 0)))
-    if spec.kind == "int":
-        writer.write(item.entries[2].name, _as_bytes(torch.tensor([t.shape[0], cols], dtype=torch.int64)))
-    rep.relative_error = math.sqrt(err2 / ref2) if ref2 else 0.0
-    rep.max_abs_error = max_abs
+    w = _rows(item, buf, r, n)
+    parts = quant.quantize(w, scheme, scale_dtype=_torch_dtype(item.out_dtype))
+    # the error is measured on every ERROR_SAMPLE-th row of big tensors (all rows of small
+    # ones): dequantizing everything again would cost as much as quantizing
+    step = ERROR_SAMPLE if t.nbytes > ERROR_SAMPLE_MIN_BYTES and n >= ERROR_SAMPLE else 1
+    sample = {k: (v[::step] if k != "weight_shape" else v) for k, v in parts.items()}
+    wf = w[::step].float()
+    deq = quant.dequantize(sample, scheme) if spec.kind == "float" else quant.dequantize_int(
+        quant.unpack_int32(sample["weight_packed"], spec.num_bits, cols), sample["weight_scale"],
+        spec.group_size or quant.GROUP_SIZE)
+    diff = wf.sub_(deq)
+    return ChunkOut(_as_bytes(parts["weight"] if spec.kind == "float" else parts["weight_packed"]),
+                    scale=parts["weight_scale"], err2=float(torch.linalg.vector_norm(diff)) ** 2,
+                    ref2=float(torch.linalg.vector_norm(w[::step].float())) ** 2, max_abs=float(diff.abs().max()))
 
 
-def convert_item(item: Item, read: Read, writer: CheckpointWriter, scheme: str) -> TensorReport:
-    """Read, convert and write one tensor; ``read(start, n)`` returns its bytes in planned order."""
-    rep = TensorReport(item.src.name, item.out_name, item.action)
+def convert_chunk(item: Item, buf: memoryview, r: int, n: int, scheme: str) -> ChunkOut:
+    """Convert rows ``r``..``r+n`` of ``item`` from their source bytes ``buf``; touches nothing shared,
+    so pieces of any tensors may be converted on several threads at once."""
     if item.action == "quantize":
-        _quantize(item, read, writer, scheme, rep)
-    else:
-        _copy_or_cast(item, read, writer)
-    return rep
+        return _quantize_chunk(item, buf, r, n, scheme)
+    return _cast_chunk(item, buf, r, n)
+
+
+class _ItemWriter:
+    """Writes the converted pieces of the tensors in order and completes each tensor's report."""
+
+    def __init__(self, items: list[Item], writer: CheckpointWriter, scheme: str) -> None:
+        self.writer, self.scheme = writer, scheme
+        self.last = {id(it): list(chunks(it))[-1][0] for it in items}
+        self.reports: list[TensorReport] = []
+        self.scales: list[Any] = []
+        self.err2 = self.ref2 = self.max_abs = 0.0
+
+    def put(self, item: Item, r: int, out: ChunkOut) -> None:
+        self.writer.write(item.entries[0].name if item.action == "quantize" else item.out_name, out.data)
+        if item.action == "quantize":
+            self.scales.append(out.scale)
+            self.err2 += out.err2
+            self.ref2 += out.ref2
+            self.max_abs = max(self.max_abs, out.max_abs)
+        if r == self.last[id(item)]:
+            self.reports.append(self._finish(item))
+
+    def _finish(self, item: Item) -> TensorReport:
+        import torch
+
+        rep = TensorReport(item.src.name, item.out_name, item.action)
+        if item.action == "quantize":
+            self.writer.write(item.entries[1].name, _as_bytes(torch.cat(self.scales, 0)))
+            if len(item.entries) > 2:  # the int schemes' weight_shape
+                self.writer.write(item.entries[2].name,
+                                  _as_bytes(torch.tensor([item.src.shape[0], item.src.shape[1]], dtype=torch.int64)))
+            rep.relative_error = math.sqrt(self.err2 / self.ref2) if self.ref2 else 0.0
+            rep.max_abs_error = self.max_abs
+            self.scales, self.err2, self.ref2, self.max_abs = [], 0.0, 0.0, 0.0
+        return rep
+
+
+def convert_items(items: list[Item], pre: Prefetcher, writer: CheckpointWriter, scheme: str,
+                  pool: OrderedPool[tuple[Item, int, int], ChunkOut]) -> list[TensorReport]:
+    """Convert every piece of ``items`` on ``pool`` and write the results in order; the reports."""
+    out = _ItemWriter(items, writer, scheme)
+
+    def jobs() -> Iterator[tuple[tuple[Item, int, int], Callable[[], ChunkOut]]]:
+        for it in items:
+            for r, n in chunks(it):
+                idx, mv = pre.take(it.source_index, it.src.start + r * it.row_bytes, n * it.row_bytes)
+                yield (it, r, idx), partial(convert_chunk, it, mv, r, n, scheme)
+
+    for (it, r, idx), res in pool.ordered(jobs()):
+        out.put(it, r, res)  # a copied piece is the read buffer itself: written before it is reused
+        pre.release(idx)
+    return out.reports
 
 
 def stream_tensors(sources: list[SafetensorsSource], items: list[Item], writer: CheckpointWriter, scheme: str,
                    source_files: list[dict[str, Any]], known_sha256: Mapping[str, str],
-                   on_bytes: Callable[[int], None]) -> list[TensorReport]:
-    """Convert every item into ``writer``; fill in the sha256 of each entry of ``source_files``.
+                   on_bytes: Callable[[int], None], workers: int = 1) -> list[TensorReport]:
+    """Convert every item into ``writer`` on ``workers`` threads; fill in the sha256 of each entry of
+    ``source_files``. The output does not depend on ``workers``.
 
     ``source_files[i]`` describes ``sources[i]``; a file named in ``known_sha256`` takes that
-    digest (``sha256_from: caller``), every other one is hashed while it streams.
+    digest (``sha256_from: caller``), every other one is hashed while it streams. Memory: the
+    read-ahead ring holds ``3 + WINDOW_PER_WORKER * workers + 5`` buffers of the largest piece
+    (``items.CHUNK_BYTES``, 16 MiB), and each piece in flight has one output of at most that size.
     """
     import torch
 
@@ -135,13 +190,16 @@ def stream_tensors(sources: list[SafetensorsSource], items: list[Item], writer: 
             hashers.append((i, h))
             h.update(s.header_bytes)
             streams.append(SourceStream(s, h))
-        pre = Prefetcher(streams, read_plan(items), on_bytes)
+        window = WINDOW_PER_WORKER * workers if workers > 1 else 1
+        pre = Prefetcher(streams, read_plan(items), on_bytes, hold=window)
         threads = torch.get_num_threads()
-        # one torch thread: the chunks are small, and idle OpenMP workers spin on the core that the
-        # reader and hasher threads need
+        # one torch thread per conversion thread: the pieces are small, parallelism comes from
+        # converting several at once, and idle OpenMP workers would spin on the cores that the
+        # reader, hasher and writer need
         torch.set_num_threads(1)
         try:
-            reports = [convert_item(it, partial(pre.read, it.source_index), writer, scheme) for it in items]
+            with OrderedPool[tuple[Item, int, int], ChunkOut](workers, window) as pool:
+                reports = convert_items(items, pre, writer, scheme, pool)
         finally:
             torch.set_num_threads(threads)
             pre.close()

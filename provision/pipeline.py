@@ -57,6 +57,7 @@ class RunOptions:
     hub: HubOptions = field(default_factory=HubOptions)
     lock_timeout: float | None = None
     keep_pickle: bool = False  # a pickled torrent release: keep the pickle in staging after the import
+    convert_workers: int | None = None  # threads converting tensors (None: PROVISION_CONVERT_WORKERS or the CPUs)
 
 
 @dataclass

@@ -13,10 +13,11 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import sys
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import IO, Any
 
@@ -32,6 +33,7 @@ from rich.progress import (
 )
 from rich.text import Text
 
+from provision.errors import printable
 from provision.progress import ProgressEvent
 from provision.settings import Settings
 from provision.units import human_bytes
@@ -78,25 +80,32 @@ class Terminal:
             self._log.flush()
 
     def info(self, msg: str) -> None:
+        msg = visible(msg)
         self._logline("INFO", msg)
         if not self.quiet:
             self.console.print(msg, markup=False)
 
     def success(self, msg: str) -> None:
+        msg = visible(msg)
         self._logline("INFO", msg)
         if not self.quiet:
             self.console.print(f"[green]✓[/green] {escape(msg)}")
 
     def warn(self, msg: str) -> None:
+        msg = visible(msg)
         self._logline("WARN", msg)
         if not self.quiet:
             self.console.print(f"[yellow]warning:[/yellow] {escape(msg)}")
 
     def error(self, msg: str) -> None:
+        msg = visible(msg)
         self._logline("ERROR", msg)
-        self.console.print(f"[bold red]error:[/bold red] {escape(msg)}")
+        # NO_COLOR: rich drops the colour but keeps bold; a plain prefix then, as NO_COLOR users expect
+        prefix = "error:" if self.console.no_color else "[bold red]error:[/bold red]"
+        self.console.print(f"{prefix} {escape(msg)}")
 
     def debug(self, msg: str) -> None:
+        msg = visible(msg)
         self._logline("DEBUG", msg)
         if self.verbose and not self.quiet:
             self.console.print(f"[dim]{escape(msg)}[/dim]")
@@ -105,6 +114,7 @@ class Terminal:
         """Write one line exactly as given, never wrapped at the terminal width and without markup
         (so a command in it pastes): on stdout as the result, which ``--quiet`` does not silence; with
         ``commentary`` (the result is in a ``--json`` document) on stderr instead, unless quiet."""
+        text = visible(text)
         self._logline("RESULT", text)
         if commentary and self.quiet:
             return
@@ -133,6 +143,8 @@ class Terminal:
     # -- progress -----------------------------------------------------------------
     def progress(self, ev: ProgressEvent) -> None:
         """A ``ProgressFn``: pass ``terminal.progress`` to any stage."""
+        if _CONTROL_CHARS.search(ev.description):  # a name from a download: never raw on the terminal
+            ev = replace(ev, description=printable(ev.description))
         with self._lock:
             if ev.unit == "msg":
                 self.info(ev.description)
@@ -328,6 +340,17 @@ class _LibraryLogs(logging.Handler):
 
 
 _LIBRARY_LOGS = _LibraryLogs()
+
+
+_CONTROL_CHARS = re.compile(r"[\x00-\x09\x0b-\x1f\x7f-\x9f]")  # control characters but the newline
+
+
+def visible(text: str) -> str:
+    """``text`` with every control character but the newline escaped (``errors.printable`` per
+    line): a file or tensor name cannot move the cursor or clear the screen."""
+    if not _CONTROL_CHARS.search(text):
+        return text
+    return "\n".join(printable(line) for line in text.split("\n"))
 
 
 def escape(msg: str) -> str:

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
 
@@ -14,6 +15,15 @@ from provision.units import human_bytes
 if TYPE_CHECKING:
     from provision.cli.console import Terminal
     from provision.stages.convert import ConvertResult
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def workers_option(f: F) -> F:
+    """``--workers N``: the threads converting tensors (``convert`` and ``run``)."""
+    return click.option("--workers", type=click.IntRange(min=1), default=None, metavar="N",
+                        help="Threads converting tensors (default: PROVISION_CONVERT_WORKERS, else the usable "
+                             "CPUs, at most 8); the output is byte for byte the same for any N.")(f)
 
 
 @click.command("convert")
@@ -30,9 +40,10 @@ if TYPE_CHECKING:
 @click.option("--force", is_flag=True,
               help="Add the conversion to an --out folder that holds other files; a file convert did not write "
                    "is never overwritten or deleted (a name collision is refused, exit 2).")
+@workers_option
 @json_option
 def command(src_dir: Path, out_dir: Path, target: str, scheme: str, context: int, layout: str | None,
-            no_hf_tokenizer: bool, compare: bool | None, force: bool, json_out: bool) -> None:
+            no_hf_tokenizer: bool, compare: bool | None, force: bool, workers: int | None, json_out: bool) -> None:
     """Convert the Mistral-format checkpoint in SRC_DIR for a GPU, streamed tensor by tensor.
 
     Exit codes: 2 unknown scheme/target, or an --out holding files convert did not write;
@@ -43,7 +54,8 @@ def command(src_dir: Path, out_dir: Path, target: str, scheme: str, context: int
     from provision.stages.convert import convert
 
     res = convert(src_dir, out_dir, target=target, scheme=scheme, layout=layout, context=context,
-                  progress=app.terminal.progress, hf_tokenizer=not no_hf_tokenizer, force=force, compare=compare)
+                  progress=app.terminal.progress, hf_tokenizer=not no_hf_tokenizer, force=force, compare=compare,
+                  workers=workers)
     _show_result(app.terminal, res)
     logits = res.logits_comparison
     if logits is not None:

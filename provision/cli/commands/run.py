@@ -8,6 +8,7 @@ from typing import Any
 import click
 
 from provision.cli.app import App, get_app
+from provision.cli.commands.convert import workers_option
 from provision.cli.options import (
     home_option,
     json_option,
@@ -57,6 +58,7 @@ def render_summary(app: App, stages: list[dict[str, Any]]) -> None:
               help="A pickled torrent release: keep the verified pickle in staging after the import (default: drop it).")
 @click.option("--skip-smoke", is_flag=True, help="Stop after the conversion.")
 @click.option("--skip-convert", is_flag=True, help="Smoke-test the original instead of converting.")
+@workers_option
 @click.option("--lock-timeout", type=click.FloatRange(min=0), default=None,
               help="Seconds to wait for another run on the same model (default 60).")
 @click.option("--offline", is_flag=True, help="Never touch the network while planning.")
@@ -67,7 +69,7 @@ def command(source: str, home: Path | None, source_kind: str, target: str, schem
             trackers: tuple[str, ...], seed_for: float, max_upload_rate: str | None,
             max_download_rate: str | None, stall_timeout: float, token: str | None, adopt: Path | None,
             no_hf_cache: bool, drop_original: bool, reverify: bool, keep_pickle: bool, skip_smoke: bool, skip_convert: bool,
-            lock_timeout: float | None, offline: bool, dry_run: bool, json_out: bool) -> None:
+            workers: int | None, lock_timeout: float | None, offline: bool, dry_run: bool, json_out: bool) -> None:
     """Plan, fetch, verify, convert and smoke-test SOURCE, skipping what is already done."""
     app = get_app(json_out, "run")
     from provision.cli.commands.plan import render_plan
@@ -81,6 +83,7 @@ def command(source: str, home: Path | None, source_kind: str, target: str, schem
         source=source_kind, target=target, scheme=scheme, layout=layout, context=context, device=device,
         adopt=adopt, discover_hf_cache=not no_hf_cache, drop_original=drop_original, reverify=reverify,
         skip_smoke=skip_smoke, skip_convert=skip_convert, lock_timeout=lock_timeout, keep_pickle=keep_pickle,
+        convert_workers=workers,
         torrent=TorrentOptions(peers=peers, trackers=trackers, network=network, listen=listen, seed_for=seed_for,
                                max_upload_rate=parse_rate(max_upload_rate),
                                max_download_rate=parse_rate(max_download_rate), stall_timeout=stall_timeout,

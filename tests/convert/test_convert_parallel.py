@@ -108,9 +108,9 @@ def test_q_and_k_permuted_in_head_pieces_equal_them_permuted_whole(tiny128_src: 
 
 def test_pieces_of_a_permuted_tensor_are_whole_heads(tiny128_src: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from provision.formats.params import ModelArgs
+    from provision.hardware import parse_target
     from provision.stages.convert.source import SafetensorsSource
     from provision.stages.profiles import choose
-    from provision.hardware import parse_target
 
     args = ModelArgs.from_file(tiny128_src / "params.json")
     src = SafetensorsSource(tiny128_src / "consolidated.safetensors", root=tiny128_src)

@@ -27,6 +27,10 @@ together. The schema below is the reference for the manifest format (``schema_ve
     prefix = ""                          # optional sub-folder in the repo
     gated = true                         # optional
 
+    [[sources]]                          # files already on this disk (tried first by --source auto)
+    type = "local"
+    path = "."                           # a folder; relative to the manifest's folder (or absolute)
+
     [[files]]
     path = "consolidated.safetensors"    # relative, no '..'
     size = 25365479424                   # optional until locked
@@ -61,7 +65,7 @@ import re
 import sys
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, get_args
 
 from provision.errors import HostileContentError, ManifestError, UsageError
 from provision.formats.pickles import PICKLE_SUFFIXES, is_pickle_name
@@ -80,20 +84,25 @@ SCHEMA_VERSION = 1
 NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._-]*$")
 ARCHITECTURES = ("pixtral", "mistral", "mixtral")
 FORMATS = ("mistral", "hf")
-SOURCE_TYPES = ("torrent", "hf")
+SourceType = Literal["torrent", "hf", "local"]  # a manifest source's ``type``
+SOURCE_TYPES: tuple[SourceType, ...] = get_args(SourceType)
 
 
 @dataclass(frozen=True)
 class Source:
-    type: str
+    type: SourceType
     magnet: str | None = None
     torrent: str | None = None
     repo: str | None = None
     revision: str | None = None
     prefix: str = ""
     gated: bool = False
+    path: str | None = None  # a local source's folder, as written
+    folder: Path | None = field(default=None, compare=False)  # a local source's folder, resolved when parsed
 
     def describe(self) -> str:
+        if self.type == "local":
+            return f"local folder {self.folder or self.path}"
         if self.type == "hf":
             return f"hf://{self.repo}" + (f"@{self.revision}" if self.revision else " (main, unpinned)")
         if self.magnet:
@@ -150,6 +159,10 @@ class Manifest:
     def source(self, type_: str) -> Source | None:
         return next((s for s in self.sources if s.type == type_), None)
 
+    def sources_in_order(self) -> tuple[Source, ...]:
+        """The order ``--source auto`` tries: a local source first (it needs no network), then as written."""
+        return tuple(sorted(self.sources, key=lambda s: s.type != "local"))
+
     def file(self, path: str) -> FileSpec | None:
         return next((f for f in self.files if f.path == path), None)
 
@@ -188,15 +201,36 @@ def _take(d: dict[str, Any], where: str, allowed: dict[str, tuple[type, ...]],
     return d
 
 
-def _parse_source(d: Any, i: int) -> Source:
+def _parse_local(d: dict[str, Any], where: str, base: Path) -> Source:
+    """A local source: ``path`` names an existing folder (relative to ``base``, the manifest's folder)."""
+    for k in sorted(set(d) - {"type", "path"}):
+        raise _fail(f"{where}.{k}", "not allowed for a local source.")
+    if "path" not in d:
+        raise _fail(f"{where}.path", "required field is missing (the folder that holds the files).")
+    raw = d["path"]
+    if not raw or "\0" in raw:
+        raise _fail(f"{where}.path", f"expected a folder, got {raw!r}.")
+    folder = base / Path(raw).expanduser()
+    if not folder.exists():
+        raise _fail(f"{where}.path", f"{folder} does not exist.")
+    if not folder.is_dir():
+        raise _fail(f"{where}.path", f"{folder} is not a folder.")
+    return Source(type="local", path=raw, folder=Path(os.path.abspath(folder)))
+
+
+def _parse_source(d: Any, i: int, base: Path) -> Source:
     where = f"sources[{i}]"
     if not isinstance(d, dict):
         raise _fail(where, "expected a table.")
     _take(d, where, {"type": (str,), "magnet": (str,), "torrent": (str,), "repo": (str,),
-                     "revision": (str,), "prefix": (str,), "gated": (bool,)}, ("type",))
+                     "revision": (str,), "prefix": (str,), "gated": (bool,), "path": (str,)}, ("type",))
     t = d["type"]
     if t not in SOURCE_TYPES:
         raise _fail(f"{where}.type", f"must be one of {', '.join(SOURCE_TYPES)}, got {t!r}.")
+    if t == "local":
+        return _parse_local(d, where, base)
+    if "path" in d:
+        raise _fail(f"{where}.path", f"not allowed for a{'n' if t == 'hf' else ''} {t} source.")
     prefix = d.get("prefix", "")
     if prefix:
         try:
@@ -307,7 +341,8 @@ def parse_manifest(data: dict[str, Any], *, path: Path | None = None, sha256: st
         raise _fail("sources", "at least one source is required.")
     if not data["files"]:
         raise _fail("files", "at least one file is required.")
-    sources = tuple(_parse_source(s, i) for i, s in enumerate(data["sources"]))
+    base = path.parent if path is not None else Path.cwd()  # a local source's relative path starts here
+    sources = tuple(_parse_source(s, i, base) for i, s in enumerate(data["sources"]))
     files = tuple(_parse_file(f, i) for i, f in enumerate(data["files"]))
     seen: set[str] = set()
     for i, f in enumerate(files):
@@ -393,7 +428,9 @@ def load_manifest(ref: str | Path) -> Manifest:
     return parse_manifest_bytes(raw, path=path)
 
 
-def manifest_to_dict(m: Manifest) -> dict[str, Any]:
+def manifest_to_dict(m: Manifest, *, folder: Path | None = None) -> dict[str, Any]:
+    """The TOML document of ``m``; ``folder`` is where it is written, which a local source's
+    relative path is re-expressed against so it still names the same folder."""
     d: dict[str, Any] = {"schema_version": m.schema_version, "name": m.name,
                          "architecture": m.architecture, "format": m.format}
     if m.description:
@@ -401,6 +438,8 @@ def manifest_to_dict(m: Manifest) -> dict[str, Any]:
     d["sources"] = []
     for s in m.sources:
         sd: dict[str, Any] = {"type": s.type}
+        if s.type == "local":
+            sd["path"] = _local_path_for(s, folder)
         for k in ("magnet", "torrent", "repo", "revision"):
             v = getattr(s, k)
             if v is not None:
@@ -431,18 +470,27 @@ def manifest_to_dict(m: Manifest) -> dict[str, Any]:
     return d
 
 
-def dump_manifest(m: Manifest) -> str:
+def _local_path_for(s: Source, folder: Path | None) -> str:
+    """A local source's path as written into a manifest in ``folder``: an absolute one as is, a relative
+    one re-expressed from ``folder`` when both its parsed folder and ``folder`` are known."""
+    assert s.path is not None
+    if s.folder is None or folder is None or Path(s.path).expanduser().is_absolute():
+        return s.path
+    return os.path.relpath(s.folder, os.path.abspath(folder))
+
+
+def dump_manifest(m: Manifest, *, folder: Path | None = None) -> str:
     import tomli_w
 
-    return tomli_w.dumps(manifest_to_dict(m), multiline_strings=False)
+    return tomli_w.dumps(manifest_to_dict(m, folder=folder), multiline_strings=False)
 
 
 def write_manifest(m: Manifest, path: Path) -> Manifest:
     """Write atomically; return the manifest with its new path and hash."""
-    text = dump_manifest(m)
-    parse_manifest_bytes(text.encode(), path=path)  # never write something we cannot read back
+    text = dump_manifest(m, folder=Path(path).parent)
+    back = parse_manifest_bytes(text.encode(), path=path)  # never write something we cannot read back
     atomic_write_text(path, text)
-    return replace(m, path=path, sha256=hashlib.sha256(text.encode()).hexdigest())
+    return replace(m, path=path, sha256=hashlib.sha256(text.encode()).hexdigest(), sources=back.sources)
 
 
 def with_file_facts(m: Manifest, facts: dict[str, tuple[int, str]]) -> Manifest:

@@ -5,8 +5,10 @@
 links into ``blobs/``) without importing huggingface_hub. ``adopt`` verifies every planned file of
 a folder or snapshot against its authority (a blob's name is the Hub's id of its content, so it
 vouches when the manifest pins no hash), then hard-links or atomically copies it into the
-destination. Symlinks are followed only inside the folder or the repo's cache folder; nothing
-is created under the destination before its file verified. It downloads nothing.
+destination. ``fetch_local`` is a manifest's ``local`` source taken in the same way (a folder that
+lacks a required file is a ``FetchError``, so ``--source auto`` moves on; a file that does not
+match is a ``VerifyError``, exit 5). Symlinks are followed only inside the folder or the repo's
+cache folder; nothing is created under the destination before its file verified. It downloads nothing.
 """
 
 from __future__ import annotations
@@ -17,13 +19,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from provision.errors import HostileContentError, VerifyError
+from provision.errors import FetchError, HostileContentError, VerifyError
 from provision.io.atomic import atomic_copy
 from provision.io.hashing import sha256_file
 from provision.io.paths import safe_join
 from provision.io.staging import private_stage, verify_and_commit
 from provision.progress import ProgressFn
-from provision.stages.plan import Plan
+from provision.stages.fetch.request import FetchedFile, FetchRequest, FetchResult
 
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
 _HEX40 = re.compile(r"^[0-9a-f]{40}$")
@@ -40,7 +42,7 @@ def hf_cache_dir() -> Path:
     return (Path(xdg).expanduser() if xdg else Path.home() / ".cache") / "huggingface" / "hub"
 
 
-def find_hf_snapshot(plan: Plan) -> Path | None:
+def find_hf_snapshot(plan: FetchRequest) -> Path | None:
     """The cache snapshot of the manifest's pinned Hub commit holding every required file."""
     if plan.manifest is None:
         return None
@@ -96,7 +98,8 @@ def _cache_blob_authority(real: Path) -> tuple[str | None, str | None]:
     return None, None
 
 
-def adopt(plan: Plan, src: Path, *, dest: Path | None = None, progress: ProgressFn | None = None) -> AdoptResult:
+def adopt(plan: FetchRequest, src: Path, *, dest: Path | None = None,
+          progress: ProgressFn | None = None) -> AdoptResult:
     """Verify ``plan``'s files in ``src`` and take them into ``dest`` by hard link or copy."""
     from provision.stages.verify import Authority, authorities_from_manifest, verify_files
 
@@ -144,3 +147,26 @@ def adopt(plan: Plan, src: Path, *, dest: Path | None = None, progress: Progress
                              "sha256": hashed.get(f.path) or sha256_file(final),
                              "authority": expected[f.path].kind})
     return result
+
+
+def fetch_local(plan: FetchRequest, *, dest: Path | None = None, progress: ProgressFn | None = None) -> FetchResult:
+    """Take the files of the manifest's ``local`` source into ``dest`` (default ``plan.dest``), each
+    verified against the manifest: ``FetchError`` (exit 4) when the folder or a required file is gone."""
+    import time
+
+    src = plan.manifest.source("local") if plan.manifest is not None else None
+    if src is None or src.folder is None:
+        raise FetchError(f"{plan.name} has no local source.")
+    folder = src.folder
+    if not folder.is_dir():
+        raise FetchError(f"Local source {folder} is not a folder any more.", path=str(folder))
+    missing = [f.path for f in plan.files if not f.optional and not os.path.lexists(folder / f.path)]
+    if missing:
+        more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
+        raise FetchError(f"Local source {folder} lacks {missing[0]}{more}.", path=str(folder), missing=missing)
+    t = time.monotonic()
+    res = adopt(plan, folder, dest=dest, progress=progress)
+    files = [FetchedFile(path=f["path"], size=f["size"], sha256=f["sha256"], authority=f["authority"])
+             for f in res.files]
+    return FetchResult(dest=res.dest, source="local", files=files, seconds=time.monotonic() - t,
+                       extra={"folder": str(folder), "linked": res.linked, "copied": res.copied})

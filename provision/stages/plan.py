@@ -229,10 +229,10 @@ def make_plan(
         manifest = load_manifest(parsed.manifest.ref)
         name = manifest.name
         d = Path(dest) if dest else layout.original(name)
-        types = tuple(s.type for s in manifest.sources)
+        types = tuple(s.type for s in manifest.sources_in_order())
         files = _planned_from_specs(d, [f for f in manifest.files if not f.pickle], types)
         notes += _pickle_notes(manifest)
-        descs = tuple(s.describe() for s in manifest.sources)
+        descs = tuple(s.describe() for s in manifest.sources_in_order())
         unknown = [f.path for f in manifest.files if (f.size is None or not f.sha256) and not f.pickle]
         if unknown:
             notes.append("size or sha256 not pinned yet for " + ", ".join(unknown)

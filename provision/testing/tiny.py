@@ -8,7 +8,10 @@
   deterministic for a seed;
 * ``tekken.json``: mistral-common's ``tekken_240911.json`` with its image section under the
   release's key ``multimodal`` (mistral-common >= 1.13 renamed it ``image``; both load);
-* ``manifest.toml`` describing those files with sizes and sha256.
+* ``manifest.toml`` describing those files with sizes and sha256; its one source is, with
+  ``source="hf"`` (the tests' default), the repo ``provision/tiny-pixtral`` that only the tests'
+  loopback hub serves, or with ``source="local"`` the folder it is written in (``path = "."``),
+  which ``provision run`` takes in without any network.
 
 Nothing in the project downloads weights; this is what everything is tested on.
 It does not seed, serve or verify the checkpoint.
@@ -21,7 +24,7 @@ import json
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from provision.formats.manifest import FileSpec, Manifest, SmokeImage, SmokeSpec, Source, write_manifest
 from provision.formats.params import ModelArgs, tensor_spec
@@ -32,6 +35,7 @@ TINY_NAME = "tiny-pixtral"
 TINY_REPO = "provision/tiny-pixtral"
 MANIFEST_NAME = "manifest.toml"
 FILES = ("consolidated.safetensors", "params.json", "tekken.json")
+TinySource = Literal["hf", "local"]  # what a tiny checkpoint's manifest names as its source
 
 TINY_PARAMS: dict[str, Any] = {
     "dim": 64,
@@ -62,6 +66,15 @@ class TinyResult:
     out_dir: Path
     manifest: Manifest
     files: dict[str, tuple[int, str]]  # path -> (size, sha256)
+
+
+def tiny_manifest_source(source: TinySource, repo: str, facts: dict[str, tuple[int, str]]) -> Source:
+    """The one source of a tiny manifest: the folder it sits in ("local", path "."), or ``repo`` on the
+    tests' loopback hub ("hf") at a revision derived from the files' sizes and hashes."""
+    if source == "local":
+        return Source(type="local", path=".")
+    revision = hashlib.sha1("".join(f"{n}:{s}:{h}\n" for n, (s, h) in sorted(facts.items())).encode()).hexdigest()
+    return Source(type="hf", repo=repo, revision=revision)
 
 
 def tekken_source_path() -> Path:
@@ -102,8 +115,9 @@ def tiny_state_dict(args: ModelArgs, seed: int = 0) -> dict[str, Any]:
     return sd
 
 
-def write_tiny(out_dir: Path, seed: int = 0, *, params: dict[str, Any] | None = None) -> TinyResult:
-    """Write the tiny checkpoint and its manifest into ``out_dir`` (created if missing)."""
+def write_tiny(out_dir: Path, seed: int = 0, *, params: dict[str, Any] | None = None,
+               source: TinySource = "hf") -> TinyResult:
+    """Write the tiny checkpoint and its manifest (naming ``source``) into ``out_dir`` (created if missing)."""
     from safetensors.torch import save
 
     out_dir = Path(out_dir)
@@ -115,13 +129,12 @@ def write_tiny(out_dir: Path, seed: int = 0, *, params: dict[str, Any] | None = 
     atomic_write_bytes(out_dir / "consolidated.safetensors", blob)
     atomic_write_bytes(out_dir / "tekken.json", release_tekken_bytes())
     facts = {name: ((out_dir / name).stat().st_size, sha256_file(out_dir / name)) for name in FILES}
-    revision = hashlib.sha1("".join(f"{n}:{s}:{h}\n" for n, (s, h) in sorted(facts.items())).encode()).hexdigest()
     manifest = Manifest(
         name=TINY_NAME,
         architecture="pixtral",
         format="mistral",
         description=f"Tiny Pixtral-architecture checkpoint for tests and the demo (seed {seed}).",
-        sources=(Source(type="hf", repo=TINY_REPO, revision=revision),),
+        sources=(tiny_manifest_source(source, TINY_REPO, facts),),
         files=tuple(FileSpec(path=n, size=s, sha256=h) for n, (s, h) in sorted(facts.items())),
         smoke=SmokeSpec(
             prompt="What colour is the square in this image? Answer in one word.",

@@ -12,22 +12,27 @@
   ``tokenizer.model.v7m1``.
 
 Each also writes ``manifest.toml`` (sizes + sha256, hf source ``provision/tiny-<kind>`` at a
-deterministic revision). Nothing is downloaded; this is what the MoE, Pixtral Large and
+deterministic revision, or with ``source="local"`` the folder itself). Nothing is downloaded; this is what the MoE, Pixtral Large and
 placement tests run on. It does not convert or verify.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 from typing import Any
 
-from provision.formats.manifest import FileSpec, Manifest, SmokeImage, SmokeSpec, Source, write_manifest
+from provision.formats.manifest import FileSpec, Manifest, SmokeImage, SmokeSpec, write_manifest
 from provision.formats.params import ModelArgs
 from provision.io.atomic import atomic_write_bytes
 from provision.io.hashing import sha256_file
-from provision.testing.tiny import MANIFEST_NAME, TinyResult, tiny_state_dict
+from provision.testing.tiny import (
+    MANIFEST_NAME,
+    TinyResult,
+    TinySource,
+    tiny_manifest_source,
+    tiny_state_dict,
+)
 
 TINY_MIXTRAL_PARAMS: dict[str, Any] = {  # the 8x22B torrent's keys, in its order
     "dim": 64,
@@ -79,7 +84,7 @@ def _mc_data(name: str) -> Path:
 
 
 def _write(out_dir: Path, kind: str, params: dict[str, Any], seed: int, smoke: SmokeSpec,
-           description: str) -> TinyResult:
+           description: str, source: TinySource) -> TinyResult:
     from safetensors.torch import save
 
     tok_name, tok_src = KINDS[kind]
@@ -92,13 +97,12 @@ def _write(out_dir: Path, kind: str, params: dict[str, Any], seed: int, smoke: S
     atomic_write_bytes(out_dir / tok_name, _mc_data(tok_src).read_bytes())
     names = ("consolidated.safetensors", "params.json", tok_name)
     facts = {n: ((out_dir / n).stat().st_size, sha256_file(out_dir / n)) for n in names}
-    revision = hashlib.sha1("".join(f"{n}:{s}:{h}\n" for n, (s, h) in sorted(facts.items())).encode()).hexdigest()
     manifest = Manifest(
         name=f"tiny-{kind}",
         architecture="mixtral" if kind == "mixtral" else "pixtral",
         format="mistral",
         description=f"{description} (seed {seed}).",
-        sources=(Source(type="hf", repo=f"provision/tiny-{kind}", revision=revision),),
+        sources=(tiny_manifest_source(source, f"provision/tiny-{kind}", facts),),
         files=tuple(FileSpec(path=n, size=s, sha256=h) for n, (s, h) in sorted(facts.items())),
         smoke=smoke,
     )
@@ -106,17 +110,19 @@ def _write(out_dir: Path, kind: str, params: dict[str, Any], seed: int, smoke: S
     return TinyResult(out_dir=out_dir, manifest=manifest, files=facts)
 
 
-def write_tiny_mixtral(out_dir: Path, seed: int = 0, *, params: dict[str, Any] | None = None) -> TinyResult:
+def write_tiny_mixtral(out_dir: Path, seed: int = 0, *, params: dict[str, Any] | None = None,
+                       source: TinySource = "hf") -> TinyResult:
     """A tiny Mixtral-like (sparse MoE, 8 experts, top 2) text-only checkpoint in ``out_dir``."""
     return _write(out_dir, "mixtral", dict(params or TINY_MIXTRAL_PARAMS), seed,
                   SmokeSpec(prompt="What is the capital of France? Answer in one word.", max_tokens=8),
-                  "Tiny Mixtral-like mixture-of-experts checkpoint for tests")
+                  "Tiny Mixtral-like mixture-of-experts checkpoint for tests", source)
 
 
-def write_tiny_pixtral_large(out_dir: Path, seed: int = 0, *, params: dict[str, Any] | None = None) -> TinyResult:
+def write_tiny_pixtral_large(out_dir: Path, seed: int = 0, *, params: dict[str, Any] | None = None,
+                             source: TinySource = "hf") -> TinyResult:
     """A tiny Pixtral-Large-like checkpoint (no adapter bias, break/end ids 14/15, v7m1 tokenizer)."""
     return _write(out_dir, "pixtral-large", dict(params or TINY_PIXTRAL_LARGE_PARAMS), seed,
                   SmokeSpec(prompt="What colour is the square in this image? Answer in one word.", max_tokens=8,
                             image=SmokeImage(kind="square", width=64, height=48, color="red",
                                              background="white")),
-                  "Tiny Pixtral-Large-like checkpoint for tests")
+                  "Tiny Pixtral-Large-like checkpoint for tests", source)

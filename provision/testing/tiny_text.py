@@ -12,14 +12,14 @@
   SentencePiece model, 32000 ids, byte-identical to Mistral 7B's) or ``tekken.json``
   (``tekken_240718.json``, 131072 ids, NeMo's);
 * ``manifest.toml`` with sizes and sha256 (source: hf repo ``provision/tiny-mistral-<kind>`` at a
-  deterministic revision; the pickle, when written, is listed as ``pickle = true``).
+  deterministic revision, or with ``source="local"`` the folder itself; the pickle, when written,
+  is listed as ``pickle = true``).
 
 It does not download anything, convert, or verify.
 """
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 from dataclasses import replace
@@ -27,11 +27,17 @@ from pathlib import Path
 from typing import Any
 
 from provision.errors import UsageError
-from provision.formats.manifest import FileSpec, Manifest, SmokeSpec, Source, write_manifest
+from provision.formats.manifest import FileSpec, Manifest, SmokeSpec, write_manifest
 from provision.formats.params import ModelArgs
 from provision.io.atomic import atomic_write_bytes
 from provision.io.hashing import sha256_file
-from provision.testing.tiny import MANIFEST_NAME, TinyResult, tiny_state_dict
+from provision.testing.tiny import (
+    MANIFEST_NAME,
+    TinyResult,
+    TinySource,
+    tiny_manifest_source,
+    tiny_state_dict,
+)
 
 KINDS = ("7b", "nemo")
 PICKLE_NAME = "consolidated.00.pth"
@@ -92,7 +98,7 @@ def _pickle_bytes(sd: dict[str, Any]) -> bytes:
 
 
 def write_tiny_mistral(out_dir: Path, kind: str = "7b", seed: int = 0, *, weights: str = "safetensors",
-                       params: dict[str, Any] | None = None) -> TinyResult:
+                       params: dict[str, Any] | None = None, source: TinySource = "hf") -> TinyResult:
     """Write a tiny text-only checkpoint of ``kind`` into ``out_dir`` (created if missing)."""
     from safetensors.torch import save
 
@@ -113,7 +119,6 @@ def write_tiny_mistral(out_dir: Path, kind: str = "7b", seed: int = 0, *, weight
     atomic_write_bytes(out_dir / tok_name, tok_src.read_bytes())
     names = (weights_name, "params.json", tok_name)
     facts = {n: ((out_dir / n).stat().st_size, sha256_file(out_dir / n)) for n in names}
-    revision = hashlib.sha1("".join(f"{n}:{s}:{h}\n" for n, (s, h) in sorted(facts.items())).encode()).hexdigest()
     specs = []
     for n, (s, h) in sorted(facts.items()):
         spec = FileSpec(path=n, size=s, sha256=h)
@@ -126,7 +131,7 @@ def write_tiny_mistral(out_dir: Path, kind: str = "7b", seed: int = 0, *, weight
         format="mistral",
         description=f"Tiny text-only {'Mistral 7B v0.1' if kind == '7b' else 'Mistral NeMo 12B'}-like "
                     f"checkpoint for tests (seed {seed}).",
-        sources=(Source(type="hf", repo=f"provision/tiny-mistral-{kind}", revision=revision),),
+        sources=(tiny_manifest_source(source, f"provision/tiny-mistral-{kind}", facts),),
         files=tuple(specs),
         smoke=SmokeSpec(prompt=SMOKE_PROMPT, expected=None, max_tokens=8),
     )

@@ -1,5 +1,5 @@
 """`provision tiny OUT` ends by saying how to run what it wrote without any network (its manifest's
-hf source lives only on the tests' loopback hub), and that command works as printed."""
+one source is the folder itself, a local source), and that command works as printed."""
 
 from __future__ import annotations
 
@@ -22,8 +22,8 @@ def test_tiny_prints_a_run_command_that_works_without_a_network(
     err = capsys.readouterr().err
     (line,) = [ln for ln in err.splitlines() if ln.startswith("run it without a network: ")]
     argv = shlex.split(line.removeprefix("run it without a network: "))
-    assert argv == ["provision", "run", str(out / "manifest.toml"), "--adopt", str(out)]
+    assert argv == ["provision", "run", str(out / "manifest.toml")]
     code, doc, err = cli_json(capsys, *argv[1:], "--no-hf-cache", "--skip-convert", "--skip-smoke")
     assert code == 0, err
     fetch = next(s for s in doc["stages"] if s["stage"] == "fetch")
-    assert fetch["details"]["how"] == "adopt"
+    assert fetch["details"]["how"] == "local"

@@ -1,4 +1,5 @@
-"""`provision tiny OUT_DIR`: write the built-in tiny Pixtral-architecture checkpoint."""
+"""`provision tiny OUT_DIR`: write the built-in tiny Pixtral-architecture checkpoint, with a manifest whose
+only source is the folder itself (a ``local`` source), so `provision run OUT_DIR/manifest.toml` needs no network."""
 
 from __future__ import annotations
 
@@ -34,20 +35,20 @@ def command(out_dir: Path, seed: int, kind: str, as_pickle: bool, json_out: bool
             raise UsageError("--pickle is for the text-only kinds (mistral-7b, mistral-nemo).")
         from provision.testing.tiny_large import write_tiny_mixtral, write_tiny_pixtral_large
 
-        res = (write_tiny_mixtral if kind == "mixtral" else write_tiny_pixtral_large)(out_dir, seed=seed)
+        res = (write_tiny_mixtral if kind == "mixtral" else write_tiny_pixtral_large)(out_dir, seed=seed,
+                                                                                       source="local")
     elif kind != "pixtral":
         from provision.testing.tiny_text import write_tiny_mistral
 
         res = write_tiny_mistral(out_dir, kind.removeprefix("mistral-"), seed=seed,
-                                 weights="pickle" if as_pickle else "safetensors")
+                                 weights="pickle" if as_pickle else "safetensors", source="local")
     else:
-        res = write_tiny(out_dir, seed=seed)
+        res = write_tiny(out_dir, seed=seed, source="local")
     app.manifest_sha256 = res.manifest.sha256
     for name, (size, sha) in sorted(res.files.items()):
         app.result(f"{name:28s} {size:>12,d} B  sha256 {sha}")
     app.terminal.success(f"tiny checkpoint written to {out_dir} (manifest: {out_dir / 'manifest.toml'})")
-    # its manifest's hf source exists only on the test suite's loopback hub: the files are here already
-    app.terminal.info(f"run it without a network: provision run {shlex.quote(str(res.manifest.path))} "
-                      f"--adopt {shlex.quote(str(out_dir))}")
+    # its manifest's one source is this folder (type "local"): the run takes the files in, verified
+    app.terminal.info(f"run it without a network: provision run {shlex.quote(str(res.manifest.path))}")
     app.finish({"out_dir": str(out_dir), "seed": seed, "kind": kind, "manifest": str(res.manifest.path),
                 "files": [{"path": n, "size": s, "sha256": h} for n, (s, h) in sorted(res.files.items())]})

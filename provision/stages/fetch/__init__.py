@@ -4,8 +4,9 @@
 moving to the next when one fails or stalls (a dead torrent falls back to the Hub). The
 sources themselves live in the ``torrent`` package (the only importer of libtorrent) and the
 ``hub`` package (the only importer of huggingface_hub); both download into a staging folder and move a file under
-its final name only after ``verify`` passed. Unless the caller already holds it (``provision run`` does), the
-fetch holds the model's lock while it runs, so ``provision gc`` and ``provision rm`` leave its staging folder
+its final name only after ``verify`` passed. A manifest's ``local`` source (files already on this disk) is taken
+in by ``stages.adopt`` the same way, and is tried first. Unless the caller already holds it (``provision run``
+does), the fetch holds the model's lock while it runs, so ``provision gc`` and ``provision rm`` leave its staging folder
 and resume data alone. Nothing here prints.
 """
 
@@ -47,7 +48,7 @@ def source_order(plan: FetchRequest, source: str) -> list[str]:
         avail = ["hf"]
     else:
         assert plan.manifest is not None
-        avail = [s.type for s in plan.manifest.sources]
+        avail = [s.type for s in plan.manifest.sources_in_order()]
     if source == "auto":
         return avail
     if source not in avail:
@@ -118,7 +119,11 @@ def _fetch_in_order(plan: FetchRequest, order: list[str], target: Path, torrent:
     last: FetchError | None = None
     for i, kind in enumerate(order):
         try:
-            if kind == "torrent":
+            if kind == "local":
+                from provision.stages.adopt import fetch_local
+
+                res = fetch_local(plan, dest=target, progress=progress)
+            elif kind == "torrent":
                 from provision.stages.fetch.torrent import fetch_torrent
 
                 res = fetch_torrent(plan, dest=target, options=torrent or TorrentOptions(), progress=progress,

@@ -22,7 +22,7 @@ from provision.formats.sources import HFRef, Magnet, SourceKind
 from provision.progress import ProgressFn, note
 from provision.settings import network_mode
 
-SourceChoice = Literal["auto", "torrent", "hf"]  # what --source accepts
+SourceChoice = Literal["auto", "torrent", "hf", "local"]  # what --source accepts
 NetworkMode = Literal["public", "closed"]
 FileStatus = Literal["missing", "present", "size-mismatch"]
 # a file already in dest under a name the fetch writes, that is not the verified file: "replace" it (a
@@ -72,7 +72,7 @@ class FetchRequest(Protocol):
     def hub_snapshot(self) -> HubSnapshot | None: ...  # the Hub listing the plan was made from
 
 
-SOURCE_CHOICES: tuple[SourceChoice, ...] = ("auto", "torrent", "hf")
+SOURCE_CHOICES: tuple[SourceChoice, ...] = ("auto", "torrent", "hf", "local")
 NETWORK_CHOICES: tuple[NetworkMode, ...] = ("public", "closed")
 
 

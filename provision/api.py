@@ -17,6 +17,7 @@ from provision.progress import ProgressFn
 from provision.stages.plan import Plan, make_plan
 
 if TYPE_CHECKING:
+    from provision.stages.bundle import ExportResult, ImportResult
     from provision.stages.convert import ConvertResult
     from provision.stages.fetch import FetchResult
     from provision.stages.smoke import SmokeReport
@@ -65,3 +66,21 @@ def smoke(model_dir: str | Path, **kw: Any) -> SmokeReport:
     from provision.stages.smoke import smoke as _smoke
 
     return _smoke(Path(model_dir), **kw)
+
+
+def bundle_export(model: str, out: str | Path, *, home: str | Path | None = None, profile: str | None = None,
+                  original: bool = True, manifest: str | Path | None = None, archive: bool = False,
+                  progress: ProgressFn | None = None) -> ExportResult:
+    """`provision bundle export`: returns an ``ExportResult``."""
+    from provision.stages.bundle import export_bundle
+
+    return export_bundle(model, Path(out), home=Path(home) if home else None, profile=profile, original=original,
+                         manifest=manifest, archive=archive, progress=progress)
+
+
+def bundle_import(path: str | Path, *, home: str | Path | None = None,
+                  progress: ProgressFn | None = None) -> ImportResult:
+    """`provision bundle import`: returns an ``ImportResult``."""
+    from provision.stages.bundle import import_bundle
+
+    return import_bundle(Path(path), home=Path(home) if home else None, progress=progress)

@@ -43,8 +43,8 @@ from provision.errors import (
 from provision.settings import Settings
 from provision.version import __version__
 
-COMMAND_ORDER = ["run", "plan", "fetch", "verify", "convert", "smoke", "seed", "manifest", "tiny",
-                 "ls", "rm", "gc", "doctor", "schema"]
+COMMAND_ORDER = ["run", "plan", "fetch", "verify", "convert", "smoke", "seed", "manifest", "bundle",
+                 "tiny", "ls", "rm", "gc", "doctor", "schema"]
 
 
 class LazyGroup(click.Group):

@@ -92,6 +92,31 @@ def _doctor_bad(req: pytest.FixtureRequest, tmp: Path) -> list[str]:
     return ["doctor", "--offline"]
 
 
+def _exported(req: pytest.FixtureRequest, tmp: Path) -> Path:
+    """A bundle of the tiny model's original, exported from a store of its own under ``tmp``."""
+    from provision.cli.main import run_cli
+
+    t, src = _tiny(req), str(tmp / "src")
+    assert run_cli(["run", str(t / "manifest.toml"), "--adopt", str(t), "--skip-convert", "--skip-smoke", "-q",
+                    "--home", src]) == 0
+    assert run_cli(["bundle", "export", "tiny-pixtral", str(tmp / "b"), "--home", src, "--manifest",
+                    str(t / "manifest.toml"), "-q"]) == 0
+    return tmp / "b"
+
+
+def _bundle_export_ok(req: pytest.FixtureRequest, tmp: Path) -> list[str]:
+    _adopted(req, tmp)
+    return ["bundle", "export", "tiny-pixtral", str(tmp / "b"), "--manifest", str(_tiny(req) / "manifest.toml")]
+
+
+def _bundle_flipped(req: pytest.FixtureRequest, tmp: Path) -> list[str]:
+    from tests.support.files import data_offset, flip_byte
+
+    w = _exported(req, tmp) / "original" / "consolidated.safetensors"
+    flip_byte(w, data_offset(w) + 1000)  # one tensor byte: bundle.json's sha256 no longer matches
+    return ["bundle", "import", str(tmp / "b")]
+
+
 def _a_file(tmp: Path) -> str:
     f = tmp / "a-file"
     f.write_text("x")
@@ -136,6 +161,10 @@ CASES: list[tuple[str, str, Case, int]] = [
     ("doctor", "a-failed-check", _doctor_bad, 1),
     ("schema", "ok", lambda r, t: ["schema", "verify"], 0),
     ("schema", "unknown-command", lambda r, t: ["schema", "no-such-command"], 2),
+    ("bundle export", "ok", _bundle_export_ok, 0),
+    ("bundle export", "out-exists", lambda r, t: ["bundle", "export", "tiny-pixtral", _a_file(t)], 2),
+    ("bundle import", "ok", lambda r, t: ["bundle", "import", str(_exported(r, t))], 0),
+    ("bundle import", "changed-byte", _bundle_flipped, 5),
     ("run", "ok", lambda r, t: ["run", str(_tiny(r) / "manifest.toml"), "--adopt", str(_tiny(r)),
                                 "--target", "cpu"], 0),
     ("run", "hash-mismatch", lambda r, t: ["run", str(_tiny(r) / "manifest.toml"), "--adopt",

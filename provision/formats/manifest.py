@@ -210,12 +210,12 @@ def _parse_local(d: dict[str, Any], where: str, base: Path) -> Source:
     raw = d["path"]
     if not raw or "\0" in raw:
         raise _fail(f"{where}.path", f"expected a folder, got {raw!r}.")
-    folder = base / Path(raw).expanduser()
+    folder = Path(os.path.abspath(base / Path(raw).expanduser()))  # '..' taken lexically, as written back
     if not folder.exists():
         raise _fail(f"{where}.path", f"{folder} does not exist.")
     if not folder.is_dir():
         raise _fail(f"{where}.path", f"{folder} is not a folder.")
-    return Source(type="local", path=raw, folder=Path(os.path.abspath(folder)))
+    return Source(type="local", path=raw, folder=folder)
 
 
 def _parse_source(d: Any, i: int, base: Path) -> Source:

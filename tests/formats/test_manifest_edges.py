@@ -106,7 +106,7 @@ def src(**kw: Any) -> dict[str, Any]:
 @pytest.mark.parametrize(("source", "field", "needle"), [
     ("not a table", "sources[0]", "expected a table."),
     ({"repo": "org/repo"}, "sources[0].type", "required field is missing."),
-    ({"type": "ftp"}, "sources[0].type", "must be one of torrent, hf, got 'ftp'."),
+    ({"type": "ftp"}, "sources[0].type", "must be one of torrent, hf, local, got 'ftp'."),
     ({"type": "hf", "repo": "org/repo", "gated": "yes"}, "sources[0].gated", "expected bool, got str 'yes'."),
     ({"type": "hf", "repo": "org/repo", "magnet": "m"}, "sources[0].magnet", "not allowed for an hf source."),
     ({"type": "hf", "repo": "org/repo", "torrent": "t"}, "sources[0].torrent", "not allowed for an hf source."),

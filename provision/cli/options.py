@@ -136,7 +136,8 @@ def add_global_options(cmd: click.Command) -> click.Command:
 def source_option(f: F) -> F:
     """``--source``: which of the manifest's sources a fetch uses."""
     return click.option("--source", "source_kind", type=click.Choice(SOURCE_CHOICES), default="auto",
-                        show_default=True, help="Which of the manifest's sources to use; auto tries them in order.")(f)
+                        show_default=True, help="Which of the manifest's sources to use; auto tries a local one first, then the "
+                             "rest in order.")(f)
 
 
 def network_option(f: F) -> F:

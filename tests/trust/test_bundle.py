@@ -165,18 +165,19 @@ def test_export_refuses_an_existing_out_with_exit_2(ran_store: Path, tmp_path: P
 
 
 def test_export_of_a_store_file_changed_since_verified_is_exit_5(
-        tiny_src: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+        tiny_copy: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     from provision import api
 
     home = tmp_path / "home"
-    api.run(str(tiny_src / "manifest.toml"), home=home, adopt=tiny_src, target="cpu", skip_convert=True,
+    # adopted from a private copy: adoption may hard-link, and the flip below must not reach tiny_src
+    api.run(str(tiny_copy / "manifest.toml"), home=home, adopt=tiny_copy, target="cpu", skip_convert=True,
             skip_smoke=True)
     w = home / "models" / MODEL / "original" / "consolidated.safetensors"
     st = os.stat(w)
     flip_byte(w, data_offset(w) + 10)
     os.utime(w, ns=(st.st_atime_ns, st.st_mtime_ns))  # same size and mtime: only the bytes tell
     rc, doc, _ = cli_json(capsys, "bundle", "export", MODEL, str(tmp_path / "b"), "--home", str(home),
-                          "--manifest", str(tiny_src / "manifest.toml"))
+                          "--manifest", str(tiny_copy / "manifest.toml"))
     assert rc == 5 and "changed since it was verified" in doc["error"]["message"]
     assert not (tmp_path / "b").exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".provision")]
 
@@ -335,3 +336,61 @@ def test_an_import_killed_mid_way_resumes_without_copying_verified_files_again(
         assert os.stat(home / "models" / MODEL / rel).st_ino == inodes[rel]
         assert _sha(home / "models" / MODEL / rel) == _sha(bundle_dir / rel)
     assert not stage.exists()
+
+
+# -- provenance records and profile-only bundles -----------------------------------------------------
+
+@pytest.fixture()
+def store_with_record(tiny_src: Path, tmp_path: Path) -> Path:
+    """A store that converted the tiny model, its profile holding a provenance.json."""
+    from provision import api
+    from provision.formats import provenance
+
+    home = tmp_path / "src"
+    api.run(str(tiny_src / "manifest.toml"), home=home, adopt=tiny_src, target="cpu", skip_smoke=True)
+    folder = home / "models" / MODEL / PROFILE
+    if not (folder / provenance.PROVENANCE_NAME).is_file():  # a run that does not write one yet
+        provenance.write(folder, provenance.build(folder, source=provenance.SourceIdentity(manifest_name=MODEL),
+                                                  source_files=[], recipe=None))
+    return home
+
+
+@pytest.mark.slow
+def test_a_bundled_provenance_record_is_checked_against_the_bundled_files(
+        store_with_record: Path, tiny_src: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    b = tmp_path / "b"
+    rc, _, err = cli_json(capsys, "bundle", "export", MODEL, str(b), "--profile", PROFILE, "--home",
+                          str(store_with_record), "--manifest", str(tiny_src / "manifest.toml"))
+    assert rc == 0, err
+    rec = b / PROFILE / "provenance.json"
+    assert rec.is_file()
+    doc = json.loads(rec.read_text())
+    for f in doc["files"]:  # a record vouching for other params.json bytes than the bundle carries
+        if f["path"] == "params.json":
+            f["sha256"] = hashlib.sha256(b"other bytes").hexdigest()
+    rec.write_text(json.dumps(doc))
+    idx = _index(b)  # bundle.json made consistent with the changed record: only the record disagrees
+    for f in idx["files"]:
+        if f["path"] == f"{PROFILE}/provenance.json":
+            f["size"], f["sha256"] = rec.stat().st_size, _sha(rec)
+    _write_index(b, idx)
+    _import_fails_5(capsys, b, f"Bundle record {PROFILE}/provenance.json does not match")
+
+
+@pytest.mark.slow
+def test_a_profile_bundled_without_its_original_runs_offline_without_fetching_or_converting(
+        ran_store: Path, tiny_src: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    b = tmp_path / "b"
+    rc, _, err = cli_json(capsys, "bundle", "export", MODEL, str(b), "--profile", PROFILE, "--no-original",
+                          "--home", str(ran_store), "--manifest", str(tiny_src / "manifest.toml"))
+    assert rc == 0, err
+    assert not (b / "original").exists()
+    assert _index(b)["original_params"] == json.loads((tiny_src / "params.json").read_text())
+    rc, _, err = cli_json(capsys, "bundle", "import", str(b))
+    assert rc == 0, err
+    rc, run, err = cli_json(capsys, "run", str(tiny_src / "manifest.toml"), "--target", "cpu", "--offline",
+                            "--network", "closed", "--device", "cpu")
+    assert rc == 0, err
+    stages = {s["stage"]: s["result"] for s in run["stages"]}
+    assert [stages[s] for s in ("fetch", "verify", "convert", "smoke")] == ["skipped", "skipped", "skipped", "ok"]
+    assert not (provision_home() / "models" / MODEL / "original").exists()

@@ -2,7 +2,8 @@
 
 The bundle is a folder (or, with ``archive``, one uncompressed tar with ``bundle.json`` first)
 holding ``original/`` and/or one converted profile's folder, exactly as the store has them
-(provenance records and signature files included, as ordinary files), ``manifest.lock.toml``
+(provenance records and signature files included, as ordinary files; without the original,
+its ``params.json`` goes into the index), ``manifest.lock.toml``
 (the model's manifest with every original file's size and sha256 recorded), a ``.torrent`` of
 all of that (so the bundle can be seeded) and ``bundle.json`` listing every file with its
 size and sha256. Only what the store's state records as verified (or converted) and unchanged
@@ -25,7 +26,7 @@ from typing import Any
 
 from provision.errors import HashMismatchError, HostileContentError, ManifestError, UsageError
 from provision.formats.manifest import Manifest, dump_manifest, load_manifest, with_file_facts
-from provision.io.atomic import TMP_PREFIX, atomic_writer, fsync_dir
+from provision.io.atomic import TMP_PREFIX, atomic_writer, disk_full_is_exit_6, fsync_dir
 from provision.io.hashing import stream_file
 from provision.layout import ORIGINAL, Layout, ModelPaths, model_dirname
 from provision.progress import ProgressFn
@@ -122,9 +123,16 @@ def _serve_template(state: State, profile: str, folder: Path) -> str | None:
 def export_bundle(model: str, out: Path, *, home: Path | None = None, profile: str | None = None,
                   original: bool = True, manifest: str | Path | None = None, archive: bool = False,
                   progress: ProgressFn | None = None) -> ExportResult:
-    """Write the bundle of ``model`` (its verified original and/or converted ``profile``) to ``out``."""
+    """Write the bundle of ``model`` (its verified original and/or converted ``profile``) to ``out``;
+    a full disk is exit 6 with nothing left at ``out``."""
+    with disk_full_is_exit_6(Path(out)):
+        return _export(model, Path(out), home=home, profile=profile, original=original, manifest=manifest,
+                       archive=archive, progress=progress)
+
+
+def _export(model: str, out: Path, *, home: Path | None, profile: str | None, original: bool,
+            manifest: str | Path | None, archive: bool, progress: ProgressFn | None) -> ExportResult:
     t0 = time.monotonic()
-    out = Path(out)
     if os.path.lexists(out):
         raise UsageError(f"Refusing to overwrite {out}: it exists.", hint="Pick a new OUT or remove it first.")
     if not out.parent.is_dir():
@@ -182,12 +190,14 @@ def export_bundle(model: str, out: Path, *, home: Path | None = None, profile: s
             tpath = f"{mp.dirname}.torrent"
             (tmp / tpath).write_bytes(ct.data)
             files.append(BundleFile(tpath, len(ct.data), hashlib.sha256(ct.data).hexdigest()))
+            params = None if original else _original_params(mp, state)
             profiles = tuple(BundleProfile(name, *_convert_facts(state, name), _serve_template(state, name, folder))
                              for name, folder, _ in folders if name != ORIGINAL)
             index = BundleIndex(model=mp.dirname, manifest=MANIFEST_NAME,
                                 torrent=BundleTorrent(tpath, ct.name, ct.btih, ct.btmh), original=original,
                                 profiles=profiles, files=tuple(sorted(files, key=lambda f: f.path)),
-                                created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), tool_version=__version__)
+                                created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), tool_version=__version__,
+                                original_params=params)
             (tmp / INDEX_NAME).write_bytes(index.to_json())
             if archive:
                 _write_tar(tmp, index, out)
@@ -200,6 +210,15 @@ def export_bundle(model: str, out: Path, *, home: Path | None = None, profile: s
                         profiles=[p.name for p in profiles], files=len(files) + 1,
                         bytes=sum(f.size for f in files), btih=ct.btih, btmh=ct.btmh,
                         manifest_sha256=hashlib.sha256(text).hexdigest(), seconds=time.monotonic() - t0)
+
+
+def _original_params(mp: ModelPaths, state: State) -> dict[str, Any] | None:
+    """The original's params.json (from original/, or as recorded when --drop-original removed it)."""
+    if (mp.original / "params.json").is_file():
+        from provision.formats.params import read_params_file
+
+        return read_params_file(mp.original / "params.json")[1]
+    return state.dropped_params()
 
 
 def _convert_facts(state: State, profile: str) -> tuple[str | None, str | None]:

@@ -11,11 +11,14 @@ staging. Each file verified is recorded in a journal beside the staged files, so
 that is interrupted (killed, a slow share gone) resumes without copying a verified file again.
 
 Once every file is staged, the cross-checks run: the manifest lock's sizes and sha256 against
-the original's files (and every required manifest file present), the torrent's infohashes and
+the original's files (and every required manifest file present), each bundled folder's
+``provenance.json`` (when it has one) against that folder's files, the torrent's infohashes and
 file list against the index. Then, under the model's lock, ``io.staging.verify_and_commit``
 moves the files into ``models/<model>/``, the manifest lock goes where ``provision run``
 records manifests, and the state file records fetch and verify (original) and convert (each
-profile), so a later ``provision run`` skips them. An existing original or profile folder is
+profile), so a later ``provision run`` skips them; a profile bundled without its original is
+recorded as ``--drop-original`` leaves one (the original's params.json kept), so a run skips
+the fetch too. An existing original or profile folder is
 refused (exit 2). It does not convert or smoke-test anything.
 """
 
@@ -44,9 +47,9 @@ from provision.errors import (
     VerifyError,
 )
 from provision.formats.manifest import parse_manifest_bytes
-from provision.io.atomic import atomic_write_text, fsync_path
-from provision.io.hashing import BLOCK_SIZE, open_regular
-from provision.io.opening import read_regular
+from provision.io.atomic import atomic_write_text, disk_full_is_exit_6, fsync_path
+from provision.io.hashing import BLOCK_SIZE
+from provision.io.opening import open_regular, read_regular
 from provision.io.paths import safe_join, safe_relpath
 from provision.io.staging import commit_file, prune_empty, verify_and_commit
 from provision.layout import ORIGINAL, Layout, ModelPaths
@@ -203,7 +206,7 @@ class _DirSource(_Source):
             if size != f.size:
                 raise SizeMismatchError(f"Bundle file {f.path} is {size:,d} bytes, bundle.json says {f.size:,d}.",
                                         path=f.path)
-            yield f, (lambda p=p: open(open_regular(p), "rb"))  # type: ignore[misc]
+            yield f, (lambda p=p: open(open_regular(p, root=self.root, what="bundle file"), "rb"))  # type: ignore[misc]
 
 
 class _TarSource(_Source):
@@ -290,6 +293,8 @@ def _cross_check(stage: Path, index: BundleIndex) -> None:
                     spec.size is not None and spec.size != got.size):
                 raise HashMismatchError(f"original/{spec.path} does not match the bundle's manifest lock "
                                         f"(sha256 {got.sha256}, the lock says {spec.sha256}).", path=spec.path)
+    for folder in ([ORIGINAL] if index.original else []) + [p.name for p in index.profiles]:
+        _check_provenance(stage, index, folder)
     from provision.stages.fetch.torrent.meta import load_torrent_info, meta_from_info
 
     tpath = index.torrent.path
@@ -301,6 +306,31 @@ def _cross_check(stage: Path, index: BundleIndex) -> None:
         raise HashMismatchError(f"Bundle torrent {tpath} has other infohashes than bundle.json records.")
     if sorted(meta.files) != sorted((f.path, f.size) for f in index.payload) or meta.name != index.torrent.name:
         raise StructureError(f"Bundle torrent {tpath} lists other files than bundle.json.")
+
+
+def _check_provenance(stage: Path, index: BundleIndex, folder: str) -> None:
+    """A bundled folder's ``provenance.json``, when it has one, records exactly the folder's files
+    as bundle.json lists them (those were checked against bundle.json already: no second read)."""
+    from provision.formats.provenance import MAX_RECORD_BYTES, PROVENANCE_NAME, validate
+
+    rel = f"{folder}/{PROVENANCE_NAME}"
+    if index.file(rel) is None:
+        return
+    try:
+        record = json.loads(read_regular(safe_join(stage, rel), what="provenance record",
+                                         max_bytes=MAX_RECORD_BYTES).decode("utf-8"))
+    except (UnicodeDecodeError, ValueError) as e:
+        raise StructureError(f"Bundle record {rel} is not valid JSON ({str(e)[:120]}).", path=rel) from None
+    if not isinstance(record, dict):
+        raise StructureError(f"Bundle record {rel} is not a JSON object.", path=rel)
+    validate(record, where=rel)
+    recorded = {(str(f["path"]), int(f["size"]), str(f["sha256"])) for f in record["files"]}
+    bundled = {(f.path.split("/", 1)[1], f.size, f.sha256) for f in index.folder_files(folder)
+               if f.path != rel}
+    if recorded != bundled:
+        first = sorted(recorded ^ bundled)[0][0]
+        raise HashMismatchError(f"Bundle record {rel} does not match the bundled {folder}/ files "
+                                f"(first difference: {first}).", path=rel)
 
 
 def _refuse_existing(mp: ModelPaths, index: BundleIndex) -> None:
@@ -322,6 +352,12 @@ def _record_state(mp: ModelPaths, index: BundleIndex, bundle_sha256: str) -> Non
         sha = {f.path.split("/", 1)[1]: f.sha256 for f in index.folder_files(ORIGINAL)}
         state.record_stage("fetch", files=files, facts=facts, sha256=sha)
         state.record_stage("verify", files=files, sha256=sha)
+    elif index.original_params is not None and not mp.original.exists() and not state.stage_valid("verify"):
+        # a profile without its original: recorded as --drop-original records it, so a run keeps the profile
+        state.invalidate("fetch")
+        state.record_stage("fetch", facts=facts)
+        state.record_stage("verify")
+        state.mark_original_dropped(index.original_params)
     for p in index.profiles:
         state.invalidate(f"convert:{p.name}")
         folder = mp.profile(p.name)
@@ -330,6 +366,27 @@ def _record_state(mp: ModelPaths, index: BundleIndex, bundle_sha256: str) -> Non
                            sha256={str(mp.root / f.path): f.sha256 for f in index.folder_files(p.name)},
                            facts={"scheme": p.scheme, "layout": p.layout, "vllm_command": cmd, **facts})
     save_state(state, mp.state_file)
+
+
+def _stage_all(source: _Source, index: BundleIndex, stage: Path, journal: _Journal, counter: ByteCounter,
+               path: Path) -> tuple[int, int]:
+    """Copy every file not verified before into staging: (bytes copied, files reused)."""
+    copied = reused = 0
+    for f, opener in source.members(index):
+        if journal.reusable(stage, f):
+            reused += 1
+            counter(f.size)
+            continue
+        assert opener is not None
+        try:
+            with opener() as fh:
+                staged = _stream_into(fh.read, f, stage, counter)
+        except (tarfile.TarError, EOFError) as e:
+            raise StructureError(f"{path} is truncated or corrupt ({e}).") from None
+        journal.record(staged, f)
+        copied += f.size
+    counter.finish()
+    return copied, reused
 
 
 def import_bundle(path: Path, *, home: Path | None = None, progress: ProgressFn | None = None) -> ImportResult:
@@ -349,22 +406,9 @@ def import_bundle(path: Path, *, home: Path | None = None, progress: ProgressFn 
         total = sum(f.size for f in index.files)
         counter = ByteCounter(progress, task="bundle:import", total=total, description=f"importing {index.model}",
                               interval=0.25)
-        copied = reused = 0
         try:
-            for f, opener in source.members(index):
-                if journal.reusable(stage, f):
-                    reused += 1
-                    counter(f.size)
-                    continue
-                assert opener is not None
-                try:
-                    with opener() as fh:
-                        staged = _stream_into(fh.read, f, stage, counter)
-                except (tarfile.TarError, EOFError) as e:
-                    raise StructureError(f"{path} is truncated or corrupt ({e}).") from None
-                journal.record(staged, f)
-                copied += f.size
-            counter.finish()
+            with disk_full_is_exit_6(stage, kept="the files verified so far stay staged; import again to resume"):
+                copied, reused = _stage_all(source, index, stage, journal, counter, path)
         except VerifyError:
             shutil.rmtree(stage, ignore_errors=True)
             prune_empty(mp.staging)

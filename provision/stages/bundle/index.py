@@ -6,7 +6,8 @@ verified original is carried and which converted profiles are, and lists every o
 the bundle. ``parse_index`` validates untrusted bytes against the schema and then the rules a
 schema cannot say: every path is relative, stays inside the bundle (no ``..``, no absolute
 path), appears once and lives under ``original/``, a listed profile's folder, or is the
-manifest lock or the torrent. Every failure is a one-line ``VerifyError`` (exit 5).
+manifest lock or the torrent. A bundle without the original carries the original's
+``params.json`` (``original_params``) when the exporting store had it. Every failure is a one-line ``VerifyError`` (exit 5).
 It reads and writes no files.
 """
 
@@ -63,6 +64,7 @@ class BundleIndex:
     files: tuple[BundleFile, ...]
     created: str = ""
     tool_version: str = ""
+    original_params: dict[str, Any] | None = None  # without the original: its params.json
 
     def file(self, path: str) -> BundleFile | None:
         return next((f for f in self.files if f.path == path), None)
@@ -80,7 +82,8 @@ class BundleIndex:
         return {"schema_version": BUNDLE_SCHEMA_VERSION, "kind": BUNDLE_KIND, "tool": "provision",
                 "tool_version": self.tool_version, "created": self.created, "model": self.model,
                 "manifest": self.manifest, "torrent": asdict(self.torrent), "original": self.original,
-                "profiles": [asdict(p) for p in self.profiles], "files": [asdict(f) for f in self.files]}
+                "profiles": [asdict(p) for p in self.profiles], "files": [asdict(f) for f in self.files],
+                "original_params": self.original_params}
 
     def to_json(self) -> bytes:
         return (json.dumps(self.to_dict(), indent=2) + "\n").encode()
@@ -155,4 +158,5 @@ def parse_index(raw: bytes) -> BundleIndex:
         if not any(f.path.startswith(folder + "/") for f in files):
             raise StructureError(f"bundle.json lists no file of {folder}/.", path=folder)
     return BundleIndex(model=doc["model"], manifest=manifest, torrent=torrent, original=doc["original"],
-                       profiles=profiles, files=files, created=doc["created"], tool_version=doc["tool_version"])
+                       profiles=profiles, files=files, created=doc["created"], tool_version=doc["tool_version"],
+                       original_params=None if doc["original"] else doc.get("original_params"))

@@ -29,7 +29,7 @@ from provision.formats.manifest import Manifest, dump_manifest, load_manifest, w
 from provision.io.atomic import TMP_PREFIX, atomic_writer, disk_full_is_exit_6, fsync_dir
 from provision.io.hashing import stream_file
 from provision.layout import ORIGINAL, Layout, ModelPaths, model_dirname
-from provision.progress import ProgressFn
+from provision.progress import ByteCounter, ProgressFn
 from provision.settings import default_home
 from provision.stages.bundle.index import (
     INDEX_NAME,
@@ -83,7 +83,7 @@ def _walk(folder: Path) -> list[str]:
     return sorted(out)
 
 
-def _copy_hashing(src: Path, dst: Path) -> tuple[int, str]:
+def _copy_hashing(src: Path, dst: Path, counter: ByteCounter) -> tuple[int, str]:
     """Copy ``src`` to ``dst`` (a new file), hashing the bytes read: (size, sha256)."""
     h = hashlib.sha256()
     dst.parent.mkdir(parents=True, exist_ok=True)
@@ -92,7 +92,7 @@ def _copy_hashing(src: Path, dst: Path) -> tuple[int, str]:
             h.update(b)
             fo.write(b)
 
-        size = stream_file(src, consume)
+        size = stream_file(src, consume, on_bytes=counter)
     return size, h.hexdigest()
 
 
@@ -167,13 +167,18 @@ def _export(model: str, out: Path, *, home: Path | None, profile: str | None, or
         tmp.mkdir()
         try:
             files: list[BundleFile] = []
-            for name, folder, known in folders:
-                for rel in _walk(folder):
-                    size, sha = _copy_hashing(folder / rel, tmp / name / rel)
+            listing = [(name, folder, known, _walk(folder)) for name, folder, known in folders]
+            counter = ByteCounter(progress, task="bundle:export", interval=0.25, description=f"exporting {mp.dirname}",
+                                  total=sum((folder / rel).stat().st_size for _, folder, _, rels in listing
+                                            for rel in rels))
+            for name, folder, known, rels in listing:
+                for rel in rels:
+                    size, sha = _copy_hashing(folder / rel, tmp / name / rel, counter)
                     if rel in known and known[rel] != sha:
                         raise HashMismatchError(f"{folder / rel} changed since it was verified (sha256 {sha}, "
                                                 f"verified {known[rel]}).", path=str(folder / rel))
                     files.append(BundleFile(f"{name}/{rel}", size, sha))
+            counter.finish()
             facts = {f.path.split("/", 1)[1]: (f.size, f.sha256) for f in files if f.path.startswith(ORIGINAL + "/")}
             for spec in m.files:
                 got = facts.get(spec.path)

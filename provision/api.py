@@ -17,9 +17,11 @@ from provision.progress import ProgressFn
 from provision.stages.plan import Plan, make_plan
 
 if TYPE_CHECKING:
+    from provision.formats.provenance import CheckResult
     from provision.stages.bundle import ExportResult, ImportResult
     from provision.stages.convert import ConvertResult
     from provision.stages.fetch import FetchResult
+    from provision.stages.sign import SignatureResult
     from provision.stages.smoke import SmokeReport
     from provision.stages.verify import VerifyReport
 
@@ -59,6 +61,34 @@ def convert(src_dir: str | Path, out_dir: str | Path, **kw: Any) -> ConvertResul
     from provision.stages.convert import convert as _convert
 
     return _convert(Path(src_dir), Path(out_dir), **kw)
+
+
+def verify_profile(folder: str | Path) -> CheckResult:
+    """`provision verify FOLDER` of a folder with a ``provenance.json``: every file checked against
+    the record (raises ``VerifyError``, exit 5, on a changed, missing or extra file or a path out)."""
+    from provision.formats.provenance import check
+
+    return check(Path(folder))
+
+
+def sign(folder: str | Path, *, key: str | Path, signature: str | Path, certificate: str | Path | None = None,
+         certificate_chain: tuple[str | Path, ...] = ()) -> SignatureResult:
+    """`provision sign`: sign every file of ``folder`` with the private ``key`` into ``signature``."""
+    from provision.stages.sign import sign_folder
+
+    return sign_folder(Path(folder), private_key=Path(key), signature=Path(signature),
+                       certificate=Path(certificate) if certificate else None,
+                       certificate_chain=[Path(c) for c in certificate_chain])
+
+
+def verify_signature(folder: str | Path, *, signature: str | Path, public_key: str | Path | None = None,
+                     certificate_chain: tuple[str | Path, ...] = ()) -> SignatureResult:
+    """`provision verify FOLDER --signature SIG`: check the signature offline (``VerifyError`` on failure)."""
+    from provision.stages.sign import verify_folder_signature
+
+    return verify_folder_signature(Path(folder), signature=Path(signature),
+                                   public_key=Path(public_key) if public_key else None,
+                                   certificate_chain=[Path(c) for c in certificate_chain])
 
 
 def smoke(model_dir: str | Path, **kw: Any) -> SmokeReport:

@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 from provision.errors import ProvisionError
 from provision.formats.manifest import FileSpec, Manifest, Source, load_manifest, write_manifest
+from provision.formats.provenance import PROVENANCE_NAME, SourceIdentity
 from provision.layout import Layout, model_dirname
 from provision.progress import ProgressFn, note
 from provision.settings import Settings
@@ -69,6 +70,7 @@ class RunResult:
     profile: str | None = None
     profile_dir: Path | None = None
     vllm_command: str | None = None
+    provenance: dict[str, str] | None = None  # the profile's provenance.json: path and sha256
 
     def to_dict(self) -> dict[str, Any]:
         d: dict[str, Any] = {"plan": self.plan.to_dict(), "dry_run": self.dry_run, "stages": self.stages}
@@ -79,6 +81,8 @@ class RunResult:
             d["profile_dir"] = str(self.profile_dir)
         if self.vllm_command:
             d["vllm_command"] = self.vllm_command
+        if self.provenance is not None:
+            d["provenance"] = self.provenance
         return d
 
 
@@ -397,23 +401,49 @@ class _Run:
                        files={p: original / p for p in present if (original / p).exists()},
                        sha256={p: h for p, (_s, h) in vrep.facts.items()})
 
+    def source_identity(self) -> SourceIdentity:
+        """Who the original is, for the profile's provenance record: the manifest, infohash, Hub repository."""
+        from provision.formats.sources import parse_magnet
+
+        m, plan = self.manifest, self.plan
+        btih = plan.magnet.btih if plan.magnet is not None else None
+        hf_repo = plan.hf.repo if plan.hf is not None else None
+        hf_commit = None
+        for src in m.sources if m is not None else ():
+            if src.type == "torrent" and src.magnet and btih is None:
+                with contextlib.suppress(ProvisionError):  # a manifest magnet without v1 infohash
+                    btih = parse_magnet(src.magnet).btih
+            if src.type == "hf" and src.repo:
+                hf_repo = hf_repo or src.repo
+                if src.repo == hf_repo and src.revision and len(src.revision) == 40:
+                    hf_commit = src.revision.lower()
+        return SourceIdentity(manifest_name=m.name if m is not None else None,
+                              manifest_sha256=m.sha256 if m is not None else None,
+                              btih=btih, hf_repo=hf_repo, hf_commit=hf_commit)
+
     def convert(self, target: Target, prof: Profile, out: Path) -> Outcome:
         from provision.stages.convert import convert
 
         vrec = self.state.get("verify")  # hashes verify already computed: no second read
         src_sha = {k: f.sha256 for k, f in vrec.files.items() if f.sha256} if vrec else {}
         cres = convert(self.original, out, target=target, scheme=prof.scheme, layout=prof.layout,
-                       context=self.opts.context, progress=self.progress, source_sha256=src_sha)
+                       context=self.opts.context, progress=self.progress, source_sha256=src_sha,
+                       source_identity=self.source_identity())
         self.result.vllm_command = cres.vllm_command
         details = cres.to_dict()
         details.pop("tensors", None)
-        return Outcome(cres.bytes_written, details, files=_files_of(out),
+        # provenance.json is left out: the smoke stage rewrites it, which must not invalidate the conversion
+        return Outcome(cres.bytes_written, details, files=[p for p in _files_of(out) if p.name != PROVENANCE_NAME],
                        facts={"scheme": cres.scheme, "layout": cres.layout, "vllm_command": cres.vllm_command})
 
     def smoke(self, smoke_dir: Path) -> Outcome:
         from provision.stages.smoke import smoke
 
         srep = smoke(smoke_dir, device=self.opts.device, manifest=self.manifest, progress=self.progress)
+        if smoke_dir != self.original and (smoke_dir / PROVENANCE_NAME).is_file():  # the profile's record
+            from provision.formats import provenance
+
+            provenance.add_smoke(smoke_dir, provenance.smoke_entry(srep.to_dict()))
         return Outcome(srep.weights_bytes, srep.to_dict(), files=_files_of(smoke_dir), facts={"text": srep.text[:200]})
 
     # -- after the stages --------------------------------------------------------------------
@@ -529,4 +559,9 @@ def run_pipeline(
         emit(run.drop_original())
         if opts.skip_convert:
             run.serve_original()
+        if result.profile_dir is not None and (result.profile_dir / PROVENANCE_NAME).is_file():
+            from provision.formats.provenance import record_sha256
+
+            result.provenance = {"path": str(result.profile_dir / PROVENANCE_NAME),
+                                 "sha256": record_sha256(result.profile_dir)}
     return result

@@ -21,6 +21,8 @@ EXAMPLES: dict[str, tuple[str, ...]] = {
               "provision fetch 'magnet:?xt=urn:btih:...' --network closed --peer 10.0.0.5:6881"),
     "verify": ("provision verify ./pixtral --manifest pixtral-12b-2409",
                "provision verify ./pixtral --json | jq .verify.files"),
+    "sign": ("provision sign ./pixtral-fp8 --key publisher.pem --signature pixtral-fp8.sig",
+             "provision sign ./pixtral --key publisher.pem --signature pixtral.sig --json"),
     "convert": ("provision convert ./pixtral --out ./pixtral-fp8 --target h100 --scheme fp8",
                 "provision convert ./pixtral --out ./pixtral-w4 --target a10g --scheme w4a16"),
     "smoke": ("provision smoke ./pixtral-fp8",

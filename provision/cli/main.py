@@ -43,7 +43,7 @@ from provision.errors import (
 from provision.settings import Settings
 from provision.version import __version__
 
-COMMAND_ORDER = ["run", "plan", "fetch", "verify", "convert", "smoke", "seed", "manifest", "bundle",
+COMMAND_ORDER = ["run", "plan", "fetch", "verify", "sign", "convert", "smoke", "seed", "manifest", "bundle",
                  "tiny", "ls", "rm", "gc", "doctor", "schema"]
 
 

@@ -115,7 +115,7 @@ def recipe(*, scheme: str, layout: str, target: Mapping[str, Any], profile: str,
     return d
 
 
-def _listing(folder: Path) -> list[str]:
+def list_files(folder: Path) -> list[str]:
     """The relative paths of every file under ``folder`` except the record (sorted). A symlink, FIFO,
     socket or device anywhere is refused (``HostileContentError``): a record vouches for bytes only."""
     out: list[str] = []
@@ -158,7 +158,7 @@ def build(folder: Path, *, source: SourceIdentity, source_files: Sequence[Mappin
                    "files": [{"path": str(f["path"]), "size": int(f["size"]), "sha256": str(f["sha256"])}
                              for f in source_files]},
         "recipe": dict(recipe) if recipe is not None else None,
-        "files": hash_files(folder, _listing(folder)),
+        "files": hash_files(folder, list_files(folder)),
         "smoke": dict(smoke) if smoke is not None else None,
     }
     validate(record)
@@ -235,7 +235,7 @@ def check(folder: Path, record: Mapping[str, Any] | None = None) -> CheckResult:
             raise StructureError(f"{PROVENANCE_NAME} lists {rel} twice or lists itself.", path=rel)
         safe_join(folder, rel, what="recorded path")
         recorded[rel] = f
-    present = set(_listing(folder))
+    present = set(list_files(folder))
     missing = sorted(set(recorded) - present)
     if missing:
         raise StructureError(f"{folder / missing[0]} is missing: {PROVENANCE_NAME} records it "
@@ -261,5 +261,5 @@ def check(folder: Path, record: Mapping[str, Any] | None = None) -> CheckResult:
 
 
 __all__ = ["KIND", "PROVENANCE_NAME", "SCHEMA_VERSION", "CheckResult", "SourceIdentity", "add_smoke",
-           "build", "check", "hash_files", "package_versions", "read", "recipe", "record_sha256", "smoke_entry",
+           "build", "check", "hash_files", "list_files", "package_versions", "read", "recipe", "record_sha256", "smoke_entry",
            "validate", "write"]

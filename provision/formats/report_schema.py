@@ -33,7 +33,7 @@ REPORT_SCHEMAS: dict[str, str] = {
     "run": SCHEMA_RESOURCE,
     **{c: f"{c.replace(' ', '-')}-report.schema.json" for c in (
         "plan", "fetch", "verify", "convert", "smoke", "seed", "manifest lock", "manifest show", "tiny", "ls",
-        "rm", "gc", "import-pickle", "doctor", "schema", "bundle export", "bundle import")},
+        "rm", "gc", "import-pickle", "doctor", "schema", "sign", "bundle export", "bundle import")},
     ENVELOPE_COMMAND: ENVELOPE_RESOURCE,
 }
 

@@ -117,6 +117,26 @@ def _bundle_flipped(req: pytest.FixtureRequest, tmp: Path) -> list[str]:
     return ["bundle", "import", str(tmp / "b")]
 
 
+def _signed(req: pytest.FixtureRequest, tmp: Path, signer: str) -> list[str]:
+    """A copy of the tiny model signed by ``signer``'s key; the verify argv against the publisher's key."""
+    from provision.stages.sign import sign_folder
+    from tests.trust.keys import ec_keypair
+
+    d = _copy(req, tmp)
+    priv, pub = ec_keypair(tmp, "publisher")
+    if signer != "publisher":
+        priv, _ = ec_keypair(tmp, signer)
+    sign_folder(d, private_key=priv, signature=tmp / "s.sig")
+    return ["verify", str(d), "--signature", str(tmp / "s.sig"), "--public-key", str(pub)]
+
+
+def _sign_ok(req: pytest.FixtureRequest, tmp: Path) -> list[str]:
+    from tests.trust.keys import ec_keypair
+
+    priv, _ = ec_keypair(tmp, "publisher")
+    return ["sign", str(_copy(req, tmp)), "--key", str(priv), "--signature", str(tmp / "s.sig")]
+
+
 def _a_file(tmp: Path) -> str:
     f = tmp / "a-file"
     f.write_text("x")
@@ -138,6 +158,11 @@ CASES: list[tuple[str, str, Case, int]] = [
     ("verify", "ok", lambda r, t: ["verify", str(_tiny(r)), "--manifest", str(_tiny(r) / "manifest.toml")], 0),
     ("verify", "hash-mismatch", lambda r, t: ["verify", str(d := _flipped(r, t)), "--manifest",
                                               str(d / "manifest.toml")], 5),
+    ("verify", "signature-ok", lambda r, t: _signed(r, t, "publisher"), 0),
+    ("verify", "signature-by-another-key", lambda r, t: _signed(r, t, "mallory"), 5),
+    ("sign", "ok", _sign_ok, 0),
+    ("sign", "signature-inside-the-folder", lambda r, t: ["sign", str(d := _copy(r, t)), "--key", _a_file(t),
+                                                          "--signature", str(d / "s.sig")], 2),
     ("convert", "ok", lambda r, t: ["convert", str(_tiny(r)), "--out", str(t / "c"), "--target", "cpu",
                                     "--scheme", "bf16", "--no-compare"], 0),
     ("convert", "scheme-the-target-cannot-run", lambda r, t: ["convert", str(_tiny(r)), "--out", str(t / "c"),

@@ -90,7 +90,7 @@ def test_casts_are_exact(tiny_src: Path, tmp_path: Path, scheme: str, layout: st
         assert back[k].dtype == dtype and torch.equal(back[k], v.to(dtype)), k
     if layout == "mistral":
         assert sorted(p.name for p in out.iterdir()) == sorted(
-            ["consolidated.safetensors", "params.json", "tekken.json", RECORD_NAME])
+            ["consolidated.safetensors", "params.json", "tekken.json", RECORD_NAME, "provenance.json"])
         assert (out / "params.json").read_bytes() == (tiny_src / "params.json").read_bytes()
 
 
@@ -194,7 +194,7 @@ def test_rerun_over_an_earlier_conversion_replaces_it(tiny_src: Path, tmp_path: 
     convert(tiny_src, out, target="h100", scheme="fp8", hf_tokenizer=False)
     convert(tiny_src, out, target="h100", scheme="bf16")
     assert sorted(p.name for p in out.iterdir()) == sorted(
-        ["consolidated.safetensors", "params.json", "tekken.json", RECORD_NAME])
+        ["consolidated.safetensors", "params.json", "tekken.json", RECORD_NAME, "provenance.json"])
 
 
 # ---------------------------------------------------------------------------------------- errors

@@ -76,12 +76,12 @@ def test_force_adds_the_conversion_next_to_other_files_without_touching_them(tin
     res = convert(tiny_src, out, target="h100", scheme="bf16", force=True)
     after = _tree(out)
     assert {k: after[k] for k in before} == before
-    assert sorted(set(after) - set(before)) == sorted([n for n, _ in res.files] + [RECORD_NAME])
+    assert sorted(set(after) - set(before)) == sorted([n for n, _ in res.files] + [RECORD_NAME, "provenance.json"])
     # a second --force run replaces its own files (recorded in provision-convert.json), not the user's
     res2 = convert(tiny_src, out, target="h100", scheme="fp8", layout="hf", hf_tokenizer=False, force=True)
     after2 = _tree(out)
     assert {k: after2[k] for k in before} == before
-    assert sorted(set(after2) - set(before)) == sorted([n for n, _ in res2.files] + [RECORD_NAME])
+    assert sorted(set(after2) - set(before)) == sorted([n for n, _ in res2.files] + [RECORD_NAME, "provenance.json"])
     assert "consolidated.safetensors" not in after2  # the first run's own file, replaced
 
 
@@ -119,7 +119,7 @@ def test_an_empty_existing_out_is_used(tiny_src: Path, tmp_path: Path) -> None:
     out = tmp_path / "o"
     out.mkdir()
     res = convert(tiny_src, out, target="h100", scheme="bf16")
-    assert sorted(p.name for p in out.iterdir()) == sorted([n for n, _ in res.files] + [RECORD_NAME])
+    assert sorted(p.name for p in out.iterdir()) == sorted([n for n, _ in res.files] + [RECORD_NAME, "provenance.json"])
     assert sorted(p.name for p in tmp_path.iterdir()) == ["o"]
 
 
@@ -314,7 +314,7 @@ def test_an_interrupted_writers_temporary_in_an_earlier_conversion_is_cleaned_bu
     convert(tiny_src, out, target="h100", scheme="bf16")
     (out / ".provision-tmp-consolidated.safetensors-123").write_bytes(b"partial")
     res = convert(tiny_src, out, target="h100", scheme="bf16")
-    assert sorted(p.name for p in out.iterdir()) == sorted([n for n, _ in res.files] + [RECORD_NAME])
+    assert sorted(p.name for p in out.iterdir()) == sorted([n for n, _ in res.files] + [RECORD_NAME, "provenance.json"])
     (out / ".provision-tmp-fetch-1").mkdir()  # another command's staging folder: not convert's
     with pytest.raises(UsageError):
         convert(tiny_src, out, target="h100", scheme="bf16")

@@ -44,17 +44,50 @@ def render_report(app: App, report: VerifyReport) -> None:
             f"({human_bytes(rate)}/s, {report.workers} workers)")
 
 
+def _check_trust(app: App, folder: Path, doc: dict[str, Any], signature: Path | None, public_key: Path | None,
+                 chain: tuple[Path, ...]) -> None:
+    """Check FOLDER against its provenance.json (when present) and ``signature``; adds both to ``doc``."""
+    from provision.errors import VerifyError
+    from provision.formats import provenance
+
+    try:
+        if (folder / provenance.PROVENANCE_NAME).exists():
+            doc["provenance"] = provenance.check(folder).to_dict()
+            app.terminal.info(f"{doc['provenance']['files']} files match {provenance.PROVENANCE_NAME}.")
+        if signature is not None:
+            from provision.stages.sign import verify_folder_signature
+
+            doc["signature"] = verify_folder_signature(folder, signature=signature, public_key=public_key,
+                                                       certificate_chain=chain,
+                                                       check_record="provenance" not in doc).to_dict()
+            app.terminal.info(f"signature {signature.name} verified.")
+    except VerifyError as e:
+        app.fail(e, doc)
+
+
 @click.command("verify")
 @click.argument("folder", type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.option("--manifest", "manifest_ref", metavar="M",
               help="Manifest name or .toml path whose sizes and sha256 the files must match.")
 @click.option("--workers", type=click.IntRange(min=1, max=256), default=None,
               help="Files hashed in parallel (default: the number of CPU cores).")
+@click.option("--signature", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="An OpenSSF Model Signing signature of FOLDER to check (offline).")
+@click.option("--public-key", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="The signer's public key (PEM) the --signature must be made by.")
+@click.option("--certificate-chain", "chain", multiple=True, type=click.Path(dir_okay=False, path_type=Path),
+              help="Certificates establishing trust in a certificate-signed --signature (repeatable).")
 @json_option
-def command(folder: Path, manifest_ref: str | None, workers: int | None, json_out: bool) -> None:
+def command(folder: Path, manifest_ref: str | None, workers: int | None, signature: Path | None,
+            public_key: Path | None, chain: tuple[Path, ...], json_out: bool) -> None:
     """Verify the model files in FOLDER: sha256 against the manifest (or reported when there is
-    none), safetensors structure, params.json against the tensors, no pickles, no symlinks out."""
+    none), safetensors structure, params.json against the tensors, no pickles, no symlinks out;
+    every file against FOLDER's provenance.json when it has one, and --signature when given."""
     app = get_app(json_out, "verify")
+    if (public_key is not None or chain) and signature is None:
+        from provision.errors import UsageError
+
+        raise UsageError("--public-key and --certificate-chain check a --signature; pass one.")
     from provision.stages.verify import verify_dir
 
     manifest = None
@@ -74,6 +107,7 @@ def command(folder: Path, manifest_ref: str | None, workers: int | None, json_ou
         if err is not None:
             app.fail(err, doc)
         report.raise_for_failure()
+    _check_trust(app, folder, doc, signature, public_key, chain)
     n = sum(1 for f in report.files if f.status == "ok")
     app.terminal.success(f"{n} files verified in {folder} ({report.seconds:.1f} s).")
     app.finish(doc)

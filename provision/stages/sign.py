@@ -1,0 +1,172 @@
+"""Signing a folder of weights with OpenSSF Model Signing, and checking such a signature offline.
+
+``sign_folder`` signs every file of a folder (an original or a profile, its ``provenance.json``
+included) with an elliptic-curve private key, or a key plus its signing certificate and chain,
+and writes the Sigstore-bundle signature atomically outside the folder; a folder whose
+provenance record no longer matches its files is refused first, so nothing is signed that the
+record does not vouch for. ``verify_folder_signature`` checks a signature against a public key
+or a certificate chain without the network; a changed, missing or extra file, a signature made
+by another key and a malformed signature file are each a one-line ``VerifyError`` (exit 5).
+Key material is never put in a message or a result. Keyless (Sigstore) signing is not done here:
+it needs the network. The ``model_signing`` package (the ``signing`` extra) is imported when used.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import tempfile
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from provision.errors import HostileContentError, UsageError, VerifyError
+from provision.formats import provenance
+from provision.io.atomic import TMP_PREFIX, fsync_dir, fsync_path
+from provision.io.hashing import sha256_file
+from provision.io.opening import check_regular
+
+MAX_SIGNATURE_BYTES = 16 << 20
+_DIFF = re.compile(r"(?P<what>Hash mismatch for|Extra files found in model|Missing files in model)"
+                   r" \\?'(?P<name>[^'\\]*)\\?'(?::\s*(?P<files>[^\]\"'\\]*))?")
+
+
+@dataclass(frozen=True)
+class SignatureResult:
+    """A signature made or checked: the folder, the signature file and its sha256, the files it covers."""
+
+    folder: Path
+    signature: Path
+    signature_sha256: str
+    files: int
+    provenance: bool  # the folder holds a provenance.json (covered by the signature, and checked)
+    method: str  # "key" or "certificate"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"folder": str(self.folder), "signature": str(self.signature),
+                "signature_sha256": self.signature_sha256, "files": self.files, "provenance": self.provenance,
+                "method": self.method}
+
+
+def _model_signing() -> Any:
+    try:
+        import model_signing
+    except ImportError as e:
+        raise UsageError("Signing needs the model-signing package: pip install 'provision[signing]'.") from e
+    return model_signing
+
+
+def _check_folder(folder: Path, signature: Path, *, check_record: bool = True) -> tuple[int, bool]:
+    """The folder's file count and whether it has a record, after checking it: only regular files,
+    the signature outside it, and the files matching its ``provenance.json`` when it has one."""
+    folder = Path(folder)
+    if not folder.is_dir() or folder.is_symlink():
+        raise UsageError(f"{folder} is not a folder.", path=str(folder))
+    sig = Path(signature).resolve()
+    if sig == folder.resolve() or folder.resolve() in sig.parents:
+        raise UsageError(f"--signature {signature} is inside {folder}; write it outside the folder it signs.",
+                         path=str(signature))
+    has_record = (folder / provenance.PROVENANCE_NAME).exists()
+    if has_record and check_record:
+        provenance.check(folder)
+    n = len(provenance.list_files(folder)) + (1 if has_record else 0)
+    if n == 0:
+        raise UsageError(f"{folder} holds no file to sign.", path=str(folder))
+    return n, has_record
+
+
+def _hashing_config(ms: Any) -> Any:
+    """Every file counts: git files (.gitignore, .gitattributes) are not skipped as the library's default does."""
+    return ms.hashing.Config().set_ignored_paths(paths=[], ignore_git_paths=False)
+
+
+def sign_folder(folder: Path, *, private_key: Path, signature: Path, certificate: Path | None = None,
+                certificate_chain: Sequence[Path] = ()) -> SignatureResult:
+    """Sign every file of ``folder`` with ``private_key`` (PEM, elliptic curve; with ``certificate``
+    and its ``certificate_chain`` when given) into ``signature`` (written atomically, outside the folder)."""
+    folder, signature, private_key = Path(folder), Path(signature), Path(private_key)
+    n, has_record = _check_folder(folder, signature)
+    check_regular(private_key, what="private key")
+    for p in ([certificate] if certificate else []) + list(certificate_chain):
+        check_regular(p, what="certificate")
+    ms = _model_signing()
+    cfg = ms.signing.Config().set_hashing_config(_hashing_config(ms))
+    try:
+        if certificate is not None:
+            cfg.use_certificate_signer(private_key=private_key, signing_certificate=certificate,
+                                       certificate_chain=list(certificate_chain))
+        else:
+            cfg.use_elliptic_key_signer(private_key=private_key)
+    except Exception:  # the library's message may quote the key file: never repeated
+        raise UsageError(f"--key {private_key.name} is not a usable elliptic-curve private key (PEM), or the "
+                         "certificate does not belong to it.") from None
+    signature.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f"{TMP_PREFIX}{signature.name}.", dir=signature.parent)
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        cfg.sign(folder, tmp)
+        fsync_path(tmp)
+        os.replace(tmp, signature)
+        fsync_dir(signature.parent)
+    finally:
+        with contextlib.suppress(FileNotFoundError):  # replaced: nothing left to remove
+            tmp.unlink()
+    return SignatureResult(folder=folder, signature=signature, signature_sha256=sha256_file(signature), files=n,
+                           provenance=has_record, method="certificate" if certificate is not None else "key")
+
+
+def _mismatch(message: str) -> str:
+    """The first difference the library names (a file), without its digest bytes."""
+    m = _DIFF.search(message)
+    if m is None:
+        return "the files differ from the signed ones"
+    if m["what"] == "Hash mismatch for":
+        return f"{m['name']} changed"
+    kind = "extra" if m["what"].startswith("Extra") else "missing"
+    return f"{kind} file(s) {(m['files'] or '').strip().rstrip(',')}"
+
+
+def verify_folder_signature(folder: Path, *, signature: Path, public_key: Path | None = None,
+                            certificate_chain: Sequence[Path] = (), check_record: bool = True) -> SignatureResult:
+    """Check ``signature`` over every file of ``folder`` offline, against ``public_key`` (PEM) or,
+    without one, the ``certificate_chain``; the folder is first checked against its provenance
+    record unless ``check_record`` is False (the caller just did)."""
+    folder, signature = Path(folder), Path(signature)
+    if public_key is None and not certificate_chain:
+        raise UsageError("Checking a signature needs --public-key or --certificate-chain.")
+    try:
+        st = check_regular(signature, what="signature")
+    except FileNotFoundError:
+        raise UsageError(f"--signature {signature} does not exist.", path=str(signature)) from None
+    if st.st_size > MAX_SIGNATURE_BYTES:
+        raise HostileContentError(f"Refusing signature {signature.name}: {st.st_size:,d} bytes is over the "
+                                  f"{MAX_SIGNATURE_BYTES:,d}-byte limit.", path=str(signature))
+    n, has_record = _check_folder(folder, signature, check_record=check_record)
+    ms = _model_signing()
+    cfg = ms.verifying.Config().set_hashing_config(_hashing_config(ms))
+    try:
+        if public_key is not None:
+            check_regular(Path(public_key), what="public key")
+            cfg.use_elliptic_key_verifier(public_key=Path(public_key))
+        else:
+            cfg.use_certificate_verifier(certificate_chain=[Path(c) for c in certificate_chain])
+    except (OSError, ValueError, TypeError):
+        raise UsageError("The public key or certificate chain could not be loaded (PEM expected).") from None
+    try:
+        cfg.verify(folder, signature)
+    except ValueError as e:
+        msg = str(e)
+        if msg.startswith("Signature mismatch"):
+            raise VerifyError(f"{folder} does not match signature {signature.name}: {_mismatch(msg)[:200]}.",
+                              path=str(folder)) from None
+        if "key" in msg.lower() and "mismatch" in msg.lower():
+            raise VerifyError(f"Signature {signature.name} was not made by the trusted key.",
+                              path=str(signature)) from None
+        raise VerifyError(f"Signature {signature.name} is malformed or does not verify.", path=str(signature)) from None
+    except Exception:  # a malformed bundle surfaces as KeyError, TypeError, protobuf and crypto errors
+        raise VerifyError(f"Signature {signature.name} is malformed or does not verify.", path=str(signature)) from None
+    return SignatureResult(folder=folder, signature=signature, signature_sha256=sha256_file(signature), files=n,
+                           provenance=has_record, method="key" if public_key is not None else "certificate")

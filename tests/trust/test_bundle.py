@@ -394,3 +394,17 @@ def test_a_profile_bundled_without_its_original_runs_offline_without_fetching_or
     stages = {s["stage"]: s["result"] for s in run["stages"]}
     assert [stages[s] for s in ("fetch", "verify", "convert", "smoke")] == ["skipped", "skipped", "skipped", "ok"]
     assert not (provision_home() / "models" / MODEL / "original").exists()
+
+
+def test_an_import_while_a_run_holds_the_model_exits_6_and_stages_nothing(
+        bundle_dir: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    from provision.store.lock import ModelLock
+
+    home = provision_home()
+    monkeypatch.setenv("PROVISION_LOCK_TIMEOUT", "0")  # one try: the holder below never lets go
+    root = home / "models" / MODEL
+    root.mkdir(parents=True)
+    with ModelLock(root / ".lock", command="run"):
+        rc, doc, _ = cli_json(capsys, "bundle", "import", str(bundle_dir))
+    assert rc == 6 and "locked" in doc["error"]["message"]
+    assert not (home / "staging" / MODEL).exists() and not (root / "original").exists()

@@ -13,13 +13,15 @@ that is interrupted (killed, a slow share gone) resumes without copying a verifi
 Once every file is staged, the cross-checks run: the manifest lock's sizes and sha256 against
 the original's files (and every required manifest file present), each bundled folder's
 ``provenance.json`` (when it has one) against that folder's files, the torrent's infohashes and
-file list against the index. Then, under the model's lock, ``io.staging.verify_and_commit``
-moves the files into ``models/<model>/``, the manifest lock goes where ``provision run``
+file list against the index. Then ``io.staging.verify_and_commit`` moves the files into
+``models/<model>/``, the manifest lock goes where ``provision run``
 records manifests, and the state file records fetch and verify (original) and convert (each
 profile), so a later ``provision run`` skips them; a profile bundled without its original is
 recorded as ``--drop-original`` leaves one (the original's params.json kept), so a run skips
 the fetch too. An existing original or profile folder is
-refused (exit 2). It does not convert or smoke-test anything.
+refused (exit 2). The model's lock is held from the first staged byte to the state file (a
+running ``provision run`` of the model makes the import wait, then exit 6). It does not convert
+or smoke-test anything.
 """
 
 from __future__ import annotations
@@ -390,7 +392,8 @@ def _stage_all(source: _Source, index: BundleIndex, stage: Path, journal: _Journ
 
 
 def import_bundle(path: Path, *, home: Path | None = None, progress: ProgressFn | None = None) -> ImportResult:
-    """Verify the bundle at ``path`` (folder or tar) and land it in the store under ``home``."""
+    """Verify the bundle at ``path`` (folder or tar) and land it in the store under ``home``; the model's
+    lock is held from the first staged byte to the state file, so a run or another import waits."""
     t0 = time.monotonic()
     path = Path(path)
     lay = Layout(Path(home) if home else default_home())
@@ -398,45 +401,46 @@ def import_bundle(path: Path, *, home: Path | None = None, progress: ProgressFn 
     try:
         raw = source.index_bytes()
         index = parse_index(raw)
-        bundle_sha256 = hashlib.sha256(raw).hexdigest()
         mp = lay.model_at(index.model)
         _refuse_existing(mp, index)
-        stage = mp.staging / "bundle"
-        journal = _Journal(stage, bundle_sha256)
-        total = sum(f.size for f in index.files)
-        counter = ByteCounter(progress, task="bundle:import", total=total, description=f"importing {index.model}",
-                              interval=0.25)
+        created = not mp.root.exists()
+        mp.root.mkdir(parents=True, exist_ok=True)
         try:
-            with disk_full_is_exit_6(stage, kept="the files verified so far stay staged; import again to resume"):
-                copied, reused = _stage_all(source, index, stage, journal, counter, path)
-        except VerifyError:
-            shutil.rmtree(stage, ignore_errors=True)
-            prune_empty(mp.staging)
+            with ModelLock(mp.lock_file, command="bundle import", what=f"Model {mp.dirname}"):
+                _refuse_existing(mp, index)
+                copied, reused = _land(source, index, hashlib.sha256(raw).hexdigest(), lay, mp, path, progress)
+        except BaseException:
+            if created:
+                with contextlib.suppress(OSError):  # not empty: something was committed, keep it
+                    mp.root.rmdir()
             raise
     finally:
         source.close()
-    rels = [f.path for f in index.files if f.path not in (index.manifest, index.torrent.path)]
-    created = not mp.root.exists()
-    mp.root.mkdir(parents=True, exist_ok=True)
-    try:
-        with ModelLock(mp.lock_file, command="bundle import", what=f"Model {mp.dirname}"):
-            _refuse_existing(mp, index)
-            try:
-                verify_and_commit(stage, mp.root, rels, lambda: _cross_check(stage, index),
-                                  on_interrupted=lambda: None)
-            except VerifyError:
-                shutil.rmtree(stage, ignore_errors=True)
-                prune_empty(mp.staging)
-                raise
-            commit_file(safe_join(stage, index.manifest), lay.manifest_file(index.model))
-            _record_state(mp, index, bundle_sha256)
-    except BaseException:
-        if created:
-            with contextlib.suppress(OSError):  # not empty: something was committed, keep it
-                mp.root.rmdir()
-        raise
-    shutil.rmtree(stage, ignore_errors=True)
-    prune_empty(mp.staging)
     return ImportResult(model=index.model, model_dir=mp.root, original=index.original,
                         profiles=[p.name for p in index.profiles], files=len(index.files), bytes_copied=copied,
-                        files_reused=reused, bundle_sha256=bundle_sha256, seconds=time.monotonic() - t0)
+                        files_reused=reused, bundle_sha256=hashlib.sha256(raw).hexdigest(),
+                        seconds=time.monotonic() - t0)
+
+
+def _land(source: _Source, index: BundleIndex, bundle_sha256: str, lay: Layout, mp: ModelPaths, path: Path,
+          progress: ProgressFn | None) -> tuple[int, int]:
+    """Stage and verify every file, cross-check, commit, record the state: (bytes copied, files reused).
+    A rejected bundle leaves no staged file; an interruption keeps the verified ones for a resume."""
+    stage = mp.staging / "bundle"
+    journal = _Journal(stage, bundle_sha256)
+    counter = ByteCounter(progress, task="bundle:import", total=sum(f.size for f in index.files),
+                          description=f"importing {index.model}", interval=0.25)
+    rels = [f.path for f in index.files if f.path not in (index.manifest, index.torrent.path)]
+    try:
+        with disk_full_is_exit_6(stage, kept="the files verified so far stay staged; import again to resume"):
+            copied, reused = _stage_all(source, index, stage, journal, counter, path)
+        verify_and_commit(stage, mp.root, rels, lambda: _cross_check(stage, index), on_interrupted=lambda: None)
+    except VerifyError:
+        shutil.rmtree(stage, ignore_errors=True)
+        prune_empty(mp.staging)
+        raise
+    commit_file(safe_join(stage, index.manifest), lay.manifest_file(index.model))
+    _record_state(mp, index, bundle_sha256)
+    shutil.rmtree(stage, ignore_errors=True)
+    prune_empty(mp.staging)
+    return copied, reused

@@ -408,3 +408,40 @@ def test_an_import_while_a_run_holds_the_model_exits_6_and_stages_nothing(
         rc, doc, _ = cli_json(capsys, "bundle", "import", str(bundle_dir))
     assert rc == 6 and "locked" in doc["error"]["message"]
     assert not (home / "staging" / MODEL).exists() and not (root / "original").exists()
+
+
+def test_an_interrupted_archive_import_resumes_without_copying_verified_members_again(
+        bundle_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import provision.stages.bundle.importing as imp
+    from provision import api
+    from provision.errors import Interrupted
+
+    t = tmp_path / "b.tar"
+    _tar(t, _bundle_members(bundle_dir))
+    home = tmp_path / "home"
+    record = imp._Journal.record
+
+    def interrupted_after_one(self: Any, staged: Path, f: Any) -> None:
+        record(self, staged, f)
+        raise Interrupted("Interrupted by SIGINT.")  # as Ctrl-C after the first verified member
+
+    monkeypatch.setattr(imp._Journal, "record", interrupted_after_one)
+    with pytest.raises(Interrupted):
+        api.bundle_import(t, home=home)
+    monkeypatch.setattr(imp._Journal, "record", record)
+    first = _index(bundle_dir)["files"][0]["path"]  # tar order is bundle.json's order
+    res = api.bundle_import(t, home=home)
+    assert res.files_reused == 1
+    assert res.bytes_copied == sum(f["size"] for f in _index(bundle_dir)["files"][1:])
+    assert _sha(home / "models" / MODEL / first) == _sha(bundle_dir / first)
+
+
+@pytest.mark.parametrize(("args", "word"), [(["no-such-model"], "not in the store"),
+                                            ([MODEL, "--profile", "fp8-hf"], "no converted, unchanged profile"),
+                                            ([MODEL, "--no-original"], "--no-original needs --profile")])
+def test_export_of_what_the_store_does_not_have_is_exit_2(ran_store: Path, tmp_path: Path, args: list[str],
+                                                         word: str, capsys: pytest.CaptureFixture[str]) -> None:
+    rc, doc, _ = cli_json(capsys, "bundle", "export", args[0], str(tmp_path / "b"), *args[1:], "--home",
+                          str(ran_store))
+    assert rc == 2 and word in doc["error"]["message"]
+    assert not (tmp_path / "b").exists()

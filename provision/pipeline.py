@@ -428,7 +428,7 @@ class _Run:
         src_sha = {k: f.sha256 for k, f in vrec.files.items() if f.sha256} if vrec else {}
         cres = convert(self.original, out, target=target, scheme=prof.scheme, layout=prof.layout,
                        context=self.opts.context, progress=self.progress, source_sha256=src_sha,
-                       source_identity=self.source_identity())
+                       source_identity=self.source_identity(), workers=self.opts.convert_workers)
         self.result.vllm_command = cres.vllm_command
         details = cres.to_dict()
         details.pop("tensors", None)

@@ -282,3 +282,25 @@ def test_cli_workers_option_converts(tiny_src: Path, tmp_path: Path) -> None:
     ref = tmp_path / "ref"
     convert(tiny_src, ref, target="h100", scheme="bf16", workers=1)
     assert _file_digests(out) == _file_digests(ref)
+
+
+@pytest.mark.slow
+def test_run_workers_option_reaches_the_conversion(tiny_src: Path, tmp_path: Path,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    from provision.stages.convert import stream
+
+    seen: list[int] = []
+    real = stream.stream_tensors
+
+    def spy(*args: Any, workers: int = 1, **kw: Any) -> Any:
+        seen.append(workers)
+        return real(*args, workers=workers, **kw)
+
+    monkeypatch.setattr(stream, "stream_tensors", spy)
+    monkeypatch.setattr("provision.stages.convert.stage.stream_tensors", spy)
+    assert run_cli(["run", str(tiny_src / "manifest.toml"), "--home", str(tmp_path / "home"), "--adopt",
+                    str(tiny_src), "--skip-smoke", "--target", "h100", "--scheme", "bf16", "--workers", "3"]) == 0
+    assert seen == [3]
+    assert run_cli(["run", str(tiny_src / "manifest.toml"), "--home", str(tmp_path / "home2"), "--adopt",
+                    str(tiny_src), "--skip-smoke", "--workers", "0"]) == 2
+    assert not (tmp_path / "home2").exists()

@@ -20,7 +20,7 @@ import os
 import shutil
 import tarfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -58,7 +58,6 @@ class ExportResult:
     btmh: str | None
     manifest_sha256: str
     seconds: float
-    warnings: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         return {"out": str(self.out), "model": self.model, "archive": self.archive, "original": self.original,

@@ -35,7 +35,7 @@ import stat
 import tarfile
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
@@ -69,7 +69,6 @@ from provision.store.lock import ModelLock
 from provision.store.state import FileFact, load_state, save_state
 
 JOURNAL = ".bundle-journal.json"
-PART_SUFFIX = ".part"
 
 
 @dataclass
@@ -83,7 +82,6 @@ class ImportResult:
     files_reused: int
     bundle_sha256: str
     seconds: float
-    warnings: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         return {"model": self.model, "model_dir": str(self.model_dir), "original": self.original,
@@ -105,8 +103,8 @@ class _Journal:
             doc = None
         if isinstance(doc, dict) and doc.get("bundle_sha256") == bundle_sha256 and isinstance(doc.get("done"), dict):
             self.done = doc["done"]
-        elif stage.exists():  # another bundle's (or an unreadable) staging: start over
-            shutil.rmtree(stage)
+        else:  # another bundle's (or an unreadable) staging: start over
+            _drop_staging(stage)
 
     def reusable(self, stage: Path, f: BundleFile) -> bool:
         """``f`` was verified into staging before and the staged file is unchanged since."""
@@ -126,12 +124,25 @@ class _Journal:
         atomic_write_text(self.path, json.dumps({"bundle_sha256": self.bundle_sha256, "done": self.done}))
 
 
+def _parts(stage: Path) -> Path:
+    """Where files are written before their sha256 matched: beside the staging folder, so no part
+    name can collide with a name the bundle lists."""
+    return stage.with_name(stage.name + ".parts")
+
+
+def _drop_staging(stage: Path) -> None:
+    shutil.rmtree(stage, ignore_errors=True)
+    shutil.rmtree(_parts(stage), ignore_errors=True)
+    prune_empty(stage.parent)
+
+
 def _stream_into(read: Callable[[int], bytes], f: BundleFile, stage: Path, counter: ByteCounter) -> Path:
-    """Copy exactly ``f.size`` bytes from ``read`` into staging (a ``.part`` renamed once its
+    """Copy exactly ``f.size`` bytes from ``read`` into staging (written aside, moved in once its
     sha256 matches); a short source is a truncated bundle, a longer one is caught by its caller."""
     target = safe_join(stage, f.path)
     target.parent.mkdir(parents=True, exist_ok=True)
-    part = target.with_name(target.name + PART_SUFFIX)
+    _parts(stage).mkdir(exist_ok=True)
+    part = _parts(stage) / hashlib.sha256(f.path.encode()).hexdigest()
     h = hashlib.sha256()
     left = f.size
     with open(part, "wb") as fo:
@@ -436,11 +447,9 @@ def _land(source: _Source, index: BundleIndex, bundle_sha256: str, lay: Layout, 
             copied, reused = _stage_all(source, index, stage, journal, counter, path)
         verify_and_commit(stage, mp.root, rels, lambda: _cross_check(stage, index), on_interrupted=lambda: None)
     except VerifyError:
-        shutil.rmtree(stage, ignore_errors=True)
-        prune_empty(mp.staging)
+        _drop_staging(stage)
         raise
     commit_file(safe_join(stage, index.manifest), lay.manifest_file(index.model))
     _record_state(mp, index, bundle_sha256)
-    shutil.rmtree(stage, ignore_errors=True)
-    prune_empty(mp.staging)
+    _drop_staging(stage)
     return copied, reused

@@ -292,9 +292,9 @@ def test_run_workers_option_reaches_the_conversion(tiny_src: Path, tmp_path: Pat
     seen: list[int] = []
     real = stream.stream_tensors
 
-    def spy(*args: Any, workers: int = 1, **kw: Any) -> Any:
-        seen.append(workers)
-        return real(*args, workers=workers, **kw)
+    def spy(*args: Any, **kw: Any) -> Any:
+        seen.append(kw["workers"])
+        return real(*args, **kw)
 
     monkeypatch.setattr(stream, "stream_tensors", spy)
     monkeypatch.setattr("provision.stages.convert.stage.stream_tensors", spy)

@@ -91,6 +91,11 @@ def sign_folder(folder: Path, *, private_key: Path, signature: Path, certificate
     check_regular(private_key, what="private key")
     for p in ([certificate] if certificate else []) + list(certificate_chain):
         check_regular(p, what="certificate")
+    if certificate is not None:
+        try:
+            _check_validity(certificate.read_bytes(), what=f"certificate {certificate.name}")
+        except VerifyError as e:
+            raise UsageError(str(e)) from None
     ms = _model_signing()
     cfg = ms.signing.Config().set_hashing_config(_hashing_config(ms))
     try:
@@ -129,6 +134,46 @@ def _mismatch(message: str) -> str:
     return f"{kind} file(s) {(m['files'] or '').strip().rstrip(',')}"
 
 
+def _check_validity(der_or_pem: bytes, *, what: str) -> None:
+    """Refuse (``VerifyError``) a certificate outside its validity period now: without a trusted
+    timestamp the signing time is unknown, so an expired signing certificate vouches for nothing."""
+    import datetime
+
+    from cryptography import x509
+
+    try:
+        cert = (x509.load_pem_x509_certificate(der_or_pem) if der_or_pem.lstrip().startswith(b"-----")
+                else x509.load_der_x509_certificate(der_or_pem))
+    except ValueError:
+        raise VerifyError(f"The {what} is not a readable X.509 certificate.") from None
+    now = datetime.datetime.now(datetime.UTC)
+    if not cert.not_valid_before_utc <= now <= cert.not_valid_after_utc:
+        state = "expired" if now > cert.not_valid_after_utc else "not yet valid"
+        raise VerifyError(f"The {what} is {state} (valid {cert.not_valid_before_utc:%Y-%m-%d} to "
+                          f"{cert.not_valid_after_utc:%Y-%m-%d}); a signature made with it is not trusted.")
+
+
+def _signing_certificate(signature: Path) -> bytes:
+    """The DER signing certificate a certificate-signed bundle carries (``VerifyError`` when it has none)."""
+    import base64
+    import json
+
+    try:
+        doc = json.loads(signature.read_bytes())
+        raw = doc["verificationMaterial"]["x509CertificateChain"]["certificates"][0]["rawBytes"]
+        return base64.b64decode(raw, validate=True)
+    except (ValueError, KeyError, IndexError, TypeError):
+        raise VerifyError(f"Signature {signature.name} carries no signing certificate (malformed, or made with "
+                          "a bare key: check it with --public-key).", path=str(signature)) from None
+
+
+def _unverified(signature: Path, public_key: Path | None) -> str:
+    if public_key is not None:
+        return f"Signature {signature.name} is malformed or does not verify."
+    return (f"Signature {signature.name} does not verify against the certificate chain (malformed, expired, or "
+            "signed under another root).")
+
+
 def verify_folder_signature(folder: Path, *, signature: Path, public_key: Path | None = None,
                             certificate_chain: Sequence[Path] = (), check_record: bool = True) -> SignatureResult:
     """Check ``signature`` over every file of ``folder`` offline, against ``public_key`` (PEM) or,
@@ -153,8 +198,11 @@ def verify_folder_signature(folder: Path, *, signature: Path, public_key: Path |
             cfg.use_elliptic_key_verifier(public_key=Path(public_key))
         else:
             cfg.use_certificate_verifier(certificate_chain=[Path(c) for c in certificate_chain])
-    except (OSError, ValueError, TypeError):
-        raise UsageError("The public key or certificate chain could not be loaded (PEM expected).") from None
+    except Exception:  # the library's message may quote the file: never repeated
+        what = "public key" if public_key is not None else "certificate chain"
+        raise VerifyError(f"The {what} could not be loaded (PEM expected); nothing can be trusted with it.") from None
+    if public_key is None:
+        _check_validity(_signing_certificate(signature), what="signing certificate in the signature")
     try:
         cfg.verify(folder, signature)
     except ValueError as e:
@@ -165,8 +213,8 @@ def verify_folder_signature(folder: Path, *, signature: Path, public_key: Path |
         if "key" in msg.lower() and "mismatch" in msg.lower():
             raise VerifyError(f"Signature {signature.name} was not made by the trusted key.",
                               path=str(signature)) from None
-        raise VerifyError(f"Signature {signature.name} is malformed or does not verify.", path=str(signature)) from None
+        raise VerifyError(_unverified(signature, public_key), path=str(signature)) from None
     except Exception:  # a malformed bundle surfaces as KeyError, TypeError, protobuf and crypto errors
-        raise VerifyError(f"Signature {signature.name} is malformed or does not verify.", path=str(signature)) from None
+        raise VerifyError(_unverified(signature, public_key), path=str(signature)) from None
     return SignatureResult(folder=folder, signature=signature, signature_sha256=sha256_file(signature), files=n,
                            provenance=has_record, method="key" if public_key is not None else "certificate")

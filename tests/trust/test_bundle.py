@@ -137,6 +137,7 @@ def test_an_archive_bundle_imports_the_same_bytes_as_the_store_holds(
         names = tf.getnames()
     assert names[0] == "bundle.json" and f"original/{ORIGINAL_FILES[0]}" in names
     assert not any(n.startswith(PROFILE) for n in names)  # no --profile: the original only
+    assert not list((ran_store / "staging").glob(".provision-tmp-*"))  # the links the tar was written from are gone
     rc, doc, err = cli_json(capsys, "bundle", "import", str(out))
     assert rc == 0, err
     for name in ORIGINAL_FILES:

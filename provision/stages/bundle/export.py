@@ -8,8 +8,9 @@ its ``params.json`` goes into the index), ``manifest.lock.toml``
 all of that (so the bundle can be seeded) and ``bundle.json`` listing every file with its
 size and sha256. Only what the store's state records as verified (or converted) and unchanged
 is exported, and each file is hashed while it is copied: a byte that changed since is exit 5.
-The bundle is built under a temporary name beside OUT and renamed into place, so OUT is the
-whole bundle or absent; an existing OUT is refused (exit 2). It does not import bundles.
+A folder bundle is built under a temporary name beside OUT and renamed into place; an archive's
+files are hard-linked (else copied) into the store's staging area and written once, into a tar
+that is renamed into place. So OUT is the whole bundle or absent; an existing OUT is refused (exit 2). It does not import bundles.
 """
 
 from __future__ import annotations
@@ -82,10 +83,18 @@ def _walk(folder: Path) -> list[str]:
     return sorted(out)
 
 
-def _copy_hashing(src: Path, dst: Path, counter: ByteCounter) -> tuple[int, str]:
-    """Copy ``src`` to ``dst`` (a new file), hashing the bytes read: (size, sha256)."""
+def _copy_hashing(src: Path, dst: Path, counter: ByteCounter, *, link: bool) -> tuple[int, str]:
+    """Copy ``src`` to ``dst`` (a new file), hashing the bytes read: (size, sha256). With ``link``,
+    hard-link it instead where the filesystem allows (the tar is written from the link)."""
     h = hashlib.sha256()
     dst.parent.mkdir(parents=True, exist_ok=True)
+    if link:
+        try:
+            os.link(src, dst)
+        except OSError:  # another filesystem, or links not allowed: a copy does the same
+            pass
+        else:
+            return stream_file(dst, h.update, on_bytes=counter), h.hexdigest()
     with open(dst, "xb") as fo:
         def consume(b: memoryview) -> None:
             h.update(b)
@@ -161,9 +170,11 @@ def _export(model: str, out: Path, *, home: Path | None, profile: str | None, or
                                  hint="See provision ls for the profiles it has.")
             folders.append((prof, pdir, {}))
         m = _manifest_for(lay, mp, model, manifest)
-        tmp = out.parent / f"{TMP_PREFIX}bundle-{out.name}-{os.getpid()}"
+        # a folder is built beside OUT and renamed; an archive's files are hard links in the store's
+        # staging area, written once, into the tar
+        tmp = (lay.staging_root if archive else out.parent) / f"{TMP_PREFIX}bundle-{out.name}-{os.getpid()}"
         shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir()
+        tmp.mkdir(parents=True)
         try:
             files: list[BundleFile] = []
             listing = [(name, folder, known, _walk(folder)) for name, folder, known in folders]
@@ -172,7 +183,7 @@ def _export(model: str, out: Path, *, home: Path | None, profile: str | None, or
                                             for rel in rels))
             for name, folder, known, rels in listing:
                 for rel in rels:
-                    size, sha = _copy_hashing(folder / rel, tmp / name / rel, counter)
+                    size, sha = _copy_hashing(folder / rel, tmp / name / rel, counter, link=archive)
                     if rel in known and known[rel] != sha:
                         raise HashMismatchError(f"{folder / rel} changed since it was verified (sha256 {sha}, "
                                                 f"verified {known[rel]}).", path=str(folder / rel))

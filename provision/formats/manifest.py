@@ -2,7 +2,8 @@
 
 Load (``tomllib``), validate (a one-line ``ManifestError`` naming the field) and write
 (``tomli_w``, atomically). A manifest never guesses: an unknown size or hash stays unset until
-``provision manifest lock`` records it after a verified fetch. Nothing here fetches or verifies.
+``provision manifest lock`` records it after a verified fetch. Nothing here fetches or verifies
+(a ``local`` source's folder is only checked to exist when the manifest is parsed).
 The module stays large because parsing and writing the one schema field by field belong
 together. The schema below is the reference for the manifest format (``schema_version = 1``)::
 
@@ -438,8 +439,8 @@ def manifest_to_dict(m: Manifest, *, folder: Path | None = None) -> dict[str, An
     d["sources"] = []
     for s in m.sources:
         sd: dict[str, Any] = {"type": s.type}
-        if s.type == "local":
-            sd["path"] = _local_path_for(s, folder)
+        if s.type == "local" and s.path is not None:
+            sd["path"] = _local_path_for(s.path, s.folder, folder)
         for k in ("magnet", "torrent", "repo", "revision"):
             v = getattr(s, k)
             if v is not None:
@@ -470,13 +471,12 @@ def manifest_to_dict(m: Manifest, *, folder: Path | None = None) -> dict[str, An
     return d
 
 
-def _local_path_for(s: Source, folder: Path | None) -> str:
-    """A local source's path as written into a manifest in ``folder``: an absolute one as is, a relative
-    one re-expressed from ``folder`` when both its parsed folder and ``folder`` are known."""
-    assert s.path is not None
-    if s.folder is None or folder is None or Path(s.path).expanduser().is_absolute():
-        return s.path
-    return os.path.relpath(s.folder, os.path.abspath(folder))
+def _local_path_for(path: str, parsed: Path | None, folder: Path | None) -> str:
+    """A local source's ``path`` as written into a manifest in ``folder``: an absolute one as is, a relative
+    one re-expressed from ``folder`` when both the folder it was ``parsed`` to and ``folder`` are known."""
+    if parsed is None or folder is None or Path(path).expanduser().is_absolute():
+        return path
+    return os.path.relpath(parsed, os.path.abspath(folder))
 
 
 def dump_manifest(m: Manifest, *, folder: Path | None = None) -> str:

@@ -104,3 +104,16 @@ def test_a_file_may_name_local_among_its_sources(tmp_path: Path) -> None:
     doc["files"] = [{"path": "params.json", "sources": ["local", "hf"]}]
     m = parse_manifest(doc, path=tmp_path / "m.toml")
     assert m.files[0].in_source("local") and not m.files[0].in_source("torrent")
+
+
+def test_writing_a_local_source_without_a_path_is_exit_3_and_writes_nothing(tmp_path: Path) -> None:
+    from dataclasses import replace
+
+    from provision.formats.manifest import Source
+
+    (tmp_path / "a").mkdir()
+    m = load_manifest(_write(tmp_path / "a" / "m.toml", 'type = "local"\npath = "."'))
+    with pytest.raises(ManifestError) as ei:
+        write_manifest(replace(m, sources=(Source(type="local"),)), tmp_path / "out.toml")
+    assert ei.value.exit_code == 3 and ei.value.context["field"] == "sources[0].path"
+    assert not (tmp_path / "out.toml").exists()

@@ -178,3 +178,13 @@ def test_whitelist_lines_are_40_hex_each_the_v2_hash_cut_to_20_bytes_without_dup
     assert whitelist_lines(v1, v2) == [v1, "cd" * 20]
     assert whitelist_lines("cd" * 20, v2) == ["cd" * 20]  # the same 40 hex once
     assert whitelist_lines(None, None) == []
+
+
+def test_describe_names_the_hashes_a_torrent_has() -> None:
+    from provision.stages.fetch.torrent.meta import TorrentMeta
+
+    v1, v2 = "ab" * 20, "cd" * 32
+    both = TorrentMeta(name="m", files=(("a", 1), ("b", 2)), btih=v1, btmh=v2, piece_length=PIECE, total_size=3)
+    assert both.describe() == f"m, 2 files, btih:{v1} btmh:{v2}"
+    only_v2 = TorrentMeta(name="m", files=(("a", 1),), btih=None, btmh=v2, piece_length=PIECE, total_size=1)
+    assert only_v2.describe() == f"m, 1 files, btmh:{v2}"

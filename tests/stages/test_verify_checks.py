@@ -103,7 +103,8 @@ def test_a_hash_check_passes_on_equal_hex_and_names_both_and_the_authority_other
     ok = hash_check("sha256", "m/x.bin", auth, "aa" * 32, "aa" * 32)
     assert ok.ok and ok.error is None and (ok.expected, ok.actual) == ("aa" * 32, "aa" * 32)
     bad = hash_check("sha256", "m/x.bin", auth, "aa" * 32, "bb" * 32)
-    assert not bad.ok and isinstance(bad.error, HashMismatchError) and bad.error.exit_code == 5
+    assert bad.ok is False and isinstance(bad.error, HashMismatchError) and bad.error.exit_code == 5
+    assert bad.to_dict()["ok"] is False  # the JSON report says false, not null
     assert bad.message == f"m/x.bin: sha256 is {'bb' * 32} but the manifest-sha256 authority says {'aa' * 32}."
     assert bad.error.context == {"path": "m/x.bin", "expected": "aa" * 32, "actual": "bb" * 32,
                                  "authority": "manifest-sha256", "check": "sha256"}
@@ -123,7 +124,8 @@ def test_v1_piece_count_mismatch_is_reported_before_bad_pieces(tmp_path: Path) -
     w = _work(tmp_path, b"z" * 2001, auth)  # 3 pieces, 2 listed
     w.v1_bad = [0]
     c = v1_check(w)
-    assert not c.ok and (c.expected, c.actual) == (2, 3) and c.authority == "torrent-v1-pieces"
+    assert c.ok is False and (c.expected, c.actual) == (2, 3) and c.authority == "torrent-v1-pieces"
+    assert (c.name, c.file) == ("torrent-v1-pieces", "w.bin")
     assert c.message == "w.bin spans 3 pieces of 1,000 bytes but the torrent-v1-pieces authority lists 2."
     assert c.error is not None and c.error.context == {"path": "w.bin", "expected": 2, "actual": 3,
                                                        "authority": "torrent-v1-pieces"}
@@ -135,13 +137,23 @@ def test_v1_bad_pieces_name_the_first_and_its_byte_range_clipped_to_the_file(tmp
     w = _work(tmp_path, b"z" * 2500, auth)
     w.v1_bad = [2, 1]
     c = v1_check(w)
-    assert not c.ok and isinstance(c.error, HashMismatchError)
+    assert c.ok is False and isinstance(c.error, HashMismatchError)
     assert c.message == ("w.bin: 2 of 3 pieces fail their SHA-1 (first: piece 1, bytes 1,000..2,000) "
                          "under the torrent-v1-pieces authority.")
     w.v1_bad = [2]
     assert "first: piece 2, bytes 2,000..2,500)" in v1_check(w).message  # the last piece ends at the file's end
     assert c.error.context == {"path": "w.bin", "bad_pieces": [1, 2], "authority": "torrent-v1-pieces"}
     assert (c.expected, c.actual) == ("3 pieces ok", "2 bad: [1, 2]")
+
+
+def test_many_bad_pieces_are_listed_up_to_100_in_the_error_and_20_in_the_check(tmp_path: Path) -> None:
+    auth = Authority(kind="torrent-v1-pieces", piece_length=10, piece_hashes=(b"x" * 20,) * 150)
+    w = _work(tmp_path, b"z" * 1500, auth)
+    w.v1_bad = list(range(150))
+    c = v1_check(w)
+    assert c.error is not None and c.error.context["bad_pieces"] == list(range(100))
+    assert c.actual == f"150 bad: {list(range(20))}"
+    assert c.message.startswith("w.bin: 150 of 150 pieces fail their SHA-1 (first: piece 0, bytes 0..10)")
 
 
 def test_v2_check_reduces_the_chunk_roots_to_the_authoritys_root(tmp_path: Path) -> None:

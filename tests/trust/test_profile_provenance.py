@@ -7,8 +7,10 @@ import hashlib
 import json
 import shutil
 from pathlib import Path
+from typing import Any
 
 import pytest
+import tomllib
 
 from provision import api
 from provision.formats.report_schema import validate_report
@@ -49,6 +51,10 @@ def test_run_records_the_source_and_smoke_links_the_record_and_a_rerun_still_ski
     rec = json.loads(record.read_text())
     manifest_bytes = (tiny_src / "manifest.toml").read_bytes()
     assert rec["source"]["manifest"] == {"name": "tiny-pixtral", "sha256": hashlib.sha256(manifest_bytes).hexdigest()}
+    hf = next(s for s in tomllib.loads(manifest_bytes.decode())["sources"] if s["type"] == "hf")
+    assert rec["source"]["hf"] == {"repo": hf["repo"], "commit": hf["revision"]}
+    src = {f["path"]: f["sha256"] for f in rec["source"]["files"]}
+    assert src["consolidated.safetensors"] == _sha(tiny_src / "consolidated.safetensors")
     smoke = next(s for s in doc["stages"] if s["stage"] == "smoke")["details"]
     assert rec["smoke"]["token_ids"] == smoke["token_ids"] and rec["smoke"]["passed"] is True
     assert rec["smoke"]["device"] == "cpu" and rec["smoke"]["prompt"] == smoke["prompt"]
@@ -92,3 +98,24 @@ def test_verify_of_a_tampered_profile_exits_5_with_one_line(
     assert rc == 5, err
     assert doc["ok"] is False and "\n" not in doc["error"]["message"]
     validate_report(doc)
+
+
+def test_the_recorded_source_identity_takes_the_infohash_and_hub_commit_from_the_manifest(tmp_path: Path) -> None:
+    from types import SimpleNamespace
+
+    from provision.formats.manifest import parse_manifest_bytes
+    from provision.layout import Layout
+    from provision.pipeline import RunOptions, RunResult, _Run
+
+    btih, commit = "ab" * 20, "cd" * 20
+    raw = (f'schema_version = 1\nname = "m"\narchitecture = "pixtral"\nformat = "mistral"\n'
+           f'[[sources]]\ntype = "torrent"\nmagnet = "magnet:?xt=urn:btih:{btih.upper()}&dn=m"\n'
+           f'[[sources]]\ntype = "hf"\nrepo = "org/m"\nrevision = "{commit}"\n'
+           f'[[files]]\npath = "params.json"\nsize = 2\nsha256 = "{"0" * 64}"\n').encode()
+    manifest = parse_manifest_bytes(raw)
+    plan: Any = SimpleNamespace(name="m", dest=tmp_path / "o", manifest=manifest, magnet=None, hf=None)
+    run = _Run(plan, RunOptions(), Layout(tmp_path), RunResult(plan=plan, dry_run=False), state=None,  # type: ignore[arg-type]
+               progress=None, seeding=None, chosen=None)
+    ident = run.source_identity().to_dict()
+    assert ident["btih"] == btih and ident["hf"] == {"repo": "org/m", "commit": commit}
+    assert ident["manifest"] == {"name": "m", "sha256": hashlib.sha256(raw).hexdigest()}

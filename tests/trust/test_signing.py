@@ -157,3 +157,17 @@ def test_a_signature_inside_the_folder_it_signs_is_refused(
     rc, _doc, err = cli_json(capsys, "sign", str(profile), "--key", str(priv), "--signature", str(profile / "x.sig"))
     assert rc == 2, err
     assert not (profile / "x.sig").exists()
+
+
+def test_a_folder_with_a_symlink_is_neither_signed_nor_verified(
+    profile: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    priv, pub = ec_keypair(tmp_path, "publisher")
+    sig = tmp_path / "p.sig"
+    _sign(capsys, profile, priv, sig)
+    (tmp_path / "secret.txt").write_text("outside")
+    (profile / "link.txt").symlink_to(tmp_path / "secret.txt")
+    _one_line_5(*_verify(capsys, profile, sig, pub))
+    rc, doc, err = cli_json(capsys, "sign", str(profile), "--key", str(priv), "--signature", str(tmp_path / "q.sig"))
+    _one_line_5(rc, doc, err)
+    assert not (tmp_path / "q.sig").exists()

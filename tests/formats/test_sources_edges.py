@@ -165,13 +165,14 @@ def test_parse_source_keeps_the_stripped_text_and_routes_each_kind(tmp_path: Pat
     m = parse_source(f"  MAGNET:?xt=urn:btih:{H1}  ")
     assert m.kind == "magnet" and m.magnet is not None and m.magnet.btih == H1 and m.raw == f"MAGNET:?xt=urn:btih:{H1}"
     h = parse_source("hf://a/b@main")
-    assert h.kind == "hf" and h.hf == HFRef("a/b", "main")
+    assert h.kind == "hf" and h.hf == HFRef("a/b", "main") and h.raw == "hf://a/b@main"
     t = tmp_path / "x.torrent"
     t.write_bytes(b"d4:infode")
     ts = parse_source(str(t))
-    assert ts.kind == "torrent" and ts.torrent is not None and ts.torrent.path == t
+    assert ts.kind == "torrent" and ts.torrent is not None and ts.torrent.path == t and ts.raw == str(t)
     man = parse_source("some/manifest.toml")
     assert man.kind == "manifest" and man.manifest is not None and man.manifest.ref == "some/manifest.toml"
+    assert man.raw == "some/manifest.toml"
     for url in ("http://x/y", "https://x/y"):
         with pytest.raises(UsageError, match="URL sources are not supported") as ei:
             parse_source(url)

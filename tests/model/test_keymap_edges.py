@@ -143,8 +143,12 @@ def test_a_text_only_config_is_read_with_its_window_and_mixtral_experts() -> Non
     assert a.moe is None
     m = keymap.args_from_hf_text_config(dict(t, model_type="mixtral", num_local_experts=8, num_experts_per_tok=2))
     assert m.moe is not None and (m.moe.num_experts, m.moe.num_experts_per_tok) == (8, 2)
-    with pytest.raises(ParamsError, match="'num_local_experts' is missing"):
+    with pytest.raises(ParamsError, match=r"^config\.json: required key 'num_local_experts' is missing"):
         keymap.args_from_hf_text_config(dict(t, model_type="mixtral", num_experts_per_tok=2))
+    with pytest.raises(ParamsError, match=r"^config\.json: required key 'num_experts_per_tok' is missing"):
+        keymap.args_from_hf_text_config(dict(t, model_type="mixtral", num_local_experts=8))
+    with pytest.raises(ParamsError, match=r"^config\.json: required key 'hidden_size' is missing"):
+        keymap.args_from_hf_text_config({k: v for k, v in t.items() if k != "hidden_size"})
     no_type = {k: v for k, v in t.items() if k != "model_type"}
     assert keymap.args_from_hf_text_config(no_type).dim == 64
 
@@ -221,3 +225,10 @@ def test_a_scale_with_other_rows_than_the_projection_is_left_alone() -> None:
     vision_rows = torch.arange(16 * 64, dtype=torch.float32).reshape(1024, 1)  # vision: 16 heads * 64
     _, t = keymap.mistral_to_hf("vision_encoder.transformer.layers.0.attention.wq.weight", vision_rows, args)
     assert torch.equal(t, vision_rows.view(16, 32, 2, 1).transpose(1, 2).reshape(1024, 1))
+
+
+def test_a_1d_per_channel_scale_of_a_q_projection_is_permuted_like_its_rows() -> None:
+    args = pixtral_args()  # wq: 32 heads * 128 = 4096 rows
+    scale = torch.arange(4096, dtype=torch.float32)
+    _, t = keymap.mistral_to_hf("layers.0.attention.wq.weight_scale", scale, args)
+    assert torch.equal(t, scale.view(32, 64, 2).transpose(1, 2).reshape(4096))

@@ -51,6 +51,17 @@ def test_the_merkle_root_equals_the_pieces_root_libtorrent_writes(tmp_path: Path
     assert merkle_root_file(p) == _libtorrent_pieces_root(p)
 
 
+def test_a_chunk_root_is_the_same_through_a_buffer_that_splits_blocks_and_counts_its_bytes(tmp_path: Path) -> None:
+    from provision.stages.verify.digests import v2_chunk_root
+
+    p = tmp_path / "f.bin"
+    p.write_bytes(os.urandom(3 * BLOCK + 5))  # one chunk of 4 leaves
+    counted: list[int] = []
+    odd = v2_chunk_root(p, 0, 4, bytearray(10000), on_bytes=counted.append)  # reads end mid-block
+    assert odd == v2_chunk_root(p, 0, 4, bytearray(1 << 20)) == _libtorrent_pieces_root(p)
+    assert sum(counted) == 3 * BLOCK + 5
+
+
 def test_an_empty_file_has_no_merkle_root(tmp_path: Path) -> None:
     p = tmp_path / "empty"
     p.write_bytes(b"")

@@ -21,6 +21,7 @@ from provision.formats.safetensors import TORCH_NAMES
 from provision.formats.safetensors_writer import CheckpointWriter
 from provision.io.hashing import BackgroundHasher
 from provision.model import hf_names
+from provision.stages.convert.allocator import keep_freed_blocks
 from provision.stages.convert.items import Item, chunks, read_plan
 from provision.stages.convert.parallel import OrderedPool
 from provision.stages.convert.prefetch import Prefetcher, SourceStream
@@ -197,6 +198,7 @@ def stream_tensors(sources: list[SafetensorsSource], items: list[Item], writer: 
         # converting several at once, and idle OpenMP workers would spin on the cores that the
         # reader, hasher and writer need
         torch.set_num_threads(1)
+        keep_freed_blocks()  # the pieces' temporaries are reused instead of page-faulted in again
         try:
             with OrderedPool[tuple[Item, int, int], ChunkOut](workers, window) as pool:
                 reports = convert_items(items, pre, writer, scheme, pool)

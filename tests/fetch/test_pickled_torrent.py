@@ -47,6 +47,7 @@ from provision.testing.torrent_fixtures import (
 
 STAGES = ["plan", "fetch", "import", "verify", "convert", "smoke"]
 CONVERT_RECORD = "provision-convert.json"  # the conversion's own record: paths and timings differ by run
+PROVENANCE = "provenance.json"  # names the source (a pickle import vs a safetensors twin): compared by its files
 
 
 def _sha(p: Path) -> str:
@@ -86,8 +87,13 @@ def _assert_same_conversion(a: Path, b: Path) -> None:
     names = sorted(p.name for p in b.iterdir())
     assert sorted(p.name for p in a.iterdir()) == names
     for name in names:
-        if name != CONVERT_RECORD:
+        if name not in (CONVERT_RECORD, PROVENANCE):
             assert (a / name).read_bytes() == (b / name).read_bytes(), name
+    if PROVENANCE in names:  # both records vouch for the same output bytes (the records themselves aside)
+        def outputs(d: Path) -> list[Any]:
+            return [f for f in json.loads((d / PROVENANCE).read_text())["files"] if f["path"] != CONVERT_RECORD]
+
+        assert outputs(a) == outputs(b)
 
 
 # ---------------------------------------------------------------------------------------

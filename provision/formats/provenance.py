@@ -136,20 +136,27 @@ def list_files(folder: Path) -> list[str]:
     return sorted(out)
 
 
-def hash_files(folder: Path, rels: Sequence[str]) -> list[dict[str, Any]]:
-    """``[{"path", "size", "sha256"}]`` for each relative path of ``rels`` under ``folder`` (hashed in parallel)."""
+def hash_files(folder: Path, rels: Sequence[str],
+                known: Mapping[str, tuple[int, str]] | None = None) -> list[dict[str, Any]]:
+    """``[{"path", "size", "sha256"}]`` for each relative path of ``rels`` under ``folder`` (hashed in
+    parallel); ``known`` (``{path: (size, sha256)}`` the caller has just read, e.g. verify's facts of a
+    folder only it writes) stands in for hashing a file whose size still matches."""
     def one(rel: str) -> dict[str, Any]:
         p = safe_join(folder, rel, what="recorded file")
-        return {"path": rel, "size": p.stat().st_size, "sha256": sha256_file(p)}
+        size = p.stat().st_size
+        fact = (known or {}).get(rel)
+        return {"path": rel, "size": size, "sha256": fact[1] if fact and fact[0] == size else sha256_file(p)}
 
     with ThreadPoolExecutor(max_workers=max(1, min(HASH_WORKERS, len(rels)))) as pool:
         return list(pool.map(one, rels))
 
 
 def build(folder: Path, *, source: SourceIdentity, source_files: Sequence[Mapping[str, Any]],
-          recipe: Mapping[str, Any] | None, smoke: Mapping[str, Any] | None = None) -> dict[str, Any]:
-    """The record of ``folder`` as it is now: every file (the record excluded) hashed, with ``source``,
-    its ``source_files`` (``path``, ``size``, ``sha256`` each) and ``recipe``. Writes nothing."""
+          recipe: Mapping[str, Any] | None, smoke: Mapping[str, Any] | None = None,
+          known: Mapping[str, tuple[int, str]] | None = None) -> dict[str, Any]:
+    """The record of ``folder`` as it is now: every file (the record excluded) hashed (or taken from
+    ``known``, see ``hash_files``), with ``source``, its ``source_files`` (``path``, ``size``,
+    ``sha256`` each) and ``recipe``. Writes nothing."""
     folder = Path(folder)
     record: dict[str, Any] = {
         "schema_version": SCHEMA_VERSION, "kind": KIND,
@@ -158,7 +165,7 @@ def build(folder: Path, *, source: SourceIdentity, source_files: Sequence[Mappin
                    "files": [{"path": str(f["path"]), "size": int(f["size"]), "sha256": str(f["sha256"])}
                              for f in source_files]},
         "recipe": dict(recipe) if recipe is not None else None,
-        "files": hash_files(folder, list_files(folder)),
+        "files": hash_files(folder, list_files(folder), known),
         "smoke": dict(smoke) if smoke is not None else None,
     }
     validate(record)

@@ -131,3 +131,35 @@ def test_add_smoke_rewrites_the_record_and_the_files_still_check(tmp_path: Path)
     assert provenance.read(d)["smoke"]["token_ids"] == [1, 2]
     assert provenance.check(d).files == 2
     assert not [p for p in d.iterdir() if p.name.startswith(".provision-tmp")]
+
+
+def test_known_hashes_stand_in_only_for_files_whose_size_still_matches(tmp_path: Path) -> None:
+    d = tmp_path / "p"
+    d.mkdir()
+    (d / "a.bin").write_bytes(b"aaaa")
+    (d / "b.bin").write_bytes(b"bbbbbb")
+    fake = "0" * 64  # what a caller claims to have read: used for a.bin (size 4 matches)
+    got = {f["path"]: f["sha256"] for f in provenance.hash_files(d, ["a.bin", "b.bin"],
+                                                                   {"a.bin": (4, fake), "b.bin": (5, fake)})}
+    assert got == {"a.bin": fake, "b.bin": hashlib.sha256(b"bbbbbb").hexdigest()}  # b.bin is 6 bytes: re-hashed
+
+
+def test_convert_reads_its_weights_once_for_verify_and_provenance(tiny_src: Path, tmp_path: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    from provision.stages.convert import convert
+
+    hashed: list[str] = []
+    real = provenance.sha256_file
+
+    def spy(p: Path) -> str:
+        hashed.append(Path(p).name)
+        return real(p)
+
+    monkeypatch.setattr(provenance, "sha256_file", spy)
+    out = tmp_path / "o"
+    convert(tiny_src, out, target="h100", scheme="fp8", layout="hf", hf_tokenizer=False)
+    weights = [p.name for p in out.iterdir() if p.suffix == ".safetensors"]
+    assert weights and not set(weights) & set(hashed)  # verify's digests stood in for a second read
+    rec = json.loads((out / PROVENANCE_NAME).read_text())
+    for f in rec["files"]:  # and the record is still the truth about the bytes
+        assert f["sha256"] == hashlib.sha256((out / f["path"]).read_bytes()).hexdigest(), f["path"]

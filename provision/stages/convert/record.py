@@ -97,11 +97,13 @@ def write_record(result: ConvertResult, *, context: int, folder: Path | None = N
 
 
 def write_provenance(result: ConvertResult, folder: Path, *, context: int, source: SourceIdentity | None,
-                     side: list[Path], source_sha256: Mapping[str, str]) -> None:
+                     side: list[Path], source_sha256: Mapping[str, str],
+                     output_facts: Mapping[str, tuple[int, str]] | None = None) -> None:
     """Write ``provenance.json`` into ``folder`` (convert's staging folder, after ``write_record``):
     the source (``source``'s identity, every weight file and side file with its size and sha256;
     a side file is hashed here unless ``source_sha256`` names it), the recipe and every file of
-    ``folder`` hashed (``provision.formats.provenance``)."""
+    ``folder`` hashed (``provision.formats.provenance``), or taken from ``output_facts`` (the pre-commit
+    verify's ``{path: (size, sha256)}``, so the output is read once)."""
     files = [{"path": f["path"], "size": f["size"], "sha256": f["sha256"]} for f in result.source_files
              if "sha256" in f]
     for p in side:
@@ -111,7 +113,8 @@ def write_provenance(result: ConvertResult, folder: Path, *, context: int, sourc
     rec = provenance.build(folder, source=source or SourceIdentity(), source_files=files,
                            recipe=provenance.recipe(scheme=prof.scheme, layout=prof.layout,
                                                     target=result.target.to_dict(), profile=prof.name,
-                                                    context=context))
+                                                    context=context),
+                           known=output_facts)
     provenance.write(folder, rec)
 
 

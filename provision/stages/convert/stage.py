@@ -82,14 +82,17 @@ def _refuse_unquantizable(items: list[Item], prof: Profile) -> None:
                             "bf16 or fp16 instead.", scheme=prof.scheme)
 
 
-def _check_output(stage: Path) -> None:
+def _check_output(stage: Path) -> dict[str, tuple[int, str]]:
     """The checks a conversion passes before it is committed: ``verify``'s structure checks of the
-    weights and index, then the loader's load check (names, shapes, quantized layers, on meta)."""
+    weights and index, then the loader's load check (names, shapes, quantized layers, on meta).
+    Returns verify's ``{path: (size, sha256)}`` of what it read, for the provenance record."""
     from provision.model.loader import check_loadable
     from provision.stages.verify import verify_dir
 
-    verify_dir(stage).raise_for_failure()
+    report = verify_dir(stage)
+    report.raise_for_failure()
     check_loadable(stage)
+    return report.facts
 
 
 def convert(
@@ -147,13 +150,13 @@ def convert(
             res = _write(src_dir, stage, out_dir, args, tgt, prof, items, sources, side, source_files,
                          shard_bytes=shard_bytes, context=context, progress=progress, hf_tokenizer=hf_tokenizer,
                          source_sha256=source_sha256 or {}, t0=t0, workers=n_workers)
-            _check_output(stage)
+            facts = _check_output(stage)
             if compare if compare is not None else should_compare(res.bytes_read):
                 res.logits_comparison = compare_logits(src_dir, stage)
             res.seconds = time.monotonic() - t0
             write_record(res, context=context, folder=stage)
             write_provenance(res, stage, context=context, source=source_identity, side=side,
-                             source_sha256=source_sha256 or {})
+                             source_sha256=source_sha256 or {}, output_facts=facts)
             commit_output(stage, out_dir, mode, [n for n, _ in res.files] + [RECORD_NAME, PROVENANCE_NAME])
         finally:
             shutil.rmtree(stage, ignore_errors=True)  # gone after a commit; a failed run leaves nothing

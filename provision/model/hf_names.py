@@ -251,6 +251,26 @@ def hf_config(args: ModelArgs, *, dtype: str = "bfloat16") -> dict[str, Any]:
     }
 
 
+# What transformers' config classes fill in for a key a config.json leaves out (MistralConfig,
+# MixtralConfig, PixtralVisionConfig): published configs rely on them (mistral-community/pixtral-12b
+# omits the vision encoder's sizes and the decoder's head count), so a reader must too.
+MISTRAL_DEFAULTS: dict[str, Any] = {
+    "hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32, "num_attention_heads": 32,
+    "num_key_value_heads": 8, "vocab_size": 32000, "rms_norm_eps": 1e-6, "rope_theta": 10000.0,
+}
+MIXTRAL_DEFAULTS: dict[str, Any] = {**MISTRAL_DEFAULTS, "rms_norm_eps": 1e-5, "rope_theta": 1e6,
+                                    "num_local_experts": 8, "num_experts_per_tok": 2}
+PIXTRAL_VISION_DEFAULTS: dict[str, Any] = {
+    "hidden_size": 1024, "intermediate_size": 4096, "num_hidden_layers": 24, "num_attention_heads": 16,
+    "num_channels": 3, "image_size": 1024, "patch_size": 16, "rope_theta": 10000.0,
+}
+
+
+def _with_defaults(d: dict[str, Any], defaults: dict[str, Any]) -> dict[str, Any]:
+    """``d`` with each key it leaves out taken from ``defaults`` (a key set to null stays null)."""
+    return {**defaults, **d}
+
+
 def _get(d: dict[str, Any], key: str, where: str) -> Any:
     if key not in d:
         raise ParamsError(f"config.json{where}: required key {key!r} is missing.", key=key)
@@ -295,7 +315,7 @@ def _decoder_params(t: dict[str, Any], where: str) -> dict[str, Any]:
         "head_dim": t.get("head_dim") or hidden // heads,
         "hidden_dim": _get(t, "intermediate_size", where),
         "n_heads": heads,
-        "n_kv_heads": t.get("num_key_value_heads") or heads,
+        "n_kv_heads": _get(t, "num_key_value_heads", where) or heads,  # null: one kv head per head
         "rope_theta": _theta(t, 10000.0, where),
         "norm_eps": _get(t, "rms_norm_eps", where),
         "vocab_size": _get(t, "vocab_size", where),
@@ -312,6 +332,7 @@ def args_from_hf_config(cfg: dict[str, Any]) -> ModelArgs:
     vc = _get(cfg, "vision_config", "")
     if not isinstance(t, dict) or not isinstance(vc, dict):
         raise ParamsError("config.json: text_config and vision_config must be objects.")
+    t, vc = _with_defaults(t, MISTRAL_DEFAULTS), _with_defaults(vc, PIXTRAL_VISION_DEFAULTS)
     vh = _get(vc, "hidden_size", ".vision_config")
     vheads = _positive_int(vc, "num_attention_heads", ".vision_config")
     d: dict[str, Any] = {
@@ -378,6 +399,7 @@ def args_from_hf_text_config(t: dict[str, Any]) -> ModelArgs:
     mt = t.get("model_type")
     if mt is not None and mt not in ("mistral", "mixtral"):
         raise ParamsError(f"config.json: model_type {mt!r} is not a Mistral text model (expected 'mistral').")
+    t = _with_defaults(t, MIXTRAL_DEFAULTS if mt == "mixtral" else MISTRAL_DEFAULTS)
     d: dict[str, Any] = _decoder_params(t, "")
     if t.get("sliding_window") is not None:
         d["sliding_window"] = t["sliding_window"]

@@ -124,7 +124,7 @@ def convert_once(timebin: str, src: Path, out: Path, workers: int | None) -> tup
     """One ``provision convert --scheme fp8 --layout hf`` under ``time -v``: seconds, peak RSS, CPU line."""
     shutil.rmtree(out, ignore_errors=True)
     drop_cache(src / "consolidated.safetensors")
-    cmd = [timebin, "-v", str(ROOT / ".venv" / "bin" / "provision"), "convert", str(src), "--out", str(out),
+    cmd = [timebin, "-v", sys.executable, "-m", "provision.cli.main", "convert", str(src), "--out", str(out),
            "--scheme", "fp8", "--layout", "hf", "--target", "h100", "--no-hf-tokenizer", "--no-compare", "--json"]
     if workers is not None:
         cmd += ["--workers", str(workers)]

@@ -24,7 +24,7 @@ from pathlib import Path
 
 def _provision() -> list[str]:
     exe = Path(sys.executable).with_name("provision")
-    return [str(exe)] if exe.exists() else [sys.executable, "-m", "provision"]
+    return [str(exe)] if exe.exists() else [sys.executable, "-m", "provision.cli.main"]
 
 
 def _timed(cmd: list[str], env: dict[str, str]) -> tuple[float, subprocess.CompletedProcess[str]]:

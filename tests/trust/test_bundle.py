@@ -124,6 +124,11 @@ def test_an_imported_bundle_runs_offline_without_fetching_or_converting_and_pass
                                                                                       "skipped", "ok"]
     assert stages["fetch"]["bytes"] == 0 and stages["smoke"]["details"]["passed"] is True
     assert run["vllm_command"].startswith(f"vllm serve {home / 'models' / MODEL / PROFILE} ")
+    # the smoke test added its result to the profile's provenance.json: the next run still finds it all done
+    rc, again, err = cli_json(capsys, "run", str(tiny_src / "manifest.toml"), "--target", "cpu", "--offline",
+                              "--network", "closed", "--device", "cpu")
+    assert rc == 0, err
+    assert {s["stage"]: s["result"] for s in again["stages"]}["convert"] == "skipped"
 
 
 def test_an_archive_bundle_imports_the_same_bytes_as_the_store_holds(

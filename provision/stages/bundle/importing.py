@@ -49,6 +49,7 @@ from provision.errors import (
     VerifyError,
 )
 from provision.formats.manifest import parse_manifest_bytes
+from provision.formats.provenance import PROVENANCE_NAME
 from provision.io.atomic import atomic_write_text, disk_full_is_exit_6, fsync_path
 from provision.io.hashing import BLOCK_SIZE
 from provision.io.opening import open_regular, read_regular
@@ -375,8 +376,10 @@ def _record_state(mp: ModelPaths, index: BundleIndex, bundle_sha256: str) -> Non
         state.invalidate(f"convert:{p.name}")
         folder = mp.profile(p.name)
         cmd = p.serve_command.replace(PROFILE_DIR, str(folder)) if p.serve_command else None
-        state.record_stage(f"convert:{p.name}", files=[mp.root / f.path for f in index.folder_files(p.name)],
-                           sha256={str(mp.root / f.path): f.sha256 for f in index.folder_files(p.name)},
+        # provenance.json is left out as the pipeline leaves it out: smoke rewrites it, the conversion stays valid
+        converted = [f for f in index.folder_files(p.name) if f.path.rsplit("/", 1)[-1] != PROVENANCE_NAME]
+        state.record_stage(f"convert:{p.name}", files=[mp.root / f.path for f in converted],
+                           sha256={str(mp.root / f.path): f.sha256 for f in converted},
                            facts={"scheme": p.scheme, "layout": p.layout, "vllm_command": cmd, **facts})
     save_state(state, mp.state_file)
 

@@ -13,17 +13,11 @@ from pathlib import Path
 import click
 import pytest
 
-from provision.cli.main import cli, run_cli
+from provision.cli.main import cli
 from provision.formats.report_schema import validate_report
+from tests.support.cli import cli_output
 
 ROOT = Path(__file__).resolve().parents[2]
-
-
-def _run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
-    capsys.readouterr()
-    rc = run_cli(list(argv))
-    out, err = capsys.readouterr()
-    return rc, out, err
 
 
 def _command_paths() -> list[tuple[str, click.Command]]:
@@ -41,14 +35,14 @@ def _command_paths() -> list[tuple[str, click.Command]]:
 
 
 def test_run_accepts_quiet_after_the_subcommand(tiny_src: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    rc, out, err = _run(capsys, "run", str(tiny_src / "manifest.toml"), "--dry-run", "--offline", "--quiet")
+    rc, out, err = cli_output(capsys, "run", str(tiny_src / "manifest.toml"), "--dry-run", "--offline", "--quiet")
     assert rc == 0 and err == ""
     assert out.startswith("Plan for tiny-pixtral")  # the dry run's plan is the result: stdout
 
 
 def test_json_before_the_subcommand_is_the_same_as_after(capsys: pytest.CaptureFixture[str]) -> None:
-    rc1, out1, _ = _run(capsys, "--json", "ls")
-    rc2, out2, _ = _run(capsys, "ls", "--json")
+    rc1, out1, _ = cli_output(capsys, "--json", "ls")
+    rc2, out2, _ = cli_output(capsys, "ls", "--json")
     d1, d2 = json.loads(out1), json.loads(out2)
     assert rc1 == rc2 == 0 and d1["command"] == d2["command"] == "ls" and d1["models"] == d2["models"] == []
 
@@ -58,14 +52,14 @@ def test_home_before_or_after_the_subcommand_names_the_store(tmp_path: Path,
     store = tmp_path / "elsewhere"
     for argv in (["--home", str(store), "ls", "--json"], ["ls", "--json", "--home", str(store)],
                  ["--home", str(store), "gc", "--json"]):
-        rc, out, _ = _run(capsys, *argv)
+        rc, out, _ = cli_output(capsys, *argv)
         assert rc == 0 and json.loads(out)["home"] == str(store), argv
 
 
 def test_home_after_a_command_without_its_own_home_option_reaches_the_settings(
         tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     store = tmp_path / "doctor-home"
-    rc, out, _ = _run(capsys, "doctor", "--offline", "--json", "--home", str(store))
+    rc, out, _ = cli_output(capsys, "doctor", "--offline", "--json", "--home", str(store))
     disk = next(c for c in json.loads(out)["checks"] if c["name"] == "disk")
     assert rc == 0 and str(store) in disk["detail"]
 
@@ -73,7 +67,7 @@ def test_home_after_a_command_without_its_own_home_option_reaches_the_settings(
 def test_log_file_and_verbose_after_the_subcommand(tiny_src: Path, tmp_path: Path,
                                                    capsys: pytest.CaptureFixture[str]) -> None:
     log = tmp_path / "after.log"
-    rc, _, err = _run(capsys, "verify", str(tiny_src), "--log-file", str(log), "-v")
+    rc, _, err = cli_output(capsys, "verify", str(tiny_src), "--log-file", str(log), "-v")
     assert rc == 0
     text = log.read_text()
     assert "DEBUG hashed" in text  # a debug line: --verbose took effect, and the log file got it
@@ -82,7 +76,7 @@ def test_log_file_and_verbose_after_the_subcommand(tiny_src: Path, tmp_path: Pat
 
 def test_quiet_from_before_is_not_undone_by_the_subcommand(tiny_src: Path,
                                                            capsys: pytest.CaptureFixture[str]) -> None:
-    rc, out, err = _run(capsys, "-q", "verify", str(tiny_src), "--json")
+    rc, out, err = cli_output(capsys, "-q", "verify", str(tiny_src), "--json")
     assert rc == 0 and err == "" and json.loads(out)["ok"] is True
 
 
@@ -97,7 +91,7 @@ def test_quiet_from_before_is_not_undone_by_the_subcommand(tiny_src: Path,
 def test_usage_errors_with_json_print_one_error_object_and_exit_2(
         argv: list[str], needle: str, where: str, capsys: pytest.CaptureFixture[str]) -> None:
     full = [*argv, "--json"] if where == "after" else ["--json", *argv]
-    rc, out, err = _run(capsys, *full)
+    rc, out, err = cli_output(capsys, *full)
     assert rc == 2
     doc = json.loads(out)  # exactly one JSON document: json.loads rejects trailing data
     assert doc["ok"] is False and doc["exit_code"] == 2
@@ -108,25 +102,25 @@ def test_usage_errors_with_json_print_one_error_object_and_exit_2(
 
 def test_global_options_between_a_group_and_its_subcommand(tiny_src: Path,
                                                            capsys: pytest.CaptureFixture[str]) -> None:
-    rc, out, err = _run(capsys, "manifest", "--json", "-q", "show", str(tiny_src / "manifest.toml"))
+    rc, out, err = cli_output(capsys, "manifest", "--json", "-q", "show", str(tiny_src / "manifest.toml"))
     assert rc == 0 and err == "" and json.loads(out)["command"] == "manifest show"
 
 
 def test_usage_error_report_names_the_command_it_was_for(capsys: pytest.CaptureFixture[str]) -> None:
-    rc, out, _ = _run(capsys, "manifest", "show", "--bogus", "--json")
+    rc, out, _ = cli_output(capsys, "manifest", "show", "--bogus", "--json")
     assert rc == 2 and json.loads(out)["command"] == "manifest show"
-    rc, out, _ = _run(capsys, "--bogus", "--json")
+    rc, out, _ = cli_output(capsys, "--bogus", "--json")
     assert rc == 2 and json.loads(out)["command"] == "provision"
 
 
 def test_bare_provision_prints_the_help_on_stdout_and_exits_0(capsys: pytest.CaptureFixture[str]) -> None:
-    rc, out, err = _run(capsys)
+    rc, out, err = cli_output(capsys)
     assert rc == 0 and err == ""
     assert out.startswith("Usage: provision") and "Commands:" in out and "doctor" in out
 
 
 def test_bare_provision_with_json_lists_the_commands_in_one_object(capsys: pytest.CaptureFixture[str]) -> None:
-    rc, out, _ = _run(capsys, "--json")
+    rc, out, _ = cli_output(capsys, "--json")
     doc = json.loads(out)
     assert rc == 0 and doc["ok"] is True and doc["command"] == "provision"
     assert {"run", "doctor", "schema", "manifest"} <= set(doc["commands"])
@@ -136,7 +130,7 @@ def test_bare_provision_with_json_lists_the_commands_in_one_object(capsys: pytes
 @pytest.mark.parametrize(("path", "cmd"), _command_paths(), ids=lambda v: v if isinstance(v, str) else "")
 def test_every_command_help_ends_with_examples_of_itself(path: str, cmd: click.Command,
                                                          capsys: pytest.CaptureFixture[str]) -> None:
-    rc, out, _ = _run(capsys, *path.split(), "--help")
+    rc, out, _ = cli_output(capsys, *path.split(), "--help")
     assert rc == 0
     tail = out.rstrip().split("\n")
     idx = max(i for i, ln in enumerate(tail) if ln.strip() == "Examples:")
@@ -158,7 +152,7 @@ def test_every_command_takes_every_global_option(path: str, cmd: click.Command) 
 @pytest.mark.parametrize(("path", "cmd"), _command_paths(), ids=lambda v: v if isinstance(v, str) else "")
 def test_every_option_that_reads_an_environment_variable_shows_it(path: str, cmd: click.Command,
                                                                   capsys: pytest.CaptureFixture[str]) -> None:
-    rc, out, _ = _run(capsys, *path.split(), "--help")
+    rc, out, _ = cli_output(capsys, *path.split(), "--help")
     assert rc == 0
     flat = " ".join(out.split())
     for p in cmd.params:
@@ -169,7 +163,7 @@ def test_every_option_that_reads_an_environment_variable_shows_it(path: str, cmd
 
 
 def test_group_help_shows_the_environment_variables(capsys: pytest.CaptureFixture[str]) -> None:
-    rc, out, _ = _run(capsys, "--help")
+    rc, out, _ = cli_output(capsys, "--help")
     flat = " ".join(out.split())
     assert rc == 0
     for var in ("PROVISION_QUIET", "PROVISION_VERBOSE", "PROVISION_LOG_FILE", "PROVISION_HOME"):
@@ -177,7 +171,7 @@ def test_group_help_shows_the_environment_variables(capsys: pytest.CaptureFixtur
 
 
 def test_import_pickle_help_names_no_dir_it_has_no_option_for(capsys: pytest.CaptureFixture[str]) -> None:
-    rc, out, _ = _run(capsys, "import-pickle", "--help")
+    rc, out, _ = cli_output(capsys, "import-pickle", "--help")
     assert rc == 0
     assert not re.search(r"\bDIR\b", out), out
 
@@ -186,7 +180,7 @@ def test_target_help_lists_the_cards_of_the_one_table(capsys: pytest.CaptureFixt
     from provision.hardware import CARDS
 
     for path in ("plan", "run", "convert"):
-        rc, out, _ = _run(capsys, path, "--help")
+        rc, out, _ = cli_output(capsys, path, "--help")
         flat = " ".join(out.split())
         assert rc == 0 and all(f"{k} (sm_" in flat for k in CARDS), path
     assert {"rtx4090", "rtx3090", "l40s", "a6000", "h200", "gh200", "b200"} <= set(CARDS)

@@ -13,16 +13,9 @@ from typing import Any
 import pytest
 
 from provision.cli.main import run_cli
-from tests.support.cli import provision_home
+from tests.support.cli import cli_output, provision_home
 
 ROOT = Path(__file__).resolve().parents[2]
-
-
-def _run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
-    capsys.readouterr()
-    rc = run_cli(list(argv))
-    out, err = capsys.readouterr()
-    return rc, out, err
 
 
 def _one_json_object(out: str) -> dict[str, Any]:
@@ -65,7 +58,7 @@ def test_quiet_ls_still_prints_the_table_and_nothing_on_stderr(tiny_src: Path,
                                                                capsys: pytest.CaptureFixture[str]) -> None:
     _store_with_tiny(tiny_src)
     for argv in (["-q", "ls"], ["ls", "-q"], ["ls", "--quiet"]):
-        rc, out, err = _run(capsys, *argv)
+        rc, out, err = cli_output(capsys, *argv)
         assert rc == 0 and err == "", argv
         assert "tiny-pixtral" in out, argv
 
@@ -73,33 +66,33 @@ def test_quiet_ls_still_prints_the_table_and_nothing_on_stderr(tiny_src: Path,
 def test_ls_json_prints_one_object_and_the_table_moves_to_stderr(tiny_src: Path,
                                                                 capsys: pytest.CaptureFixture[str]) -> None:
     _store_with_tiny(tiny_src)
-    rc, out, err = _run(capsys, "ls", "--json")
+    rc, out, err = cli_output(capsys, "ls", "--json")
     assert rc == 0
     doc = _one_json_object(out)
     assert [m["name"] for m in doc["models"]] == ["tiny-pixtral"]
     assert "tiny-pixtral" in err  # the human table is still shown, on stderr
-    rc, out, err = _run(capsys, "ls", "--json", "--quiet")
+    rc, out, err = cli_output(capsys, "ls", "--json", "--quiet")
     assert rc == 0 and err == "" and _one_json_object(out)["command"] == "ls"
 
 
 def test_empty_store_ls_says_so_on_stdout(capsys: pytest.CaptureFixture[str]) -> None:
-    rc, out, err = _run(capsys, "ls")
+    rc, out, err = cli_output(capsys, "ls")
     assert rc == 0 and out == f"No models in {provision_home()}.\n" and err == ""
 
 
 def test_plan_table_goes_to_stdout_and_notes_to_stderr(capsys: pytest.CaptureFixture[str]) -> None:
-    rc, out, err = _run(capsys, "plan", "pixtral-12b-2409", "--offline", "--target", "h100")
+    rc, out, err = cli_output(capsys, "plan", "pixtral-12b-2409", "--offline", "--target", "h100")
     assert rc == 0
     assert out.startswith("Plan for pixtral-12b-2409 (manifest)\n")
     assert "consolidated.safetensors" in out and "Conversion profiles for" in out
     assert "Plan for" not in err
-    rc, qout, qerr = _run(capsys, "plan", "pixtral-12b-2409", "--offline", "--target", "h100", "--quiet")
+    rc, qout, qerr = cli_output(capsys, "plan", "pixtral-12b-2409", "--offline", "--target", "h100", "--quiet")
     assert rc == 0 and qerr == ""
     assert qout.splitlines()[0] == out.splitlines()[0]
 
 
 def test_manifest_show_goes_to_stdout(tiny_src: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    rc, out, err = _run(capsys, "manifest", "show", str(tiny_src / "manifest.toml"), "-q")
+    rc, out, err = cli_output(capsys, "manifest", "show", str(tiny_src / "manifest.toml"), "-q")
     assert rc == 0 and err == ""
     assert out.startswith("tiny-pixtral (pixtral, mistral format) from ")
     assert "  complete: yes" in out
@@ -107,7 +100,7 @@ def test_manifest_show_goes_to_stdout(tiny_src: Path, capsys: pytest.CaptureFixt
 
 def test_verify_per_file_lines_go_to_stdout_and_the_summary_to_stderr(tiny_src: Path,
                                                                      capsys: pytest.CaptureFixture[str]) -> None:
-    rc, out, err = _run(capsys, "verify", str(tiny_src), "--manifest", str(tiny_src / "manifest.toml"))
+    rc, out, err = cli_output(capsys, "verify", str(tiny_src), "--manifest", str(tiny_src / "manifest.toml"))
     assert rc == 0
     lines = out.splitlines()
     assert any(ln.startswith("ok       consolidated.safetensors") for ln in lines)
@@ -116,7 +109,7 @@ def test_verify_per_file_lines_go_to_stdout_and_the_summary_to_stderr(tiny_src: 
 
 
 def test_tiny_file_list_is_the_result_on_stdout(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    rc, out, err = _run(capsys, "tiny", str(tmp_path / "t"), "--quiet")
+    rc, out, err = cli_output(capsys, "tiny", str(tmp_path / "t"), "--quiet")
     assert rc == 0 and err == ""
     names = [ln.split()[0] for ln in out.splitlines()]
     assert names == sorted(p.name for p in (tmp_path / "t").iterdir() if p.name != "manifest.toml")
@@ -125,7 +118,7 @@ def test_tiny_file_list_is_the_result_on_stdout(tmp_path: Path, capsys: pytest.C
 def test_log_file_records_the_result_lines_too(tiny_src: Path, tmp_path: Path,
                                                capsys: pytest.CaptureFixture[str]) -> None:
     log = tmp_path / "log.txt"
-    rc, out, _ = _run(capsys, "manifest", "show", str(tiny_src / "manifest.toml"), "--log-file", str(log))
+    rc, out, _ = cli_output(capsys, "manifest", "show", str(tiny_src / "manifest.toml"), "--log-file", str(log))
     assert rc == 0
     logged = log.read_text()
     assert all(ln.rstrip() in logged for ln in out.splitlines() if ln.strip())
@@ -139,7 +132,7 @@ _JSON_COMMANDS: list[list[str]] = [
 
 @pytest.mark.parametrize("argv", _JSON_COMMANDS, ids=lambda a: " ".join(a))
 def test_json_prints_exactly_one_object_on_stdout(argv: list[str], capsys: pytest.CaptureFixture[str]) -> None:
-    rc, out, _ = _run(capsys, *argv, "--json")
+    rc, out, _ = cli_output(capsys, *argv, "--json")
     doc = _one_json_object(out)
     assert doc["exit_code"] == rc
     assert doc["command"] == (" ".join(argv[:2]) if argv[0] == "manifest" else argv[0])
@@ -147,7 +140,7 @@ def test_json_prints_exactly_one_object_on_stdout(argv: list[str], capsys: pytes
 
 def test_rm_lists_what_it_removed_on_stdout(tiny_src: Path, capsys: pytest.CaptureFixture[str]) -> None:
     _store_with_tiny(tiny_src)
-    rc, out, err = _run(capsys, "rm", "tiny-pixtral", "--yes", "--quiet")
+    rc, out, err = cli_output(capsys, "rm", "tiny-pixtral", "--yes", "--quiet")
     assert rc == 0 and err == ""
     assert out.splitlines() and all(ln.startswith("removed ") for ln in out.splitlines())
     assert str(provision_home() / "models" / "tiny-pixtral") in out
@@ -164,7 +157,7 @@ def _success_cases() -> list[Any]:
 def test_quiet_leaves_stderr_empty_for_every_command(command: str, build: Any, request: pytest.FixtureRequest,
                                                      tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     argv = build(request, tmp_path)
-    rc, out, err = _run(capsys, *argv, "--quiet")
+    rc, out, err = cli_output(capsys, *argv, "--quiet")
     assert rc == 0 and err == "", f"{command}: {err[:300]}"
     if command in ("ls", "plan", "manifest show", "manifest lock", "verify", "tiny", "seed", "rm", "doctor",
                    "schema", "run", "convert"):

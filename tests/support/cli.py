@@ -17,6 +17,14 @@ import pytest
 from provision.cli.main import run_cli
 
 
+def cli_output(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
+    """Run ``provision ARGV`` in-process as given: (exit code, stdout, stderr)."""
+    capsys.readouterr()
+    rc = run_cli(list(argv))
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
 def cli_json(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, dict[str, Any], str]:
     """Run ``provision ARGV --json`` in-process: (exit code, JSON report or ``{}``, stderr)."""
     capsys.readouterr()

@@ -162,3 +162,13 @@ def test_quiet_leaves_stderr_empty_for_every_command(command: str, build: Any, r
     if command in ("ls", "plan", "manifest show", "manifest lock", "verify", "tiny", "seed", "rm", "doctor",
                    "schema", "run", "convert"):
         assert out.strip(), f"{command} printed no result on stdout"
+
+
+def test_fetch_prints_where_the_verified_files_are_on_stdout_and_nothing_else(
+    hub: object, tiny_src: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    rc, out, err = cli_output(capsys, "fetch", str(tiny_src / "manifest.toml"), "-q")
+    assert rc == 0 and err == "", err
+    dest = provision_home() / "models" / "tiny-pixtral" / "original"  # the store's layout: models/<name>/original
+    assert out == f"{dest}\n"
+    assert (dest / "consolidated.safetensors").is_file()

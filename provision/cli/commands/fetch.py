@@ -47,4 +47,5 @@ def command(source: str, dest: Path | None, home: Path | None, include: tuple[st
                 force=force)
     app.terminal.success(f"{len(res.files)} files verified in {res.dest} from {res.source}: "
                          f"{human_bytes(res.bytes_downloaded)} downloaded in {res.seconds:.1f} s")
+    app.result(str(res.dest))  # the result, as `hf download` gives it: where the verified files are
     app.finish({"fetch": res.to_dict()})

@@ -57,15 +57,20 @@ def _one_line_error(stderr: str) -> str:
     return lines[0]
 
 
+def _big_repo(hub: LoopbackHub, tmp_path: Path, size: int = 6 * MiB) -> Path:
+    """A loopback Hub repo ``provision/big`` holding one random ``weights.dat`` of ``size`` bytes: its source."""
+    src = tmp_path / "weights.dat"
+    src.write_bytes(os.urandom(size))
+    hub.add_repo("provision/big", {"weights.dat": src})
+    return src
+
+
 @pytest.mark.slow
 def test_hub_disk_full_midway_exits_6_keeps_the_partial_and_resumes_once_space_is_freed(
         hub: LoopbackHub, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
         capsys: pytest.CaptureFixture[str]) -> None:
-    size = 6 * MiB
-    src = tmp_path / "weights.dat"
-    src.write_bytes(os.urandom(size))
-    hub.add_repo("provision/big", {"weights.dat": src})
-    sha = hashlib.sha256(src.read_bytes()).hexdigest()
+    src = _big_repo(hub, tmp_path)
+    size, sha = src.stat().st_size, hashlib.sha256(src.read_bytes()).hexdigest()
     with small_tmpfs(tmp_path / "disk", 8 * MiB) as disk:
         home = disk / "home"
         monkeypatch.setenv("PROVISION_HOME", str(home))
@@ -104,10 +109,7 @@ def test_hub_disk_full_midway_exits_6_keeps_the_partial_and_resumes_once_space_i
 def test_the_preflight_names_the_bytes_already_staged(
         hub: LoopbackHub, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
         capsys: pytest.CaptureFixture[str]) -> None:
-    size = 6 * MiB
-    src = tmp_path / "weights.dat"
-    src.write_bytes(os.urandom(size))
-    hub.add_repo("provision/big", {"weights.dat": src})
+    src = _big_repo(hub, tmp_path)
     with small_tmpfs(tmp_path / "disk", 4 * MiB) as disk:
         home = disk / "home"
         monkeypatch.setenv("PROVISION_HOME", str(home))

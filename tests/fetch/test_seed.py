@@ -27,19 +27,40 @@ def torrent_dict(path: Path) -> dict[bytes, object]:
 def test_seed_publishes_torrent_magnet_and_whitelist_before_serving_and_a_signal_ends_it_with_exit_0(
         tiny_src: Path, tmp_path: Path, sig: int) -> None:
     with provision_seed(tiny_src, tmp_path / "w", "--tracker", "http://127.0.0.1:9/announce") as s:
-        m = parse_magnet(s.magnet)
-        ti = lt.torrent_info(str(s.torrent))
-        assert m.btih == str(ti.info_hashes().v1) and m.btmh == str(ti.info_hashes().v2)
-        assert m.peers and m.peers[0].startswith("127.0.0.1:")
-        assert m.trackers == ("http://127.0.0.1:9/announce",)
-        assert s.whitelist == [m.btih, m.btmh[:40]]  # type: ignore[index]
         assert s.proc.poll() is None  # serving
+        # the signal goes out the moment the magnet file appears (as a fleet script's would): all the
+        # seed publishes, stderr's magnet line included, must be out by then
         rc = s.stop(sig)
         rep = s.report()
+    m = parse_magnet(s.magnet)
+    ti = lt.torrent_info(str(s.torrent))
+    assert m.btih == str(ti.info_hashes().v1) and m.btmh == str(ti.info_hashes().v2)
+    assert m.peers and m.peers[0].startswith("127.0.0.1:")
+    assert m.trackers == ("http://127.0.0.1:9/announce",)
+    assert s.whitelist == [m.btih, m.btmh[:40]]  # type: ignore[index]
     assert rc == 0, s.log.read_text()
     assert rep["ok"] is True and rep["seed"]["stopped_by"] == "signal"
     assert rep["seed"]["magnet"] == s.magnet
     assert "magnet:?xt=urn:btih:" in s.log.read_text()  # also on stderr, for a human or a fleet script
+
+
+def test_seed_announces_before_it_writes_the_magnet_file_so_the_file_means_all_is_published(
+        tiny_src: Path, tmp_path: Path) -> None:
+    """The magnet file is the signal a script waits for: when it appears, the .torrent and the
+    whitelist are written and the announcement (the CLI's stderr magnet line) is out. Written
+    before the announcement, a SIGTERM sent at once lost the stderr line (a random-order failure)."""
+    from provision.stages.fetch.torrent import SeedInfo, seed
+
+    outs = {"magnet": tmp_path / "m.txt", "torrent": tmp_path / "t.torrent", "whitelist": tmp_path / "wl.txt"}
+    seen: list[dict[str, bool]] = []
+
+    def on_ready(info: SeedInfo) -> None:
+        seen.append({k: p.exists() for k, p in outs.items()})
+
+    seed(tiny_src, network="closed", listen="127.0.0.1:0", seed_for=0, magnet_out=outs["magnet"],
+         torrent_out=outs["torrent"], whitelist_out=outs["whitelist"], on_ready=on_ready)
+    assert seen == [{"magnet": False, "torrent": True, "whitelist": True}]
+    assert outs["magnet"].read_text().startswith("magnet:?xt=urn:btih:")
 
 
 @pytest.mark.parametrize(("version", "v1", "v2"), [("hybrid", True, True), ("v1", True, False), ("v2", False, True)])

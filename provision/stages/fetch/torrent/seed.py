@@ -422,8 +422,9 @@ def seed(
 ) -> SeedResult:
     """Create a torrent of ``folder`` and serve it in seed mode (no re-hash) until ``seed_for``
     seconds pass (``None``: until ``stop`` is set or SIGINT/SIGTERM; ``0``: write the outputs and
-    return without serving). The .torrent, magnet and whitelist are written, and ``on_ready`` is
-    called, before serving starts. SIGINT/SIGTERM end the seed normally (``stopped_by="signal"``).
+    return without serving). The .torrent and whitelist are written, ``on_ready`` is called, and
+    then the magnet file is written (so its appearing means all of it is published), before
+    serving starts. SIGINT/SIGTERM end the seed normally (``stopped_by="signal"``).
 
     Usable from a background thread: pass ``stop`` and read the magnet in ``on_ready``.
 
@@ -454,10 +455,12 @@ def seed(
         if whitelist_out is not None:
             atomic.atomic_write_text(Path(whitelist_out), "".join(x + "\n" for x in wl))
         try:  # from here on, SIGINT/SIGTERM end the seed normally
-            if magnet_out is not None:  # last: a script waiting for it finds the others written
-                atomic.atomic_write_text(Path(magnet_out), magnet + "\n")
+            # on_ready (the CLI prints the magnet on stderr) before the magnet file: a script that
+            # signals the seed once the file exists must find the magnet announced too
             if on_ready is not None:
                 on_ready(info)
+            if magnet_out is not None:  # last: a script waiting for it finds the others written
+                atomic.atomic_write_text(Path(magnet_out), magnet + "\n")
             if seed_for is None or seed_for > 0:
                 facts = serve(ses, h, seconds=seed_for, stop=stop, progress=progress, task="seed:" + made.name,
                               settings=settings)

@@ -1,18 +1,26 @@
-"""Run compressed-tensors checkpoints in our model: Linear layers that dequantize on the fly.
+"""Run compressed-tensors checkpoints in our model: quantized Linear layers.
 
 ``apply_quantization`` reads a ``quantization_config`` and replaces every ``nn.Linear`` whose
 quantized parts are in the given tensors (keyed by our Mistral names or by the file's
 transformers names) by a ``QuantLinear`` that keeps the stored form as buffers named as the
-checkpoint names them, so a later strict ``load_state_dict`` matches. Each forward dequantizes
-the weight (one layer at a time) and calls ``F.linear``; for FP8_DYNAMIC it also quantizes the
-input per token, as a W8A8 engine does. Exact and slow: no fp8 tensor cores (serving engines
-use them), no weight loading.
+checkpoint names them, so a later strict ``load_state_dict`` matches.
+
+Two kernels. FP8_DYNAMIC layers (fp8 E4M3 weights with per-channel scales, activations
+quantized per token at run time) on a GPU of compute capability >= 8.9 (Ada, Hopper) run
+``torch._scaled_mm``: the activations are quantized per token to fp8 (``quantize_fp8_per_token``),
+multiplied with the fp8 weight on the fp8 tensor cores with fp32 accumulation, and the result is
+rescaled by both scales in the kernel's epilogue (``fp8_scaled_mm``). Everywhere else (older
+GPUs, the CPU, int schemes, float32 activations on a GPU) each forward dequantizes the weight
+(one layer at a time) and calls ``F.linear`` on the same fake-quantized activations. Both compute
+the same products of fp8 values; they differ by the order of the fp32 sums and the output's
+rounding. No weight loading here.
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -23,6 +31,9 @@ from provision.errors import ConvertError
 from provision.model import hf_names
 
 _PARTS = {"float": ("weight", "weight_scale"), "int": ("weight_packed", "weight_scale", "weight_shape")}
+Fp8Kernel = Literal["auto", "scaled_mm", "dequant"]
+FP8_KERNELS: tuple[str, ...] = ("auto", "scaled_mm", "dequant")
+SCALED_MM_MIN_CAPABILITY = (8, 9)  # fp8 tensor cores: Ada (8.9) and Hopper (9.0) onwards
 
 
 def _dynamic_token_fp8(config: Mapping[str, Any]) -> bool:
@@ -36,12 +47,48 @@ def _dynamic_token_fp8(config: Mapping[str, Any]) -> bool:
     return False
 
 
-def fake_quant_fp8_per_token(x: torch.Tensor) -> torch.Tensor:
-    """Quantize-dequantize ``x`` to float8 E4M3 with one scale per token (last dim), in ``x``'s dtype."""
+def quantize_fp8_per_token(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``x`` as float8 E4M3 with one scale per token (last dim): ``(q, scale)``, ``scale`` in ``x``'s dtype
+    with a trailing dimension of 1, so that ``q * scale`` approximates ``x``. Both kernels use it."""
     amax = x.abs().amax(dim=-1, keepdim=True)
     scale = torch.clamp(amax / quant.FP8_MAX, min=torch.finfo(x.dtype).eps)
     q = (x / scale).clamp(-quant.FP8_MAX, quant.FP8_MAX).to(torch.float8_e4m3fn)
+    return q, scale
+
+
+def fake_quant_fp8_per_token(x: torch.Tensor) -> torch.Tensor:
+    """Quantize-dequantize ``x`` to float8 E4M3 with one scale per token (last dim), in ``x``'s dtype."""
+    q, scale = quantize_fp8_per_token(x)
     return q.to(x.dtype) * scale
+
+
+def fp8_scaled_mm(x: torch.Tensor, weight: torch.Tensor, scale_row: torch.Tensor,
+                  bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``F.linear`` of fp8-quantized-per-token ``x`` with the fp8 ``weight`` [out, in] through
+    ``torch._scaled_mm``: fp8 x fp8 products summed in fp32, scaled by the token scales and
+    ``scale_row`` (float32, [1, out], the per-channel weight scales), returned in ``x``'s dtype."""
+    shape = x.shape
+    q, s = quantize_fp8_per_token(x.reshape(-1, shape[-1]))
+    out = torch._scaled_mm(q, weight.t(), scale_a=s.float(), scale_b=scale_row, out_dtype=x.dtype)
+    if bias is not None:
+        out = out + bias.to(out.dtype)
+    return out.reshape(*shape[:-1], weight.shape[0])
+
+
+@functools.lru_cache(maxsize=16)
+def _cuda_capability(index: int) -> tuple[int, int]:
+    major, minor = torch.cuda.get_device_capability(index)
+    return int(major), int(minor)
+
+
+def scaled_mm_supported(device: torch.device, dtype: torch.dtype, in_features: int, out_features: int) -> bool:
+    """Whether ``auto`` picks ``torch._scaled_mm`` for an fp8 layer on ``device`` with ``dtype`` activations:
+    a CUDA GPU of compute capability >= 8.9, bf16 activations (the dtype row-wise scaled fp8 GEMMs
+    write) and both dimensions multiples of 16 (the kernels' requirement)."""
+    if device.type != "cuda" or dtype != torch.bfloat16 or in_features % 16 or out_features % 16:
+        return False
+    return _cuda_capability(device.index if device.index is not None else torch.cuda.current_device()) \
+        >= SCALED_MM_MIN_CAPABILITY
 
 
 def scheme_from_config(config: Mapping[str, Any]) -> str:
@@ -70,10 +117,16 @@ class QuantLinear(nn.Module):
     """A Linear whose weight lives in compressed-tensors form and is dequantized at each call."""
 
     def __init__(self, in_features: int, out_features: int, scheme: str, parts: Mapping[str, torch.Tensor],
-                 bias: torch.Tensor | None = None, *, quantize_inputs: bool = False) -> None:
+                 bias: torch.Tensor | None = None, *, quantize_inputs: bool = False,
+                 fp8_kernel: Fp8Kernel = "auto") -> None:
         super().__init__()
         self.in_features, self.out_features, self.scheme = in_features, out_features, scheme
         self.quantize_inputs = quantize_inputs
+        if fp8_kernel not in FP8_KERNELS:
+            raise ValueError(f"fp8_kernel must be one of {', '.join(FP8_KERNELS)}, got {fp8_kernel!r}")
+        self.fp8_kernel: Fp8Kernel = fp8_kernel
+        self.last_kernel: str | None = None  # which kernel the last forward ran ("scaled_mm" / "dequant")
+        self._scale_row: tuple[torch.Tensor, torch.Tensor] | None = None  # (weight_scale, its float32 [1, out])
         self.spec = quant.SCHEMES[scheme]
         for k in _PARTS[self.spec.kind]:
             if k not in parts:
@@ -106,7 +159,27 @@ class QuantLinear(nn.Module):
         q = quant.unpack_int32(self.get_buffer("weight_packed"), self.spec.num_bits, self.in_features)
         return quant.dequantize_int(q, scale, self.spec.group_size or quant.GROUP_SIZE, dtype)
 
+    def uses_scaled_mm(self, x: torch.Tensor) -> bool:
+        """Whether a forward on ``x`` runs ``torch._scaled_mm`` (FP8_DYNAMIC layers only; ``scaled_mm``
+        forces it on any device whose torch has the kernel, ``dequant`` never, ``auto`` where supported)."""
+        if self.spec.kind != "float" or not self.quantize_inputs or self.fp8_kernel == "dequant":
+            return False
+        if self.fp8_kernel == "scaled_mm":
+            return True
+        return scaled_mm_supported(x.device, x.dtype, self.in_features, self.out_features)
+
+    def scale_row(self) -> torch.Tensor:
+        """The per-channel weight scales as float32 [1, out] (what ``_scaled_mm`` takes), cached per buffer."""
+        scale = self.get_buffer("weight_scale")
+        if self._scale_row is None or self._scale_row[0] is not scale:
+            self._scale_row = (scale, scale.float().reshape(1, -1).contiguous())
+        return self._scale_row[1]
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.uses_scaled_mm(x):
+            self.last_kernel = "scaled_mm"
+            return fp8_scaled_mm(x, self.get_buffer("weight"), self.scale_row(), self.bias)
+        self.last_kernel = "dequant"
         w = self.dequantized_weight(x.dtype)
         if self.quantize_inputs:
             x = fake_quant_fp8_per_token(x)
@@ -115,7 +188,7 @@ class QuantLinear(nn.Module):
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, scheme={self.scheme}, "
-                f"quantize_inputs={self.quantize_inputs}")
+                f"quantize_inputs={self.quantize_inputs}, fp8_kernel={self.fp8_kernel}")
 
 
 def _parts_for(module_name: str, tensors: Mapping[str, torch.Tensor], names: tuple[str, ...],
@@ -142,11 +215,12 @@ def _parts_for(module_name: str, tensors: Mapping[str, torch.Tensor], names: tup
 
 
 def apply_quantization(model: nn.Module, config: Mapping[str, Any] | None,
-                       tensors: Mapping[str, torch.Tensor]) -> None:
+                       tensors: Mapping[str, torch.Tensor], *, fp8_kernel: Fp8Kernel = "auto") -> None:
     """Swap every quantized ``nn.Linear`` of ``model`` for a ``QuantLinear`` holding its stored parts.
 
     Modules without quantized parts in ``tensors`` (the ignore list: vision tower, projector,
-    lm_head, odd shapes) stay as they are. Raises ``ConvertError`` (exit 7) for an unknown
+    lm_head, odd shapes) stay as they are. ``fp8_kernel`` picks the FP8_DYNAMIC kernel (module
+    docstring; ``set_fp8_kernel`` changes it later). Raises ``ConvertError`` (exit 7) for an unknown
     scheme or when the config says quantized but no layer has quantized tensors.
     """
     if not config:
@@ -167,7 +241,8 @@ def apply_quantization(model: nn.Module, config: Mapping[str, Any] | None,
         bias = tensors.get(f"{name}.bias") if mod.bias is not None else None
         if mod.bias is not None and bias is None:
             bias = mod.bias if mod.bias.device.type != "meta" else torch.zeros(mod.out_features)
-        new = QuantLinear(mod.in_features, mod.out_features, scheme, parts, bias, quantize_inputs=act_q)
+        new = QuantLinear(mod.in_features, mod.out_features, scheme, parts, bias, quantize_inputs=act_q,
+                          fp8_kernel=fp8_kernel)
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
         setattr(parent, child, new)
@@ -176,3 +251,24 @@ def apply_quantization(model: nn.Module, config: Mapping[str, Any] | None,
 def quantized_modules(model: nn.Module) -> list[str]:
     """Names of the ``QuantLinear`` layers in ``model``."""
     return [n for n, m in model.named_modules() if isinstance(m, QuantLinear)]
+
+
+def set_fp8_kernel(model: nn.Module, kernel: Fp8Kernel) -> int:
+    """Set the fp8 kernel (``auto`` / ``scaled_mm`` / ``dequant``) of every ``QuantLinear``; how many."""
+    if kernel not in FP8_KERNELS:
+        raise ValueError(f"fp8 kernel must be one of {', '.join(FP8_KERNELS)}, got {kernel!r}")
+    n = 0
+    for m in model.modules():
+        if isinstance(m, QuantLinear):
+            m.fp8_kernel = kernel
+            n += 1
+    return n
+
+
+def kernels_used(model: nn.Module) -> dict[str, int]:
+    """How many ``QuantLinear`` layers ran each kernel in their last forward (``{"scaled_mm": 280}``)."""
+    out: dict[str, int] = {}
+    for m in model.modules():
+        if isinstance(m, QuantLinear) and m.last_kernel is not None:
+            out[m.last_kernel] = out.get(m.last_kernel, 0) + 1
+    return out

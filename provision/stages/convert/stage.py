@@ -17,7 +17,8 @@ from __future__ import annotations
 import json
 import shutil
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -47,6 +48,19 @@ from provision.stages.convert.stream import stream_tensors
 from provision.stages.profiles import QUANTIZED, Profile, choose
 
 SHARD_BYTES = 5 * 10**9
+
+
+@dataclass(frozen=True)
+class ConvertHooks:
+    """How a conversion that overlaps its source's download (``provision.stages.overlap``) reads it:
+    ``open_source(path, src_dir)`` opens a weights file whose reads wait for verified bytes,
+    ``src_dir`` is the folder the record names (where the verified original lands) and
+    ``source_identity`` is asked for only before the provenance record is written (after the
+    download was verified)."""
+
+    open_source: Callable[[Path, Path], SafetensorsSource]
+    src_dir: Path
+    source_identity: Callable[[], SourceIdentity | None]
 
 
 def _source_files(sources: list[SafetensorsSource], side: list[Path]) -> list[dict[str, Any]]:
@@ -111,6 +125,7 @@ def convert(
     compare: bool | None = False,
     source_identity: SourceIdentity | None = None,
     workers: int | None = None,
+    hooks: ConvertHooks | None = None,
 ) -> ConvertResult:
     """Convert the Mistral-format checkpoint in ``src_dir`` into ``out_dir`` for ``target``.
 
@@ -125,7 +140,7 @@ def convert(
     repository) goes into the ``provenance.json`` written into the staging folder before the
     commit. ``workers`` threads convert the tensors
     (``parallel.resolve_workers``: ``None`` reads ``PROVISION_CONVERT_WORKERS``, else the usable
-    CPUs, at most 8); the output is the same for any number.
+    CPUs, at most 8); the output is the same for any number. ``hooks``: see ``ConvertHooks``.
     """
     t0 = time.monotonic()
     src_dir, out_dir = Path(src_dir), Path(out_dir)
@@ -140,7 +155,7 @@ def convert(
     mode = check_out(src_dir, out_dir, force=force)
     sources: list[SafetensorsSource] = []
     try:
-        sources += [SafetensorsSource(p, root=src_dir) for p in paths]
+        sources += [hooks.open_source(p, src_dir) if hooks else SafetensorsSource(p, root=src_dir) for p in paths]
         items = plan_items(sources, args, prof)
         check_against_params(items, args)
         _refuse_unquantizable(items, prof)
@@ -150,6 +165,8 @@ def convert(
             res = _write(src_dir, stage, out_dir, args, tgt, prof, items, sources, side, source_files,
                          shard_bytes=shard_bytes, context=context, progress=progress, hf_tokenizer=hf_tokenizer,
                          source_sha256=source_sha256 or {}, t0=t0, workers=n_workers)
+            if hooks is not None:
+                res.src_dir, source_identity = hooks.src_dir, hooks.source_identity()
             facts = _check_output(stage)
             if compare if compare is not None else should_compare(res.bytes_read):
                 res.logits_comparison = compare_logits(src_dir, stage)

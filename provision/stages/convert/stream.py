@@ -181,10 +181,10 @@ def stream_tensors(sources: list[SafetensorsSource], items: list[Item], writer: 
     streams: list[SourceStream] = []
     hashers: list[tuple[int, BackgroundHasher]] = []
     try:
+        known: list[int] = []  # their digests are read after the streaming (an overlapped fetch supplies them late)
         for i, s in enumerate(sources):
             if s.path.name in known_sha256:
-                source_files[i]["sha256"] = known_sha256[s.path.name]
-                source_files[i]["sha256_from"] = "caller"
+                known.append(i)
                 streams.append(SourceStream(s, None))
                 continue
             h = BackgroundHasher(depth=3, name=f"sha256:{s.path.name}")
@@ -206,6 +206,9 @@ def stream_tensors(sources: list[SafetensorsSource], items: list[Item], writer: 
             torch.set_num_threads(threads)
             pre.close()
         digests = [(i, h.hexdigest()) for i, h in hashers]
+        for i in known:
+            source_files[i]["sha256"] = known_sha256[sources[i].path.name]
+            source_files[i]["sha256_from"] = "caller"
     except BaseException:
         for _, h in hashers:
             h.abandon()

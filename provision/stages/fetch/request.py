@@ -11,7 +11,7 @@ then named. Nothing here does I/O beyond reading ``PROVISION_NETWORK`` for a def
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Protocol
@@ -111,6 +111,9 @@ class TorrentOptions:
     metadata_timeout: float = 120.0
     include: tuple[str, ...] = ()  # globs, for sources whose file list is known only at fetch time (a bare magnet)
     existing: ExistingPolicy = "replace"  # set by ``stages.fetch.fetch`` from where dest is
+    # called as piece_watch(stream_hasher, torrent_handle) once the download's files are known:
+    # ``provision run`` converts the pieces libtorrent verified while the rest arrives (stages.overlap)
+    piece_watch: Callable[[Any, Any], None] | None = field(default=None, compare=False, repr=False)
 
 
 @dataclass(frozen=True)

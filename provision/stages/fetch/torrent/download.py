@@ -115,6 +115,8 @@ def fetch_torrent(plan: FetchRequest, *, dest: Path, options: TorrentOptions,
         hasher = live.pieces.hasher = StreamHasher(
             [StreamFile(s.rel, s.staged, s.offset, s.size, bool(auths[s.rel].sha256)) for s in todo],
             int(ti.piece_length()), int(ti.num_pieces()))
+        if options.piece_watch is not None and todo:  # run converts what is verified while the rest arrives
+            options.piece_watch(hasher, live.h)
         log = DownloadLog(resumed=resumed)
         clock.download_start = time.monotonic()
         if todo:

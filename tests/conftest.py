@@ -1,5 +1,8 @@
 """Fixtures every test area may use.
 
+* ``_no_leaks`` (through ``_isolated_env``): a test that leaves an environment variable provision or
+  huggingface_hub reads, the working folder or the umask changed fails at teardown (a subprocess a
+  later test starts would inherit it);
 * ``_isolated_env`` (autouse): each test gets its own PROVISION_HOME and HF_HOME (huggingface_hub's
   token and cache paths, computed once per process, follow it), no Hugging Face credentials or
   telemetry, a dead HF endpoint and the closed BitTorrent network mode;
@@ -18,6 +21,7 @@ Fixtures one area uses live in ``tests/<area>/conftest.py``; helpers that are no
 
 from __future__ import annotations
 
+import os
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
@@ -29,8 +33,48 @@ if TYPE_CHECKING:
     from provision.testing.hub_server import LoopbackHub
 
 
+# what a test must leave as it found it: the environment variables provision, huggingface_hub and
+# the terminal read (a subprocess a later test starts inherits them), the working folder, the umask
+_GUARDED_PREFIXES = ("PROVISION_", "HF_", "HUGGINGFACE_")
+_GUARDED_NAMES = frozenset({"NO_COLOR", "FORCE_COLOR", "TERM", "COLUMNS", "LINES", "CI", "HOME", "TMPDIR",
+                            "PYTHONPATH", "XDG_CACHE_HOME", "HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "NO_PROXY",
+                            "http_proxy", "https_proxy", "all_proxy", "no_proxy"})
+
+
+def _process_state() -> dict[str, object]:
+    env = {k: v for k, v in os.environ.items() if k.startswith(_GUARDED_PREFIXES) or k in _GUARDED_NAMES}
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return {"environ": env, "cwd": os.getcwd(), "umask": oct(mask)}
+
+
+@pytest.fixture()
+def _no_leaks() -> Iterator[None]:
+    """Fails (at teardown) a test that leaves the process state above changed: set up before, and
+    so checked after, ``_isolated_env``'s monkeypatch has undone its own changes."""
+    before = _process_state()
+    yield
+    after = _process_state()
+    changed = {k: (before[k], after[k]) for k in before if before[k] != after[k]}
+    if "environ" in changed:
+        b, a = changed["environ"]
+        assert isinstance(b, dict) and isinstance(a, dict)
+        changed["environ"] = {k: (b.get(k), a.get(k)) for k in b.keys() | a.keys() if b.get(k) != a.get(k)}
+        for k, (was, _) in changed["environ"].items():  # put it back: the next test starts clean
+            if was is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = str(was)
+    if "cwd" in changed:
+        os.chdir(str(before["cwd"]))
+    if "umask" in changed:
+        os.umask(int(str(before["umask"]), 8))
+    assert not changed, f"the test left process state changed (before, after): {changed}"
+
+
 @pytest.fixture(autouse=True)
-def _isolated_env(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+def _isolated_env(_no_leaks: None, tmp_path_factory: pytest.TempPathFactory,
+                  monkeypatch: pytest.MonkeyPatch) -> None:
     """Every test gets its own PROVISION_HOME and no Hugging Face credentials or telemetry."""
     home = tmp_path_factory.mktemp("home")
     monkeypatch.setenv("PROVISION_HOME", str(home))

@@ -43,6 +43,12 @@ together. The schema below is the reference for the manifest format (``schema_ve
     pickle = true                        # only on a .pth/.pt/.bin file, which must be optional: it is
                                          # listed, never fetched or loaded (`provision import-pickle`)
 
+    [signing]                            # optional: fetch refuses files the publisher did not sign (exit 5)
+    public_key = "publisher.pub.pem"     # an EC public key: PEM text, or a PEM file relative to the manifest
+    certificate_chain = ["root.crt"]     # and/or certificates (PEM text or files) a certificate signature chains to
+    signature = "model.sig"              # the OpenSSF Model Signing signature: a file of the release (fetched
+                                         # with it), or an https:// URL (http:// only to a loopback address)
+
     [params]                             # optional: the release's params.json (sizes `plan` profiles offline)
     dim = 4096 ...
 
@@ -144,6 +150,20 @@ class SmokeSpec:
 
 
 @dataclass(frozen=True)
+class SigningSpec:
+    """A manifest's ``[signing]`` pin: the keys a release must be signed by, and where its signature is.
+    Key bytes are kept out of ``repr`` (and so out of logs); a manifest written back carries them as PEM text."""
+
+    signature: str  # a file of the release (relative path), or an https:// (loopback http://) URL
+    public_key: bytes | None = field(default=None, repr=False)  # PEM
+    certificate_chain: tuple[bytes, ...] = field(default=(), repr=False)  # PEM, one certificate each
+
+    @property
+    def signature_url(self) -> str | None:
+        return self.signature if "://" in self.signature else None
+
+
+@dataclass(frozen=True)
 class Manifest:
     name: str
     architecture: str
@@ -156,6 +176,7 @@ class Manifest:
     path: Path | None = field(default=None, compare=False)  # where it was loaded from
     sha256: str | None = field(default=None, compare=False)  # hash of the file's bytes
     params: dict[str, Any] | None = field(default=None, hash=False)  # the release's params.json, if carried
+    signing: SigningSpec | None = None  # the publisher's pinned key(s) and signature location, if any
 
     def source(self, type_: str) -> Source | None:
         return next((s for s in self.sources if s.type == type_), None)
@@ -324,11 +345,101 @@ def _parse_smoke(d: Any) -> SmokeSpec:
                      max_tokens=mt, image=img)
 
 
+MAX_KEY_BYTES = 1 << 20  # a PEM key or certificate chain is a few KB
+
+
+def _pem_value(raw: str, where: str, base: Path) -> bytes:
+    """PEM text as written, or the bytes of the PEM file it names (relative to ``base``). The
+    value is never quoted back in a message: it may be key material."""
+    if raw.lstrip().startswith("-----BEGIN "):
+        return raw.encode()
+    if not raw or "\0" in raw or "\n" in raw:
+        raise _fail(where, "expected PEM text or the path of a PEM file.")
+    p = base / Path(raw).expanduser()
+    try:
+        return read_regular(p, what="key file", max_bytes=MAX_KEY_BYTES)
+    except FileNotFoundError:
+        raise _fail(where, f"{p} does not exist.") from None
+    except OSError as e:
+        raise _fail(where, f"cannot read {p} ({e.strerror or e}).") from None
+
+
+def _check_signature_ref(ref: str) -> str:
+    if "://" not in ref:
+        try:
+            return safe_relpath(ref, what="signature path").as_posix()
+        except HostileContentError as e:
+            raise _fail("signing.signature", e.message) from None
+    from ipaddress import ip_address
+    from urllib.parse import urlsplit
+
+    u = urlsplit(ref)
+    host = u.hostname or ""
+    try:
+        loopback = host == "localhost" or ip_address(host).is_loopback
+    except ValueError:
+        loopback = False
+    if (u.scheme == "https" and host) or (u.scheme == "http" and loopback):
+        return ref
+    raise _fail("signing.signature", f"a URL must be https:// (http:// only to a loopback address), got {ref!r}.")
+
+
+def _parse_signing(d: Any, base: Path) -> SigningSpec | None:
+    """``[signing]``: ``signature`` and at least one of ``public_key`` / ``certificate_chain``, each
+    PEM text or a PEM file; the key must load as an elliptic-curve public key and the chain as certificates."""
+    if d is None:
+        return None
+    if not isinstance(d, dict):
+        raise _fail("signing", "expected a table.")
+    _take(d, "signing", {"public_key": (str,), "certificate_chain": (list,), "signature": (str,)}, ("signature",))
+    if "public_key" not in d and not d.get("certificate_chain"):
+        raise _fail("signing", "needs public_key or certificate_chain (whom the release must be signed by).")
+    from cryptography import x509
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.hazmat.primitives.serialization import load_pem_public_key
+
+    key = None
+    if "public_key" in d:
+        key = _pem_value(d["public_key"], "signing.public_key", base)
+        try:
+            loaded = load_pem_public_key(key)
+        except (ValueError, TypeError):
+            raise _fail("signing.public_key", "is not a PEM public key.") from None
+        if not isinstance(loaded, ec.EllipticCurvePublicKey):
+            raise _fail("signing.public_key", "is not an elliptic-curve public key (OpenSSF Model Signing "
+                        "key signatures use EC keys).")
+        key = loaded.public_bytes(_pem(), _spki())
+    chain: list[bytes] = []
+    for i, c in enumerate(d.get("certificate_chain", [])):
+        where = f"signing.certificate_chain[{i}]"
+        if not isinstance(c, str):
+            raise _fail(where, "expected PEM text or the path of a PEM file.")
+        try:
+            certs = x509.load_pem_x509_certificates(_pem_value(c, where, base))
+        except ValueError:
+            raise _fail(where, "holds no readable PEM certificate.") from None
+        chain.extend(cert.public_bytes(_pem()) for cert in certs)
+    return SigningSpec(signature=_check_signature_ref(d["signature"]), public_key=key,
+                       certificate_chain=tuple(chain))
+
+
+def _pem() -> Any:
+    from cryptography.hazmat.primitives.serialization import Encoding
+
+    return Encoding.PEM
+
+
+def _spki() -> Any:
+    from cryptography.hazmat.primitives.serialization import PublicFormat
+
+    return PublicFormat.SubjectPublicKeyInfo
+
+
 def parse_manifest(data: dict[str, Any], *, path: Path | None = None, sha256: str | None = None) -> Manifest:
     """Validate a decoded TOML document and build a ``Manifest``."""
     _take(data, "", {"schema_version": (int,), "name": (str,), "architecture": (str,), "format": (str,),
                      "description": (str,), "sources": (list,), "files": (list,), "smoke": (dict,),
-                     "params": (dict,)},
+                     "params": (dict,), "signing": (dict,)},
           ("schema_version", "name", "architecture", "format", "sources", "files"))
     if data["schema_version"] != SCHEMA_VERSION:
         raise _fail("schema_version", f"this provision reads version {SCHEMA_VERSION}, got {data['schema_version']}.")
@@ -371,7 +482,7 @@ def parse_manifest(data: dict[str, Any], *, path: Path | None = None, sha256: st
     return Manifest(name=data["name"], architecture=data["architecture"], format=data["format"],
                     sources=sources, files=files, smoke=_parse_smoke(data.get("smoke")),
                     description=data.get("description", ""), schema_version=data["schema_version"],
-                    path=path, sha256=sha256, params=params)
+                    path=path, sha256=sha256, params=params, signing=_parse_signing(data.get("signing"), base))
 
 
 def parse_manifest_bytes(raw: bytes, *, path: Path | None = None) -> Manifest:
@@ -466,6 +577,14 @@ def manifest_to_dict(m: Manifest, *, folder: Path | None = None) -> dict[str, An
     sm["image"] = {"kind": img.kind, "width": img.width, "height": img.height, "color": img.color,
                    "background": img.background}
     d["smoke"] = sm
+    if m.signing is not None:  # key material as PEM text: the manifest stays self-contained wherever it is copied
+        sg: dict[str, Any] = {}
+        if m.signing.public_key is not None:
+            sg["public_key"] = m.signing.public_key.decode()
+        if m.signing.certificate_chain:
+            sg["certificate_chain"] = [c.decode() for c in m.signing.certificate_chain]
+        sg["signature"] = m.signing.signature
+        d["signing"] = sg
     if m.params is not None:
         d["params"] = m.params
     return d

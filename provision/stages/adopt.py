@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -98,9 +99,10 @@ def _cache_blob_authority(real: Path) -> tuple[str | None, str | None]:
     return None, None
 
 
-def adopt(plan: FetchRequest, src: Path, *, dest: Path | None = None,
-          progress: ProgressFn | None = None) -> AdoptResult:
-    """Verify ``plan``'s files in ``src`` and take them into ``dest`` by hard link or copy."""
+def adopt(plan: FetchRequest, src: Path, *, dest: Path | None = None, progress: ProgressFn | None = None,
+          gate: Callable[[Mapping[str, tuple[Path, str | None]]], None] | None = None) -> AdoptResult:
+    """Verify ``plan``'s files in ``src`` and take them into ``dest`` by hard link or copy; ``gate``
+    (a manifest's pinned signature) checks the staged files before any is committed."""
     from provision.stages.verify import Authority, authorities_from_manifest, verify_files
 
     dest = Path(dest) if dest else plan.dest
@@ -137,6 +139,8 @@ def adopt(plan: FetchRequest, src: Path, *, dest: Path | None = None,
 
         def check() -> None:
             report.raise_for_failure()
+            if gate is not None:
+                gate({fr.path: (safe_join(stage, fr.path), fr.sha256) for fr in report.files if fr.path in expected})
             dest.mkdir(parents=True, exist_ok=True)
 
         verify_and_commit(stage, dest, rels, check)
@@ -149,7 +153,8 @@ def adopt(plan: FetchRequest, src: Path, *, dest: Path | None = None,
     return result
 
 
-def fetch_local(plan: FetchRequest, *, dest: Path | None = None, progress: ProgressFn | None = None) -> FetchResult:
+def fetch_local(plan: FetchRequest, *, dest: Path | None = None, progress: ProgressFn | None = None,
+                gate: Callable[[Mapping[str, tuple[Path, str | None]]], None] | None = None) -> FetchResult:
     """Take the files of the manifest's ``local`` source into ``dest`` (default ``plan.dest``), each
     verified against the manifest: ``FetchError`` (exit 4) when the folder or a required file is gone."""
     import time
@@ -165,7 +170,7 @@ def fetch_local(plan: FetchRequest, *, dest: Path | None = None, progress: Progr
         more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
         raise FetchError(f"Local source {folder} lacks {missing[0]}{more}.", path=str(folder), missing=missing)
     t = time.monotonic()
-    res = adopt(plan, folder, dest=dest, progress=progress)
+    res = adopt(plan, folder, dest=dest, progress=progress, gate=gate)
     files = [FetchedFile(path=f["path"], size=f["size"], sha256=f["sha256"], authority=f["authority"])
              for f in res.files]
     return FetchResult(dest=res.dest, source="local", files=files, seconds=time.monotonic() - t,

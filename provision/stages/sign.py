@@ -17,12 +17,12 @@ import contextlib
 import os
 import re
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from provision.errors import HostileContentError, UsageError, VerifyError
+from provision.errors import HashMismatchError, HostileContentError, UsageError, VerifyError
 from provision.formats import provenance
 from provision.io.atomic import TMP_PREFIX, fsync_dir, fsync_path
 from provision.io.hashing import sha256_file
@@ -218,3 +218,114 @@ def verify_folder_signature(folder: Path, *, signature: Path, public_key: Path |
         raise VerifyError(_unverified(signature, public_key), path=str(signature)) from None
     return SignatureResult(folder=folder, signature=signature, signature_sha256=sha256_file(signature), files=n,
                            provenance=has_record, method="key" if public_key is not None else "certificate")
+
+
+# ---------------------------------------------------------------------------------------
+# a signature pinned by a manifest: the signed per-file digests, checked at fetch time
+
+
+@dataclass(frozen=True)
+class SignedDigests:
+    """What a verified signature vouches for: ``{relative path: sha256}``, and how it was made."""
+
+    files: dict[str, str]
+    method: str  # "key" or "certificate"
+    signature_sha256: str
+
+
+def signed_digests(signature: Path, *, public_key: bytes | None = None,
+                   certificate_chain: Sequence[bytes] = (), label: str | None = None) -> SignedDigests:
+    """Check ``signature`` (an OpenSSF Model Signing bundle) against a pinned ``public_key`` (PEM
+    bytes) or, failing that, ``certificate_chain`` (PEM bytes, one certificate each), offline, and
+    return the sha256 of every file it covers. Nothing is hashed here: a caller compares its files'
+    digests with these. A signature by another key, an expired signing certificate, a malformed
+    bundle, or one that hashes files another way than sha256 per file is a one-line ``VerifyError``
+    naming the signature by ``label`` (default its file name); key bytes appear in no message."""
+    import shutil
+
+    label = label or Path(signature).name
+    if public_key is None and not certificate_chain:
+        raise UsageError("Checking a signature needs a public key or a certificate chain.")
+    try:
+        st = check_regular(Path(signature), what="signature")
+    except FileNotFoundError:
+        raise VerifyError(f"Signature {label} does not exist.", path=str(signature)) from None
+    if st.st_size > MAX_SIGNATURE_BYTES:
+        raise HostileContentError(f"Refusing signature {label}: {st.st_size:,d} bytes is over the "
+                                  f"{MAX_SIGNATURE_BYTES:,d}-byte limit.")
+    ms = _model_signing()
+    from model_signing._signing import sign_sigstore_pb
+
+    try:
+        bundle = sign_sigstore_pb.Signature.read(Path(signature))
+    except Exception:  # protobuf / JSON errors: the file is no bundle
+        raise VerifyError(f"Signature {label} is malformed (not an OpenSSF Model Signing bundle).") from None
+    keydir = Path(tempfile.mkdtemp(prefix=f"{TMP_PREFIX}keys-"))
+    try:
+        tried: list[str] = []
+        for method in ("key", "certificate"):
+            cfg = ms.verifying.Config()
+            if method == "key":
+                if public_key is None:
+                    continue
+                (keydir / "key.pem").write_bytes(public_key)
+                cfg.use_elliptic_key_verifier(public_key=keydir / "key.pem")
+            else:
+                if not certificate_chain:
+                    continue
+                paths = []
+                for i, pem in enumerate(certificate_chain):
+                    (keydir / f"chain{i}.pem").write_bytes(pem)
+                    paths.append(keydir / f"chain{i}.pem")
+                try:
+                    _check_validity(_signing_certificate(Path(signature)),
+                                    what=f"signing certificate in signature {label}")
+                except VerifyError as e:
+                    tried.append(str(e))
+                    continue
+                cfg.use_certificate_verifier(certificate_chain=paths)
+            try:
+                manifest = cfg._verifier.verify(bundle)
+            except Exception:  # a bundle by another key, or a malformed one: never quoted
+                tried.append(f"not made by the pinned {'public key' if method == 'key' else 'certificate chain'}")
+                continue
+            return _digests_of(manifest, method, sha256_file(Path(signature)), label)
+        why = "; ".join(tried) if tried else "no usable pinned key"
+        raise VerifyError(f"Signature {label} does not verify: {why[:300]}.", path=str(signature))
+    finally:
+        shutil.rmtree(keydir, ignore_errors=True)
+
+
+def _digests_of(manifest: Any, method: str, signature_sha256: str, label: str) -> SignedDigests:
+    ser = dict(getattr(manifest, "serialization_type", {}) or {})
+    if ser.get("method") != "files" or ser.get("hash_type") != "sha256":
+        raise VerifyError(f"Signature {label} hashes files as {ser.get('method')}/{ser.get('hash_type')}; provision "
+                          "checks signatures that hash each file with sha256 (model-signing's default).")
+    files: dict[str, str] = {}
+    for rd in manifest.resource_descriptors():
+        files[str(rd.identifier)] = rd.digest.digest_hex
+    return SignedDigests(files=files, method=method, signature_sha256=signature_sha256)
+
+
+def check_signed_files(signed: SignedDigests, files: Mapping[str, tuple[Path, str | None]], *, label: str,
+                       skip: str | None = None) -> dict[str, Any]:
+    """Every file of ``files`` (``{relative path: (where it is now, its sha256 or None)}``, ``skip``
+    left out: the signature itself) must be covered by ``signed`` with the same sha256 (hashed here
+    when not given). A file the signature does not cover is ``VerifyError``, other bytes
+    ``HashMismatchError`` (exit 5). Returns the facts for a report (no key material)."""
+    checked = 0
+    for rel in sorted(files):
+        if rel == skip:
+            continue
+        where, sha = files[rel]
+        want = signed.files.get(rel)
+        if want is None:
+            raise VerifyError(f"{rel} is not covered by signature {label}: its publisher did not sign it.",
+                              path=rel)
+        got = sha or sha256_file(where)
+        if got != want:
+            raise HashMismatchError(f"{rel} does not match signature {label}: sha256 {got[:16]}…, signed "
+                                    f"{want[:16]}….", path=rel)
+        checked += 1
+    return {"signature": label, "signature_sha256": signed.signature_sha256, "method": signed.method,
+            "files": checked, "signed_not_fetched": sorted(set(signed.files) - set(files))[:50]}

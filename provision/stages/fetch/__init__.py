@@ -16,7 +16,7 @@ import contextlib
 from collections.abc import Callable, Iterator
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from provision.errors import FetchError, ManifestError, UsageError
 from provision.layout import Layout
@@ -33,6 +33,9 @@ from provision.stages.fetch.request import (
     PlannedFile,
     TorrentOptions,
 )
+
+if TYPE_CHECKING:
+    from provision.stages.fetch.signed import SignatureGate
 
 __all__ = ["NETWORK_CHOICES", "SOURCE_CHOICES", "FetchRequest", "FetchResult", "FetchedFile", "HubOptions",
            "HubSnapshot", "PlannedFile", "TorrentOptions", "fetch", "model_lock", "source_order"]
@@ -98,8 +101,14 @@ def fetch(
     policy = existing_policy(plan, target, force)
     torrent = replace(torrent or TorrentOptions(), existing=policy)
     hub = replace(hub or HubOptions(), existing=policy)
+    from provision.stages.fetch.signed import gate_for
+
+    gate = gate_for(plan)  # a manifest's [signing] pin: every fetcher checks its staged files before committing
+    if gate is not None:
+        plan = gate.request(plan, target)
+        gate.prefetch()
     with model_lock(plan, timeout=lock_timeout) if lock else contextlib.nullcontext(None) as release:
-        return _fetch_in_order(plan, order, target, torrent, hub, progress, pickles_as_data, release)
+        return _fetch_in_order(plan, order, target, torrent, hub, progress, pickles_as_data, release, gate)
 
 
 def existing_policy(plan: FetchRequest, dest: Path, force: bool) -> ExistingPolicy:
@@ -113,7 +122,7 @@ def existing_policy(plan: FetchRequest, dest: Path, force: bool) -> ExistingPoli
 
 def _fetch_in_order(plan: FetchRequest, order: list[str], target: Path, torrent: TorrentOptions | None,
                     hub: HubOptions | None, progress: ProgressFn | None, pickles_as_data: bool = False,
-                    on_placed: Callable[[], None] | None = None) -> FetchResult:
+                    on_placed: Callable[[], None] | None = None, gate: SignatureGate | None = None) -> FetchResult:
     """Try ``order``'s sources one after the other until one delivers."""
     attempts: list[dict[str, Any]] = []
     last: FetchError | None = None
@@ -122,16 +131,16 @@ def _fetch_in_order(plan: FetchRequest, order: list[str], target: Path, torrent:
             if kind == "local":
                 from provision.stages.adopt import fetch_local
 
-                res = fetch_local(plan, dest=target, progress=progress)
+                res = fetch_local(plan, dest=target, progress=progress, gate=gate)
             elif kind == "torrent":
                 from provision.stages.fetch.torrent import fetch_torrent
 
                 res = fetch_torrent(plan, dest=target, options=torrent or TorrentOptions(), progress=progress,
-                                    pickles_as_data=pickles_as_data, on_placed=on_placed)
+                                    pickles_as_data=pickles_as_data, on_placed=on_placed, gate=gate)
             else:
                 from provision.stages.fetch.hub import fetch_hub
 
-                res = fetch_hub(plan, dest=target, options=hub or HubOptions(), progress=progress)
+                res = fetch_hub(plan, dest=target, options=hub or HubOptions(), progress=progress, gate=gate)
         except FetchError as e:
             attempts.append({"source": kind, "error": e.to_dict()})
             last = e
@@ -140,6 +149,8 @@ def _fetch_in_order(plan: FetchRequest, order: list[str], target: Path, torrent:
                 continue
             raise
         res.attempts = attempts + res.attempts
+        if gate is not None:
+            res.extra["signature"] = gate.result  # names and hashes only: no key material
         return res
     assert last is not None  # pragma: no cover
     raise last

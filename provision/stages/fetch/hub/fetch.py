@@ -17,6 +17,7 @@ from __future__ import annotations
 import shutil
 import threading
 import time
+from collections.abc import Callable, Mapping
 from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -24,7 +25,7 @@ from typing import TYPE_CHECKING
 from provision.errors import FetchError, VerifyError
 from provision.formats.sources import HEX40
 from provision.io.paths import safe_join
-from provision.io.staging import prune_empty, verify_and_commit
+from provision.io.staging import commit_files, prune_empty, verify_and_commit
 from provision.layout import Layout
 from provision.progress import ProgressEvent, ProgressFn, note
 from provision.stages.fetch.hub.download import (
@@ -205,9 +206,12 @@ def _download_all(tr: Transfer, todo: list[Wanted], dest: Path) -> dict[str, Fet
 
 
 def fetch_hub(plan: FetchRequest, *, dest: Path, options: HubOptions, progress: ProgressFn | None,
-              snapshot: HubSnapshot | None = None) -> FetchResult:
+              snapshot: HubSnapshot | None = None,
+              gate: Callable[[Mapping[str, tuple[Path, str | None]]], None] | None = None) -> FetchResult:
     """Fetch ``plan``'s files from the Hub into ``dest``, verified; see the module docstring.
-    ``snapshot`` (default: the one the plan was listed from) pins the commit and its listing."""
+    ``snapshot`` (default: the one the plan was listed from) pins the commit and its listing. With
+    ``gate`` (a manifest's pinned signature) the downloads land in ``staging/<model>/signed`` and
+    are committed together once the gate passed every file; a refusal leaves ``dest`` as it was."""
     t0 = time.monotonic()
     dest = Path(dest)
     repo, revision, prefix = source_of(plan)
@@ -222,7 +226,10 @@ def fetch_hub(plan: FetchRequest, *, dest: Path, options: HubOptions, progress: 
                 progress(ev)
 
     if hub_offline():
-        return _fetch_offline(plan, dest, record, repo, revision, prefix, endpoint, serial, t0)
+        res = _fetch_offline(plan, dest, record, repo, revision, prefix, endpoint, serial, t0)
+        if gate is not None:
+            gate({f.path: (safe_join(dest, f.path), f.sha256) for f in res.files})
+        return res
 
     token = resolve_token(options)
     listed = snapshot if snapshot is not None else plan.hub_snapshot
@@ -247,8 +254,17 @@ def fetch_hub(plan: FetchRequest, *, dest: Path, options: HubOptions, progress: 
     tr = Transfer(endpoint=endpoint, repo=repo, commit=snap.commit, token=token, options=options, staging=staging,
                   progress=prog, note=serial)
     results: dict[str, FetchedFile] = dict(present)
+    landing = dest if gate is None else staging / "signed"  # with a gate: committed only once it passed
+    if gate is not None:
+        shutil.rmtree(landing, ignore_errors=True)
     if todo:
-        results.update(_download_all(tr, todo, dest))
+        results.update(_download_all(tr, todo, landing))
+    if gate is not None:
+        try:
+            gate({p: (safe_join(dest if p in present else landing, p), f.sha256) for p, f in results.items()})
+            commit_files(landing, dest, [p for p in results if p not in present])
+        finally:
+            shutil.rmtree(landing, ignore_errors=True)
     prune_empty(tr.partials)  # only empty folders: partials of other downloads stay
     files = [results[w.path] for w in wanted]
     return FetchResult(

@@ -14,14 +14,14 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import libtorrent as lt
 
-from provision.errors import FetchError, Interrupted
+from provision.errors import FetchError, Interrupted, VerifyError
 from provision.formats.sources import parse_peer
 from provision.io import atomic, space
 from provision.io.paths import safe_join
@@ -98,7 +98,8 @@ class DownloadLog:
 
 def fetch_torrent(plan: FetchRequest, *, dest: Path, options: TorrentOptions,
                   progress: ProgressFn | None = None, pickles_as_data: bool = False,
-                  on_placed: Callable[[], None] | None = None) -> FetchResult:
+                  on_placed: Callable[[], None] | None = None,
+                  gate: Callable[[Mapping[str, tuple[Path, str | None]]], None] | None = None) -> FetchResult:
     """Download the plan's files from BitTorrent into ``dest``, verified (see the module docstring);
     ``pickles_as_data``: pickle files are verified as bytes for an import, not refused; ``on_placed``
     runs once the files are in place, before any seeding (the caller releases the model's lock)."""
@@ -130,6 +131,8 @@ def fetch_torrent(plan: FetchRequest, *, dest: Path, options: TorrentOptions,
         if todo:
             hasher.mark_all()
         known, vreport = _verify(job, ti, todo, auths, hasher, clock)
+        if gate is not None:  # a manifest's pinned signature: checked on the staged files, before any move
+            _gate(job, gate, sels, known, vreport)
         # verified: from here a SIGINT/SIGTERM waits until the files are in place and then ends
         # the fetch's seeding normally (before, one landing between the moves and the seed made
         # a finished fetch exit 143)
@@ -432,6 +435,18 @@ def _verify(job: FetchJob, ti: Any, todo: Sequence[Selected], auths: dict[str, A
         vreport.raise_for_failure()
     clock.verified = time.monotonic()
     return known, vreport
+
+
+def _gate(job: FetchJob, gate: Callable[[Mapping[str, tuple[Path, str | None]]], None], sels: Sequence[Selected],
+          known: dict[str, str], vreport: VerifyReport | None) -> None:
+    """Run ``gate`` on every selected file (staged, or reused in ``dest``); a refusal drops the staging."""
+    vfiles = {f.path: f.sha256 for f in vreport.files} if vreport is not None else {}
+    try:
+        gate({s.rel: (job.dest / s.rel if s.reused else s.staged, vfiles.get(s.rel) or known.get(s.rel))
+              for s in sels})
+    except VerifyError:
+        remove_staging(job.staging, job.resume_path)
+        raise
 
 
 def _place(job: FetchJob, todo: Sequence[Selected], synced: set[str], clock: Clock) -> None:

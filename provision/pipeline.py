@@ -38,6 +38,7 @@ if TYPE_CHECKING:
     from provision.hardware import Target
     from provision.stages.pickle_release import PickledRelease
     from provision.stages.profiles import Profile
+    from provision.stages.verify.torrent import TorrentRef
 
 
 @dataclass
@@ -379,8 +380,19 @@ class _Run:
                           context=self.opts.context)
             self.result.vllm_command = vllm_command(self.original, prof, self.opts.context)
 
+    def torrent_authority(self, manifest: Manifest) -> TorrentRef | None:
+        """The torrent info dictionary the sources pin (the plan's .torrent, the manifest's, or the store's
+        copy), or None: then the manifest's hashes are the authority (a mismatching torrent is ignored)."""
+        from provision.stages.verify.torrent import find_torrent
+
+        try:
+            return find_torrent(manifest, self.lay.home, magnet=self.plan.magnet, torrent_file=self.plan.torrent_file)
+        except ProvisionError:
+            return None
+
     def verify(self) -> Outcome:
         from provision.stages.verify import authorities_from_manifest, verify_files
+        from provision.stages.verify.torrent import with_torrent
 
         manifest, original = self.manifest, self.original
         if manifest is None:  # pragma: no cover - stages() loads it right after the fetch
@@ -395,7 +407,11 @@ class _Run:
             return (original / p).exists() or spec is None or not spec.optional
 
         present = {p: a for p, a in authorities_from_manifest(manifest).items() if wanted(p)}
-        vrep = verify_files(original, present, known_sha256=known, progress=self.progress)
+        ref = self.torrent_authority(manifest)  # pieces checked on every core instead of one sha256 stream
+        present = with_torrent(present, ref, skip=known)
+        vrep = verify_files(original, present, known_sha256=known, progress=self.progress, whole_sha256=ref is None)
+        if ref is not None:
+            vrep.torrent = ref.to_dict()
         vrep.raise_for_failure()
         return Outcome(vrep.bytes_hashed, vrep.to_dict(),
                        files={p: original / p for p in present if (original / p).exists()},

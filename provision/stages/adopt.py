@@ -5,7 +5,8 @@
 links into ``blobs/``) without importing huggingface_hub. ``adopt`` verifies every planned file of
 a folder or snapshot against its authority (a blob's name is the Hub's id of its content, so it
 vouches when the manifest pins no hash), then hard-links or atomically copies it into the
-destination. ``fetch_local`` is a manifest's ``local`` source taken in the same way (a folder that
+destination; where the sources pin a torrent whose info dictionary is at hand (the plan's .torrent,
+the manifest's, the store's copy), its pieces are the authority, checked on every core. ``fetch_local`` is a manifest's ``local`` source taken in the same way (a folder that
 lacks a required file is a ``FetchError``, so ``--source auto`` moves on; a file that does not
 match is a ``VerifyError``, exit 5). Symlinks are followed only inside the folder or the repo's
 cache folder; nothing is created under the destination before its file verified. It downloads nothing.
@@ -18,15 +19,18 @@ import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from provision.errors import FetchError, HostileContentError, VerifyError
+from provision.errors import FetchError, HostileContentError, ProvisionError, VerifyError
 from provision.io.atomic import atomic_copy
 from provision.io.hashing import sha256_file
 from provision.io.paths import safe_join
 from provision.io.staging import private_stage, verify_and_commit
 from provision.progress import ProgressFn
 from provision.stages.fetch.request import FetchedFile, FetchRequest, FetchResult
+
+if TYPE_CHECKING:
+    from provision.stages.verify.torrent import TorrentRef
 
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
 _HEX40 = re.compile(r"^[0-9a-f]{40}$")
@@ -99,11 +103,23 @@ def _cache_blob_authority(real: Path) -> tuple[str | None, str | None]:
     return None, None
 
 
+def _torrent_ref(plan: FetchRequest) -> TorrentRef | None:
+    """The torrent info dictionary ``plan``'s sources pin (see ``verify.torrent.find_torrent``), or None
+    (then the manifest's or the cache blob's hashes are the authority; a mismatching torrent is ignored)."""
+    from provision.stages.verify.torrent import find_torrent
+
+    try:
+        return find_torrent(plan.manifest, plan.home, magnet=plan.magnet, torrent_file=plan.torrent_file)
+    except ProvisionError:
+        return None
+
+
 def adopt(plan: FetchRequest, src: Path, *, dest: Path | None = None, progress: ProgressFn | None = None,
           gate: Callable[[Mapping[str, tuple[Path, str | None]]], None] | None = None) -> AdoptResult:
     """Verify ``plan``'s files in ``src`` and take them into ``dest`` by hard link or copy; ``gate``
     (a manifest's pinned signature) checks the staged files before any is committed."""
     from provision.stages.verify import Authority, authorities_from_manifest, verify_files
+    from provision.stages.verify.torrent import with_torrent
 
     dest = Path(dest) if dest else plan.dest
     src = Path(src)
@@ -135,7 +151,9 @@ def adopt(plan: FetchRequest, src: Path, *, dest: Path | None = None, progress: 
             except OSError:
                 atomic_copy(real, target)
                 result.copied += 1
-        report = verify_files(stage, expected, progress=progress)
+        ref = _torrent_ref(plan)
+        expected = with_torrent(expected, ref)  # torrent pieces, checked on every core, where the sources pin them
+        report = verify_files(stage, expected, progress=progress, whole_sha256=ref is None)
 
         def check() -> None:
             report.raise_for_failure()
@@ -147,8 +165,10 @@ def adopt(plan: FetchRequest, src: Path, *, dest: Path | None = None, progress: 
     hashed = {fr.path: fr.sha256 for fr in report.files}
     for f in wanted:
         final = safe_join(dest, f.path)
-        result.files.append({"path": f.path, "size": final.stat().st_size,
-                             "sha256": hashed.get(f.path) or sha256_file(final),
+        # a file torrent pieces vouched for has no sha256 here (no single-stream pass): the fetch record
+        # lacks it and the conversion computes it while it reads the bytes anyway
+        sha = hashed.get(f.path) or (None if expected[f.path].splittable else sha256_file(final))
+        result.files.append({"path": f.path, "size": final.stat().st_size, "sha256": sha,
                              "authority": expected[f.path].kind})
     return result
 

@@ -39,6 +39,10 @@ def render_report(app: App, report: VerifyReport) -> None:
     # the first failure becomes the command's one error line; the others are listed before it
     for c in report.failures[1:]:
         t.warn(f"also failed ({c.name}): {c.message}")
+    if report.authorities:
+        t.info(f"checked against: {report.describe_authorities()}")
+    if report.torrent is not None:
+        t.info(f"torrent {report.torrent['torrent']} ({report.torrent['chain']})")
     rate = report.bytes_hashed / report.seconds if report.seconds > 0 else 0.0
     t.debug(f"hashed {human_bytes(report.bytes_hashed)} in {report.seconds:.2f} s "
             f"({human_bytes(rate)}/s, {report.workers} workers)")
@@ -69,8 +73,11 @@ def _check_trust(app: App, folder: Path, doc: dict[str, Any], signature: Path | 
 @click.argument("folder", type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.option("--manifest", "manifest_ref", metavar="M",
               help="Manifest name or .toml path whose sizes and sha256 the files must match.")
+@click.option("--torrent", "torrent_file", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
+              help="A .torrent whose pieces vouch for the files (checked on every core; with --manifest it must "
+                   "be the torrent the manifest pins). Without it, --manifest uses the store's copy when it has one.")
 @click.option("--workers", type=click.IntRange(min=1, max=256), default=None,
-              help="Files hashed in parallel (default: the number of CPU cores).")
+              help="Threads hashing files and torrent piece ranges (default: the number of CPU cores).")
 @click.option("--signature", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="An OpenSSF Model Signing signature of FOLDER to check (offline).")
 @click.option("--public-key", type=click.Path(dir_okay=False, path_type=Path), default=None,
@@ -78,10 +85,11 @@ def _check_trust(app: App, folder: Path, doc: dict[str, Any], signature: Path | 
 @click.option("--certificate-chain", "chain", multiple=True, type=click.Path(dir_okay=False, path_type=Path),
               help="Certificates establishing trust in a certificate-signed --signature (repeatable).")
 @json_option
-def command(folder: Path, manifest_ref: str | None, workers: int | None, signature: Path | None,
+def command(folder: Path, manifest_ref: str | None, torrent_file: Path | None, workers: int | None,
+            signature: Path | None,
             public_key: Path | None, chain: tuple[Path, ...], json_out: bool) -> None:
     """Verify the model files in FOLDER: sha256 against the manifest (or reported when there is
-    none), safetensors structure, params.json against the tensors, no pickles, no symlinks out;
+    none), or the pieces of the torrent the manifest pins (or --torrent) on every core, safetensors structure, params.json against the tensors, no pickles, no symlinks out;
     every file against FOLDER's provenance.json when it has one, and --signature when given."""
     app = get_app(json_out, "verify")
     if (public_key is not None or chain) and signature is None:
@@ -98,7 +106,9 @@ def command(folder: Path, manifest_ref: str | None, workers: int | None, signatu
         app.manifest_sha256 = manifest.sha256
     elif (folder / "manifest.toml").is_file():
         app.terminal.info(f"note: {folder / 'manifest.toml'} is present; pass --manifest to check its hashes.")
-    report = verify_dir(folder, manifest, progress=app.terminal.progress, workers=workers)
+    home = app.settings.home if manifest is not None else None  # the store's torrents/ for the manifest's magnet
+    report = verify_dir(folder, manifest, progress=app.terminal.progress, workers=workers, torrent=torrent_file,
+                        home=home)
     render_report(app, report)
     doc: dict[str, Any] = {"manifest": str(manifest.path) if manifest and manifest.path else None,
                            "verify": report.to_dict()}

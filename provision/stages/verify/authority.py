@@ -48,6 +48,12 @@ class Authority:
             raise ValueError("piece_hashes need piece_length")
 
     @property
+    def splittable(self) -> bool:
+        """True when pieces vouch for the content (torrent v1 pieces or a v2 merkle root): the file
+        can be checked in ranges on every core, with no whole-file pass."""
+        return bool(self.piece_hashes and self.piece_length) or self.merkle_root is not None
+
+    @property
     def has_content_hash(self) -> bool:
         return bool(self.sha256 or self.git_sha1 or self.piece_hashes or self.merkle_root or self.md5)
 

@@ -47,6 +47,9 @@ class FileWork:
     v1_bad: list[int] = field(default_factory=list)
     v2_roots: dict[int, bytes] = field(default_factory=dict)
     error: ProvisionError | None = None
+    units: int = 0  # hashing units the file was split into (1 whole-file pass, or that plus the piece ranges)
+    range_units: int = 0  # of those, torrent piece / merkle-chunk ranges (independent of each other)
+    threads: set[str] = field(default_factory=set)  # the pool threads that ran its units
 
 
 class _Progress:
@@ -149,6 +152,7 @@ _Unit = tuple[int, Callable[[bytearray, _Progress], None], FileWork]  # (bytes, 
 def _units(works: Mapping[str, FileWork]) -> list[_Unit]:
     units: list[_Unit] = []
     for w in works.values():
+        before = len(units)
         a = w.auth
         want_git = bool(a.git_sha1)
         if w.want_sha256 or want_git or a.md5:
@@ -167,6 +171,8 @@ def _units(works: Mapping[str, FileWork]) -> list[_Unit]:
                 cnt = min(per, nchunks - first)
                 nbytes = min(cnt * chunk * V2_BLOCK, w.size - first * chunk * V2_BLOCK)  # the last may be short
                 units.append((nbytes, partial(_v2_unit, w, first, cnt, chunk), w))
+        w.units = len(units) - before
+        w.range_units = w.units - (1 if w.want_sha256 or want_git or a.md5 else 0)
     return units
 
 
@@ -186,6 +192,8 @@ def hash_all(works: Mapping[str, FileWork], nworkers: int, progress: ProgressFn 
         buf = getattr(local, "buf", None)  # one reusable read buffer per pool thread
         if buf is None:
             buf = local.buf = bytearray(BLOCK_SIZE)
+        with prog.lock:
+            unit[2].threads.add(threading.current_thread().name)
         try:
             unit[1](buf, prog)
         except ProvisionError as exc:

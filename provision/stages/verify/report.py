@@ -58,6 +58,9 @@ class FileReport:
     sha256_source: Literal["read", "fetcher"] | None = None  # "fetcher": known_sha256 stood in for a read
     git_sha1: str | None = None
     checks: list[Check] = field(default_factory=list)
+    hash_units: int = 0  # hashing units read (a whole-file pass, torrent piece ranges)
+    hash_ranges: int = 0  # of those, independent piece / merkle-chunk ranges (only a torrent authority splits)
+    hash_threads: int = 0  # distinct workers that ran them
 
     def to_dict(self) -> dict[str, Any]:
         d: dict[str, Any] = {"path": self.path, "status": self.status, "authority": self.authority,
@@ -67,6 +70,8 @@ class FileReport:
             d["sha256_source"] = self.sha256_source
         if self.git_sha1:
             d["git_sha1"] = self.git_sha1
+        if self.hash_units:
+            d["hash"] = {"units": self.hash_units, "ranges": self.hash_ranges, "workers": self.hash_threads}
         return d
 
 
@@ -78,6 +83,34 @@ class VerifyReport:
     bytes_hashed: int = 0
     seconds: float = 0.0
     workers: int = 1
+    torrent: dict[str, Any] | None = None  # the torrent info dictionary used as an authority, and its chain
+
+    @property
+    def authorities(self) -> dict[str, int]:
+        """``{authority kind: files}`` over the files that were expected (not the unlisted ones)."""
+        out: dict[str, int] = {}
+        for f in self.files:
+            if f.authority is not None and f.status != "unlisted":
+                out[f.authority] = out.get(f.authority, 0) + 1
+        return dict(sorted(out.items()))
+
+    @property
+    def authority(self) -> str | None:
+        """The one authority every expected file was checked against, "mixed", or None (no file)."""
+        kinds = self.authorities
+        return None if not kinds else next(iter(kinds)) if len(kinds) == 1 else "mixed"
+
+    def describe_authorities(self) -> str:
+        """``torrent-v2-merkle (1 file, 96 ranges on 2 workers), manifest-sha256 (3 files)``."""
+        parts = []
+        for kind, n in self.authorities.items():
+            ranged = [f for f in self.files if f.authority == kind and f.hash_ranges > 1]
+            extra = ""
+            if ranged:
+                extra = (f", {sum(f.hash_ranges for f in ranged)} ranges on "
+                         f"{max(f.hash_threads for f in ranged)} workers")
+            parts.append(f"{kind} ({n} file{'s' if n != 1 else ''}{extra})")
+        return ", ".join(parts)
 
     @property
     def ok(self) -> bool:
@@ -106,6 +139,9 @@ class VerifyReport:
             "bytes_hashed": self.bytes_hashed,
             "seconds": round(self.seconds, 3),
             "workers": self.workers,
+            "authority": self.authority,
+            "authorities": self.authorities,
+            **({"torrent": self.torrent} if self.torrent is not None else {}),
         }
 
     def raise_for_failure(self) -> None:

@@ -129,7 +129,8 @@ def _content_checks(w: FileWork, fr: FileReport, known: Mapping[str, str]) -> li
                                 f"{w.read_bytes:,d} bytes).", hint="Run verify again when nothing writes it.",
                                 path=rel, expected=w.size, actual=w.read_bytes)
         checks.append(Check("size", rel, False, auth.kind, w.size, w.read_bytes, err.message, err))
-    if auth.sha256:
+    if auth.sha256 and (fr.sha256 is not None or w.want_sha256 or not auth.splittable):
+        # under a torrent authority a pinned sha256 is compared only when its digest is known anyway
         checks.append(hash_check("sha256", rel, auth, auth.sha256.lower(), fr.sha256))
     if auth.git_sha1:
         checks.append(hash_check("git-sha1", rel, auth, auth.git_sha1.lower(), w.git_sha1))
@@ -152,11 +153,16 @@ def verify_files(
     progress: ProgressFn | None = None,
     workers: int | None = None,
     pickles_as_data: bool = False,
+    whole_sha256: bool = True,
 ) -> VerifyReport:
     """Verify the ``expected`` files under ``root`` (see the module docstring); different files
     are hashed in parallel on ``workers`` threads (default: the CPU count). Never raises for bad
     content; call ``raise_for_failure()`` on the report. ``pickles_as_data`` (a pickled release's
     download, for ``import-pickle``) hashes regular pickle files like any bytes instead of refusing them.
+    ``whole_sha256=False`` reads a file for its whole-file sha256 only where a sha256 (or nothing) is
+    its authority: a file torrent pieces vouch for is checked in ranges on every worker and its
+    report carries no sha256 unless ``known_sha256`` gives it (the default, True, also reports the
+    sha256 of such a file: one more single-stream pass, which bounds the time of a big file).
     """
     t0 = time.monotonic()
     root = _check_root(root)
@@ -185,7 +191,8 @@ def verify_files(
         admitted = _admit(rel, auth, root, entries, hostile, reports[rel], file_checks[rel], pickles_as_data)
         if admitted is not None:
             path, size = admitted
-            works[rel] = FileWork(rel=rel, path=path, size=size, auth=auth, want_sha256=rel not in known)
+            want = rel not in known and (whole_sha256 or not auth.splittable)
+            works[rel] = FileWork(rel=rel, path=path, size=size, auth=auth, want_sha256=want)
 
     # structure before hashing: headers only, so a hostile header is reported within milliseconds
     st_infos: dict[str, SafetensorsInfo] = {}
@@ -201,6 +208,8 @@ def verify_files(
 
     for rel, w in works.items():
         file_checks[rel] += _content_checks(w, reports[rel], known)
+        reports[rel].hash_units, reports[rel].hash_ranges = w.units, w.range_units
+        reports[rel].hash_threads = len(w.threads)
         if rel in st_checks:
             file_checks[rel].append(st_checks[rel])
 
@@ -230,16 +239,32 @@ def verify_files(
 
 
 def verify_dir(root: Path, manifest: Manifest | None = None, *, progress: ProgressFn | None = None,
-               workers: int | None = None) -> VerifyReport:
+               workers: int | None = None, torrent: Path | None = None, home: Path | None = None) -> VerifyReport:
     """Verify a model folder against ``manifest`` (its optional files may be absent), or, with no
-    manifest, every regular file in it under authority "none" (structure, params, sha256 reported)."""
+    manifest, every regular file in it under authority "none" (structure, params, sha256 reported).
+
+    With ``torrent`` (a .torrent file) or ``home`` (the store, whose ``torrents/`` keeps the info
+    dictionary of every torrent fetched), the files a torrent vouches for are checked by its pieces
+    on every worker instead of a whole-file sha256 (``torrent.find_torrent`` says which torrent is
+    trusted); with ``torrent`` and no manifest, the torrent's files are the ones expected. The
+    report's ``torrent`` names the dictionary used and what pins it."""
+    from provision.stages.verify.torrent import find_torrent, with_torrent
+
     root = _check_root(root)
+    ref = find_torrent(manifest, home, torrent_file=torrent) if torrent is not None or home is not None else None
     if manifest is None:
         expected = {e.rel: Authority(kind="none") for e in scan(root) if e.readable}
-        return verify_files(root, expected, progress=progress, workers=workers, check_params=True)
-    auths = authorities_from_manifest(manifest)
-    for f in manifest.files:
-        if f.optional and not os.path.lexists(root / f.path):
-            auths.pop(f.path, None)
-    return verify_files(root, auths, progress=progress, workers=workers,
-                        check_params=manifest.format == "mistral")
+        expected = with_torrent(expected, ref, add_missing=True)
+        check_params = True
+    else:
+        expected = authorities_from_manifest(manifest)
+        for f in manifest.files:
+            if f.optional and not os.path.lexists(root / f.path):
+                expected.pop(f.path, None)
+        expected = with_torrent(expected, ref)
+        check_params = manifest.format == "mistral"
+    report = verify_files(root, expected, progress=progress, workers=workers, check_params=check_params,
+                          whole_sha256=ref is None)
+    if ref is not None:
+        report.torrent = ref.to_dict()
+    return report

@@ -1,0 +1,213 @@
+"""A torrent's info dictionary as the authority of files on disk: one big file is split into piece
+ranges checked on several workers at once (no whole-file sha256 pass), a flipped byte is named by
+its piece, the report says which authority and which torrent vouched, and ``verify --manifest``,
+``run --adopt`` and ``run --reverify`` find the torrent the manifest pins in the store. Torrents are
+built offline with provision's own ``create_torrent``; no session, no network."""
+
+from __future__ import annotations
+
+import hashlib
+import shutil
+import threading
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import provision.stages.verify.parallel as parallel
+from provision.errors import HashMismatchError, VerifyError
+from provision.formats.manifest import load_manifest
+from provision.layout import Layout
+from provision.stages.fetch.torrent.create import create_torrent
+from provision.stages.verify import verify_dir
+from tests.support.cli import cli_json, provision_home
+from tests.support.files import flip_byte, snapshot
+
+PIECE = 256 * 1024
+BIG = "consolidated.safetensors"  # 33,986,832 bytes in the tiny checkpoint
+FILES = ("consolidated.safetensors", "params.json", "tekken.json")
+
+
+def _torrent(folder: Path, version: str, files: tuple[str, ...] = FILES) -> tuple[bytes, str]:
+    """(.torrent bytes, btih) of ``files`` in ``folder``, in a torrent named after the folder."""
+    made = create_torrent(folder, files=[(f, (folder / f).stat().st_size) for f in files], version=version,
+                          piece_length=PIECE)
+    assert made.btih is not None
+    return made.data, made.btih
+
+
+def _only_big(tiny_copy: Path, tmp_path: Path) -> Path:
+    folder = tmp_path / "single"
+    folder.mkdir()
+    shutil.copyfile(tiny_copy / BIG, folder / BIG)
+    return folder
+
+
+def _meet_on_two_threads(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """Make each range unit wait until a second pool thread runs one too (a broken barrier, after
+    30 s, fails the verification): passing proves two ranges ran at the same time."""
+    barrier = threading.Barrier(2, timeout=30)
+    seen: list[str] = []
+    for name in ("_v1_unit", "_v2_unit"):
+        real: Callable[..., None] = getattr(parallel, name)
+
+        def unit(*args: Any, _real: Callable[..., None] = real) -> None:
+            me = threading.current_thread().name
+            if me not in seen:
+                seen.append(me)
+                barrier.wait()
+            _real(*args)
+
+        monkeypatch.setattr(parallel, name, unit)
+    return seen
+
+
+@pytest.mark.parametrize("version,kind", [("v1", "torrent-v1-pieces"), ("hybrid", "torrent-v2-merkle")])
+def test_a_single_big_file_is_checked_in_piece_ranges_on_two_workers_without_a_sha256_pass(
+        tiny_copy: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, version: str, kind: str) -> None:
+    folder = _only_big(tiny_copy, tmp_path)
+    data, _ = _torrent(folder, version, (BIG,))
+    (tmp_path / "t.torrent").write_bytes(data)
+    monkeypatch.setattr(parallel, "SPLIT_UNIT_BYTES", 4 << 20)  # 34 MB -> 9 ranges
+    threads = _meet_on_two_threads(monkeypatch)
+
+    rep = verify_dir(folder, torrent=tmp_path / "t.torrent", workers=2)
+
+    rep.raise_for_failure()
+    [f] = rep.files
+    assert (f.path, f.status, f.authority) == (BIG, "ok", kind)
+    size = (folder / BIG).stat().st_size
+    assert f.hash_ranges == -(-size // (4 << 20)) and f.hash_units == f.hash_ranges  # no whole-file unit
+    assert f.hash_threads == 2 and len(threads) == 2
+    assert f.sha256 is None  # nothing read the file as one stream
+    assert rep.bytes_hashed == size  # every byte read once, by the ranges
+    assert rep.authority == kind and rep.authorities == {kind: 1}
+    assert rep.torrent is not None and rep.torrent["chain"] == "the torrent file given"
+    assert any(c.name == kind and c.ok for c in rep.checks)
+
+
+def test_a_flipped_byte_is_named_by_its_piece_and_nothing_is_written(
+        tiny_copy: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    folder = _only_big(tiny_copy, tmp_path)
+    data, _ = _torrent(folder, "v1", (BIG,))
+    (tmp_path / "t.torrent").write_bytes(data)
+    monkeypatch.setattr(parallel, "SPLIT_UNIT_BYTES", 4 << 20)
+    offset = 20_000_123
+    flip_byte(folder / BIG, offset)
+    before = snapshot(folder)
+
+    rep = verify_dir(folder, torrent=tmp_path / "t.torrent", workers=2)
+
+    assert snapshot(folder) == before
+    [fail] = rep.failures
+    assert (fail.name, fail.file, fail.authority) == ("torrent-v1-pieces", BIG, "torrent-v1-pieces")
+    piece = offset // PIECE  # 76
+    assert f"piece {piece}," in fail.message
+    assert fail.error is not None and fail.error.context["bad_pieces"] == [piece]
+    with pytest.raises(HashMismatchError):
+        rep.raise_for_failure()
+
+
+def test_a_flipped_byte_fails_the_v2_merkle_root_of_its_file(
+        tiny_copy: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    data, _ = _torrent(tiny_copy, "hybrid")
+    (tmp_path / "t.torrent").write_bytes(data)
+    monkeypatch.setattr(parallel, "SPLIT_UNIT_BYTES", 4 << 20)
+    flip_byte(tiny_copy / "tekken.json", 12_345_678)
+    rep = verify_dir(tiny_copy, torrent=tmp_path / "t.torrent", workers=2)
+    assert [(c.name, c.file) for c in rep.failures] == [("torrent-v2-merkle", "tekken.json")]
+    assert {f.path: f.status for f in rep.files if f.path in FILES} == {
+        "consolidated.safetensors": "ok", "params.json": "ok", "tekken.json": "failed"}
+
+
+def test_a_torrent_file_missing_from_the_folder_fails_and_an_unlisted_one_keeps_its_sha256(
+        tiny_copy: Path, tmp_path: Path) -> None:
+    data, _ = _torrent(tiny_copy, "hybrid")
+    (tmp_path / "t.torrent").write_bytes(data)
+    (tiny_copy / "params.json").unlink()
+    rep = verify_dir(tiny_copy, torrent=tmp_path / "t.torrent")
+    assert {(c.name, c.file) for c in rep.failures} >= {("present", "params.json")}
+    extra = rep.file("manifest.toml")  # not in the torrent: checked as before, its sha256 reported
+    assert extra is not None and extra.authority == "none"
+    assert extra.sha256 == hashlib.sha256((tiny_copy / "manifest.toml").read_bytes()).hexdigest()
+
+
+def _pinning_manifest(tiny_src: Path, tmp_path: Path, btih: str) -> Path:
+    """The tiny manifest with a torrent source whose magnet pins ``btih`` (beside no .torrent file)."""
+    text = (tiny_src / "manifest.toml").read_text()
+    src = f'[[sources]]\ntype = "torrent"\nmagnet = "magnet:?xt=urn:btih:{btih}&dn=tiny-pixtral"\n\n'
+    out = tmp_path / "pinned" / "manifest.toml"
+    out.parent.mkdir()
+    out.write_text(text.replace("[[files]]", src + "[[files]]", 1))
+    return out
+
+
+def test_verify_with_a_manifest_uses_the_stores_copy_of_the_pinned_torrent_and_says_so(
+        tiny_src: Path, tiny_copy: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    data, btih = _torrent(tiny_copy, "hybrid")
+    manifest = _pinning_manifest(tiny_src, tmp_path, btih)
+    store = Layout(provision_home()).torrents
+    store.mkdir(parents=True)
+
+    # no copy in the store yet: the manifest's sha256 is the authority, read as one stream
+    rc, doc, err = cli_json(capsys, "verify", str(tiny_copy), "--manifest", str(manifest))
+    assert rc == 0, err
+    assert doc["verify"]["authorities"] == {"manifest-sha256": 3} and "torrent" not in doc["verify"]
+
+    (store / f"{btih}.torrent").write_bytes(data)
+    rc, doc, err = cli_json(capsys, "verify", str(tiny_copy), "--manifest", str(manifest))
+    assert rc == 0, err
+    v = doc["verify"]
+    assert v["authority"] == "torrent-v2-merkle" and v["authorities"] == {"torrent-v2-merkle": 3}
+    assert v["torrent"]["chain"] == f"btih {btih}" and v["torrent"]["btih"] == btih
+    big = next(f for f in v["files"] if f["path"] == BIG)
+    assert big["authority"] == "torrent-v2-merkle" and "sha256" not in big and big["hash"]["ranges"] >= 1
+    assert "checked against: torrent-v2-merkle (3 files" in err
+
+    # a store copy that is not the pinned torrent is skipped: back to the manifest's sha256
+    other, _ = _torrent(tiny_copy, "v1")
+    (store / f"{btih}.torrent").write_bytes(other)
+    rc, doc, err = cli_json(capsys, "verify", str(tiny_copy), "--manifest", str(manifest))
+    assert rc == 0, err
+    assert doc["verify"]["authorities"] == {"manifest-sha256": 3}
+
+
+def test_an_explicit_torrent_that_is_not_the_one_the_manifest_pins_is_refused(
+        tiny_src: Path, tiny_copy: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    _, btih = _torrent(tiny_copy, "hybrid")
+    other, _ = _torrent(tiny_copy, "v1")
+    (tmp_path / "other.torrent").write_bytes(other)
+    manifest = _pinning_manifest(tiny_src, tmp_path, btih)
+    with pytest.raises(VerifyError, match="not the one the sources pin"):
+        verify_dir(tiny_copy, load_manifest(str(manifest)), torrent=tmp_path / "other.torrent")
+    rc, _doc, err = cli_json(capsys, "verify", str(tiny_copy), "--manifest", str(manifest),
+                             "--torrent", str(tmp_path / "other.torrent"))
+    assert rc == 5 and "not the one the sources pin" in err
+
+
+def test_run_adopt_and_reverify_check_the_pieces_of_the_pinned_torrent(
+        tiny_src: Path, tiny_copy: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    data, btih = _torrent(tiny_copy, "hybrid")
+    manifest = _pinning_manifest(tiny_src, tmp_path, btih)
+    home = tmp_path / "home"
+    (Layout(home).torrents).mkdir(parents=True)
+    (Layout(home).torrents / f"{btih}.torrent").write_bytes(data)
+    base = ["run", str(manifest), "--home", str(home), "--no-hf-cache", "--skip-convert", "--skip-smoke"]
+
+    rc, doc, err = cli_json(capsys, *base, "--adopt", str(tiny_copy))
+    assert rc == 0, err[-3000:]
+    fetch = next(s for s in doc["stages"] if s["stage"] == "fetch")
+    assert {f["path"]: f["authority"] for f in fetch["details"]["files"]} == dict.fromkeys(FILES, "torrent-v2-merkle")
+
+    rc, doc, err = cli_json(capsys, *base, "--adopt", str(tiny_copy), "--reverify")
+    assert rc == 0, err[-3000:]
+    verify = next(s for s in doc["stages"] if s["stage"] == "verify")
+    assert verify["result"] == "ok"
+    v = verify["details"]
+    assert v["authorities"] == {"torrent-v2-merkle": 3} and v["torrent"]["chain"] == f"btih {btih}"
+    assert verify["bytes"] == sum((tiny_src / f).stat().st_size for f in FILES)  # read once, by the pieces
+    original = Layout(home).original("tiny-pixtral")
+    for f in FILES:
+        assert hashlib.sha256((original / f).read_bytes()).digest() == hashlib.sha256(
+            (tiny_src / f).read_bytes()).digest()

@@ -540,9 +540,10 @@ def load_manifest(ref: str | Path) -> Manifest:
     return parse_manifest_bytes(raw, path=path)
 
 
-def manifest_to_dict(m: Manifest, *, folder: Path | None = None) -> dict[str, Any]:
+def manifest_to_dict(m: Manifest, *, folder: Path | None = None, key_text: bool = True) -> dict[str, Any]:
     """The TOML document of ``m``; ``folder`` is where it is written, which a local source's
-    relative path is re-expressed against so it still names the same folder."""
+    relative path is re-expressed against so it still names the same folder. ``key_text=False``
+    (a report) puts the pinned keys' sha256 fingerprints in place of their PEM text."""
     d: dict[str, Any] = {"schema_version": m.schema_version, "name": m.name,
                          "architecture": m.architecture, "format": m.format}
     if m.description:
@@ -577,7 +578,9 @@ def manifest_to_dict(m: Manifest, *, folder: Path | None = None) -> dict[str, An
     sm["image"] = {"kind": img.kind, "width": img.width, "height": img.height, "color": img.color,
                    "background": img.background}
     d["smoke"] = sm
-    if m.signing is not None:  # key material as PEM text: the manifest stays self-contained wherever it is copied
+    if m.signing is not None and not key_text:
+        d["signing"] = signing_summary(m.signing)
+    elif m.signing is not None:  # key material as PEM text: the manifest stays self-contained wherever it is copied
         sg: dict[str, Any] = {}
         if m.signing.public_key is not None:
             sg["public_key"] = m.signing.public_key.decode()
@@ -588,6 +591,21 @@ def manifest_to_dict(m: Manifest, *, folder: Path | None = None) -> dict[str, An
     if m.params is not None:
         d["params"] = m.params
     return d
+
+
+def signing_summary(spec: SigningSpec) -> dict[str, Any]:
+    """A ``[signing]`` pin for reports and logs: the signature location and the sha256 of each pinned
+    key's DER bytes (its fingerprint), never the key text."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat, load_pem_public_key
+
+    key = None
+    if spec.public_key is not None:
+        der = load_pem_public_key(spec.public_key).public_bytes(Encoding.DER, PublicFormat.SubjectPublicKeyInfo)
+        key = hashlib.sha256(der).hexdigest()
+    certs = [hashlib.sha256(x509.load_pem_x509_certificate(c).public_bytes(Encoding.DER)).hexdigest()
+             for c in spec.certificate_chain]
+    return {"signature": spec.signature, "public_key_sha256": key, "certificate_sha256": certs}
 
 
 def _local_path_for(path: str, parsed: Path | None, folder: Path | None) -> str:

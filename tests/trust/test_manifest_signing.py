@@ -104,3 +104,37 @@ def test_a_loopback_http_or_an_https_url_is_a_signature_location(tmp_path: Path)
 def test_a_manifest_without_signing_pins_nothing() -> None:
     assert parse_manifest_bytes(HEAD.encode()).signing is None
     assert "[signing]" not in dump_manifest(parse_manifest_bytes(HEAD.encode()))
+
+
+def test_manifest_show_gives_key_fingerprints_never_key_text(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import hashlib
+
+    from cryptography.hazmat.primitives import serialization as ser
+
+    from provision.formats.report_schema import validate_report
+    from tests.support.cli import cli_json
+
+    _priv, pub = ec_keypair(tmp_path, "k")
+    m = _write(tmp_path, 'public_key = "k.pub.pem"\nsignature = "model.sig"\n')
+    rc, doc, err = cli_json(capsys, "manifest", "show", str(m))
+    assert rc == 0, err
+    validate_report(doc)
+    der = ser.load_pem_public_key(pub.read_bytes()).public_bytes(ser.Encoding.DER,
+                                                                 ser.PublicFormat.SubjectPublicKeyInfo)
+    assert doc["manifest"]["signing"] == {"signature": "model.sig", "public_key_sha256": hashlib.sha256(der).hexdigest(),
+                                          "certificate_sha256": []}
+    body = pub.read_text().splitlines()[1]
+    assert body not in json_text(doc) + err
+    from tests.support.cli import cli_output
+
+    rc, out, err = cli_output(capsys, "manifest", "show", str(m))
+    assert rc == 0 and f"signing: signature model.sig; public key sha256 {hashlib.sha256(der).hexdigest()[:16]}" in out
+    assert body not in out + err
+
+
+def json_text(doc: object) -> str:
+    import json
+
+    return json.dumps(doc)

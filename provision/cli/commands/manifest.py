@@ -88,6 +88,12 @@ def show(manifest_ref: str, json_out: bool) -> None:
         sha = f"sha256 {f.sha256}" if f.sha256 else "sha256 unknown"
         opt = " (optional)" if f.optional else ""
         out(f"  {f.path}{opt}: {size}, {sha}")
+    if m.signing is not None:  # fingerprints only: no key text in output or reports
+        sg = manifest_to_dict(m, key_text=False)["signing"]
+        key = f"public key sha256 {sg['public_key_sha256'][:16]}…" if sg["public_key_sha256"] else ""
+        chain = f"{len(sg['certificate_sha256'])} pinned certificate(s)" if sg["certificate_sha256"] else ""
+        out(f"  signing: signature {m.signing.signature}; {', '.join(x for x in (key, chain) if x)}")
     out(f"  complete: {'yes' if m.complete else 'no (run provision manifest lock after a verified fetch)'}")
-    doc: dict[str, Any] = {"path": str(m.path), "complete": m.complete, "manifest": manifest_to_dict(m)}
+    doc: dict[str, Any] = {"path": str(m.path), "complete": m.complete,
+                           "manifest": manifest_to_dict(m, key_text=False)}
     app.finish(doc)

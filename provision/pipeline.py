@@ -60,6 +60,9 @@ class RunOptions:
     lock_timeout: float | None = None
     keep_pickle: bool = False  # a pickled torrent release: keep the pickle in staging after the import
     convert_workers: int | None = None  # threads converting tensors (None: PROVISION_CONVERT_WORKERS or the CPUs)
+    profile_from: str | None = None  # a shared profile's magnet or .torrent: fetched instead of original + convert
+    trust_key: Path | None = None  # the public key a --profile-from signature must verify against
+    allow_unsigned: bool = False  # --profile-from without a key: trust the provenance record alone
 
 
 @dataclass
@@ -156,6 +159,7 @@ class Outcome:
     files: Mapping[str, Path] | list[Path]
     facts: dict[str, Any] | None = None
     sha256: dict[str, str] | None = None
+    key: str | None = None  # the state key, when only the run learns it (a profile taken with --profile-from)
 
 
 @dataclass(frozen=True)
@@ -190,6 +194,9 @@ class _Run:
         st, opts = self.state, self.opts
         kept = ("original dropped after a verified conversion (--drop-original); the converted profile is "
                 "still valid") if st.original_dropped else None
+        if opts.profile_from is not None:  # a profile from the swarm: no original, no conversion
+            yield from self.shared_profile_stages()
+            return
         self.pickled = self._pickled_release()
         if self.pickled is None:
             yield Stage("fetch", "fetch", self.original_ready, self.fetch, kept or "already fetched and unchanged",
@@ -311,12 +318,47 @@ class _Run:
             self.state.invalidate(stage.key)
             save_state(self.state, self.state_path)
         out = stage.run()
-        self.state.record_stage(stage.key, files=out.files, facts=out.facts, sha256=out.sha256)
+        self.state.record_stage(out.key or stage.key, files=out.files, facts=out.facts, sha256=out.sha256)
         save_state(self.state, self.state_path)
         _record(self.result, stage.name, "ok", time.monotonic() - t, out.nbytes, out.details, profile=stage.profile)
         return self.result.stages[-1]
 
     # -- the stages --------------------------------------------------------------------------
+    def shared_profile_stages(self) -> Iterator[Stage]:
+        """--profile-from: the profile fetched from a swarm and checked (signature, record, source), then smoke."""
+        from provision.stages.profile_share import SharedProfile
+
+        opts = self.opts
+        assert opts.profile_from is not None
+        share = SharedProfile(self.plan, opts.profile_from, home=self.lay.home, torrent=opts.torrent,
+                              trust_key=opts.trust_key, allow_unsigned=opts.allow_unsigned, progress=self.progress)
+
+        def taken(name: str | None) -> None:
+            if name is not None:
+                self.result.profile, self.result.profile_dir = name, self.lay.profile(self.plan.name, name)
+                self.recall_serve_command(f"convert:{name}", self.result.profile_dir)
+
+        def fetched() -> Outcome:
+            got = share.fetch()
+            taken(got.profile)
+            self.result.vllm_command = got.facts.get("vllm_command")
+            if self.seeding is not None:
+                got.details["seed"] = share.seed()
+            return Outcome(got.bytes_downloaded, got.details, files=got.files, facts=got.facts, sha256=got.sha256,
+                           key=f"convert:{got.profile}")
+
+        def skipped() -> None:
+            taken(share.recorded(self.state))
+            if self.seeding is not None:
+                share.seed()
+
+        yield Stage("fetch-profile", "convert", lambda: share.recorded(self.state) is not None, fetched,
+                    "taken from the swarm before and unchanged", on_skip=skipped)
+        if not opts.skip_smoke and self.result.profile_dir is not None:
+            smoke_key, out = f"smoke:{self.result.profile}", self.result.profile_dir
+            yield Stage("smoke", smoke_key, lambda: self.state.stage_valid(smoke_key), lambda: self.smoke(out),
+                        "passed and unchanged", profile=self.result.profile)
+
     def seed_earlier_fetch(self) -> None:
         if self.seeding is not None and self.original.is_dir():  # a restarted fleet member still serves late hosts
             from provision.stages.fetch.torrent import seed_verified
@@ -456,7 +498,8 @@ class _Run:
         from provision.stages.smoke import smoke
 
         srep = smoke(smoke_dir, device=self.opts.device, manifest=self.manifest, progress=self.progress)
-        if smoke_dir != self.original and (smoke_dir / PROVENANCE_NAME).is_file():  # the profile's record
+        if (smoke_dir != self.original and (smoke_dir / PROVENANCE_NAME).is_file()  # the profile's record, unless
+                and self.opts.profile_from is None):  # signed by its publisher (--profile-from): kept as signed
             from provision.formats import provenance
 
             provenance.add_smoke(smoke_dir, provenance.smoke_entry(srep.to_dict()))
@@ -539,7 +582,7 @@ def run_pipeline(
     if dry_run:
         return result
     chosen = None
-    args = None if opts.skip_convert else _params_before_fetch(plan)
+    args = None if opts.skip_convert or opts.profile_from else _params_before_fetch(plan)
     if args is not None:  # choose the profile before a byte is fetched
         target = parse_target(opts.target, hardware=plan.hardware)
         chosen = target, _choose_profile(args, opts, target)
@@ -566,7 +609,8 @@ def run_pipeline(
 
             target = parse_target(opts.target, hardware=plan.hardware)
             chosen = target, _choose_profile(ModelArgs.from_dict(dropped), opts, target)
-        _check_space(plan, opts, chosen, state, lay)
+        if opts.profile_from is None:  # a shared profile's size is known from its torrent: the fetch checks room
+            _check_space(plan, opts, chosen, state, lay)
         run = _Run(plan, opts, lay, result, state, progress, seeding, chosen)
         for stage in run.stages():
             emit(run.run_stage(stage))

@@ -59,6 +59,13 @@ def render_summary(app: App, stages: list[dict[str, Any]]) -> None:
 @click.option("--skip-smoke", is_flag=True, help="Stop after the conversion.")
 @click.option("--skip-convert", is_flag=True, help="Smoke-test the original instead of converting.")
 @workers_option
+@click.option("--profile-from", metavar="MAGNET|TORRENT",
+              help="Take the converted profile a seeder shares (provision seed MODEL --profile P) instead of "
+                   "fetching the original and converting: its magnet or .torrent (with --peer HOST:PORT).")
+@click.option("--trust-key", type=click.Path(dir_okay=False, path_type=Path), metavar="PUBKEY",
+              help="--profile-from: the publisher's public key (PEM) the profile's signature must verify against.")
+@click.option("--allow-unsigned", is_flag=True,
+              help="--profile-from without --trust-key: trust the profile's provenance record alone.")
 @click.option("--lock-timeout", type=click.FloatRange(min=0), default=None,
               help="Seconds to wait for another run on the same model (default 60).")
 @click.option("--offline", is_flag=True, help="Never touch the network while planning.")
@@ -69,7 +76,8 @@ def command(source: str, home: Path | None, source_kind: str, target: str, schem
             trackers: tuple[str, ...], seed_for: float, max_upload_rate: str | None,
             max_download_rate: str | None, stall_timeout: float, token: str | None, adopt: Path | None,
             no_hf_cache: bool, drop_original: bool, reverify: bool, keep_pickle: bool, skip_smoke: bool, skip_convert: bool,
-            workers: int | None, lock_timeout: float | None, offline: bool, dry_run: bool, json_out: bool) -> None:
+            workers: int | None, profile_from: str | None, trust_key: Path | None, allow_unsigned: bool,
+            lock_timeout: float | None, offline: bool, dry_run: bool, json_out: bool) -> None:
     """Plan, fetch, verify, convert and smoke-test SOURCE, skipping what is already done."""
     app = get_app(json_out, "run")
     from provision.cli.commands.plan import render_plan
@@ -83,7 +91,7 @@ def command(source: str, home: Path | None, source_kind: str, target: str, schem
         source=source_kind, target=target, scheme=scheme, layout=layout, context=context, device=device,
         adopt=adopt, discover_hf_cache=not no_hf_cache, drop_original=drop_original, reverify=reverify,
         skip_smoke=skip_smoke, skip_convert=skip_convert, lock_timeout=lock_timeout, keep_pickle=keep_pickle,
-        convert_workers=workers,
+        convert_workers=workers, profile_from=profile_from, trust_key=trust_key, allow_unsigned=allow_unsigned,
         torrent=TorrentOptions(peers=peers, trackers=trackers, network=network, listen=listen, seed_for=seed_for,
                                max_upload_rate=parse_rate(max_upload_rate),
                                max_download_rate=parse_rate(max_download_rate), stall_timeout=stall_timeout,

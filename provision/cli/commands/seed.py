@@ -3,8 +3,11 @@
 Writes the .torrent (``--torrent-out``), the magnet (``--magnet-out``, and stderr) and an
 opentracker whitelist line (``--whitelist-out``) before serving, then seeds until
 ``--seed-for`` ends or SIGINT/SIGTERM (both end a seed normally: exit 0 with the report).
-``--seed-for 0`` writes the outputs and exits without serving. The work is in
-``provision.stages.fetch.torrent.seed``; this module only parses options and renders.
+``--seed-for 0`` writes the outputs and exits without serving. A converted profile
+(``seed MODEL --profile P``, or a folder whose ``provenance.json`` has a recipe) is published with
+its record and signature (``--signature``, else ``<profile>_signature.sig`` beside it) for
+``provision run SOURCE --profile-from MAGNET``. The work is in ``provision.stages.fetch.torrent.seed``
+and ``provision.stages.profile_share``; this module only parses options and renders.
 """
 
 from __future__ import annotations
@@ -18,7 +21,11 @@ from provision.cli.options import json_option, parse_rate
 
 
 @click.command("seed")
-@click.argument("folder", metavar="DIR", type=click.Path(file_okay=False, path_type=Path))
+@click.argument("folder", metavar="DIR|MODEL", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--profile", "profile", metavar="P",
+              help="Seed MODEL's converted profile P from the store (with its provenance record and signature).")
+@click.option("--signature", type=click.Path(dir_okay=False, path_type=Path), metavar="SIG",
+              help="A profile's signature to publish with it (default: <profile>_signature.sig beside the folder, if any).")
 @click.option("--manifest", "manifest_ref", metavar="M",
               help="Seed exactly the manifest's files (checked for size) and name the torrent after it.")
 @click.option("--torrent-version", type=click.Choice(["hybrid", "v1", "v2"]), default="hybrid", show_default=True,
@@ -41,17 +48,31 @@ from provision.cli.options import json_option, parse_rate
 @click.option("--upload-slots", type=click.IntRange(min=0), default=0, metavar="N",
               help="Serve N peers at once (0: libtorrent's default, 8); 2 suits a fleet's origin.")
 @json_option
-def command(folder: Path, manifest_ref: str | None, torrent_version: str, torrent_out: Path | None,
+def command(folder: Path, profile: str | None, signature: Path | None, manifest_ref: str | None, torrent_version: str, torrent_out: Path | None,
             magnet_out: Path | None, whitelist_out: Path | None, web_seeds: tuple[str, ...],
             trackers: tuple[str, ...], network: str, listen: str | None, seed_for: float | None,
             max_upload_rate: str | None, upload_slots: int, json_out: bool) -> None:
-    """Create a torrent of DIR (a verified model folder) and seed it."""
+    """Create a torrent of DIR (a verified model folder, or MODEL's --profile P) and seed it."""
     app = get_app(json_out, "seed")
     from provision.progress import ProgressEvent
     from provision.stages.fetch.torrent import SeedInfo, seed
     from provision.units import human_bytes
 
     up = parse_rate(max_upload_rate)
+    from provision.errors import UsageError
+    from provision.stages.profile_share import is_profile_folder, seed_profile
+
+    if profile is not None:
+        from provision.layout import Layout
+
+        folder = Layout(app.settings.home).profile(str(folder), profile)
+        if not folder.is_dir():
+            raise UsageError(f"The store has no profile {profile} of that model ({folder}).")
+    share = profile is not None or is_profile_folder(folder)
+    if share and manifest_ref:
+        raise UsageError("--manifest names an original's files; a profile is seeded with its own record.")
+    if signature is not None and not share:
+        raise UsageError("--signature goes with a converted profile (a folder with provenance.json).")
     manifest = None
     if manifest_ref:
         from provision.formats.manifest import load_manifest
@@ -70,6 +91,18 @@ def command(folder: Path, manifest_ref: str | None, torrent_version: str, torren
     def progress(ev: ProgressEvent) -> None:
         app.terminal.progress(ev)
 
+    if share:
+        shared = seed_profile(folder, signature=signature, version=torrent_version, torrent_out=torrent_out,
+                              magnet_out=magnet_out, whitelist_out=whitelist_out, web_seeds=web_seeds,
+                              trackers=trackers, network=network, listen=listen, seed_for=seed_for,
+                              max_upload_rate=up, upload_slots=upload_slots, progress=progress, on_ready=ready)
+        res = shared.seed
+        app.terminal.success(f"seeded profile {shared.profile} ({len(res.files)} files, "
+                             f"{human_bytes(res.total_size)}, {'signed' if shared.signature else 'unsigned'}): "
+                             f"{human_bytes(res.uploaded_bytes)} uploaded in {res.seconds:.1f} s "
+                             f"(ended by {res.stopped_by})")
+        app.finish({"seed": shared.to_dict()})
+        return
     res = seed(folder, manifest=manifest, version=torrent_version, torrent_out=torrent_out, magnet_out=magnet_out,
                whitelist_out=whitelist_out, web_seeds=web_seeds, trackers=trackers, network=network, listen=listen,
                seed_for=seed_for, max_upload_rate=up, upload_slots=upload_slots, progress=progress, on_ready=ready)

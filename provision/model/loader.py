@@ -3,8 +3,10 @@
 It reads the Mistral layout (``params.json`` + ``consolidated*.safetensors``, the model's own
 names) and the transformers (Llava) layout (``config.json`` + ``model*.safetensors``, renamed and
 q/k-permuted through ``hf_names``; a ``quantization_config`` swaps in ``quantized.QuantLinear``).
-The model is built on the meta device, each tensor read with ``safe_open`` straight onto the
-device, then adopted by ``load_state_dict(strict=True, assign=True)``; ``check_fits`` refuses
+The model is built on the meta device, the tensors read by the pipelined reader (several threads
+``pread`` the files into a few reused host buffers, pinned for a GPU, each copied to the device
+asynchronously on a copy stream while the next ones fill: no per-tensor wait; the same code with
+plain copies on the CPU), then adopted by ``load_state_dict(strict=True, assign=True)``; ``check_fits`` refuses
 (exit 6, with both numbers) before anything is read when the device lacks memory. Pickle files
 are never read. It does not tokenize or generate.
 """
@@ -14,6 +16,9 @@ from __future__ import annotations
 import json
 import math
 import os
+from collections import deque
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -220,11 +225,23 @@ def default_dtype(ckpt: Checkpoint, device: torch.device) -> torch.dtype:
     return torch.bfloat16 if device.type == "cuda" else torch.float32
 
 
-def _read_tensors(ckpt: Checkpoint, device: torch.device, dtype: torch.dtype | None,
-                  placement: Placement | None = None) -> dict[str, torch.Tensor]:
-    from safetensors import safe_open
-
+def _finish(ckpt: Checkpoint, name: str, t: torch.Tensor, dtype: torch.dtype | None) -> tuple[str, torch.Tensor]:
+    """One stored tensor -> the model's name and layout (hf: renamed, q/k un-permuted), floats cast to ``dtype``."""
     from provision.model import hf_names as keymap
+
+    if ckpt.layout == "hf":
+        name, t = keymap.hf_to_mistral(name, t, ckpt.args)
+    if dtype is not None and t.dtype in FLOAT_DTYPES and t.dtype != dtype and \
+            name.rsplit(".", 1)[-1] in ("weight", "bias"):
+        t = t.to(dtype)
+    return name, t
+
+
+def read_tensors_simple(ckpt: Checkpoint, device: torch.device, dtype: torch.dtype | None,
+                        placement: Placement | None = None) -> dict[str, torch.Tensor]:
+    """The reference reader: ``safe_open(...).get_tensor`` one tensor after the other (the pipelined
+    reader's tests and benchmark compare against it)."""
+    from safetensors import safe_open
 
     by_file: dict[Path, list[str]] = {}
     for name, f in ckpt.files.items():
@@ -234,16 +251,276 @@ def _read_tensors(ckpt: Checkpoint, device: torch.device, dtype: torch.dtype | N
     for f, names in by_file.items():
         with safe_open(str(f), framework="pt", device=dev) as sf:
             for name in names:
-                t = sf.get_tensor(name)
-                if ckpt.layout == "hf":
-                    name, t = keymap.hf_to_mistral(name, t, ckpt.args)
-                if dtype is not None and t.dtype in FLOAT_DTYPES and t.dtype != dtype and \
-                        name.rsplit(".", 1)[-1] in ("weight", "bias"):
-                    t = t.to(dtype)
+                name, t = _finish(ckpt, name, sf.get_tensor(name), dtype)
                 if placement is not None:  # several devices: each tensor goes to its layer's device
                     t = t.to(placement.device_of(name))
                 out[name] = t
     return out
+
+
+# ---------------------------------------------------------------------------------------
+# The pipelined reader: several threads read the files into a few reused (pinned, on a GPU) host
+# buffers while the previous buffers are copied to the device asynchronously on a copy stream.
+#
+#   file bytes --pread, N threads--> buffer k (pinned) --copy stream, non_blocking--> device tensor
+#                                    ^ reused once the event recorded after its copies has passed
+#
+# A buffer holds consecutive bytes of one file: several small tensors, or a piece of a large one.
+# Nothing waits per tensor: the only waits are for a buffer to come back and one at the end.
+
+DEFAULT_LOAD_THREADS = 8
+DEFAULT_BUFFER_BYTES = 16 << 20
+
+
+@dataclass(frozen=True)
+class Segment:
+    """Bytes ``buf_off``..``buf_off + nbytes`` of a chunk's buffer belong at ``dst_off`` of tensor ``tensor``."""
+
+    buf_off: int
+    tensor: int
+    dst_off: int
+    nbytes: int
+
+
+@dataclass(frozen=True)
+class Chunk:
+    """One read: ``nbytes`` (at most a buffer) from ``file_off`` of file ``file``, split into segments."""
+
+    file: int
+    file_off: int
+    nbytes: int
+    segments: tuple[Segment, ...]
+
+
+def plan_chunks(ranges: list[tuple[int, int, int, int]], buffer_bytes: int) -> list[Chunk]:
+    """Cut tensors' byte ranges ``(file, tensor, file offset, nbytes)`` into buffer-sized reads of
+    consecutive bytes: small neighbours share a read, a large tensor spans several."""
+    if buffer_bytes < 1:
+        raise UsageError(f"The load buffer must hold at least one byte, got {buffer_bytes}.")
+    chunks: list[Chunk] = []
+    cur: tuple[int, int] | None = None  # (file, file offset) of the chunk being filled
+    length = 0
+    segs: list[Segment] = []
+
+    def flush() -> None:
+        nonlocal cur, length, segs
+        if cur is not None and length:
+            chunks.append(Chunk(cur[0], cur[1], length, tuple(segs)))
+        cur, length, segs = None, 0, []
+
+    for file, tensor, off, n in sorted(ranges, key=lambda r: (r[0], r[2])):
+        pos = 0
+        while pos < n:
+            if cur is not None and (cur[0] != file or cur[1] + length != off + pos or length == buffer_bytes):
+                flush()
+            if cur is None:
+                cur = (file, off + pos)
+            take = min(n - pos, buffer_bytes - length)
+            segs.append(Segment(length, tensor, pos, take))
+            length += take
+            pos += take
+    flush()
+    return chunks
+
+
+class Copier:
+    """Copies host buffers into tensors of one device. This one (the CPU's) copies at once."""
+
+    def copy(self, dst: torch.Tensor, src: torch.Tensor) -> None:
+        dst.copy_(src)
+
+    def fence(self) -> Any:
+        """A marker after the copies issued so far (None: they are already done)."""
+        return None
+
+    def done(self, fence: Any) -> bool:
+        return True
+
+    def wait(self, fence: Any) -> None:
+        """Block until the copies before ``fence`` are done (their source buffer may be reused)."""
+
+    def finish(self) -> None:
+        """Make the device's current stream see every copy (after the last one)."""
+
+
+class CudaCopier(Copier):
+    """Asynchronous copies on a side stream of one GPU; fences are CUDA events."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.stream = torch.cuda.Stream(device)
+        # the destinations were allocated on the current stream: copy only after what ran there before
+        self.stream.wait_stream(torch.cuda.current_stream(device))
+
+    def copy(self, dst: torch.Tensor, src: torch.Tensor) -> None:
+        with torch.cuda.stream(self.stream):
+            dst.copy_(src, non_blocking=True)
+
+    def fence(self) -> Any:
+        ev = torch.cuda.Event()
+        ev.record(self.stream)
+        return ev
+
+    def done(self, fence: Any) -> bool:
+        return bool(fence.query())
+
+    def wait(self, fence: Any) -> None:
+        fence.synchronize()
+
+    def finish(self) -> None:
+        torch.cuda.current_stream(self.device).wait_stream(self.stream)
+
+
+def copier_for(device: torch.device) -> Copier:
+    return CudaCopier(device) if device.type == "cuda" else Copier()
+
+
+def _read_chunk(fd: int, path: Path, chunk: Chunk, view: memoryview) -> None:
+    got = 0
+    while got < chunk.nbytes:
+        n = os.preadv(fd, [view[got:chunk.nbytes]], chunk.file_off + got)
+        if n <= 0:
+            raise StructureError(f"{path} ended at byte {chunk.file_off + got} while its header promised "
+                                 f"{chunk.file_off + chunk.nbytes}; fetch it again.", path=str(path))
+        got += n
+
+
+def stream_into(paths: list[Path], chunks: list[Chunk], dests: list[torch.Tensor], copiers: list[Copier],
+                dest_copier: list[int], *, threads: int, buffer_bytes: int, pin: bool) -> None:
+    """Read ``chunks`` of ``paths`` on ``threads`` threads into ``2 x threads`` reused host buffers (pinned
+    when ``pin``) and copy each segment into its flat uint8 destination ``dests[i]`` through
+    ``copiers[dest_copier[i]]``. A buffer is refilled only after the fence recorded after its copies."""
+    if not chunks:
+        return
+    threads = max(1, threads)
+    nbuf = max(2, min(2 * threads, len(chunks)))
+    size = min(buffer_bytes, max(c.nbytes for c in chunks))
+    bufs = [torch.empty(size, dtype=torch.uint8, pin_memory=pin) for _ in range(nbuf)]
+    views = [memoryview(b.numpy()).cast("B") for b in bufs]  # type: ignore[arg-type]
+    fds: list[int] = []
+    free: deque[int] = deque(range(nbuf))
+    pending: deque[tuple[Chunk, int, Future[None]]] = deque()
+    inflight: deque[tuple[int, list[tuple[Copier, Any]]]] = deque()
+    todo = iter(chunks)
+    left = [len(chunks)]  # chunks not yet handed to a reader
+
+    def reclaim(block: bool) -> None:
+        while inflight:
+            b, fences = inflight[0]
+            if not all(c.done(f) for c, f in fences):
+                if not block:
+                    return
+                for c, f in fences:
+                    c.wait(f)
+                block = False  # one buffer back is enough to go on
+            inflight.popleft()
+            free.append(b)
+
+    try:
+        for p in paths:
+            fds.append(os.open(p, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0)))
+        with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="provision-load") as pool:
+            def submit() -> None:
+                while free:
+                    c = next(todo, None)
+                    if c is None:
+                        return
+                    b = free.popleft()
+                    left[0] -= 1
+                    pending.append((c, b, pool.submit(_read_chunk, fds[c.file], paths[c.file], c, views[b])))
+
+            try:
+                submit()
+                while pending:
+                    c, b, fut = pending.popleft()
+                    fut.result()
+                    used: dict[int, Copier] = {}
+                    for s in c.segments:
+                        k = dest_copier[s.tensor]
+                        copiers[k].copy(dests[s.tensor][s.dst_off:s.dst_off + s.nbytes],
+                                        bufs[b][s.buf_off:s.buf_off + s.nbytes])
+                        used[k] = copiers[k]
+                    inflight.append((b, [(cp, cp.fence()) for cp in used.values()]))
+                    reclaim(block=False)
+                    if not free and left[0] and len(pending) < threads:
+                        reclaim(block=True)  # the readers would idle: wait for the oldest buffer's copies
+                    submit()
+            finally:
+                for _c, _b, fut in pending:
+                    fut.cancel()
+                while inflight:  # on an error too: no copy may still read a buffer we drop
+                    reclaim(block=True)
+        for cp in copiers:
+            cp.finish()
+    finally:
+        for fd in fds:
+            os.close(fd)
+
+
+def read_files(paths: list[Path], device: torch.device | Callable[[str], torch.device], *,
+               select: Callable[[Path, str], bool] | None = None, threads: int | None = None,
+               buffer_bytes: int | None = None,
+               copier_factory: Callable[[torch.device], Copier] | None = None) -> dict[str, torch.Tensor]:
+    """Every tensor of the safetensors files ``paths`` (those ``select(path, name)`` accepts), in its
+    stored dtype and shape, on ``device`` (or ``device(name)``), read by the pipelined reader above."""
+    infos = _headers(list(paths))
+    files = list(infos)
+    keys: list[str] = []
+    metas: list[tuple[torch.dtype, tuple[int, ...]]] = []
+    ranges: list[tuple[int, int, int, int]] = []
+    for fi, (path, info) in enumerate(infos.items()):
+        for name, t in sorted(info.tensors.items(), key=lambda kv: kv[1].begin):
+            if select is not None and not select(path, name):
+                continue
+            torch_name = TORCH_NAMES.get(t.dtype)
+            if torch_name is None:
+                raise StructureError(f"{path.name}: tensor {name!r} has dtype {t.dtype}, which the loader "
+                                     "cannot read.", path=str(path), tensor=name)
+            ranges.append((fi, len(keys), info.data_offset + t.begin, t.nbytes))
+            keys.append(name)
+            metas.append((getattr(torch, torch_name), t.shape))
+    devs = [device(k) for k in keys] if callable(device) else [device] * len(keys)
+    dev_keys = list(dict.fromkeys(str(d) for d in devs))
+    dest_copier = [dev_keys.index(str(d)) for d in devs]
+    dests = [torch.empty(r[3], dtype=torch.uint8, device=d) for r, d in zip(ranges, devs, strict=True)]
+    make = copier_factory or copier_for
+    copiers = [make(torch.device(k)) for k in dev_keys]
+    pin = any(torch.device(k).type == "cuda" for k in dev_keys) and torch.cuda.is_available()
+    size = buffer_bytes or DEFAULT_BUFFER_BYTES
+    stream_into(files, plan_chunks(ranges, size), dests, copiers, dest_copier,
+                threads=threads or min(DEFAULT_LOAD_THREADS, os.cpu_count() or 1), buffer_bytes=size, pin=pin)
+    return {k: raw.view(dt).reshape(shape) for k, raw, (dt, shape) in zip(keys, dests, metas, strict=True)}
+
+
+def read_tensors_pipelined(ckpt: Checkpoint, device: torch.device, dtype: torch.dtype | None,
+                           placement: Placement | None = None, *, threads: int | None = None,
+                           buffer_bytes: int | None = None,
+                           copier_factory: Callable[[torch.device], Copier] | None = None) -> dict[str, torch.Tensor]:
+    """The tensors of ``ckpt`` on ``device`` (or each on its ``placement`` device) through ``read_files``:
+    the same tensors, names and dtypes as ``read_tensors_simple``."""
+    from provision.model import hf_names as keymap
+
+    def model_name(stored: str) -> str:
+        return keymap.hf_name_to_mistral(stored) if ckpt.layout == "hf" else stored
+
+    where: torch.device | Callable[[str], torch.device] = device
+    if placement is not None:
+        where = lambda stored: torch.device(placement.device_of(model_name(stored)))  # noqa: E731
+    stored = read_files(sorted(set(ckpt.files.values())), where, select=lambda p, n: ckpt.files.get(n) == p,
+                        threads=threads, buffer_bytes=buffer_bytes, copier_factory=copier_factory)
+    out: dict[str, torch.Tensor] = {}
+    for name in list(stored):
+        key, tensor = _finish(ckpt, name, stored.pop(name), dtype)  # each cast frees its source as it goes
+        out[key] = tensor
+    return out
+
+
+def read_tensors(ckpt: Checkpoint, device: torch.device, dtype: torch.dtype | None,
+                 placement: Placement | None = None, *, pipelined: bool = True) -> dict[str, torch.Tensor]:
+    """Every tensor of ``ckpt`` under the model's names on its device, floats cast to ``dtype``."""
+    if pipelined:
+        return read_tensors_pipelined(ckpt, device, dtype, placement)
+    return read_tensors_simple(ckpt, device, dtype, placement)
 
 
 def _meta_tensors(ckpt: Checkpoint) -> dict[str, torch.Tensor]:
@@ -294,13 +571,15 @@ def check_loadable(path: Path) -> Checkpoint:
 
 
 def load_model(path: Path, *, device: str = "cpu", dtype: torch.dtype | None = None,
-               reserve_bytes: int = 0, placement: Placement | None = None) -> tuple[Pixtral, ModelArgs]:
+               reserve_bytes: int = 0, placement: Placement | None = None,
+               pipelined: bool = True) -> tuple[Pixtral, ModelArgs]:
     """Build Pixtral on meta and assign the checkpoint's tensors on ``device`` (strict).
 
     ``dtype`` None means the device default (bf16 on GPU, float32 on CPU). ``reserve_bytes``
     is added to the weights when checking free memory (KV cache, activations). With a
     ``placement`` (``provision.model.placement``) each tensor is read onto its layer's device and
-    each device's share is checked against its free memory.
+    each device's share is checked against its free memory. ``pipelined`` False reads through
+    ``read_tensors_simple`` (the reference; the benchmark compares both).
     """
     dev = resolve_device(device)
     ckpt = open_checkpoint(path)
@@ -310,5 +589,5 @@ def load_model(path: Path, *, device: str = "cpu", dtype: torch.dtype | None = N
     else:
         check_placement_fits(placement, reserve_bytes)
     model = build_model(ckpt.args, device="meta")
-    _assign(model, ckpt, _read_tensors(ckpt, dev, dt, placement), Path(path))
+    _assign(model, ckpt, read_tensors(ckpt, dev, dt, placement, pipelined=pipelined), Path(path))
     return model.eval(), ckpt.args

@@ -273,10 +273,13 @@ class SharedProfile:
         self.trust_key = Path(trust_key) if trust_key is not None else None
         if self.trust_key is not None and not self.trust_key.is_file():
             raise UsageError(f"--trust-key {self.trust_key} does not exist.", path=str(self.trust_key))
-        if self.trust_key is None and not allow_unsigned:
+        # without --trust-key, the key SOURCE's manifest pins in its [signing] table (PEM bytes), if any
+        pinned = getattr(getattr(plan.manifest, "signing", None), "public_key", None)
+        self.pinned_key: bytes | None = pinned if isinstance(pinned, bytes) and self.trust_key is None else None
+        if self.trust_key is None and self.pinned_key is None and not allow_unsigned:
             raise UsageError("--profile-from needs a key to check the profile's signature against.",
-                             hint="Pass --trust-key PUBLISHER.pub.pem (or --allow-unsigned to trust the record "
-                                  "alone).")
+                             hint="Pass --trust-key PUBLISHER.pub.pem, pin one in the manifest's [signing] table, "
+                                  "or pass --allow-unsigned to trust the record alone.")
         self.lay = Layout(self.home)
         self.model = self.lay.model(plan.name)
         self.request = _ShareRequest(
@@ -359,12 +362,14 @@ class SharedProfile:
             raise StructureError(f"The shared folder is called {prof} but its record describes the profile "
                                  f"{str(recipe.get('profile'))[:60]!r}; refusing it.")
         checks: dict[str, Any] = {}
-        if self.trust_key is not None:
+        if self.trust_key is not None or self.pinned_key is not None:
             if not sig.is_file():
                 raise VerifyError(f"The shared profile {prof} is not signed, and a signature by the trusted key "
                                   "is required; refusing it.")
-            r = verify_folder_signature(folder, signature=sig, public_key=self.trust_key)  # checks the record first
-            checks["signature"] = {"verified": True, "sha256": r.signature_sha256, "files": r.files}
+            with self._key() as key:  # checks the record first
+                r = verify_folder_signature(folder, signature=sig, public_key=key)
+            checks["signature"] = {"verified": True, "sha256": r.signature_sha256, "files": r.files,
+                                   "key": "--trust-key" if self.trust_key is not None else "manifest [signing]"}
         else:
             provenance.check(folder, record)
             checks["signature"] = {"verified": False, "reason": "--allow-unsigned"}
@@ -372,6 +377,18 @@ class SharedProfile:
         checks["provenance"] = {"files": len(record["files"]), "matched": True}
         checks["source"] = check_source(record, self.plan)
         return prof, record, checks
+
+    @contextlib.contextmanager
+    def _key(self) -> Iterator[Path]:
+        """The trusted public key as a file: --trust-key, or the manifest's pinned PEM written to a temporary."""
+        if self.trust_key is not None:
+            yield self.trust_key
+            return
+        assert self.pinned_key is not None
+        with tempfile.TemporaryDirectory(prefix="provision-key-") as tmp:
+            path = Path(tmp) / "pinned.pub.pem"
+            path.write_bytes(self.pinned_key)
+            yield path
 
     def _commit(self, stage: Path, prof: str) -> Path:
         """Move the checked profile (and its signature) into the model folder; a profile folder

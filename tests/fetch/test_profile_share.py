@@ -253,3 +253,26 @@ def test_seed_profile_cli_publishes_the_record_and_signature_in_the_torrent(
     assert names == want
     assert magnet_out.read_text().strip() == doc["seed"]["magnet"]
     assert not [p for p in origin.profile.parent.iterdir() if p.name.startswith(".provision-share-")]
+
+
+def test_the_key_the_manifest_pins_is_the_trusted_key_without_trust_key(
+        origin: Origin, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    pinned = tmp_path / "pinned"
+    pinned.mkdir()
+    manifest = pinned / "manifest.toml"
+    shutil.copyfile(origin.other_key, pinned / "publisher.pub.pem")  # pins a key that did not sign the profile
+    manifest.write_text(origin.manifest.read_text()
+                        + '\n[signing]\npublic_key = "publisher.pub.pem"\nsignature = "model.sig"\n')
+    home = tmp_path / "member"
+    with seeding(origin.profile, signature=origin.signature) as magnet:
+        rc, doc, err = _member(capsys, home, manifest, magnet)
+        assert rc == 5 and "trusted key" in doc["error"]["message"], err
+        _nothing_committed(home)
+        shutil.copyfile(origin.public_key, pinned / "publisher.pub.pem")  # now the publisher's own key
+        rc2, doc2, err2 = _member(capsys, home, manifest, magnet)
+    assert rc2 == 0, err2
+    checks = doc2["stages"][1]["details"]["checks"]
+    assert checks["signature"] == {**checks["signature"], "verified": True, "key": "manifest [signing]"}
+    # the manifest's bytes differ from the origin's (a [signing] table): the files tie the record to it
+    assert "manifest sha256" not in checks["source"]["matched"]
+    assert "file consolidated.safetensors" in checks["source"]["matched"]

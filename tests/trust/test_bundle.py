@@ -277,6 +277,42 @@ def test_a_torrent_that_does_not_match_bundle_json_is_refused(bundle_copy: Path,
     _import_fails_5(capsys, bundle_copy, "other infohashes")
 
 
+def test_import_checks_every_file_against_the_torrent_pieces_and_reports_both_authorities(
+        bundle_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from provision.stages.fetch.torrent.meta import info_hashes, load_torrent_info
+
+    rc, doc, err = cli_json(capsys, "bundle", "import", str(bundle_dir))
+    assert rc == 0, err
+    validate_report(doc, "bundle import")
+    auth = doc["bundle"]["authority"]
+    idx = _index(bundle_dir)
+    ti = load_torrent_info(bundle_dir / idx["torrent"]["path"])
+    btih, btmh = info_hashes(ti.info_hashes())
+    assert btmh is not None  # the export writes a hybrid torrent: v2 merkle roots vouch for every file
+    assert auth == {"sha256": "bundle.json", "pieces": "torrent-v2-merkle", "torrent": idx["torrent"]["path"],
+                    "btih": btih, "btmh": btmh,
+                    "piece_checked_files": sum(1 for f in idx["files"]
+                                               if f["path"] != idx["torrent"]["path"] and f["size"] > 0)}
+    assert "pieces (torrent-v2-merkle" in err
+
+
+def test_a_file_that_matches_bundle_json_but_not_the_torrent_pieces_is_refused(
+        bundle_copy: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    # the profile's provenance.json changed in one digit (same size, still a valid record naming the
+    # same files) and bundle.json rewritten to match it: only the torrent's pieces can tell
+    rel = f"{PROFILE}/provenance.json"
+    p = bundle_copy / rel
+    text = p.read_text()
+    i = text.index('"created": "') + len('"created": "2')
+    p.write_text(text[:i] + ("1" if text[i] != "1" else "3") + text[i + 1:])
+    doc = _index(bundle_copy)
+    for f in doc["files"]:
+        if f["path"] == rel:
+            f["sha256"] = _sha(p)
+    _write_index(bundle_copy, doc)
+    _import_fails_5(capsys, bundle_copy, f"Bundle file {rel} does not match the bundle torrent's pieces")
+
+
 def test_a_malformed_bundle_json_is_refused(bundle_copy: Path, capsys: pytest.CaptureFixture[str]) -> None:
     doc = _index(bundle_copy)
     doc["files"][0]["size"] = -1

@@ -61,5 +61,8 @@ def import_(path: Path, home: Path | None, json_out: bool) -> None:
     res = import_bundle(path, home=Path(home) if home else app.settings.home, progress=app.terminal.progress)
     app.result(f"{res.model_dir}: {res.files} files verified, {human_bytes(res.bytes_copied)} copied"
                + (f", {res.files_reused} already staged" if res.files_reused else ""))
+    if res.authority:  # the two authorities: bundle.json's sha256 and the bundle torrent's pieces
+        app.terminal.info(f"checked against {res.authority['sha256']} sha256 and {res.authority['torrent']} pieces "
+                          f"({res.authority['pieces']}, {res.authority['piece_checked_files']} files)")
     app.terminal.success(f"imported {res.model}" + (f" with {', '.join(res.profiles)}" if res.profiles else ""))
     app.finish({"bundle": res.to_dict()})

@@ -13,7 +13,9 @@ that is interrupted (killed, a slow share gone) resumes without copying a verifi
 Once every file is staged, the cross-checks run: the manifest lock's sizes and sha256 against
 the original's files (and every required manifest file present), each bundled folder's
 ``provenance.json`` (when it has one) against that folder's files, the torrent's infohashes and
-file list against the index. Then ``io.staging.verify_and_commit`` moves the files into
+file list against the index, and every staged file against the torrent's piece hashes (v2
+merkle roots, else v1 pieces; a second authority besides the index's sha256, reported as
+``authority``). Then ``io.staging.verify_and_commit`` moves the files into
 ``models/<model>/``, the manifest lock goes where ``provision run``
 records manifests, and the state file records fetch and verify (original) and convert (each
 profile), so a later ``provision run`` skips them; a profile bundled without its original is
@@ -35,7 +37,7 @@ import stat
 import tarfile
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
@@ -83,12 +85,13 @@ class ImportResult:
     files_reused: int
     bundle_sha256: str
     seconds: float
+    authority: dict[str, Any] = field(default_factory=dict)  # what vouched for the files: sha256 and torrent pieces
 
     def to_dict(self) -> dict[str, Any]:
         return {"model": self.model, "model_dir": str(self.model_dir), "original": self.original,
                 "profiles": self.profiles, "files": self.files, "bytes_copied": self.bytes_copied,
                 "files_reused": self.files_reused, "bundle_sha256": self.bundle_sha256,
-                "seconds": round(self.seconds, 3)}
+                "seconds": round(self.seconds, 3), "authority": self.authority}
 
 
 class _Journal:
@@ -287,8 +290,9 @@ def _open_source(path: Path) -> _Source:
     raise UsageError(f"{path} is neither a bundle folder nor a bundle archive.")
 
 
-def _cross_check(stage: Path, index: BundleIndex) -> None:
-    """The manifest lock and the torrent agree with the staged files and the index (exit 5)."""
+def _cross_check(stage: Path, index: BundleIndex) -> dict[str, Any]:
+    """The manifest lock and the torrent agree with the staged files and the index, and every staged
+    file matches the torrent's piece hashes (exit 5); returns the authorities used, for the report."""
     raw = safe_join(stage, index.manifest).read_bytes()
     try:
         m = parse_manifest_bytes(raw, path=Path(index.manifest))
@@ -320,6 +324,33 @@ def _cross_check(stage: Path, index: BundleIndex) -> None:
         raise HashMismatchError(f"Bundle torrent {tpath} has other infohashes than bundle.json records.")
     if sorted(meta.files) != sorted((f.path, f.size) for f in index.payload) or meta.name != index.torrent.name:
         raise StructureError(f"Bundle torrent {tpath} lists other files than bundle.json.")
+    return {"sha256": INDEX_NAME, **_check_pieces(stage, index)}
+
+
+def _check_pieces(stage: Path, index: BundleIndex) -> dict[str, Any]:
+    """Every staged payload file against the bundle torrent's pieces (v2 merkle roots; v1 SHA-1 pieces
+    where the torrent has no v2 part), hashed in parallel: a second authority besides bundle.json's
+    sha256, the one a host that pinned the bundle's btih/btmh trusts. ``HashMismatchError`` (exit 5)
+    names the first file that differs."""
+    from provision.stages.fetch.torrent.meta import info_hashes, load_torrent_info
+    from provision.stages.verify import verify_files
+    from provision.stages.verify.torrent import TorrentRef, with_torrent
+
+    ti = load_torrent_info(safe_join(stage, index.torrent.path))
+    btih, btmh = info_hashes(ti.info_hashes())
+    ref = TorrentRef(path=stage / index.torrent.path, info=ti, chain="bundle torrent", btih=btih, btmh=btmh)
+    auths = with_torrent({}, ref, add_missing=True)
+    report = verify_files(stage, auths, structure=False, check_params=False, whole_sha256=False,
+                          pickles_as_data=True)
+    bad = [f for f in report.files if f.path in auths and f.status != "ok"]  # staging also holds the journal
+    if bad:
+        why = next((c.message for c in bad[0].checks if not c.ok and c.message), bad[0].status)
+        raise HashMismatchError(f"Bundle file {bad[0].path} does not match the bundle torrent's pieces ({why}).",
+                                path=bad[0].path)
+    kinds = sorted({a.kind for a in auths.values()})
+    return {"pieces": "+".join(kinds), "torrent": index.torrent.path, "btih": btih, "btmh": btmh,
+            "piece_checked_files": sum(1 for a in auths.values() if a.kind != "none" and (a.merkle_root or
+                                                                                          a.piece_hashes))}
 
 
 def _check_provenance(stage: Path, index: BundleIndex, folder: str) -> None:
@@ -422,7 +453,8 @@ def import_bundle(path: Path, *, home: Path | None = None, progress: ProgressFn 
         try:
             with ModelLock(mp.lock_file, command="bundle import", what=f"Model {mp.dirname}"):
                 _refuse_existing(mp, index)
-                copied, reused = _land(source, index, hashlib.sha256(raw).hexdigest(), lay, mp, path, progress)
+                copied, reused, authority = _land(source, index, hashlib.sha256(raw).hexdigest(), lay, mp, path,
+                                                  progress)
         except BaseException:
             if created:
                 with contextlib.suppress(OSError):  # not empty: something was committed, keep it
@@ -433,12 +465,13 @@ def import_bundle(path: Path, *, home: Path | None = None, progress: ProgressFn 
     return ImportResult(model=index.model, model_dir=mp.root, original=index.original,
                         profiles=[p.name for p in index.profiles], files=len(index.files), bytes_copied=copied,
                         files_reused=reused, bundle_sha256=hashlib.sha256(raw).hexdigest(),
-                        seconds=time.monotonic() - t0)
+                        seconds=time.monotonic() - t0, authority=authority)
 
 
 def _land(source: _Source, index: BundleIndex, bundle_sha256: str, lay: Layout, mp: ModelPaths, path: Path,
-          progress: ProgressFn | None) -> tuple[int, int]:
-    """Stage and verify every file, cross-check, commit, record the state: (bytes copied, files reused).
+          progress: ProgressFn | None) -> tuple[int, int, dict[str, Any]]:
+    """Stage and verify every file, cross-check, commit, record the state: (bytes copied, files reused,
+    the authorities that vouched for the files).
     A rejected bundle leaves no staged file; an interruption keeps the verified ones for a resume."""
     stage = mp.staging / "bundle"
     journal = _Journal(stage, bundle_sha256)
@@ -448,11 +481,13 @@ def _land(source: _Source, index: BundleIndex, bundle_sha256: str, lay: Layout, 
     try:
         with disk_full_is_exit_6(stage, kept="the files verified so far stay staged; import again to resume"):
             copied, reused = _stage_all(source, index, stage, journal, counter, path)
-        verify_and_commit(stage, mp.root, rels, lambda: _cross_check(stage, index), on_interrupted=lambda: None)
+        authority: dict[str, Any] = {}
+        verify_and_commit(stage, mp.root, rels, lambda: authority.update(_cross_check(stage, index)),
+                          on_interrupted=lambda: None)
     except VerifyError:
         _drop_staging(stage)
         raise
     commit_file(safe_join(stage, index.manifest), lay.manifest_file(index.model))
     _record_state(mp, index, bundle_sha256)
     _drop_staging(stage)
-    return copied, reused
+    return copied, reused, authority

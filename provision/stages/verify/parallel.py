@@ -125,20 +125,42 @@ def _whole_unit(w: FileWork, want_git: bool, buf: bytearray, prog: _Progress) ->
 
 
 def _v1_unit(w: FileWork, first: int, count: int, buf: bytearray, prog: _Progress) -> None:
+    """Pieces ``first`` .. ``first + count - 1`` of ``w``: one sequential read of their range,
+    split into SHA-1s at the piece boundaries."""
     a = w.auth
     plen = a.piece_length or 0
-    for i in range(first, first + count):
-        h = hashlib.sha1(usedforsecurity=False)
-        n = stream_file(w.path, h.update, offset=i * plen, length=plen, buf=buf,
-                        on_bytes=lambda k: prog.add(w.rel, k))
-        if h.digest() == a.piece_hashes[i]:
-            continue
+    last = len(a.piece_hashes) - 1
+    cur = {"i": first, "got": 0}
+    h = hashlib.sha1(usedforsecurity=False)
+
+    def done_piece(short: bool) -> None:
+        nonlocal h
+        i = cur["i"]
+        ok = h.digest() == a.piece_hashes[i]
         # the last piece of a file followed by a pad file (BEP 47) is hashed zero-padded
-        if a.size is not None and 0 < n < plen and i == len(a.piece_hashes) - 1:
-            h.update(bytes(plen - n))
-            if h.digest() == a.piece_hashes[i]:
-                continue
-        w.v1_bad.append(i)
+        if not ok and short and a.size is not None and i == last:
+            h.update(bytes(plen - cur["got"]))
+            ok = h.digest() == a.piece_hashes[i]
+        if not ok:
+            w.v1_bad.append(i)
+        cur["i"], cur["got"] = i + 1, 0
+        h = hashlib.sha1(usedforsecurity=False)
+
+    def consume(mv: memoryview) -> None:
+        pos, n = 0, len(mv)
+        while pos < n:
+            take = min(plen - cur["got"], n - pos)
+            h.update(mv[pos:pos + take])
+            cur["got"] += take
+            pos += take
+            if cur["got"] == plen:
+                done_piece(False)
+
+    stream_file(w.path, consume, offset=first * plen, length=count * plen, buf=buf,
+                on_bytes=lambda k: prog.add(w.rel, k))
+    if cur["got"]:
+        done_piece(True)
+    w.v1_bad.extend(range(cur["i"], first + count))  # pieces the file ended before (it shrank): bad
 
 
 def _v2_unit(w: FileWork, first: int, count: int, chunk: int, buf: bytearray, prog: _Progress) -> None:

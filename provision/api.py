@@ -65,10 +65,11 @@ def convert(src_dir: str | Path, out_dir: str | Path, **kw: Any) -> ConvertResul
 
 def verify_profile(folder: str | Path) -> CheckResult:
     """`provision verify FOLDER` of a folder with a ``provenance.json``: every file checked against
-    the record (raises ``VerifyError``, exit 5, on a changed, missing or extra file or a path out)."""
+    the record (raises ``VerifyError``, exit 5, on a changed, missing or extra file or a path out; an
+    extra README, licence or signature is listed in ``not_in_record`` instead)."""
     from provision.formats.provenance import check
 
-    return check(Path(folder))
+    return check(Path(folder), inert_extra_ok=True)
 
 
 def sign(folder: str | Path, *, key: str | Path, signature: str | Path, certificate: str | Path | None = None,

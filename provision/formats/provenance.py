@@ -62,17 +62,36 @@ class SourceIdentity:
 
 @dataclass(frozen=True)
 class CheckResult:
-    """A folder that matched its record: the record's path and sha256, the files and bytes checked."""
+    """A folder that matched its record: the record's path and sha256, the files and bytes checked, and
+    the inert files (documentation, signatures) the folder also holds that the record does not list."""
 
     folder: Path
     record_path: Path
     record_sha256: str
     files: int
     bytes: int
+    not_in_record: tuple[str, ...] = ()
 
     def to_dict(self) -> dict[str, Any]:
         return {"record": str(self.record_path), "record_sha256": self.record_sha256, "files": self.files,
-                "bytes": self.bytes}
+                "bytes": self.bytes, "not_in_record": list(self.not_in_record)}
+
+
+# files no model loader reads (vLLM, transformers, mistral-inference): a user's notes or licence next to a
+# profile (``convert --force`` adds a conversion to such a folder), or a signature; anything else not in the
+# record could change what a server loads (a shard, a config, a tokenizer, code), so it fails a check
+INERT_SUFFIXES = (".md", ".txt", ".rst", ".pdf", ".png", ".jpg", ".jpeg", ".gif", ".svg", ".sig", ".sigstore")
+INERT_NAMES = ("README", "LICENSE", "LICENCE", "NOTICE", "COPYING", "AUTHORS", "CHANGELOG")
+
+
+def is_inert(rel: str) -> bool:
+    """True for a file a model loader never reads (see ``INERT_SUFFIXES``): documentation, images,
+    signatures, a git dotfile; never for an interrupted writer's temporary."""
+    name = Path(rel).name
+    if name.startswith(TMP_PREFIX):
+        return False
+    return (name.lower().endswith(INERT_SUFFIXES) or name.split(".", 1)[0].upper() in INERT_NAMES
+            or name in (".gitattributes", ".gitignore"))
 
 
 @cache
@@ -223,13 +242,16 @@ def record_sha256(folder: Path) -> str:
     return sha256_file(Path(folder) / PROVENANCE_NAME)
 
 
-def check(folder: Path, record: Mapping[str, Any] | None = None) -> CheckResult:
+def check(folder: Path, record: Mapping[str, Any] | None = None, *, inert_extra_ok: bool = False) -> CheckResult:
     """Check every file of ``folder`` against ``record`` (default: its ``provenance.json``).
 
     Raises, with one line and exit 5: ``HostileContentError`` for a recorded path that leaves the
     folder (absolute, ``..``, through a symlink) or a non-regular file, ``StructureError`` for a
     missing or an extra file, ``SizeMismatchError`` / ``HashMismatchError`` for changed bytes.
-    Temporaries of an interrupted writer (``.provision-tmp-*``) count as extra files too."""
+    Temporaries of an interrupted writer (``.provision-tmp-*``) count as extra files too. With
+    ``inert_extra_ok`` (``provision verify``, ``sign``) an extra file no model loader reads
+    (``is_inert``: a README, a licence, a signature) is listed in ``not_in_record`` instead; any
+    other extra file still fails, naming every such file."""
     folder = Path(folder)
     if record is None:
         record = read(folder)
@@ -248,10 +270,15 @@ def check(folder: Path, record: Mapping[str, Any] | None = None) -> CheckResult:
         raise StructureError(f"{folder / missing[0]} is missing: {PROVENANCE_NAME} records it "
                              f"({len(missing)} file(s) missing).", path=str(folder / missing[0]))
     extra = sorted(present - set(recorded))
+    inert = tuple(rel for rel in extra if inert_extra_ok and is_inert(rel))
+    extra = [rel for rel in extra if rel not in inert]
     if extra:
         tmp = " (an interrupted writer's temporary)" if Path(extra[0]).name.startswith(TMP_PREFIX) else ""
-        raise StructureError(f"{folder / extra[0]} is not in {PROVENANCE_NAME}{tmp}: the folder holds a file the "
-                             "record does not vouch for.", path=str(folder / extra[0]))
+        more = f" (and {len(extra) - 1} more: {', '.join(extra[1:4])}{', ...' if len(extra) > 4 else ''})" \
+            if len(extra) > 1 else ""
+        raise StructureError(f"{folder / extra[0]} is not in {PROVENANCE_NAME}{tmp}{more}: the folder holds a file "
+                             "the record does not vouch for, which a server loading the folder could read.",
+                             path=str(folder / extra[0]), not_in_record=extra)
     for rel in sorted(recorded):
         size = (folder / rel).stat().st_size
         if size != int(recorded[rel]["size"]):
@@ -264,9 +291,9 @@ def check(folder: Path, record: Mapping[str, Any] | None = None) -> CheckResult:
                                     f"recorded {str(recorded[rel]['sha256'])[:16]}….", path=str(folder / rel))
     return CheckResult(folder=folder, record_path=folder / PROVENANCE_NAME,
                        record_sha256=record_sha256(folder) if (folder / PROVENANCE_NAME).is_file() else "",
-                       files=len(recorded), bytes=sum(int(f["size"]) for f in recorded.values()))
+                       files=len(recorded), bytes=sum(int(f["size"]) for f in recorded.values()), not_in_record=inert)
 
 
 __all__ = ["KIND", "PROVENANCE_NAME", "SCHEMA_VERSION", "CheckResult", "SourceIdentity", "add_smoke",
-           "build", "check", "hash_files", "list_files", "package_versions", "read", "recipe", "record_sha256", "smoke_entry",
+           "build", "check", "hash_files", "is_inert", "list_files", "package_versions", "read", "recipe", "record_sha256", "smoke_entry",
            "validate", "write"]

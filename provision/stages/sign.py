@@ -70,7 +70,7 @@ def _check_folder(folder: Path, signature: Path, *, check_record: bool = True) -
                          path=str(signature))
     has_record = (folder / provenance.PROVENANCE_NAME).exists()
     if has_record and check_record:
-        provenance.check(folder)
+        provenance.check(folder, inert_extra_ok=True)  # a README beside a profile is signed with it
     n = len(provenance.list_files(folder)) + (1 if has_record else 0)
     if n == 0:
         raise UsageError(f"{folder} holds no file to sign.", path=str(folder))

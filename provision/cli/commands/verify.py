@@ -56,8 +56,12 @@ def _check_trust(app: App, folder: Path, doc: dict[str, Any], signature: Path | 
 
     try:
         if (folder / provenance.PROVENANCE_NAME).exists():
-            doc["provenance"] = provenance.check(folder).to_dict()
+            doc["provenance"] = provenance.check(folder, inert_extra_ok=True).to_dict()
             app.terminal.info(f"{doc['provenance']['files']} files match {provenance.PROVENANCE_NAME}.")
+            inert = doc["provenance"]["not_in_record"]
+            if inert:  # a README or licence beside the profile: named, never judged (no loader reads them)
+                app.terminal.info(f"not in {provenance.PROVENANCE_NAME} (no model loader reads them; left alone): "
+                                  f"{', '.join(inert[:10])}{' ...' if len(inert) > 10 else ''}")
         if signature is not None:
             from provision.stages.sign import verify_folder_signature
 

@@ -356,7 +356,7 @@ def _check_pieces(stage: Path, index: BundleIndex) -> dict[str, Any]:
 def _check_provenance(stage: Path, index: BundleIndex, folder: str) -> None:
     """A bundled folder's ``provenance.json``, when it has one, records exactly the folder's files
     as bundle.json lists them (those were checked against bundle.json already: no second read)."""
-    from provision.formats.provenance import MAX_RECORD_BYTES, PROVENANCE_NAME, validate
+    from provision.formats.provenance import MAX_RECORD_BYTES, PROVENANCE_NAME, is_inert, validate
 
     rel = f"{folder}/{PROVENANCE_NAME}"
     if index.file(rel) is None:
@@ -372,6 +372,8 @@ def _check_provenance(stage: Path, index: BundleIndex, folder: str) -> None:
     recorded = {(str(f["path"]), int(f["size"]), str(f["sha256"])) for f in record["files"]}
     bundled = {(f.path.split("/", 1)[1], f.size, f.sha256) for f in index.folder_files(folder)
                if f.path != rel}
+    recorded_paths = {p for p, _, _ in recorded}  # a README or signature beside the record travels along
+    bundled = {b for b in bundled if b[0] in recorded_paths or not is_inert(b[0])}
     if recorded != bundled:
         first = sorted(recorded ^ bundled)[0][0]
         raise HashMismatchError(f"Bundle record {rel} does not match the bundled {folder}/ files "

@@ -19,7 +19,7 @@ import shutil
 import time
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import AbstractContextManager, nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -36,6 +36,7 @@ from provision.store.state import State, load_state, save_state
 if TYPE_CHECKING:
     from provision.formats.params import ModelArgs
     from provision.hardware import Target
+    from provision.stages.overlap import Overlap
     from provision.stages.pickle_release import PickledRelease
     from provision.stages.profiles import Profile
     from provision.stages.verify.torrent import TorrentRef
@@ -60,6 +61,7 @@ class RunOptions:
     lock_timeout: float | None = None
     keep_pickle: bool = False  # a pickled torrent release: keep the pickle in staging after the import
     convert_workers: int | None = None  # threads converting tensors (None: PROVISION_CONVERT_WORKERS or the CPUs)
+    overlap: bool = True  # convert the verified pieces of a torrent download while the rest arrives (stages.overlap)
     profile_from: str | None = None  # a shared profile's magnet or .torrent: fetched instead of original + convert
     trust_key: Path | None = None  # the public key a --profile-from signature must verify against
     allow_unsigned: bool = False  # --profile-from without a key: trust the provenance record alone
@@ -75,6 +77,8 @@ class RunResult:
     profile_dir: Path | None = None
     vllm_command: str | None = None
     provenance: dict[str, str] | None = None  # the profile's provenance.json: path and sha256
+    ready_after_last_byte_seconds: float | None = None  # last source byte -> profile committed (both in this run)
+    overlap: dict[str, Any] | None = None  # how the conversion overlapped the fetch (stages.overlap)
 
     def to_dict(self) -> dict[str, Any]:
         d: dict[str, Any] = {"plan": self.plan.to_dict(), "dry_run": self.dry_run, "stages": self.stages}
@@ -87,6 +91,10 @@ class RunResult:
             d["vllm_command"] = self.vllm_command
         if self.provenance is not None:
             d["provenance"] = self.provenance
+        if self.ready_after_last_byte_seconds is not None:
+            d["ready_after_last_byte_seconds"] = self.ready_after_last_byte_seconds
+        if self.overlap is not None:
+            d["overlap"] = self.overlap
         return d
 
 
@@ -188,6 +196,10 @@ class _Run:
         self.original = plan.dest
         self.manifest: Manifest | None = plan.manifest
         self.pickled: PickledRelease | None = None
+        self.overlap: Overlap | None = None  # the conversion running while the torrent downloads
+        self.fetch_started_at: float | None = None
+        self.last_byte_at: float | None = None  # the fetch's last source byte arrived
+        self.ready_at: float | None = None  # the profile was committed
 
     def stages(self) -> Iterator[Stage]:
         """The stages in order; each is built once the ones before it ran (convert needs the params)."""
@@ -382,8 +394,19 @@ class _Run:
         else:
             from provision.stages.fetch import fetch
 
-            fres = fetch(plan, source=opts.source, dest=original, torrent=opts.torrent, hub=opts.hub,
-                         progress=self.progress, lock=False)  # run_pipeline holds the model's lock
+            torrent = opts.torrent
+            self.overlap = self.start_overlap()
+            if self.overlap is not None:
+                torrent = replace(torrent, piece_watch=self.overlap.attach)
+            self.fetch_started_at = time.monotonic()
+            try:
+                fres = fetch(plan, source=opts.source, dest=original, torrent=torrent, hub=opts.hub,
+                             progress=self.progress, lock=False)  # run_pipeline holds the model's lock
+            except BaseException as e:  # a failed fetch discards the conversion running beside it
+                if self.overlap is not None:
+                    self.overlap.cancel(e)
+                raise
+            self.last_byte_at = _last_byte_at(self.fetch_started_at, fres.extra)
             extra = fres.extra
             facts = {f.path: (f.size, f.sha256) for f in fres.files if f.sha256}
             nbytes, details = fres.bytes_downloaded, {"how": fres.source, **fres.to_dict()}
@@ -393,6 +416,39 @@ class _Run:
                        facts={"source": details.get("how"),
                               **{k: v for k, v in extra.items() if isinstance(v, (str, int, float))}},
                        sha256={p: h for p, (_s, h) in facts.items()})
+
+    def start_overlap(self) -> Overlap | None:
+        """The conversion that follows a torrent download's verified pieces, or None (``--skip-convert``,
+        ``RunOptions.overlap`` off); it starts only if the fetch goes by BitTorrent."""
+        if not self.opts.overlap or self.opts.skip_convert:
+            return None
+        from provision.stages.overlap import Overlap, clean_views
+
+        clean_views(self.lay.staging(self.plan.name))
+        expected = {f.path: f.sha256 for f in self.manifest.files if f.sha256} if self.manifest is not None else {}
+        return Overlap(staging=self.lay.staging(self.plan.name), original=self.original, choose=self.overlap_profile,
+                       out_dir=lambda prof: self.lay.profile(self.plan.name, prof.name), context=self.opts.context,
+                       workers=self.opts.convert_workers, progress=self.progress, expected_sha256=expected)
+
+    def overlap_profile(self, args: ModelArgs) -> tuple[Target, Profile]:
+        """The profile the overlapped conversion writes: the one chosen before the fetch, else the
+        same choice ``_profile`` makes from the verified params.json (the bytes it read are those)."""
+        if self.chosen is not None:
+            return self.chosen
+        from provision.hardware import parse_target
+
+        target = parse_target(self.opts.target, hardware=self.plan.hardware)
+        return target, _choose_profile(args, self.opts, target)
+
+    def close_overlap(self, error: BaseException | None) -> None:
+        """The run ended: an overlapped conversion not committed by now is discarded; the report's figures."""
+        ov = self.overlap
+        if ov is not None and ov.started and ov.result is None:
+            ov.cancel(error or RuntimeError("the run ended"))
+        if self.last_byte_at is not None and self.ready_at is not None:
+            self.result.ready_after_last_byte_seconds = round(max(0.0, self.ready_at - self.last_byte_at), 3)
+        if ov is not None and ov.started:
+            self.result.overlap = ov.report(self.last_byte_at, self.fetch_started_at)
 
     def recall_serve_command(self, convert_key: str, out: Path) -> None:
         """A conversion skipped as done still ends the run with its serve command: the one recorded
@@ -484,9 +540,13 @@ class _Run:
 
         vrec = self.state.get("verify")  # hashes verify already computed: no second read
         src_sha = {k: f.sha256 for k, f in vrec.files.items() if f.sha256} if vrec else {}
-        cres = convert(self.original, out, target=target, scheme=prof.scheme, layout=prof.layout,
-                       context=self.opts.context, progress=self.progress, source_sha256=src_sha,
-                       source_identity=self.source_identity(), workers=self.opts.convert_workers)
+        # converted while fetching: committed now that verify passed (None: convert as usual)
+        cres = self.overlap.finish(src_sha, self.source_identity(), prof) if self.overlap is not None else None
+        if cres is None:
+            cres = convert(self.original, out, target=target, scheme=prof.scheme, layout=prof.layout,
+                           context=self.opts.context, progress=self.progress, source_sha256=src_sha,
+                           source_identity=self.source_identity(), workers=self.opts.convert_workers)
+        self.ready_at = time.monotonic()
         self.result.vllm_command = cres.vllm_command
         details = cres.to_dict()
         details.pop("tensors", None)
@@ -528,6 +588,15 @@ class _Run:
         shutil.rmtree(self.original)
         _record(self.result, "drop-original", "ok", 0.0, freed, {"removed": str(self.original)})
         return self.result.stages[-1]
+
+
+def _last_byte_at(started: float, extra: Mapping[str, Any]) -> float:
+    """When a fetch started at ``started`` received its last byte: the torrent's download phase end
+    when it reports one, else now."""
+    start, download = extra.get("start_seconds"), extra.get("download_seconds")
+    if isinstance(start, (int, float)) and isinstance(download, (int, float)):
+        return started + float(start) + float(download)
+    return time.monotonic()
 
 
 CONVERT_MARGIN = 64 << 20  # headers, index and side files beside the converted weights (as convert checks)
@@ -612,8 +681,13 @@ def run_pipeline(
         if opts.profile_from is None:  # a shared profile's size is known from its torrent: the fetch checks room
             _check_space(plan, opts, chosen, state, lay)
         run = _Run(plan, opts, lay, result, state, progress, seeding, chosen)
-        for stage in run.stages():
-            emit(run.run_stage(stage))
+        try:
+            for stage in run.stages():
+                emit(run.run_stage(stage))
+        except BaseException as e:  # an overlapped conversion is never committed after a failure
+            run.close_overlap(e)
+            raise
+        run.close_overlap(None)
         for rec in run.finish_seeding():
             emit(rec)
         emit(run.drop_original())

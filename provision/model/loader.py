@@ -515,7 +515,7 @@ def read_tensors_pipelined(ckpt: Checkpoint, device: torch.device, dtype: torch.
     return out
 
 
-def read_tensors(ckpt: Checkpoint, device: torch.device, dtype: torch.dtype | None,
+def _read_tensors(ckpt: Checkpoint, device: torch.device, dtype: torch.dtype | None,
                  placement: Placement | None = None, *, pipelined: bool = True) -> dict[str, torch.Tensor]:
     """Every tensor of ``ckpt`` under the model's names on its device, floats cast to ``dtype``."""
     if pipelined:
@@ -589,5 +589,5 @@ def load_model(path: Path, *, device: str = "cpu", dtype: torch.dtype | None = N
     else:
         check_placement_fits(placement, reserve_bytes)
     model = build_model(ckpt.args, device="meta")
-    _assign(model, ckpt, read_tensors(ckpt, dev, dt, placement, pipelined=pipelined), Path(path))
+    _assign(model, ckpt, _read_tensors(ckpt, dev, dt, placement, pipelined=pipelined), Path(path))
     return model.eval(), ckpt.args

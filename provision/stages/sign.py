@@ -329,3 +329,71 @@ def check_signed_files(signed: SignedDigests, files: Mapping[str, tuple[Path, st
         checked += 1
     return {"signature": label, "signature_sha256": signed.signature_sha256, "method": signed.method,
             "files": checked, "signed_not_fetched": sorted(set(signed.files) - set(files))[:50]}
+
+
+# ---------------------------------------------------------------------------------------
+# keyless (Sigstore) signatures: verified offline against a given trusted root
+
+MAX_TRUST_ROOT_BYTES = 4 << 20
+
+
+def verify_sigstore_bundle(folder: Path, *, bundle: Path, trust_root: Path, identity: str, issuer: str,
+                           check_record: bool = True) -> SignatureResult:
+    """Check a keyless OpenSSF Model Signing signature (a Sigstore bundle: Fulcio certificate, Rekor
+    entry, timestamps) over ``folder`` offline: the certificate must chain to a Fulcio CA of
+    ``trust_root`` (a Sigstore ``trusted_root.json``), its SCT, the Rekor inclusion proof and
+    signed checkpoint, and the signed timestamps must verify against the keys ``trust_root``
+    carries, and the certificate must name ``identity`` issued by the OIDC ``issuer``. No network
+    is used: sigstore-python verifies all of that from the bundle and the root. Then the folder
+    must match the signed file list (the signer's ignored paths left out). Every failure is a
+    one-line ``VerifyError`` (exit 5)."""
+    import json
+
+    folder, bundle, trust_root = Path(folder), Path(bundle), Path(trust_root)
+    try:
+        st = check_regular(bundle, what="signature")
+    except FileNotFoundError:
+        raise UsageError(f"--sigstore-bundle {bundle} does not exist.", path=str(bundle)) from None
+    if st.st_size > MAX_SIGNATURE_BYTES:
+        raise HostileContentError(f"Refusing signature {bundle.name}: {st.st_size:,d} bytes is over the "
+                                  f"{MAX_SIGNATURE_BYTES:,d}-byte limit.", path=str(bundle))
+    n, has_record = _check_folder(folder, bundle, check_record=check_record)
+    ms = _model_signing()
+    from model_signing._signing import sign_sigstore
+    from sigstore.models import TrustedRoot
+    from sigstore.verify import Verifier, policy
+
+    try:
+        tst = check_regular(trust_root, what="trust root")
+        if tst.st_size > MAX_TRUST_ROOT_BYTES:
+            raise ValueError("too large")
+        root = TrustedRoot.from_file(str(trust_root))
+        verifier = Verifier(trusted_root=root)
+    except FileNotFoundError:
+        raise UsageError(f"--trust-root {trust_root} does not exist.", path=str(trust_root)) from None
+    except Exception:  # pydantic / JSON / crypto errors: one line
+        raise VerifyError(f"--trust-root {trust_root.name} is not a Sigstore trusted root (trusted_root.json) "
+                          "with a Fulcio CA and a transparency log.", path=str(trust_root)) from None
+    sig_verifier = sign_sigstore.Verifier.__new__(sign_sigstore.Verifier)  # the root given, not a TUF lookup
+    sig_verifier._verifier = verifier
+    sig_verifier._policy = policy.Identity(identity=identity, issuer=issuer)
+    cfg = ms.verifying.Config()
+    cfg._verifier, cfg._uses_sigstore = sig_verifier, True
+    try:
+        cfg.verify(folder, bundle)
+    except json.JSONDecodeError:
+        raise VerifyError(f"Signature {bundle.name} is malformed (not a Sigstore bundle).", path=str(bundle)) from None
+    except ValueError as e:
+        msg = str(e)
+        if msg.startswith("Signature mismatch"):
+            raise VerifyError(f"{folder} does not match signature {bundle.name}: {_mismatch(msg)[:200]}.",
+                              path=str(folder)) from None
+        raise VerifyError(f"Signature {bundle.name} does not verify against {trust_root.name} for identity "
+                          f"{identity} from {issuer} ({msg.splitlines()[0][:160] if msg else 'ValueError'}).",
+                          path=str(bundle)) from None
+    except Exception as e:  # sigstore's VerificationError (identity, chain, log, time) and malformed bundles
+        why = str(e).splitlines()[0][:160] if str(e) else type(e).__name__
+        raise VerifyError(f"Signature {bundle.name} does not verify against {trust_root.name} for identity "
+                          f"{identity} from {issuer} ({why}).", path=str(bundle)) from None
+    return SignatureResult(folder=folder, signature=bundle, signature_sha256=sha256_file(bundle), files=n,
+                           provenance=has_record, method="sigstore")

@@ -73,6 +73,21 @@ def _check_trust(app: App, folder: Path, doc: dict[str, Any], signature: Path | 
         app.fail(e, doc)
 
 
+def _check_sigstore(app: App, folder: Path, doc: dict[str, Any], bundle: Path, trust_root: Path, identity: str,
+                    issuer: str) -> None:
+    """Check a keyless Sigstore signature of FOLDER offline against ``trust_root``; adds it to ``doc``."""
+    from provision.errors import VerifyError
+    from provision.stages.sign import verify_sigstore_bundle
+
+    try:
+        doc["sigstore"] = {**verify_sigstore_bundle(folder, bundle=bundle, trust_root=trust_root, identity=identity,
+                                                    issuer=issuer, check_record="provenance" not in doc).to_dict(),
+                           "identity": identity, "issuer": issuer, "trust_root": str(trust_root)}
+        app.terminal.info(f"Sigstore signature {bundle.name} verified offline: {identity} ({issuer}).")
+    except VerifyError as e:
+        app.fail(e, doc)
+
+
 @click.command("verify")
 @click.argument("folder", type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.option("--manifest", "manifest_ref", metavar="M",
@@ -88,10 +103,18 @@ def _check_trust(app: App, folder: Path, doc: dict[str, Any], signature: Path | 
               help="The signer's public key (PEM) the --signature must be made by.")
 @click.option("--certificate-chain", "chain", multiple=True, type=click.Path(dir_okay=False, path_type=Path),
               help="Certificates establishing trust in a certificate-signed --signature (repeatable).")
+@click.option("--sigstore-bundle", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="A keyless (Sigstore) OpenSSF Model Signing signature of FOLDER, checked offline against "
+                   "--trust-root for --identity and --issuer.")
+@click.option("--trust-root", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="A Sigstore trusted_root.json (Fulcio CAs, Rekor and CT log keys, timestamp authorities).")
+@click.option("--identity", default=None, help="The signer identity the Sigstore certificate must name (e-mail, URI).")
+@click.option("--issuer", default=None, help="The OIDC issuer that must have vouched for --identity.")
 @json_option
 def command(folder: Path, manifest_ref: str | None, torrent_file: Path | None, workers: int | None,
             signature: Path | None,
-            public_key: Path | None, chain: tuple[Path, ...], json_out: bool) -> None:
+            public_key: Path | None, chain: tuple[Path, ...], sigstore_bundle: Path | None,
+            trust_root: Path | None, identity: str | None, issuer: str | None, json_out: bool) -> None:
     """Verify the model files in FOLDER: sha256 against the manifest (or reported when there is
     none), or the pieces of the torrent the manifest pins (or --torrent) on every core, safetensors structure, params.json against the tensors, no pickles, no symlinks out;
     every file against FOLDER's provenance.json when it has one, and --signature when given."""
@@ -100,6 +123,12 @@ def command(folder: Path, manifest_ref: str | None, torrent_file: Path | None, w
         from provision.errors import UsageError
 
         raise UsageError("--public-key and --certificate-chain check a --signature; pass one.")
+    keyless = (sigstore_bundle, trust_root, identity, issuer)
+    if any(v is not None for v in keyless) and any(v is None for v in keyless):
+        from provision.errors import UsageError
+
+        raise UsageError("A Sigstore signature is checked with all four of --sigstore-bundle, --trust-root, "
+                         "--identity and --issuer.")
     from provision.stages.verify import verify_dir
 
     manifest = None
@@ -122,6 +151,8 @@ def command(folder: Path, manifest_ref: str | None, torrent_file: Path | None, w
             app.fail(err, doc)
         report.raise_for_failure()
     _check_trust(app, folder, doc, signature, public_key, chain)
+    if sigstore_bundle is not None and trust_root is not None and identity is not None and issuer is not None:
+        _check_sigstore(app, folder, doc, sigstore_bundle, trust_root, identity, issuer)
     n = sum(1 for f in report.files if f.status == "ok")
     app.terminal.success(f"{n} files verified in {folder} ({report.seconds:.1f} s).")
     app.finish(doc)

@@ -154,3 +154,13 @@ def test_a_hybrid_torrent_reports_both_hashes_computed_from_its_info_dictionary(
     assert meta.btih == hashlib.sha1(raw_info).hexdigest()
     assert meta.btmh == hashlib.sha256(raw_info).hexdigest()
     assert meta.files == (("w.bin", 25600),)
+
+
+def test_listing_defaults_to_the_public_network_and_passes_its_listen_address_on() -> None:
+    """Both show in the suite's safety net (PROVISION_FORBID_PUBLIC_NETWORK=1), which refuses
+    the session before it opens: nothing leaves the machine."""
+    uri = f"magnet:?xt=urn:btih:{'ef' * 20}"
+    with pytest.raises(UsageError, match=r"refusing a public libtorrent session here \(enable_dht"):
+        magnet_listing(uri, timeout=1)  # network="public" unless told
+    with pytest.raises(UsageError, match=r"refusing a public libtorrent session here \(0\.0\.0\.0:0\)"):
+        magnet_listing(uri, timeout=1, network="closed", listen="0.0.0.0:0")

@@ -7,16 +7,30 @@ metadata known only at the end (source hashes) is patched in place before fsync 
 ``CheckpointWriter`` adds the index, and nothing appears under a final name until ``commit()``
 (``remove_stale_temporaries`` cleans up after a killed run). It does not read checkpoints,
 convert tensors or choose names.
+
+Written bytes go to the disk as they come: every ``WRITEBACK_BYTES`` a helper thread starts the
+writeback of the newest range and, once the range before it is on disk, drops it from the page
+cache (``_Writeback``), so dirty pages never pile up for one big fsync at the end (on a VM disk
+measured 4-6x faster than write-then-fsync, and the page cache stays small). Each shard's sha256
+(``ShardWriter.sha256``) is computed by a helper thread reading the file back behind the writer
+(``_Follower``) from the moment its header is final: at ``open`` when nothing will be patched
+(``final_header``), else from ``finalize_header`` (metadata known mid-stream) or ``finish``.
 """
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import ctypes.util
+import hashlib
 import json
 import math
 import os
+import queue
 import secrets
-from collections.abc import Iterable, Mapping
+import sys
+import threading
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,6 +40,134 @@ from provision.formats.safetensors import DTYPE_BYTES
 from provision.io.atomic import TMP_PREFIX, disk_full_is_exit_6, fsync_dir
 
 DEFAULT_SHARD_BYTES = 5 * 10**9
+WRITEBACK_BYTES = 32 << 20  # writeback is started per range of this size; the range before it is then dropped
+FOLLOW_BYTES = 4 << 20  # the output hasher reads this much at a time behind the writer
+WRITEBACK_QUEUE = 2  # ranges waiting for the helper thread: at most ~(2 + 2) x 32 MiB of dirty pages per shard
+_SFR_WAIT_BEFORE, _SFR_WRITE, _SFR_WAIT_AFTER = 1, 2, 4  # <fcntl.h> sync_file_range flags
+
+
+def _sync_file_range() -> Any:
+    """libc's ``sync_file_range`` (Linux), or None where there is none."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        fn = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True).sync_file_range
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes, fn.restype = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint], ctypes.c_int
+    return fn
+
+
+_SFR = _sync_file_range()
+
+
+class _Follower:
+    """A helper thread hashing a file from byte 0 up to what the writer has written so far.
+
+    ``advance(pos)`` says the bytes up to ``pos`` are written; ``result()`` (after the last
+    ``advance``) waits for the digest. It reads the bytes back (from the page cache when they are
+    still there), so the hash is of the file, whatever the writer did since. Errors are kept
+    and returned as ``None`` (the caller then hashes the file itself).
+    """
+
+    def __init__(self, path: Path, pos: int) -> None:
+        self.path, self.limit, self.done = path, pos, False
+        self.pos = 0  # bytes hashed
+        self.cond = threading.Condition()
+        self.digest: str | None = None
+        self.t = threading.Thread(target=self._run, daemon=True, name="hash-output")
+        self.t.start()
+
+    def advance(self, pos: int) -> None:
+        with self.cond:
+            self.limit = pos
+            self.cond.notify()
+
+    def wait_past(self, pos: int) -> None:
+        """Wait until the bytes up to ``pos`` are hashed (or hashing stopped), so that they may
+        be dropped from the page cache without being read from the disk again."""
+        with self.cond:
+            while self.pos < pos and self.t.is_alive():
+                self.cond.wait(0.5)
+
+    def _run(self) -> None:
+        try:
+            with contextlib.suppress(OSError):
+                self.digest = self._hash()
+        finally:
+            with self.cond:
+                self.cond.notify_all()
+
+    def _hash(self) -> str:
+        sha = hashlib.sha256()
+        mv = memoryview(bytearray(FOLLOW_BYTES))
+        fd = os.open(self.path, os.O_RDONLY)
+        try:
+            pos = 0
+            while True:
+                with self.cond:
+                    self.pos = pos
+                    self.cond.notify_all()
+                    while self.limit <= pos and not self.done:
+                        self.cond.wait()
+                    end = self.limit
+                if pos >= end:
+                    return sha.hexdigest()
+                while pos < end:
+                    n = os.preadv(fd, [mv[:min(FOLLOW_BYTES, end - pos)]], pos)
+                    if n == 0:
+                        raise OSError(f"{self.path.name} is shorter than written")
+                    sha.update(mv[:n])
+                    pos += n
+        finally:
+            os.close(fd)
+
+    def result(self) -> str | None:
+        with self.cond:
+            self.done = True
+            self.cond.notify()
+        self.t.join()
+        return self.digest
+
+
+class _Writeback:
+    """A helper thread that writes a shard's finished ranges back and drops them from the page cache.
+
+    Advice only: an error here loses nothing (``finish`` fsyncs the whole file and reports errors);
+    where ``sync_file_range`` is missing it does nothing. ``add`` blocks while ``WRITEBACK_QUEUE``
+    ranges wait, which bounds the dirty pages when the disk is slower than the converter.
+    """
+
+    def __init__(self, fd: int, follower: Callable[[], _Follower | None]) -> None:
+        self.fd, self.follower = fd, follower
+        self.q: queue.Queue[tuple[int, int] | None] = queue.Queue(maxsize=WRITEBACK_QUEUE)
+        self.t = threading.Thread(target=self._run, daemon=True, name="writeback")
+        self.t.start()
+
+    def add(self, start: int, n: int) -> None:
+        self.q.put((start, n))
+
+    def _run(self) -> None:
+        prev: tuple[int, int] | None = None
+        while True:
+            r = self.q.get()
+            if r is None:
+                return
+            if _SFR is None:
+                continue
+            _SFR(self.fd, r[0], r[1], _SFR_WRITE)  # start writing the newest range
+            if prev is not None:  # wait for the one before (usually done) and drop it once hashed
+                _SFR(self.fd, prev[0], prev[1], _SFR_WAIT_BEFORE | _SFR_WRITE | _SFR_WAIT_AFTER)
+                f = self.follower()
+                if f is not None:
+                    f.wait_past(prev[0] + prev[1])
+                with contextlib.suppress(OSError, AttributeError):
+                    os.posix_fadvise(self.fd, prev[0], prev[1], os.POSIX_FADV_DONTNEED)
+            prev = r
+
+    def close(self) -> None:
+        self.q.put(None)
+        self.t.join()
 
 
 
@@ -81,7 +223,7 @@ class ShardWriter:
     """One safetensors file written tensor by tensor under a temporary name."""
 
     def __init__(self, path: Path, entries: list[TensorEntry], metadata: Mapping[str, str] | None = None,
-                 *, reserve: int = 0) -> None:
+                 *, reserve: int = 0, final_header: bool = True) -> None:
         self.path = Path(path)
         self.entries = list(entries)
         self.metadata: dict[str, str] = dict(metadata or {})
@@ -92,6 +234,13 @@ class ShardWriter:
         self._written = 0  # bytes of the current entry written so far
         self._fd: int | None = None
         self._flusher: Any = None  # threading.Thread flushing a complete shard early
+        self._wb: _Writeback | None = None
+        self._pos = 0  # bytes of the file written
+        self._wb_pos = 0  # bytes of the file handed to the writeback thread
+        self._lock = threading.Lock()  # finalize_header may come from another thread
+        self._final = final_header  # the header will not change: the output hasher may start
+        self._follower: _Follower | None = None
+        self.sha256: str | None = None  # after finish: the file's digest (None: hashing failed)
         self.finished = False
 
     @property
@@ -101,7 +250,31 @@ class ShardWriter:
     def open(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._fd = os.open(self.tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)  # the umask decides, as for open()
+        self._wb = _Writeback(self._fd, lambda: self._follower)
         self._write(self.header)
+        with self._lock:
+            if self._final:
+                self._follower = _Follower(self.tmp, self._pos)
+
+    def finalize_header(self, metadata_update: Mapping[str, str]) -> None:
+        """Patch the header now (the metadata known mid-stream, within the reserve) and start
+        hashing the file; ``finish`` with the same update then changes nothing."""
+        with self._lock:
+            if self._final or self.finished:
+                return
+            self.metadata.update({str(k): str(v) for k, v in metadata_update.items()})
+            self.header = self._patched_header()
+            if self._fd is not None:
+                os.pwrite(self._fd, self.header, 0)
+                self._follower = _Follower(self.tmp, self._pos)
+            self._final = True
+
+    def _patched_header(self) -> bytes:
+        new = build_header(self.entries, self.metadata, 0)
+        if len(new) > len(self.header):
+            raise ConvertError(f"Metadata for {self.path.name} outgrew the space reserved in its header.")
+        length = len(self.header) - 8
+        return length.to_bytes(8, "little") + new[8:].rstrip(b" ").ljust(length, b" ")
 
     def _write(self, data: bytes | memoryview) -> None:
         assert self._fd is not None
@@ -110,6 +283,17 @@ class ShardWriter:
             while mv:
                 n = os.write(self._fd, mv)
                 mv = mv[n:]
+                self._pos += n
+        if self._follower is not None:
+            self._follower.advance(self._pos)
+        if self._wb is not None and self._pos - self._wb_pos >= WRITEBACK_BYTES:
+            self._wb.add(self._wb_pos, self._pos - self._wb_pos)
+            self._wb_pos = self._pos
+
+    def _stop_writeback(self) -> None:
+        if self._wb is not None:
+            self._wb.close()
+            self._wb = None
 
     @property
     def current(self) -> TensorEntry | None:
@@ -139,6 +323,7 @@ class ShardWriter:
         import threading
 
         fd = self._fd
+        self._stop_writeback()  # the last ranges are left to this flush
 
         def run() -> None:
             if fd is not None:
@@ -153,19 +338,26 @@ class ShardWriter:
         if self._fd is None:
             self.open()
         assert self._fd is not None
+        self._stop_writeback()
         if self._flusher is not None:
             self._flusher.join()
         if self._index != len(self.entries):
             cur = self.current
             raise ConvertError(f"{self.path.name} is incomplete: tensor {cur.name if cur else '?'} not written.")
-        if metadata_update:
-            self.metadata.update({str(k): str(v) for k, v in metadata_update.items()})
-            new = build_header(self.entries, self.metadata, 0)
-            if len(new) > len(self.header):
-                raise ConvertError(f"Metadata for {self.path.name} outgrew the space reserved in its header.")
-            length = len(self.header) - 8
-            body = new[8:].rstrip(b" ").ljust(length, b" ")
-            os.pwrite(self._fd, length.to_bytes(8, "little") + body, 0)
+        with self._lock:
+            if metadata_update:
+                self.metadata.update({str(k): str(v) for k, v in metadata_update.items()})
+                patched = self._patched_header()
+                if patched != self.header:
+                    os.pwrite(self._fd, patched, 0)
+                    self.header = patched
+                    if self._follower is not None:  # it hashed the old header: start again
+                        self._follower.result()
+                        self._follower = None
+            if self._follower is None:
+                self._follower = _Follower(self.tmp, self._pos)
+            self._final = True
+        self.sha256 = self._follower.result()
         with disk_full_is_exit_6(self.path, kept="the conversion wrote nothing under its final name"):
             os.fsync(self._fd)
         # advice only (and missing on macOS): pages left cached cost memory, not correctness
@@ -181,6 +373,10 @@ class ShardWriter:
         os.replace(self.tmp, self.path)
 
     def abort(self) -> None:
+        self._stop_writeback()
+        if self._follower is not None:
+            self._follower.result()
+            self._follower = None
         if self._flusher is not None:
             self._flusher.join()
         if self._fd is not None:
@@ -206,6 +402,7 @@ class CheckpointWriter:
     metadata: dict[str, str] = field(default_factory=dict)
     reserve: int = 0
     index_name: str | None = None
+    final_header: bool = True  # False: metadata comes later (finalize_header or finish)
     writers: list[ShardWriter] = field(init=False)
     _owner: dict[str, int] = field(init=False)
     _cur: int = field(init=False, default=0)
@@ -213,7 +410,8 @@ class CheckpointWriter:
     def __post_init__(self) -> None:
         if len(self.names) != len(self.shards):
             raise ConvertError("CheckpointWriter needs one file name per shard.")
-        self.writers = [ShardWriter(Path(self.out_dir) / n, s, self.metadata, reserve=self.reserve)
+        self.writers = [ShardWriter(Path(self.out_dir) / n, s, self.metadata, reserve=self.reserve,
+                                    final_header=self.final_header)
                         for n, s in zip(self.names, self.shards, strict=True)]
         self._owner = {e.name: i for i, s in enumerate(self.shards) for e in s}
 
@@ -237,6 +435,15 @@ class CheckpointWriter:
     def finish(self, metadata_update: Mapping[str, str] | None = None) -> None:
         for w in self.writers:
             w.finish(metadata_update)
+
+    def finalize_header(self, metadata_update: Mapping[str, str]) -> None:
+        """``ShardWriter.finalize_header`` for every shard (thread-safe)."""
+        for w in self.writers:
+            w.finalize_header(metadata_update)
+
+    def digests(self) -> dict[str, str]:
+        """After ``finish``: ``{file name: sha256}`` of every shard its output hasher could read."""
+        return {w.path.name: w.sha256 for w in self.writers if w.sha256 is not None}
 
     def index_doc(self) -> dict[str, Any]:
         return {"metadata": {"total_size": self.data_bytes, **self.metadata},

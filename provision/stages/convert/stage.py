@@ -14,15 +14,18 @@ does not verify the source against a manifest (``verify`` does).
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import shutil
+import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from provision.errors import ManifestError, UsageError
+from provision.errors import ConvertError, ManifestError, UsageError
 from provision.formats.params import ModelArgs
 from provision.formats.provenance import PROVENANCE_NAME, SourceIdentity
 from provision.formats.safetensors_writer import CheckpointWriter, plan_shards
@@ -40,7 +43,7 @@ from provision.stages.convert.output import (
     new_stage,
     side_files,
 )
-from provision.stages.convert.parallel import resolve_workers
+from provision.stages.convert.parallel import resolve_workers, usable_cpus
 from provision.stages.convert.record import RECORD_NAME, ConvertResult, write_provenance, write_record
 from provision.stages.convert.serve import vllm_command
 from provision.stages.convert.source import SafetensorsSource, find_sources
@@ -48,6 +51,7 @@ from provision.stages.convert.stream import stream_tensors
 from provision.stages.profiles import QUANTIZED, Profile, choose
 
 SHARD_BYTES = 5 * 10**9
+REHASH_BYTES = 8 << 20  # read size when a written shard has to be hashed again
 
 
 @dataclass(frozen=True)
@@ -63,25 +67,21 @@ class ConvertHooks:
     source_identity: Callable[[], SourceIdentity | None]
 
 
-def _source_files(sources: list[SafetensorsSource], side: list[Path]) -> list[dict[str, Any]]:
-    """The record's ``source_files``, digests still zero (filled in while streaming)."""
-    return [{"path": s.path.name, "size": s.size, "sha256": "0" * 64, "sha256_from": "computed"}
-            for s in sources] + [{"path": p.name, "size": p.stat().st_size} for p in side if p.name == "params.json"]
-
-
 def _writer(out_dir: Path, items: list[Item], profile: Profile, source_files: list[dict[str, Any]],
-            shard_bytes: int) -> CheckpointWriter:
-    """The shard writer of the layout: one ``consolidated.safetensors``, or ``model*.safetensors`` shards."""
+            shard_bytes: int, *, final_header: bool = True) -> CheckpointWriter:
+    """The shard writer of the layout: one ``consolidated.safetensors``, or ``model*.safetensors`` shards
+    (``final_header``: the source digests in their headers are known already)."""
     entries = [e for it in items for e in it.entries]
     metadata = {"format": "pt", "provision.scheme": profile.scheme, "provision.layout": profile.layout,
                 "provision.source": json.dumps(source_files, separators=(",", ":"))}
     if profile.layout == "mistral":
-        return CheckpointWriter(out_dir, [entries], ["consolidated.safetensors"], metadata=metadata, index_name=None)
+        return CheckpointWriter(out_dir, [entries], ["consolidated.safetensors"], metadata=metadata, index_name=None,
+                                final_header=final_header)
     shards = plan_shards(entries, shard_bytes)
     m = len(shards)
     names = ["model.safetensors"] if m == 1 else [f"model-{i + 1:05d}-of-{m:05d}.safetensors" for i in range(m)]
     return CheckpointWriter(out_dir, shards, names, metadata=metadata,
-                            index_name=None if m == 1 else "model.safetensors.index.json")
+                            index_name=None if m == 1 else "model.safetensors.index.json", final_header=final_header)
 
 
 def _refuse_unquantizable(items: list[Item], prof: Profile) -> None:
@@ -96,14 +96,130 @@ def _refuse_unquantizable(items: list[Item], prof: Profile) -> None:
                             "bf16 or fp16 instead.", scheme=prof.scheme)
 
 
-def _check_output(stage: Path) -> dict[str, tuple[int, str]]:
+def _source_files(sources: list[SafetensorsSource], side: list[Path],
+                  known: Mapping[str, str] | None = None) -> list[dict[str, Any]]:
+    """The record's ``source_files``: a digest the caller gave (``known``) is in from the start
+    (``sha256_from: caller``, so the shard headers need no patch), the others are zero until
+    filled in while streaming."""
+    known = known or {}
+    return [{"path": s.path.name, "size": s.size, "sha256": known.get(s.path.name, "0" * 64),
+             "sha256_from": "caller" if s.path.name in known else "computed"}
+            for s in sources] + [{"path": p.name, "size": p.stat().st_size} for p in side if p.name == "params.json"]
+
+
+def _hash_fd(fd: int, stop: threading.Event | None = None) -> str:
+    """The sha256 of an open file, read in big pieces and dropped from the page cache behind
+    (``stop`` set: abandoned, ``ConvertError``)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    mv = memoryview(bytearray(REHASH_BYTES))
+    off = 0
+    while n := os.preadv(fd, [mv], off):
+        if stop is not None and stop.is_set():
+            raise ConvertError("The source hash was abandoned.")
+        h.update(mv[:n])
+        with contextlib.suppress(OSError, AttributeError):  # advice only (and missing on macOS)
+            os.posix_fadvise(fd, off, n, os.POSIX_FADV_DONTNEED)
+        off += n
+    return h.hexdigest()
+
+
+def _hash_file(path: Path) -> str:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        return _hash_fd(fd)
+    finally:
+        os.close(fd)
+
+
+def _stamp(s: SafetensorsSource) -> tuple[int, int, int]:
+    st = os.fstat(s.fd)
+    return st.st_size, st.st_mtime_ns, st.st_ctime_ns
+
+
+class _SourceHashes:
+    """The sha256 of the source files the caller did not vouch for, computed on helper threads
+    from the start of the conversion (while torch loads and the plan is made), so that the shard
+    headers, which record them, are final early and the output is hashed as it is written instead
+    of being read back. The conversion reads the same open files; ``check_unchanged`` refuses a
+    source whose size or modification time changed meanwhile (the digest would not be of the bytes
+    converted)."""
+
+    def __init__(self, sources: list[SafetensorsSource], known: Mapping[str, str]) -> None:
+        from concurrent.futures import ThreadPoolExecutor
+
+        self.todo = [s for s in sources if s.path.name not in known]
+        self.names = {s.path.name for s in self.todo}
+        self.stamps = {s.path.name: _stamp(s) for s in self.todo}
+        self.ex = ThreadPoolExecutor(max_workers=max(1, min(len(self.todo), usable_cpus())),
+                                     thread_name_prefix="sha256-source")
+        self.stop = threading.Event()
+        self.futures = {s.path.name: self.ex.submit(_hash_fd, s.fd, self.stop) for s in self.todo}
+        self.waiter: threading.Thread | None = None
+
+    def when_done(self, fn: Callable[[dict[str, str]], None]) -> None:
+        """Call ``fn({name: sha256})`` on a helper thread once every digest is known (not at all
+        when one failed: ``result`` raises that error)."""
+        from concurrent.futures import wait
+
+        def run() -> None:
+            wait(list(self.futures.values()))
+            if all(f.exception() is None for f in self.futures.values()):
+                with contextlib.suppress(Exception):  # finish() patches the header itself then
+                    fn({n: f.result() for n, f in self.futures.items()})
+
+        self.waiter = threading.Thread(target=run, daemon=True, name="sha256-source-done")
+        self.waiter.start()
+
+    def result(self) -> dict[str, str]:
+        """The digests (a read error raised as it happened)."""
+        return {n: f.result() for n, f in self.futures.items()}
+
+    def check_unchanged(self, sources: list[SafetensorsSource]) -> None:
+        for s in sources:
+            if s.path.name in self.stamps and _stamp(s) != self.stamps[s.path.name]:
+                raise ConvertError(f"{s.path.name} changed during the conversion; nothing was written. Run "
+                                   "convert again when nothing writes the source.", path=str(s.path))
+
+    def close(self) -> None:
+        self.stop.set()
+        self.ex.shutdown(wait=True, cancel_futures=True)
+        if self.waiter is not None:
+            self.waiter.join()
+
+
+def _output_digests(stage: Path, written: Mapping[str, str], names: list[str]) -> dict[str, str]:
+    """``{name: sha256}`` of the weight files in ``stage``: the writer's digests of what it wrote
+    (``written``) and, for a shard whose header was patched after its bytes were hashed, the file
+    read back once (the shards in parallel: hashlib releases the GIL)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    todo = [n for n in names if n.endswith(".safetensors") and n not in written]
+    out = {n: d for n, d in written.items() if n in names}
+    if todo:
+        with ThreadPoolExecutor(max_workers=min(len(todo), usable_cpus())) as ex:
+            out.update(zip(todo, ex.map(lambda n: _hash_file(stage / n), todo), strict=True))
+    return out
+
+
+def _check_output(stage: Path, known_sha256: Mapping[str, str] | None = None) -> dict[str, tuple[int, str]]:
     """The checks a conversion passes before it is committed: ``verify``'s structure checks of the
     weights and index, then the loader's load check (names, shapes, quantized layers, on meta).
-    Returns verify's ``{path: (size, sha256)}`` of what it read, for the provenance record."""
+    ``known_sha256`` (the digests of the weight files as they were written) stands in for reading
+    those files again; every other file is read. Returns verify's ``{path: (size, sha256)}``, for
+    the provenance record."""
     from provision.model.loader import check_loadable
     from provision.stages.verify import verify_dir
+    from provision.stages.verify.authority import Authority
+    from provision.stages.verify.scan import scan
+    from provision.stages.verify.verifier import verify_files
 
-    report = verify_dir(stage)
+    if known_sha256:  # verify_dir's own checks (authority "none"), the known digests not read again
+        expected = {e.rel: Authority(kind="none") for e in scan(stage) if e.readable}
+        report = verify_files(stage, expected, known_sha256=known_sha256, check_params=True)
+    else:
+        report = verify_dir(stage)
     report.raise_for_failure()
     check_loadable(stage)
     return report.facts
@@ -154,20 +270,23 @@ def convert(
     side = side_files(src_dir)
     mode = check_out(src_dir, out_dir, force=force)
     sources: list[SafetensorsSource] = []
+    hashes: _SourceHashes | None = None
     try:
         sources += [hooks.open_source(p, src_dir) if hooks else SafetensorsSource(p, root=src_dir) for p in paths]
+        if hooks is None:  # a source still arriving (hooks) is hashed as it streams instead
+            hashes = _SourceHashes(sources, source_sha256 or {})
         items = plan_items(sources, args, prof)
         check_against_params(items, args)
         _refuse_unquantizable(items, prof)
-        source_files = _source_files(sources, side)
+        source_files = _source_files(sources, side, source_sha256)
         stage = new_stage(out_dir)
         try:
-            res = _write(src_dir, stage, out_dir, args, tgt, prof, items, sources, side, source_files,
+            res, output_sha256 = _write(src_dir, stage, out_dir, args, tgt, prof, items, sources, side, source_files,
                          shard_bytes=shard_bytes, context=context, progress=progress, hf_tokenizer=hf_tokenizer,
-                         source_sha256=source_sha256 or {}, t0=t0, workers=n_workers)
+                         source_sha256=source_sha256 or {}, t0=t0, workers=n_workers, hashes=hashes)
             if hooks is not None:
                 res.src_dir, source_identity = hooks.src_dir, hooks.source_identity()
-            facts = _check_output(stage)
+            facts = _check_output(stage, output_sha256)
             if compare if compare is not None else should_compare(res.bytes_read):
                 res.logits_comparison = compare_logits(src_dir, stage)
             res.seconds = time.monotonic() - t0
@@ -178,6 +297,8 @@ def convert(
         finally:
             shutil.rmtree(stage, ignore_errors=True)  # gone after a commit; a failed run leaves nothing
     finally:
+        if hashes is not None:
+            hashes.close()
         for s in sources:
             s.close()
     if progress is not None:
@@ -189,17 +310,35 @@ def convert(
 def _write(src_dir: Path, stage: Path, out_dir: Path, args: ModelArgs, tgt: Target, prof: Profile,
            items: list[Item], sources: list[SafetensorsSource], side: list[Path], source_files: list[dict[str, Any]],
            *, shard_bytes: int, context: int, progress: ProgressFn | None, hf_tokenizer: bool,
-           source_sha256: Mapping[str, str], t0: float, workers: int) -> ConvertResult:
-    """Stream the tensors and write the side files of the layout into ``stage``; the result (for ``out_dir``)."""
-    writer = _writer(stage, items, prof, source_files, shard_bytes)
+           source_sha256: Mapping[str, str], t0: float, workers: int,
+           hashes: _SourceHashes | None = None) -> tuple[ConvertResult, dict[str, str]]:
+    """Stream the tensors and write the side files of the layout into ``stage``; the result (for
+    ``out_dir``) and the sha256 of every weight file written (``_output_digests``). ``hashes``
+    computes the digests of the sources the caller did not give; once they are known the shard
+    headers are final and the shards are hashed as they are written."""
+    final = all(s.path.name in source_sha256 for s in sources)
+    writer = _writer(stage, items, prof, source_files, shard_bytes, final_header=final)
+
+    def fill(digests: Mapping[str, str]) -> str:
+        for f in source_files:
+            if f["path"] in digests:
+                f["sha256"], f["sha256_from"] = digests[f["path"]], "computed"
+        return json.dumps(source_files, separators=(",", ":"))
+
     try:
+        if hashes is not None and not final:
+            hashes.when_done(lambda d: writer.finalize_header({"provision.source": fill(d)}))
         check_free_space(stage, writer.total_size + (64 << 20), what=f"the {prof.name} conversion")
         on_bytes = ByteCounter(progress, task="convert", total=sum(s.size - s.data_start for s in sources),
                                description=f"convert -> {prof.name}", interval=0.2, report_end=True)
         reports = stream_tensors(sources, items, writer, prof.scheme, source_files, source_sha256, on_bytes,
-                                 workers=workers)
+                                 workers=workers, hashed_elsewhere=hashes.names if hashes is not None else ())
+        if hashes is not None:
+            fill(hashes.result())
+            hashes.check_unchanged(sources)
         writer.finish({"provision.source": json.dumps(source_files, separators=(",", ":"))})
         files = [p.name for p in writer.commit()]
+        output_sha256 = _output_digests(stage, writer.digests(), files)
     except BaseException:
         writer.abort()
         raise
@@ -217,4 +356,5 @@ def _write(src_dir: Path, stage: Path, out_dir: Path, args: ModelArgs, tgt: Targ
     return ConvertResult(src_dir=src_dir, out_dir=out_dir, target=tgt, profile=prof, files=sizes,
                          source_files=source_files, tensors=reports, bytes_read=bytes_read,
                          bytes_written=sum(s for _, s in sizes), seconds=time.monotonic() - t0,
-                         vllm_command=vllm_command(out_dir, prof, context, hf_tokenizer=hf_tok), notes=notes)
+                         vllm_command=vllm_command(out_dir, prof, context, hf_tokenizer=hf_tok),
+                         notes=notes), output_sha256

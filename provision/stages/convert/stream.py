@@ -11,7 +11,7 @@ the relative error of every quantized weight. It does not choose the profile, na
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Collection, Iterator, Mapping
 from dataclasses import dataclass
 from functools import partial
 from typing import Any
@@ -167,12 +167,14 @@ def convert_items(items: list[Item], pre: Prefetcher, writer: CheckpointWriter, 
 
 def stream_tensors(sources: list[SafetensorsSource], items: list[Item], writer: CheckpointWriter, scheme: str,
                    source_files: list[dict[str, Any]], known_sha256: Mapping[str, str],
-                   on_bytes: Callable[[int], None], workers: int = 1) -> list[TensorReport]:
+                   on_bytes: Callable[[int], None], workers: int = 1,
+                   hashed_elsewhere: Collection[str] = ()) -> list[TensorReport]:
     """Convert every item into ``writer`` on ``workers`` threads; fill in the sha256 of each entry of
     ``source_files``. The output does not depend on ``workers``.
 
     ``source_files[i]`` describes ``sources[i]``; a file named in ``known_sha256`` takes that
-    digest (``sha256_from: caller``), every other one is hashed while it streams. Memory: the
+    digest (``sha256_from: caller``), a file named in ``hashed_elsewhere`` is left as it is (the
+    caller hashes it on its own thread), every other one is hashed while it streams. Memory: the
     read-ahead ring holds ``3 + WINDOW_PER_WORKER * workers + 5`` buffers of the largest piece
     (``items.CHUNK_BYTES``, 16 MiB), and each piece in flight has one output of at most that size.
     """
@@ -185,6 +187,9 @@ def stream_tensors(sources: list[SafetensorsSource], items: list[Item], writer: 
         for i, s in enumerate(sources):
             if s.path.name in known_sha256:
                 known.append(i)
+                streams.append(SourceStream(s, None))
+                continue
+            if s.path.name in hashed_elsewhere:
                 streams.append(SourceStream(s, None))
                 continue
             h = BackgroundHasher(depth=3, name=f"sha256:{s.path.name}")

@@ -72,6 +72,16 @@ def verify_profile(folder: str | Path) -> CheckResult:
     return check(Path(folder), inert_extra_ok=True)
 
 
+def verify_sigstore(folder: str | Path, *, bundle: str | Path, trust_root: str | Path, identity: str,
+                    issuer: str) -> SignatureResult:
+    """`provision verify FOLDER --sigstore-bundle ...`: a keyless (Sigstore) signature checked offline
+    against the given ``trusted_root.json`` for ``identity`` from ``issuer`` (raises ``VerifyError``, exit 5)."""
+    from provision.stages.sign import verify_sigstore_bundle
+
+    return verify_sigstore_bundle(Path(folder), bundle=Path(bundle), trust_root=Path(trust_root),
+                                  identity=identity, issuer=issuer)
+
+
 def sign(folder: str | Path, *, key: str | Path, signature: str | Path, certificate: str | Path | None = None,
          certificate_chain: tuple[str | Path, ...] = ()) -> SignatureResult:
     """`provision sign`: sign every file of ``folder`` with the private ``key`` into ``signature``."""

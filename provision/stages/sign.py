@@ -7,8 +7,12 @@ provenance record no longer matches its files is refused first, so nothing is si
 record does not vouch for. ``verify_folder_signature`` checks a signature against a public key
 or a certificate chain without the network; a changed, missing or extra file, a signature made
 by another key and a malformed signature file are each a one-line ``VerifyError`` (exit 5).
-Key material is never put in a message or a result. Keyless (Sigstore) signing is not done here:
-it needs the network. The ``model_signing`` package (the ``signing`` extra) is imported when used.
+Key material is never put in a message or a result. ``signed_digests`` and ``check_signed_files``
+check a signature a manifest pins at fetch time (``provision.stages.fetch.signed``): the files
+staged by a fetcher against the sha256 the verified signature lists. ``verify_sigstore_bundle``
+checks a keyless (Sigstore) signature offline against a given ``trusted_root.json``; keyless
+*signing* is not done here: it needs the network (an OIDC token, Fulcio, Rekor, a timestamp
+authority). The ``model_signing`` package (the ``signing`` extra) is imported when used.
 """
 
 from __future__ import annotations

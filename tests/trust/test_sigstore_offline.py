@@ -82,6 +82,10 @@ def test_a_real_sigstore_signature_verifies_offline_against_a_given_trust_root(
     sg = doc["sigstore"]
     assert sg["method"] == "sigstore" and sg["identity"] == IDENTITY and sg["issuer"] == ISSUER
     assert sg["signature_sha256"] == hashlib.sha256(BUNDLE.read_bytes()).hexdigest() and sg["files"] == 2
+    from provision import api
+
+    res = api.verify_sigstore(folder, bundle=BUNDLE, trust_root=root, identity=IDENTITY, issuer=ISSUER)
+    assert res.method == "sigstore" and res.signature_sha256 == sg["signature_sha256"]
     assert connects == []
 
 

@@ -95,6 +95,35 @@ def generate(src: Path, params: dict[str, object]) -> tuple[int, int]:
     return len(entries), (src / "consolidated.safetensors").stat().st_size
 
 
+def cpu_rates() -> str:
+    """One core's rate (MB/s of bf16 source) for fp8 quantization of 2.5 MiB pieces and for sha256:
+    the CPU work per source byte of a conversion, to compare with the disk's rate."""
+    import hashlib
+
+    import torch
+
+    from provision.quant import quantize_fp8
+    from provision.stages.convert.allocator import keep_freed_blocks
+
+    keep_freed_blocks()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        w = (torch.randn(256, 5120) * 0.02).to(torch.bfloat16)
+        nbytes = w.numel() * 2
+        rates = []
+        for fn in (lambda: quantize_fp8(w), lambda: hashlib.sha256(memoryview(w.view(torch.uint8).numpy())).digest()):
+            fn()
+            n, t0 = 0, time.perf_counter()
+            while time.perf_counter() - t0 < 1.0:
+                fn()
+                n += 1
+            rates.append(n * nbytes / (time.perf_counter() - t0) / 1e6)
+    finally:
+        torch.set_num_threads(threads)
+    return f"one core: fp8 quantization {rates[0]:.0f} MB/s, sha256 {rates[1]:.0f} MB/s of source"
+
+
 def timed(cmd: list[str], env: dict[str, str] | None = None) -> tuple[float, str]:
     t0 = time.monotonic()
     r = subprocess.run(cmd, capture_output=True, text=True, check=False, env=env)
@@ -178,6 +207,7 @@ def main() -> int:
         print(f"generated {count} tensors, {size / 1e9:.2f} GB in {time.monotonic() - t0:.1f} s (scale {ns.scale}); "
               f"{usable_cpus()} usable CPUs (default workers {min(usable_cpus(), MAX_DEFAULT_WORKERS)}), "
               f"load average {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
+        print(cpu_rates())
         weights = src / "consolidated.safetensors"
         t_cp: list[float] = []
         best: dict[int, tuple[str, float, int]] = {}  # run index -> (label, fastest seconds, highest peak RSS)

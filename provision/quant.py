@@ -55,6 +55,7 @@ SCHEMES: dict[str, SchemeSpec] = {
 
 
 _SAME_WIDTH_INT = {2: torch.int16, 4: torch.int32, 8: torch.int64}
+_EXACT_IN_FLOAT32 = (torch.bfloat16, torch.float16, torch.float32)  # promoted to float32 without rounding
 
 
 def _round_up_to(scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -77,12 +78,16 @@ def quantize_fp8(w: torch.Tensor, scale_dtype: torch.dtype = torch.bfloat16) -> 
     """float8 E4M3 with per-output-channel scales: ``(q [out, in] float8_e4m3fn, scale [out, 1])``."""
     if w.ndim != 2:
         raise ValueError(f"fp8 quantization needs a 2-D weight, got shape {tuple(w.shape)}")
-    x = w.to(torch.float32, copy=True)  # a copy even for float32 input: divided in place below
-    amax = x.abs().amax(dim=1, keepdim=True)
+    if w.dtype not in _EXACT_IN_FLOAT32:
+        w = w.float()
+    # |w| and its row maximum are exact in w's own dtype: no float32 copy of the whole piece
+    amax = w.abs().amax(dim=1, keepdim=True).float()
     scale = _round_up_to(torch.clamp(amax / FP8_MAX, min=_tiny(scale_dtype)), scale_dtype)
-    # scale >= amax / 448, so |x / scale| <= 448 up to one rounding, which the cast rounds to 448:
-    # no clamp pass needed (this is the hot loop of a 25 GB conversion)
-    q = x.div_(scale.float()).to(torch.float8_e4m3fn)
+    # scale >= amax / 448, so |w / scale| <= 448 up to one rounding, which the cast rounds to 448:
+    # no clamp pass needed (this is the hot loop of a 25 GB conversion). The division runs in
+    # float32 (w promoted element by element) and is cast to E4M3 in the same pass.
+    q = torch.empty(w.shape, dtype=torch.float8_e4m3fn)
+    torch.div(w, scale.float(), out=q)
     return q, scale
 
 

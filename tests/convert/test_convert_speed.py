@@ -216,3 +216,28 @@ def test_quantized_bytes_do_not_depend_on_the_piece_size(monkeypatch: pytest.Mon
     parts = [quant.quantize_fp8(w[r:r + 7]) for r in range(0, 96, 7)]
     assert torch.equal(torch.cat([p[0] for p in parts]).view(torch.uint8), whole_q.view(torch.uint8))
     assert torch.equal(torch.cat([p[1] for p in parts]), whole_s)
+
+
+def _fp8_reference(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """fp8 per-channel quantization written out plainly in float32 (the formula before the fast path)."""
+    from provision import quant
+
+    x = w.to(torch.float32, copy=True)
+    amax = x.abs().amax(dim=1, keepdim=True)
+    scale = quant._round_up_to(torch.clamp(amax / 448.0, min=float(torch.finfo(torch.bfloat16).tiny)), torch.bfloat16)
+    return x.div_(scale.float()).to(torch.float8_e4m3fn), scale
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_fast_fp8_quantization_is_bit_identical_to_the_float32_formula(dtype: torch.dtype) -> None:
+    from provision import quant
+
+    g = torch.Generator().manual_seed(11)
+    w = (torch.randn(64, 384, generator=g) * torch.logspace(-6, 2, 64).unsqueeze(1)).to(dtype)
+    w[0] = 0  # an all-zero row: the smallest scale
+    w[1, 7] = torch.finfo(dtype).max / 4  # a huge value beside small ones
+    w[2, :5] = torch.finfo(dtype).tiny  # subnormal-range neighbours
+    w[3] = -w[3]
+    q, s = quant.quantize_fp8(w)
+    rq, rs = _fp8_reference(w)
+    assert torch.equal(q.view(torch.uint8), rq.view(torch.uint8)) and torch.equal(s, rs)

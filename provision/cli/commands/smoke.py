@@ -14,6 +14,11 @@ from provision.errors import SmokeError, UsageError
 
 if TYPE_CHECKING:
     from provision.stages.smoke import SmokeReport
+    from provision.stages.smoke_vllm import VllmReport
+
+ENGINE_HELP = ("Which engine judges the folder: provision (our PyTorch reference and its checks), vllm (the "
+               "folder's `vllm serve` line must answer with our reference's greedy ids), both (both verdicts). "
+               "Default: both when vLLM is installed, else provision.")
 
 
 def _read_golden(path: Path) -> list[int]:
@@ -43,29 +48,72 @@ def _read_golden(path: Path) -> list[int]:
 @click.option("--devices", metavar="DEV,DEV,...", default=None,
               help="Split consecutive layers over these devices (e.g. cuda:0,cuda:1); default: every GPU when "
                    "one cannot hold the model.")
+@click.option("--engine", type=click.Choice(["provision", "vllm", "both"]), default=None, help=ENGINE_HELP)
+@click.option("--vllm-timeout", type=click.FloatRange(min=1), default=600.0, show_default=True,
+              help="Seconds vLLM may take to load the folder and answer /health.")
 @json_option
 def command(model_dir: Path, device: str, dtype: str, images: tuple[str, ...], prompt: str | None,
             max_tokens: int | None, manifest: str | None, golden: Path | None, devices: str | None,
-            json_out: bool) -> None:
+            engine: str | None, vllm_timeout: float, json_out: bool) -> None:
     """Smoke-test the model in MODEL_DIR: image + prompt through the full forward pass, greedy decode, checks."""
     app = get_app(json_out, "smoke")
     from provision.stages.smoke import SmokeReport, smoke
+    from provision.stages.smoke_vllm import default_engine
 
+    engine = engine or default_engine()
     gold = _read_golden(golden) if golden is not None else None
     try:
         rep = smoke(model_dir, device=device, dtype=None if dtype == "auto" else dtype, images=images,
                     prompt=prompt, max_tokens=max_tokens, manifest=manifest, golden=gold,
-                    progress=app.terminal.progress,
+                    progress=app.terminal.progress, raise_on_fail=engine != "vllm",
                     devices=[d.strip() for d in devices.split(",") if d.strip()] if devices else None)
     except SmokeError as e:
         if isinstance(e.report, SmokeReport):  # the model ran and a check failed: show what it did
             app.manifest_sha256 = e.report.manifest_sha256
             _render(app, e.report)
-            app.fail(e, {"smoke": e.report.to_dict()})
+            app.fail(e, {"smoke": e.report.to_dict(), "engine": engine})
         raise
     app.manifest_sha256 = rep.manifest_sha256
     _render(app, rep)
-    app.finish({"smoke": rep.to_dict()})
+    out: dict[str, object] = {"smoke": rep.to_dict(), "engine": engine}
+    if engine != "provision":
+        out["vllm"] = run_vllm_check(app, model_dir, rep, images, vllm_timeout, out).to_dict()
+    app.finish(out)
+
+
+def run_vllm_check(app: App, model_dir: Path, rep: SmokeReport, images: tuple[str, ...], timeout: float,
+                   partial: dict[str, object]) -> VllmReport:
+    """The vLLM half of ``--engine vllm|both``: rendered; a failure ends the command (exit 8) with
+    both engines' verdicts in the JSON report."""
+    from provision.stages.smoke_vllm import reference_images, smoke_vllm
+
+    try:
+        vrep = smoke_vllm(model_dir, rep, images=reference_images(model_dir, rep, list(images)),
+                          start_timeout=timeout, progress=app.terminal.progress)
+    except SmokeError as e:
+        from provision.stages.smoke_vllm import VllmReport
+
+        if isinstance(e.report, VllmReport):
+            _render_vllm(app, e.report)
+            app.fail(e, {**partial, "vllm": e.report.to_dict()})
+        app.fail(e, dict(partial))
+    _render_vllm(app, vrep)
+    return vrep
+
+
+def _render_vllm(app: App, v: VllmReport) -> None:
+    t = app.terminal
+
+    def fig(x: float | None, unit: str) -> str:
+        return f"{x:.3f} {unit}" if x is not None else "n/a"
+
+    for e in (v.vllm, v.provision):
+        t.info(f"{e.engine:>9}: load {fig(e.load_seconds, 's')}, time to first token {fig(e.ttft_seconds, 's')}, "
+               f"{fig(e.tokens_per_second, 'tokens/s')}")
+    t.info(f"vLLM generated {len(v.token_ids)} tokens: {v.text!r}")
+    (t.success if v.passed else t.error)(
+        f"vllm: {'ok' if v.passed else 'FAILED'} - {v.rule}" +
+        ("" if v.first_difference is None else f"; first difference at token {v.first_difference}"))
 
 
 def _render(app: App, rep: SmokeReport) -> None:

@@ -111,8 +111,9 @@ def cpu_rates() -> str:
     try:
         w = (torch.randn(256, 5120) * 0.02).to(torch.bfloat16)
         nbytes = w.numel() * 2
+        raw = w.view(torch.uint8).numpy().tobytes()
         rates = []
-        for fn in (lambda: quantize_fp8(w), lambda: hashlib.sha256(memoryview(w.view(torch.uint8).numpy())).digest()):
+        for fn in (lambda: quantize_fp8(w), lambda: hashlib.sha256(raw).digest()):
             fn()
             n, t0 = 0, time.perf_counter()
             while time.perf_counter() - t0 < 1.0:

@@ -123,11 +123,26 @@ class LateDigests(Mapping[str, str]):
 
 
 class PieceMap:
-    """Which bytes of the staged files are verified: the hasher's ``have`` map of pieces."""
+    """Which bytes of the staged files are verified: the hasher's ``have`` map of pieces. A piece a
+    reader waits for is made time-critical (``set_piece_deadline``): libtorrent's in-order picking
+    leaves a few pieces behind (a block lost in flight is asked for again only at the end), and
+    the conversion reads in file order."""
 
-    def __init__(self, hasher: Any, abort: threading.Event) -> None:
-        self.hasher, self.abort = hasher, abort
+    def __init__(self, hasher: Any, abort: threading.Event, handle: Any = None) -> None:
+        self.hasher, self.abort, self.handle = hasher, abort, handle
         self.pl = int(hasher.pl)
+        self.asked: set[int] = set()
+
+    def hurry(self, pieces: list[int]) -> None:
+        """Ask libtorrent for these pieces before any other (once each)."""
+        for p in pieces:
+            if p in self.asked or self.handle is None:
+                continue
+            self.asked.add(p)
+            try:
+                self.handle.set_piece_deadline(p, 0)
+            except (RuntimeError, AttributeError):  # the torrent is gone, or an old binding: in order, later
+                self.handle = None
 
     def pieces(self, offset: int, start: int, n: int) -> range:
         """The pieces holding bytes ``[start, start + n)`` of a file at torrent ``offset``."""
@@ -139,6 +154,7 @@ class PieceMap:
         """Block until those bytes are verified; ``OverlapCancelled`` when the run gave up."""
         want = self.pieces(offset, start, n)
         h = self.hasher
+        self.hurry([p for p in want if not h.have[p]])
         with h.cond:
             while not all(h.have[p] for p in want):
                 if self.abort.is_set() or h.stopped:
@@ -175,6 +191,14 @@ class ReadLog:
     def before(self, t: float) -> int:
         with self.lock:
             return max((b for at, b in self.points if at <= t), default=0)
+
+
+def _preload() -> None:
+    """Import what the conversion needs (torch, the loader, verify) ahead of it."""
+    import torch  # noqa: F401
+
+    import provision.model.loader
+    import provision.stages.verify  # noqa: F401
 
 
 def clean_views(staging: Path) -> None:
@@ -216,15 +240,12 @@ class Overlap:
         side = [f for f in files if f not in weights]
         if not weights or not any(f.rel == "params.json" for f in side):
             return  # nothing this conversion could start from: the pipeline converts after the fetch
-        pieces = PieceMap(hasher, self.abort)
+        pieces = PieceMap(hasher, self.abort, handle)
         # params.json whole, then the first piece of every other file (the weights' headers)
         first = [p for f in side if f.rel == "params.json" for p in pieces.pieces(f.offset, 0, f.size)]
-        first += [p for f in files for p in pieces.pieces(f.offset, 0, 1)]
-        for p in sorted(set(first)):  # the side files and the headers before the tensors
-            try:
-                handle.set_piece_deadline(p, 0)
-            except (RuntimeError, AttributeError):  # an older binding: they come in order, later
-                break
+        pieces.hurry(sorted(set(first + [p for f in files for p in pieces.pieces(f.offset, 0, 1)])))
+        # torch and the output checks take seconds to import: loaded while the first pieces arrive
+        threading.Thread(target=_preload, name="provision-overlap-import", daemon=True).start()
         self.thread = threading.Thread(target=self._run, args=(pieces, weights, side), name="provision-overlap",
                                        daemon=True)
         self.thread.start()
@@ -239,12 +260,6 @@ class Overlap:
                 self._link_view(pieces, weights, side)
             except OSError as e:  # a staged name already moved into place (the fetch was quicker): convert after
                 raise OverlapUnavailable(f"staged file gone: {e}") from None
-            # imported now, not when the first tensor is due: torch and the loader's checks take seconds to load
-            import torch  # noqa: F401
-
-            import provision.model.loader
-            import provision.stages.verify  # noqa: F401
-
             target, prof = self.choose(ModelArgs.from_file(self.view / "params.json"))
             self.profile = prof
             offsets = {f.rel: f.offset for f in weights}

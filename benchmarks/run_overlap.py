@@ -1,0 +1,118 @@
+"""Benchmark: `provision run MAGNET --scheme fp8 --skip-smoke` against `provision fetch MAGNET` of the same torrent.
+
+Generates a random bf16 checkpoint with Pixtral 12B's real params.json (``--scale`` shrinks the
+layer count and vocabulary as ``convert_memory.py`` does; the default 0.08 is about 2 GB), seeds it
+with ``provision seed --network closed`` on 127.0.0.1, then measures in the same run, each from a
+fresh home folder and in the order fetch, run, fetch, run... (``--repeat``; the fastest of each counts):
+
+* ``provision fetch MAGNET --dest D --network closed`` (wall seconds of the process), and
+* ``provision run MAGNET --network closed --target h200 --scheme fp8 --skip-smoke --json`` (wall
+  seconds until the committed fp8 profile; the conversion overlaps the download, ``stages.overlap``).
+
+Target (exit 1 when missed): run <= 1.25x fetch. It also prints the run report's
+``ready_after_last_byte_seconds`` and ``overlap`` figures. Everything it writes is deleted at the end
+(``--keep`` keeps the generated checkpoint). The network rule holds: closed mode, loopback only.
+
+    .venv/bin/python benchmarks/run_overlap.py --dir /var/tmp/ovbench                # ~2 GB
+    .venv/bin/python benchmarks/run_overlap.py --dir /var/tmp/ovbench --scale 1      # full 25 GB
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from convert_memory import generate, scaled_params  # noqa: E402
+
+from provision.testing.torrent_fixtures import PROVISION, provision_env, provision_seed  # noqa: E402
+
+RATIO_TARGET = 1.25
+NET = ["--network", "closed", "--listen", "127.0.0.1:0", "--stall-timeout", "120"]
+
+
+def timed(cmd: list[str]) -> tuple[float, str]:
+    """Wall seconds of ``cmd`` (a provision command) and its stdout; SystemExit when it fails."""
+    t0 = time.monotonic()
+    r = subprocess.run(cmd, capture_output=True, text=True, check=False, env=provision_env(), cwd=ROOT)
+    dt = time.monotonic() - t0
+    if r.returncode != 0:
+        raise SystemExit(f"{' '.join(cmd[3:6])}... failed ({r.returncode}):\n{r.stderr[-3000:]}")
+    return dt, r.stdout
+
+
+def fetch_once(magnet: str, work: Path) -> float:
+    dest = work / "fetched"
+    try:
+        dt, _ = timed([*PROVISION, "fetch", magnet, "--dest", str(dest), "--home", str(work / "fetch-home"), *NET])
+        return dt
+    finally:
+        shutil.rmtree(dest, ignore_errors=True)
+        shutil.rmtree(work / "fetch-home", ignore_errors=True)
+
+
+def run_once(magnet: str, work: Path, workers: str | None) -> tuple[float, dict[str, Any]]:
+    home = work / "run-home"
+    extra = ["--workers", workers] if workers else []
+    try:
+        dt, out = timed([*PROVISION, "run", magnet, "--home", str(home), *NET, "--no-hf-cache", "--target", "h200",
+                         "--scheme", "fp8", "--skip-smoke", "--json", *extra])
+        return dt, json.loads(out)
+    finally:
+        shutil.rmtree(home, ignore_errors=True)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--dir", type=Path, default=None, help="where the work folder goes (default: a temp dir)")
+    ap.add_argument("--scale", type=float, default=0.08, help="shrink layers and vocab (1.0 = full 25 GB)")
+    ap.add_argument("--repeat", type=int, default=1, help="measure fetch and run this many times each")
+    ap.add_argument("--workers", default=None, help="run's --workers (default: run's own default)")
+    ap.add_argument("--keep", action="store_true", help="keep the generated checkpoint")
+    a = ap.parse_args()
+    base = Path(tempfile.mkdtemp(prefix="provision-ovbench-", dir=a.dir))
+    src = base / "src" / "pixtral-shaped"
+    try:
+        n, size = generate(src, scaled_params(a.scale))
+        print(f"checkpoint: {n} tensors, {size / 1e9:.2f} GB (scale {a.scale})", flush=True)
+        fetches: list[float] = []
+        runs: list[tuple[float, dict[str, Any]]] = []
+        with provision_seed(src, base / "seed", timeout=600) as seed:
+            for _ in range(a.repeat):
+                fetches.append(fetch_once(seed.magnet, base))
+                print(f"fetch: {fetches[-1]:.2f} s", flush=True)
+                runs.append(run_once(seed.magnet, base, a.workers))
+                print(f"run:   {runs[-1][0]:.2f} s", flush=True)
+        fetch_s = min(fetches)
+        run_s, doc = min(runs, key=lambda r: r[0])
+        ratio = run_s / fetch_s
+        conv = next((s for s in doc.get("stages", []) if s.get("stage") == "convert"), {})
+        print(json.dumps({"bytes": size, "fetch_seconds": round(fetch_s, 2), "run_seconds": round(run_s, 2),
+                          "ratio_run_to_fetch": round(ratio, 3), "target": RATIO_TARGET,
+                          "ready_after_last_byte_seconds": doc.get("ready_after_last_byte_seconds"),
+                          "convert_stage_seconds": conv.get("seconds"), "overlap": doc.get("overlap")}, indent=2))
+        if ratio > RATIO_TARGET:
+            print(f"MISSED: run to a committed fp8 profile took {ratio:.2f}x fetch alone (target <= {RATIO_TARGET}x)")
+            return 1
+        print(f"OK: run to a committed fp8 profile took {ratio:.2f}x fetch alone (target <= {RATIO_TARGET}x)")
+        return 0
+    finally:
+        if a.keep:
+            shutil.rmtree(base / "seed", ignore_errors=True)
+            print(f"kept {src}")
+        else:
+            shutil.rmtree(base, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

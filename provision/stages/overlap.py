@@ -337,7 +337,8 @@ class Overlap:
         if self.thread.is_alive():  # pragma: no cover - a conversion that outlives the bound
             self.cancel(OverlapCancelled("the overlapped conversion did not finish"))
             raise OverlapCancelled("The overlapped conversion did not finish in time.")
-        if isinstance(self.error, OverlapUnavailable):
+        # the download it followed stopped (another source delivered the files), or it could not start
+        if isinstance(self.error, (OverlapUnavailable, OverlapCancelled)):
             return None
         if self.error is not None:
             raise self.error

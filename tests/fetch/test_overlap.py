@@ -1,0 +1,128 @@
+"""The pieces of convert-while-fetching that need no swarm (``provision.stages.overlap``): which
+torrent pieces hold a file's bytes, reads that wait for verified pieces (and ask for them first),
+source digests that wait for the pipeline's verdict, and an overlapped conversion that gives way
+to a conversion after the fetch when the download it followed stopped."""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from provision.stages.fetch.torrent.stream_hash import StreamHasher
+from provision.stages.overlap import Gate, LateDigests, Overlap, OverlapCancelled, PieceMap
+
+
+class FakeHandle:
+    """Records the pieces made time-critical."""
+
+    def __init__(self) -> None:
+        self.deadlines: list[int] = []
+
+    def set_piece_deadline(self, piece: int, ms: int) -> None:
+        assert ms == 0
+        self.deadlines.append(piece)
+
+
+def _hasher(pieces: int = 10, piece_length: int = 100) -> StreamHasher:
+    return StreamHasher([], piece_length, pieces)  # never started: only its piece map is used
+
+
+def test_the_pieces_of_a_byte_range_count_the_files_offset_in_the_torrent() -> None:
+    pm = PieceMap(_hasher(), threading.Event())
+    assert list(pm.pieces(250, 0, 8)) == [2]  # bytes 250..257
+    assert list(pm.pieces(250, 40, 100)) == [2, 3]  # bytes 290..389
+    assert list(pm.pieces(0, 0, 100)) == [0]  # exactly one piece
+    assert list(pm.pieces(0, 0, 101)) == [0, 1]
+    assert list(pm.pieces(0, 5, 0)) == []
+
+
+def test_a_read_waits_for_its_pieces_and_asks_for_the_missing_ones_first_once() -> None:
+    h, handle = _hasher(), FakeHandle()
+    pm = PieceMap(h, threading.Event(), handle)
+    h.mark(2)
+    done = threading.Event()
+
+    def reader() -> None:
+        pm.wait(0, 200, 200)  # pieces 2 and 3
+        done.set()
+
+    t = threading.Thread(target=reader)
+    t.start()
+    time.sleep(0.3)
+    assert not done.is_set()  # piece 3 is missing
+    assert handle.deadlines == [3]  # only the missing piece was hurried
+    h.mark(3)
+    t.join(5)
+    assert done.is_set()
+    pm.wait(0, 200, 200)  # all there: no wait, nothing asked again
+    assert handle.deadlines == [3]
+
+
+@pytest.mark.parametrize("how", ["abort", "hasher stopped"])
+def test_a_waiting_read_gives_up_when_the_run_or_the_download_stops(how: str) -> None:
+    h, abort = _hasher(), threading.Event()
+    pm = PieceMap(h, abort)
+    errors: list[BaseException] = []
+
+    def reader() -> None:
+        try:
+            pm.wait(0, 0, 50)
+        except OverlapCancelled as e:
+            errors.append(e)
+
+    t = threading.Thread(target=reader)
+    t.start()
+    time.sleep(0.1)
+    if how == "abort":
+        abort.set()
+    else:
+        h.stop()
+    t.join(5)
+    assert not t.is_alive() and len(errors) == 1
+
+
+def test_source_digests_answer_membership_at_once_and_the_digest_only_after_the_verdict() -> None:
+    gate = Gate()
+    d = LateDigests(["consolidated.safetensors"], gate, {"consolidated.safetensors": "a" * 64, "other": "b" * 64})
+    assert "consolidated.safetensors" in d and "params.json" not in d and len(d) == 1
+    assert d.get("consolidated.safetensors", "0") == "a" * 64  # the manifest's digest, without waiting
+    assert LateDigests(["x.safetensors"], gate).get("x.safetensors", "0" * 64) == "0" * 64
+    got: list[str] = []
+    t = threading.Thread(target=lambda: got.append(d["consolidated.safetensors"]))
+    t.start()
+    time.sleep(0.3)
+    assert got == []  # waits for the verdict
+    gate.resolve({"consolidated.safetensors": "c" * 64}, None)
+    t.join(5)
+    assert got == ["c" * 64]  # the verified digest
+
+
+def test_source_digests_raise_once_the_download_failed() -> None:
+    gate = Gate()
+    d = LateDigests(["consolidated.safetensors"], gate)
+    gate.fail(RuntimeError("hash mismatch"))
+    gate.resolve({"consolidated.safetensors": "c" * 64}, None)  # too late: the failure stands
+    with pytest.raises(OverlapCancelled, match="hash mismatch"):
+        d["consolidated.safetensors"]
+
+
+def test_an_overlapped_conversion_whose_download_stopped_gives_way_to_a_conversion_after_the_fetch(
+        tmp_path: Path) -> None:
+    ov = Overlap(staging=tmp_path / "staging", original=tmp_path / "original", choose=_never, out_dir=_never,
+                 context=4096, workers=1, progress=None)
+    ov.thread = threading.Thread(target=lambda: None)
+    ov.thread.start()
+    ov.error = OverlapCancelled("The download stopped before these bytes were verified.")
+    prof: Any = type("P", (), {"name": "bf16-mistral"})()
+    assert ov.finish({}, None, prof) is None  # type: ignore[arg-type]
+    ov.error = ValueError("a real conversion failure")
+    with pytest.raises(ValueError):
+        ov.finish({}, None, prof)  # type: ignore[arg-type]
+
+
+def _never(*_a: Any) -> Any:
+    raise AssertionError("not called")

@@ -1,4 +1,5 @@
-"""The Mistral <-> transformers (Llava + Pixtral vision) tensor names, as data plus small functions.
+"""The Mistral <-> transformers (Llava + Pixtral vision; MistralForCausalLM, MixtralForCausalLM) tensor
+names, as data plus small functions.
 
 Mistral ("consolidated") names are the module paths of ``provision.model``; the transformers
 names are the legacy on-disk ones (``language_model.model.*``, ``vision_tower.*``...), and reading
@@ -377,6 +378,29 @@ def mistral_to_hf_text(name: str, tensor: torch.Tensor, args: ModelArgs) -> tupl
     new = mistral_name_to_hf_text(name)
     heads = _needs_permute(tensor, name, args)
     return new, (permute_to_hf(tensor, heads) if heads is not None else tensor)
+
+
+def hf_out_name(name: str, args: ModelArgs) -> str:
+    """The ``hf``-layout name of a Mistral tensor for this model: Llava names for Pixtral,
+    ``MixtralForCausalLM`` names for a mixture of experts, ``MistralForCausalLM`` names otherwise."""
+    if args.vision_encoder is not None:
+        return mistral_name_to_hf(name)
+    if args.moe is not None:
+        from provision.model.moe import mistral_name_to_hf_mixtral
+
+        return mistral_name_to_hf_mixtral(name)
+    return mistral_name_to_hf_text(name)
+
+
+def hf_config_for(args: ModelArgs, *, dtype: str = "bfloat16") -> dict[str, Any]:
+    """The ``config.json`` of the ``hf`` layout for this model: Llava, Mixtral or Mistral."""
+    if args.vision_encoder is not None:
+        return hf_config(args, dtype=dtype)
+    if args.moe is not None:
+        from provision.model.moe import hf_mixtral_config
+
+        return hf_mixtral_config(args, dtype=dtype)
+    return hf_text_config(args, dtype=dtype)
 
 
 def hf_text_config(args: ModelArgs, *, dtype: str = "bfloat16") -> dict[str, Any]:

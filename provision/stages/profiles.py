@@ -180,9 +180,9 @@ def profile(args: ModelArgs, target: Target, scheme: str, layout: str | None = N
     runnable, how = support(scheme, target)
     if lay == "mistral" and scheme in QUANTIZED:
         runnable, how = False, "the mistral layout carries only casts (bf16, fp16); quantized schemes need --layout hf"
-    elif lay == "hf" and args.vision_encoder is None:
-        # convert writes the transformers layout for Pixtral (Llava) only so far
-        runnable, how = False, "the hf layout is written for Pixtral (Llava) only; text-only models convert to bf16/fp16 in the mistral layout"
+    elif lay == "hf" and args.moe is not None and scheme in QUANTIZED:
+        # MixtralForCausalLM is written in 16 bits; our runtime does not load quantized experts yet
+        runnable, how = False, "a mixture of experts converts to the hf layout in bf16/fp16 only; quantized experts are not supported yet"
     if scheme == "fp16" and act == "bfloat16" and target.compute_capability is not None:
         how = "fp16 (bf16 is native here)"
     w = weight_bytes(args, scheme, ab)

@@ -1,9 +1,11 @@
 """The side files of the ``hf`` layout: what transformers, vLLM and compressed-tensors read next to the shards.
 
-``write_hf_side_files`` writes ``config.json`` (``LlavaForConditionalGeneration``, built by
+``write_hf_side_files`` writes ``config.json`` (``LlavaForConditionalGeneration`` for Pixtral,
+``MistralForCausalLM`` / ``MixtralForCausalLM`` for text-only models, built by
 ``provision.model.hf_names``, with a compressed-tensors ``quantization_config`` for quantized
-schemes), the Pixtral processor files, ``tekken.json`` and, through transformers when installed,
-``tokenizer.json`` and its companions. ``quantization_config`` is the compressed-tensors block on
+schemes), the Pixtral processor files (text-only models: ``generation_config.json``), the
+tokenizer (``tekken.json`` or Mistral 7B's ``tokenizer.model*``) and, from ``tekken.json``
+through transformers when installed, ``tokenizer.json`` and its companions. ``quantization_config`` is the compressed-tensors block on
 its own. Tensor names and the q/k permutation live in ``hf_names``; the shards are written elsewhere.
 """
 
@@ -62,9 +64,14 @@ def quantization_config(scheme: str, *, ratio: float | None = None, ignore: list
 
 def _left_in_16_bit(items: list[Item]) -> list[str]:
     """Decoder Linears the scheme could not take, as regexes that match both the on-disk names
-    (``language_model.model.layers...``) and transformers' in-memory ones (``model.language_model.layers...``)."""
-    return ["re:.*language_model.*" + re.escape(i.out_name[: -len(".weight")].split("language_model.model.", 1)[-1])
-            + "$" for i in items
+    (``language_model.model.layers...``) and transformers' in-memory ones (``model.language_model.layers...``);
+    for text-only models (``model.layers...``) the module path after ``model.``."""
+    def rx(out: str) -> str:
+        mod = out[: -len(".weight")]
+        if "language_model.model." in mod:
+            return "re:.*language_model.*" + re.escape(mod.split("language_model.model.", 1)[-1]) + "$"
+        return "re:.*" + re.escape(mod.removeprefix("model.")) + "$"
+    return [rx(i.out_name) for i in items
             if i.action != "quantize" and i.src.name.startswith("layers.") and len(i.src.shape) == 2]
 
 
@@ -80,6 +87,11 @@ def _processor_files(args: ModelArgs) -> dict[str, dict[str, Any]]:
             "patch_size": v.patch_size, "processor_class": "PixtralProcessor"}
     gen = {"bos_token_id": 1, "eos_token_id": 2}
     return {"preprocessor_config.json": pre, "processor_config.json": proc, "generation_config.json": gen}
+
+
+def _text_files() -> dict[str, dict[str, Any]]:
+    """``generation_config.json`` of a text-only model (Mistral's bos/eos ids)."""
+    return {"generation_config.json": {"bos_token_id": 1, "eos_token_id": 2}}
 
 
 def _write_hf_tokenizer(tekken: Path, out_dir: Path) -> list[str]:
@@ -125,17 +137,23 @@ def write_hf_side_files(src_dir: Path, out_dir: Path, args: ModelArgs, profile: 
     ``hf_tokenizer`` asks for ``tokenizer.json`` to be built from ``tekken.json``.
     """
     out = HfSideFiles()
-    cfg = hf_names.hf_config(args, dtype=output_dtype(profile))
+    cfg = hf_names.hf_config_for(args, dtype=output_dtype(profile))
     if profile.scheme in QUANTIZED:
         dense = sum(math.prod(i.src.shape) * 2 for i in items)
         cfg["quantization_config"] = quantization_config(profile.scheme, ratio=dense / max(data_bytes, 1),
                                                          ignore=_left_in_16_bit(items))
     _write_json(out_dir / "config.json", cfg)
     out.files.append("config.json")
-    for name, doc in _processor_files(args).items():
+    for name, doc in (_processor_files(args) if args.vision_encoder is not None else _text_files()).items():
         _write_json(out_dir / name, doc)
         out.files.append(name)
     tekken = src_dir / "tekken.json"
+    sentencepiece = sorted(src_dir.glob("tokenizer.model*"))
+    if not tekken.is_file() and sentencepiece and args.vision_encoder is None:
+        # Mistral 7B's SentencePiece tokenizer: vLLM and our smoke test read it with mistral-common
+        out.files.append(copy_side_file(sentencepiece[-1], src_dir, out_dir))
+        out.notes.append(f"{sentencepiece[-1].name} copied; vLLM reads it with --tokenizer-mode mistral")
+        return out
     if not tekken.is_file():
         out.notes.append("no tekken.json in the source: copy the tokenizer files into the output by hand")
         return out

@@ -77,7 +77,7 @@ def plan_items(sources: list[SafetensorsSource], args: ModelArgs, profile: Profi
             if t.name in seen:
                 raise StructureError(f"Tensor {t.name!r} appears in two source files.", tensor=t.name)
             seen.add(t.name)
-            out = hf_names.mistral_name_to_hf(t.name) if hf else t.name
+            out = hf_names.hf_out_name(t.name, args) if hf else t.name
             heads = hf_names.rope_heads(t.name, args) if hf else None
             if scheme in QUANTIZED and quantized_tensor(t.name, t.shape, scheme) and SCHEMES[scheme].supports(t.shape):
                 module = out[: -len(".weight")]

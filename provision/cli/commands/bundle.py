@@ -64,5 +64,9 @@ def import_(path: Path, home: Path | None, json_out: bool) -> None:
     if res.authority:  # the two authorities: bundle.json's sha256 and the bundle torrent's pieces
         app.terminal.info(f"checked against {res.authority['sha256']} sha256 and {res.authority['torrent']} pieces "
                           f"({res.authority['pieces']}, {res.authority['piece_checked_files']} files)")
+        sig = res.authority.get("signature")
+        if sig:  # the manifest lock pins a publisher: the original's signature, or why it was not read
+            app.terminal.info(f"signature {sig['signature']} of the original: "
+                              + (f"verified ({sig['method']})" if sig["checked"] else f"not checked: {sig['why']}"))
     app.terminal.success(f"imported {res.model}" + (f" with {', '.join(res.profiles)}" if res.profiles else ""))
     app.finish({"bundle": res.to_dict()})

@@ -50,7 +50,7 @@ from provision.errors import (
     UsageError,
     VerifyError,
 )
-from provision.formats.manifest import parse_manifest_bytes
+from provision.formats.manifest import Manifest, parse_manifest_bytes
 from provision.formats.provenance import PROVENANCE_NAME
 from provision.io.atomic import atomic_write_text, disk_full_is_exit_6, fsync_path
 from provision.io.hashing import BLOCK_SIZE
@@ -313,6 +313,7 @@ def _cross_check(stage: Path, index: BundleIndex) -> dict[str, Any]:
                                         f"(sha256 {got.sha256}, the lock says {spec.sha256}).", path=spec.path)
     for folder in ([ORIGINAL] if index.original else []) + [p.name for p in index.profiles]:
         _check_provenance(stage, index, folder)
+    signed = _check_signature(stage, index, m) if index.original and m.signing is not None else None
     from provision.stages.fetch.torrent.meta import load_torrent_info, meta_from_info
 
     tpath = index.torrent.path
@@ -324,7 +325,23 @@ def _cross_check(stage: Path, index: BundleIndex) -> dict[str, Any]:
         raise HashMismatchError(f"Bundle torrent {tpath} has other infohashes than bundle.json records.")
     if sorted(meta.files) != sorted((f.path, f.size) for f in index.payload) or meta.name != index.torrent.name:
         raise StructureError(f"Bundle torrent {tpath} lists other files than bundle.json.")
-    return {"sha256": INDEX_NAME, **_check_pieces(stage, index)}
+    return {"sha256": INDEX_NAME, **_check_pieces(stage, index), **({"signature": signed} if signed else {})}
+
+
+def _check_signature(stage: Path, index: BundleIndex, m: Manifest) -> dict[str, Any]:
+    """The manifest lock pins a publisher (``[signing]``): the bundled original must carry the
+    release's signature and match it, as a fetch would have required (``stages.fetch.signed``). A
+    signature pinned by URL cannot be read offline: the import says so instead of checking it."""
+    from provision.stages.fetch.signed import SignatureGate
+
+    assert m.signing is not None
+    if m.signing.signature_url is not None:
+        return {"signature": m.signing.signature_url, "checked": False,
+                "why": "the manifest pins a signature URL; bundle import does not use the network"}
+    gate = SignatureGate(m.signing)
+    gate({f.path.split("/", 1)[1]: (safe_join(stage, f.path), f.sha256) for f in index.folder_files(ORIGINAL)})
+    assert gate.result is not None
+    return {**gate.result, "checked": True}
 
 
 def _check_pieces(stage: Path, index: BundleIndex) -> dict[str, Any]:

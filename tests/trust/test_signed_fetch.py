@@ -110,6 +110,9 @@ def test_a_signed_release_is_fetched_and_the_report_names_the_signature_but_no_k
     log = tmp_path / "log.txt"
     rc, doc, err = _fetch(capsys, m, tmp_path / "dest", "--log-file", str(log), "-v")
     assert rc == 0, err
+    from provision.formats.report_schema import validate_report
+
+    validate_report(doc)
     for name, data in FILES.items():
         assert (tmp_path / "dest" / name).read_bytes() == data
     assert (tmp_path / "dest" / "model.sig").read_bytes() == (release / "model.sig").read_bytes()
@@ -308,3 +311,41 @@ def test_torrent_a_release_signed_by_the_pinned_key_lands_and_one_signed_by_anot
     else:
         msg = _refused(rc, doc, err, tmp_path / "dest")
         assert "not made by the pinned public key" in msg
+
+
+@pytest.mark.parametrize("expired", [False, True])
+def test_a_pinned_certificate_chain_accepts_a_release_signed_under_it_and_refuses_an_expired_signer(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], expired: bool
+) -> None:
+    from provision.stages.sign import sign_folder
+    from tests.trust.keys import certificate_chain
+
+    (tmp_path / "pki").mkdir()
+    leaf_key, leaf, root = certificate_chain(tmp_path / "pki")
+    release = _release(tmp_path)
+    sign_folder(release, private_key=leaf_key, certificate=leaf, certificate_chain=[root],
+                signature=tmp_path / "model.sig")
+    shutil.copyfile(tmp_path / "model.sig", release / "model.sig")
+    if expired:  # the same release re-signed by a leaf whose validity ended yesterday (same root name)
+        (tmp_path / "pki2").mkdir()
+        leaf_key, leaf, root2 = certificate_chain(tmp_path / "pki2", expired=True)
+        shutil.copyfile(root2, root)
+        (release / "model.sig").unlink()
+        # sign_folder refuses an expired certificate (exit 2); build the signature with the library directly
+        import model_signing as ms
+
+        cfg = ms.signing.Config().set_hashing_config(
+            ms.hashing.Config().set_ignored_paths(paths=[], ignore_git_paths=False))
+        cfg.use_certificate_signer(private_key=leaf_key, signing_certificate=leaf, certificate_chain=[root2])
+        cfg.sign(release, tmp_path / "expired.sig")
+        shutil.copyfile(tmp_path / "expired.sig", release / "model.sig")
+    m = tmp_path / "m.toml"
+    _manifest(m, sources=_local(release))
+    m.write_text(m.read_text().replace('[signing]\n\n', f'[signing]\ncertificate_chain = ["{root}"]\n'))
+    rc, doc, err = _fetch(capsys, m, tmp_path / "dest")
+    if not expired:
+        assert rc == 0, err
+        assert doc["fetch"]["extra"]["signature"]["method"] == "certificate"
+    else:
+        msg = _refused(rc, doc, err, tmp_path / "dest")
+        assert "is expired" in msg

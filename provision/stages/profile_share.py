@@ -268,7 +268,9 @@ class SharedProfile:
                  progress: ProgressFn | None = None) -> None:
         self.plan, self.home, self.progress = plan, Path(home), progress
         self.ref = parse_profile_ref(ref)
-        self.options = replace(torrent, seed_for=0.0, include=())  # seeding starts once committed
+        # seeding starts once committed; nothing reads the files in order while they arrive: rarest pieces
+        # first from the start, so members starting together ask the origin for different pieces
+        self.options = replace(torrent, seed_for=0.0, include=(), in_order=False)
         self.seed_for = float(torrent.seed_for)
         self.trust_key = Path(trust_key) if trust_key is not None else None
         if self.trust_key is not None and not self.trust_key.is_file():

@@ -460,6 +460,13 @@ class Fleet:
         self.procs.append(p)
         return Member(proc=p, home=home, dest=dest, mode=mode, infohash=infohash, seed_for=seed_for)
 
+    def start_provision(self, name: str, argv: Sequence[str], *, home: Path) -> Proc:
+        """Any ``provision ARGV`` on host ``name`` (log and stdout in its work folder, ``PROVISION_HOME``
+        = ``home``), stopped with the fleet: e.g. a member's ``run SOURCE --profile-from MAGNET``."""
+        p = _start(self.net[name], name, argv, self.work / name, home)
+        self.procs.append(p)
+        return p
+
     def start_liar(self, name: str, torrent: Path, good: Path) -> Proc:
         """A member whose disk rotted: it serves a copy with one byte flipped in every piece,
         claiming it verified (seed mode, every piece marked checked), and announces itself."""

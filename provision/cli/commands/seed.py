@@ -47,11 +47,15 @@ from provision.cli.options import json_option, parse_rate
 @click.option("--max-upload-rate", metavar="R", help="Upload limit, e.g. 10M (bytes/s).")
 @click.option("--upload-slots", type=click.IntRange(min=0), default=0, metavar="N",
               help="Serve N peers at once (0: libtorrent's default, 8); 2 suits a fleet's origin.")
+@click.option("--super-seed", is_flag=True,
+              help="BEP 16 super seeding: offer each peer pieces the others lack, one at a time (a fleet's origin "
+                   "then uploads about one copy; slower for a lone downloader).")
 @json_option
-def command(folder: Path, profile: str | None, signature: Path | None, manifest_ref: str | None, torrent_version: str, torrent_out: Path | None,
+def command(folder: Path, profile: str | None, signature: Path | None, manifest_ref: str | None,
+            torrent_version: str, torrent_out: Path | None,
             magnet_out: Path | None, whitelist_out: Path | None, web_seeds: tuple[str, ...],
             trackers: tuple[str, ...], network: str, listen: str | None, seed_for: float | None,
-            max_upload_rate: str | None, upload_slots: int, json_out: bool) -> None:
+            max_upload_rate: str | None, upload_slots: int, super_seed: bool, json_out: bool) -> None:
     """Create a torrent of DIR (a verified model folder, or MODEL's --profile P) and seed it."""
     app = get_app(json_out, "seed")
     from provision.progress import ProgressEvent
@@ -95,7 +99,8 @@ def command(folder: Path, profile: str | None, signature: Path | None, manifest_
         shared = seed_profile(folder, signature=signature, version=torrent_version, torrent_out=torrent_out,
                               magnet_out=magnet_out, whitelist_out=whitelist_out, web_seeds=web_seeds,
                               trackers=trackers, network=network, listen=listen, seed_for=seed_for,
-                              max_upload_rate=up, upload_slots=upload_slots, progress=progress, on_ready=ready)
+                              max_upload_rate=up, upload_slots=upload_slots, super_seed=super_seed, progress=progress,
+                              on_ready=ready)
         res = shared.seed
         app.terminal.success(f"seeded profile {shared.profile} ({len(res.files)} files, "
                              f"{human_bytes(res.total_size)}, {'signed' if shared.signature else 'unsigned'}): "
@@ -105,7 +110,8 @@ def command(folder: Path, profile: str | None, signature: Path | None, manifest_
         return
     res = seed(folder, manifest=manifest, version=torrent_version, torrent_out=torrent_out, magnet_out=magnet_out,
                whitelist_out=whitelist_out, web_seeds=web_seeds, trackers=trackers, network=network, listen=listen,
-               seed_for=seed_for, max_upload_rate=up, upload_slots=upload_slots, progress=progress, on_ready=ready)
+               seed_for=seed_for, max_upload_rate=up, upload_slots=upload_slots, super_seed=super_seed,
+               progress=progress, on_ready=ready)
     app.terminal.success(f"seeded {res.info.name} ({len(res.files)} files, {human_bytes(res.total_size)}): "
                          f"{human_bytes(res.uploaded_bytes)} uploaded in {res.seconds:.1f} s "
                          f"(ended by {res.stopped_by})")

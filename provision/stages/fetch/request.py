@@ -110,6 +110,7 @@ class TorrentOptions:
     stall_timeout: float = 120.0
     metadata_timeout: float = 120.0
     include: tuple[str, ...] = ()  # globs, for sources whose file list is known only at fetch time (a bare magnet)
+    in_order: bool = True  # pieces in order until a swarm shows up; False: rarest-first from the start (a profile)
     existing: ExistingPolicy = "replace"  # set by ``stages.fetch.fetch`` from where dest is
     # called as piece_watch(stream_hasher, torrent_handle) once the download's files are known:
     # ``provision run`` converts the pieces libtorrent verified while the rest arrives (stages.overlap)

@@ -119,6 +119,8 @@ def fetch_torrent(plan: FetchRequest, *, dest: Path, options: TorrentOptions,
         if options.piece_watch is not None and todo:  # run converts what is verified while the rest arrives
             options.piece_watch(hasher, live.h)
         log = DownloadLog(resumed=resumed)
+        if not options.in_order:  # nothing reads the files while they arrive: swarm order from the first piece
+            log.order.name = "rarest-first"
         clock.download_start = time.monotonic()
         if todo:
             hasher.start()
@@ -255,7 +257,9 @@ def _initial_params(job: FetchJob) -> tuple[Any, bool]:
     flags = int(atp.flags)
     flags &= ~int(NOT_STARTED | lt.torrent_flags.seed_mode | lt.torrent_flags.upload_mode
                   | lt.torrent_flags.stop_when_ready)
-    flags |= closed_flags(job.options.network) | int(lt.torrent_flags.sequential_download)
+    flags |= closed_flags(job.options.network)
+    if job.options.in_order:
+        flags |= int(lt.torrent_flags.sequential_download)
     if atp.ti is None:
         flags |= int(lt.torrent_flags.default_dont_download)  # nothing is written before names are checked
     else:

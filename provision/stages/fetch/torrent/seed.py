@@ -387,8 +387,9 @@ def _seed_name_and_files(folder: Path, manifest: Manifest | None,
     return name, files
 
 
-def _add_created(ses: Any, ti: Any, folder: Path, network: str) -> Any:
-    """Add a torrent just created from ``folder`` in seed mode (hashed a moment ago: no re-hash)."""
+def _add_created(ses: Any, ti: Any, folder: Path, network: str, super_seed: bool = False) -> Any:
+    """Add a torrent just created from ``folder`` in seed mode (hashed a moment ago: no re-hash);
+    ``super_seed``: BEP 16 super seeding (each peer is offered pieces the others lack, one at a time)."""
     fs = files_of(ti)
     root = root_prefix(ti)
     atp = lt.add_torrent_params()
@@ -398,6 +399,8 @@ def _add_created(ses: Any, ti: Any, folder: Path, network: str) -> Any:
                          if not is_pad(fs, i)}
     atp.verified_pieces = [True] * ti.num_pieces()
     atp.flags = (int(atp.flags) & ~int(NOT_STARTED)) | int(lt.torrent_flags.seed_mode) | closed_flags(network)
+    if super_seed:
+        atp.flags = int(atp.flags) | int(lt.torrent_flags.super_seeding)
     return ses.add_torrent(atp)
 
 
@@ -416,6 +419,7 @@ def seed(
     seed_for: float | None = None,
     max_upload_rate: int = 0,
     upload_slots: int = 0,
+    super_seed: bool = False,
     progress: ProgressFn | None = None,
     stop: threading.Event | None = None,
     on_ready: Callable[[SeedInfo], None] | None = None,
@@ -430,7 +434,8 @@ def seed(
 
     ``upload_slots``: how many peers are served at once (0: libtorrent's 8). A fleet's origin
     does best with 2: each member it serves gets a large share and fetches pieces the others
-    lack, and the members trade the rest (see benchmarks/fleet.py).
+    lack, and the members trade the rest (see benchmarks/fleet.py). ``super_seed``: BEP 16 super
+    seeding, for an origin whose upload must stay near one copy however the members start.
     """
     t0 = time.monotonic()
     folder = Path(folder)
@@ -442,7 +447,7 @@ def seed(
                           web_seeds=web_seeds, progress=progress)
     ses = open_session(settings)
     try:
-        h = _add_created(ses, made.info(), folder, network)
+        h = _add_created(ses, made.info(), folder, network, super_seed)
         endpoint = listen_endpoint(ses, settings)
         magnet = build_magnet(btih=made.btih, btmh=made.btmh, name=made.name, trackers=tuple(trackers),
                               peers=(endpoint,), web_seeds=tuple(web_seeds))

@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -33,6 +34,7 @@ from provision.errors import SmokeError
 from provision.io.atomic import atomic_write_text
 
 LAUNCHER = "provision.stages.smoke_vllm.launch"
+_ERROR_LINE = re.compile(r"\b\w*(Error|Exception)\b:|\bERROR\b")
 BIND_TRIES = 3
 STOP_GRACE_S = 10.0
 
@@ -132,7 +134,7 @@ class VllmServer:
     """``with VllmServer(args) as srv: srv.chat(...)``; see the module docstring."""
 
     def __init__(self, serve_args: Sequence[str], *, start_timeout: float = 600.0, state_dir: Path | None = None,
-                 env: dict[str, str] | None = None, log_lines: int = 30) -> None:
+                 env: dict[str, str] | None = None, log_lines: int = 200) -> None:
         if list(serve_args[:2]) != ["vllm", "serve"]:
             raise ValueError("serve_args must start with 'vllm serve'")
         self.serve_args = list(serve_args)
@@ -163,9 +165,16 @@ class VllmServer:
             return ""
         return "\n".join(lines[-self.log_lines:])
 
+    def log_digest(self, keep: int = 6) -> list[str]:
+        """The log lines that say what went wrong (errors, without traceback frames), else its last lines."""
+        lines = [ln.strip() for ln in self.last_log().splitlines() if ln.strip()]
+        errs = [ln for ln in lines if _ERROR_LINE.search(ln) and not ln.lstrip("( ").startswith("File ")]
+        return list(dict.fromkeys(errs))[-keep:] or lines[-keep:]
+
     def _fail(self, msg: str) -> SmokeError:
         tail = self.last_log()
-        return SmokeError(f"{msg} Last lines of the vLLM log:\n{tail}" if tail else msg,
+        digest = self.log_digest()
+        return SmokeError(f"{msg} vLLM's log: " + " | ".join(digest) if digest else msg,
                           engine="vllm", command=" ".join(self.command()), log=tail)
 
     def _env(self) -> dict[str, str]:

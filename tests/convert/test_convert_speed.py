@@ -197,7 +197,7 @@ def test_a_source_changed_during_the_conversion_is_refused_and_nothing_is_commit
 
 def test_a_failing_source_hash_fails_the_conversion_and_commits_nothing(
         tiny_src: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    def broken(fd: int, stop: Any = None) -> str:
+    def broken(fd: int, stop: Any = None, reader: Any = None) -> str:
         raise OSError(5, "Input/output error")
 
     monkeypatch.setattr(convert_stage, "_hash_fd", broken)

@@ -45,6 +45,7 @@ class SafetensorsSource:
 
     def __init__(self, path: Path, *, root: Path | None = None) -> None:
         self.path = Path(path)
+        self.read_end = 0
         try:  # a FIFO, a device or a symlink out of ``root`` is refused without blocking (exit 5)
             self.fd = open_regular(self.path, root=root, what="weights file")
         except OSError as e:
@@ -75,6 +76,7 @@ class SafetensorsSource:
             if k == 0:
                 raise StructureError(f"{self.path.name} ended early at byte {start + got}.", path=str(self.path))
             got += k
+        self.read_end = start + n  # how far the conversion has read (the source hasher keeps pages just ahead of it)
 
     def drop_cache(self, start: int, n: int) -> None:
         # advice only (and missing on macOS): pages left cached cost memory, not correctness

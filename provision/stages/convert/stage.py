@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from provision.errors import ConvertError, ManifestError
+from provision.errors import ConvertError, ManifestError, UsageError
 from provision.formats.params import ModelArgs
 from provision.formats.provenance import PROVENANCE_NAME, SourceIdentity
 from provision.formats.safetensors_writer import CheckpointWriter, plan_shards
@@ -51,7 +51,8 @@ from provision.stages.convert.stream import stream_tensors
 from provision.stages.profiles import QUANTIZED, Profile, choose
 
 SHARD_BYTES = 5 * 10**9
-REHASH_BYTES = 8 << 20  # read size when a written shard has to be hashed again
+REHASH_BYTES = 8 << 20  # read size when a file is hashed on its own
+KEEP_AHEAD_BYTES = 256 << 20  # source pages the source hasher leaves cached ahead of the conversion
 
 
 @dataclass(frozen=True)
@@ -107,9 +108,11 @@ def _source_files(sources: list[SafetensorsSource], side: list[Path],
             for s in sources] + [{"path": p.name, "size": p.stat().st_size} for p in side if p.name == "params.json"]
 
 
-def _hash_fd(fd: int, stop: threading.Event | None = None) -> str:
+def _hash_fd(fd: int, stop: threading.Event | None = None, reader: SafetensorsSource | None = None) -> str:
     """The sha256 of an open file, read in big pieces and dropped from the page cache behind
-    (``stop`` set: abandoned, ``ConvertError``)."""
+    (``stop`` set: abandoned, ``ConvertError``). With ``reader`` (the conversion reading the same
+    file), pages up to ``KEEP_AHEAD_BYTES`` ahead of its position stay cached for it to read
+    (it drops them), so the file is read from the disk once while both keep close."""
     import hashlib
 
     h = hashlib.sha256()
@@ -119,8 +122,10 @@ def _hash_fd(fd: int, stop: threading.Event | None = None) -> str:
         if stop is not None and stop.is_set():
             raise ConvertError("The source hash was abandoned.")
         h.update(mv[:n])
-        with contextlib.suppress(OSError, AttributeError):  # advice only (and missing on macOS)
-            os.posix_fadvise(fd, off, n, os.POSIX_FADV_DONTNEED)
+        ahead = off - reader.read_end if reader is not None else -1
+        if not 0 <= ahead <= KEEP_AHEAD_BYTES:
+            with contextlib.suppress(OSError, AttributeError):  # advice only (and missing on macOS)
+                os.posix_fadvise(fd, off, n, os.POSIX_FADV_DONTNEED)
         off += n
     return h.hexdigest()
 
@@ -155,7 +160,7 @@ class _SourceHashes:
         self.ex = ThreadPoolExecutor(max_workers=max(1, min(len(self.todo), usable_cpus())),
                                      thread_name_prefix="sha256-source")
         self.stop = threading.Event()
-        self.futures = {s.path.name: self.ex.submit(_hash_fd, s.fd, self.stop) for s in self.todo}
+        self.futures = {s.path.name: self.ex.submit(_hash_fd, s.fd, self.stop, s) for s in self.todo}
         self.waiter: threading.Thread | None = None
 
     def when_done(self, fn: Callable[[dict[str, str]], None]) -> None:
@@ -263,6 +268,8 @@ def convert(
     args = ModelArgs.from_file(src_dir / "params.json")
     tgt = target if isinstance(target, Target) else parse_target(target)
     prof = choose(args, tgt, scheme, layout, context=context)
+    if prof.layout == "hf" and args.vision_encoder is None:
+        raise UsageError("The hf layout is written for Pixtral (Llava) checkpoints; use --layout mistral.")
     n_workers = resolve_workers(workers)
     paths = find_sources(src_dir)
     side = side_files(src_dir)
@@ -354,6 +361,5 @@ def _write(src_dir: Path, stage: Path, out_dir: Path, args: ModelArgs, tgt: Targ
     return ConvertResult(src_dir=src_dir, out_dir=out_dir, target=tgt, profile=prof, files=sizes,
                          source_files=source_files, tensors=reports, bytes_read=bytes_read,
                          bytes_written=sum(s for _, s in sizes), seconds=time.monotonic() - t0,
-                         vllm_command=vllm_command(out_dir, prof, context, hf_tokenizer=hf_tok,
-                                                      multimodal=args.vision_encoder is not None),
+                         vllm_command=vllm_command(out_dir, prof, context, hf_tokenizer=hf_tok),
                          notes=notes), output_sha256

@@ -11,10 +11,13 @@ that changes slower than one pair hits both alike):
 
 * peer: ``openssl dgst -sha256 FILE`` (one process, one stream);
 * ours: ``provision.stages.verify.verify_dir(folder, torrent=T, workers=N)``, the code path of
-  ``provision verify FOLDER --torrent T``, at 1 and 2 workers (and every core when there are more);
+  ``provision verify FOLDER --torrent T``, at 1 and 2 workers (and every core when there are more;
+  from 1 GiB of piece ranges up the workers are processes, so their CPU seconds are counted too);
 
 and prints each side's wall time, GB/s and CPU seconds (getrusage), the scaling with workers and
-the machine's load average. Target (issue 19): ours at 2 workers >= 1.7x the openssl rate (the
+the machine's load average. On a shared host, note that Linux's autogroup scheduler gives one
+terminal session one share of the CPUs however many threads it runs: under load from other
+sessions, 2 workers cannot get 2 cores, and the wall-time ratio measures the contention. Target (issue 19): ours at 2 workers >= 1.7x the openssl rate (the
 median of the pairs' ratios) for every --version measured. Exits 1 when missed, 0 otherwise.
 Deletes its files afterwards (unless --keep); refuses to start when the disk or the page cache
 cannot hold the file. It uses no network.
@@ -81,14 +84,14 @@ def run_openssl(path: Path) -> tuple[float, float, str]:
 
 
 def run_ours(folder: Path, torrent: Path, workers: int) -> tuple[float, float, str, int]:
-    c0 = _cpu(resource.RUSAGE_SELF)
+    c0 = _cpu(resource.RUSAGE_SELF) + _cpu(resource.RUSAGE_CHILDREN)  # children: the worker processes
     t0 = time.perf_counter()
     rep = verify_dir(folder, torrent=torrent, workers=workers)
     dt = time.perf_counter() - t0
     rep.raise_for_failure()
     f = rep.file(NAME)
     assert f is not None and f.authority is not None
-    return dt, _cpu(resource.RUSAGE_SELF) - c0, f.authority, f.hash_ranges
+    return dt, _cpu(resource.RUSAGE_SELF) + _cpu(resource.RUSAGE_CHILDREN) - c0, f.authority, f.hash_ranges
 
 
 def load() -> str:

@@ -18,6 +18,7 @@ import pytest
 import provision.stages.verify.parallel as parallel
 from provision.errors import HashMismatchError, VerifyError
 from provision.formats.manifest import load_manifest
+from provision.formats.report_schema import validate_report
 from provision.layout import Layout
 from provision.stages.fetch.torrent.create import create_torrent
 from provision.stages.verify import verify_dir
@@ -202,6 +203,7 @@ def test_run_adopt_and_reverify_check_the_pieces_of_the_pinned_torrent(
 
     rc, doc, err = cli_json(capsys, *base, "--adopt", str(tiny_copy), "--reverify")
     assert rc == 0, err[-3000:]
+    validate_report(doc)
     verify = next(s for s in doc["stages"] if s["stage"] == "verify")
     assert verify["result"] == "ok"
     v = verify["details"]
@@ -211,3 +213,94 @@ def test_run_adopt_and_reverify_check_the_pieces_of_the_pinned_torrent(
     for f in FILES:
         assert hashlib.sha256((original / f).read_bytes()).digest() == hashlib.sha256(
             (tiny_src / f).read_bytes()).digest()
+
+
+# -- worker processes (a big file: no GIL between the hashing workers) ------------------------------
+@pytest.mark.parametrize("version,kind", [("v1", "torrent-v1-pieces"), ("hybrid", "torrent-v2-merkle")])
+def test_worker_processes_check_the_ranges_and_find_the_same_flipped_piece_as_threads(
+        tiny_copy: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, version: str, kind: str) -> None:
+    folder = _only_big(tiny_copy, tmp_path)
+    data, _ = _torrent(folder, version, (BIG,))
+    (tmp_path / "t.torrent").write_bytes(data)
+    monkeypatch.setattr(parallel, "SPLIT_UNIT_BYTES", 4 << 20)
+    monkeypatch.setattr(parallel, "PROCESS_MIN_BYTES", 0)  # the 34 MB file counts as big
+
+    rep = verify_dir(folder, torrent=tmp_path / "t.torrent", workers=2)
+    rep.raise_for_failure()
+    [f] = rep.files
+    assert f.authority == kind and f.hash_units == f.hash_ranges == 9 and f.sha256 is None
+    assert f.hash_threads == 2  # two worker processes (each driver starts with a range of its own)
+    assert rep.bytes_hashed == (folder / BIG).stat().st_size
+
+    offset = 20_000_123
+    flip_byte(folder / BIG, offset)
+    procs = verify_dir(folder, torrent=tmp_path / "t.torrent", workers=2)
+    monkeypatch.setattr(parallel, "PROCESS_MIN_BYTES", 1 << 62)
+    threads = verify_dir(folder, torrent=tmp_path / "t.torrent", workers=2)
+    assert [(c.name, c.file, c.message) for c in procs.failures] == [
+        (c.name, c.file, c.message) for c in threads.failures]
+    [fail] = procs.failures
+    assert fail.name == kind
+    if kind == "torrent-v1-pieces":
+        assert fail.error is not None and fail.error.context["bad_pieces"] == [offset // PIECE]
+
+
+def test_worker_processes_accept_a_zero_padded_last_piece_only_with_the_size_pinned(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from provision.stages.verify import Authority, verify_files
+
+    monkeypatch.setattr(parallel, "SPLIT_UNIT_BYTES", 64 * 1024)
+    monkeypatch.setattr(parallel, "PROCESS_MIN_BYTES", 0)
+    d = tmp_path / "x"
+    d.mkdir()
+    plen = 32 * 1024
+    data = bytes(range(256)) * 1000 + b"tail"  # 256,004 bytes: 7 full pieces and a short one
+    (d / "f").write_bytes(data)
+    hashes = [hashlib.sha1(data[i:i + plen]).digest() for i in range(0, len(data), plen)]
+    padded = (*hashes[:-1], hashlib.sha1(data[7 * plen:] + bytes(8 * plen - len(data))).digest())
+    assert verify_files(d, {"f": Authority("torrent-v1-pieces", piece_length=plen, piece_hashes=tuple(hashes))},
+                        workers=2).ok
+    assert verify_files(d, {"f": Authority("torrent-v1-pieces", size=len(data), piece_length=plen,
+                                           piece_hashes=padded)}, workers=2).ok
+    rep = verify_files(d, {"f": Authority("torrent-v1-pieces", piece_length=plen, piece_hashes=padded)}, workers=2)
+    assert [c.name for c in rep.failures] == ["torrent-v1-pieces"] and "piece 7," in rep.failures[0].message
+
+
+def test_a_range_that_never_ran_fails_the_file_instead_of_passing_it(
+        tiny_copy: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    folder = _only_big(tiny_copy, tmp_path)
+    data, _ = _torrent(folder, "v1", (BIG,))
+    (tmp_path / "t.torrent").write_bytes(data)
+    monkeypatch.setattr(parallel, "SPLIT_UNIT_BYTES", 4 << 20)
+    monkeypatch.setattr(parallel, "PROCESS_MIN_BYTES", 0)
+
+    def no_worker(*_a: Any, **_k: Any) -> Any:
+        raise OSError("no processes left")
+
+    monkeypatch.setattr(parallel.subprocess, "Popen", no_worker)  # every driver fails before its first range
+    rep = verify_dir(folder, torrent=tmp_path / "t.torrent", workers=2)
+    assert not rep.ok
+    assert [(c.name, c.file) for c in rep.failures] == [("read", BIG)]
+    assert "hashing units did not run" in rep.failures[0].message
+
+
+def test_the_worker_process_answers_json_lines_with_the_digests_verify_computes_itself(tmp_path: Path) -> None:
+    import json
+    import subprocess
+    import sys
+
+    from provision.stages.verify.digests import v2_chunk_root
+
+    f = tmp_path / "f"
+    data = bytes(range(256)) * 5000 + b"x" * 777  # 1,280,777 bytes: a short last 16 KiB block
+    f.write_bytes(data)
+    jobs = [{"v1": [str(f), 65536, 65536, 30]}, {"v2": [str(f), 0, 2, 64]}, {"v1": [str(tmp_path / "gone"), 0, 1, 1]}]
+    out = subprocess.run([sys.executable, "-I", str(parallel.WORKER)], input="".join(json.dumps(j) + "\n" for j in jobs),
+                         capture_output=True, text=True, timeout=60, check=True).stdout.splitlines()
+    v1, v2, gone = (json.loads(line) for line in out)
+    pieces = [data[i:i + 65536] for i in range(65536, len(data), 65536)]
+    assert v1["sha1"] == [hashlib.sha1(p).hexdigest() for p in pieces] and v1["n"] == len(data) - 65536
+    assert v1["padded"] == hashlib.sha1(pieces[-1] + bytes(65536 - len(pieces[-1]))).hexdigest()
+    buf = bytearray(1 << 20)
+    assert v2["roots"] == [v2_chunk_root(f, i, 64, buf).hex() for i in (0, 1)] and v2["n"] == len(data)
+    assert gone == {"error": "No such file or directory"}

@@ -11,9 +11,14 @@ records what it computed; ``content`` judges it against the authority.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import json
+import subprocess
+import sys
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -28,6 +33,8 @@ from provision.stages.verify.authority import Authority
 from provision.stages.verify.digests import V2_BLOCK, v2_chunk_root, v2_geometry
 
 SPLIT_UNIT_BYTES = 64 << 20  # torrent files are split into ranges of about this size
+PROCESS_MIN_BYTES = 1 << 30  # with at least this much in piece ranges, worker processes hash them (no GIL)
+WORKER = Path(__file__).with_name("worker.py")  # run by path: the worker imports only the standard library
 FILE_PROGRESS_MIN = 256 << 20  # files at least this large get their own progress task
 
 
@@ -49,7 +56,8 @@ class FileWork:
     error: ProvisionError | None = None
     units: int = 0  # hashing units the file was split into (1 whole-file pass, or that plus the piece ranges)
     range_units: int = 0  # of those, torrent piece / merkle-chunk ranges (independent of each other)
-    threads: set[str] = field(default_factory=set)  # the pool threads that ran its units
+    threads: set[str] = field(default_factory=set)  # the pool threads (or worker processes) that ran its units
+    done_units: int = 0  # units that finished (a unit that never ran must not read as "no bad piece")
 
 
 class _Progress:
@@ -168,7 +176,34 @@ def _v2_unit(w: FileWork, first: int, count: int, chunk: int, buf: bytearray, pr
         w.v2_roots[i] = v2_chunk_root(w.path, i, chunk, buf, on_bytes=lambda k: prog.add(w.rel, k))
 
 
-_Unit = tuple[int, Callable[[bytearray, _Progress], None], FileWork]  # (bytes, run, the file it is for)
+# (bytes, run here, the file it is for, the same job for a worker process or None: a whole-file pass)
+_Unit = tuple[int, Callable[[bytearray, _Progress], None], FileWork, "dict[str, Any] | None"]
+
+
+def _apply(w: FileWork, job: dict[str, Any], res: dict[str, Any]) -> None:
+    """A worker process's answer to ``job`` (see ``worker``), stored as ``_v1_unit``/``_v2_unit`` would."""
+    if "error" in res:
+        w.error = VerifyError(f"Cannot read {w.rel}: {res['error']}.", hint="Check the file's permissions and the disk.",
+                              path=w.rel)
+        return
+    if "v1" in job:
+        a = w.auth
+        _path, offset, plen, count = job["v1"]
+        first, last = offset // plen, len(a.piece_hashes) - 1
+        got = [bytes.fromhex(h) for h in res["sha1"]]
+        padded = bytes.fromhex(res["padded"]) if res.get("padded") else None
+        for k, dg in enumerate(got):
+            i = first + k
+            ok = dg == a.piece_hashes[i] or (
+                padded is not None and k == len(got) - 1 and i == last and a.size is not None
+                and padded == a.piece_hashes[i])  # BEP 47: the last piece before a pad file, zero-padded
+            if not ok:
+                w.v1_bad.append(i)
+        w.v1_bad.extend(range(first + len(got), first + count))  # the file ended first (it shrank)
+        return
+    _path, first, count, _chunk = job["v2"]
+    for k, root in enumerate(res["roots"]):
+        w.v2_roots[first + k] = bytes.fromhex(root)
 
 
 def _units(works: Mapping[str, FileWork]) -> list[_Unit]:
@@ -178,21 +213,23 @@ def _units(works: Mapping[str, FileWork]) -> list[_Unit]:
         a = w.auth
         want_git = bool(a.git_sha1)
         if w.want_sha256 or want_git or a.md5:
-            units.append((w.size, partial(_whole_unit, w, want_git), w))
+            units.append((w.size, partial(_whole_unit, w, want_git), w, None))
         if a.piece_hashes and a.piece_length and -(-w.size // a.piece_length) == len(a.piece_hashes):
             plen = a.piece_length
             per = max(1, SPLIT_UNIT_BYTES // plen)
             for first in range(0, len(a.piece_hashes), per):
                 cnt = min(per, len(a.piece_hashes) - first)
                 nbytes = min(cnt * plen, w.size - first * plen)  # the last piece may be short
-                units.append((nbytes, partial(_v1_unit, w, first, cnt), w))
+                units.append((nbytes, partial(_v1_unit, w, first, cnt), w,
+                              {"v1": [str(w.path), first * plen, plen, cnt]}))
         if a.merkle_root is not None and w.size > 0:
             nchunks, chunk, _ = v2_geometry(w.size)
             per = max(1, SPLIT_UNIT_BYTES // (chunk * V2_BLOCK))
             for first in range(0, nchunks, per):
                 cnt = min(per, nchunks - first)
                 nbytes = min(cnt * chunk * V2_BLOCK, w.size - first * chunk * V2_BLOCK)  # the last may be short
-                units.append((nbytes, partial(_v2_unit, w, first, cnt, chunk), w))
+                units.append((nbytes, partial(_v2_unit, w, first, cnt, chunk), w,
+                              {"v2": [str(w.path), first, cnt, chunk]}))
         w.units = len(units) - before
         w.range_units = w.units - (1 if w.want_sha256 or want_git or a.md5 else 0)
     return units
@@ -203,7 +240,7 @@ def hash_all(works: Mapping[str, FileWork], nworkers: int, progress: ProgressFn 
     results; a file that cannot be read gets its ``error``. Returns the bytes hashed."""
     units = _units(works)
     work: dict[str, int] = {}
-    for size, _run, w in units:
+    for size, _run, w, _job in units:
         work[w.rel] = work.get(w.rel, 0) + size
     big = {w.rel: w.size for w in works.values() if w.size >= FILE_PROGRESS_MIN}
     prog = _Progress(progress, {w.rel: w.size for w in works.values() if w.rel in work}, work, big)
@@ -218,17 +255,84 @@ def hash_all(works: Mapping[str, FileWork], nworkers: int, progress: ProgressFn 
             unit[2].threads.add(threading.current_thread().name)
         try:
             unit[1](buf, prog)
+            with prog.lock:
+                unit[2].done_units += 1
         except ProvisionError as exc:
             unit[2].error = exc
         except OSError as exc:
             unit[2].error = VerifyError(f"Cannot read {unit[2].rel}: {exc.strerror}.",
                                         hint="Check the file's permissions and the disk.", path=unit[2].rel)
 
+    ranged = sum(u[0] for u in units if u[3] is not None)
     if len(units) <= 1 or nworkers == 1:
         for u in units:
             run(u)
+    elif ranged >= PROCESS_MIN_BYTES:
+        _run_in_processes(units, min(nworkers, len(units)), prog, run)
     else:
         with ThreadPoolExecutor(max_workers=min(nworkers, len(units)), thread_name_prefix="verify") as ex:
             list(ex.map(run, units))
     prog.finish()
+    for w in works.values():
+        if w.done_units < w.units and w.error is None:
+            w.error = VerifyError(f"{w.rel}: {w.units - w.done_units} of its {w.units} hashing units did not run.",
+                                  hint="Run verify again with --workers 1.", path=w.rel)
     return prog.done
+
+
+def _run_in_processes(units: list[_Unit], nprocs: int, prog: _Progress, run_here: Callable[[_Unit], None]) -> None:
+    """Run the range units on ``nprocs`` worker processes (``worker``), one driver thread each
+    (the whole-file passes run in the driver threads themselves). Each driver starts with its own
+    unit, then takes the next largest; a worker that dies fails the unit it had."""
+    queue = deque(units[nprocs:])
+    lock = threading.Lock()
+
+    def drive(first: _Unit) -> None:
+        try:
+            proc = subprocess.Popen([sys.executable, "-I", str(WORKER)], stdin=subprocess.PIPE,
+                                    stdout=subprocess.PIPE, text=True, bufsize=1)
+        except OSError:  # no worker: its units stay undone and fail their files (hash_all checks)
+            return
+        assert proc.stdin is not None and proc.stdout is not None
+        unit: _Unit | None = first
+        try:
+            while unit is not None:
+                job = unit[3]
+                if job is None:
+                    run_here(unit)
+                else:
+                    w = unit[2]
+                    with lock:
+                        w.threads.add(f"pid {proc.pid}")
+                    try:
+                        proc.stdin.write(json.dumps(job) + "\n")
+                        proc.stdin.flush()
+                        line = proc.stdout.readline()
+                    except OSError:  # the worker is gone (BrokenPipeError)
+                        line = ""
+                    if not line:
+                        w.error = VerifyError(f"The hashing worker for {w.rel} stopped (exit {proc.poll()}).",
+                                              hint="Run verify again with --workers 1.", path=w.rel)
+                    else:
+                        res = json.loads(line)
+                        _apply(w, job, res)
+                        prog.add(w.rel, int(res.get("n", 0)))
+                        with lock:
+                            w.done_units += 1
+                with lock:
+                    unit = queue.popleft() if queue else None
+        finally:
+            with contextlib.suppress(OSError):
+                proc.stdin.close()
+            try:
+                proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:  # pragma: no cover - a worker never outlives its stdin
+                proc.kill()
+                proc.wait()
+
+    drivers = [threading.Thread(target=drive, args=(units[k],), name=f"verify-{k}", daemon=True)
+               for k in range(nprocs)]
+    for d in drivers:
+        d.start()
+    for d in drivers:
+        d.join()

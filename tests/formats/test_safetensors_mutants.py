@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from provision.errors import StructureError
+from provision.errors import HostileContentError, StructureError
 from provision.formats.safetensors import check_index, check_safetensors, read_index
 
 INDEX = "model.safetensors.index.json"
@@ -102,3 +102,54 @@ def test_a_damaged_weights_file_says_to_delete_and_fetch_it_again(tmp_path: Path
     assert rep["message"].startswith("w.safetensors is not a valid safetensors file: ")
     assert rep["hint"] == "The file is damaged or truncated; delete it and fetch it again."
     assert rep["context"]["path"] == str(p)
+
+
+def _st(path: Path, header: Any, data: bytes) -> Path:
+    body = json.dumps(header).encode()
+    path.write_bytes(struct.pack("<Q", len(body)) + body + data)
+    return path
+
+
+def test_a_tensor_whose_offsets_do_not_match_its_shape_reports_both_sizes(tmp_path: Path) -> None:
+    p = _st(tmp_path / "w.safetensors", {"t": {"dtype": "F32", "shape": [1], "data_offsets": [0, 3]}}, b"\0" * 3)
+    with pytest.raises(StructureError) as ei:
+        check_safetensors(p)
+    assert ei.value.message == ("w.safetensors is not a valid safetensors file: tensor 't' is F32[1] (4 bytes) "
+                                "but its offsets span 3 bytes.")
+    assert ei.value.context == {"path": str(p), "tensor": "t", "expected": 4.0, "actual": 3}
+
+
+HOSTILE_HINT = "This is not a genuine checkpoint; delete it and fetch it again from a trusted source."
+
+
+def test_a_header_claiming_more_than_the_limit_is_hostile_naming_the_file_and_the_claim(tmp_path: Path) -> None:
+    from provision.formats.safetensors import MAX_HEADER_BYTES
+
+    p = tmp_path / "w.safetensors"
+    p.write_bytes(struct.pack("<Q", MAX_HEADER_BYTES + 1) + b"{}")
+    with pytest.raises(HostileContentError) as ei:
+        check_safetensors(p)
+    assert ei.value.hint == HOSTILE_HINT
+    assert ei.value.context == {"path": str(p), "header_len": MAX_HEADER_BYTES + 1}
+
+
+def test_a_header_with_too_many_values_is_hostile_with_the_same_hint(tmp_path: Path,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    from provision.formats import safetensors as st
+
+    p = _st(tmp_path / "w.safetensors", {"t": {"dtype": "U8", "shape": [1], "data_offsets": [0, 1]}}, b"\0")
+    monkeypatch.setattr(st, "MAX_HEADER_ITEMS", 2)
+    with pytest.raises(HostileContentError) as ei:
+        check_safetensors(p)
+    assert ei.value.hint == HOSTILE_HINT
+    assert ei.value.context["path"] == str(p)
+
+
+def test_a_weights_link_out_of_its_folder_is_refused_as_a_weights_file(tmp_path: Path) -> None:
+    _st(tmp_path / "elsewhere.safetensors", {}, b"")
+    (tmp_path / "model").mkdir()
+    link = tmp_path / "model" / "w.safetensors"
+    link.symlink_to(tmp_path / "elsewhere.safetensors")
+    with pytest.raises(HostileContentError) as ei:
+        check_safetensors(link, root=tmp_path / "model")
+    assert ei.value.message == f"Refusing weights file w.safetensors: it is a symlink out of {tmp_path / 'model'}."

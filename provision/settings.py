@@ -13,6 +13,8 @@ a ``Settings``) instead of reading ``os.environ``. The table is the reference fo
     PROVISION_LOCK_STALE_AFTER       seconds without a heartbeat before a lock counts as stale (default 120)
     PROVISION_FORBID_PUBLIC_NETWORK  1 to refuse any libtorrent session in the public network mode (tests set it)
     PROVISION_CONVERT_WORKERS        threads converting tensors (default: the usable CPUs, at most 8; --workers wins)
+    PROVISION_SMOKE_ENGINE           default of smoke --engine / run --smoke-engine: provision, vllm or both
+                                     (unset: both where vLLM can judge the model here, else provision)
     PROVISION_QUIET, PROVISION_VERBOSE  the -q / -v flags (read by click in the CLI)
 """
 
@@ -51,6 +53,12 @@ def default_home() -> Path:
     xdg = os.environ.get("XDG_CACHE_HOME")
     base = Path(xdg).expanduser() if xdg else Path.home() / ".cache"
     return base / "provision"
+
+
+def smoke_engine() -> str | None:
+    """``PROVISION_SMOKE_ENGINE`` lower-cased (validated where it is used), None when unset."""
+    v = os.environ.get("PROVISION_SMOKE_ENGINE", "").strip().lower()
+    return v or None
 
 
 def network_mode() -> str:

@@ -93,6 +93,9 @@ def _isolated_env(_no_leaks: None, tmp_path_factory: pytest.TempPathFactory,
     # a test that forgets --network closed can never reach a public tracker or the DHT.
     monkeypatch.setenv("PROVISION_NETWORK", "closed")
     monkeypatch.setenv("PROVISION_FORBID_PUBLIC_NETWORK", "1")
+    # smoke and run default to our engine alone: a vLLM server takes a minute to start, so only the
+    # tests that ask for it (tests/vllm, --engine) start one, even where vLLM is installed (CI)
+    monkeypatch.setenv("PROVISION_SMOKE_ENGINE", "provision")
 
 
 # huggingface_hub constants derived from HF_HOME (the paths below it)

@@ -18,7 +18,8 @@ if TYPE_CHECKING:
 
 ENGINE_HELP = ("Which engine judges the folder: provision (our PyTorch reference and its checks), vllm (the "
                "folder's `vllm serve` line must answer with our reference's greedy ids), both (both verdicts). "
-               "Default: both when vLLM is installed, else provision.")
+               "Default: PROVISION_SMOKE_ENGINE, else both when vLLM is installed and can run the model here (a "
+               "vision model also needs torchvision), else provision.")
 
 
 def _read_golden(path: Path) -> list[int]:
@@ -60,7 +61,7 @@ def command(model_dir: Path, device: str, dtype: str, images: tuple[str, ...], p
     from provision.stages.smoke import SmokeReport, smoke
     from provision.stages.smoke_vllm import default_engine
 
-    engine = engine or default_engine()
+    engine = engine or default_engine(model_dir)
     gold = _read_golden(golden) if golden is not None else None
     try:
         rep = smoke(model_dir, device=device, dtype=None if dtype == "auto" else dtype, images=images,

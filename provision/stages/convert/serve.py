@@ -55,7 +55,7 @@ def serve_args_for(model_dir: Path, *, context: int = 32768) -> list[str]:
     from provision.stages.convert.record import RECORD_NAME, read_record
 
     model_dir = Path(model_dir)
-    multimodal = _multimodal(model_dir)
+    mm = multimodal(model_dir)
     if (model_dir / RECORD_NAME).is_file():
         rec = read_record(model_dir)
         prof = rec.get("profile") or {}
@@ -63,13 +63,13 @@ def serve_args_for(model_dir: Path, *, context: int = 32768) -> list[str]:
         return _args(model_dir, str(rec.get("layout") or prof.get("layout") or "mistral"),
                      str(rec.get("scheme") or prof.get("scheme") or "bf16"),
                      str(prof.get("activation_dtype") or "bfloat16"), int(rec.get("context") or context),
-                     int(prof.get("gpus") or 1), hf_tokenizer="--tokenizer-mode" not in cmd, multimodal=multimodal)
+                     int(prof.get("gpus") or 1), hf_tokenizer="--tokenizer-mode" not in cmd, multimodal=mm)
     layout = "mistral" if (model_dir / "params.json").is_file() else "hf"
     return _args(model_dir, layout, "bf16", "bfloat16", context, 1, hf_tokenizer=(model_dir / "tokenizer.json").is_file(),
-                 multimodal=multimodal)
+                 multimodal=mm)
 
 
-def _multimodal(model_dir: Path) -> bool:
+def multimodal(model_dir: Path) -> bool:
     """Whether the folder's model has a vision encoder (params.json's ``vision_encoder`` or a Llava config.json)."""
     for name, key in (("params.json", "vision_encoder"), ("config.json", "vision_config")):
         p = model_dir / name

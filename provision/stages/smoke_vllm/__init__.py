@@ -53,9 +53,44 @@ def vllm_available() -> tuple[bool, str]:
     return True, "vllm (version unknown)"
 
 
-def default_engine() -> str:
-    """``both`` when vLLM is installed here, else ``provision``."""
-    return "both" if vllm_available()[0] else "provision"
+def vision_available() -> tuple[bool, str]:
+    """Whether vLLM's Pixtral path can import here: it needs a torchvision built for this torch."""
+    try:
+        import torchvision  # noqa: F401
+    except Exception as e:  # missing, or the CUDA build beside the CPU torch
+        return False, (f"vLLM's Pixtral path needs torchvision built for this torch ({type(e).__name__}); "
+                       "on CPU hosts only text-only models can be judged by vLLM")
+    return True, "torchvision imports"
+
+
+def engine_choice(model_dir: Path | None = None) -> tuple[str, str]:
+    """The engine a smoke test of ``model_dir`` uses by default, and why: ``PROVISION_SMOKE_ENGINE``
+    when set; else ``both`` when vLLM is installed and can run the model here (a vision model also
+    needs torchvision), else ``provision``."""
+    from provision.errors import UsageError
+    from provision.settings import smoke_engine
+
+    env = smoke_engine()
+    if env is not None:
+        if env not in ENGINES:
+            raise UsageError(f"PROVISION_SMOKE_ENGINE={env!r} is not one of {', '.join(ENGINES)}.")
+        return env, "PROVISION_SMOKE_ENGINE"
+    ok, why = vllm_available()
+    if not ok:
+        return "provision", why
+    if model_dir is not None:
+        from provision.stages.convert.serve import multimodal
+
+        if multimodal(Path(model_dir)):
+            vok, vwhy = vision_available()
+            if not vok:
+                return "provision", vwhy
+    return "both", why
+
+
+def default_engine(model_dir: Path | None = None) -> str:
+    """``engine_choice``'s engine."""
+    return engine_choice(model_dir)[0]
 
 
 @dataclass

@@ -34,7 +34,7 @@ from provision.errors import SmokeError
 from provision.io.atomic import atomic_write_text
 
 LAUNCHER = "provision.stages.smoke_vllm.launch"
-_ERROR_LINE = re.compile(r"\b\w*(Error|Exception)\b:|\bERROR\b")
+_ERROR_LINE = re.compile(r"\b\w*(Error|Exception): ")
 BIND_TRIES = 3
 STOP_GRACE_S = 10.0
 

@@ -391,6 +391,10 @@ def _parse_signing(d: Any, base: Path) -> SigningSpec | None:
         return None
     if not isinstance(d, dict):
         raise _fail("signing", "expected a table.")
+    for k, t in (("public_key", str), ("certificate_chain", list)):  # checked first: _take would quote the value
+        if k in d and not isinstance(d[k], t):
+            raise _fail(f"signing.{k}", "expected PEM text or the path of a PEM file"
+                        + (" (a list of them)." if t is list else "."))
     _take(d, "signing", {"public_key": (str,), "certificate_chain": (list,), "signature": (str,)}, ("signature",))
     if "public_key" not in d and not d.get("certificate_chain"):
         raise _fail("signing", "needs public_key or certificate_chain (whom the release must be signed by).")

@@ -78,6 +78,8 @@ def test_inline_pem_text_and_a_certificate_chain_are_accepted_and_written_back_i
     ('public_key = "k.pub.pem"\nsignature = "http://example.org/model.sig"\n', "signing.signature",
      "http:// only to a loopback address"),
     ('public_key = "k.pub.pem"\nsignature = "s"\nkeyring = "x"\n', "signing.keyring", "unknown field"),
+    ('public_key = ["-----BEGIN PUBLIC KEY-----", "SECRETBYTES"]\nsignature = "s"\n', "signing.public_key",
+     "expected PEM text"),
 ])
 def test_bad_signing_values_are_one_line_exit_3_naming_the_field(
     tmp_path: Path, signing: str, field: str, says: str

@@ -65,6 +65,7 @@ class RunOptions:
     profile_from: str | None = None  # a shared profile's magnet or .torrent: fetched instead of original + convert
     trust_key: Path | None = None  # the public key a --profile-from signature must verify against
     allow_unsigned: bool = False  # --profile-from without a key: trust the provenance record alone
+    smoke_engine: str | None = None  # provision | vllm | both; None: stages.smoke_vllm.default_engine
 
 
 @dataclass
@@ -556,14 +557,23 @@ class _Run:
 
     def smoke(self, smoke_dir: Path) -> Outcome:
         from provision.stages.smoke import smoke
+        from provision.stages.smoke_vllm import default_engine
 
-        srep = smoke(smoke_dir, device=self.opts.device, manifest=self.manifest, progress=self.progress)
+        engine = self.opts.smoke_engine or default_engine(smoke_dir)
+        srep = smoke(smoke_dir, device=self.opts.device, manifest=self.manifest, progress=self.progress,
+                     raise_on_fail=engine != "vllm")
+        details: dict[str, Any] = srep.to_dict()
+        if engine != "provision":  # vLLM judges too: it must answer with our engine's greedy ids (exit 8)
+            from provision.stages.smoke_vllm import reference_images, smoke_vllm
+
+            vrep = smoke_vllm(smoke_dir, srep, images=reference_images(smoke_dir, srep, []), progress=self.progress)
+            details = {**details, "engine": engine, "vllm": vrep.to_dict()}
         if (smoke_dir != self.original and (smoke_dir / PROVENANCE_NAME).is_file()  # the profile's record, unless
                 and self.opts.profile_from is None):  # signed by its publisher (--profile-from): kept as signed
             from provision.formats import provenance
 
             provenance.add_smoke(smoke_dir, provenance.smoke_entry(srep.to_dict()))
-        return Outcome(srep.weights_bytes, srep.to_dict(), files=_files_of(smoke_dir), facts={"text": srep.text[:200]})
+        return Outcome(srep.weights_bytes, details, files=_files_of(smoke_dir), facts={"text": srep.text[:200]})
 
     # -- after the stages --------------------------------------------------------------------
     def finish_seeding(self) -> Iterator[dict[str, Any]]:

@@ -57,6 +57,9 @@ def render_summary(app: App, stages: list[dict[str, Any]]) -> None:
 @click.option("--keep-pickle", is_flag=True,
               help="A pickled torrent release: keep the verified pickle in staging after the import (default: drop it).")
 @click.option("--skip-smoke", is_flag=True, help="Stop after the conversion.")
+@click.option("--smoke-engine", type=click.Choice(["provision", "vllm", "both"]), default=None,
+              help="Which engine judges the smoke test (see `provision smoke --engine`); default: "
+                   "PROVISION_SMOKE_ENGINE, else both where vLLM can run the model here, else provision.")
 @click.option("--skip-convert", is_flag=True, help="Smoke-test the original instead of converting.")
 @workers_option
 @click.option("--profile-from", metavar="MAGNET|TORRENT",
@@ -75,7 +78,8 @@ def command(source: str, home: Path | None, source_kind: str, target: str, schem
             context: int, device: str, peers: tuple[str, ...], network: str, listen: str | None,
             trackers: tuple[str, ...], seed_for: float, max_upload_rate: str | None,
             max_download_rate: str | None, stall_timeout: float, token: str | None, adopt: Path | None,
-            no_hf_cache: bool, drop_original: bool, reverify: bool, keep_pickle: bool, skip_smoke: bool, skip_convert: bool,
+            no_hf_cache: bool, drop_original: bool, reverify: bool, keep_pickle: bool, skip_smoke: bool, smoke_engine: str | None,
+            skip_convert: bool,
             workers: int | None, profile_from: str | None, trust_key: Path | None, allow_unsigned: bool,
             lock_timeout: float | None, offline: bool, dry_run: bool, json_out: bool) -> None:
     """Plan, fetch, verify, convert and smoke-test SOURCE, skipping what is already done."""
@@ -90,7 +94,7 @@ def command(source: str, home: Path | None, source_kind: str, target: str, schem
     opts = RunOptions(
         source=source_kind, target=target, scheme=scheme, layout=layout, context=context, device=device,
         adopt=adopt, discover_hf_cache=not no_hf_cache, drop_original=drop_original, reverify=reverify,
-        skip_smoke=skip_smoke, skip_convert=skip_convert, lock_timeout=lock_timeout, keep_pickle=keep_pickle,
+        skip_smoke=skip_smoke, smoke_engine=smoke_engine, skip_convert=skip_convert, lock_timeout=lock_timeout, keep_pickle=keep_pickle,
         convert_workers=workers, profile_from=profile_from, trust_key=trust_key, allow_unsigned=allow_unsigned,
         torrent=TorrentOptions(peers=peers, trackers=trackers, network=network, listen=listen, seed_for=seed_for,
                                max_upload_rate=parse_rate(max_upload_rate),

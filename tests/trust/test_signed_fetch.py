@@ -311,6 +311,11 @@ def test_torrent_a_release_signed_by_the_pinned_key_lands_and_one_signed_by_anot
     else:
         msg = _refused(rc, doc, err, tmp_path / "dest")
         assert "not made by the pinned public key" in msg
+        from provision.layout import Layout
+        from tests.support.cli import provision_home
+
+        staging = Layout(provision_home()).staging("signed-release")  # the rejected bytes are not kept
+        assert not staging.exists() or not [p for p in staging.rglob("*") if p.is_file()]
 
 
 @pytest.mark.parametrize("expired", [False, True])

@@ -47,19 +47,38 @@ def _dynamic_token_fp8(config: Mapping[str, Any]) -> bool:
     return False
 
 
+_SCALE_MIN = float(torch.finfo(torch.float32).tiny)  # an all-zero token still gets a usable scale
+
+
 def quantize_fp8_per_token(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``x`` as float8 E4M3 with one scale per token (last dim): ``(q, scale)``, ``scale`` in ``x``'s dtype
-    with a trailing dimension of 1, so that ``q * scale`` approximates ``x``. Both kernels use it."""
-    amax = x.abs().amax(dim=-1, keepdim=True)
-    scale = torch.clamp(amax / quant.FP8_MAX, min=torch.finfo(x.dtype).eps)
-    q = (x / scale).clamp(-quant.FP8_MAX, quant.FP8_MAX).to(torch.float8_e4m3fn)
+    """``x`` as float8 E4M3 with one float32 scale per token (last dim): ``(q, scale)``, ``scale`` with a
+    trailing dimension of 1, ``q * scale`` approximating ``x``. Both kernels use it. Four kernels on a
+    GPU (max, scale, divide, cast): the scale is at least amax / 448 up to one rounding, so
+    ``|x / scale|`` stays below 464, which E4M3's cast rounds to 448: no clamp is needed."""
+    amax = torch.linalg.vector_norm(x, float("inf"), dim=-1, keepdim=True, dtype=torch.float32)
+    scale = amax.div_(quant.FP8_MAX).clamp_(min=_SCALE_MIN)
+    q = (x / scale).to(torch.float8_e4m3fn)
     return q, scale
 
 
 def fake_quant_fp8_per_token(x: torch.Tensor) -> torch.Tensor:
     """Quantize-dequantize ``x`` to float8 E4M3 with one scale per token (last dim), in ``x``'s dtype."""
     q, scale = quantize_fp8_per_token(x)
-    return q.to(x.dtype) * scale
+    return (q.float() * scale).to(x.dtype)
+
+
+# The last activation quantized for the fp8 kernel: wq/wk/wv (and w1/w3) read the very same tensor,
+# so it is quantized once per layer input, not once per Linear. Holding ``x`` keeps its id unique.
+_last_input: list[tuple[torch.Tensor, int, torch.Tensor, torch.Tensor] | None] = [None]
+
+
+def _quantized_input(x2: torch.Tensor, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    hit = _last_input[0]
+    if hit is not None and hit[0] is x and hit[1] == x._version:
+        return hit[2], hit[3]
+    q, s = quantize_fp8_per_token(x2)
+    _last_input[0] = (x, x._version, q, s)
+    return q, s
 
 
 def fp8_scaled_mm(x: torch.Tensor, weight: torch.Tensor, scale_row: torch.Tensor,
@@ -68,8 +87,9 @@ def fp8_scaled_mm(x: torch.Tensor, weight: torch.Tensor, scale_row: torch.Tensor
     ``torch._scaled_mm``: fp8 x fp8 products summed in fp32, scaled by the token scales and
     ``scale_row`` (float32, [1, out], the per-channel weight scales), returned in ``x``'s dtype."""
     shape = x.shape
-    q, s = quantize_fp8_per_token(x.reshape(-1, shape[-1]))
-    out = torch._scaled_mm(q, weight.t(), scale_a=s.float(), scale_b=scale_row, out_dtype=x.dtype)
+    q, s = _quantized_input(x.reshape(-1, shape[-1]), x)
+    w = weight if weight.is_contiguous() else weight.contiguous()  # .t() must be column-major
+    out = torch._scaled_mm(q, w.t(), scale_a=s, scale_b=scale_row, out_dtype=x.dtype)
     if bias is not None:
         out = out + bias.to(out.dtype)
     return out.reshape(*shape[:-1], weight.shape[0])
@@ -81,14 +101,18 @@ def _cuda_capability(index: int) -> tuple[int, int]:
     return int(major), int(minor)
 
 
+# GPUs (by index) whose torch refused the row-wise scaled fp8 GEMM at run time: ``auto`` falls back there
+SCALED_MM_REFUSED: dict[int, str] = {}
+
+
 def scaled_mm_supported(device: torch.device, dtype: torch.dtype, in_features: int, out_features: int) -> bool:
     """Whether ``auto`` picks ``torch._scaled_mm`` for an fp8 layer on ``device`` with ``dtype`` activations:
     a CUDA GPU of compute capability >= 8.9, bf16 activations (the dtype row-wise scaled fp8 GEMMs
-    write) and both dimensions multiples of 16 (the kernels' requirement)."""
+    write), both dimensions multiples of 16 (the kernels' requirement), and no earlier refusal there."""
     if device.type != "cuda" or dtype != torch.bfloat16 or in_features % 16 or out_features % 16:
         return False
-    return _cuda_capability(device.index if device.index is not None else torch.cuda.current_device()) \
-        >= SCALED_MM_MIN_CAPABILITY
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return index not in SCALED_MM_REFUSED and _cuda_capability(index) >= SCALED_MM_MIN_CAPABILITY
 
 
 def scheme_from_config(config: Mapping[str, Any]) -> str:
@@ -177,8 +201,15 @@ class QuantLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.uses_scaled_mm(x):
-            self.last_kernel = "scaled_mm"
-            return fp8_scaled_mm(x, self.get_buffer("weight"), self.scale_row(), self.bias)
+            try:
+                out = fp8_scaled_mm(x, self.get_buffer("weight"), self.scale_row(), self.bias)
+            except RuntimeError as e:  # a torch build without the row-wise kernel for this GPU
+                if self.fp8_kernel != "auto" or isinstance(e, torch.OutOfMemoryError):
+                    raise
+                SCALED_MM_REFUSED[x.device.index or 0] = f"{type(e).__name__}: {str(e)[:300]}"
+            else:
+                self.last_kernel = "scaled_mm"
+                return out
         self.last_kernel = "dequant"
         w = self.dequantized_weight(x.dtype)
         if self.quantize_inputs:

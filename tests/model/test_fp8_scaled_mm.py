@@ -196,3 +196,47 @@ def test_a_whole_fp8_model_gives_the_same_logits_with_either_kernel(tiny_src: Pa
         assert set(kernels_used(model)) == {"scaled_mm"}
     assert torch.isfinite(fast).all()
     assert torch.allclose(fast, slow, rtol=1e-4, atol=1e-4 * slow.abs().max().item())
+
+
+def test_layers_reading_the_same_input_quantize_it_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    from provision.model import quantized
+
+    calls: list[tuple[int, ...]] = []
+    real = quantized.quantize_fp8_per_token
+
+    def counting(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        calls.append(tuple(x.shape))
+        return real(x)
+
+    monkeypatch.setattr(quantized, "quantize_fp8_per_token", counting)
+    wq, wk = _layer(32, 64, kernel="scaled_mm", seed=1), _layer(16, 64, kernel="scaled_mm", seed=2)
+    x = _inputs((2, 3, 64))
+    a1, b1 = wq(x), wk(x)  # as Attention calls wq(x), wk(x), wv(x)
+    assert len(calls) == 1
+    x.mul_(2.0)  # changed in place: the stored quantization is stale
+    a2 = wq(x)
+    assert len(calls) == 2 and torch.allclose(a2, 2 * a1, rtol=0.07)
+    y = x.clone()  # equal values, another tensor: quantized anew
+    wk(y)
+    assert len(calls) == 3
+    ref = F.linear(x / 2.0, wk.dequantized_weight())
+    assert bool(((b1 - ref).abs() <= _bound(x / 2.0, wk.dequantized_weight(), ref, torch.float32)).all())
+
+
+def test_auto_falls_back_to_dequant_when_torch_refuses_the_fp8_gemm(monkeypatch: pytest.MonkeyPatch) -> None:
+    from provision.model import quantized
+
+    def refuse(*_a: object, **_k: object) -> torch.Tensor:
+        raise RuntimeError("row-wise scaling is not supported on this device")
+
+    monkeypatch.setattr(quantized, "SCALED_MM_REFUSED", {})
+    monkeypatch.setattr(quantized, "scaled_mm_supported", lambda *a: 0 not in quantized.SCALED_MM_REFUSED)
+    monkeypatch.setattr(torch, "_scaled_mm", refuse)
+    layer = _layer(32, 64)
+    x = _inputs((3, 64))
+    y = layer(x)
+    assert layer.last_kernel == "dequant" and "not supported" in quantized.SCALED_MM_REFUSED[0]
+    assert torch.equal(y, _layer(32, 64, kernel="dequant")(x))
+    forced = _layer(32, 64, kernel="scaled_mm")
+    with pytest.raises(RuntimeError, match="not supported"):
+        forced(x)  # asked for by name: the error is the caller's to see

@@ -354,3 +354,18 @@ def test_a_pinned_certificate_chain_accepts_a_release_signed_under_it_and_refuse
     else:
         msg = _refused(rc, doc, err, tmp_path / "dest")
         assert "is expired" in msg
+
+
+def test_a_signature_that_hashes_files_in_shards_is_refused_with_exit_5(
+    tmp_path: Path, keys: dict[str, Path], capsys: pytest.CaptureFixture[str]
+) -> None:
+    import model_signing as ms
+
+    release = _release(tmp_path)
+    cfg = ms.signing.Config().set_hashing_config(ms.hashing.Config().use_shard_serialization(shard_size=1024))
+    cfg.use_elliptic_key_signer(private_key=keys["priv"])
+    cfg.sign(release, tmp_path / "sharded.sig")
+    shutil.copyfile(tmp_path / "sharded.sig", release / "model.sig")
+    m = _manifest(tmp_path / "m.toml", sources=_local(release), pub=keys["pub"])
+    msg = _refused(*_fetch(capsys, m, tmp_path / "dest"), tmp_path / "dest")
+    assert "hashes files as shards/sha256" in msg

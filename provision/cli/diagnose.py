@@ -154,6 +154,26 @@ def check_module(name: str, dist: str, *, need: Status, why: str, fix: str) -> C
     return Check(name, "ok", f"{name} {version}")
 
 
+def check_smoke_engine() -> Check:
+    """Which engine ``provision smoke`` / ``run`` would judge with here (``smoke_vllm.engine_choice``),
+    for text-only and for vision models (vLLM's Pixtral path also needs torchvision)."""
+    from provision.errors import UsageError
+    from provision.stages.smoke_vllm import engine_choice, vision_available, vllm_available
+
+    try:
+        engine, why = engine_choice()
+    except UsageError as e:
+        return Check("smoke-engine", "fail", str(e), "set PROVISION_SMOKE_ENGINE to provision, vllm or both.")
+    ok, version = vllm_available()
+    vision = engine
+    if engine == "both" and why != "PROVISION_SMOKE_ENGINE" and not vision_available()[0]:
+        vision = "provision"
+    detail = (f"smoke uses {engine} for text-only models, {vision} for vision models "
+              f"({why if why == 'PROVISION_SMOKE_ENGINE' else version})")
+    return Check("smoke-engine", "ok", detail,
+                 None if ok else "pip install 'provision[vllm]' (README: Judging with vLLM) to judge with vLLM too.")
+
+
 def check_libtorrent() -> Check:
     try:
         lt: Any = importlib.import_module("libtorrent")
@@ -254,7 +274,7 @@ def run_checks(*, home: Path, mode: str, offline: bool, endpoint: str, trackers:
               check_disk(home, free or free_bytes), check_store(home), check_libtorrent(),
               check_module("vllm", "vllm", need="warn", why="needed only to serve the converted model",
                            fix="pip install vllm on the host that serves the model."),
-              check_token(find_token())]
+              check_smoke_engine(), check_token(find_token())]
     checks += check_network(mode, offline, endpoint, trackers, timeout)
     return checks
 

@@ -153,7 +153,7 @@ def test_every_line_says_ok_warn_or_fail(capsys: pytest.CaptureFixture[str]) -> 
     assert run_cli(["doctor", "--offline"]) == 0
     lines = capsys.readouterr().out.splitlines()
     names = [ln.split()[1] for ln in lines]
-    assert names == ["gpu", "torch", "disk", "store", "libtorrent", "vllm", "hf-token", "network", "hub", "tracker"]
+    assert names == ["gpu", "torch", "disk", "store", "libtorrent", "vllm", "smoke-engine", "hf-token", "network", "hub", "tracker"]
     assert all(ln.split()[0] in ("ok", "warn", "fail") for ln in lines)
 
 

@@ -106,3 +106,16 @@ def test_text_only_hf_conversion_prints_a_text_serve_line_and_smoke_starts_that_
     argv = shlex.split(res.vllm_command)
     assert "--limit-mm-per-prompt" not in argv and argv[argv.index("--tokenizer-mode") + 1] == "mistral"
     assert serve_args_for(tmp_path / "out") == argv
+
+
+def test_doctor_names_the_engine_a_smoke_test_would_use(monkeypatch: pytest.MonkeyPatch) -> None:
+    from provision.cli.diagnose import check_smoke_engine
+    from provision.stages.smoke_vllm import vllm_available
+
+    monkeypatch.setenv("PROVISION_SMOKE_ENGINE", "vllm")
+    assert check_smoke_engine().detail.startswith("smoke uses vllm for text-only models, vllm for vision")
+    monkeypatch.delenv("PROVISION_SMOKE_ENGINE")
+    expected = "both" if vllm_available()[0] else "provision"
+    assert check_smoke_engine().detail.startswith(f"smoke uses {expected} for text-only models")
+    monkeypatch.setenv("PROVISION_SMOKE_ENGINE", "gpu")
+    assert check_smoke_engine().status == "fail"

@@ -1,8 +1,10 @@
-"""The verify scan and the per-file safetensors check, entry by entry and field by field.
+"""The verify scan, the structure checks and verify_dir's options, entry by entry and field by field.
 
-Gaps the mutation run of ``stages/verify/{scan,structure}.py`` found: a symlink whose target
-(not its name) is a pickle, the path and target a symlink entry keeps, and every field of the
-safetensors check a report prints. Expected entries are built here from the tree the test makes.
+Gaps the mutation run of ``stages/verify/{scan,structure,verifier}.py`` found: a symlink whose
+target (not its name) is a pickle, the path and target a symlink entry keeps, every field of
+the safetensors, index and params checks a report prints, an index in a nested folder, a tensor
+stored twice, the worker count and the format that turns the params check on. Expected entries
+are built here from the tree the test makes.
 """
 
 from __future__ import annotations
@@ -12,10 +14,13 @@ import os
 import struct
 from pathlib import Path
 
-from provision.errors import StructureError
+import pytest
+
+from provision.errors import ParamsError, StructureError
+from provision.formats.safetensors import SafetensorsInfo
 from provision.stages.verify.report import Check
 from provision.stages.verify.scan import Entry, scan
-from provision.stages.verify.structure import safetensors_check
+from provision.stages.verify.structure import index_checks, params_checks, safetensors_check
 
 
 def _weights(path: Path, tensors: int) -> Path:
@@ -61,3 +66,75 @@ def test_a_malformed_weights_file_fails_the_check_with_the_error_it_raised(tmp_p
     assert isinstance(check.error, StructureError)
     assert check.message == check.error.message
     assert check.message.startswith("bad.safetensors is not a valid safetensors file: ")
+
+
+def test_an_index_in_a_nested_folder_is_checked_against_the_headers_checked_beside_it(tmp_path: Path) -> None:
+    """``index_checks`` passes an index only the headers of shards in its own folder (by the
+    shard's name there): here the shard files are gone, so only those headers can satisfy it, and
+    a same-named shard elsewhere (holding other tensors) must not be taken for it."""
+    (tmp_path / "x" / "sub").mkdir(parents=True)
+    inner = check_safetensors_of(_weights(tmp_path / "x" / "sub" / "a.safetensors", 2))
+    outer = check_safetensors_of(_weights(tmp_path / "x" / "a.safetensors", 1))
+    index = tmp_path / "x" / "sub" / "model.safetensors.index.json"
+    index.write_text(json.dumps({"weight_map": {"t0": "a.safetensors", "t1": "a.safetensors"}}))
+    (tmp_path / "x" / "sub" / "a.safetensors").unlink()
+    rel = "x/sub/model.safetensors.index.json"
+    checks = index_checks([rel], {rel: index}, {"x/sub/a.safetensors": inner, "x/a.safetensors": outer})
+    assert checks == [Check("index", rel, True, actual="2 tensors in 1 shards")]
+
+
+def check_safetensors_of(path: Path) -> SafetensorsInfo:
+    from provision.formats.safetensors import check_safetensors
+
+    return check_safetensors(path)
+
+
+def test_a_params_json_that_does_not_parse_fails_its_check_with_the_reason(tmp_path: Path) -> None:
+    (tmp_path / "params.json").write_text("{not json")
+    w = _weights(tmp_path / "consolidated.safetensors", 1)
+    checks = params_checks(["params.json", "consolidated.safetensors"],
+                           {"params.json": tmp_path / "params.json", "consolidated.safetensors": w}, {})
+    assert len(checks) == 1
+    c = checks[0]
+    assert (c.name, c.file, c.ok) == ("params", "params.json", False)
+    assert isinstance(c.error, ParamsError) and c.message == c.error.message != ""
+
+
+def test_a_tensor_stored_in_two_weights_files_is_named_as_stored_twice(tiny_src: Path, tmp_path: Path) -> None:
+    from provision.formats.safetensors import check_safetensors
+
+    a = _weights(tmp_path / "consolidated-00001.safetensors", 2)  # t0, t1
+    b = _weights(tmp_path / "consolidated-00002.safetensors", 1)  # t0 again
+    rels = ["params.json", a.name, b.name]
+    paths = {"params.json": tiny_src / "params.json", a.name: a, b.name: b}
+    checks = params_checks(rels, paths, {a.name: check_safetensors(a), b.name: check_safetensors(b)})
+    tensors = checks[-1]
+    assert (tensors.name, tensors.ok) == ("tensors", False)
+    assert "1 stored twice (first 't0')" in tensors.message
+    assert tensors.error is not None and tensors.error.context["duplicated"] == ["t0"]
+
+
+def test_verify_runs_on_the_cpus_it_may_use_or_the_workers_asked(tmp_path: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    from provision.stages.verify import verifier
+
+    (tmp_path / "a.txt").write_text("a")
+    monkeypatch.setattr(verifier.os, "sched_getaffinity", lambda pid: {0})
+    assert verifier.verify_dir(tmp_path).workers == 1
+    monkeypatch.setattr(verifier.os, "sched_getaffinity", lambda pid: {0, 1, 2})
+    assert verifier.verify_dir(tmp_path).workers == 3
+    assert verifier.verify_dir(tmp_path, workers=2).workers == 2
+
+
+@pytest.mark.parametrize(("fmt", "params_checked"), [("mistral", True), ("hf", False)])
+def test_a_manifest_s_params_json_is_checked_only_for_the_mistral_format(
+        tiny_src: Path, fmt: str, params_checked: bool) -> None:
+    from provision.formats.manifest import parse_manifest
+    from provision.stages.verify import verifier
+
+    m = parse_manifest({"schema_version": 1, "name": "m", "architecture": "pixtral", "format": fmt,
+                        "sources": [{"type": "hf", "repo": "org/repo"}],
+                        "files": [{"path": "params.json"}, {"path": "consolidated.safetensors"}]})
+    report = verifier.verify_dir(tiny_src, m, workers=2)
+    assert report.workers == 2
+    assert any(c.name == "params" for c in report.checks) is params_checked

@@ -17,10 +17,14 @@ from provision.stages.overlap import Gate, LateDigests, Overlap, OverlapCancelle
 
 
 class FakeHandle:
-    """Records the pieces made time-critical."""
+    """Records the pieces made time-critical; libtorrent "has" the pieces in ``has``."""
 
-    def __init__(self) -> None:
+    def __init__(self, has: tuple[int, ...] = ()) -> None:
         self.deadlines: list[int] = []
+        self.has = set(has)
+
+    def have_piece(self, piece: int) -> bool:
+        return piece in self.has
 
     def set_piece_deadline(self, piece: int, ms: int) -> None:
         assert ms == 0
@@ -60,6 +64,31 @@ def test_a_read_waits_for_its_pieces_and_asks_for_the_missing_ones_first_once() 
     assert done.is_set()
     pm.wait(0, 200, 200)  # all there: no wait, nothing asked again
     assert handle.deadlines == [3]
+
+
+def test_a_piece_libtorrent_has_is_read_before_its_fence_only_when_its_bytes_match_the_torrents_sha1() -> None:
+    import hashlib
+
+    data = bytes(range(256)) * 2  # a 512-byte file at torrent offset 0: pieces 0..4 of 100 bytes (4 straddles)
+    good = {p: hashlib.sha1(data[p * 100:(p + 1) * 100]).digest() for p in range(5)}
+    good[1] = hashlib.sha1(b"other bytes").digest()  # piece 1 on disk does not match its hash (yet)
+    h = _hasher()
+    pm = PieceMap(h, threading.Event(), FakeHandle(has=(0, 1, 2)), piece_hash=good.__getitem__)
+
+    def read(start: int, n: int) -> bytes:
+        return data[start:start + n]
+
+    pm.wait(0, 200, 100, read=read, size=len(data))  # piece 2: libtorrent has it, the bytes match: no fence
+    assert pm.checked == {2} and not h.have[2]
+    for piece in (1, 3):  # 1: bytes do not match; 3: libtorrent does not have it
+        blocked = threading.Thread(target=pm.wait, args=(0, piece * 100, 100), kwargs={"read": read, "size": 512})
+        blocked.start()
+        time.sleep(0.3)
+        assert blocked.is_alive()
+        h.mark(piece)  # the fence: verified for good
+        blocked.join(5)
+        assert not blocked.is_alive()
+    assert pm.checked == {2}
 
 
 @pytest.mark.parametrize("how", ["abort", "hasher stopped"])

@@ -21,6 +21,7 @@ does not choose what to download, verify files or write the state file.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 import struct
@@ -123,15 +124,32 @@ class LateDigests(Mapping[str, str]):
 
 
 class PieceMap:
-    """Which bytes of the staged files are verified: the hasher's ``have`` map of pieces. A piece a
-    reader waits for is made time-critical (``set_piece_deadline``): libtorrent's in-order picking
-    leaves a few pieces behind (a block lost in flight is asked for again only at the end), and
-    the conversion reads in file order."""
+    """Which bytes of the staged files are verified: the hasher's ``have`` map of pieces (marked once
+    a ``flush_cache`` fence after libtorrent's hash check completed, which on a busy disk lags the
+    download by seconds), or a piece this reader checked itself: libtorrent has it and the bytes in
+    the file match the torrent's v1 SHA-1 of that piece (``piece_hash``; a piece reaching past its
+    file waits for the fence). A piece a reader waits for is made time-critical
+    (``set_piece_deadline``): in-order picking leaves a few pieces behind, and the conversion reads
+    in file order."""
 
-    def __init__(self, hasher: Any, abort: threading.Event, handle: Any = None) -> None:
-        self.hasher, self.abort, self.handle = hasher, abort, handle
+    def __init__(self, hasher: Any, abort: threading.Event, handle: Any = None,
+                 piece_hash: Callable[[int], bytes] | None = None) -> None:
+        self.hasher, self.abort, self.handle, self.piece_hash = hasher, abort, handle, piece_hash
         self.pl = int(hasher.pl)
         self.asked: set[int] = set()
+        self.checked: set[int] = set()  # pieces this reader hashed itself
+
+    def _self_check(self, p: int, offset: int, size: int, read: Callable[[int, int], bytes]) -> bool:
+        """Piece ``p`` is in the file and matches the torrent's SHA-1 of it (never raises)."""
+        start = p * self.pl - offset
+        if self.piece_hash is None or self.handle is None or start < 0 or start + self.pl > size:
+            return False
+        try:
+            if not self.handle.have_piece(p):
+                return False
+            return hashlib.sha1(read(start, self.pl)).digest() == self.piece_hash(p)
+        except (RuntimeError, OSError, ValueError):  # the torrent is gone, or a short read: wait for the fence
+            return False
 
     def hurry(self, pieces: list[int]) -> None:
         """Ask libtorrent for these pieces before any other (once each)."""
@@ -150,16 +168,26 @@ class PieceMap:
             return range(0)
         return range((offset + start) // self.pl, (offset + start + n - 1) // self.pl + 1)
 
-    def wait(self, offset: int, start: int, n: int) -> None:
-        """Block until those bytes are verified; ``OverlapCancelled`` when the run gave up."""
+    def wait(self, offset: int, start: int, n: int, read: Callable[[int, int], bytes] | None = None,
+             size: int = 0) -> None:
+        """Block until those bytes are verified; ``OverlapCancelled`` when the run gave up. With
+        ``read(start, length)`` (the file's bytes) and its ``size``, pieces are also checked here."""
         want = self.pieces(offset, start, n)
         h = self.hasher
         self.hurry([p for p in want if not h.have[p]])
-        with h.cond:
-            while not all(h.have[p] for p in want):
-                if self.abort.is_set() or h.stopped:
-                    raise OverlapCancelled("The download stopped before these bytes were verified.")
-                h.cond.wait(WAIT_S)
+        while True:
+            missing = [p for p in want if not h.have[p] and p not in self.checked]
+            if not missing:
+                return
+            if self.abort.is_set() or h.stopped:
+                raise OverlapCancelled("The download stopped before these bytes were verified.")
+            if read is not None:
+                self.checked.update(p for p in missing if self._self_check(p, offset, size, read))
+                if all(p in self.checked for p in missing):
+                    return
+            with h.cond:
+                if not all(h.have[p] for p in missing):
+                    h.cond.wait(WAIT_S)
 
 
 class GatedSource(SafetensorsSource):
@@ -170,7 +198,7 @@ class GatedSource(SafetensorsSource):
         super().__init__(path, root=root)  # the header's pieces were waited for before the file was linked
 
     def read_into(self, mv: memoryview, start: int) -> None:
-        self.piece_map.wait(self.offset, start, mv.nbytes)
+        self.piece_map.wait(self.offset, start, mv.nbytes, read=lambda s, k: os.pread(self.fd, k, s), size=self.size)
         super().read_into(mv, start)
         self.log.add(mv.nbytes)
 
@@ -191,6 +219,17 @@ class ReadLog:
     def before(self, t: float) -> int:
         with self.lock:
             return max((b for at, b in self.points if at <= t), default=0)
+
+
+def _v1_hashes(handle: Any) -> Callable[[int], bytes] | None:
+    """The torrent's v1 SHA-1 of a piece (None for a v2-only torrent: the reader waits for the fence)."""
+    try:
+        ti = handle.torrent_file()
+        if ti is None or not ti.info_hashes().has_v1():
+            return None
+    except (RuntimeError, AttributeError):  # an older binding or a handle going away
+        return None
+    return lambda p: bytes(ti.hash_for_piece(p))
 
 
 def _preload() -> None:
@@ -240,7 +279,7 @@ class Overlap:
         side = [f for f in files if f not in weights]
         if not weights or not any(f.rel == "params.json" for f in side):
             return  # nothing this conversion could start from: the pipeline converts after the fetch
-        pieces = PieceMap(hasher, self.abort, handle)
+        pieces = PieceMap(hasher, self.abort, handle, _v1_hashes(handle))
         # params.json whole, then the first piece of every other file (the weights' headers)
         first = [p for f in side if f.rel == "params.json" for p in pieces.pieces(f.offset, 0, f.size)]
         pieces.hurry(sorted(set(first + [p for f in files for p in pieces.pieces(f.offset, 0, 1)])))

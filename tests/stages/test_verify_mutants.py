@@ -103,15 +103,20 @@ def test_a_params_json_that_does_not_parse_fails_its_check_with_the_reason(tmp_p
 def test_a_tensor_stored_in_two_weights_files_is_named_as_stored_twice(tiny_src: Path, tmp_path: Path) -> None:
     from provision.formats.safetensors import check_safetensors
 
-    a = _weights(tmp_path / "consolidated-00001.safetensors", 2)  # t0, t1
+    a = _weights(tmp_path / "consolidated-00001.safetensors", 52)  # t0..t51: none of them in the spec
     b = _weights(tmp_path / "consolidated-00002.safetensors", 1)  # t0 again
     rels = ["params.json", a.name, b.name]
     paths = {"params.json": tiny_src / "params.json", a.name: a, b.name: b}
     checks = params_checks(rels, paths, {a.name: check_safetensors(a), b.name: check_safetensors(b)})
     tensors = checks[-1]
     assert (tensors.name, tensors.ok) == ("tensors", False)
-    assert "1 stored twice (first 't0')" in tensors.message
-    assert tensors.error is not None and tensors.error.context["duplicated"] == ["t0"]
+    where = f"{a.name}, {b.name}"
+    assert tensors.message.startswith(f"The tensors in {where} do not match params.json: ")
+    assert tensors.message.endswith("; 52 tensors not in the spec (first 't0'); 1 stored twice (first 't0').")
+    err = tensors.error
+    assert err is not None and err.context["duplicated"] == ["t0"] and err.context["path"] == where
+    assert err.context["extra"] == sorted(f"t{i}" for i in range(52))[:50]  # the first 50 of 52, by name
+    assert err.hint == "The weights and params.json come from different models or revisions; fetch both again."
 
 
 def test_verify_runs_on_the_cpus_it_may_use_or_the_workers_asked(tmp_path: Path,
@@ -138,3 +143,10 @@ def test_a_manifest_s_params_json_is_checked_only_for_the_mistral_format(
     report = verifier.verify_dir(tiny_src, m, workers=2)
     assert report.workers == 2
     assert any(c.name == "params" for c in report.checks) is params_checked
+    if params_checked:  # and the weights' tensors against it, counted from the file by the safetensors library
+        from safetensors import safe_open
+
+        with safe_open(str(tiny_src / "consolidated.safetensors"), "pt") as f:
+            n = len(list(f.keys()))
+        assert [(c.ok, c.expected, c.actual) for c in report.checks if c.name == "tensors"] == \
+            [(True, f"{n} tensors", f"{n} tensors")]

@@ -21,6 +21,7 @@ if TYPE_CHECKING:
     from provision.stages.bundle import ExportResult, ImportResult
     from provision.stages.convert import ConvertResult
     from provision.stages.fetch import FetchResult
+    from provision.stages.profile_share import ProfileSeed
     from provision.stages.sign import SignatureResult
     from provision.stages.smoke import SmokeReport
     from provision.stages.verify import VerifyReport
@@ -100,6 +101,16 @@ def verify_signature(folder: str | Path, *, signature: str | Path, public_key: s
     return verify_folder_signature(Path(folder), signature=Path(signature),
                                    public_key=Path(public_key) if public_key else None,
                                    certificate_chain=[Path(c) for c in certificate_chain])
+
+
+def seed_profile(folder: str | Path, *, signature: str | Path | None = None, **kw: Any) -> ProfileSeed:
+    """`provision seed MODEL --profile P`: serve the converted profile in ``folder`` with its provenance
+    record and signature (default ``<folder>_signature.sig`` if there); other keyword arguments are
+    ``provision.stages.fetch.torrent.seed``'s (network, listen, seed_for, stop, on_ready, ...). A member
+    takes it with ``run(SOURCE, profile_from=MAGNET, trust_key=PUB)``."""
+    from provision.stages.profile_share import seed_profile as _seed_profile
+
+    return _seed_profile(Path(folder), signature=Path(signature) if signature else None, **kw)
 
 
 def smoke(model_dir: str | Path, **kw: Any) -> SmokeReport:

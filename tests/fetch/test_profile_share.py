@@ -61,8 +61,9 @@ def origin(tiny_src: Path, tmp_path_factory: pytest.TempPathFactory) -> Origin:
 
 @contextlib.contextmanager
 def seeding(folder: Path, **kw: Any) -> Iterator[str]:
-    """``folder`` seeded as a shared profile from a thread (closed network, 127.0.0.1): yields the magnet."""
-    from provision.stages.profile_share import seed_profile
+    """``folder`` seeded as a shared profile from a thread (closed network, 127.0.0.1) through the Python
+    API: yields the magnet."""
+    from provision.api import seed_profile
 
     ready = threading.Event()
     stop = threading.Event()
@@ -213,12 +214,21 @@ def test_an_unsigned_profile_is_refused_with_exit_5_when_a_key_is_required(
 
 def test_a_profile_signed_by_an_untrusted_key_is_refused_with_exit_5(
         origin: Origin, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from provision import api
+    from provision.errors import VerifyError
+    from provision.stages.fetch import TorrentOptions
+
     home = tmp_path / "member"
     with seeding(origin.profile, signature=origin.signature) as magnet:
         rc, doc, err = _member(capsys, home, origin.manifest, magnet, "--trust-key", str(origin.other_key))
-    assert rc == 5, err
-    assert "trusted key" in doc["error"]["message"] or "does not verify" in doc["error"]["message"]
-    _nothing_committed(home)
+        assert rc == 5, err
+        assert "not made by the trusted key" in doc["error"]["message"]
+        _nothing_committed(home)
+        with pytest.raises(VerifyError, match="trusted key") as refused:  # the Python API refuses it the same way
+            api.run(str(origin.manifest), home=tmp_path / "api-member", offline=True, profile_from=magnet,
+                    trust_key=origin.other_key, device="cpu", torrent=TorrentOptions(network="closed"))
+        assert refused.value.exit_code == 5
+    _nothing_committed(tmp_path / "api-member")
 
 
 def test_profile_from_usage_errors_are_exit_2_before_any_download(

@@ -286,3 +286,22 @@ def test_the_key_the_manifest_pins_is_the_trusted_key_without_trust_key(
     # the manifest's bytes differ from the origin's (a [signing] table): the files tie the record to it
     assert "manifest sha256" not in checks["source"]["matched"]
     assert "file consolidated.safetensors" in checks["source"]["matched"]
+
+
+def test_a_torrent_file_with_the_seeder_named_by_peer_works_without_a_magnet(
+        origin: Origin, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from provision.formats.sources import parse_magnet
+
+    torrent = tmp_path / "fp8.torrent"
+    home = tmp_path / "member"
+    with seeding(origin.profile, signature=origin.signature, torrent_out=torrent) as magnet:
+        peer = parse_magnet(magnet).peers[0]  # the seeder's HOST:PORT, as `provision seed` prints it
+        rc, doc, err = _member(capsys, home, origin.manifest, str(torrent), "--peer", peer,
+                               "--trust-key", str(origin.public_key), "--skip-smoke")
+    assert rc == 0, err
+    assert [s["stage"] for s in doc["stages"]] == ["plan", "fetch-profile"]
+    assert _tree(home / "models" / "tiny-pixtral" / PROFILE) == _tree(origin.profile)
+
+
+def _tree(folder: Path) -> dict[str, str]:
+    return {p.relative_to(folder).as_posix(): _sha(p) for p in sorted(folder.rglob("*")) if p.is_file()}

@@ -67,27 +67,34 @@ def fake_quant_fp8_per_token(x: torch.Tensor) -> torch.Tensor:
     return (q.float() * scale).to(x.dtype)
 
 
-# The last activation quantized for the fp8 kernel: wq/wk/wv (and w1/w3) read the very same tensor,
-# so it is quantized once per layer input, not once per Linear. Holding ``x`` keeps its id unique.
-_last_input: list[tuple[torch.Tensor, int, torch.Tensor, torch.Tensor] | None] = [None]
+# The last activation quantized for the fp8 kernel. wk/wv read the very tensor wq just read (and w3
+# the one w1 read), so ``apply_quantization`` marks them ``reuse_input`` and they take its fp8 form
+# instead of quantizing it again. Holding ``x`` keeps its id unique; an in-place change bumps its
+# version (inference tensors have none: the model never changes an input between those siblings).
+_last_input: list[tuple[torch.Tensor, int | None, int, torch.Tensor, torch.Tensor] | None] = [None]
 
 
-def _quantized_input(x2: torch.Tensor, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _version(x: torch.Tensor) -> int | None:
+    return None if x.is_inference() else int(x._version)
+
+
+def _quantized_input(x: torch.Tensor, reuse: bool) -> tuple[torch.Tensor, torch.Tensor]:
     hit = _last_input[0]
-    if hit is not None and hit[0] is x and hit[1] == x._version:
-        return hit[2], hit[3]
-    q, s = quantize_fp8_per_token(x2)
-    _last_input[0] = (x, x._version, q, s)
+    if reuse and hit is not None and hit[0] is x and hit[1] == _version(x) and hit[2] == x.data_ptr():
+        return hit[3], hit[4]
+    q, s = quantize_fp8_per_token(x.reshape(-1, x.shape[-1]))
+    _last_input[0] = (x, _version(x), x.data_ptr(), q, s)
     return q, s
 
 
 def fp8_scaled_mm(x: torch.Tensor, weight: torch.Tensor, scale_row: torch.Tensor,
-                  bias: torch.Tensor | None = None) -> torch.Tensor:
+                  bias: torch.Tensor | None = None, *, reuse_input: bool = False) -> torch.Tensor:
     """``F.linear`` of fp8-quantized-per-token ``x`` with the fp8 ``weight`` [out, in] through
     ``torch._scaled_mm``: fp8 x fp8 products summed in fp32, scaled by the token scales and
-    ``scale_row`` (float32, [1, out], the per-channel weight scales), returned in ``x``'s dtype."""
+    ``scale_row`` (float32, [1, out], the per-channel weight scales), returned in ``x``'s dtype.
+    ``reuse_input``: take the fp8 form of ``x`` the previous call made when it was this same tensor."""
     shape = x.shape
-    q, s = _quantized_input(x.reshape(-1, shape[-1]), x)
+    q, s = _quantized_input(x, reuse_input)
     w = weight if weight.is_contiguous() else weight.contiguous()  # .t() must be column-major
     out = torch._scaled_mm(q, w.t(), scale_a=s, scale_b=scale_row, out_dtype=x.dtype)
     if bias is not None:
@@ -150,6 +157,7 @@ class QuantLinear(nn.Module):
             raise ValueError(f"fp8_kernel must be one of {', '.join(FP8_KERNELS)}, got {fp8_kernel!r}")
         self.fp8_kernel: Fp8Kernel = fp8_kernel
         self.last_kernel: str | None = None  # which kernel the last forward ran ("scaled_mm" / "dequant")
+        self.reuse_input = False  # set by apply_quantization on wk/wv/w3 (see _last_input)
         self._scale_row: tuple[torch.Tensor, torch.Tensor] | None = None  # (weight_scale, its float32 [1, out])
         self.spec = quant.SCHEMES[scheme]
         for k in _PARTS[self.spec.kind]:
@@ -202,7 +210,8 @@ class QuantLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.uses_scaled_mm(x):
             try:
-                out = fp8_scaled_mm(x, self.get_buffer("weight"), self.scale_row(), self.bias)
+                out = fp8_scaled_mm(x, self.get_buffer("weight"), self.scale_row(), self.bias,
+                                    reuse_input=self.reuse_input)
             except RuntimeError as e:  # a torch build without the row-wise kernel for this GPU
                 if self.fp8_kernel != "auto" or isinstance(e, torch.OutOfMemoryError):
                     raise
@@ -277,6 +286,18 @@ def apply_quantization(model: nn.Module, config: Mapping[str, Any] | None,
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
         setattr(parent, child, new)
+    for name, _mod, _parts in swaps:  # siblings called right after one that read the same input
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        first = _FIRST_READER.get(child)
+        if first is not None and isinstance(getattr(parent, first, None), QuantLinear):
+            new = getattr(parent, child)
+            assert isinstance(new, QuantLinear)
+            new.reuse_input = True
+
+
+# Attention: wq(x), wk(x), wv(x); FeedForward: w2(silu(w1(x)) * w3(x)) (provision.model.layers)
+_FIRST_READER = {"wk": "wq", "wv": "wq", "w3": "w1"}
 
 
 def quantized_modules(model: nn.Module) -> list[str]:

@@ -1,4 +1,5 @@
-"""Load Pixtral weights from a checkpoint folder onto a device, with no second copy in RAM.
+"""Load Pixtral weights from a checkpoint folder onto a device, with no second copy in RAM (only a
+few reused 16 MiB read buffers).
 
 It reads the Mistral layout (``params.json`` + ``consolidated*.safetensors``, the model's own
 names) and the transformers (Llava) layout (``config.json`` + ``model*.safetensors``, renamed and

@@ -128,9 +128,9 @@ class PieceMap:
     a ``flush_cache`` fence after libtorrent's hash check completed, which on a busy disk lags the
     download by seconds), or a piece this reader checked itself: libtorrent has it and the bytes in
     the file match the torrent's v1 SHA-1 of that piece (``piece_hash``; a piece reaching past its
-    file waits for the fence). A piece a reader waits for is made time-critical
-    (``set_piece_deadline``): in-order picking leaves a few pieces behind, and the conversion reads
-    in file order."""
+    file waits for the fence). A piece a reader waits for gets the top priority (7): libtorrent's
+    in-order picking leaves pieces behind, and the conversion reads in file order. (Deadlines,
+    ``set_piece_deadline``, made such pieces arrive last behind a full request pipeline.)"""
 
     def __init__(self, hasher: Any, abort: threading.Event, handle: Any = None,
                  piece_hash: Callable[[int], bytes] | None = None) -> None:
@@ -152,13 +152,13 @@ class PieceMap:
             return False
 
     def hurry(self, pieces: list[int]) -> None:
-        """Ask libtorrent for these pieces before any other (once each)."""
+        """Ask libtorrent for these pieces before the others (top priority, once each)."""
         for p in pieces:
             if p in self.asked or self.handle is None:
                 continue
             self.asked.add(p)
             try:
-                self.handle.set_piece_deadline(p, 0)
+                self.handle.piece_priority(p, 7)
             except (RuntimeError, AttributeError):  # the torrent is gone, or an old binding: in order, later
                 self.handle = None
 

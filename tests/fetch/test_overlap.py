@@ -26,8 +26,8 @@ class FakeHandle:
     def have_piece(self, piece: int) -> bool:
         return piece in self.has
 
-    def set_piece_deadline(self, piece: int, ms: int) -> None:
-        assert ms == 0
+    def piece_priority(self, piece: int, priority: int) -> None:
+        assert priority == 7  # the top priority
         self.deadlines.append(piece)
 
 

@@ -150,3 +150,31 @@ def test_a_manifest_s_params_json_is_checked_only_for_the_mistral_format(
             n = len(list(f.keys()))
         assert [(c.ok, c.expected, c.actual) for c in report.checks if c.name == "tensors"] == \
             [(True, f"{n} tensors", f"{n} tensors")]
+
+
+def test_an_expected_pickle_is_refused_under_its_authority_naming_it_even_when_absent(tmp_path: Path) -> None:
+    """(A pickle on disk is refused by the scan already; one the authority expects is refused by name.)"""
+    from provision.stages.verify.authority import Authority
+    from provision.stages.verify.verifier import verify_files
+
+    report = verify_files(tmp_path, {"consolidated.00.pth": Authority(kind="manifest-sha256", size=2)})
+    refused = [c for c in report.checks if c.name == "hostile"]
+    assert [(c.file, c.ok, c.authority) for c in refused] == [("consolidated.00.pth", False, "manifest-sha256")]
+    err = refused[0].error
+    assert err is not None and err.context == {"path": "consolidated.00.pth"}
+    assert err.message == ("Refusing consolidated.00.pth: it is a pickle format; provision reads safetensors only "
+                           "and never opens it.")
+
+
+def test_an_empty_file_of_a_v2_torrent_gets_the_merkle_check_a_rootless_one_does_not(tmp_path: Path) -> None:
+    """BEP 52: an empty file has no pieces root, so its check is the empty one; a non-empty file
+    whose authority carries no root has nothing to be checked against."""
+    from provision.stages.verify.authority import Authority
+    from provision.stages.verify.verifier import verify_files
+
+    (tmp_path / "empty.txt").write_bytes(b"")
+    (tmp_path / "data.txt").write_bytes(b"abc")
+    report = verify_files(tmp_path, {"empty.txt": Authority(kind="torrent-v2-merkle", size=0),
+                                     "data.txt": Authority(kind="torrent-v2-merkle", size=3)})
+    merkle = [(c.file, c.ok) for c in report.checks if c.name == "torrent-v2-merkle"]
+    assert merkle == [("empty.txt", True)]

@@ -392,9 +392,21 @@ class Fleet:
                 fh.write("".join(x + "\n" for x in new))
         assert self.tracker is not None
         os.kill(self.tracker.pid, signal.SIGHUP)
-        # the reload runs in opentracker's accesslist thread: wait until it accepts every line
+        # the reload runs in opentracker's accesslist thread: wait until it accepts every line. A SIGHUP
+        # that arrives before that thread waits for it is lost (seen when the origin hashes a small
+        # payload fast), so it is sent again every 2 s while the lines are refused
         host, want = self.net["tracker"], list(dict.fromkeys(lines))
-        wait_for(lambda: self._tracker_accepts(host, want), 30, interval=0.1, what="opentracker to reload its whitelist")
+        sent = [time.monotonic()]
+
+        def reloaded() -> bool:
+            if self._tracker_accepts(host, want):
+                return True
+            if time.monotonic() - sent[0] >= 2.0 and self.tracker is not None:
+                os.kill(self.tracker.pid, signal.SIGHUP)
+                sent[0] = time.monotonic()
+            return False
+
+        wait_for(reloaded, 30, interval=0.1, what="opentracker to reload its whitelist")
 
     def _tracker_accepts(self, host: Host, infohashes: Sequence[str]) -> bool:
         """Whether opentracker, asked from inside its namespace, accepts an announce of each of

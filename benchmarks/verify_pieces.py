@@ -12,7 +12,7 @@ that changes slower than one pair hits both alike):
 * peer: ``openssl dgst -sha256 FILE`` (one process, one stream);
 * ours: ``provision.stages.verify.verify_dir(folder, torrent=T, workers=N)``, the code path of
   ``provision verify FOLDER --torrent T``, at 1 and 2 workers (and every core when there are more;
-  from 1 GiB of piece ranges up the workers are processes, so their CPU seconds are counted too);
+  children's CPU seconds are counted too, for worker processes when they are switched on);
 
 and prints each side's wall time, GB/s and CPU seconds (getrusage), the scaling with workers and
 the machine's load average. On a shared host, note that Linux's autogroup scheduler gives one

@@ -40,14 +40,18 @@ def read_range(path: str, offset: int, length: int, buf: bytearray, consume: Cal
         if not stat.S_ISREG(os.fstat(fd).st_mode):
             raise OSError(0, "not a regular file")
         os.set_blocking(fd, True)
+        if hasattr(os, "posix_fadvise"):
+            os.posix_fadvise(fd, offset, length, os.POSIX_FADV_SEQUENTIAL)
         mv = memoryview(buf)
         total = 0
-        while total < length:
-            n = os.preadv(fd, [mv[:min(len(buf), length - total)]], offset + total)
-            if not n:
-                break
-            consume(mv[:n])
-            total += n
+        with open(fd, "rb", buffering=0, closefd=False) as f:
+            f.seek(offset)
+            while total < length:
+                n = f.readinto(mv[:min(len(buf), length - total)])
+                if not n:
+                    break
+                consume(mv[:n])
+                total += n
         return total
     finally:
         os.close(fd)

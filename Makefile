@@ -10,7 +10,7 @@ STAMP := $(VENV)/.provision-installed
 # The CPU build of torch that lies on this machine's disk; an unpinned torch pulls GBs of CUDA.
 TORCH_PIN ?= torch==2.13.0
 
-.PHONY: venv demo test test-fast lint typecheck bench clean mutate mutate-report
+.PHONY: venv demo test test-vllm test-fast lint typecheck bench clean mutate mutate-report
 
 venv: $(STAMP)
 
@@ -26,6 +26,10 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q
+
+# the vLLM smoke tests alone (they need provision[vllm]; README "Judging with vLLM")
+test-vllm: $(STAMP)
+	$(PY) -m pytest -q -m vllm
 
 test-fast: $(STAMP)
 	$(PY) -m pytest -q -m "not slow and not interop and not netns and not parity"

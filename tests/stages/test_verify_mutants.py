@@ -178,3 +178,17 @@ def test_an_empty_file_of_a_v2_torrent_gets_the_merkle_check_a_rootless_one_does
                                      "data.txt": Authority(kind="torrent-v2-merkle", size=3)})
     merkle = [(c.file, c.ok) for c in report.checks if c.name == "torrent-v2-merkle"]
     assert merkle == [("empty.txt", True)]
+
+
+def test_a_missing_expected_file_says_what_the_authority_expects_and_to_fetch_it_again(tmp_path: Path) -> None:
+    from provision.stages.verify.authority import Authority
+    from provision.stages.verify.verifier import verify_files
+
+    report = verify_files(tmp_path, {"params.json": Authority(kind="manifest-sha256", size=1234)})
+    missing = [c for c in report.checks if c.name == "present"]
+    assert [(c.file, c.ok, c.expected, c.actual) for c in missing] == [("params.json", False, "file", "missing")]
+    err = missing[0].error
+    assert err is not None
+    assert err.message == "params.json is missing; the manifest-sha256 authority expects a file of 1,234 bytes."
+    assert err.hint == "Fetch it again."
+    assert err.context == {"path": "params.json", "authority": "manifest-sha256"}

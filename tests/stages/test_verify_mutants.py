@@ -192,3 +192,26 @@ def test_a_missing_expected_file_says_what_the_authority_expects_and_to_fetch_it
     assert err.message == "params.json is missing; the manifest-sha256 authority expects a file of 1,234 bytes."
     assert err.hint == "Fetch it again."
     assert err.context == {"path": "params.json", "authority": "manifest-sha256"}
+
+
+def test_a_read_error_and_a_file_that_changed_size_while_hashed_are_failed_checks(tmp_path: Path) -> None:
+    """What the hashing pass found, judged: a read error, and fewer bytes read than the file had
+    when it was admitted (something wrote it meanwhile). The hashing results are given here
+    (a fault the pass would meet), not produced by racing a writer."""
+    from provision.errors import VerifyError
+    from provision.stages.verify.authority import Authority
+    from provision.stages.verify.parallel import FileWork
+    from provision.stages.verify.report import FileReport
+    from provision.stages.verify.verifier import _content_checks
+
+    auth = Authority(kind="hub-lfs-sha256", size=10)
+    boom = VerifyError("Cannot read w.bin: Input/output error.", path="w.bin")
+    w = FileWork(rel="w.bin", path=tmp_path / "w.bin", size=10, auth=auth, want_sha256=False, read_bytes=7,
+                 error=boom)
+    checks = _content_checks(w, FileReport(path="w.bin", status="ok"), {})
+    assert checks[0] == Check("read", "w.bin", False, "hub-lfs-sha256", message=boom.message, error=boom)
+    size = checks[1]
+    assert (size.name, size.file, size.ok, size.authority, size.expected, size.actual) == \
+        ("size", "w.bin", False, "hub-lfs-sha256", 10, 7)
+    assert size.message == "w.bin changed size while it was verified (10 -> 7 bytes)."
+    assert size.error is not None and size.error.hint == "Run verify again when nothing writes it."

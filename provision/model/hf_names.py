@@ -399,7 +399,10 @@ def hf_config_for(args: ModelArgs, *, dtype: str = "bfloat16") -> dict[str, Any]
     if args.moe is not None:
         from provision.model.moe import hf_mixtral_config
 
-        return hf_mixtral_config(args, dtype=dtype)
+        cfg = hf_mixtral_config(args, dtype=dtype)
+        theta = args.rope_theta_value  # a Mixtral params.json without rope_theta means 1e6, not the dense 10000
+        cfg.update({"rope_theta": theta, "rope_parameters": {"rope_type": "default", "rope_theta": theta}})
+        return cfg
     return hf_text_config(args, dtype=dtype)
 
 

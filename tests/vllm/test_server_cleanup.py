@@ -119,3 +119,27 @@ def test_doctor_names_the_engine_a_smoke_test_would_use(monkeypatch: pytest.Monk
     assert check_smoke_engine().detail.startswith(f"smoke uses {expected} for text-only models")
     monkeypatch.setenv("PROVISION_SMOKE_ENGINE", "gpu")
     assert check_smoke_engine().status == "fail"
+
+
+@pytest.mark.parametrize("kind", ["7b", "nemo", "mixtral"])
+def test_text_only_hf_layout_generates_the_sources_greedy_ids_on_our_engine(kind: str, tmp_path: Path) -> None:
+    """The hf layout of 7B, NeMo and Mixtral (a Mixtral params.json without rope_theta means 1e6:
+    config.json must say so) is the same model as the Mistral-format source."""
+    from provision.stages.convert import convert
+    from provision.stages.smoke import smoke
+    from provision.testing.tiny_text import write_tiny_mistral
+    from tests.vllm.conftest import vllm_tiny_params
+
+    params = vllm_tiny_params("7b" if kind == "mixtral" else kind)
+    if kind == "mixtral":
+        params.pop("sliding_window")
+        params["moe"] = {"num_experts": 4, "num_experts_per_tok": 2}
+    src = tmp_path / "src"
+    write_tiny_mistral(src, "7b" if kind == "mixtral" else kind, params=params, source="local")
+    convert(src, tmp_path / "hf", target="cpu", scheme="bf16", layout="hf", workers=1)
+    arch = json.loads((tmp_path / "hf" / "config.json").read_text())["architectures"]
+    assert arch == ["MixtralForCausalLM" if kind == "mixtral" else "MistralForCausalLM"]
+    prompt = "What is the capital of France? Answer in one word."
+    a = smoke(src, device="cpu", prompt=prompt, max_tokens=6)
+    b = smoke(tmp_path / "hf", device="cpu", prompt=prompt, max_tokens=6)
+    assert b.layout == "hf" and a.token_ids == b.token_ids

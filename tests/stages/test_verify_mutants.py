@@ -215,3 +215,44 @@ def test_a_read_error_and_a_file_that_changed_size_while_hashed_are_failed_check
         ("size", "w.bin", False, "hub-lfs-sha256", 10, 7)
     assert size.message == "w.bin changed size while it was verified (10 -> 7 bytes)."
     assert size.error is not None and size.error.hint == "Run verify again when nothing writes it."
+
+
+def test_each_hostile_entry_is_a_failed_check_saying_why_and_what_to_do(tmp_path: Path) -> None:
+    import socket
+
+    from provision.errors import HostileContentError
+    from provision.stages.verify.scan import hostile_check
+
+    root = tmp_path / "m"
+    root.mkdir()
+    secret = tmp_path / "secret.txt"  # outside the model folder
+    secret.write_text("s")
+    out = os.path.realpath(secret)
+    (root / "consolidated.00.pth").write_bytes(b"\x80\x02")
+    (root / "out.json").symlink_to(secret)
+    sock = socket.socket(socket.AF_UNIX)
+    sock.bind(str(root / "s.sock"))  # a special file
+    (root / "w.safetensors").write_bytes(b"x")
+    try:
+        entries = {e.rel: e for e in scan(root)}
+    finally:
+        sock.close()
+    assert entries["w.safetensors"] == Entry("w.safetensors", root / "w.safetensors", "file", size=1)
+    assert hostile_check(entries["w.safetensors"]) is None
+    want = {
+        "consolidated.00.pth": ("pickle", "Refusing consolidated.00.pth: it is a pickle format (.pth), which can run "
+                                "code when loaded; provision reads safetensors only and never opens it.",
+                                "Delete it, or fetch the safetensors release instead.",
+                                {"path": "consolidated.00.pth"}),
+        "out.json": (f"symlink -> {out}", f"Refusing out.json: it is a symlink that leaves the model folder "
+                     f"(to {out}).", "Replace it with the real file, or fetch the folder again.",
+                     {"path": "out.json", "target": out}),
+        "s.sock": ("special", "Refusing s.sock: not a regular file (a FIFO, device, socket or dangling link).",
+                   "Remove it.", {"path": "s.sock"}),
+    }
+    for rel, (actual, message, hint, context) in want.items():
+        c = hostile_check(entries[rel])
+        assert c is not None and (c.name, c.file, c.ok, c.actual, c.message) == ("hostile", rel, False, actual,
+                                                                                 message), rel
+        assert isinstance(c.error, HostileContentError)
+        assert (c.error.hint, c.error.context) == (hint, context), rel

@@ -12,9 +12,10 @@ Written bytes go to the disk as they come: every ``WRITEBACK_BYTES`` a helper th
 writeback of the newest range and, once the range before it is on disk, drops it from the page
 cache (``_Writeback``), so dirty pages never pile up for one big fsync at the end (on a VM disk
 measured 4-6x faster than write-then-fsync, and the page cache stays small). Each shard's sha256
-(``ShardWriter.sha256``) is computed by a helper thread reading the file back behind the writer
-(``_Follower``) from the moment its header is final: at ``open`` when nothing will be patched
-(``final_header``), else from ``finalize_header`` (metadata known mid-stream) or ``finish``.
+(``ShardWriter.sha256``) is computed from the moment its header is final: at ``open`` when
+nothing will be patched (``final_header``), else from ``finalize_header`` (metadata known
+mid-stream) or ``finish``; a helper thread reads back what was written before (``_Follower``),
+then the writer hashes the bytes it writes.
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ from provision.io.atomic import TMP_PREFIX, disk_full_is_exit_6, fsync_dir
 DEFAULT_SHARD_BYTES = 5 * 10**9
 WRITEBACK_BYTES = 32 << 20  # writeback is started per range of this size; the range before it is then dropped
 FOLLOW_BYTES = 4 << 20  # the output hasher reads this much at a time behind the writer
+DIRECT_ALIGN = 4096  # offsets and lengths of O_DIRECT reads are multiples of this
 WRITEBACK_QUEUE = 2  # ranges waiting for the helper thread: at most ~(2 + 2) x 32 MiB of dirty pages per shard
 _SFR_WAIT_BEFORE, _SFR_WRITE, _SFR_WAIT_AFTER = 1, 2, 4  # <fcntl.h> sync_file_range flags
 
@@ -61,73 +63,105 @@ def _sync_file_range() -> Any:
 _SFR = _sync_file_range()
 
 
-class _Follower:
-    """A helper thread hashing a file from byte 0 up to what the writer has written so far.
+def _open_direct(path: Path) -> int | None:
+    """``path`` opened for reading past the page cache (``O_DIRECT``), or None where there is none."""
+    flag = getattr(os, "O_DIRECT", 0)
+    if not flag:
+        return None
+    try:
+        return os.open(path, os.O_RDONLY | flag)
+    except OSError:  # tmpfs and others refuse it
+        return None
 
-    ``advance(pos)`` says the bytes up to ``pos`` are written; ``result()`` (after the last
-    ``advance``) waits for the digest. It reads the bytes back (from the page cache when they are
-    still there), so the hash is of the file, whatever the writer did since. Errors are kept
-    and returned as ``None`` (the caller then hashes the file itself).
+
+class _Follower:
+    """Hashes a file from byte 0 behind its writer: reads back what was written before the header
+    was final, then, once caught up, lets the writer hash what it writes (no reading back).
+
+    The writer calls ``written(data, pos)`` after each write (``data`` ended at ``pos``) and
+    ``result()`` after the last: the digest of the file, or None when reading it back failed
+    (the caller then hashes the file itself).
     """
 
     def __init__(self, path: Path, pos: int) -> None:
-        self.path, self.limit, self.done = path, pos, False
+        self.path, self.limit = path, pos
         self.pos = 0  # bytes hashed
+        self.inline = False  # caught up: the writer hashes what it writes
+        self.failed = False
+        self.sha = hashlib.sha256()
         self.cond = threading.Condition()
-        self.digest: str | None = None
         self.t = threading.Thread(target=self._run, daemon=True, name="hash-output")
         self.t.start()
 
-    def advance(self, pos: int) -> None:
+    def written(self, data: memoryview, pos: int) -> None:
         with self.cond:
-            self.limit = pos
-            self.cond.notify()
+            inline = self.inline
+            if not inline:
+                self.limit = pos
+                self.cond.notify_all()
+        if inline:  # the catch-up thread is gone: only the writer's thread touches sha
+            self.sha.update(data)  # hashlib releases the GIL
+            self.pos = pos
 
     def wait_past(self, pos: int) -> None:
         """Wait until the bytes up to ``pos`` are hashed (or hashing stopped), so that they may
         be dropped from the page cache without being read from the disk again."""
         with self.cond:
-            while self.pos < pos and self.t.is_alive():
+            while self.pos < pos and not self.inline and self.t.is_alive():
                 self.cond.wait(0.5)
 
     def _run(self) -> None:
         try:
-            with contextlib.suppress(OSError):
-                self.digest = self._hash()
+            self._catch_up()
+        except OSError:
+            with self.cond:
+                self.failed = True
         finally:
             with self.cond:
                 self.cond.notify_all()
 
-    def _hash(self) -> str:
-        sha = hashlib.sha256()
-        mv = memoryview(bytearray(FOLLOW_BYTES))
+    def _catch_up(self) -> None:
+        import mmap
+
+        buf = mmap.mmap(-1, FOLLOW_BYTES)  # page-aligned, for direct reads
+        mv = memoryview(buf)
         fd = os.open(self.path, os.O_RDONLY)
+        dfd = _open_direct(self.path)
         try:
             pos = 0
             while True:
                 with self.cond:
                     self.pos = pos
                     self.cond.notify_all()
-                    while self.limit <= pos and not self.done:
-                        self.cond.wait()
+                    if pos >= self.limit:
+                        self.inline = True
+                        return
                     end = self.limit
-                if pos >= end:
-                    return sha.hexdigest()
                 while pos < end:
-                    n = os.preadv(fd, [mv[:min(FOLLOW_BYTES, end - pos)]], pos)
+                    k = min(FOLLOW_BYTES, end - pos)
+                    if dfd is not None and pos % DIRECT_ALIGN == 0 and k >= DIRECT_ALIGN:
+                        # aligned whole blocks past the page cache (written back already, or
+                        # flushed by the kernel first): no copy out of the cache
+                        k -= k % DIRECT_ALIGN
+                        n = os.preadv(dfd, [mv[:k]], pos)
+                    else:  # a piece of a block: through the cache
+                        if pos % DIRECT_ALIGN:
+                            k = min(k, DIRECT_ALIGN - pos % DIRECT_ALIGN)
+                        n = os.preadv(fd, [mv[:k]], pos)
                     if n == 0:
                         raise OSError(f"{self.path.name} is shorter than written")
-                    sha.update(mv[:n])
+                    self.sha.update(mv[:n])
                     pos += n
         finally:
             os.close(fd)
+            if dfd is not None:
+                os.close(dfd)
+            mv.release()
+            buf.close()
 
     def result(self) -> str | None:
-        with self.cond:
-            self.done = True
-            self.cond.notify()
         self.t.join()
-        return self.digest
+        return None if self.failed else self.sha.hexdigest()
 
 
 class _Writeback:
@@ -237,7 +271,7 @@ class ShardWriter:
         self._wb: _Writeback | None = None
         self._pos = 0  # bytes of the file written
         self._wb_pos = 0  # bytes of the file handed to the writeback thread
-        self._lock = threading.Lock()  # finalize_header may come from another thread
+        self._lock = threading.RLock()  # finalize_header may come from another thread
         self._final = final_header  # the header will not change: the output hasher may start
         self._follower: _Follower | None = None
         self.sha256: str | None = None  # after finish: the file's digest (None: hashing failed)
@@ -249,10 +283,10 @@ class ShardWriter:
 
     def open(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._fd = os.open(self.tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)  # the umask decides, as for open()
-        self._wb = _Writeback(self._fd, lambda: self._follower)
-        self._write(self.header)
-        with self._lock:
+        with self._lock:  # finalize_header waits until the header is written and the hash started
+            self._fd = os.open(self.tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)  # the umask decides
+            self._wb = _Writeback(self._fd, lambda: self._follower)
+            self._write(self.header)
             if self._final:
                 self._follower = _Follower(self.tmp, self._pos)
 
@@ -279,13 +313,15 @@ class ShardWriter:
     def _write(self, data: bytes | memoryview) -> None:
         assert self._fd is not None
         mv = memoryview(data).cast("B")
-        with disk_full_is_exit_6(self.path, kept="the conversion wrote nothing under its final name"):
+        # under the lock: finalize_header (another thread) starts the hash at a position that
+        # either includes these bytes or is followed by their ``written``, never both
+        with self._lock, disk_full_is_exit_6(self.path, kept="the conversion wrote nothing under its final name"):
             while mv:
                 n = os.write(self._fd, mv)
                 mv = mv[n:]
                 self._pos += n
-        if self._follower is not None:
-            self._follower.advance(self._pos)
+            if self._follower is not None:
+                self._follower.written(memoryview(data).cast("B"), self._pos)
         if self._wb is not None and self._pos - self._wb_pos >= WRITEBACK_BYTES:
             self._wb.add(self._wb_pos, self._pos - self._wb_pos)
             self._wb_pos = self._pos

@@ -241,3 +241,71 @@ def test_fast_fp8_quantization_is_bit_identical_to_the_float32_formula(dtype: to
     q, s = quant.quantize_fp8(w)
     rq, rs = _fp8_reference(w)
     assert torch.equal(q.view(torch.uint8), rq.view(torch.uint8)) and torch.equal(s, rs)
+
+
+def test_direct_reads_return_the_exact_bytes_of_unaligned_ranges(tmp_path: Path) -> None:
+    import mmap
+
+    from provision.stages.convert.source import DIRECT_ALIGN, SafetensorsSource
+
+    ts = {f"t{i}": torch.arange(i * 1000, i * 1000 + 1000 + 37 * i, dtype=torch.float32).bfloat16() for i in range(5)}
+    from safetensors.torch import save_file
+
+    save_file(ts, str(tmp_path / "consolidated.safetensors"))
+    raw = (tmp_path / "consolidated.safetensors").read_bytes()
+    src = SafetensorsSource(tmp_path / "consolidated.safetensors", root=tmp_path)
+    try:
+        if src._direct() is None:
+            pytest.skip("no O_DIRECT on this filesystem")
+        buf = memoryview(mmap.mmap(-1, len(raw) + 2 * DIRECT_ALIGN))
+        for t in src.tensors:
+            got = src.read_direct(buf, t.start, t.nbytes)
+            assert got is not None and bytes(got) == raw[t.start:t.end]
+        assert src.read_direct(buf[:100], 0, 50) is None  # a buffer without room for alignment: not direct
+    finally:
+        src.close()
+
+
+def test_direct_and_buffered_reads_convert_to_the_same_bytes(tiny_src: Path, tmp_path: Path,
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    from provision.stages.convert.source import SafetensorsSource
+
+    convert(tiny_src, tmp_path / "direct", target="h100", scheme="fp8", hf_tokenizer=False)
+    monkeypatch.setattr(SafetensorsSource, "_direct", lambda self: None)
+    monkeypatch.setattr(convert_stage, "_direct_fd", lambda fd: None)
+    monkeypatch.setattr(sw, "_open_direct", lambda path: None)
+    convert(tiny_src, tmp_path / "buffered", target="h100", scheme="fp8", hf_tokenizer=False)
+    a, b = _real_hashes(tmp_path / "direct"), _real_hashes(tmp_path / "buffered")
+    assert a == b and a
+    pa = json.loads((tmp_path / "direct" / "provenance.json").read_text())
+    pb = json.loads((tmp_path / "buffered" / "provenance.json").read_text())
+    def digests(doc: dict[str, Any]) -> dict[str, str]:  # the record holds timings and its folder: it differs
+        return {f["path"]: f["sha256"] for f in doc["files"] if f["path"] != "provision-convert.json"}
+
+    assert digests(pa) == digests(pb) and "model.safetensors" in digests(pa)
+
+
+def test_a_header_finalized_from_another_thread_while_writing_gives_the_file_digest(tmp_path: Path) -> None:
+    import threading
+
+    meta = {"provision.source": "0" * 64}
+    for k in range(40):  # the other thread lands before the file opens, between writes, or near the end
+        path = tmp_path / f"r{k}.safetensors"
+        w = ShardWriter(path, _entries(12, 700), meta, final_header=False)
+        go = threading.Event()
+
+        def finalize(w: ShardWriter = w, go: threading.Event = go) -> None:
+            go.wait()
+            w.finalize_header({"provision.source": "ef" * 32})
+
+        t = threading.Thread(target=finalize)
+        t.start()
+        for i in range(12):
+            if i == k % 13:
+                go.set()
+            w.write(f"t{i}", _payload(i, 700))
+        go.set()
+        t.join()
+        w.finish({"provision.source": "ef" * 32})
+        w.commit()
+        assert w.sha256 == _sha(path) and b"ef" * 32 in path.read_bytes()[:300]

@@ -9,13 +9,14 @@ cache. The converter asks for the ranges in the planned order. It does not cast,
 from __future__ import annotations
 
 import contextlib
+import mmap
 import queue
 import threading
 from collections.abc import Callable
 
 from provision.errors import ConvertError
 from provision.io.hashing import BackgroundHasher
-from provision.stages.convert.source import SafetensorsSource
+from provision.stages.convert.source import DIRECT_ALIGN, SafetensorsSource
 
 
 class BufferRing:
@@ -26,7 +27,8 @@ class BufferRing:
     """
 
     def __init__(self, size: int, count: int) -> None:
-        self.bufs = [bytearray(max(size, 1)) for _ in range(count)]
+        # page-aligned (mmap), with room for a direct read's alignment on both ends
+        self.bufs = [mmap.mmap(-1, max(size, 1) + 2 * DIRECT_ALIGN) for _ in range(count)]
         self.free: queue.Queue[int] = queue.Queue()
         for i in range(count):
             self.free.put(i)
@@ -56,6 +58,9 @@ class SourceStream:
     def __init__(self, src: SafetensorsSource, hasher: BackgroundHasher | None) -> None:
         self.src, self.hasher = src, hasher
         self.pos = src.data_start  # next byte the hasher expects
+        # direct reads only for a plain file: a source that overrides read_into (one still
+        # arriving, whose reads wait for verified bytes) is read through it
+        self.direct = type(src).read_into is SafetensorsSource.read_into
 
     def read_ring(self, start: int, n: int, ring: BufferRing, stop: threading.Event) -> tuple[int, memoryview] | None:
         """Read into a ring buffer held by the caller and (until hashed) by the hasher."""
@@ -64,12 +69,16 @@ class SourceStream:
         i = ring.acquire(2 if self.hasher else 1, stop)
         if i is None:
             return None
-        mv = memoryview(ring.bufs[i])[:n]
-        self.src.read_into(mv, start)
+        got = self.src.read_direct(memoryview(ring.bufs[i]), start, n) if self.direct else None
+        if got is None:
+            mv = memoryview(ring.bufs[i])[:n]
+            self.src.read_into(mv, start)
+            self.src.drop_cache(start, n)
+        else:
+            mv = got
         if self.hasher:
             self.hasher.update(mv, lambda: ring.release(i))
         self.pos = start + n
-        self.src.drop_cache(start, n)
         return i, mv
 
 

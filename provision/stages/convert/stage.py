@@ -51,7 +51,7 @@ from provision.stages.convert.stream import stream_tensors
 from provision.stages.profiles import QUANTIZED, Profile, choose
 
 SHARD_BYTES = 5 * 10**9
-REHASH_BYTES = 8 << 20  # read size when a file is hashed on its own
+REHASH_BYTES = 16 << 20  # read size when a file is hashed on its own
 KEEP_AHEAD_BYTES = 256 << 20  # source pages the source hasher leaves cached ahead of the conversion
 
 
@@ -108,25 +108,61 @@ def _source_files(sources: list[SafetensorsSource], side: list[Path],
             for s in sources] + [{"path": p.name, "size": p.stat().st_size} for p in side if p.name == "params.json"]
 
 
+def _direct_fd(fd: int) -> int | None:
+    """A second descriptor of the open file ``fd`` that reads past the page cache (``O_DIRECT``,
+    Linux), or None where the platform or filesystem has none (tmpfs, macOS)."""
+    flag = getattr(os, "O_DIRECT", 0)
+    if not flag or not os.path.isdir("/proc/self/fd"):
+        return None
+    try:  # the same open file (not the path again), so a swapped path cannot change what is hashed
+        dfd = os.open(f"/proc/self/fd/{fd}", os.O_RDONLY | flag)
+    except OSError:
+        return None
+    if not os.path.samestat(os.fstat(dfd), os.fstat(fd)):
+        os.close(dfd)
+        return None
+    return dfd
+
+
 def _hash_fd(fd: int, stop: threading.Event | None = None, reader: SafetensorsSource | None = None) -> str:
-    """The sha256 of an open file, read in big pieces and dropped from the page cache behind
-    (``stop`` set: abandoned, ``ConvertError``). With ``reader`` (the conversion reading the same
-    file), pages up to ``KEEP_AHEAD_BYTES`` ahead of its position stay cached for it to read
-    (it drops them), so the file is read from the disk once while both keep close."""
+    """The sha256 of an open file (``stop`` set: abandoned, ``ConvertError``). Read with ``O_DIRECT``
+    where it can (the disk writes into the buffer: no copy out of the page cache, the CPU cost that
+    dominates reading on a small VM), else in big pieces dropped from the page cache behind; then,
+    with ``reader`` (the conversion reading the same file), pages up to ``KEEP_AHEAD_BYTES`` ahead
+    of its position stay cached for it to read (it drops them)."""
     import hashlib
+    import mmap
 
     h = hashlib.sha256()
-    mv = memoryview(bytearray(REHASH_BYTES))
+    dfd = _direct_fd(fd)
+    buf = mmap.mmap(-1, REHASH_BYTES)  # page-aligned, as O_DIRECT needs; offsets are multiples of its size
+    mv = memoryview(buf)
     off = 0
-    while n := os.preadv(fd, [mv], off):
-        if stop is not None and stop.is_set():
-            raise ConvertError("The source hash was abandoned.")
-        h.update(mv[:n])
-        ahead = off - reader.read_end if reader is not None else -1
-        if not 0 <= ahead <= KEEP_AHEAD_BYTES:
-            with contextlib.suppress(OSError, AttributeError):  # advice only (and missing on macOS)
-                os.posix_fadvise(fd, off, n, os.POSIX_FADV_DONTNEED)
-        off += n
+    try:
+        while True:
+            try:
+                n = os.preadv(dfd if dfd is not None else fd, [mv], off)
+            except OSError:
+                if dfd is None:
+                    raise
+                os.close(dfd)  # the filesystem refused the direct read after all: read through the cache
+                dfd = None
+                continue
+            if not n:
+                break
+            if stop is not None and stop.is_set():
+                raise ConvertError("The source hash was abandoned.")
+            h.update(mv[:n])
+            ahead = off - reader.read_end if reader is not None else -1
+            if dfd is None and not 0 <= ahead <= KEEP_AHEAD_BYTES:
+                with contextlib.suppress(OSError, AttributeError):  # advice only (and missing on macOS)
+                    os.posix_fadvise(fd, off, n, os.POSIX_FADV_DONTNEED)
+            off += n
+    finally:
+        if dfd is not None:
+            os.close(dfd)
+        mv.release()
+        buf.close()
     return h.hexdigest()
 
 

@@ -25,7 +25,7 @@ import os
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import pytest
 
@@ -55,7 +55,7 @@ def _no_leaks() -> Iterator[None]:
     before = _process_state()
     yield
     after = _process_state()
-    changed = {k: (before[k], after[k]) for k in before if before[k] != after[k]}
+    changed: dict[str, Any] = {k: (before[k], after[k]) for k in before if before[k] != after[k]}
     if "environ" in changed:
         b, a = changed["environ"]
         assert isinstance(b, dict) and isinstance(a, dict)

@@ -102,7 +102,7 @@ def test_a_hostile_torrent_name_and_file_name_are_each_named_as_such() -> None:
     with pytest.raises(HostileContentError) as ei:
         check_info_names(lt.bencode(_info([b"ok", b"\xff"])))
     assert ei.value.message == "Refusing the torrent: the file name b'\\xff' is not valid UTF-8."
-    v2 = {b"name": b"model", b"piece length": PIECE, b"meta version": 2,
+    v2: Any = {b"name": b"model", b"piece length": PIECE, b"meta version": 2,
           b"file tree": {b"\xfe.bin": {b"": {b"length": 1}}}}
     with pytest.raises(HostileContentError) as ei:
         check_info_names(lt.bencode(v2))
@@ -149,7 +149,8 @@ def test_a_hybrid_torrent_reports_both_hashes_computed_from_its_info_dictionary(
     data = lt.bencode(ct.generate())
     path = tmp_path / "m.torrent"
     path.write_bytes(data)
-    raw_info = lt.bencode(lt.bdecode(data)[b"info"])
+    decoded: Any = lt.bdecode(data)
+    raw_info = lt.bencode(decoded[b"info"])
     meta = read_torrent_file(path)
     assert meta.btih == hashlib.sha1(raw_info).hexdigest()
     assert meta.btmh == hashlib.sha256(raw_info).hexdigest()

@@ -256,3 +256,40 @@ def test_each_hostile_entry_is_a_failed_check_saying_why_and_what_to_do(tmp_path
                                                                                  message), rel
         assert isinstance(c.error, HostileContentError)
         assert (c.error.hint, c.error.context) == (hint, context), rel
+
+
+def test_sizes_are_judged_under_their_authority_and_a_wrong_hash_fails_the_file(tmp_path: Path) -> None:
+    import hashlib
+
+    from provision.errors import UsageError
+    from provision.stages.verify.authority import Authority
+    from provision.stages.verify.verifier import verify_files
+
+    (tmp_path / "short.dat").write_bytes(b"ab")
+    (tmp_path / "right.dat").write_bytes(b"abc")
+    (tmp_path / "other.dat").write_bytes(b"abc")
+    report = verify_files(tmp_path, {
+        "short.dat": Authority(kind="manifest-sha256", size=3),
+        "right.dat": Authority(kind="manifest-sha256", size=3, sha256=hashlib.sha256(b"abc").hexdigest()),
+        "other.dat": Authority(kind="manifest-sha256", size=3, sha256=hashlib.sha256(b"abd").hexdigest()),
+    })
+    sizes = {c.file: c for c in report.checks if c.name == "size"}
+    assert sizes["right.dat"] == Check("size", "right.dat", True, "manifest-sha256", 3, 3)
+    assert sizes["short.dat"].error is not None
+    assert sizes["short.dat"].error.hint == ("The file is truncated or a different version; delete it and fetch "
+                                             "it again.")
+    assert {f.path: f.status for f in report.files} == {"short.dat": "failed", "right.dat": "ok",
+                                                        "other.dat": "failed"}
+    with pytest.raises(UsageError) as ei:
+        verify_files(tmp_path / "right.dat", {})
+    assert ei.value.hint == "Pass the folder that holds the model files."
+    assert ei.value.context == {"path": str(tmp_path / "right.dat")}
+
+
+def test_verify_files_checks_params_json_unless_told_not_to(tiny_src: Path) -> None:
+    from provision.stages.verify.authority import Authority
+    from provision.stages.verify.verifier import verify_files
+
+    expected = {"params.json": Authority(kind="none"), "consolidated.safetensors": Authority(kind="none")}
+    assert any(c.name == "params" for c in verify_files(tiny_src, expected).checks)
+    assert not any(c.name == "params" for c in verify_files(tiny_src, expected, check_params=False).checks)

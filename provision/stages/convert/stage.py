@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from provision.errors import ConvertError, ManifestError, UsageError
+from provision.errors import ConvertError, ManifestError
 from provision.formats.params import ModelArgs
 from provision.formats.provenance import PROVENANCE_NAME, SourceIdentity
 from provision.formats.safetensors_writer import CheckpointWriter, plan_shards
@@ -304,8 +304,6 @@ def convert(
     args = ModelArgs.from_file(src_dir / "params.json")
     tgt = target if isinstance(target, Target) else parse_target(target)
     prof = choose(args, tgt, scheme, layout, context=context)
-    if prof.layout == "hf" and args.vision_encoder is None:
-        raise UsageError("The hf layout is written for Pixtral (Llava) checkpoints; use --layout mistral.")
     n_workers = resolve_workers(workers)
     paths = find_sources(src_dir)
     side = side_files(src_dir)
@@ -397,5 +395,6 @@ def _write(src_dir: Path, stage: Path, out_dir: Path, args: ModelArgs, tgt: Targ
     return ConvertResult(src_dir=src_dir, out_dir=out_dir, target=tgt, profile=prof, files=sizes,
                          source_files=source_files, tensors=reports, bytes_read=bytes_read,
                          bytes_written=sum(s for _, s in sizes), seconds=time.monotonic() - t0,
-                         vllm_command=vllm_command(out_dir, prof, context, hf_tokenizer=hf_tok),
+                         vllm_command=vllm_command(out_dir, prof, context, hf_tokenizer=hf_tok,
+                                                      multimodal=args.vision_encoder is not None),
                          notes=notes), output_sha256

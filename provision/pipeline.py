@@ -65,6 +65,8 @@ class RunOptions:
     profile_from: str | None = None  # a shared profile's magnet or .torrent: fetched instead of original + convert
     trust_key: Path | None = None  # the public key a --profile-from signature must verify against
     allow_unsigned: bool = False  # --profile-from without a key: trust the provenance record alone
+    trust_certificate_chain: tuple[Path, ...] = ()  # --profile-from: certificates a certificate signature chains to
+    replace_local_profile: bool = False  # --profile-from --force: replace a profile of the same name converted here
     smoke_engine: str | None = None  # provision | vllm | both; None: stages.smoke_vllm.default_engine
 
 
@@ -344,7 +346,9 @@ class _Run:
         opts = self.opts
         assert opts.profile_from is not None
         share = SharedProfile(self.plan, opts.profile_from, home=self.lay.home, torrent=opts.torrent,
-                              trust_key=opts.trust_key, allow_unsigned=opts.allow_unsigned, progress=self.progress)
+                              trust_key=opts.trust_key, allow_unsigned=opts.allow_unsigned,
+                              trust_certificate_chain=opts.trust_certificate_chain,
+                              force=opts.replace_local_profile, progress=self.progress)
 
         def taken(name: str | None) -> None:
             if name is not None:
@@ -352,7 +356,7 @@ class _Run:
                 self.recall_serve_command(f"convert:{name}", self.result.profile_dir)
 
         def fetched() -> Outcome:
-            got = share.fetch()
+            got = share.fetch(self.state)
             taken(got.profile)
             self.result.vllm_command = got.facts.get("vllm_command")
             if self.seeding is not None:

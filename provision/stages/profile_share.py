@@ -5,11 +5,16 @@ folder was checked against it) together with its signature, as one torrent laid 
 store (``<profile>/…`` and ``<profile>_signature.sig``), through ``stages.fetch.torrent.seed``.
 ``SharedProfile`` is the other side, for ``provision run SOURCE --profile-from MAGNET|TORRENT``:
 it downloads that torrent into staging (``fetch_torrent``: pieces checked on arrival), then checks
-the signature against a trusted public key, the files against the record, and the record's source
-against SOURCE's manifest (or magnet / Hub reference); only then does it move the profile (and
-its signature) into ``models/<model>/`` and record it in the state file as the model's converted
-profile. Any failure there is a one-line ``VerifyError`` (exit 5) and nothing is committed. It
-never downloads the original and never converts; the caller (``pipeline``) smoke-tests the result.
+the signature against a trusted public key or certificate chain (``--trust-key``,
+``--trust-certificate-chain``, else the manifest's ``[signing]`` public key, else its certificate
+chain), the files against the record, and the record's source against SOURCE's manifest (or
+magnet / Hub reference); only then does it move the profile (and its signature) into
+``models/<model>/`` and record it in the state file as the model's converted profile. Any failure
+there is a one-line ``VerifyError`` (exit 5) and nothing is committed. A profile of the same name
+converted on this host is never replaced silently: the take is refused (``UsageError``, exit 2,
+nothing committed) unless ``force`` (``run --force``); one taken earlier from another torrent is
+replaced, and the progress says so. It never downloads the original and never converts; the
+caller (``pipeline``) smoke-tests the result.
 """
 
 from __future__ import annotations
@@ -31,6 +36,7 @@ from provision.formats.sources import HFRef, Magnet, parse_magnet
 from provision.io.atomic import fsync_dir
 from provision.layout import ORIGINAL, Layout, model_dirname
 from provision.progress import ProgressFn, note
+from provision.store.remove import PROFILE_SIGNATURE_SUFFIX
 
 if TYPE_CHECKING:
     from provision.formats.manifest import Manifest
@@ -40,7 +46,7 @@ if TYPE_CHECKING:
 
 # a profile's signature sits beside it: models/<model>/<profile>_signature.sig (not "<profile>.sig": in a
 # hybrid torrent a folder "x" beside a file "x.sig" breaks libtorrent 2.0's v1/v2 file order check)
-SIGNATURE_SUFFIX = "_signature.sig"
+SIGNATURE_SUFFIX = PROFILE_SIGNATURE_SUFFIX  # "_signature.sig": `provision rm --profile` and gc know it too
 HOW = "profile-from"  # the ``how`` fact of a profile taken from a swarm, in the state file
 _PEER = re.compile(r"^(\[[0-9a-fA-F:.]+\]|[A-Za-z0-9.-]+):\d{1,5}$")
 
@@ -265,6 +271,7 @@ class SharedProfile:
 
     def __init__(self, plan: FetchRequest, ref: str, *, home: Path, torrent: TorrentOptions,
                  trust_key: Path | None = None, allow_unsigned: bool = False,
+                 trust_certificate_chain: Sequence[Path] = (), force: bool = False,
                  progress: ProgressFn | None = None) -> None:
         self.plan, self.home, self.progress = plan, Path(home), progress
         self.ref = parse_profile_ref(ref)
@@ -275,13 +282,28 @@ class SharedProfile:
         self.trust_key = Path(trust_key) if trust_key is not None else None
         if self.trust_key is not None and not self.trust_key.is_file():
             raise UsageError(f"--trust-key {self.trust_key} does not exist.", path=str(self.trust_key))
-        # without --trust-key, the key SOURCE's manifest pins in its [signing] table (PEM bytes), if any
-        pinned = getattr(getattr(plan.manifest, "signing", None), "public_key", None)
-        self.pinned_key: bytes | None = pinned if isinstance(pinned, bytes) and self.trust_key is None else None
-        if self.trust_key is None and self.pinned_key is None and not allow_unsigned:
+        self.trust_chain = tuple(Path(c) for c in trust_certificate_chain)
+        if self.trust_key is not None and self.trust_chain:
+            raise UsageError("--profile-from takes --trust-key or --trust-certificate-chain, not both.",
+                             hint="Pass the one the publisher signs with: a key, or a certificate chain.")
+        for c in self.trust_chain:
+            if not c.is_file():
+                raise UsageError(f"--trust-certificate-chain {c} does not exist.", path=str(c))
+        self.force = force
+        # without --trust-key / --trust-certificate-chain, what SOURCE's manifest pins in its [signing]
+        # table (PEM bytes): its public key, else its certificate chain
+        signing = getattr(plan.manifest, "signing", None)
+        pinned = getattr(signing, "public_key", None)
+        explicit = self.trust_key is not None or bool(self.trust_chain)
+        self.pinned_key: bytes | None = pinned if isinstance(pinned, bytes) and not explicit else None
+        chain = getattr(signing, "certificate_chain", ()) or ()
+        self.pinned_chain: tuple[bytes, ...] = (
+            tuple(c for c in chain if isinstance(c, bytes)) if not explicit and self.pinned_key is None else ())
+        if not explicit and self.pinned_key is None and not self.pinned_chain and not allow_unsigned:
             raise UsageError("--profile-from needs a key to check the profile's signature against.",
-                             hint="Pass --trust-key PUBLISHER.pub.pem, pin one in the manifest's [signing] table, "
-                                  "or pass --allow-unsigned to trust the record alone.")
+                             hint="Pass --trust-key PUBLISHER.pub.pem or --trust-certificate-chain ROOT.crt, pin "
+                                  "one in the manifest's [signing] table, or pass --allow-unsigned to trust the "
+                                  "record alone.")
         self.lay = Layout(self.home)
         self.model = self.lay.model(plan.name)
         self.request = _ShareRequest(
@@ -308,8 +330,9 @@ class SharedProfile:
                 return qual
         return None
 
-    def fetch(self) -> Fetched:
-        """Download, check (layout, signature, record, source) and commit; see the module docstring."""
+    def fetch(self, state: State | None = None) -> Fetched:
+        """Download, check (layout, signature, record, source) and commit; see the module docstring.
+        ``state`` (the model's state file) tells a profile converted here from one taken earlier."""
         from provision.stages.fetch.torrent import fetch_torrent
 
         t0 = time.monotonic()
@@ -319,6 +342,7 @@ class SharedProfile:
         res = fetch_torrent(req, dest=stage, options=self.options, progress=self.progress)
         try:
             prof, record, checks = self._check(stage)
+            self._check_replace(prof, state)
             out = self._commit(stage, prof)
         except BaseException:
             shutil.rmtree(stage, ignore_errors=True)
@@ -364,14 +388,14 @@ class SharedProfile:
             raise StructureError(f"The shared folder is called {prof} but its record describes the profile "
                                  f"{str(recipe.get('profile'))[:60]!r}; refusing it.")
         checks: dict[str, Any] = {}
-        if self.trust_key is not None or self.pinned_key is not None:
+        if self.trust_key is not None or self.pinned_key is not None or self.trust_chain or self.pinned_chain:
             if not sig.is_file():
                 raise VerifyError(f"The shared profile {prof} is not signed, and a signature by the trusted key "
                                   "is required; refusing it.")
-            with self._key() as key:  # checks the record first
-                r = verify_folder_signature(folder, signature=sig, public_key=key)
+            with self._anchor() as (key, chain, label):  # checks the record first
+                r = verify_folder_signature(folder, signature=sig, public_key=key, certificate_chain=chain)
             checks["signature"] = {"verified": True, "sha256": r.signature_sha256, "files": r.files,
-                                   "key": "--trust-key" if self.trust_key is not None else "manifest [signing]"}
+                                   "key": label, "method": r.method}
         else:
             provenance.check(folder, record)
             checks["signature"] = {"verified": False, "reason": "--allow-unsigned"}
@@ -381,16 +405,46 @@ class SharedProfile:
         return prof, record, checks
 
     @contextlib.contextmanager
-    def _key(self) -> Iterator[Path]:
-        """The trusted public key as a file: --trust-key, or the manifest's pinned PEM written to a temporary."""
+    def _anchor(self) -> Iterator[tuple[Path | None, list[Path], str]]:
+        """What the signature must verify against, as files: (public key, certificate chain, where from):
+        --trust-key, --trust-certificate-chain, else the manifest's pinned PEM written to temporaries."""
         if self.trust_key is not None:
-            yield self.trust_key
+            yield self.trust_key, [], "--trust-key"
             return
-        assert self.pinned_key is not None
+        if self.trust_chain:
+            yield None, list(self.trust_chain), "--trust-certificate-chain"
+            return
         with tempfile.TemporaryDirectory(prefix="provision-key-") as tmp:
-            path = Path(tmp) / "pinned.pub.pem"
-            path.write_bytes(self.pinned_key)
-            yield path
+            if self.pinned_key is not None:
+                path = Path(tmp) / "pinned.pub.pem"
+                path.write_bytes(self.pinned_key)
+                yield path, [], "manifest [signing]"
+                return
+            paths: list[Path] = []
+            for i, pem in enumerate(self.pinned_chain):
+                paths.append(Path(tmp) / f"chain{i}.pem")
+                paths[-1].write_bytes(pem)
+            yield None, paths, "manifest [signing] certificate_chain"
+
+    def _check_replace(self, prof: str, state: State | None) -> None:
+        """Refuse (exit 2) to replace a profile of the same name that was converted on this host (or
+        whose origin the state file does not tell) unless ``force``; one taken earlier from the swarm
+        is replaced, and the progress says so."""
+        out = self.model.profile(prof)
+        if not (out.exists() or out.is_symlink()):
+            return
+        rec = state.stages.get(f"convert:{prof}") if state is not None else None
+        if rec is not None and rec.facts.get("how") == HOW:
+            note(self.progress, "fetch", f"{prof}: replacing the copy taken earlier from torrent "
+                                         f"{str(rec.facts.get('infohash'))[:16]}…")
+            return
+        if self.force:
+            note(self.progress, "fetch", f"{prof}: replacing the profile converted here (--force)")
+            return
+        raise UsageError(f"Model {self.model.dirname} already has a profile {prof} converted here; the shared "
+                         f"{prof} would replace it, so nothing was taken.",
+                         hint=f"Pass --force to replace it, or remove it first with `provision rm "
+                              f"{self.model.dirname} --profile {prof}`.", path=str(out))
 
     def _commit(self, stage: Path, prof: str) -> Path:
         """Move the checked profile (and its signature) into the model folder; a profile folder

@@ -2,7 +2,8 @@
 
 Per model, unless a live process (``provision run`` or ``provision fetch``) holds its lock,
 ``collect_garbage`` removes partial and temporary files in the model folder no state record
-vouches for, a dead lock, a leftover ``.lock.break`` and an empty staging folder; across the
+vouches for, a profile's signature (``<profile>_signature.sig``) whose profile folder is gone, a dead
+lock, a leftover ``.lock.break`` and an empty staging folder; across the
 store, resume data no model refers to and temporary files no run can still be writing. A staging
 folder holding files is a resumable partial download (a stopped run or fetch continues from it)
 and, with its resume data, is kept unless ``partials`` is asked for (``gc --partials``). Each model
@@ -27,7 +28,7 @@ from provision.io.atomic import TMP_PREFIX
 from provision.layout import LOCK_FILE, Layout, ModelPaths
 from provision.store.inventory import model_names, tree_bytes
 from provision.store.lock import BREAKER_STALE_AFTER, LockStatus, ModelLock, breaker_path, lock_status
-from provision.store.remove import remove_path
+from provision.store.remove import PROFILE_SIGNATURE_SUFFIX, remove_path
 from provision.store.state import load_state
 
 PARTIAL_SUFFIXES = (".incomplete", ".part", ".parts")
@@ -35,7 +36,7 @@ TMP_GRACE_S = 600.0  # a temporary file older than this cannot belong to a write
 _HEX_RUN = re.compile(r"[0-9a-fA-F]{40,}")
 _B32_BTIH = re.compile(r"btih:([A-Za-z2-7]{32})\b")
 
-GcKind = Literal["staging", "partial", "tmp", "dead-lock", "breaker", "resume", "lock"]
+GcKind = Literal["staging", "partial", "tmp", "dead-lock", "breaker", "resume", "lock", "signature"]
 _BT_STAGING = re.compile(r"bt-([0-9a-f]{16})")  # a torrent fetch's staging folder: bt-<first 16 of its key>
 RESUMABLE = ("resumable partial download: the same `provision run`/`fetch` continues it; "
              "`provision gc --partials` or `provision rm NAME` removes it")
@@ -77,6 +78,15 @@ def _has_files(root: Path) -> bool:
                for d, dirs, files in os.walk(root, followlinks=False))
 
 
+def _orphan_signature(mroot: Path, name: str) -> bool:
+    """Whether ``name`` in the model folder ``mroot`` is a profile's signature whose profile folder is gone
+    (a signature beside its profile stays with it: ``provision rm --profile`` removes both)."""
+    if not name.endswith(PROFILE_SIGNATURE_SUFFIX) or name == PROFILE_SIGNATURE_SUFFIX:
+        return False
+    prof = mroot / name[:-len(PROFILE_SIGNATURE_SUFFIX)]
+    return not (prof.is_dir() or prof.is_symlink())
+
+
 def _model_candidates(m: ModelPaths, now: float, partials: bool) -> tuple[list[GcItem], list[GcItem]]:
     """What of one (unlocked) model is garbage, and what stays with its reason, found without
     following symlinks: (to remove, to keep)."""
@@ -98,6 +108,11 @@ def _model_candidates(m: ModelPaths, now: float, partials: bool) -> tuple[list[G
             for name in files:
                 p = Path(root) / name
                 if Path(root) == m.root and name.startswith(LOCK_FILE):
+                    continue
+                if Path(root) == m.root and _orphan_signature(m.root, name):
+                    out.append(GcItem(str(p), "signature", tree_bytes(p, disk=True),
+                                      f"signature of the profile {name[:-len(PROFILE_SIGNATURE_SUFFIX)]}, whose "
+                                      "folder is no longer there: it vouches for nothing"))
                     continue
                 if _is_partial(name) and str(p.absolute()) not in vouched:
                     if name.startswith(TMP_PREFIX):

@@ -3,9 +3,11 @@
 ``remove_model(home, name, profile=None)`` takes the model's lock first (without waiting), so it
 refuses a model a live run holds (``LockTimeoutError``, exit 6) and no run can start while it
 deletes; a dead lock is taken over. Symlinks are removed as links: nothing outside the home is
-ever followed or deleted. Removing a profile also drops its ``convert`` and ``smoke`` records from
-the state file. It does not remove resume data in ``torrents/`` (``store.garbage`` does, once no
-model refers to it) nor manifests under ``manifests/``. It asks nothing and prints nothing.
+ever followed or deleted. Removing a profile also removes its signature (``<profile>_signature.sig``
+beside its folder, written by ``sign``, ``seed`` and ``run --profile-from``) and drops its
+``convert`` and ``smoke`` records from the state file. It does not remove resume data in
+``torrents/`` (``store.garbage`` does, once no model refers to it) nor manifests under
+``manifests/``. It asks nothing and prints nothing.
 """
 
 from __future__ import annotations
@@ -23,7 +25,15 @@ from provision.store.inventory import model_names, profile_names, tree_bytes
 from provision.store.lock import ModelLock, breaker_path, lock_status
 from provision.store.state import load_state, save_state, split_stage
 
-RemovedKind = Literal["symlink", "dead-lock", "profile", "original", "file", "staging"]
+RemovedKind = Literal["symlink", "dead-lock", "profile", "signature", "original", "file", "staging"]
+# a profile's signature sits beside its folder: models/<model>/<profile>_signature.sig (stages.profile_share)
+PROFILE_SIGNATURE_SUFFIX = "_signature.sig"
+
+
+def profile_signature(folder: Path) -> Path:
+    """Where the signature of the profile in ``folder`` is kept: ``<folder>_signature.sig`` beside it."""
+    folder = Path(folder)
+    return folder.with_name(folder.name + PROFILE_SIGNATURE_SUFFIX)
 
 
 @dataclass
@@ -81,7 +91,9 @@ def removal_size(home: Path, name: str, profile: str | None = None) -> int:
     target = removal_target(home, name, profile)
     if not (target.exists() or m.staging.exists()):
         raise missing_model(Path(home), name)
-    return tree_bytes(target) + (tree_bytes(m.staging) if profile is None else 0)
+    sig = profile_signature(target) if profile is not None else None
+    return (tree_bytes(target) + (tree_bytes(m.staging) if profile is None else 0)
+            + (tree_bytes(sig) if sig is not None and (sig.is_file() or sig.is_symlink()) else 0))
 
 
 def _in_use(dirname: str, holder: str, **context: Any) -> LockTimeoutError:
@@ -139,6 +151,9 @@ def remove_model(home: Path, name: str, *, profile: str | None = None) -> Remove
         if profile is not None:
             target = m.profile(profile)
             res.add(target, "profile", remove_path(target))
+            sig = profile_signature(target)
+            if sig.is_symlink() or sig.is_file():  # vouches for files no longer there: it goes with them
+                res.add(sig, "signature", remove_path(sig))
             res.dropped_stages = _drop_profile_stages(m.state_file, target.name, profile)
             return res
         _remove_contents(m, res)
@@ -158,6 +173,8 @@ def _remove_contents(m: ModelPaths, res: RemoveResult) -> None:
         if entry.name in keep:
             continue
         kind: RemovedKind = "original" if entry.name == ORIGINAL else ("profile" if entry.is_dir() else "file")
+        if kind == "file" and entry.name.endswith(PROFILE_SIGNATURE_SUFFIX):
+            kind = "signature"
         res.add(entry, kind, remove_path(entry))
     if m.staging.exists() or m.staging.is_symlink():
         res.add(m.staging, "staging", remove_path(m.staging))

@@ -69,6 +69,12 @@ def render_summary(app: App, stages: list[dict[str, Any]]) -> None:
               help="--profile-from: the publisher's public key (PEM) the profile's signature must verify against.")
 @click.option("--allow-unsigned", is_flag=True,
               help="--profile-from without --trust-key: trust the profile's provenance record alone.")
+@click.option("--trust-certificate-chain", "trust_certificate_chain", multiple=True,
+              type=click.Path(dir_okay=False, path_type=Path), metavar="PEM",
+              help="--profile-from: certificates (PEM; repeat the option) a certificate signature of the profile "
+                   "must chain to, instead of --trust-key.")
+@click.option("--force", "force", is_flag=True,
+              help="--profile-from: replace a profile of the same name converted on this host (refused otherwise).")
 @click.option("--lock-timeout", type=click.FloatRange(min=0), default=None,
               help="Seconds to wait for another run on the same model (default 60).")
 @click.option("--offline", is_flag=True, help="Never touch the network while planning.")
@@ -81,6 +87,7 @@ def command(source: str, home: Path | None, source_kind: str, target: str, schem
             no_hf_cache: bool, drop_original: bool, reverify: bool, keep_pickle: bool, skip_smoke: bool, smoke_engine: str | None,
             skip_convert: bool,
             workers: int | None, profile_from: str | None, trust_key: Path | None, allow_unsigned: bool,
+            trust_certificate_chain: tuple[Path, ...], force: bool,
             lock_timeout: float | None, offline: bool, dry_run: bool, json_out: bool) -> None:
     """Plan, fetch, verify, convert and smoke-test SOURCE, skipping what is already done."""
     app = get_app(json_out, "run")
@@ -96,6 +103,7 @@ def command(source: str, home: Path | None, source_kind: str, target: str, schem
         adopt=adopt, discover_hf_cache=not no_hf_cache, drop_original=drop_original, reverify=reverify,
         skip_smoke=skip_smoke, smoke_engine=smoke_engine, skip_convert=skip_convert, lock_timeout=lock_timeout, keep_pickle=keep_pickle,
         convert_workers=workers, profile_from=profile_from, trust_key=trust_key, allow_unsigned=allow_unsigned,
+        trust_certificate_chain=tuple(trust_certificate_chain), replace_local_profile=force,
         torrent=TorrentOptions(peers=peers, trackers=trackers, network=network, listen=listen, seed_for=seed_for,
                                max_upload_rate=parse_rate(max_upload_rate),
                                max_download_rate=parse_rate(max_download_rate), stall_timeout=stall_timeout,

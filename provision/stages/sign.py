@@ -186,13 +186,7 @@ def verify_folder_signature(folder: Path, *, signature: Path, public_key: Path |
     folder, signature = Path(folder), Path(signature)
     if public_key is None and not certificate_chain:
         raise UsageError("Checking a signature needs --public-key or --certificate-chain.")
-    try:
-        st = check_regular(signature, what="signature")
-    except FileNotFoundError:
-        raise UsageError(f"--signature {signature} does not exist.", path=str(signature)) from None
-    if st.st_size > MAX_SIGNATURE_BYTES:
-        raise HostileContentError(f"Refusing signature {signature.name}: {st.st_size:,d} bytes is over the "
-                                  f"{MAX_SIGNATURE_BYTES:,d}-byte limit.", path=str(signature))
+    _check_signature_file(signature, "--signature")
     n, has_record = _check_folder(folder, signature, check_record=check_record)
     ms = _model_signing()
     cfg = ms.verifying.Config().set_hashing_config(_hashing_config(ms))
@@ -354,13 +348,7 @@ def verify_sigstore_bundle(folder: Path, *, bundle: Path, trust_root: Path, iden
     import json
 
     folder, bundle, trust_root = Path(folder), Path(bundle), Path(trust_root)
-    try:
-        st = check_regular(bundle, what="signature")
-    except FileNotFoundError:
-        raise UsageError(f"--sigstore-bundle {bundle} does not exist.", path=str(bundle)) from None
-    if st.st_size > MAX_SIGNATURE_BYTES:
-        raise HostileContentError(f"Refusing signature {bundle.name}: {st.st_size:,d} bytes is over the "
-                                  f"{MAX_SIGNATURE_BYTES:,d}-byte limit.", path=str(bundle))
+    _check_signature_file(bundle, "--sigstore-bundle")
     n, has_record = _check_folder(folder, bundle, check_record=check_record)
     ms = _model_signing()
     from model_signing._signing import sign_sigstore
@@ -401,3 +389,14 @@ def verify_sigstore_bundle(folder: Path, *, bundle: Path, trust_root: Path, iden
                           f"{identity} from {issuer} ({why}).", path=str(bundle)) from None
     return SignatureResult(folder=folder, signature=bundle, signature_sha256=sha256_file(bundle), files=n,
                            provenance=has_record, method="sigstore")
+
+
+def _check_signature_file(path: Path, option: str) -> None:
+    """A signature given by ``option``: an existing regular file within ``MAX_SIGNATURE_BYTES``."""
+    try:
+        st = check_regular(path, what="signature")
+    except FileNotFoundError:
+        raise UsageError(f"{option} {path} does not exist.", path=str(path)) from None
+    if st.st_size > MAX_SIGNATURE_BYTES:
+        raise HostileContentError(f"Refusing signature {path.name}: {st.st_size:,d} bytes is over the "
+                                  f"{MAX_SIGNATURE_BYTES:,d}-byte limit.", path=str(path))

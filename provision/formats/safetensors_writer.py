@@ -43,6 +43,7 @@ from provision.io.atomic import TMP_PREFIX, disk_full_is_exit_6, fsync_dir
 DEFAULT_SHARD_BYTES = 5 * 10**9
 WRITEBACK_BYTES = 32 << 20  # writeback is started per range of this size; the range before it is then dropped
 FOLLOW_BYTES = 4 << 20  # the output hasher reads this much at a time behind the writer
+FOLLOW_DEPTH = 4  # read-back buffers: the next blocks are read while one is hashed
 DIRECT_ALIGN = 4096  # offsets and lengths of O_DIRECT reads are multiples of this
 WRITEBACK_QUEUE = 2  # ranges waiting for the helper thread: at most ~(2 + 2) x 32 MiB of dirty pages per shard
 _SFR_WAIT_BEFORE, _SFR_WRITE, _SFR_WAIT_AFTER = 1, 2, 4  # <fcntl.h> sync_file_range flags
@@ -121,12 +122,20 @@ class _Follower:
                 self.cond.notify_all()
 
     def _catch_up(self) -> None:
+        """Hash bytes 0..limit read back from the file, reading the next block (on a reader
+        thread) while this one hashes the last: the read-back of a shard whose header became final
+        late (at ``finish``) costs the slower of the disk and sha256, not their sum."""
         import mmap
 
-        buf = mmap.mmap(-1, FOLLOW_BYTES)  # page-aligned, for direct reads
-        mv = memoryview(buf)
-        fd = os.open(self.path, os.O_RDONLY)
-        dfd = _open_direct(self.path)
+        bufs = [mmap.mmap(-1, FOLLOW_BYTES) for _ in range(FOLLOW_DEPTH)]  # page-aligned, for direct reads
+        free: queue.Queue[int] = queue.Queue()
+        for i in range(FOLLOW_DEPTH):
+            free.put(i)
+        full: queue.Queue[tuple[int, int] | BaseException] = queue.Queue()
+        stop = threading.Event()
+        reader = threading.Thread(target=self._read_ahead, args=(bufs, free, full, stop), daemon=True,
+                                  name="hash-output-read")
+        reader.start()
         try:
             pos = 0
             while True:
@@ -136,8 +145,45 @@ class _Follower:
                     if pos >= self.limit:
                         self.inline = True
                         return
+                got = full.get()
+                if isinstance(got, BaseException):
+                    raise got
+                i, n = got
+                with memoryview(bufs[i]) as mv:
+                    self.sha.update(mv[:n])
+                free.put(i)
+                pos += n
+        finally:
+            stop.set()
+            with self.cond:
+                self.cond.notify_all()
+            reader.join()
+            for b in bufs:
+                b.close()
+
+    def _read_ahead(self, bufs: list[Any], free: queue.Queue[int],
+                    full: queue.Queue[tuple[int, int] | BaseException], stop: threading.Event) -> None:
+        """The reader of ``_catch_up``: the file from byte 0 up to ``limit`` (as it grows), in order."""
+        try:
+            fd = os.open(self.path, os.O_RDONLY)
+        except OSError as e:
+            full.put(e)
+            return
+        dfd = _open_direct(self.path)
+        try:
+            pos = 0
+            while not stop.is_set():
+                with self.cond:
                     end = self.limit
-                while pos < end:
+                    if pos >= end:  # wait for more bytes, or for the hasher to catch up and stop
+                        self.cond.wait(0.1)
+                        continue
+                try:
+                    i = free.get(timeout=0.1)
+                except queue.Empty:
+                    continue
+                mv = memoryview(bufs[i])
+                try:
                     k = min(FOLLOW_BYTES, end - pos)
                     if dfd is not None and pos % DIRECT_ALIGN == 0 and k >= DIRECT_ALIGN:
                         # aligned whole blocks past the page cache (written back already, or
@@ -148,16 +194,18 @@ class _Follower:
                         if pos % DIRECT_ALIGN:
                             k = min(k, DIRECT_ALIGN - pos % DIRECT_ALIGN)
                         n = os.preadv(fd, [mv[:k]], pos)
-                    if n == 0:
-                        raise OSError(f"{self.path.name} is shorter than written")
-                    self.sha.update(mv[:n])
-                    pos += n
+                finally:
+                    mv.release()
+                if n == 0:
+                    raise OSError(f"{self.path.name} is shorter than written")
+                full.put((i, n))
+                pos += n
+        except BaseException as e:  # handed to the hasher, which raises it (an OSError: hashed by finish)
+            full.put(e)
         finally:
             os.close(fd)
             if dfd is not None:
                 os.close(dfd)
-            mv.release()
-            buf.close()
 
     def result(self) -> str | None:
         self.t.join()

@@ -71,3 +71,25 @@ def test_pieces_come_back_with_their_exact_bytes_and_the_file_hashed_once(
     finally:
         src.close()
     assert os.path.getsize(path) == src.size
+
+
+def test_the_source_hasher_reading_ahead_gives_the_file_digest_and_stops_when_abandoned(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import threading
+
+    from provision.errors import ConvertError
+    from provision.stages.convert import stage
+
+    monkeypatch.setattr(stage, "REHASH_BYTES", 8192)  # many pieces, each read while the last is hashed
+    path, _ = _source(tmp_path, [40_000, 3, 20_480])
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        assert stage._hash_fd(fd) == hashlib.sha256(path.read_bytes()).hexdigest()
+        stop = threading.Event()
+        stop.set()
+        before = threading.active_count()
+        with pytest.raises(ConvertError, match="abandoned"):
+            stage._hash_fd(fd, stop)
+        assert threading.active_count() == before  # its reader thread is gone
+    finally:
+        os.close(fd)

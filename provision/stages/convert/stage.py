@@ -52,6 +52,7 @@ from provision.stages.profiles import QUANTIZED, Profile, choose
 
 SHARD_BYTES = 5 * 10**9
 REHASH_BYTES = 16 << 20  # read size when a file is hashed on its own
+REHASH_DEPTH = 3  # its read buffers: the next pieces are read while one is hashed
 KEEP_AHEAD_BYTES = 256 << 20  # source pages the source hasher leaves cached ahead of the conversion
 
 
@@ -129,40 +130,74 @@ def _hash_fd(fd: int, stop: threading.Event | None = None, reader: SafetensorsSo
     where it can (the disk writes into the buffer: no copy out of the page cache, the CPU cost that
     dominates reading on a small VM), else in big pieces dropped from the page cache behind; then,
     with ``reader`` (the conversion reading the same file), pages up to ``KEEP_AHEAD_BYTES`` ahead
-    of its position stay cached for it to read (it drops them)."""
+    of its position stay cached for it to read (it drops them). A helper thread reads the next
+    pieces while this one hashes: the digest is ready after the slower of the disk and sha256, not
+    their sum (it decides how much of the output must be read back to be hashed)."""
     import hashlib
     import mmap
+    import queue
 
     h = hashlib.sha256()
-    dfd = _direct_fd(fd)
-    buf = mmap.mmap(-1, REHASH_BYTES)  # page-aligned, as O_DIRECT needs; offsets are multiples of its size
-    mv = memoryview(buf)
-    off = 0
+    bufs = [mmap.mmap(-1, REHASH_BYTES) for _ in range(REHASH_DEPTH)]  # page-aligned, as O_DIRECT needs
+    free: queue.Queue[int] = queue.Queue()
+    for i in range(REHASH_DEPTH):
+        free.put(i)
+    full: queue.Queue[tuple[int, int] | BaseException] = queue.Queue()
+    done = threading.Event()
+
+    def read() -> None:
+        dfd = _direct_fd(fd)
+        off = 0
+        try:
+            while not done.is_set():
+                try:
+                    i = free.get(timeout=0.1)
+                except queue.Empty:  # the hasher is behind: wait again unless it stopped
+                    continue
+                with memoryview(bufs[i]) as mv:
+                    try:
+                        n = os.preadv(dfd if dfd is not None else fd, [mv], off)
+                    except OSError:
+                        if dfd is None:
+                            raise
+                        os.close(dfd)  # the filesystem refused the direct read after all: read through the cache
+                        dfd = None
+                        free.put(i)
+                        continue
+                full.put((i, n))
+                if not n:
+                    return
+                ahead = off - reader.read_end if reader is not None else -1
+                if dfd is None and not 0 <= ahead <= KEEP_AHEAD_BYTES:
+                    with contextlib.suppress(OSError, AttributeError):  # advice only (and missing on macOS)
+                        os.posix_fadvise(fd, off, n, os.POSIX_FADV_DONTNEED)
+                off += n
+        except BaseException as e:  # raised by the hashing thread
+            full.put(e)
+        finally:
+            if dfd is not None:
+                os.close(dfd)
+
+    t = threading.Thread(target=read, daemon=True, name="sha256-source-read")
+    t.start()
     try:
         while True:
-            try:
-                n = os.preadv(dfd if dfd is not None else fd, [mv], off)
-            except OSError:
-                if dfd is None:
-                    raise
-                os.close(dfd)  # the filesystem refused the direct read after all: read through the cache
-                dfd = None
-                continue
+            got = full.get()
+            if isinstance(got, BaseException):
+                raise got
+            i, n = got
             if not n:
                 break
             if stop is not None and stop.is_set():
                 raise ConvertError("The source hash was abandoned.")
-            h.update(mv[:n])
-            ahead = off - reader.read_end if reader is not None else -1
-            if dfd is None and not 0 <= ahead <= KEEP_AHEAD_BYTES:
-                with contextlib.suppress(OSError, AttributeError):  # advice only (and missing on macOS)
-                    os.posix_fadvise(fd, off, n, os.POSIX_FADV_DONTNEED)
-            off += n
+            with memoryview(bufs[i]) as mv:
+                h.update(mv[:n])
+            free.put(i)
     finally:
-        if dfd is not None:
-            os.close(dfd)
-        mv.release()
-        buf.close()
+        done.set()
+        t.join()
+        for b in bufs:
+            b.close()
     return h.hexdigest()
 
 

@@ -81,7 +81,7 @@ def test_the_source_hasher_reading_ahead_gives_the_file_digest_and_stops_when_ab
     from provision.stages.convert import stage
 
     monkeypatch.setattr(stage, "REHASH_BYTES", 8192)  # many pieces, each read while the last is hashed
-    path, _ = _source(tmp_path, [40_000, 3, 20_480])
+    path, _ = _source(tmp_path, [40_000, 4, 20_480])
     fd = os.open(path, os.O_RDONLY)
     try:
         assert stage._hash_fd(fd) == hashlib.sha256(path.read_bytes()).hexdigest()

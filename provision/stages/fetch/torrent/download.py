@@ -111,10 +111,11 @@ def fetch_torrent(plan: FetchRequest, *, dest: Path, options: TorrentOptions,
         ti, resumed = _start(job, live)
         sels, auths = _prepare(job, live, ti)
         todo = [s for s in sels if not s.reused]
-        # stream-hash the files a sha256 vouches for (the hash is checked against it; a torrent
-        # authority makes verify read the file anyway, computing the sha256 in the same pass)
+        # stream-hash every file while its pieces are in the page cache: a manifest sha256 is checked
+        # against it; under a torrent authority verify checks the pieces (in ranges, on every core)
+        # and records this hash, so no file is read once more for its whole-file sha256
         hasher = live.pieces.hasher = StreamHasher(
-            [StreamFile(s.rel, s.staged, s.offset, s.size, bool(auths[s.rel].sha256)) for s in todo],
+            [StreamFile(s.rel, s.staged, s.offset, s.size, True) for s in todo],
             int(ti.piece_length()), int(ti.num_pieces()))
         if options.piece_watch is not None and todo:  # run converts what is verified while the rest arrives
             options.piece_watch(hasher, live.h)
@@ -416,16 +417,22 @@ def _emit_progress(job: FetchJob, st: Any, done: int, wanted: int) -> None:
 
 def _verify(job: FetchJob, ti: Any, todo: Sequence[Selected], auths: dict[str, Authority], hasher: StreamHasher,
             clock: Clock) -> tuple[dict[str, str], VerifyReport | None]:
-    """Wait for the stream hashes, then verify the staged files (a stream hash that disagrees
-    with the manifest is re-read, never trusted); return the trusted hashes and the report."""
+    """Wait for the stream hashes, then verify the staged files; return the trusted hashes and
+    the report. A stream hash stands in for reading the file for its sha256 unless it disagrees
+    with the manifest's, or (under a torrent authority, where it is the sha256 recorded, not
+    checked) its bytes were read after ``mark_all`` released a piece whose alert never came: such
+    a file, like one the hasher could not read, is read again by verify for its sha256."""
     clock.closed = time.monotonic()
     hasher.join()
     clock.joined = time.monotonic()
     clock.hashed = hasher.hashed_at
     known = dict(hasher.results)
+    forced = hasher.forced_files()
     for s in todo:
         a = auths[s.rel]
         if a.sha256 and known.get(s.rel) not in (None, a.sha256):
+            known.pop(s.rel, None)
+        elif not a.sha256 and s.rel in forced:
             known.pop(s.rel, None)
     for s in todo:
         if s.size == 0 and not s.staged.exists():

@@ -2,13 +2,16 @@
 write-behind thread that gets what was hashed onto the disk and out of the page cache.
 
 :class:`StreamHasher` follows the selected files in torrent order as their pieces arrive,
-hashes those a sha256 vouches for while the data is still in the page cache (so whole-file
-verification needs no second read) and starts writing each completed stretch back at once.
+hashes them while the data is still in the page cache (so no file is read once more for its
+whole-file sha256 after the download: a manifest sha256 is checked against this hash, and where
+the torrent's pieces are the authority this hash is the sha256 recorded) and starts writing each
+completed stretch back at once.
 :class:`WriteBehind` waits for those stretches to reach the disk, drops them from the page
 cache and fsyncs each file once complete, so the hasher never waits for the disk and the fsync
 before the final rename is cheap. Neither talks to libtorrent: the download loop tells the
-hasher which pieces are on disk (``mark``), and a stream hash is only trusted by the caller when
-a manifest sha256 confirms it.
+hasher which pieces are on disk (``mark``). A file whose hash needed a piece released only by
+``mark_all`` (its alert never came) is listed by ``forced_files``: the caller reads it again
+rather than trust bytes read before libtorrent surely wrote them.
 """
 
 from __future__ import annotations
@@ -55,6 +58,7 @@ class StreamHasher:
         self.results: dict[str, str] = {}
         self.errors: dict[str, str] = {}
         self.bytes_hashed = 0
+        self.forced: set[int] = set()  # pieces ``mark_all`` released without their alert
         self.hashed_at: float | None = None  # when the last file's hash was done
         self.writer = WriteBehind(drop=drop_behind)
         self.thread = threading.Thread(target=self._run, name="provision-stream-hash", daemon=True)
@@ -77,10 +81,19 @@ class StreamHasher:
     def mark_all(self) -> None:
         """Every piece is on disk (the download finished and its files are closed): release the
         hasher even for a piece whose alert never came (seen in swarms with rarest-first order;
-        waiting for it would hang). A stream hash that disagrees is never trusted anyway."""
+        waiting for it would hang). Those pieces are remembered (``forced_files``): a stream hash
+        that read them is not trusted without a sha256 to confirm it."""
         with self.cond:
+            self.forced |= {i for i, b in enumerate(self.have) if not b}
             self.have[:] = b"\x01" * len(self.have)
             self.cond.notify_all()
+
+    def forced_files(self) -> set[str]:
+        """The files with a piece ``mark_all`` released without its alert (call after ``join``)."""
+        with self.cond:
+            forced = set(self.forced)
+        return {f.rel for f in self.files if f.size > 0
+                and not forced.isdisjoint(range(f.offset // self.pl, (f.offset + f.size - 1) // self.pl + 1))}
 
     def stop(self) -> None:
         with self.cond:

@@ -253,6 +253,24 @@ def test_a_profile_converted_here_is_not_replaced_by_a_shared_one_without_force(
     assert facts["how"] == "profile-from"
 
 
+def test_a_profile_taken_earlier_from_another_torrent_is_replaced_without_force(
+        origin: Origin, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    home = tmp_path / "member"
+    key = ("--trust-key", str(origin.public_key), "--skip-smoke")
+    with seeding(origin.profile, signature=origin.signature) as magnet:
+        rc, first, err = _member(capsys, home, origin.manifest, magnet, *key)
+        assert rc == 0, err
+    with seeding(origin.profile, signature=origin.signature, version="v1") as magnet_v1:  # another infohash
+        rc2, doc, err2 = _member(capsys, home, origin.manifest, magnet_v1, *key)
+    assert rc2 == 0, err2
+    assert [(s["stage"], s["result"]) for s in doc["stages"]] == [("plan", "ok"), ("fetch-profile", "ok")]
+    infohash = doc["stages"][1]["details"]["infohash"]
+    assert infohash != first["stages"][1]["details"]["infohash"]
+    state = json.loads((home / "models" / MODEL / "state.json").read_text())
+    assert state["stages"][f"convert:{PROFILE}"]["facts"]["infohash"] == infohash
+    assert "replacing the copy taken earlier" in err2
+
+
 # -- 4. bad input through --profile-from that had no test --------------------------------------------
 
 

@@ -91,8 +91,19 @@ def quantize_fp8(w: torch.Tensor, scale_dtype: torch.dtype = torch.bfloat16) -> 
     return q, scale
 
 
+_FP8_CODES = torch.arange(256, dtype=torch.uint8)
+_FP8_TO_FLOAT32 = _FP8_CODES.view(torch.float8_e4m3fn).float()  # the 256 values of E4M3, by bit pattern
+
+
+def fp8_to_float32(q: torch.Tensor) -> torch.Tensor:
+    """``q.float()`` for a float8 E4M3 tensor, bit for bit (NaN patterns included), by table lookup:
+    torch's element-wise float8 cast is about twice as slow on CPU (a conversion's error sample
+    dequantizes every piece)."""
+    return torch.take(_FP8_TO_FLOAT32, q.view(torch.uint8).long())
+
+
 def dequantize_fp8(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    return (q.float() * scale.float()).to(dtype)
+    return (fp8_to_float32(q) * scale.float()).to(dtype)
 
 
 def _int_range(num_bits: int) -> tuple[int, int]:

@@ -93,3 +93,16 @@ def test_the_source_hasher_reading_ahead_gives_the_file_digest_and_stops_when_ab
         assert threading.active_count() == before  # its reader thread is gone
     finally:
         os.close(fd)
+
+
+def test_fp8_table_lookup_gives_the_bits_of_torchs_own_cast_for_every_code() -> None:
+    import torch
+
+    from provision.quant import dequantize_fp8, fp8_to_float32
+
+    codes = torch.arange(256, dtype=torch.uint8).view(torch.float8_e4m3fn)
+    assert torch.equal(fp8_to_float32(codes).view(torch.int32), codes.float().view(torch.int32))
+    q = codes.reshape(16, 16)[:, ::3]  # a strided view, as the error sample takes
+    scale = torch.linspace(0.01, 2.0, 16).to(torch.bfloat16).reshape(16, 1)
+    want = (q.float() * scale.float()).view(torch.int32)
+    assert torch.equal(dequantize_fp8(q, scale).view(torch.int32), want)

@@ -114,7 +114,7 @@ class _Follower:
     def _run(self) -> None:
         try:
             self._catch_up()
-        except OSError:
+        except Exception:  # unreadable (or its reader failed): the caller hashes the file itself
             with self.cond:
                 self.failed = True
         finally:

@@ -346,6 +346,8 @@ class Fleet:
         self.procs: list[Proc] = []
         self.tracker: subprocess.Popen[bytes] | None = None
         self.tracker_dir = work / "opentracker"
+        self._last_probe = "none yet"
+        self._tracker_args: list[str] = []
 
     @property
     def tracker_url(self) -> str:
@@ -370,7 +372,8 @@ class Fleet:
                 "-d", str(d)]
         if os.geteuid() == 0:
             args += ["-u", "nobody"]  # it refuses to keep root; chroots into d first
-        with open(d / "opentracker.log", "wb") as log:
+        self._tracker_args = args
+        with open(d / "opentracker.log", "ab") as log:
             self.tracker = host.popen(args, stdout=log, stderr=subprocess.STDOUT, cwd=d)
 
         def up() -> bool:
@@ -406,7 +409,36 @@ class Fleet:
                 sent[0] = time.monotonic()
             return False
 
-        wait_for(reloaded, 30, interval=0.1, what="opentracker to reload its whitelist")
+        try:
+            try:
+                wait_for(reloaded, 12, interval=0.1, what="opentracker to reload its whitelist")
+            except TimeoutError:
+                # seen 2 runs in 3 on a busy host: opentracker logs "Can't open accesslist file:
+                # whitelist.txt ... PWD: /" and never reads it, whatever SIGHUPs follow; a restarted
+                # opentracker reads the whole file at start-up (up to 3 starts)
+                for attempt in range(3):
+                    self._restart_tracker()
+                    try:
+                        wait_for(lambda: self._tracker_accepts(host, want), 10, interval=0.2,
+                                 what="a restarted opentracker to accept its whitelist")
+                        break
+                    except TimeoutError:
+                        if attempt == 2:
+                            raise
+        except TimeoutError as e:
+            log = (self.tracker_dir / "opentracker.log").read_text(errors="replace")[-400:]
+            raise TimeoutError(f"{e}: {len(want)} line(s) {want}; last probe: {self._last_probe}; whitelist file: "
+                               f"{wl.read_text().split()}; opentracker log: {log!r}") from None
+
+    def _restart_tracker(self) -> None:
+        """Stop the opentracker this fleet started (by PID) and start it again with the same arguments."""
+        assert self.tracker is not None
+        stop_process(self.tracker, signal.SIGKILL, timeout=5)
+        host = self.net["tracker"]
+        with open(self.tracker_dir / "opentracker.log", "ab") as log:
+            self.tracker = host.popen(self._tracker_args, stdout=log, stderr=subprocess.STDOUT,
+                                      cwd=self.tracker_dir)
+        wait_for(lambda: host.listening(TRACKER_PORT), 10, what="the restarted opentracker")
 
     def _tracker_accepts(self, host: Host, infohashes: Sequence[str]) -> bool:
         """Whether opentracker, asked from inside its namespace, accepts an announce of each of
@@ -422,6 +454,7 @@ class Fleet:
             if self.tracker.poll() is not None:
                 raise RuntimeError(f"opentracker exited {self.tracker.returncode}: "
                                    f"{(self.tracker_dir / 'opentracker.log').read_text()}")
+        self._last_probe = f"exit {cp.returncode} {cp.stderr.strip()[-300:]!r}"
         return cp.returncode == 0
 
     # -- the origin ---------------------------------------------------------------

@@ -380,32 +380,6 @@ def mistral_to_hf_text(name: str, tensor: torch.Tensor, args: ModelArgs) -> tupl
     return new, (permute_to_hf(tensor, heads) if heads is not None else tensor)
 
 
-def hf_out_name(name: str, args: ModelArgs) -> str:
-    """The ``hf``-layout name of a Mistral tensor for this model: Llava names for Pixtral,
-    ``MixtralForCausalLM`` names for a mixture of experts, ``MistralForCausalLM`` names otherwise."""
-    if args.vision_encoder is not None:
-        return mistral_name_to_hf(name)
-    if args.moe is not None:
-        from provision.model.moe import mistral_name_to_hf_mixtral
-
-        return mistral_name_to_hf_mixtral(name)
-    return mistral_name_to_hf_text(name)
-
-
-def hf_config_for(args: ModelArgs, *, dtype: str = "bfloat16") -> dict[str, Any]:
-    """The ``config.json`` of the ``hf`` layout for this model: Llava, Mixtral or Mistral."""
-    if args.vision_encoder is not None:
-        return hf_config(args, dtype=dtype)
-    if args.moe is not None:
-        from provision.model.moe import hf_mixtral_config
-
-        cfg = hf_mixtral_config(args, dtype=dtype)
-        theta = args.rope_theta_value  # a Mixtral params.json without rope_theta means 1e6, not the dense 10000
-        cfg.update({"rope_theta": theta, "rope_parameters": {"rope_type": "default", "rope_theta": theta}})
-        return cfg
-    return hf_text_config(args, dtype=dtype)
-
-
 def hf_text_config(args: ModelArgs, *, dtype: str = "bfloat16") -> dict[str, Any]:
     """transformers' ``MistralConfig`` for a text-only model as a ``config.json`` dict.
 

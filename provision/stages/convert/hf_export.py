@@ -23,7 +23,7 @@ from typing import Any
 
 from provision.formats.params import ModelArgs
 from provision.io.atomic import TMP_PREFIX, atomic_write_text
-from provision.model import hf_names
+from provision.model import hf_layout
 from provision.stages.convert.items import Item, output_dtype
 from provision.stages.convert.output import OUR_FILES, copy_side_file
 from provision.stages.profiles import QUANTIZED, Profile
@@ -137,7 +137,7 @@ def write_hf_side_files(src_dir: Path, out_dir: Path, args: ModelArgs, profile: 
     ``hf_tokenizer`` asks for ``tokenizer.json`` to be built from ``tekken.json``.
     """
     out = HfSideFiles()
-    cfg = hf_names.hf_config_for(args, dtype=output_dtype(profile))
+    cfg = hf_layout.hf_config_for(args, dtype=output_dtype(profile))
     if profile.scheme in QUANTIZED:
         dense = sum(math.prod(i.src.shape) * 2 for i in items)
         cfg["quantization_config"] = quantization_config(profile.scheme, ratio=dense / max(data_bytes, 1),

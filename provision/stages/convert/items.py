@@ -17,7 +17,7 @@ from provision.errors import StructureError
 from provision.formats.params import ModelArgs, spec_diff, tensor_spec
 from provision.formats.safetensors import FROM_TORCH
 from provision.formats.safetensors_writer import TensorEntry
-from provision.model import hf_names
+from provision.model import hf_layout, hf_names
 from provision.stages.convert.source import SafetensorsSource, SrcTensor
 from provision.stages.profiles import QUANTIZED, Profile, quantized_tensor
 
@@ -77,7 +77,7 @@ def plan_items(sources: list[SafetensorsSource], args: ModelArgs, profile: Profi
             if t.name in seen:
                 raise StructureError(f"Tensor {t.name!r} appears in two source files.", tensor=t.name)
             seen.add(t.name)
-            out = hf_names.hf_out_name(t.name, args) if hf else t.name
+            out = hf_layout.hf_out_name(t.name, args) if hf else t.name
             heads = hf_names.rope_heads(t.name, args) if hf else None
             if scheme in QUANTIZED and quantized_tensor(t.name, t.shape, scheme) and SCHEMES[scheme].supports(t.shape):
                 module = out[: -len(".weight")]

@@ -23,6 +23,7 @@ import pytest
 
 from provision.formats.report_schema import validate_report
 from provision.testing.ci import require_module
+from provision.testing.torrent_fixtures import seed_thread
 from tests.support.cli import cli_json
 from tests.trust.keys import ec_keypair
 
@@ -168,7 +169,6 @@ def _tampered_share(origin: Origin, tmp_path: Path) -> Path:
 
 def test_a_profile_with_a_changed_file_is_refused_with_exit_5_and_nothing_committed(
         origin: Origin, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    from provision.stages.fetch.torrent.seed import seed
     from provision.stages.profile_share import _publish_folder
 
     bad = _tampered_share(origin, tmp_path)
@@ -178,21 +178,10 @@ def test_a_profile_with_a_changed_file_is_refused_with_exit_5_and_nothing_commit
         seed_profile(bad, network="closed", listen="127.0.0.1:0", seed_for=0)
     assert getattr(refused.value, "exit_code", None) == 5
     # a seeder that does not check (another tool) serves it anyway: the member refuses it
-    stop = threading.Event()
-    got: dict[str, Any] = {}
-    ready = threading.Event()
-    with _publish_folder(bad, bad.with_name(f"{PROFILE}_signature.sig"), "tiny-pixtral-fp8-hf") as root:
-        t = threading.Thread(target=lambda: seed(root, network="closed", listen="127.0.0.1:0", stop=stop,
-                                                 on_ready=lambda i: (got.setdefault("m", i.magnet), ready.set())),
-                             daemon=True)
-        t.start()
-        try:
-            assert ready.wait(60)
-            home = tmp_path / "member"
-            rc, doc, err = _member(capsys, home, origin.manifest, got["m"], "--trust-key", str(origin.public_key))
-        finally:
-            stop.set()
-            t.join(30)
+    with _publish_folder(bad, bad.with_name(f"{PROFILE}_signature.sig"), "tiny-pixtral-fp8-hf") as root, \
+            seed_thread(root, listen="127.0.0.1:0") as info:
+        home = tmp_path / "member"
+        rc, doc, err = _member(capsys, home, origin.manifest, info.magnet, "--trust-key", str(origin.public_key))
     assert rc == 5, err
     assert "does not match provenance.json" in doc["error"]["message"] or "changed" in doc["error"]["message"]
     _nothing_committed(home)

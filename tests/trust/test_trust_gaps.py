@@ -11,7 +11,6 @@ import contextlib
 import hashlib
 import json
 import shutil
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -19,6 +18,7 @@ from unittest import mock
 
 import pytest
 
+from provision.testing.torrent_fixtures import seed_thread
 from tests.fetch.test_profile_share import PROFILE, Origin, _member, _nothing_committed, origin, seeding
 from tests.support.cli import cli_json
 from tests.trust.keys import certificate_chain
@@ -51,31 +51,11 @@ def _share_copy(origin: Origin, where: Path) -> Path:
 def raw_seeding(folder: Path, signature: Path | None) -> Iterator[str]:
     """``folder`` served as a shared profile by a seeder that checks nothing (another tool, or a
     hostile one): yields the magnet."""
-    from provision.stages.fetch.torrent.seed import seed
     from provision.stages.profile_share import _publish_folder
 
-    stop, ready = threading.Event(), threading.Event()
-    got: dict[str, Any] = {}
-
-    def run(root: Path) -> None:
-        try:
-            seed(root, network="closed", listen="127.0.0.1:0", stop=stop,
-                 on_ready=lambda i: (got.setdefault("magnet", i.magnet), ready.set()))
-        except BaseException as e:  # shown by the test
-            got["error"] = e
-            ready.set()
-
-    with _publish_folder(folder, signature, f"{MODEL}-{PROFILE}") as root:
-        t = threading.Thread(target=run, args=(root,), daemon=True)
-        t.start()
-        try:
-            assert ready.wait(60), "the seeder did not start"
-            if "error" in got:
-                raise got["error"]
-            yield str(got["magnet"])
-        finally:
-            stop.set()
-            t.join(30)
+    with _publish_folder(folder, signature, f"{MODEL}-{PROFILE}") as root, \
+            seed_thread(root, listen="127.0.0.1:0") as info:
+        yield info.magnet
 
 
 # -- 1. a profile's signature goes with its profile ------------------------------------------------

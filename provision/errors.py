@@ -60,15 +60,16 @@ def printable(text: str) -> str:
     return _CONTROL.sub(lambda m: f"\\x{ord(m.group(0)):02x}", text)
 
 
-class ProvisionError(Exception):
-    """Base of every expected failure. ``str(err)`` is the one-line message."""
+class _Reported:
+    """What the CLI reports of an error: the one-line message (``str``), the exit code, the kind
+    and the context of the ``--json`` report. Shared by ``ProvisionError`` and ``Interrupted``."""
 
     exit_code: int = EXIT_UNEXPECTED
     kind: str = "error"
 
     def __init__(self, message: str, *, hint: str | None = None, **context: Any) -> None:
         message = printable(message)  # names from a download or a file reach the terminal escaped
-        super().__init__(message)
+        super().__init__(message)  # type: ignore[call-arg]  # Exception or KeyboardInterrupt, next in the MRO
         self.message = message
         self.hint = printable(hint) if hint is not None else None
         self.context: dict[str, Any] = context
@@ -83,6 +84,10 @@ class ProvisionError(Exception):
             "message": str(self),
             "context": {k: _jsonable(v) for k, v in self.context.items()},
         }
+
+
+class ProvisionError(_Reported, Exception):
+    """Base of every expected failure. ``str(err)`` is the one-line message."""
 
 
 def _jsonable(v: Any) -> Any:
@@ -194,8 +199,10 @@ class SmokeError(ProvisionError):
         self.report = report
 
 
-class Interrupted(ProvisionError, KeyboardInterrupt):  # type: ignore[misc]
-    """Raised by the SIGTERM handler (and used for SIGINT) so ``finally`` blocks run."""
+class Interrupted(_Reported, KeyboardInterrupt):
+    """Raised by the SIGTERM handler (and used for SIGINT) so ``finally`` blocks run. Like
+    ``KeyboardInterrupt`` it is no ``Exception``: no ``except Exception`` (or ``except
+    ProvisionError``) on the way can swallow it and carry on."""
 
     exit_code = EXIT_SIGINT
     kind = "interrupted"

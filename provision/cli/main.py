@@ -9,6 +9,7 @@ prints the one-line error. It does no work of its own.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import pkgutil
 import signal
@@ -114,8 +115,18 @@ def _on_sigterm(signum: int, _frame: FrameType | None) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Console-script entry point: run the CLI and exit with the documented code."""
-    sys.exit(run_cli(argv))
+    """Console-script entry point: run the CLI and exit with the documented code. After SIGINT or
+    SIGTERM, once the report is out and every ``finally`` has run, the process ends at once
+    (``os._exit``): the interpreter's teardown would stop helper threads that are still inside
+    torch or libtorrent, which aborts the process (``terminate called without an active
+    exception``, exit -6) instead of ending with 130/143."""
+    code = run_cli(argv)
+    if code in (EXIT_SIGINT, EXIT_SIGTERM):
+        with contextlib.suppress(Exception):
+            sys.stdout.flush()
+            sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)
 
 
 def run_cli(argv: list[str] | None = None) -> int:
@@ -215,7 +226,7 @@ def command_name(args: list[str]) -> str:
     return words[0]
 
 
-def _report_error(e: ProvisionError, code: int) -> None:
+def _report_error(e: ProvisionError | Interrupted, code: int) -> None:
     app = current_app()
     if app is None:  # pragma: no cover
         print(f"error: {e}", file=sys.stderr)

@@ -41,6 +41,7 @@ from provision.stages.convert.source import SOURCE_NAME, SafetensorsSource
 if TYPE_CHECKING:
     from provision.hardware import Target
     from provision.stages.convert.record import ConvertResult
+    from provision.stages.convert.stage import ConvertHooks
     from provision.stages.profiles import Profile
 
 WAIT_S = 0.2  # how often a waiting reader looks at the abort flag
@@ -198,6 +199,8 @@ class GatedSource(SafetensorsSource):
         super().__init__(path, root=root)  # the header's pieces were waited for before the file was linked
 
     def read_into(self, mv: memoryview, start: int) -> None:
+        if self.piece_map.abort.is_set():  # the run ended: no further tensor is read
+            raise OverlapCancelled("The run ended before the overlapped conversion was committed.")
         self.piece_map.wait(self.offset, start, mv.nbytes, read=lambda s, k: os.pread(self.fd, k, s), size=self.size)
         super().read_into(mv, start)
         self.log.add(mv.nbytes)
@@ -263,6 +266,7 @@ class Overlap:
         self.log = ReadLog()
         self.view = staging / f"{VIEW_PREFIX}{os.getpid()}"
         self.thread: threading.Thread | None = None
+        self.hooks: ConvertHooks | None = None  # the conversion's own; ``cancel`` calls it off through them
         self.result: ConvertResult | None = None
         self.error: BaseException | None = None
         self.profile: Profile | None = None
@@ -292,7 +296,7 @@ class Overlap:
     # -- the conversion thread ----------------------------------------------------------------
     def _run(self, pieces: PieceMap, weights: list[Any], side: list[Any]) -> None:
         from provision.stages.convert import convert
-        from provision.stages.convert.stage import ConvertHooks
+        from provision.stages.convert.stage import ConvertCancelled, ConvertHooks
 
         try:
             try:
@@ -306,12 +310,17 @@ class Overlap:
             self.started_at = time.monotonic()
             hooks = ConvertHooks(
                 open_source=lambda p, root: GatedSource(p, root, pieces, offsets[p.name], self.log),
-                src_dir=self.original, source_identity=lambda: self.gate.identity)
+                src_dir=self.original, source_identity=lambda: self.gate.identity, abort=self.abort)
+            self.hooks = hooks
+            if self.abort.is_set():
+                raise OverlapCancelled("The run ended before the overlapped conversion began.")
             self.result = convert(self.view, self.out_dir(prof), target=target, scheme=prof.scheme,
                                   layout=prof.layout, context=self.context, progress=self.progress,
                                   source_sha256=LateDigests([f.rel for f in weights], self.gate, self.expected),
                                   hooks=hooks, workers=self.workers)
             self.committed_at = time.monotonic()
+        except ConvertCancelled as e:
+            self.error = OverlapCancelled(str(e))
         except BaseException as e:  # handed to the pipeline's thread by ``finish``
             self.error = e
         finally:
@@ -354,14 +363,24 @@ class Overlap:
         return self.thread is not None
 
     def cancel(self, error: BaseException) -> None:
-        """The download (or the run) failed: discard the conversion and wait for its thread."""
+        """The download (or the run) failed: discard the conversion and wait for its thread. Once the
+        abort is set (under the conversion's commit lock) it has committed already or never will;
+        it stops at its next read or step."""
         self.gate.fail(error)
+        hooks = self.hooks
+        if hooks is not None:
+            hooks.cancel()
         self.abort.set()
         self.join()
 
     def join(self, timeout: float = 600.0) -> None:
-        if self.thread is not None:
-            self.thread.join(timeout)
+        """Wait for the conversion thread, in short slices: a SIGTERM the kernel handed to another
+        thread (it does when the main one cannot take it, e.g. the process was stopped) only runs
+        its handler once the main thread is back in Python, which an unbounded join would delay
+        until the conversion ends."""
+        end = time.monotonic() + timeout
+        while self.thread is not None and self.thread.is_alive() and time.monotonic() < end:
+            self.thread.join(min(WAIT_S, max(0.0, end - time.monotonic())))
 
     def finish(self, digests: Mapping[str, str], identity: SourceIdentity, prof: Profile) -> ConvertResult | None:
         """The download is verified: let the conversion commit and return its result; ``None`` when it

@@ -89,6 +89,52 @@ def wait_for(pred: Any, timeout: float, interval: float = 0.05, what: str = "con
     raise TimeoutError(f"timed out after {timeout:.0f} s waiting for {what}")
 
 
+def _all_threads_stopped(pid: int) -> bool:
+    """Every thread of ``pid`` is in the stopped state (``T``): a SIGSTOP has taken effect."""
+    try:
+        tasks = list(Path(f"/proc/{pid}/task").iterdir())
+    except OSError:
+        return True  # gone
+    for t in tasks:
+        try:
+            stat = (t / "stat").read_text()
+        except OSError:
+            continue  # a thread that exited
+        if stat[stat.rindex(")") + 2] not in "Tt":
+            return False
+    return True
+
+
+def freeze_when(p: subprocess.Popen[Any], pred: Callable[[], bool], timeout: float, run_for: float = 0.02,
+                what: str = "condition") -> bool:
+    """Run ``p`` in slices of ``run_for`` seconds and look at ``pred`` only while ``p`` is stopped
+    (SIGSTOP, every thread confirmed stopped), so what ``pred`` saw is still true when this returns
+    with ``p`` stopped: the caller's next signal lands in exactly that state (resume ``p`` with
+    ``os.kill(p.pid, signal.SIGCONT)``). False when ``p`` exits first; ``TimeoutError`` after
+    ``timeout`` (``p`` is left running). A plain poll races the process it watches; this cannot."""
+    end = time.monotonic() + timeout
+    try:
+        while time.monotonic() < end:
+            if p.poll() is not None:
+                return False
+            os.kill(p.pid, signal.SIGSTOP)
+            wait_for(lambda: p.poll() is not None or _all_threads_stopped(p.pid), 10, interval=0.001,
+                     what="the SIGSTOP to take effect")
+            if p.poll() is not None:
+                return False
+            if pred():
+                return True
+            os.kill(p.pid, signal.SIGCONT)
+            time.sleep(run_for)
+    except BaseException:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(p.pid, signal.SIGCONT)
+        raise
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(p.pid, signal.SIGCONT)
+    raise TimeoutError(f"timed out after {timeout:.0f} s waiting for {what}")
+
+
 def wait_listening(p: subprocess.Popen[Any], port: int, timeout: float, what: str, died: Callable[[], str]) -> None:
     """Wait until ``p`` itself listens on ``port``; ``RuntimeError(died())`` once ``p`` exits."""
     def up() -> bool:

@@ -20,8 +20,8 @@ import os
 import shutil
 import threading
 import time
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -57,16 +57,43 @@ KEEP_AHEAD_BYTES = 256 << 20  # source pages the source hasher leaves cached ahe
 
 
 @dataclass(frozen=True)
+class ConvertCancelled(ConvertError):
+    """The conversion was called off (``ConvertHooks.abort``) before it committed; nothing was."""
+
+
+@dataclass
 class ConvertHooks:
     """How a conversion that overlaps its source's download (``provision.stages.overlap``) reads it:
     ``open_source(path, src_dir)`` opens a weights file whose reads wait for verified bytes,
     ``src_dir`` is the folder the record names (where the verified original lands) and
     ``source_identity`` is asked for only before the provenance record is written (after the
-    download was verified)."""
+    download was verified). ``abort`` calls the conversion off from another thread: it is looked
+    at between steps, and the commit happens under ``lock`` with ``abort`` clear, so whoever sets
+    ``abort`` while holding ``lock`` (``cancel``) knows the conversion either committed already or
+    never will."""
 
     open_source: Callable[[Path, Path], SafetensorsSource]
     src_dir: Path
     source_identity: Callable[[], SourceIdentity | None]
+    abort: threading.Event = field(default_factory=threading.Event)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def check(self) -> None:
+        """``ConvertCancelled`` once ``abort`` is set."""
+        if self.abort.is_set():
+            raise ConvertCancelled("The conversion was called off before it was committed.")
+
+    @contextlib.contextmanager
+    def committing(self) -> Iterator[None]:
+        """Hold ``lock`` for the commit, which happens only if ``abort`` is still clear."""
+        with self.lock:
+            self.check()
+            yield
+
+    def cancel(self) -> None:
+        """Call the conversion off; once this returns it has committed already or never will."""
+        with self.lock:
+            self.abort.set()
 
 
 def _writer(out_dir: Path, items: list[Item], profile: Profile, source_files: list[dict[str, Any]],
@@ -359,6 +386,7 @@ def convert(
                          shard_bytes=shard_bytes, context=context, progress=progress, hf_tokenizer=hf_tokenizer,
                          source_sha256=source_sha256 or {}, t0=t0, workers=n_workers, hashes=hashes)
             if hooks is not None:
+                hooks.check()
                 res.src_dir, source_identity = hooks.src_dir, hooks.source_identity()
             facts = _check_output(stage, output_sha256)
             if compare if compare is not None else should_compare(res.bytes_read):
@@ -367,7 +395,8 @@ def convert(
             write_record(res, context=context, folder=stage)
             write_provenance(res, stage, context=context, source=source_identity, side=side,
                              source_sha256=source_sha256 or {}, output_facts=facts)
-            commit_output(stage, out_dir, mode, [n for n, _ in res.files] + [RECORD_NAME, PROVENANCE_NAME])
+            with hooks.committing() if hooks is not None else contextlib.nullcontext():
+                commit_output(stage, out_dir, mode, [n for n, _ in res.files] + [RECORD_NAME, PROVENANCE_NAME])
         finally:
             shutil.rmtree(stage, ignore_errors=True)  # gone after a commit; a failed run leaves nothing
     finally:

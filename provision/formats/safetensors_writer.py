@@ -39,6 +39,7 @@ from typing import Any
 from provision.errors import ConvertError
 from provision.formats.safetensors import DTYPE_BYTES
 from provision.io.atomic import TMP_PREFIX, disk_full_is_exit_6, fsync_dir
+from provision.io.readahead import ReadAhead
 
 DEFAULT_SHARD_BYTES = 5 * 10**9
 WRITEBACK_BYTES = 32 << 20  # writeback is started per range of this size; the range before it is then dropped
@@ -122,90 +123,62 @@ class _Follower:
                 self.cond.notify_all()
 
     def _catch_up(self) -> None:
-        """Hash bytes 0..limit read back from the file, reading the next block (on a reader
-        thread) while this one hashes the last: the read-back of a shard whose header became final
+        """Hash bytes 0..limit read back from the file, reading the next block (``ReadAhead``)
+        while this thread hashes the last: the read-back of a shard whose header became final
         late (at ``finish``) costs the slower of the disk and sha256, not their sum."""
-        import mmap
-
-        bufs = [mmap.mmap(-1, FOLLOW_BYTES) for _ in range(FOLLOW_DEPTH)]  # page-aligned, for direct reads
-        free: queue.Queue[int] = queue.Queue()
-        for i in range(FOLLOW_DEPTH):
-            free.put(i)
-        full: queue.Queue[tuple[int, int] | BaseException] = queue.Queue()
-        stop = threading.Event()
-        reader = threading.Thread(target=self._read_ahead, args=(bufs, free, full, stop), daemon=True,
-                                  name="hash-output-read")
-        reader.start()
-        try:
-            pos = 0
-            while True:
-                with self.cond:
-                    self.pos = pos
-                    self.cond.notify_all()
-                    if pos >= self.limit:
-                        self.inline = True
-                        return
-                got = full.get()
-                if isinstance(got, BaseException):
-                    raise got
-                i, n = got
-                with memoryview(bufs[i]) as mv:
-                    self.sha.update(mv[:n])
-                free.put(i)
-                pos += n
-        finally:
-            stop.set()
-            with self.cond:
-                self.cond.notify_all()
-            reader.join()
-            for b in bufs:
-                b.close()
-
-    def _read_ahead(self, bufs: list[Any], free: queue.Queue[int],
-                    full: queue.Queue[tuple[int, int] | BaseException], stop: threading.Event) -> None:
-        """The reader of ``_catch_up``: the file from byte 0 up to ``limit`` (as it grows), in order."""
-        try:
-            fd = os.open(self.path, os.O_RDONLY)
-        except OSError as e:
-            full.put(e)
-            return
+        fd = os.open(self.path, os.O_RDONLY)
         dfd = _open_direct(self.path)
         try:
-            pos = 0
-            while not stop.is_set():
-                with self.cond:
-                    end = self.limit
-                    if pos >= end:  # wait for more bytes, or for the hasher to catch up and stop
-                        self.cond.wait(0.1)
-                        continue
-                try:
-                    i = free.get(timeout=0.1)
-                except queue.Empty:
-                    continue
-                mv = memoryview(bufs[i])
-                try:
-                    k = min(FOLLOW_BYTES, end - pos)
-                    if dfd is not None and pos % DIRECT_ALIGN == 0 and k >= DIRECT_ALIGN:
-                        # aligned whole blocks past the page cache (written back already, or
-                        # flushed by the kernel first): no copy out of the cache
-                        k -= k % DIRECT_ALIGN
-                        n = os.preadv(dfd, [mv[:k]], pos)
-                    else:  # a piece of a block: through the cache
-                        if pos % DIRECT_ALIGN:
-                            k = min(k, DIRECT_ALIGN - pos % DIRECT_ALIGN)
-                        n = os.preadv(fd, [mv[:k]], pos)
-                finally:
-                    mv.release()
-                if n == 0:
-                    raise OSError(f"{self.path.name} is shorter than written")
-                full.put((i, n))
-                pos += n
-        except BaseException as e:  # handed to the hasher, which raises it (an OSError: hashed by finish)
-            full.put(e)
+            with ReadAhead(self._filler(fd, dfd), size=FOLLOW_BYTES, depth=FOLLOW_DEPTH,
+                           name="hash-output-read") as ahead:
+                pos = 0
+                while True:
+                    with self.cond:
+                        self.pos = pos
+                        self.cond.notify_all()
+                        if pos >= self.limit:
+                            self.inline = True
+                            return
+                    block = ahead.next()
+                    self.sha.update(block)
+                    pos += block.nbytes
         finally:
+            with self.cond:
+                self.cond.notify_all()
             os.close(fd)
             if dfd is not None:
                 os.close(dfd)
+
+    def _filler(self, fd: int, dfd: int | None) -> Callable[[memoryview, threading.Event], int]:
+        """The reader of ``_catch_up``: the file from byte 0 up to ``limit`` (as it grows), in order."""
+        pos = 0
+
+        def fill(mv: memoryview, stop: threading.Event) -> int:
+            nonlocal pos
+            while True:
+                with self.cond:
+                    end = self.limit
+                    if pos < end:
+                        break
+                    if stop.is_set():
+                        return 0
+                    self.cond.wait(0.1)  # wait for more bytes, or for the hasher to catch up and stop
+            k = min(mv.nbytes, end - pos)
+            if dfd is not None and pos % DIRECT_ALIGN == 0 and k >= DIRECT_ALIGN:
+                # aligned whole blocks past the page cache (written back already, or flushed by
+                # the kernel first): no copy out of the cache
+                k -= k % DIRECT_ALIGN
+                n = os.preadv(dfd, [mv[:k]], pos)
+            else:  # a piece of a block: through the cache
+                if pos % DIRECT_ALIGN:
+                    k = min(k, DIRECT_ALIGN - pos % DIRECT_ALIGN)
+                n = os.preadv(fd, [mv[:k]], pos)
+            if n == 0:
+                raise OSError(f"{self.path.name} is shorter than written")
+            pos += n
+            return n
+
+        return fill
 
     def result(self) -> str | None:
         self.t.join()

@@ -30,6 +30,7 @@ from provision.formats.params import ModelArgs
 from provision.formats.provenance import PROVENANCE_NAME, SourceIdentity
 from provision.formats.safetensors_writer import CheckpointWriter, plan_shards
 from provision.hardware import Target, parse_target
+from provision.io.readahead import ReadAhead
 from provision.io.space import check_free_space
 from provision.progress import ByteCounter, ProgressEvent, ProgressFn
 from provision.stages.convert.compare import compare_logits, should_compare
@@ -158,73 +159,40 @@ def _hash_fd(fd: int, stop: threading.Event | None = None, reader: SafetensorsSo
     dominates reading on a small VM), else in big pieces dropped from the page cache behind; then,
     with ``reader`` (the conversion reading the same file), pages up to ``KEEP_AHEAD_BYTES`` ahead
     of its position stay cached for it to read (it drops them). A helper thread reads the next
-    pieces while this one hashes: the digest is ready after the slower of the disk and sha256, not
-    their sum (it decides how much of the output must be read back to be hashed)."""
+    pieces while this one hashes (``ReadAhead``): the digest is ready after the slower of the disk
+    and sha256, not their sum (it decides how much of the output must be read back to be hashed)."""
     import hashlib
-    import mmap
-    import queue
 
     h = hashlib.sha256()
-    bufs = [mmap.mmap(-1, REHASH_BYTES) for _ in range(REHASH_DEPTH)]  # page-aligned, as O_DIRECT needs
-    free: queue.Queue[int] = queue.Queue()
-    for i in range(REHASH_DEPTH):
-        free.put(i)
-    full: queue.Queue[tuple[int, int] | BaseException] = queue.Queue()
-    done = threading.Event()
+    dfd = _direct_fd(fd)
+    off = 0
 
-    def read() -> None:
-        dfd = _direct_fd(fd)
-        off = 0
-        try:
-            while not done.is_set():
-                try:
-                    i = free.get(timeout=0.1)
-                except queue.Empty:  # the hasher is behind: wait again unless it stopped
-                    continue
-                with memoryview(bufs[i]) as mv:
-                    try:
-                        n = os.preadv(dfd if dfd is not None else fd, [mv], off)
-                    except OSError:
-                        if dfd is None:
-                            raise
-                        os.close(dfd)  # the filesystem refused the direct read after all: read through the cache
-                        dfd = None
-                        free.put(i)
-                        continue
-                full.put((i, n))
-                if not n:
-                    return
-                ahead = off - reader.read_end if reader is not None else -1
-                if dfd is None and not 0 <= ahead <= KEEP_AHEAD_BYTES:
-                    with contextlib.suppress(OSError, AttributeError):  # advice only (and missing on macOS)
-                        os.posix_fadvise(fd, off, n, os.POSIX_FADV_DONTNEED)
-                off += n
-        except BaseException as e:  # raised by the hashing thread
-            full.put(e)
-        finally:
-            if dfd is not None:
+    def fill(mv: memoryview, _stop: threading.Event) -> int:
+        nonlocal dfd, off
+        if dfd is not None:
+            try:
+                n = os.preadv(dfd, [mv], off)
+            except OSError:  # the filesystem refused the direct read after all: read through the cache
                 os.close(dfd)
+                dfd = None
+        if dfd is None:
+            n = os.preadv(fd, [mv], off)
+            ahead = off - reader.read_end if reader is not None else -1
+            if not 0 <= ahead <= KEEP_AHEAD_BYTES:
+                with contextlib.suppress(OSError, AttributeError):  # advice only (and missing on macOS)
+                    os.posix_fadvise(fd, off, n, os.POSIX_FADV_DONTNEED)
+        off += n
+        return n
 
-    t = threading.Thread(target=read, daemon=True, name="sha256-source-read")
-    t.start()
     try:
-        while True:
-            got = full.get()
-            if isinstance(got, BaseException):
-                raise got
-            i, n = got
-            if not n:
-                break
-            if stop is not None and stop.is_set():
-                raise ConvertError("The source hash was abandoned.")
-            with memoryview(bufs[i]) as mv:
-                h.update(mv[:n])
-            free.put(i)
+        with ReadAhead(fill, size=REHASH_BYTES, depth=REHASH_DEPTH, name="sha256-source-read") as ahead:
+            while block := ahead.next():
+                if stop is not None and stop.is_set():
+                    raise ConvertError("The source hash was abandoned.")
+                h.update(block)
     finally:
-        done.set()
-        t.join()
-        for b in bufs:
-            b.close()
+        if dfd is not None:
+            os.close(dfd)
     return h.hexdigest()
 
 

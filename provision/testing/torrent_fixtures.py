@@ -166,6 +166,29 @@ def stop_process(p: subprocess.Popen[Any], sig: int = signal.SIGTERM, timeout: f
     return p.returncode
 
 
+def start_fetch(magnet: str, dest: Path, *extra: str, log: Path) -> subprocess.Popen[str]:
+    """``provision fetch MAGNET --dest DEST --network closed --json`` in the background: the report
+    on its stdout, stderr into ``log``."""
+    with open(log, "w") as fh:
+        return subprocess.Popen([*PROVISION, "fetch", magnet, "--dest", str(dest), "--network", "closed",
+                                 "--stall-timeout", "30", "--json", *extra],
+                                stdout=subprocess.PIPE, stderr=fh, text=True, env=provision_env())
+
+
+def sigkill_fetch_midway(magnet: str, dest: Path, resume: Path, fraction: float, log: Path) -> None:
+    """Start a fetch capped at 4 MB/s, SIGKILL it once its resume data at ``resume`` holds at least
+    ``fraction`` of the pieces (it must still be running then), and wait for it to be gone."""
+    p = start_fetch(magnet, dest, "--max-download-rate", "4M", log=log)
+    try:
+        wait_for(lambda: resume_fraction(resume) >= fraction or p.poll() is not None, 60,
+                 what=f"{fraction:.0%} of the download in the resume data")
+        assert p.poll() is None, log.read_text()
+        os.kill(p.pid, signal.SIGKILL)
+        p.wait(10)
+    finally:
+        stop_process(p)
+
+
 def resume_fraction(path: Path) -> float:
     """The share of pieces libtorrent's resume data at ``path`` says are downloaded and checked
     (0.0 while the file is missing or unreadable): real progress, unlike the size of files the

@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import signal
-import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -20,13 +18,9 @@ import provision.stages.verify.parallel as vparallel
 from provision.stages.fetch.torrent.live import PieceFence
 from provision.stages.fetch.torrent.stream_hash import StreamFile, StreamHasher
 from provision.testing.torrent_fixtures import (
-    PROVISION,
     make_payload,
-    provision_env,
-    resume_fraction,
     seed_thread,
-    stop_process,
-    wait_for,
+    sigkill_fetch_midway,
 )
 from tests.support.cli import cli_json, provision_home
 
@@ -136,18 +130,7 @@ def test_a_killed_bare_magnet_fetch_resumes_and_records_the_right_sha256_without
     dest = tmp_path / "dest"
     with seed_thread(src) as info:
         resume = provision_home() / "torrents" / f"{info.btih}.resume"
-        with open(tmp_path / "f1.log", "w") as log:
-            p = subprocess.Popen([*PROVISION, "fetch", info.magnet, "--dest", str(dest), "--network", "closed",
-                                  "--stall-timeout", "30", "--json", "--max-download-rate", "4M"],
-                                 stdout=subprocess.DEVNULL, stderr=log, text=True, env=provision_env())
-        try:
-            wait_for(lambda: resume_fraction(resume) >= 0.4 or p.poll() is not None, 60,
-                     what="part of the download in the resume data")
-            assert p.poll() is None, (tmp_path / "f1.log").read_text()
-            os.kill(p.pid, signal.SIGKILL)
-            p.wait(10)
-        finally:
-            stop_process(p)
+        sigkill_fetch_midway(info.magnet, dest, resume, 0.4, tmp_path / "f1.log")
         f = _fetch(capsys, info.magnet, dest)
     assert f["extra"]["resumed"] is True and f["bytes_downloaded"] < sum(sizes.values())
     assert whole_reads == []

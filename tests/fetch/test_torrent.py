@@ -12,7 +12,6 @@ import json
 import os
 import secrets
 import signal
-import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -20,14 +19,14 @@ import pytest
 
 from provision.cli.main import run_cli
 from provision.testing.torrent_fixtures import (
-    PROVISION,
     corrupt_peer,
     make_payload,
-    provision_env,
     resume_fraction,
     same_tree,
     seed_thread,
     seeding_endpoint,
+    sigkill_fetch_midway,
+    start_fetch,
     stop_process,
     wait_for,
 )
@@ -302,13 +301,6 @@ def test_a_peer_serving_corrupted_pieces_is_survived_and_its_hash_failures_count
 # interruption and resume
 
 
-def start_fetch(magnet: str, dest: Path, *extra: str, log: Path) -> subprocess.Popen[str]:
-    with open(log, "w") as fh:
-        return subprocess.Popen([*PROVISION, "fetch", magnet, "--dest", str(dest), "--network", "closed",
-                                 "--stall-timeout", "30", "--json", *extra],
-                                stdout=subprocess.PIPE, stderr=fh, text=True, env=provision_env())
-
-
 @pytest.mark.slow
 def test_sigkill_midway_then_rerun_downloads_under_55_percent_of_the_total(
         tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -318,15 +310,7 @@ def test_sigkill_midway_then_rerun_downloads_under_55_percent_of_the_total(
     dest = tmp_path / "dest"
     with seed_thread(src) as info:
         resume = provision_home() / "torrents" / f"{info.btih}.resume"
-        p = start_fetch(info.magnet, dest, "--max-download-rate", "4M", log=tmp_path / "f1.log")
-        try:
-            wait_for(lambda: resume_fraction(resume) >= 0.5 or p.poll() is not None, 60,
-                     what="half of the download in the resume data")
-            assert p.poll() is None, (tmp_path / "f1.log").read_text()
-            os.kill(p.pid, signal.SIGKILL)
-            p.wait(10)
-        finally:
-            stop_process(p)
+        sigkill_fetch_midway(info.magnet, dest, resume, 0.5, tmp_path / "f1.log")
         assert final_names(dest) == []
         rc, rep = fetch_json(capsys, info.magnet, "--dest", str(dest), "--stall-timeout", "30")
     assert rc == 0, rep

@@ -5,6 +5,7 @@ to a conversion after the fetch when the download it followed stopped."""
 
 from __future__ import annotations
 
+import shutil
 import threading
 import time
 from pathlib import Path
@@ -12,6 +13,9 @@ from typing import Any
 
 import pytest
 
+from provision.stages.convert import convert
+from provision.stages.convert.source import SafetensorsSource
+from provision.stages.convert.stage import ConvertCancelled, ConvertHooks
 from provision.stages.fetch.torrent.stream_hash import StreamHasher
 from provision.stages.overlap import Gate, LateDigests, Overlap, OverlapCancelled, PieceMap
 
@@ -155,3 +159,50 @@ def test_an_overlapped_conversion_whose_download_stopped_gives_way_to_a_conversi
 
 def _never(*_a: Any) -> Any:
     raise AssertionError("not called")
+
+
+class _CallsOffOnFirstRead(SafetensorsSource):
+    """A source whose first tensor read calls the conversion off (as the run ending would)."""
+
+    hooks: ConvertHooks | None = None
+
+    def read_into(self, mv: memoryview, start: int) -> None:
+        assert self.hooks is not None
+        self.hooks.cancel()
+        super().read_into(mv, start)
+
+
+def test_a_conversion_called_off_midway_raises_convert_cancelled_and_commits_nothing(
+        tiny_src: Path, tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    shutil.copytree(tiny_src, src)
+    sources: list[_CallsOffOnFirstRead] = []
+
+    def open_source(p: Path, root: Path) -> SafetensorsSource:
+        s = _CallsOffOnFirstRead(p, root=root)
+        s.hooks = hooks
+        sources.append(s)
+        return s
+
+    hooks = ConvertHooks(open_source=open_source, src_dir=src, source_identity=lambda: None)
+    out = tmp_path / "out"
+    with pytest.raises(ConvertCancelled, match="called off"):
+        convert(src, out, target="cpu", scheme="bf16", layout="mistral", context=4096, workers=1, hooks=hooks,
+                source_sha256={})
+    assert sources and hooks.abort.is_set()
+    assert not out.exists()  # nothing committed
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".provision-tmp")] == []  # no staging left
+
+
+def test_calling_off_waits_for_a_commit_in_progress() -> None:
+    hooks = ConvertHooks(open_source=_never, src_dir=Path("."), source_identity=lambda: None)
+    order: list[str] = []
+    with hooks.committing():
+        t = threading.Thread(target=lambda: (hooks.cancel(), order.append("cancelled")))
+        t.start()
+        t.join(0.3)
+        order.append("committed")  # cancel() could not return while the commit held the lock
+    t.join(10)
+    assert order == ["committed", "cancelled"]
+    with pytest.raises(ConvertCancelled), hooks.committing():
+        pytest.fail("a commit after cancel() must not run")

@@ -57,12 +57,11 @@ REHASH_DEPTH = 3  # its read buffers: the next pieces are read while one is hash
 KEEP_AHEAD_BYTES = 256 << 20  # source pages the source hasher leaves cached ahead of the conversion
 
 
-@dataclass(frozen=True)
 class ConvertCancelled(ConvertError):
     """The conversion was called off (``ConvertHooks.abort``) before it committed; nothing was."""
 
 
-@dataclass
+@dataclass(frozen=True)
 class ConvertHooks:
     """How a conversion that overlaps its source's download (``provision.stages.overlap``) reads it:
     ``open_source(path, src_dir)`` opens a weights file whose reads wait for verified bytes,

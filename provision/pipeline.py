@@ -61,7 +61,7 @@ class RunOptions:
     lock_timeout: float | None = None
     keep_pickle: bool = False  # a pickled torrent release: keep the pickle in staging after the import
     convert_workers: int | None = None  # threads converting tensors (None: PROVISION_CONVERT_WORKERS or the CPUs)
-    overlap: bool = True  # convert the verified pieces of a torrent download while the rest arrives (stages.overlap)
+    overlap: bool = True  # convert what the download has delivered while the rest arrives (stages.overlap)
     profile_from: str | None = None  # a shared profile's magnet or .torrent: fetched instead of original + convert
     trust_key: Path | None = None  # the public key a --profile-from signature must verify against
     allow_unsigned: bool = False  # --profile-from without a key: trust the provenance record alone
@@ -399,13 +399,14 @@ class _Run:
         else:
             from provision.stages.fetch import fetch
 
-            torrent = opts.torrent
+            torrent, hub = opts.torrent, opts.hub
             self.overlap = self.start_overlap()
             if self.overlap is not None:
                 torrent = replace(torrent, piece_watch=self.overlap.attach)
+                hub = replace(hub, piece_watch=self.overlap.attach)
             self.fetch_started_at = time.monotonic()
             try:
-                fres = fetch(plan, source=opts.source, dest=original, torrent=torrent, hub=opts.hub,
+                fres = fetch(plan, source=opts.source, dest=original, torrent=torrent, hub=hub,
                              progress=self.progress, lock=False)  # run_pipeline holds the model's lock
             except BaseException as e:  # a failed fetch discards the conversion running beside it
                 if self.overlap is not None:
@@ -423,8 +424,9 @@ class _Run:
                        sha256={p: h for p, (_s, h) in facts.items()})
 
     def start_overlap(self) -> Overlap | None:
-        """The conversion that follows a torrent download's verified pieces, or None (``--skip-convert``,
-        ``RunOptions.overlap`` off); it starts only if the fetch goes by BitTorrent."""
+        """The conversion that follows the download (a torrent's verified pieces, a Hub file's written
+        prefix), or None (``--skip-convert``, ``RunOptions.overlap`` off); it starts once the fetch
+        knows its files, and not at all for an adopted folder."""
         if not self.opts.overlap or self.opts.skip_convert:
             return None
         from provision.stages.overlap import Overlap, clean_views

@@ -1,9 +1,11 @@
 """Converting while fetching: ``provision run`` converts the tensors whose pieces a torrent
-download has verified while the rest of the download is still arriving.
+download has verified (or, from the Hub, whose bytes have been written) while the rest of the
+download is still arriving.
 
-``Overlap.attach`` is the torrent fetch's ``piece_watch``: it receives the download's
-``StreamHasher`` (its ``have`` map says which pieces libtorrent passed hash-checking and flushed)
-and starts one thread that waits for the small side files (``params.json``, tokenizer; their
+``Overlap.attach`` is the fetch's ``piece_watch``: it receives the torrent download's
+``StreamHasher`` (its ``have`` map says which pieces libtorrent passed hash-checking and flushed),
+or the Hub download's ``HubStream`` (the same face over the partial files: a "piece" is ``have``
+once the written prefix covers it, unverified until the whole-file sha256 passes), and starts one thread that waits for the small side files (``params.json``, tokenizer; their
 pieces are asked for first) and for each weight file's header, then runs the ordinary
 ``stages.convert.convert`` over a private source folder (``staging/<model>/overlap-<pid>/``:
 copies of the side files, hard links of the staged weight files) whose reads wait until their
@@ -12,11 +14,14 @@ digests it records come from ``LateDigests``, which wait for the pipeline's verd
 download (``Gate``: the fetch's and verify's full checks passed), so the profile is committed only
 after every source file passed its full verification; a failure discards it (the convert stage's
 staging folder is removed, nothing is committed). A killed run redoes the conversion (no
-per-tensor state is kept: the state file records a conversion only once it is committed).
+per-tensor state is kept: the state file records a conversion only once it is committed). Before
+the commit, every file the conversion read must be the very inode the fetch put in place, and no
+source file may have started over (``restarted``, a Hub download the server would not continue):
+otherwise the conversion is discarded and the pipeline converts after the fetch.
 
-It does nothing for a Hub download (the fetch never calls the watch), nor when a weight file was
-already in place before the download; the pipeline then converts after the fetch as before. It
-does not choose what to download, verify files or write the state file.
+It does nothing when a torrent's weight file was already in place before the download (the
+pipeline then converts after the fetch as before), nor for an adopted folder. It does not choose
+what to download, verify files or write the state file.
 """
 
 from __future__ import annotations
@@ -194,9 +199,10 @@ class PieceMap:
 class GatedSource(SafetensorsSource):
     """A staged weight file whose reads wait for their verified pieces (``PieceMap``)."""
 
-    def __init__(self, path: Path, root: Path, pieces: PieceMap, offset: int, progress: ReadLog) -> None:
+    def __init__(self, path: Path, root: Path, pieces: PieceMap, offset: int, size: int, progress: ReadLog) -> None:
         self.piece_map, self.offset, self.log = pieces, offset, progress
-        super().__init__(path, root=root)  # the header's pieces were waited for before the file was linked
+        # the header's pieces were waited for before the file was linked; a Hub partial is still growing
+        super().__init__(path, root=root, size=size)
 
     def read_into(self, mv: memoryview, start: int) -> None:
         if self.piece_map.abort.is_set():  # the run ended: no further tensor is read
@@ -265,6 +271,8 @@ class Overlap:
         self.abort = threading.Event()
         self.log = ReadLog()
         self.view = staging / f"{VIEW_PREFIX}{os.getpid()}"
+        self.source: Any = None  # the fetch's StreamHasher or HubStream
+        self.linked: list[str] = []  # the files in the view
         self.thread: threading.Thread | None = None
         self.hooks: ConvertHooks | None = None  # the conversion's own; ``cancel`` calls it off through them
         self.result: ConvertResult | None = None
@@ -283,6 +291,7 @@ class Overlap:
         side = [f for f in files if f not in weights]
         if not weights or not any(f.rel == "params.json" for f in side):
             return  # nothing this conversion could start from: the pipeline converts after the fetch
+        self.source = hasher
         pieces = PieceMap(hasher, self.abort, handle, _v1_hashes(handle))
         # params.json whole, then the first piece of every other file (the weights' headers)
         first = [p for f in side if f.rel == "params.json" for p in pieces.pieces(f.offset, 0, f.size)]
@@ -305,11 +314,11 @@ class Overlap:
                 raise OverlapUnavailable(f"staged file gone: {e}") from None
             target, prof = self.choose(ModelArgs.from_file(self.view / "params.json"))
             self.profile = prof
-            offsets = {f.rel: f.offset for f in weights}
+            offsets, sizes = {f.rel: f.offset for f in weights}, {f.rel: f.size for f in weights}
             note(self.progress, "convert", f"converting to {prof.name} while the download continues")
             self.started_at = time.monotonic()
             hooks = ConvertHooks(
-                open_source=lambda p, root: GatedSource(p, root, pieces, offsets[p.name], self.log),
+                open_source=lambda p, root: GatedSource(p, root, pieces, offsets[p.name], sizes[p.name], self.log),
                 src_dir=self.original, source_identity=lambda: self.gate.identity, abort=self.abort)
             self.hooks = hooks
             if self.abort.is_set():
@@ -345,6 +354,21 @@ class Overlap:
     def _link(self, f: Any) -> None:
         """Hard-link a staged file into the view: the fetch may move its name meanwhile, never its inode."""
         os.link(f.path, self.view / f.rel)  # OSError (no hard links here, or moved): converted after the fetch
+        self.linked.append(f.rel)
+
+    def stale(self) -> str | None:
+        """Why the bytes converted are not the ones verified (the download is over), or None: a
+        source file started over, or a file in the view is not the one now in place."""
+        restarted = sorted(getattr(self.source, "restarted", ()))
+        if restarted:
+            return f"{restarted[0]} was downloaded again from its first byte"
+        for rel in list(self.linked):
+            try:
+                if os.stat(self.view / rel).st_ino != os.stat(self.original / rel).st_ino:
+                    return f"{rel} in place is not the file converted"
+            except OSError:
+                return f"{rel} is not in place"
+        return None
 
     def _wait_header(self, pieces: PieceMap, f: Any) -> None:
         """Wait for a weight file's 8-byte length and then its whole header (bounded)."""
@@ -389,6 +413,11 @@ class Overlap:
             return None
         if self.profile is not None and self.profile.name != prof.name:
             self.cancel(OverlapCancelled(f"the run converts to {prof.name}"))
+            return None
+        why = self.stale() if self.thread.is_alive() else None
+        if why is not None:
+            note(self.progress, "convert", f"the conversion while fetching is discarded ({why}); converting again")
+            self.cancel(OverlapCancelled(why))
             return None
         self.gate.resolve(digests, identity)
         self.join()

@@ -55,33 +55,33 @@ def _run(manifest: Path, home: Path, *extra: str) -> subprocess.CompletedProcess
                           env=provision_env())
 
 
-def _profile(home: Path) -> Path:
-    root = Layout(home).model_dir(NAME)
+def _profile(home: Path, name: str = NAME) -> Path:
+    root = Layout(home).model_dir(name)
     dirs = [d for d in root.iterdir() if d.is_dir() and d.name != "original"]
     assert len(dirs) == 1, dirs
     return dirs[0]
 
 
-def _leftovers(home: Path) -> list[str]:
-    """Conversion staging folders and overlap source views a run left behind."""
+def _leftovers(home: Path, name: str = NAME) -> list[str]:
+    """Conversion staging folders and overlap source views (and a Hub download's links) a run left behind."""
     lay = Layout(home)
-    found = [p.name for p in lay.model_dir(NAME).iterdir() if p.name.startswith(".provision-tmp")] \
-        if lay.model_dir(NAME).is_dir() else []
-    staging = lay.staging(NAME)
+    found = [p.name for p in lay.model_dir(name).iterdir() if p.name.startswith(".provision-tmp")] \
+        if lay.model_dir(name).is_dir() else []
+    staging = lay.staging(name)
     found += [p.name for p in staging.iterdir() if p.name.startswith("overlap-")] if staging.is_dir() else []
     return found
 
 
-def _reference(manifest: Path, home: Path) -> Path:
+def _reference(manifest: Path, home: Path, *extra: str, name: str = NAME) -> Path:
     """The profile of a conversion after the fetch: fetch only, then a run whose fetch is skipped."""
-    first = _run(manifest, home, "--skip-convert")
+    first = _run(manifest, home, "--skip-convert", *extra)
     assert first.returncode == 0, first.stderr[-3000:]
-    second = _run(manifest, home)
+    second = _run(manifest, home, *extra)
     assert second.returncode == 0, second.stderr[-3000:]
     assert STARTED not in second.stderr  # nothing fetched: converted after the fetch
     stages = {s["stage"]: s["result"] for s in json.loads(second.stdout)["stages"]}
     assert stages["fetch"] == "skipped" and stages["convert"] == "ok"
-    return _profile(home)
+    return _profile(home, name)
 
 
 def _record_without_timing(folder: Path) -> dict[str, Any]:
@@ -162,6 +162,137 @@ def test_a_run_killed_while_converting_during_the_fetch_resumes_to_the_same_prof
     assert r.returncode == 0, r.stderr[-3000:]
     assert _leftovers(home) == []
     _assert_same_profile(_profile(home), _reference(good, tmp_path / "ref"))
+
+
+# -- from the Hub: the written prefix of each partial is converted; the whole-file sha256 gates it --
+
+HUB_NAME = "tiny-pixtral"  # the tiny checkpoint's own manifest, served by the loopback hub (conftest ``hub``)
+WEIGHTS = "consolidated.safetensors"
+HUB_RATE = 4_000_000  # bytes/s per body: the weights take about 8 s, so the conversion runs beside them
+
+
+def _hub_run(manifest: Path, home: Path, *extra: str) -> subprocess.CompletedProcess[str]:
+    return _run(manifest, home, "--source", "hf", *extra)
+
+
+def _partial(home: Path) -> Path:
+    """The weights' resumable partial in the run's staging folder (``hub/<sha256>-<size>.part``)."""
+    parts = list((Layout(home).staging(HUB_NAME) / "hub").glob("*.part"))
+    big = [p for p in parts if p.stat().st_size > 0 and p.name.endswith(f"-{33986832}.part")]
+    assert len(big) == 1, parts
+    return big[0]
+
+
+def _kill_midway(manifest: Path, home: Path, log: Path) -> None:
+    """Start an overlapped Hub run and SIGKILL it once it converts and has a third of the weights."""
+    with open(log, "w") as fh:
+        p = subprocess.Popen(_cmd(manifest, home, "--source", "hf"), cwd=ROOT, env=provision_env(),
+                             stdout=subprocess.DEVNULL, stderr=fh, text=True)
+    part_dir = Layout(home).staging(HUB_NAME) / "hub"
+
+    def far_enough() -> bool:
+        parts = [q.stat().st_size for q in part_dir.glob(f"*-{33986832}.part")] if part_dir.is_dir() else []
+        return STARTED in log.read_text() and bool(parts) and parts[0] > 33986832 // 3
+
+    try:
+        wait_for(lambda: far_enough() or p.poll() is not None, 120, interval=0.02,
+                 what="the overlapped conversion to start and a third of the weights")
+        assert p.poll() is None, f"the run ended before it could be killed: {log.read_text()[-3000:]}"
+        p.send_signal(signal.SIGKILL)
+        p.wait(timeout=30)
+    finally:
+        stop_process(p, signal.SIGKILL)
+    root = Layout(home).model_dir(HUB_NAME)
+    assert not any((d / RECORD_NAME).exists() for d in root.iterdir() if d.is_dir() and d.name != "original")
+
+
+@pytest.mark.slow
+def test_an_overlapped_hub_run_commits_the_same_bytes_as_a_conversion_after_the_fetch(
+        hub: Any, tiny_src: Path, tmp_path: Path) -> None:
+    manifest = tiny_src / "manifest.toml"
+    hub.rate_limit = HUB_RATE
+    r = _hub_run(manifest, tmp_path / "a")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert STARTED in r.stderr
+    doc = json.loads(r.stdout)
+    assert doc["overlap"]["converted_while_fetching"] is True
+    assert doc["overlap"]["bytes_converted_before_last_byte"] > 0  # converted while the weights arrived
+    assert 0 <= doc["ready_after_last_byte_seconds"] < 60
+    fetch = next(s for s in doc["stages"] if s["stage"] == "fetch")
+    assert fetch["details"]["how"] == "hf"
+    hub.rate_limit = 0
+    _assert_same_profile(_profile(tmp_path / "a", HUB_NAME),
+                         _reference(manifest, tmp_path / "b", "--source", "hf", name=HUB_NAME))
+    assert _leftovers(tmp_path / "a", HUB_NAME) == []
+
+
+@pytest.mark.slow
+def test_hub_weights_failing_their_sha256_commit_no_overlapped_profile(
+        hub: Any, tiny_src: Path, tmp_path: Path) -> None:
+    # the server sends other bytes of the right size (a valid header, one weight byte changed): the
+    # conversion reads and converts them, the whole-file sha256 fails (exit 5), and it is discarded
+    bad = tmp_path / "bad.safetensors"
+    data = bytearray((tiny_src / WEIGHTS).read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    bad.write_bytes(bytes(data))
+    hub.serve_instead[WEIGHTS] = bad
+    hub.rate_limit = HUB_RATE
+    home = tmp_path / "home"
+    r = _hub_run(tiny_src / "manifest.toml", home)
+    assert r.returncode == 5, r.stderr[-3000:]
+    assert STARTED in r.stderr
+    doc = json.loads(r.stdout)
+    assert doc["ok"] is False and doc["exit_code"] == 5
+    root = Layout(home).model_dir(HUB_NAME)
+    assert [p.name for p in root.iterdir() if p.is_dir() and p.name != "original"] == []  # nothing committed
+    assert not (root / "original" / WEIGHTS).exists()
+    assert _leftovers(home, HUB_NAME) == []
+
+
+@pytest.mark.slow
+def test_a_hub_run_killed_while_converting_resumes_its_partial_to_the_same_profile(
+        hub: Any, tiny_src: Path, tmp_path: Path) -> None:
+    manifest, home = tiny_src / "manifest.toml", tmp_path / "home"
+    hub.rate_limit = HUB_RATE
+    _kill_midway(manifest, home, tmp_path / "first.log")
+    kept = _partial(home).stat().st_size
+    r = _hub_run(manifest, home)
+    assert r.returncode == 0, r.stderr[-3000:]
+    doc = json.loads(r.stdout)
+    fetch = next(s for s in doc["stages"] if s["stage"] == "fetch")
+    assert fetch["details"]["extra"]["resumed"][WEIGHTS] == kept  # the kept bytes were not downloaded again
+    assert doc["overlap"]["converted_while_fetching"] is True
+    assert _leftovers(home, HUB_NAME) == []
+    hub.rate_limit = 0
+    _assert_same_profile(_profile(home, HUB_NAME),
+                         _reference(manifest, tmp_path / "ref", "--source", "hf", name=HUB_NAME))
+
+
+@pytest.mark.slow
+def test_a_damaged_kept_prefix_discards_the_overlapped_conversion_and_converts_the_good_download(
+        hub: Any, tiny_src: Path, tmp_path: Path) -> None:
+    # a killed run kept a partial; a byte of it is damaged on disk. The next run converts the kept
+    # prefix at once, the resumed file fails its sha256 and is downloaded again from byte 0 (a new
+    # file): what was converted from the damaged bytes must be discarded, never committed
+    manifest, home = tiny_src / "manifest.toml", tmp_path / "home"
+    hub.rate_limit = HUB_RATE
+    _kill_midway(manifest, home, tmp_path / "first.log")
+    part = _partial(home)
+    with open(part, "r+b") as fh:
+        fh.seek(part.stat().st_size // 2)
+        b = fh.read(1)
+        fh.seek(-1, 1)
+        fh.write(bytes([b[0] ^ 0xFF]))
+    r = _hub_run(manifest, home)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "did not verify; downloading it again" in r.stderr
+    assert "downloaded again from its first byte" in r.stderr  # the overlapped conversion said why it went
+    doc = json.loads(r.stdout)
+    assert doc["overlap"]["converted_while_fetching"] is False
+    assert _leftovers(home, HUB_NAME) == []
+    hub.rate_limit = 0
+    _assert_same_profile(_profile(home, HUB_NAME),
+                         _reference(manifest, tmp_path / "ref", "--source", "hf", name=HUB_NAME))
 
 
 def test_the_run_report_schema_describes_the_overlap_figures() -> None:

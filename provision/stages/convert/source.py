@@ -45,7 +45,8 @@ class SrcTensor:
 class SafetensorsSource:
     """One safetensors file read by offsets: header parsed and checked, tensors read in pieces."""
 
-    def __init__(self, path: Path, *, root: Path | None = None) -> None:
+    def __init__(self, path: Path, *, root: Path | None = None, size: int | None = None) -> None:
+        """``size``: the file's length once complete, for a file still arriving (default: its length now)."""
         self.path = Path(path)
         self.read_end = 0
         self._dfd: int | None = None  # the O_DIRECT descriptor (-1/-2: none)
@@ -54,7 +55,7 @@ class SafetensorsSource:
         except OSError as e:
             raise StructureError(f"Cannot open {self.path}: {e.strerror}.", path=str(path)) from None
         try:
-            self.size = os.fstat(self.fd).st_size
+            self.size = os.fstat(self.fd).st_size if size is None else size
             self._read_header()
         except BaseException:
             os.close(self.fd)

@@ -124,6 +124,9 @@ class HubOptions:
     stall_timeout: float = 60.0
     retries: int = 5
     existing: ExistingPolicy = "replace"  # set by ``stages.fetch.fetch`` from where dest is
+    # called as piece_watch(hub_stream, None) once the files to download are known: ``provision run``
+    # converts the written prefix of each file while the rest arrives (stages.fetch.hub.stream)
+    piece_watch: Callable[[Any, Any], None] | None = field(default=None, compare=False, repr=False)
 
 
 @dataclass

@@ -37,6 +37,7 @@ from provision.stages.fetch.hub.errors import (
     unresolved_host,
 )
 from provision.stages.fetch.hub.http import RangeRefused, ResolveTarget, open_resolve, read_body
+from provision.stages.fetch.hub.stream import HubStream
 from provision.stages.fetch.hub.wanted import Wanted
 from provision.stages.fetch.request import HubOptions
 
@@ -86,6 +87,8 @@ class Transfer:
     retries_used: int = 0
     resumed: dict[str, int] = field(default_factory=dict)
     lock: threading.Lock = field(default_factory=threading.Lock)
+    stream: HubStream | None = None  # ``provision run`` converts the written prefix while the rest arrives
+    last_byte_at: float | None = None  # when the last file's last byte was written (time.monotonic)
 
     @property
     def partials(self) -> Path:
@@ -178,6 +181,10 @@ def _receive(tr: Transfer, w: Wanted, part: Path, cur: _Cursor, hasher: Backgrou
         with open(part, "r+b" if part.exists() else "wb") as out:
             out.seek(cur.offset)
             out.truncate()
+            stream = tr.stream
+            if stream is not None:
+                stream.begin(w.path, part, cur.offset)
+            shown = cur.offset // stream.pl if stream is not None else 0  # pieces the stream was shown
             for chunk in read_body(resp, tr.options.stall_timeout):
                 _cancelled(tr, w)
                 if cur.offset + len(chunk) > w.size:
@@ -189,9 +196,15 @@ def _receive(tr: Transfer, w: Wanted, part: Path, cur: _Cursor, hasher: Backgrou
                 cur.offset += len(chunk)
                 cur.received += len(chunk)
                 tr.progress.file(w, cur.offset, delta=len(chunk))
+                if stream is not None and (cur.offset // stream.pl > shown or cur.offset == w.size):
+                    out.flush()  # a reader of the file sees these bytes before they count
+                    shown = cur.offset // stream.pl
+                    stream.advance(w.path, cur.offset)
             out.flush()
             if cur.offset == w.size:  # durable before it is verified and renamed into place
                 os.fsync(out.fileno())
+                with tr.lock:
+                    tr.last_byte_at = max(tr.last_byte_at or 0.0, time.monotonic())
         cur.alive_at = time.monotonic()
         if cur.offset < w.size:
             raise httpx2.RemoteProtocolError("the response ended before the file did")
@@ -251,6 +264,8 @@ def _download(tr: Transfer, w: Wanted) -> tuple[Path, str, int]:
                 raise FetchError(f"{tr.endpoint} keeps refusing ranges for {w.repo_path}.",
                                  hint="Run again later.", path=w.path) from None
             note(tr.note, "hf", f"{w.path}: the server did not continue at byte {cur.offset}; starting over")
+            if tr.stream is not None:
+                tr.stream.restart(w.path)
             tr.progress.file(w, 0, delta=-cur.offset, force=True)
             cur.offset = 0
             h = sha256_prefix(part, 0)
@@ -276,5 +291,7 @@ def _download(tr: Transfer, w: Wanted) -> tuple[Path, str, int]:
             attempt += 1
             if status is not None:
                 cur.alive_at = time.monotonic()
+    if tr.stream is not None:  # an empty file, or one whose partial was already complete, shows every piece
+        tr.stream.begin(w.path, part, w.size)
     tr.progress.file(w, cur.offset, finished=True)
     return part, h.hexdigest(), cur.received

@@ -38,6 +38,7 @@ from provision.stages.fetch.hub.download import (
 )
 from provision.stages.fetch.hub.env import hub_endpoint, hub_offline, resolve_token
 from provision.stages.fetch.hub.listing import HubRecord, resolve_snapshot
+from provision.stages.fetch.hub.stream import HubStream, open_stream
 from provision.stages.fetch.hub.wanted import Wanted, source_of, wanted_files, wanted_offline
 from provision.stages.fetch.request import (
     FetchedFile,
@@ -105,6 +106,8 @@ def _fetch_group(tr: Transfer, group: list[Wanted], dest: Path) -> list[FetchedF
                 # start that file over; fresh bytes that fail are the source's fault
                 if attempt == 1 and w.path in tr.resumed and got < w.size:
                     note(tr.note, "hf", f"{w.path}: the resumed download did not verify; downloading it again")
+                    if tr.stream is not None:
+                        tr.stream.restart(w.path)
                     tr.progress.file(w, 0, delta=-w.size, force=True)
                     continue
                 raise
@@ -257,8 +260,16 @@ def fetch_hub(plan: FetchRequest, *, dest: Path, options: HubOptions, progress: 
     landing = dest if gate is None else staging / "signed"  # with a gate: committed only once it passed
     if gate is not None:
         shutil.rmtree(landing, ignore_errors=True)
-    if todo:
-        results.update(_download_all(tr, todo, landing))
+    tr.stream = _watch(options, staging, dest, wanted, present, todo)
+    if tr.stream is not None:  # what the conversion starts from comes first: params.json, then the rest
+        todo.sort(key=lambda w: (w.path != "params.json", -w.size))
+    download_start = time.monotonic()
+    try:
+        if todo:
+            results.update(_download_all(tr, todo, landing))
+    finally:
+        if tr.stream is not None:
+            tr.stream.stop()
     if gate is not None:
         try:
             gate({p: (safe_join(dest if p in present else landing, p), f.sha256) for p, f in results.items()})
@@ -272,4 +283,27 @@ def fetch_hub(plan: FetchRequest, *, dest: Path, options: HubOptions, progress: 
         seconds=time.monotonic() - t0,
         extra={"repo": repo, "revision": revision, "commit": snap.commit, "endpoint": endpoint, "prefix": prefix,
                "authenticated": bool(token), "retries": tr.retries_used, "resumed": tr.resumed,
-               "skipped": skipped, "reverified_bad": failed})
+               "skipped": skipped, "reverified_bad": failed, **_timing(t0, download_start, tr.last_byte_at)})
+
+
+def _timing(t0: float, download_start: float, last_byte_at: float | None) -> dict[str, float]:
+    """When the downloads began and how long until their last byte (``provision run`` times the
+    profile from that byte on), in seconds; nothing when no byte was downloaded."""
+    if last_byte_at is None:
+        return {}
+    return {"start_seconds": round(download_start - t0, 3),
+            "download_seconds": round(max(0.0, last_byte_at - download_start), 3)}
+
+
+def _watch(options: HubOptions, staging: Path, dest: Path, wanted: list[Wanted], present: Mapping[str, FetchedFile],
+           todo: list[Wanted]) -> HubStream | None:
+    """The stream ``options.piece_watch`` follows (``provision run``'s conversion while fetching), or
+    None: no watch, nothing to download, or a file copied from another of the same content (it has
+    no partial of its own to follow)."""
+    if options.piece_watch is None or not todo or len({w.key for w in todo}) < len(todo):
+        return None
+    stream = open_stream(staging, [(w.path, w.size, safe_join(dest, w.path) if w.path in present else None)
+                                   for w in wanted])
+    if stream is not None:
+        options.piece_watch(stream, None)
+    return stream

@@ -647,9 +647,10 @@ TOKENS = {"hf_alice_token_0123456789": "alice", "hf_bob_token_0123456789": "bob"
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m provision.testing.hub_server FOLDER [REPO] [--seconds N]``: serve FOLDER as REPO on
-    127.0.0.1 for at most N seconds (default 3600); print one JSON line (endpoint, cdn, repo,
-    commit, files: {path: sha256}) once ready. Used by benchmarks/hub_fetch.py."""
+    """``python -m provision.testing.hub_server FOLDER [REPO] [--seconds N] [--rate B]``: serve FOLDER as
+    REPO on 127.0.0.1 for at most N seconds (default 3600), each body at most B bytes/s (default 0,
+    unlimited); print one JSON line (endpoint, cdn, repo, commit, files: {path: sha256}) once
+    ready. Used by benchmarks/hub_fetch.py and benchmarks/run_overlap.py."""
     import argparse
     import sys
 
@@ -657,8 +658,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("folder", type=Path)
     ap.add_argument("repo", nargs="?", default="local/repo")
     ap.add_argument("--seconds", type=float, default=3600.0)
+    ap.add_argument("--rate", type=int, default=0)
     args = ap.parse_args(argv)
     with LoopbackHub() as h:
+        h.rate_limit = args.rate
         commit = h.add_folder(args.repo, args.folder)
         files = {p: f.sha256 for p, f in h.repos[args.repo].commits[commit].items()}
         print(json.dumps({"endpoint": h.endpoint, "cdn": h.cdn_url, "repo": args.repo, "commit": commit,

@@ -137,6 +137,31 @@ def test_seed_then_fetch_by_magnet_verifies_and_nothing_stands_under_a_final_nam
         assert sorted(rep2["fetch"]["extra"]["reused"]) == sorted(x["path"] for x in f["files"])
 
 
+def test_a_magnet_download_takes_its_pieces_in_order_once_the_files_are_wanted(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    # the stream hasher (and run's conversion beside the download) read the files in order: a
+    # download in random order makes them wait for the tail (libtorrent kept its sequential
+    # cursor from while a magnet wanted nothing, until the flag was set again)
+    from provision.stages.fetch.torrent.stream_hash import StreamHasher
+
+    marked: list[int] = []
+    real = StreamHasher.mark
+
+    def spy(self: StreamHasher, piece: int) -> None:
+        marked.append(piece)
+        real(self, piece)
+
+    monkeypatch.setattr(StreamHasher, "mark", spy)
+    src = tmp_path / "payload"
+    make_payload(src, {"a.dat": 48 << 20})
+    with seed_thread(src) as info:
+        rc, rep = fetch_json(capsys, info.magnet, "--dest", str(tmp_path / "dest"), "--stall-timeout", "30")
+    assert rc == 0, rep
+    assert len(marked) >= 48, len(marked)
+    backwards = sum(1 for a, b in zip(marked, marked[1:], strict=False) if b < a)
+    assert backwards <= len(marked) // 10, f"{backwards} of {len(marked)} pieces came before an earlier one: {marked[:40]}"
+
+
 def test_manifest_with_a_torrent_source_fetches_only_its_files_and_trusts_the_stream_hash(
         tiny_src: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     from provision.formats.manifest import Source, load_manifest, write_manifest

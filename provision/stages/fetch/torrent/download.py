@@ -310,6 +310,13 @@ def _prepare(job: FetchJob, live: LiveTorrent, ti: Any) -> tuple[list[Selected],
     live.h.prioritize_files(prios)
     live.h.unset_flags(lt.torrent_flags.default_dont_download)
     _reconnect(job, live)
+    if job.options.in_order and live.prio_applied:
+        # libtorrent (2.1) keeps the sequential picker's cursor where it was while every piece had
+        # priority 0 (a magnet's default_dont_download, or files left out): with the files now
+        # wanted it picked pieces in random order, so readers of the files (the stream hasher,
+        # run's conversion) waited for the tail. Setting the flag again restarts the cursor.
+        live.h.unset_flags(lt.torrent_flags.sequential_download)
+        live.h.set_flags(lt.torrent_flags.sequential_download)
     live.ses.apply_settings({"close_redundant_connections": True})  # kept off only while priorities applied
     return sels, auths
 

@@ -8,6 +8,7 @@ when a test kills them. Every libtorrent session is built from ``session_setting
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import os
 import secrets
@@ -158,7 +159,7 @@ def test_a_magnet_download_takes_its_pieces_in_order_once_the_files_are_wanted(
         rc, rep = fetch_json(capsys, info.magnet, "--dest", str(tmp_path / "dest"), "--stall-timeout", "30")
     assert rc == 0, rep
     assert len(marked) >= 48, len(marked)
-    backwards = sum(1 for a, b in zip(marked, marked[1:], strict=False) if b < a)
+    backwards = sum(1 for a, b in itertools.pairwise(marked) if b < a)
     assert backwards <= len(marked) // 10, f"{backwards} of {len(marked)} pieces came before an earlier one: {marked[:40]}"
 
 

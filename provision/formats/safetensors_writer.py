@@ -9,9 +9,10 @@ metadata known only at the end (source hashes) is patched in place before fsync 
 convert tensors or choose names.
 
 Written bytes go to the disk as they come: every ``WRITEBACK_BYTES`` a helper thread starts the
-writeback of the newest range and, once the range before it is on disk, drops it from the page
-cache (``_Writeback``), so dirty pages never pile up for one big fsync at the end (on a VM disk
-measured 4-6x faster than write-then-fsync, and the page cache stays small). Each shard's sha256
+writeback of the newest range and, once the range before it is on disk and hashed, drops it from
+the page cache (``_Writeback``), so dirty pages never pile up for one big fsync at the end (on a VM
+disk measured 4-6x faster than write-then-fsync, and the page cache stays small). Ranges written
+while the header is not final stay cached (clean) until the hasher has read them back. Each shard's sha256
 (``ShardWriter.sha256``) is computed from the moment its header is final: at ``open`` when
 nothing will be patched (``final_header``), else from ``finalize_header`` (metadata known
 mid-stream) or ``finish``; a helper thread reads back what was written before (``_Follower``),
@@ -214,10 +215,10 @@ class _Writeback:
             if prev is not None:  # wait for the one before (usually done) and drop it once hashed
                 _SFR(self.fd, prev[0], prev[1], _SFR_WAIT_BEFORE | _SFR_WRITE | _SFR_WAIT_AFTER)
                 f = self.follower()
-                if f is not None:
-                    f.wait_past(prev[0] + prev[1])
-                with contextlib.suppress(OSError, AttributeError):
-                    os.posix_fadvise(self.fd, prev[0], prev[1], os.POSIX_FADV_DONTNEED)
+                if f is not None:  # else the header is not final yet: the hasher that will read
+                    f.wait_past(prev[0] + prev[1])  # these bytes finds them cached (``finish`` drops them)
+                    with contextlib.suppress(OSError, AttributeError):
+                        os.posix_fadvise(self.fd, prev[0], prev[1], os.POSIX_FADV_DONTNEED)
             prev = r
 
     def close(self) -> None:

@@ -241,6 +241,11 @@ def _v1_hashes(handle: Any) -> Callable[[int], bytes] | None:
     return lambda p: bytes(ti.hash_for_piece(p))
 
 
+def _pread(path: Path, start: int, n: int) -> bytes:
+    with open(path, "rb") as fh:
+        return os.pread(fh.fileno(), n, start)
+
+
 def _preload() -> None:
     """Import what the conversion needs (torch, the loader, verify) ahead of it."""
     import torch  # noqa: F401
@@ -319,7 +324,8 @@ class Overlap:
             self.started_at = time.monotonic()
             hooks = ConvertHooks(
                 open_source=lambda p, root: GatedSource(p, root, pieces, offsets[p.name], sizes[p.name], self.log),
-                src_dir=self.original, source_identity=lambda: self.gate.identity, abort=self.abort)
+                src_dir=self.original, source_identity=lambda: self.gate.identity, abort=self.abort,
+                side_ready=lambda name: self._side_ready(pieces, side, name))
             self.hooks = hooks
             if self.abort.is_set():
                 raise OverlapCancelled("The run ended before the overlapped conversion began.")
@@ -350,6 +356,15 @@ class Overlap:
                 if not f.path.is_file():  # preallocated, else there once a piece of it is written
                     pieces.wait(f.offset, 0, 1)
                 self._link(f)
+
+    def _side_ready(self, pieces: PieceMap, side: list[Any], name: str) -> None:
+        """Wait until the side file ``name`` is complete (its pieces verified; a Hub file: written in
+        full, its sha256 checked before the commit), asking for its pieces first."""
+        f = next((x for x in side if x.rel == name), None)
+        if f is None or f.size == 0:
+            return
+        view = self.view / name
+        pieces.wait(f.offset, 0, f.size, read=lambda s, k: _pread(view, s, k), size=f.size)
 
     def _link(self, f: Any) -> None:
         """Hard-link a staged file into the view: the fetch may move its name meanwhile, never its inode."""

@@ -28,6 +28,8 @@ from provision.stages.convert.items import Item, output_dtype
 from provision.stages.convert.output import OUR_FILES, copy_side_file
 from provision.stages.profiles import QUANTIZED, Profile
 
+TOKENIZER_TIMEOUT_S = 600.0  # the tokenizer build (about 9 s of one core for Pixtral's tekken.json), bounded
+
 
 def quantization_config(scheme: str, *, ratio: float | None = None, ignore: list[str] | None = None) -> dict[str, Any]:
     """compressed-tensors' ``quantization_config`` for a scheme (the FP8-dynamic / W4A16 recipes).
@@ -95,23 +97,30 @@ def _text_files() -> dict[str, dict[str, Any]]:
 
 
 def _write_hf_tokenizer(tekken: Path, out_dir: Path) -> list[str]:
-    """tokenizer.json & co. from tekken.json through transformers (when installed); the names written."""
-    try:
-        from transformers.integrations.mistral import convert_tekken_tokenizer
-    except Exception:  # transformers missing or too old: the caller notes that vLLM reads tekken.json instead
-        return []
+    """tokenizer.json & co. from tekken.json through transformers (when installed), built in a child
+    process (``hf_tokenizer``: seconds of pure Python, kept off the conversion's interpreter); the
+    names written. Nothing (the caller notes that vLLM reads tekken.json instead) when
+    transformers is missing or cannot convert it, or the build outlives ``TOKENIZER_TIMEOUT_S``."""
+    import subprocess
+    import sys
+
     tmp = Path(tempfile.mkdtemp(prefix=TMP_PREFIX + "tok-", dir=out_dir))
     try:
-        tok = convert_tekken_tokenizer(str(tekken))
-        tok.save_pretrained(str(tmp))
+        pkg_root = str(Path(__file__).resolve().parents[3])  # the folder holding ``provision``
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [pkg_root, os.environ.get("PYTHONPATH")])))
+        try:
+            r = subprocess.run([sys.executable, "-m", "provision.stages.convert.hf_tokenizer", str(tekken), str(tmp)],
+                               capture_output=True, text=True, timeout=TOKENIZER_TIMEOUT_S, env=env, check=False)
+        except subprocess.TimeoutExpired:  # run() killed it
+            return []
+        if r.returncode != 0:
+            return []
         names = []
         for p in sorted(tmp.iterdir()):
             if OUR_FILES.match(p.name):
                 os.replace(p, out_dir / p.name)
                 names.append(p.name)
         return names
-    except Exception:  # a tekken.json transformers cannot convert: same fallback as above
-        return []
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 

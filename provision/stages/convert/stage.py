@@ -21,6 +21,7 @@ import shutil
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -34,7 +35,7 @@ from provision.io.readahead import ReadAhead
 from provision.io.space import check_free_space
 from provision.progress import ByteCounter, ProgressEvent, ProgressFn
 from provision.stages.convert.compare import compare_logits, should_compare
-from provision.stages.convert.hf_export import write_hf_side_files
+from provision.stages.convert.hf_export import HfSideFiles, write_hf_side_files
 from provision.stages.convert.items import Item, check_against_params, plan_items
 from provision.stages.convert.output import (
     MISTRAL_SIDE_FILES,
@@ -70,13 +71,16 @@ class ConvertHooks:
     download was verified). ``abort`` calls the conversion off from another thread: it is looked
     at between steps, and the commit happens under ``lock`` with ``abort`` clear, so whoever sets
     ``abort`` while holding ``lock`` (``cancel``) knows the conversion either committed already or
-    never will."""
+    never will. ``side_ready(name)``, when given, blocks until the side file ``name`` (e.g.
+    ``tekken.json``) is complete, so it can be read while the tensors stream (``ConvertCancelled``,
+    or the overlap's own error, once the run gave up)."""
 
     open_source: Callable[[Path, Path], SafetensorsSource]
     src_dir: Path
     source_identity: Callable[[], SourceIdentity | None]
     abort: threading.Event = field(default_factory=threading.Event)
     lock: threading.Lock = field(default_factory=threading.Lock)
+    side_ready: Callable[[str], None] | None = None
 
     def check(self) -> None:
         """``ConvertCancelled`` once ``abort`` is set."""
@@ -217,8 +221,6 @@ class _SourceHashes:
     converted)."""
 
     def __init__(self, sources: list[SafetensorsSource], known: Mapping[str, str]) -> None:
-        from concurrent.futures import ThreadPoolExecutor
-
         self.todo = [s for s in sources if s.path.name not in known]
         self.names = {s.path.name for s in self.todo}
         self.stamps = {s.path.name: _stamp(s) for s in self.todo}
@@ -263,8 +265,6 @@ def _output_digests(stage: Path, written: Mapping[str, str], names: list[str]) -
     """``{name: sha256}`` of the weight files in ``stage``: the writer's digests of what it wrote
     (``written``) and, for a shard whose header was patched after its bytes were hashed, the file
     read back once (the shards in parallel: hashlib releases the GIL)."""
-    from concurrent.futures import ThreadPoolExecutor
-
     todo = [n for n in names if n.endswith(".safetensors") and n not in written]
     out = {n: d for n, d in written.items() if n in names}
     if todo:
@@ -351,7 +351,8 @@ def convert(
         try:
             res, output_sha256 = _write(src_dir, stage, out_dir, args, tgt, prof, items, sources, side, source_files,
                          shard_bytes=shard_bytes, context=context, progress=progress, hf_tokenizer=hf_tokenizer,
-                         source_sha256=source_sha256 or {}, t0=t0, workers=n_workers, hashes=hashes)
+                         source_sha256=source_sha256 or {}, t0=t0, workers=n_workers, hashes=hashes,
+                         side_ready=hooks.side_ready if hooks is not None else None)
             if hooks is not None:
                 hooks.check()
                 res.src_dir, source_identity = hooks.src_dir, hooks.source_identity()
@@ -381,12 +382,17 @@ def _write(src_dir: Path, stage: Path, out_dir: Path, args: ModelArgs, tgt: Targ
            items: list[Item], sources: list[SafetensorsSource], side: list[Path], source_files: list[dict[str, Any]],
            *, shard_bytes: int, context: int, progress: ProgressFn | None, hf_tokenizer: bool,
            source_sha256: Mapping[str, str], t0: float, workers: int,
-           hashes: _SourceHashes | None = None) -> tuple[ConvertResult, dict[str, str]]:
+           hashes: _SourceHashes | None = None,
+           side_ready: Callable[[str], None] | None = None) -> tuple[ConvertResult, dict[str, str]]:
     """Stream the tensors and write the side files of the layout into ``stage``; the result (for
     ``out_dir``) and the sha256 of every weight file written (``_output_digests``). ``hashes``
     computes the digests of the sources the caller did not give; once they are known the shard
-    headers are final and the shards are hashed as they are written."""
-    final = all(s.path.name in source_sha256 for s in sources)
+    headers are final and the shards are hashed as they are written. The ``hf`` layout's side
+    files (the tokenizer built from tekken.json takes seconds) are written on a helper thread
+    while the tensors stream, once ``side_ready`` says tekken.json is complete."""
+    # final only when every digest is known now (an overlapped fetch names its files at once but
+    # may give their digests only at the end: their shards are hashed once the header is patched)
+    final = all(source_sha256.get(s.path.name) is not None for s in sources)
     writer = _writer(stage, items, prof, source_files, shard_bytes, final_header=final)
 
     def fill(digests: Mapping[str, str]) -> str:
@@ -395,6 +401,15 @@ def _write(src_dir: Path, stage: Path, out_dir: Path, args: ModelArgs, tgt: Targ
                 f["sha256"], f["sha256_from"] = digests[f["path"]], "computed"
         return json.dumps(source_files, separators=(",", ":"))
 
+    side_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="convert-side")
+    hf_side: Future[HfSideFiles] | None = None
+    if prof.layout == "hf":
+        def hf_side_files() -> HfSideFiles:
+            if side_ready is not None and (src_dir / "tekken.json").exists():
+                side_ready("tekken.json")
+            return write_hf_side_files(src_dir, stage, args, prof, items, writer.data_bytes, hf_tokenizer=hf_tokenizer)
+
+        hf_side = side_pool.submit(hf_side_files)
     try:
         if hashes is not None and not final:
             hashes.when_done(lambda d: writer.finalize_header({"provision.source": fill(d)}))
@@ -411,13 +426,17 @@ def _write(src_dir: Path, stage: Path, out_dir: Path, args: ModelArgs, tgt: Targ
         output_sha256 = _output_digests(stage, writer.digests(), files)
     except BaseException:
         writer.abort()
+        side_pool.shutdown(wait=True)  # the side files' thread writes into ``stage``: done before it goes
         raise
     notes: list[str] = []
     hf_tok = False
-    if prof.layout == "mistral":
+    try:
+        hf = hf_side.result() if hf_side is not None else None
+    finally:
+        side_pool.shutdown(wait=True)
+    if hf is None:
         files += [copy_side_file(p, src_dir, stage) for p in side if MISTRAL_SIDE_FILES.match(p.name)]
     else:
-        hf = write_hf_side_files(src_dir, stage, args, prof, items, writer.data_bytes, hf_tokenizer=hf_tokenizer)
         files += hf.files
         notes += hf.notes
         hf_tok = hf.hf_tokenizer

@@ -285,6 +285,8 @@ class Overlap:
         self.profile: Profile | None = None
         self.started_at: float | None = None  # the conversion began (headers and side files in)
         self.committed_at: float | None = None
+        # torch and the output checks take seconds to import: loaded while the fetch starts
+        threading.Thread(target=_preload, name="provision-overlap-import", daemon=True).start()
 
     # -- the fetch's side ---------------------------------------------------------------------
     def attach(self, hasher: Any, handle: Any) -> None:
@@ -297,12 +299,14 @@ class Overlap:
         if not weights or not any(f.rel == "params.json" for f in side):
             return  # nothing this conversion could start from: the pipeline converts after the fetch
         self.source = hasher
+        # digests the fetch holds the files to, known before their bytes (a Hub file's LFS sha256):
+        # the conversion's headers are final at once; the manifest's, when given, come first
+        self.expected = {**dict(getattr(hasher, "sha256", None) or {}), **self.expected}
         pieces = PieceMap(hasher, self.abort, handle, _v1_hashes(handle))
-        # params.json whole, then the first piece of every other file (the weights' headers)
-        first = [p for f in side if f.rel == "params.json" for p in pieces.pieces(f.offset, 0, f.size)]
+        # the side files whole (params.json, the tokenizer the conversion reads while the tensors
+        # stream), then the first piece of every other file (the weights' headers)
+        first = [p for f in side for p in pieces.pieces(f.offset, 0, f.size)]
         pieces.hurry(sorted(set(first + [p for f in files for p in pieces.pieces(f.offset, 0, 1)])))
-        # torch and the output checks take seconds to import: loaded while the first pieces arrive
-        threading.Thread(target=_preload, name="provision-overlap-import", daemon=True).start()
         self.thread = threading.Thread(target=self._run, args=(pieces, weights, side), name="provision-overlap",
                                        daemon=True)
         self.thread.start()

@@ -303,7 +303,7 @@ def _watch(options: HubOptions, staging: Path, dest: Path, wanted: list[Wanted],
     if options.piece_watch is None or not todo or len({w.key for w in todo}) < len(todo):
         return None
     stream = open_stream(staging, [(w.path, w.size, safe_join(dest, w.path) if w.path in present else None)
-                                   for w in wanted])
+                                   for w in wanted], sha256={w.path: w.sha256 for w in wanted if w.sha256})
     if stream is not None:
         options.piece_watch(stream, None)
     return stream

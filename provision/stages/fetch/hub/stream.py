@@ -22,7 +22,7 @@ from __future__ import annotations
 import os
 import shutil
 import threading
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -46,9 +46,11 @@ class HubStream:
     """The Hub download's progress as verified-looking pieces (see the module docstring)."""
 
     def __init__(self, staging: Path, files: Sequence[tuple[str, int, Path | None]],
-                 piece_length: int = PIECE_BYTES) -> None:
-        """``files``: (path, size, the verified copy already in place or None) in any order."""
+                 piece_length: int = PIECE_BYTES, sha256: Mapping[str, str] | None = None) -> None:
+        """``files``: (path, size, the verified copy already in place or None) in any order;
+        ``sha256``: the digests the fetch will hold each file to (a manifest's or the Hub's LFS sha256)."""
         self.pl = piece_length
+        self.sha256 = dict(sha256 or {})  # the conversion writes them into its headers at once
         self.mirror = staging / f"{MIRROR_PREFIX}{os.getpid()}"
         self.cond = threading.Condition()
         self.stopped = False
@@ -129,10 +131,11 @@ class HubStream:
         shutil.rmtree(self.mirror, ignore_errors=True)
 
 
-def open_stream(staging: Path, files: Sequence[tuple[str, int, Path | None]]) -> HubStream | None:
+def open_stream(staging: Path, files: Sequence[tuple[str, int, Path | None]],
+                sha256: Mapping[str, str] | None = None) -> HubStream | None:
     """A ``HubStream``, or None where hard links cannot be made (another filesystem, no support)."""
     try:
-        return HubStream(staging, files)
+        return HubStream(staging, files, sha256=sha256)
     except OSError:
         shutil.rmtree(staging / f"{MIRROR_PREFIX}{os.getpid()}", ignore_errors=True)
         return None

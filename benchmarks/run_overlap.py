@@ -4,7 +4,8 @@ Generates a random bf16 checkpoint with Pixtral 12B's real params.json (``--scal
 layer count and vocabulary as ``convert_memory.py`` does; the default 0.08 is about 2 GB), serves it
 on 127.0.0.1 (``--source torrent``, the default: seeded with ``provision seed --network closed``;
 ``--source hf``: the loopback Hub of ``provision.testing.hub_server`` in its own process,
-``--hub-rate`` bytes/s per file, 0 unlimited), then measures in the same run, each from a fresh home
+``--rate`` bytes/s per file body, 0 unlimited; for the torrent ``--rate`` is fetch's and run's
+``--max-download-rate``), then measures in the same run, each from a fresh home
 folder and in the order fetch, run, fetch, run... (``--repeat``; the fastest of each counts):
 
 * ``provision fetch SOURCE --dest D`` (wall seconds of the process), and
@@ -22,6 +23,7 @@ to the same bar). It also prints the run report's
     .venv/bin/python benchmarks/run_overlap.py --dir /var/tmp/ovbench                # ~2 GB
     .venv/bin/python benchmarks/run_overlap.py --dir /var/tmp/ovbench --scale 1      # full 25 GB
     .venv/bin/python benchmarks/run_overlap.py --dir /var/tmp/ovbench --source hf    # from the loopback Hub
+    .venv/bin/python benchmarks/run_overlap.py --dir /var/tmp/ovbench --rate 150000000   # a 1.2 Gbit/s source
 """
 
 from __future__ import annotations
@@ -53,7 +55,7 @@ REPO = "local/pixtral-shaped"
 
 
 @contextlib.contextmanager
-def served(src: Path, work: Path, source: str, hub_rate: int) -> Iterator[str]:
+def served(src: Path, work: Path, source: str, rate: int) -> Iterator[str]:
     """``src`` served on 127.0.0.1; yields what fetch and run are given (a magnet, or hf://REPO with
     HF_ENDPOINT set for the child processes)."""
     if source == "torrent":
@@ -62,7 +64,7 @@ def served(src: Path, work: Path, source: str, hub_rate: int) -> Iterator[str]:
         return
     # the hub runs in its own process (it lives at most an hour and is stopped here)
     server = subprocess.Popen([sys.executable, "-m", "provision.testing.hub_server", str(src), REPO, "--seconds",
-                               "3600", "--rate", str(hub_rate)], cwd=ROOT, stdout=subprocess.PIPE, text=True)
+                               "3600", "--rate", str(rate)], cwd=ROOT, stdout=subprocess.PIPE, text=True)
     try:
         assert server.stdout is not None
         info = json.loads(server.stdout.readline())
@@ -125,7 +127,8 @@ def main() -> int:
     ap.add_argument("--keep", action="store_true", help="keep the generated checkpoint")
     ap.add_argument("--baseline", action="store_true", help="also time fetch then convert, not overlapped")
     ap.add_argument("--source", choices=("torrent", "hf"), default="torrent", help="what serves the checkpoint")
-    ap.add_argument("--hub-rate", type=int, default=0, help="--source hf: bytes/s per file body (0 = unlimited)")
+    ap.add_argument("--rate", type=int, default=0,
+                    help="bytes/s the source delivers (0 = unlimited): the Hub's per body, the torrent's download")
     a = ap.parse_args()
     base = Path(tempfile.mkdtemp(prefix="provision-ovbench-", dir=a.dir))
     src = base / "src" / "pixtral-shaped"
@@ -134,7 +137,9 @@ def main() -> int:
         print(f"checkpoint: {n} tensors, {size / 1e9:.2f} GB (scale {a.scale})", flush=True)
         fetches: list[float] = []
         runs: list[tuple[float, dict[str, Any]]] = []
-        with served(src, base, a.source, a.hub_rate) as uri:
+        if a.rate and a.source == "torrent":  # the same limit for fetch, run and the baseline
+            NET.extend(["--max-download-rate", str(a.rate)])
+        with served(src, base, a.source, a.rate) as uri:
             for _ in range(a.repeat):
                 fetches.append(fetch_once(uri, base))
                 print(f"fetch: {fetches[-1]:.2f} s", flush=True)

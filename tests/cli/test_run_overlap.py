@@ -13,7 +13,7 @@ import dataclasses
 import json
 import signal
 import subprocess
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -140,24 +140,28 @@ def test_a_download_failing_its_full_verification_commits_no_overlapped_profile(
     assert _leftovers(home) == []
 
 
-@pytest.mark.slow
-def test_a_run_killed_while_converting_during_the_fetch_resumes_to_the_same_profile(
-        seeded: tuple[Path, Path], tmp_path: Path) -> None:
-    good, _ = seeded
-    home, log = tmp_path / "home", tmp_path / "first.log"
+def _sigkill_when(cmd: list[str], log: Path, ready: Callable[[], bool], what: str, home: Path, name: str) -> None:
+    """Start ``cmd`` (stderr to ``log``), SIGKILL it once ``ready()``; nothing of it may be committed."""
     with open(log, "w") as fh:
-        p = subprocess.Popen(_cmd(good, home, "--max-download-rate", "4M"), cwd=ROOT, env=provision_env(),
-                             stdout=subprocess.DEVNULL, stderr=fh, text=True)
+        p = subprocess.Popen(cmd, cwd=ROOT, env=provision_env(), stdout=subprocess.DEVNULL, stderr=fh, text=True)
     try:
-        wait_for(lambda: STARTED in log.read_text() or p.poll() is not None, 120, interval=0.02,
-                 what="the overlapped conversion to start")
+        wait_for(lambda: ready() or p.poll() is not None, 120, interval=0.02, what=what)
         assert p.poll() is None, f"the run ended before it could be killed: {log.read_text()[-3000:]}"
         p.send_signal(signal.SIGKILL)
         p.wait(timeout=30)
     finally:
         stop_process(p, signal.SIGKILL)
-    root = Layout(home).model_dir(NAME)
+    root = Layout(home).model_dir(name)
     assert not any((d / RECORD_NAME).exists() for d in root.iterdir() if d.is_dir() and d.name != "original")
+
+
+@pytest.mark.slow
+def test_a_run_killed_while_converting_during_the_fetch_resumes_to_the_same_profile(
+        seeded: tuple[Path, Path], tmp_path: Path) -> None:
+    good, _ = seeded
+    home, log = tmp_path / "home", tmp_path / "first.log"
+    _sigkill_when(_cmd(good, home, "--max-download-rate", "4M"), log, lambda: STARTED in log.read_text(),
+                  "the overlapped conversion to start", home, NAME)
     r = _run(good, home)
     assert r.returncode == 0, r.stderr[-3000:]
     assert _leftovers(home) == []
@@ -175,35 +179,25 @@ def _hub_run(manifest: Path, home: Path, *extra: str) -> subprocess.CompletedPro
     return _run(manifest, home, "--source", "hf", *extra)
 
 
-def _partial(home: Path) -> Path:
+def _partial(home: Path, size: int) -> Path:
     """The weights' resumable partial in the run's staging folder (``hub/<sha256>-<size>.part``)."""
-    parts = list((Layout(home).staging(HUB_NAME) / "hub").glob("*.part"))
-    big = [p for p in parts if p.stat().st_size > 0 and p.name.endswith(f"-{33986832}.part")]
-    assert len(big) == 1, parts
-    return big[0]
+    parts = list((Layout(home).staging(HUB_NAME) / "hub").glob(f"*-{size}.part"))
+    assert len(parts) == 1, parts
+    return parts[0]
 
 
-def _kill_midway(manifest: Path, home: Path, log: Path) -> None:
-    """Start an overlapped Hub run and SIGKILL it once it converts and has a third of the weights."""
-    with open(log, "w") as fh:
-        p = subprocess.Popen(_cmd(manifest, home, "--source", "hf"), cwd=ROOT, env=provision_env(),
-                             stdout=subprocess.DEVNULL, stderr=fh, text=True)
+def _kill_midway(manifest: Path, home: Path, log: Path, size: int) -> Path:
+    """Start an overlapped Hub run and SIGKILL it once it converts and has a third of the weights
+    (``size`` bytes); the weights' partial."""
     part_dir = Layout(home).staging(HUB_NAME) / "hub"
 
     def far_enough() -> bool:
-        parts = [q.stat().st_size for q in part_dir.glob(f"*-{33986832}.part")] if part_dir.is_dir() else []
-        return STARTED in log.read_text() and bool(parts) and parts[0] > 33986832 // 3
+        parts = [q.stat().st_size for q in part_dir.glob(f"*-{size}.part")] if part_dir.is_dir() else []
+        return STARTED in log.read_text() and bool(parts) and parts[0] > size // 3
 
-    try:
-        wait_for(lambda: far_enough() or p.poll() is not None, 120, interval=0.02,
-                 what="the overlapped conversion to start and a third of the weights")
-        assert p.poll() is None, f"the run ended before it could be killed: {log.read_text()[-3000:]}"
-        p.send_signal(signal.SIGKILL)
-        p.wait(timeout=30)
-    finally:
-        stop_process(p, signal.SIGKILL)
-    root = Layout(home).model_dir(HUB_NAME)
-    assert not any((d / RECORD_NAME).exists() for d in root.iterdir() if d.is_dir() and d.name != "original")
+    _sigkill_when(_cmd(manifest, home, "--source", "hf"), log, far_enough,
+                  "the overlapped conversion to start and a third of the weights", home, HUB_NAME)
+    return _partial(home, size)
 
 
 @pytest.mark.slow
@@ -254,8 +248,7 @@ def test_a_hub_run_killed_while_converting_resumes_its_partial_to_the_same_profi
         hub: Any, tiny_src: Path, tmp_path: Path) -> None:
     manifest, home = tiny_src / "manifest.toml", tmp_path / "home"
     hub.rate_limit = HUB_RATE
-    _kill_midway(manifest, home, tmp_path / "first.log")
-    kept = _partial(home).stat().st_size
+    kept = _kill_midway(manifest, home, tmp_path / "first.log", (tiny_src / WEIGHTS).stat().st_size).stat().st_size
     r = _hub_run(manifest, home)
     assert r.returncode == 0, r.stderr[-3000:]
     doc = json.loads(r.stdout)
@@ -276,8 +269,7 @@ def test_a_damaged_kept_prefix_discards_the_overlapped_conversion_and_converts_t
     # file): what was converted from the damaged bytes must be discarded, never committed
     manifest, home = tiny_src / "manifest.toml", tmp_path / "home"
     hub.rate_limit = HUB_RATE
-    _kill_midway(manifest, home, tmp_path / "first.log")
-    part = _partial(home)
+    part = _kill_midway(manifest, home, tmp_path / "first.log", (tiny_src / WEIGHTS).stat().st_size)
     with open(part, "r+b") as fh:
         fh.seek(part.stat().st_size // 2)
         b = fh.read(1)

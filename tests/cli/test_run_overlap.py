@@ -123,6 +123,17 @@ def test_an_overlapped_run_commits_the_same_bytes_as_a_conversion_after_the_fetc
     assert _leftovers(tmp_path / "a") == []
 
 
+def _assert_failed_verification_commits_nothing(r: subprocess.CompletedProcess[str], home: Path, name: str) -> None:
+    """The overlapped conversion ran, the download failed its full verification (exit 5), nothing is committed."""
+    assert r.returncode == 5, r.stderr[-3000:]
+    assert STARTED in r.stderr
+    doc = json.loads(r.stdout)
+    assert doc["ok"] is False and doc["exit_code"] == 5
+    root = Layout(home).model_dir(name)
+    assert [p.name for p in root.iterdir() if p.is_dir() and p.name != "original"] == []  # nothing committed
+    assert _leftovers(home, name) == []
+
+
 @pytest.mark.slow
 def test_a_download_failing_its_full_verification_commits_no_overlapped_profile(
         seeded: tuple[Path, Path], tmp_path: Path) -> None:
@@ -130,14 +141,7 @@ def test_a_download_failing_its_full_verification_commits_no_overlapped_profile(
     # weights does not match, so the fetch fails verification (exit 5) and the profile is discarded
     _, bad = seeded
     home = tmp_path / "home"
-    r = _run(bad, home, "--max-download-rate", "8M")
-    assert r.returncode == 5, r.stderr[-3000:]
-    assert STARTED in r.stderr
-    doc = json.loads(r.stdout)
-    assert doc["ok"] is False and doc["exit_code"] == 5
-    root = Layout(home).model_dir(NAME)
-    assert [p.name for p in root.iterdir() if p.is_dir() and p.name != "original"] == []  # nothing committed
-    assert _leftovers(home) == []
+    _assert_failed_verification_commits_nothing(_run(bad, home, "--max-download-rate", "8M"), home, NAME)
 
 
 def _sigkill_when(cmd: list[str], log: Path, ready: Callable[[], bool], what: str, home: Path, name: str) -> None:
@@ -232,15 +236,8 @@ def test_hub_weights_failing_their_sha256_commit_no_overlapped_profile(
     hub.serve_instead[WEIGHTS] = bad
     hub.rate_limit = HUB_RATE
     home = tmp_path / "home"
-    r = _hub_run(tiny_src / "manifest.toml", home)
-    assert r.returncode == 5, r.stderr[-3000:]
-    assert STARTED in r.stderr
-    doc = json.loads(r.stdout)
-    assert doc["ok"] is False and doc["exit_code"] == 5
-    root = Layout(home).model_dir(HUB_NAME)
-    assert [p.name for p in root.iterdir() if p.is_dir() and p.name != "original"] == []  # nothing committed
-    assert not (root / "original" / WEIGHTS).exists()
-    assert _leftovers(home, HUB_NAME) == []
+    _assert_failed_verification_commits_nothing(_hub_run(tiny_src / "manifest.toml", home), home, HUB_NAME)
+    assert not (Layout(home).model_dir(HUB_NAME) / "original" / WEIGHTS).exists()
 
 
 @pytest.mark.slow

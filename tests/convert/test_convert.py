@@ -338,3 +338,21 @@ def test_a_conversion_killed_midway_leaves_no_final_shard_and_reruns_cleanly(tin
     for p in sorted(fresh.glob("model-*.safetensors")):
         assert _sha(p) == _sha(out / p.name)
     assert len(res.files) > 3
+
+
+def test_the_tokenizer_built_in_a_child_process_is_byte_for_byte_the_one_built_in_process(
+        tiny_src: Path, tmp_path: Path) -> None:
+    # a big conversion builds tokenizer.json in a child process (off its interpreter), a small one
+    # in its own: the files must not depend on where they were built
+    from provision.stages.convert.hf_export import _write_hf_tokenizer
+
+    got: dict[str, dict[str, bytes]] = {}
+    for how in ("child", "here"):
+        out = tmp_path / how
+        out.mkdir()
+        (out / "tekken.json").write_bytes((tiny_src / "tekken.json").read_bytes())
+        names = _write_hf_tokenizer(out / "tekken.json", out, in_child=how == "child")
+        assert "tokenizer.json" in names
+        got[how] = {n: (out / n).read_bytes() for n in names}
+        assert not [p.name for p in out.iterdir() if p.name.startswith(".provision-tmp")]  # no build folder left
+    assert got["child"] == got["here"]

@@ -29,6 +29,7 @@ from provision.stages.convert.output import OUR_FILES, copy_side_file
 from provision.stages.profiles import QUANTIZED, Profile
 
 TOKENIZER_TIMEOUT_S = 600.0  # the tokenizer build (about 9 s of one core for Pixtral's tekken.json), bounded
+TOKENIZER_CHILD_MIN_BYTES = 1 << 30  # from this much source on, the tokenizer is built in a child process
 
 
 def quantization_config(scheme: str, *, ratio: float | None = None, ignore: list[str] | None = None) -> dict[str, Any]:
@@ -96,24 +97,32 @@ def _text_files() -> dict[str, dict[str, Any]]:
     return {"generation_config.json": {"bos_token_id": 1, "eos_token_id": 2}}
 
 
-def _write_hf_tokenizer(tekken: Path, out_dir: Path) -> list[str]:
-    """tokenizer.json & co. from tekken.json through transformers (when installed), built in a child
-    process (``hf_tokenizer``: seconds of pure Python, kept off the conversion's interpreter); the
-    names written. Nothing (the caller notes that vLLM reads tekken.json instead) when
-    transformers is missing or cannot convert it, or the build outlives ``TOKENIZER_TIMEOUT_S``."""
+def _build_in_child(tekken: Path, tmp: Path) -> bool:
+    """Run ``hf_tokenizer`` in a child process (bounded by ``TOKENIZER_TIMEOUT_S``); whether it wrote."""
     import subprocess
     import sys
 
+    pkg_root = str(Path(__file__).resolve().parents[3])  # the folder holding ``provision``
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [pkg_root, os.environ.get("PYTHONPATH")])))
+    try:
+        r = subprocess.run([sys.executable, "-m", "provision.stages.convert.hf_tokenizer", str(tekken), str(tmp)],
+                           capture_output=True, text=True, timeout=TOKENIZER_TIMEOUT_S, env=env, check=False)
+    except subprocess.TimeoutExpired:  # run() killed it
+        return False
+    return r.returncode == 0
+
+
+def _write_hf_tokenizer(tekken: Path, out_dir: Path, *, in_child: bool = False) -> list[str]:
+    """tokenizer.json & co. from tekken.json through transformers (when installed); the names
+    written. ``in_child``: built in a child process (``hf_tokenizer``: seconds of pure Python kept
+    off the conversion's interpreter, worth its start-up when the conversion is big), else here.
+    Nothing (the caller notes that vLLM reads tekken.json instead) when transformers is missing
+    or cannot convert it, or a child's build outlives ``TOKENIZER_TIMEOUT_S``."""
+    from provision.stages.convert.hf_tokenizer import build
+
     tmp = Path(tempfile.mkdtemp(prefix=TMP_PREFIX + "tok-", dir=out_dir))
     try:
-        pkg_root = str(Path(__file__).resolve().parents[3])  # the folder holding ``provision``
-        env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [pkg_root, os.environ.get("PYTHONPATH")])))
-        try:
-            r = subprocess.run([sys.executable, "-m", "provision.stages.convert.hf_tokenizer", str(tekken), str(tmp)],
-                               capture_output=True, text=True, timeout=TOKENIZER_TIMEOUT_S, env=env, check=False)
-        except subprocess.TimeoutExpired:  # run() killed it
-            return []
-        if r.returncode != 0:
+        if not (_build_in_child(tekken, tmp) if in_child else build(str(tekken), str(tmp))[0] == 0):
             return []
         names = []
         for p in sorted(tmp.iterdir()):
@@ -139,7 +148,7 @@ def _write_json(path: Path, doc: dict[str, Any]) -> None:
 
 
 def write_hf_side_files(src_dir: Path, out_dir: Path, args: ModelArgs, profile: Profile, items: list[Item],
-                        data_bytes: int, *, hf_tokenizer: bool) -> HfSideFiles:
+                        data_bytes: int, *, hf_tokenizer: bool, tokenizer_in_child: bool = False) -> HfSideFiles:
     """config.json, processor and tokenizer files for an ``hf`` conversion of ``src_dir`` in ``out_dir``.
 
     ``data_bytes`` is the tensor data written (for the compression ratio of quantized schemes);
@@ -168,7 +177,8 @@ def write_hf_side_files(src_dir: Path, out_dir: Path, args: ModelArgs, profile: 
         return out
     out.files.append(copy_side_file(tekken, src_dir, out_dir))
     # the copy, not the source: it was read once, through the checks of ``copy_side_file``
-    tok_files = _write_hf_tokenizer(out_dir / "tekken.json", out_dir) if hf_tokenizer else []
+    tok_files = _write_hf_tokenizer(out_dir / "tekken.json", out_dir, in_child=tokenizer_in_child) \
+        if hf_tokenizer else []
     out.files += tok_files
     out.hf_tokenizer = "tokenizer.json" in tok_files
     if not out.hf_tokenizer:

@@ -35,7 +35,7 @@ from provision.io.readahead import ReadAhead
 from provision.io.space import check_free_space
 from provision.progress import ByteCounter, ProgressEvent, ProgressFn
 from provision.stages.convert.compare import compare_logits, should_compare
-from provision.stages.convert.hf_export import HfSideFiles, write_hf_side_files
+from provision.stages.convert.hf_export import TOKENIZER_CHILD_MIN_BYTES, HfSideFiles, write_hf_side_files
 from provision.stages.convert.items import Item, check_against_params, plan_items
 from provision.stages.convert.output import (
     MISTRAL_SIDE_FILES,
@@ -407,7 +407,9 @@ def _write(src_dir: Path, stage: Path, out_dir: Path, args: ModelArgs, tgt: Targ
         def hf_side_files() -> HfSideFiles:
             if side_ready is not None and (src_dir / "tekken.json").exists():
                 side_ready("tekken.json")
-            return write_hf_side_files(src_dir, stage, args, prof, items, writer.data_bytes, hf_tokenizer=hf_tokenizer)
+            big = sum(s.size for s in sources) >= TOKENIZER_CHILD_MIN_BYTES
+            return write_hf_side_files(src_dir, stage, args, prof, items, writer.data_bytes, hf_tokenizer=hf_tokenizer,
+                                       tokenizer_in_child=big)
 
         hf_side = side_pool.submit(hf_side_files)
     try:

@@ -12,6 +12,7 @@ import pytest
 
 from provision.cli.main import run_cli
 from provision.testing.ci import require_tool
+from provision.testing.fleet_fixtures import probe_whitelist
 from provision.testing.torrent_fixtures import (
     aria2c_download,
     aria2c_seed,
@@ -99,3 +100,15 @@ def test_provision_fetch_then_aria2c_reads_the_same_v1_torrent_from_provision(
         got = aria2c_download(s.torrent, tmp_path / "c", binary=aria2c, timeout=120)
     assert got.returncode == 0, got.stdout[-2000:]
     assert same_tree(src, tmp_path / "c" / "model", list(SIZES))
+
+
+def test_the_fleet_whitelist_probe_is_accepted_for_an_infohash_holding_a_space_byte(tmp_path: Path) -> None:
+    """One infohash in about 6 holds a 0x20 byte somewhere in its v1 or v2 form: the fleet's probe sent it
+    as "+" (quote_plus), opentracker read another infohash and refused it, and the fleet test timed out
+    waiting for a whitelist that was loaded all along."""
+    tracker_bin = require_tool("opentracker")
+    spaced, listed, unlisted = "21d83af7457a9b0b3362eb6f9af914eea22032a1", "ab" * 20, "cd" * 20
+    assert b" " in bytes.fromhex(spaced)
+    with opentracker(tmp_path, [spaced, listed], binary=tracker_bin) as tr:
+        assert probe_whitelist(tr.url, [spaced, listed]).returncode == 0
+        assert probe_whitelist(tr.url, [spaced, unlisted]).returncode == 1

@@ -21,7 +21,7 @@ import shutil
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -401,41 +401,37 @@ def _write(src_dir: Path, stage: Path, out_dir: Path, args: ModelArgs, tgt: Targ
                 f["sha256"], f["sha256_from"] = digests[f["path"]], "computed"
         return json.dumps(source_files, separators=(",", ":"))
 
-    side_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="convert-side")
-    hf_side: Future[HfSideFiles] | None = None
-    if prof.layout == "hf":
-        def hf_side_files() -> HfSideFiles:
-            if side_ready is not None and (src_dir / "tekken.json").exists():
-                side_ready("tekken.json")
-            big = sum(s.size for s in sources) >= TOKENIZER_CHILD_MIN_BYTES
-            return write_hf_side_files(src_dir, stage, args, prof, items, writer.data_bytes, hf_tokenizer=hf_tokenizer,
-                                       tokenizer_in_child=big)
+    bytes_read = sum(s.size for s in sources)
 
-        hf_side = side_pool.submit(hf_side_files)
-    try:
-        if hashes is not None and not final:
-            hashes.when_done(lambda d: writer.finalize_header({"provision.source": fill(d)}))
-        check_free_space(stage, writer.total_size + (64 << 20), what=f"the {prof.name} conversion")
-        on_bytes = ByteCounter(progress, task="convert", total=sum(s.size - s.data_start for s in sources),
-                               description=f"convert -> {prof.name}", interval=0.2, report_end=True)
-        reports = stream_tensors(sources, items, writer, prof.scheme, source_files, source_sha256, on_bytes,
-                                 workers=workers, hashed_elsewhere=hashes.names if hashes is not None else ())
-        if hashes is not None:
-            fill(hashes.result())
-            hashes.check_unchanged(sources)
-        writer.finish({"provision.source": json.dumps(source_files, separators=(",", ":"))})
-        files = [p.name for p in writer.commit()]
-        output_sha256 = _output_digests(stage, writer.digests(), files)
-    except BaseException:
-        writer.abort()
-        side_pool.shutdown(wait=True)  # the side files' thread writes into ``stage``: done before it goes
-        raise
+    def hf_side_files() -> HfSideFiles:
+        if side_ready is not None and (src_dir / "tekken.json").exists():
+            side_ready("tekken.json")
+        return write_hf_side_files(src_dir, stage, args, prof, items, writer.data_bytes, hf_tokenizer=hf_tokenizer,
+                                   tokenizer_in_child=bytes_read >= TOKENIZER_CHILD_MIN_BYTES)
+
+    # the side files' thread writes into ``stage``: leaving the block waits for it, a failure included
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="convert-side") as side_pool:
+        hf_side = side_pool.submit(hf_side_files) if prof.layout == "hf" else None
+        try:
+            if hashes is not None and not final:
+                hashes.when_done(lambda d: writer.finalize_header({"provision.source": fill(d)}))
+            check_free_space(stage, writer.total_size + (64 << 20), what=f"the {prof.name} conversion")
+            on_bytes = ByteCounter(progress, task="convert", total=sum(s.size - s.data_start for s in sources),
+                                   description=f"convert -> {prof.name}", interval=0.2, report_end=True)
+            reports = stream_tensors(sources, items, writer, prof.scheme, source_files, source_sha256, on_bytes,
+                                     workers=workers, hashed_elsewhere=hashes.names if hashes is not None else ())
+            if hashes is not None:
+                fill(hashes.result())
+                hashes.check_unchanged(sources)
+            writer.finish({"provision.source": json.dumps(source_files, separators=(",", ":"))})
+            files = [p.name for p in writer.commit()]
+            output_sha256 = _output_digests(stage, writer.digests(), files)
+        except BaseException:
+            writer.abort()
+            raise
+        hf = hf_side.result() if hf_side is not None else None
     notes: list[str] = []
     hf_tok = False
-    try:
-        hf = hf_side.result() if hf_side is not None else None
-    finally:
-        side_pool.shutdown(wait=True)
     if hf is None:
         files += [copy_side_file(p, src_dir, stage) for p in side if MISTRAL_SIDE_FILES.match(p.name)]
     else:
@@ -443,7 +439,6 @@ def _write(src_dir: Path, stage: Path, out_dir: Path, args: ModelArgs, tgt: Targ
         notes += hf.notes
         hf_tok = hf.hf_tokenizer
     sizes = [(n, (stage / n).stat().st_size) for n in files]
-    bytes_read = sum(s.size for s in sources)
     return ConvertResult(src_dir=src_dir, out_dir=out_dir, target=tgt, profile=prof, files=sizes,
                          source_files=source_files, tensors=reports, bytes_read=bytes_read,
                          bytes_written=sum(s for _, s in sizes), seconds=time.monotonic() - t0,

@@ -40,6 +40,7 @@ from typing import Any
 from provision.errors import ConvertError
 from provision.formats.safetensors import DTYPE_BYTES
 from provision.io.atomic import TMP_PREFIX, disk_full_is_exit_6, fsync_dir
+from provision.io.diskio import read_cached
 from provision.io.readahead import ReadAhead
 
 DEFAULT_SHARD_BYTES = 5 * 10**9
@@ -165,12 +166,14 @@ class _Follower:
                         return 0
                     self.cond.wait(0.1)  # wait for more bytes, or for the hasher to catch up and stop
             k = min(mv.nbytes, end - pos)
-            if dfd is not None and pos % DIRECT_ALIGN == 0 and k >= DIRECT_ALIGN:
-                # aligned whole blocks past the page cache (written back already, or flushed by
-                # the kernel first): no copy out of the cache
+            # a shard whose header became final late is still cached (clean, written back): read it
+            # from there; O_DIRECT would read the disk even where the pages are cached
+            n = read_cached(fd, mv[:k], pos)
+            if n == 0 and dfd is not None and pos % DIRECT_ALIGN == 0 and k >= DIRECT_ALIGN:
+                # aligned whole blocks the page cache dropped: past it, in one request
                 k -= k % DIRECT_ALIGN
                 n = os.preadv(dfd, [mv[:k]], pos)
-            else:  # a piece of a block: through the cache
+            elif n == 0:  # a piece of a block: through the cache
                 if pos % DIRECT_ALIGN:
                     k = min(k, DIRECT_ALIGN - pos % DIRECT_ALIGN)
                 n = os.preadv(fd, [mv[:k]], pos)

@@ -61,6 +61,21 @@ def drop_cached(fd: int, offset: int, length: int) -> None:
             os.posix_fadvise(fd, offset, length, os.POSIX_FADV_DONTNEED)
 
 
+def read_cached(fd: int, buf: memoryview, offset: int) -> int:
+    """Read into ``buf`` from ``offset`` only what the page cache holds, never waiting for the disk
+    (``preadv2`` with ``RWF_NOWAIT``, Linux 4.14+): the bytes read, possibly fewer than asked, and 0
+    when none of them are cached or the call is missing here (the caller then reads from the disk)."""
+    flag = getattr(os, "RWF_NOWAIT", 0)
+    if not flag or buf.nbytes == 0:
+        return 0
+    try:
+        return os.preadv(fd, [buf], offset, flag)
+    except OSError as e:
+        if e.errno in (errno.EAGAIN, errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):
+            return 0
+        raise
+
+
 def hash_range(h: Hash, fd: int, start: int, end: int, buf: memoryview) -> None:
     """Feed bytes ``[start, end)`` of ``fd`` (complete, within the file) to ``h``: through a
     read-only mapping of the page cache (no copy: on this kind of VM a copy costs as much as

@@ -61,6 +61,22 @@ def ram_bytes() -> int:
         return 0
 
 
+def mem_available() -> int:
+    """Memory the kernel could give now without swapping (MemAvailable: free pages plus the
+    reclaimable page cache), or the free pages where there is no /proc."""
+    try:
+        with open("/proc/meminfo", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:  # no /proc (not Linux): the free pages below are the next best estimate
+        pass
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
+    except (ValueError, OSError, AttributeError):  # pragma: no cover
+        return 0
+
+
 def detect_nvml(nvml: Any = None) -> tuple[GPU, ...] | None:
     """GPUs through NVML; None when NVML is unavailable (no driver).
 

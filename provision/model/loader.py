@@ -44,6 +44,7 @@ from provision.formats.safetensors import (
     check_safetensors,
     read_index,
 )
+from provision.hardware import mem_available
 from provision.io.opening import read_regular
 from provision.model.pixtral import Pixtral, build_model
 from provision.model.placement import Placement
@@ -161,23 +162,12 @@ def weights_bytes(ckpt: Checkpoint, dtype: torch.dtype | None) -> int:
     return total
 
 
-def _mem_available() -> int:
-    try:
-        with open("/proc/meminfo", encoding="ascii") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:  # no /proc (not Linux): the free pages below are the next best estimate
-        pass
-    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
-
-
 def free_device_bytes(device: torch.device) -> int:
     """Free memory of ``device``: ``cudaMemGetInfo`` for a GPU, MemAvailable for the CPU."""
     if device.type == "cuda":
         free, _total = torch.cuda.mem_get_info(device)
         return int(free)
-    return _mem_available()
+    return mem_available()
 
 
 def check_fits(needed: int, device: torch.device) -> None:

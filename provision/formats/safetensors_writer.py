@@ -40,14 +40,13 @@ from typing import Any
 from provision.errors import ConvertError
 from provision.formats.safetensors import DTYPE_BYTES
 from provision.io.atomic import TMP_PREFIX, disk_full_is_exit_6, fsync_dir
-from provision.io.diskio import read_cached
+from provision.io.diskio import open_direct, read_at
 from provision.io.readahead import ReadAhead
 
 DEFAULT_SHARD_BYTES = 5 * 10**9
 WRITEBACK_BYTES = 32 << 20  # writeback is started per range of this size; the range before it is then dropped
 FOLLOW_BYTES = 4 << 20  # the output hasher reads this much at a time behind the writer
 FOLLOW_DEPTH = 4  # read-back buffers: the next blocks are read while one is hashed
-DIRECT_ALIGN = 4096  # offsets and lengths of O_DIRECT reads are multiples of this
 WRITEBACK_QUEUE = 2  # ranges waiting for the helper thread: at most ~(2 + 2) x 32 MiB of dirty pages per shard
 _SFR_WAIT_BEFORE, _SFR_WRITE, _SFR_WAIT_AFTER = 1, 2, 4  # <fcntl.h> sync_file_range flags
 
@@ -65,17 +64,6 @@ def _sync_file_range() -> Any:
 
 
 _SFR = _sync_file_range()
-
-
-def _open_direct(path: Path) -> int | None:
-    """``path`` opened for reading past the page cache (``O_DIRECT``), or None where there is none."""
-    flag = getattr(os, "O_DIRECT", 0)
-    if not flag:
-        return None
-    try:
-        return os.open(path, os.O_RDONLY | flag)
-    except OSError:  # tmpfs and others refuse it
-        return None
 
 
 class _Follower:
@@ -129,7 +117,7 @@ class _Follower:
         while this thread hashes the last: the read-back of a shard whose header became final
         late (at ``finish``) costs the slower of the disk and sha256, not their sum."""
         fd = os.open(self.path, os.O_RDONLY)
-        dfd = _open_direct(self.path)
+        dfd = open_direct(self.path)
         try:
             with ReadAhead(self._filler(fd, dfd), size=FOLLOW_BYTES, depth=FOLLOW_DEPTH,
                            name="hash-output-read") as ahead:
@@ -165,18 +153,8 @@ class _Follower:
                     if stop.is_set():
                         return 0
                     self.cond.wait(0.1)  # wait for more bytes, or for the hasher to catch up and stop
-            k = min(mv.nbytes, end - pos)
-            # a shard whose header became final late is still cached (clean, written back): read it
-            # from there; O_DIRECT would read the disk even where the pages are cached
-            n = read_cached(fd, mv[:k], pos)
-            if n == 0 and dfd is not None and pos % DIRECT_ALIGN == 0 and k >= DIRECT_ALIGN:
-                # aligned whole blocks the page cache dropped: past it, in one request
-                k -= k % DIRECT_ALIGN
-                n = os.preadv(dfd, [mv[:k]], pos)
-            elif n == 0:  # a piece of a block: through the cache
-                if pos % DIRECT_ALIGN:
-                    k = min(k, DIRECT_ALIGN - pos % DIRECT_ALIGN)
-                n = os.preadv(fd, [mv[:k]], pos)
+            # a shard whose header became final late is still cached (clean, written back): from there
+            n = read_at(fd, dfd, mv[:min(mv.nbytes, end - pos)], pos)
             if n == 0:
                 raise OSError(f"{self.path.name} is shorter than written")
             pos += n

@@ -61,6 +61,38 @@ def drop_cached(fd: int, offset: int, length: int) -> None:
             os.posix_fadvise(fd, offset, length, os.POSIX_FADV_DONTNEED)
 
 
+DIRECT_ALIGN = 4096  # O_DIRECT offsets, lengths and buffer addresses are multiples of this
+
+
+def open_direct(path: str | os.PathLike[str]) -> int | None:
+    """``path`` opened for reading past the page cache (``O_DIRECT``), or None where there is none."""
+    flag = getattr(os, "O_DIRECT", 0)
+    if not flag:
+        return None
+    try:
+        return os.open(path, os.O_RDONLY | flag | os.O_CLOEXEC)
+    except OSError:  # tmpfs and others refuse it
+        return None
+
+
+def reopen_direct(fd: int) -> int | None:
+    """A second descriptor of the open file ``fd`` that reads past the page cache (``O_DIRECT``,
+    Linux), or None where the platform or filesystem has none (tmpfs, macOS). It reopens the same
+    open file through ``/proc/self/fd`` (not the path again), so a swapped path cannot change what
+    is read."""
+    flag = getattr(os, "O_DIRECT", 0)
+    if not flag or not os.path.isdir("/proc/self/fd"):
+        return None
+    try:
+        dfd = os.open(f"/proc/self/fd/{fd}", os.O_RDONLY | flag | os.O_CLOEXEC)
+    except OSError:
+        return None
+    if not os.path.samestat(os.fstat(dfd), os.fstat(fd)):
+        os.close(dfd)
+        return None
+    return dfd
+
+
 def read_cached(fd: int, buf: memoryview, offset: int) -> int:
     """Read into ``buf`` from ``offset`` only what the page cache holds, never waiting for the disk
     (``preadv2`` with ``RWF_NOWAIT``, Linux 4.14+): the bytes read, possibly fewer than asked, and 0
@@ -74,6 +106,30 @@ def read_cached(fd: int, buf: memoryview, offset: int) -> int:
         if e.errno in (errno.EAGAIN, errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):
             return 0
         raise
+
+
+def read_at(fd: int, dfd: int | None, buf: memoryview, offset: int) -> int:
+    """Read up to ``buf.nbytes`` bytes at ``offset``: what the page cache holds from there, else whole
+    aligned blocks past the cache through ``dfd`` (``open_direct``; ``buf`` page-aligned, e.g. an
+    anonymous ``mmap``), else through the cache (up to the next block boundary, so the next read can
+    go direct). O_DIRECT reads the disk even where the pages are cached, hence the cache first.
+    Returns the bytes read, 0 at the end of the file."""
+    n = read_cached(fd, buf, offset)
+    if n > 0:
+        return n
+    k = buf.nbytes
+    if dfd is not None and offset % DIRECT_ALIGN == 0 and k >= DIRECT_ALIGN and _aligned(buf):
+        return os.preadv(dfd, [buf[:k - k % DIRECT_ALIGN]], offset)
+    if dfd is not None and offset % DIRECT_ALIGN:
+        k = min(k, DIRECT_ALIGN - offset % DIRECT_ALIGN)
+    return os.preadv(fd, [buf[:k]], offset)
+
+
+def _aligned(buf: memoryview) -> bool:
+    try:
+        return ctypes.addressof(ctypes.c_char.from_buffer(buf)) % DIRECT_ALIGN == 0
+    except (TypeError, ValueError):  # read-only or not a plain buffer: through the cache
+        return False
 
 
 def hash_range(h: Hash, fd: int, start: int, end: int, buf: memoryview) -> None:

@@ -272,8 +272,8 @@ def test_direct_and_buffered_reads_convert_to_the_same_bytes(tiny_src: Path, tmp
 
     convert(tiny_src, tmp_path / "direct", target="h100", scheme="fp8", hf_tokenizer=False)
     monkeypatch.setattr(SafetensorsSource, "_direct", lambda self: None)
-    monkeypatch.setattr(convert_stage, "_direct_fd", lambda fd: None)
-    monkeypatch.setattr(sw, "_open_direct", lambda path: None)
+    monkeypatch.setattr(convert_stage, "reopen_direct", lambda fd: None)
+    monkeypatch.setattr(sw, "open_direct", lambda path: None)
     convert(tiny_src, tmp_path / "buffered", target="h100", scheme="fp8", hf_tokenizer=False)
     a, b = _real_hashes(tmp_path / "direct"), _real_hashes(tmp_path / "buffered")
     assert a == b and a
@@ -311,32 +311,13 @@ def test_a_header_finalized_from_another_thread_while_writing_gives_the_file_dig
         assert w.sha256 == _sha(path) and b"ef" * 32 in path.read_bytes()[:300]
 
 
-def test_read_cached_gives_only_bytes_the_page_cache_holds(tmp_path: Path) -> None:
-    from provision.io.diskio import read_cached
-
-    path = tmp_path / "f.bin"
-    data = os.urandom(1 << 20)
-    path.write_bytes(data)
-    buf = memoryview(bytearray(len(data)))
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)  # clean pages: dropped
-        assert read_cached(fd, buf, 0) == 0  # none cached: nothing read, no wait for the disk
-        assert os.pread(fd, len(data), 0) == data  # now cached
-        n = read_cached(fd, buf, 4096)
-        assert n == len(data) - 4096 and bytes(buf[:n]) == data[4096:]
-    finally:
-        os.close(fd)
-
-
 def test_a_shard_finalized_at_finish_is_hashed_from_the_page_cache_not_read_from_the_disk(
         tmp_path: Path, small_ranges: None, monkeypatch: pytest.MonkeyPatch) -> None:
     """The header of a conversion whose source digest is computed on the way becomes final at the
     end: the shard written so far is still cached, and O_DIRECT would read all of it from the disk
     again (at 25 GB, about 15 s of the conversion's tail)."""
     direct: list[int] = []
-    opened = sw._open_direct
+    opened = sw.open_direct
 
     def spy_open(path: Path) -> int | None:
         fd = opened(path)
@@ -352,7 +333,7 @@ def test_a_shard_finalized_at_finish_is_hashed_from_the_page_cache_not_read_from
             reads_from_disk.append(offset)
         return preadv(fd, bufs, offset, *flags)
 
-    monkeypatch.setattr(sw, "_open_direct", spy_open)
+    monkeypatch.setattr(sw, "open_direct", spy_open)
     monkeypatch.setattr(os, "preadv", spy_preadv)
     monkeypatch.setattr(sw, "FOLLOW_BYTES", 64 << 10)  # whole aligned blocks, which O_DIRECT could read
     w = ShardWriter(tmp_path / "a.safetensors", _entries(8, 64 << 10), {"provision.source": "0" * 64},

@@ -20,11 +20,11 @@ from pathlib import Path
 from provision.errors import ConvertError, HostileContentError, StructureError, UsageError
 from provision.formats.pickles import is_pickle_name
 from provision.formats.safetensors import parse_header, read_header
+from provision.io.diskio import DIRECT_ALIGN, reopen_direct
 from provision.io.opening import open_regular
 
 SOURCE_NAME = re.compile(r"consolidated(-\d{5}-of-\d{5})?\.safetensors")
 SOURCE_DTYPES = ("BF16", "F16", "F32")  # the safetensors dtypes convert reads
-DIRECT_ALIGN = 4096  # offsets, lengths and buffers of O_DIRECT reads are multiples of this
 
 
 @dataclass(frozen=True)
@@ -86,15 +86,8 @@ class SafetensorsSource:
         """A second descriptor of this open file reading past the page cache (``O_DIRECT``), opened
         on first use; None where the platform or filesystem has none."""
         if self._dfd is None:
-            self._dfd = -1
-            flag = getattr(os, "O_DIRECT", 0)
-            if flag and os.path.isdir("/proc/self/fd"):
-                with contextlib.suppress(OSError):  # the same open file, not the path again
-                    dfd = os.open(f"/proc/self/fd/{self.fd}", os.O_RDONLY | flag)
-                    if os.path.samestat(os.fstat(dfd), os.fstat(self.fd)):
-                        self._dfd = dfd
-                    else:
-                        os.close(dfd)
+            dfd = reopen_direct(self.fd)
+            self._dfd = -1 if dfd is None else dfd
         return self._dfd if self._dfd >= 0 else None
 
     def read_direct(self, buf: memoryview, start: int, n: int) -> memoryview | None:

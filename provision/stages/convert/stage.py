@@ -31,6 +31,7 @@ from provision.formats.params import ModelArgs
 from provision.formats.provenance import PROVENANCE_NAME, SourceIdentity
 from provision.formats.safetensors_writer import CheckpointWriter, plan_shards
 from provision.hardware import Target, parse_target
+from provision.io.diskio import reopen_direct
 from provision.io.readahead import ReadAhead
 from provision.io.space import check_free_space
 from provision.progress import ByteCounter, ProgressEvent, ProgressFn
@@ -140,22 +141,6 @@ def _source_files(sources: list[SafetensorsSource], side: list[Path],
             for s in sources] + [{"path": p.name, "size": p.stat().st_size} for p in side if p.name == "params.json"]
 
 
-def _direct_fd(fd: int) -> int | None:
-    """A second descriptor of the open file ``fd`` that reads past the page cache (``O_DIRECT``,
-    Linux), or None where the platform or filesystem has none (tmpfs, macOS)."""
-    flag = getattr(os, "O_DIRECT", 0)
-    if not flag or not os.path.isdir("/proc/self/fd"):
-        return None
-    try:  # the same open file (not the path again), so a swapped path cannot change what is hashed
-        dfd = os.open(f"/proc/self/fd/{fd}", os.O_RDONLY | flag)
-    except OSError:
-        return None
-    if not os.path.samestat(os.fstat(dfd), os.fstat(fd)):
-        os.close(dfd)
-        return None
-    return dfd
-
-
 def _hash_fd(fd: int, stop: threading.Event | None = None, reader: SafetensorsSource | None = None) -> str:
     """The sha256 of an open file (``stop`` set: abandoned, ``ConvertError``). Read with ``O_DIRECT``
     where it can (the disk writes into the buffer: no copy out of the page cache, the CPU cost that
@@ -167,7 +152,7 @@ def _hash_fd(fd: int, stop: threading.Event | None = None, reader: SafetensorsSo
     import hashlib
 
     h = hashlib.sha256()
-    dfd = _direct_fd(fd)
+    dfd = reopen_direct(fd)
     off = 0
 
     def fill(mv: memoryview, _stop: threading.Event) -> int:

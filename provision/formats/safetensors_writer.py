@@ -40,7 +40,7 @@ from typing import Any
 from provision.errors import ConvertError
 from provision.formats.safetensors import DTYPE_BYTES
 from provision.io.atomic import TMP_PREFIX, disk_full_is_exit_6, fsync_dir
-from provision.io.diskio import open_direct, read_at
+from provision.io.diskio import read_at, reopen_direct
 from provision.io.readahead import ReadAhead
 
 DEFAULT_SHARD_BYTES = 5 * 10**9
@@ -117,7 +117,7 @@ class _Follower:
         while this thread hashes the last: the read-back of a shard whose header became final
         late (at ``finish``) costs the slower of the disk and sha256, not their sum."""
         fd = os.open(self.path, os.O_RDONLY)
-        dfd = open_direct(self.path)
+        dfd = reopen_direct(fd)  # the very file just opened
         try:
             with ReadAhead(self._filler(fd, dfd), size=FOLLOW_BYTES, depth=FOLLOW_DEPTH,
                            name="hash-output-read") as ahead:

@@ -64,17 +64,6 @@ def drop_cached(fd: int, offset: int, length: int) -> None:
 DIRECT_ALIGN = 4096  # O_DIRECT offsets, lengths and buffer addresses are multiples of this
 
 
-def open_direct(path: str | os.PathLike[str]) -> int | None:
-    """``path`` opened for reading past the page cache (``O_DIRECT``), or None where there is none."""
-    flag = getattr(os, "O_DIRECT", 0)
-    if not flag:
-        return None
-    try:
-        return os.open(path, os.O_RDONLY | flag | os.O_CLOEXEC)
-    except OSError:  # tmpfs and others refuse it
-        return None
-
-
 def reopen_direct(fd: int) -> int | None:
     """A second descriptor of the open file ``fd`` that reads past the page cache (``O_DIRECT``,
     Linux), or None where the platform or filesystem has none (tmpfs, macOS). It reopens the same
@@ -110,7 +99,7 @@ def read_cached(fd: int, buf: memoryview, offset: int) -> int:
 
 def read_at(fd: int, dfd: int | None, buf: memoryview, offset: int) -> int:
     """Read up to ``buf.nbytes`` bytes at ``offset``: what the page cache holds from there, else whole
-    aligned blocks past the cache through ``dfd`` (``open_direct``; ``buf`` page-aligned, e.g. an
+    aligned blocks past the cache through ``dfd`` (``reopen_direct``; ``buf`` page-aligned, e.g. an
     anonymous ``mmap``), else through the cache (up to the next block boundary, so the next read can
     go direct). O_DIRECT reads the disk even where the pages are cached, hence the cache first.
     Returns the bytes read, 0 at the end of the file."""

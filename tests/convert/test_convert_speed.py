@@ -273,7 +273,7 @@ def test_direct_and_buffered_reads_convert_to_the_same_bytes(tiny_src: Path, tmp
     convert(tiny_src, tmp_path / "direct", target="h100", scheme="fp8", hf_tokenizer=False)
     monkeypatch.setattr(SafetensorsSource, "_direct", lambda self: None)
     monkeypatch.setattr(convert_stage, "reopen_direct", lambda fd: None)
-    monkeypatch.setattr(sw, "open_direct", lambda path: None)
+    monkeypatch.setattr(sw, "reopen_direct", lambda fd: None)
     convert(tiny_src, tmp_path / "buffered", target="h100", scheme="fp8", hf_tokenizer=False)
     a, b = _real_hashes(tmp_path / "direct"), _real_hashes(tmp_path / "buffered")
     assert a == b and a
@@ -317,10 +317,10 @@ def test_a_shard_finalized_at_finish_is_hashed_from_the_page_cache_not_read_from
     end: the shard written so far is still cached, and O_DIRECT would read all of it from the disk
     again (at 25 GB, about 15 s of the conversion's tail)."""
     direct: list[int] = []
-    opened = sw.open_direct
+    opened = sw.reopen_direct
 
-    def spy_open(path: Path) -> int | None:
-        fd = opened(path)
+    def spy_open(src: int) -> int | None:
+        fd = opened(src)
         if fd is not None:
             direct.append(fd)
         return fd
@@ -333,7 +333,7 @@ def test_a_shard_finalized_at_finish_is_hashed_from_the_page_cache_not_read_from
             reads_from_disk.append(offset)
         return preadv(fd, bufs, offset, *flags)
 
-    monkeypatch.setattr(sw, "open_direct", spy_open)
+    monkeypatch.setattr(sw, "reopen_direct", spy_open)
     monkeypatch.setattr(os, "preadv", spy_preadv)
     monkeypatch.setattr(sw, "FOLLOW_BYTES", 64 << 10)  # whole aligned blocks, which O_DIRECT could read
     w = ShardWriter(tmp_path / "a.safetensors", _entries(8, 64 << 10), {"provision.source": "0" * 64},

@@ -6,7 +6,7 @@ import mmap
 import os
 from pathlib import Path
 
-from provision.io.diskio import DIRECT_ALIGN, open_direct, read_at, read_cached, reopen_direct
+from provision.io.diskio import DIRECT_ALIGN, read_at, read_cached, reopen_direct
 
 
 def _drop(path: Path) -> None:
@@ -58,16 +58,26 @@ def test_read_at_returns_the_files_bytes_from_any_offset_cached_or_not(tmp_path:
                 os.close(dfd)
 
 
-def test_open_direct_and_reopen_direct_name_the_same_file(tmp_path: Path) -> None:
+def test_reopen_direct_reads_the_open_file_even_after_its_path_is_replaced(tmp_path: Path) -> None:
     path = tmp_path / "f.bin"
-    path.write_bytes(b"x" * DIRECT_ALIGN)
+    path.write_bytes(b"a" * DIRECT_ALIGN)
     fd = os.open(path, os.O_RDONLY)
     try:
-        a, b = open_direct(path), reopen_direct(fd)
-        assert (a is None) == (b is None)  # both need a filesystem that takes O_DIRECT
-        for d in (a, b):
-            if d is not None:
-                assert os.path.samestat(os.fstat(d), os.fstat(fd))
-                os.close(d)
+        (tmp_path / "other.bin").write_bytes(b"b" * DIRECT_ALIGN)
+        os.replace(tmp_path / "other.bin", path)  # the path now names another file
+        try:  # does this filesystem take O_DIRECT at all (tmpfs does not)?
+            os.close(os.open(path, os.O_RDONLY | os.O_DIRECT))
+            direct_ok = True
+        except OSError:
+            direct_ok = False
+        dfd = reopen_direct(fd)
+        assert (dfd is not None) == direct_ok
+        if dfd is not None:
+            try:
+                assert os.path.samestat(os.fstat(dfd), os.fstat(fd))
+                buf = mmap.mmap(-1, DIRECT_ALIGN)
+                assert os.preadv(dfd, [buf], 0) == DIRECT_ALIGN and buf[:] == b"a" * DIRECT_ALIGN
+            finally:
+                os.close(dfd)
     finally:
         os.close(fd)

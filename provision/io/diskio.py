@@ -39,6 +39,16 @@ def _libc_sync_file_range() -> Callable[[int, int, int, int], int] | None:
 _SYNC_FILE_RANGE = _libc_sync_file_range() if hasattr(os, "preadv") else None
 
 
+def aligned_buffer(size: int) -> memoryview:
+    """A writable, page-aligned buffer of ``size`` bytes (an anonymous mapping) to read files into.
+
+    Not a ``bytearray``: CPython places a large bytearray's (or bytes') data 16 or 48 bytes into a
+    page, and on AMD EPYC (``rep movsb`` with FSRM) the kernel copies page-cache bytes into such a
+    destination at a quarter of the speed: reading 2 GiB from the page cache took 0.96 s into a
+    ``bytearray`` and 0.21 s into this (the project's 2-core CI host)."""
+    return memoryview(mmap.mmap(-1, max(size, 1)))
+
+
 def start_writeback(fd: int, offset: int, length: int) -> None:
     """Ask the kernel to start writing a completed range back (does not wait; Linux only)."""
     if _SYNC_FILE_RANGE is not None:

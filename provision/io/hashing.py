@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from provision.errors import HostileContentError
+from provision.io.diskio import aligned_buffer
 from provision.progress import ByteCounter, ProgressFn
 
 if TYPE_CHECKING:
@@ -52,11 +53,12 @@ def open_regular(path: Path) -> int:
 
 
 def stream_file(path: Path, consume: Callable[[memoryview], None], *, offset: int = 0, length: int | None = None,
-                buf: bytearray | None = None, on_bytes: Callable[[int], None] | None = None) -> int:
+                buf: bytearray | memoryview | None = None, on_bytes: Callable[[int], None] | None = None) -> int:
     """Feed ``consume`` the bytes of ``path`` from ``offset`` (``length`` bytes or to EOF) through
-    one reused buffer. Returns the number of bytes read."""
+    one reused buffer (by default a page-aligned one: ``aligned_buffer``). Returns the number of
+    bytes read."""
     if buf is None:
-        buf = bytearray(BLOCK_SIZE)
+        buf = aligned_buffer(BLOCK_SIZE)
     mv = memoryview(buf)
     fd = open_regular(path)
     total = 0
@@ -86,7 +88,7 @@ def sha256_file(path: Path, *, progress: ProgressFn | None = None, block_size: i
     total = os.stat(path).st_size
     counter = ByteCounter(progress, task=f"sha256:{path.name}", total=total, description=f"sha256 {path.name}",
                           interval=PROGRESS_INTERVAL_S)
-    stream_file(path, h.update, buf=bytearray(block_size), on_bytes=counter if progress else None)
+    stream_file(path, h.update, buf=aligned_buffer(block_size), on_bytes=counter if progress else None)
     counter.finish()
     return h.hexdigest()
 

@@ -6,6 +6,8 @@ import mmap
 import os
 from pathlib import Path
 
+import pytest
+
 from provision.io.diskio import DIRECT_ALIGN, read_at, read_cached, reopen_direct
 
 
@@ -81,3 +83,50 @@ def test_reopen_direct_reads_the_open_file_even_after_its_path_is_replaced(tmp_p
                 os.close(dfd)
     finally:
         os.close(fd)
+
+
+def _address(mv: memoryview) -> int:
+    import ctypes
+
+    return ctypes.addressof(ctypes.c_char.from_buffer(mv))
+
+
+def test_aligned_buffer_is_page_aligned_writable_and_holds_what_is_read_into_it(tmp_path: Path) -> None:
+    from provision.io.diskio import aligned_buffer
+
+    buf = aligned_buffer(3 << 20)
+    assert buf.nbytes == 3 << 20 and not buf.readonly and _address(buf) % mmap.PAGESIZE == 0
+    path = tmp_path / "f.bin"
+    data = os.urandom(1 << 20)
+    path.write_bytes(data)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        assert os.preadv(fd, [buf[:len(data)]], 0) == len(data)
+    finally:
+        os.close(fd)
+    assert bytes(buf[:len(data)]) == data
+
+
+def test_stream_file_and_merkle_chunks_read_into_cache_line_aligned_memory_by_default(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A bytearray's data starts 16 bytes into a page, where the kernel's copy from the page cache runs at a
+    quarter of its speed on AMD EPYC: the default read buffers are page-aligned instead."""
+    from provision.io.hashing import stream_file
+    from provision.stages.verify import digests
+
+    path = tmp_path / "f.bin"
+    path.write_bytes(os.urandom(3 << 20))
+    seen: list[int] = []
+    assert stream_file(path, lambda mv: seen.append(_address(mv))) == 3 << 20
+    assert len(seen) == 3 and all(a % 64 == 0 for a in seen)
+    reads: list[int] = []
+    orig = os.preadv
+
+    def spy(fd: int, bufs: list[memoryview], offset: int, *flags: int) -> int:
+        reads.append(_address(bufs[0]))
+        return orig(fd, bufs, offset, *flags)
+
+    monkeypatch.setattr(os, "preadv", spy)
+    assert digests.merkle_root_file(path) is not None
+    monkeypatch.undo()
+    assert reads and all(a % 64 == 0 for a in reads)

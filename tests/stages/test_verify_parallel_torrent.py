@@ -224,6 +224,7 @@ def test_worker_processes_check_the_ranges_and_find_the_same_flipped_piece_as_th
     (tmp_path / "t.torrent").write_bytes(data)
     monkeypatch.setattr(parallel, "SPLIT_UNIT_BYTES", 4 << 20)
     monkeypatch.setattr(parallel, "PROCESS_MIN_BYTES", 0)  # the 34 MB file counts as big
+    monkeypatch.setattr(parallel, "PROCESS_KINDS", ("v1", "v2"))
 
     rep = verify_dir(folder, torrent=tmp_path / "t.torrent", workers=2)
     rep.raise_for_failure()
@@ -245,12 +246,39 @@ def test_worker_processes_check_the_ranges_and_find_the_same_flipped_piece_as_th
         assert fail.error is not None and fail.error.context["bad_pieces"] == [offset // PIECE]
 
 
+@pytest.mark.parametrize("version,procs", [("hybrid", 2), ("v1", 0)])
+def test_by_default_merkle_ranges_past_the_threshold_go_to_worker_processes_and_v1_pieces_stay_on_threads(
+        tiny_copy: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, version: str, procs: int) -> None:
+    folder = _only_big(tiny_copy, tmp_path)
+    data, _ = _torrent(folder, version, (BIG,))
+    (tmp_path / "t.torrent").write_bytes(data)
+    monkeypatch.setattr(parallel, "SPLIT_UNIT_BYTES", 4 << 20)
+    monkeypatch.setattr(parallel, "PROCESS_MIN_BYTES", 30 << 20)  # 34 MB of ranges: past it (the kinds stay default)
+    started: list[int] = []
+    real_popen = parallel.subprocess.Popen
+
+    def popen(*a: Any, **k: Any) -> Any:
+        p = real_popen(*a, **k)
+        started.append(p.pid)
+        return p
+
+    monkeypatch.setattr(parallel.subprocess, "Popen", popen)
+    rep = verify_dir(folder, torrent=tmp_path / "t.torrent", workers=2)
+    rep.raise_for_failure()
+    assert len(started) == procs
+    monkeypatch.setattr(parallel, "PROCESS_MIN_BYTES", 40 << 20)  # below the threshold: threads for both
+    started.clear()
+    verify_dir(folder, torrent=tmp_path / "t.torrent", workers=2).raise_for_failure()
+    assert started == []
+
+
 def test_worker_processes_accept_a_zero_padded_last_piece_only_with_the_size_pinned(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from provision.stages.verify import Authority, verify_files
 
     monkeypatch.setattr(parallel, "SPLIT_UNIT_BYTES", 64 * 1024)
     monkeypatch.setattr(parallel, "PROCESS_MIN_BYTES", 0)
+    monkeypatch.setattr(parallel, "PROCESS_KINDS", ("v1", "v2"))
     d = tmp_path / "x"
     d.mkdir()
     plen = 32 * 1024
@@ -273,6 +301,7 @@ def test_a_range_that_never_ran_fails_the_file_instead_of_passing_it(
     (tmp_path / "t.torrent").write_bytes(data)
     monkeypatch.setattr(parallel, "SPLIT_UNIT_BYTES", 4 << 20)
     monkeypatch.setattr(parallel, "PROCESS_MIN_BYTES", 0)
+    monkeypatch.setattr(parallel, "PROCESS_KINDS", ("v1", "v2"))
 
     def no_worker(*_a: Any, **_k: Any) -> Any:
         raise OSError("no processes left")

@@ -15,7 +15,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 from provision.errors import VerifyError
-from provision.io.hashing import BLOCK_SIZE, stream_file
+from provision.io.diskio import aligned_buffer
+from provision.io.hashing import BLOCK_SIZE, open_regular, stream_file
 
 V2_BLOCK = 16 * 1024  # BEP 52 leaf block
 V2_CHUNK_LEAVES = 256  # a worker reduces 256 leaves (4 MiB) to one subtree root
@@ -66,30 +67,54 @@ def v2_root(chunk_roots: list[bytes], chunk: int, total: int) -> bytes:
     return merkle_reduce(chunk_roots, total // chunk, pad_hash(chunk.bit_length() - 1))
 
 
-def v2_chunk_root(path: Path, index: int, chunk: int, buf: bytearray,
+def _fill(fd: int, mv: memoryview, offset: int) -> int:
+    """Read into all of ``mv`` from ``offset`` unless the file ends first; the bytes read."""
+    got = 0
+    while got < len(mv):
+        n = os.preadv(fd, [mv[got:]], offset + got)
+        if not n:
+            break
+        got += n
+    return got
+
+
+def v2_chunk_roots(path: Path, first: int, count: int, chunk: int, buf: bytearray | memoryview | None = None,
+                   on_bytes: Callable[[int], None] | None = None) -> list[bytes]:
+    """Roots of the subtrees over chunks ``first`` .. ``first + count - 1`` (``chunk`` leaves of
+    16 KiB each) of ``path``: one open, positioned reads into ``buf`` (whole leaves at a time) and
+    the leaves hashed straight from it. Leaves past the end of the file are zero (BEP 52); a short
+    last block is hashed as it is."""
+    span = chunk * V2_BLOCK
+    if buf is None or len(buf) < V2_BLOCK:
+        buf = aligned_buffer(span)
+    step = min(span, len(buf) - len(buf) % V2_BLOCK)
+    mv = memoryview(buf)
+    sha256 = hashlib.sha256
+    roots: list[bytes] = []
+    fd = open_regular(path)
+    try:
+        for index in range(first, first + count):
+            leaves: list[bytes] = []
+            for off in range(index * span, (index + 1) * span, step):
+                got = _fill(fd, mv[:step], off)
+                full = got - got % V2_BLOCK
+                leaves += [sha256(mv[k:k + V2_BLOCK]).digest() for k in range(0, full, V2_BLOCK)]
+                if full < got:
+                    leaves.append(sha256(mv[full:got]).digest())
+                if got and on_bytes is not None:
+                    on_bytes(got)
+                if got < step:
+                    break
+            roots.append(merkle_reduce(leaves, chunk, ZERO))
+    finally:
+        os.close(fd)
+    return roots
+
+
+def v2_chunk_root(path: Path, index: int, chunk: int, buf: bytearray | memoryview | None = None,
                   on_bytes: Callable[[int], None] | None = None) -> bytes:
     """Root of the subtree over chunk ``index`` (``chunk`` leaves of 16 KiB) of ``path``."""
-    leaves: list[bytes] = []
-    carry = bytearray()
-
-    def consume(mv: memoryview) -> None:
-        nonlocal carry
-        data: memoryview | bytes = mv
-        if carry:
-            carry += mv
-            data = bytes(carry)
-            carry = bytearray()
-        full = len(data) - len(data) % V2_BLOCK
-        for i in range(0, full, V2_BLOCK):
-            leaves.append(hashlib.sha256(data[i:i + V2_BLOCK]).digest())
-        if full < len(data):
-            carry = bytearray(data[full:])
-
-    stream_file(path, consume, offset=index * chunk * V2_BLOCK, length=chunk * V2_BLOCK, buf=buf,
-                on_bytes=on_bytes)
-    if carry:
-        leaves.append(hashlib.sha256(carry).digest())
-    return merkle_reduce(leaves, chunk, ZERO)
+    return v2_chunk_roots(path, index, 1, chunk, buf, on_bytes)[0]
 
 
 def merkle_root_file(path: Path) -> bytes | None:
@@ -98,5 +123,4 @@ def merkle_root_file(path: Path) -> bytes | None:
     if size == 0:
         return None
     nchunks, chunk, total = v2_geometry(size)
-    buf = bytearray(BLOCK_SIZE)
-    return v2_root([v2_chunk_root(path, i, chunk, buf) for i in range(nchunks)], chunk, total)
+    return v2_root(v2_chunk_roots(path, 0, nchunks, chunk, aligned_buffer(BLOCK_SIZE)), chunk, total)

@@ -7,9 +7,10 @@ torrent v1 pieces; or a range of torrent v2 merkle chunks), runs them largest fi
 the ``FileWork``. Only a torrent authority lets one file be split into ranges. Progress is one
 throttled overall task plus one task per file of at least ``FILE_PROGRESS_MIN`` bytes. Each
 file records its units, how many were piece ranges and which workers ran them (the report's
-``hash``); a unit that never finished fails its file. With ``PROCESS_MIN_BYTES`` set, the ranges
-run in ``worker`` processes instead of threads (off by default, see there). It records what it
-computed; ``content`` judges it against the authority.
+``hash``); a unit that never finished fails its file. With at least ``PROCESS_MIN_BYTES`` in
+ranges of the ``PROCESS_KINDS`` (torrent v2 merkle chunks), the ranges run in ``worker``
+processes instead of threads (see there). It records what it computed; ``content`` judges it
+against the authority.
 """
 
 from __future__ import annotations
@@ -30,17 +31,21 @@ from pathlib import Path
 from typing import Any
 
 from provision.errors import ProvisionError, VerifyError
+from provision.io.diskio import aligned_buffer
 from provision.io.hashing import BLOCK_SIZE, PROGRESS_INTERVAL_S, stream_file
 from provision.progress import ProgressEvent, ProgressFn
 from provision.stages.verify.authority import Authority
-from provision.stages.verify.digests import V2_BLOCK, v2_chunk_root, v2_geometry
+from provision.stages.verify.digests import V2_BLOCK, v2_chunk_roots, v2_geometry
 
 SPLIT_UNIT_BYTES = 64 << 20  # torrent files are split into ranges of about this size
-# With at least this much in piece ranges, worker processes hash them (no GIL hand-offs between
-# workers). None (the default): always threads. Measured on the shared 2-core host, 1 GiB hybrid
-# torrent at load ~15: threads 2.6-2.9 s, processes 4.2-4.8 s, so processes stay off until a
-# many-core host shows them faster.
-PROCESS_MIN_BYTES: int | None = None
+# With at least this much in torrent v2 merkle ranges, worker processes hash the piece ranges.
+# A v2 leaf is 16 KiB, one hashlib call each, and every call gives the GIL away and takes it
+# back: two threads then wait on each other, while processes do not. Measured on the 2-core CI
+# host (benchmarks/verify_pieces.py, 4 GiB hybrid torrent, page-aligned read buffers): threads
+# 1.72x one `openssl dgst -sha256`, processes 1.89x; v1 pieces (one call per MiB) scale on
+# threads (2.31x) and stay there. None: always threads.
+PROCESS_MIN_BYTES: int | None = 256 << 20
+PROCESS_KINDS: tuple[str, ...] = ("v2",)  # the range kinds whose bytes count towards PROCESS_MIN_BYTES
 WORKER = Path(__file__).with_name("worker.py")  # run by path: the worker imports only the standard library
 FILE_PROGRESS_MIN = 256 << 20  # files at least this large get their own progress task
 
@@ -118,7 +123,7 @@ class _Progress:
                               finished=True))
 
 
-def _whole_unit(w: FileWork, want_git: bool, buf: bytearray, prog: _Progress) -> None:
+def _whole_unit(w: FileWork, want_git: bool, buf: memoryview, prog: _Progress) -> None:
     sha = hashlib.sha256() if w.want_sha256 else None
     git = hashlib.sha1(b"blob %d\x00" % w.size, usedforsecurity=False) if want_git else None
     md5 = hashlib.md5(usedforsecurity=False) if w.auth.md5 else None
@@ -139,7 +144,7 @@ def _whole_unit(w: FileWork, want_git: bool, buf: bytearray, prog: _Progress) ->
         w.md5 = md5.hexdigest()
 
 
-def _v1_unit(w: FileWork, first: int, count: int, buf: bytearray, prog: _Progress) -> None:
+def _v1_unit(w: FileWork, first: int, count: int, buf: memoryview, prog: _Progress) -> None:
     """Pieces ``first`` .. ``first + count - 1`` of ``w``: one sequential read of their range,
     split into SHA-1s at the piece boundaries."""
     a = w.auth
@@ -178,13 +183,13 @@ def _v1_unit(w: FileWork, first: int, count: int, buf: bytearray, prog: _Progres
     w.v1_bad.extend(range(cur["i"], first + count))  # pieces the file ended before (it shrank): bad
 
 
-def _v2_unit(w: FileWork, first: int, count: int, chunk: int, buf: bytearray, prog: _Progress) -> None:
-    for i in range(first, first + count):
-        w.v2_roots[i] = v2_chunk_root(w.path, i, chunk, buf, on_bytes=lambda k: prog.add(w.rel, k))
+def _v2_unit(w: FileWork, first: int, count: int, chunk: int, buf: memoryview, prog: _Progress) -> None:
+    roots = v2_chunk_roots(w.path, first, count, chunk, buf, on_bytes=lambda k: prog.add(w.rel, k))
+    w.v2_roots.update(zip(range(first, first + count), roots, strict=True))
 
 
 # (bytes, run here, the file it is for, the same job for a worker process or None: a whole-file pass)
-_Unit = tuple[int, Callable[[bytearray, _Progress], None], FileWork, "dict[str, Any] | None"]
+_Unit = tuple[int, Callable[[memoryview, _Progress], None], FileWork, "dict[str, Any] | None"]
 
 
 def _apply(w: FileWork, job: dict[str, Any], res: dict[str, Any]) -> None:
@@ -257,7 +262,7 @@ def hash_all(works: Mapping[str, FileWork], nworkers: int, progress: ProgressFn 
     def run(unit: _Unit) -> None:
         buf = getattr(local, "buf", None)  # one reusable read buffer per pool thread
         if buf is None:
-            buf = local.buf = bytearray(BLOCK_SIZE)
+            buf = local.buf = aligned_buffer(BLOCK_SIZE)
         with prog.lock:
             unit[2].threads.add(threading.current_thread().name)
         try:
@@ -270,11 +275,11 @@ def hash_all(works: Mapping[str, FileWork], nworkers: int, progress: ProgressFn 
             unit[2].error = VerifyError(f"Cannot read {unit[2].rel}: {exc.strerror}.",
                                         hint="Check the file's permissions and the disk.", path=unit[2].rel)
 
-    ranged = sum(u[0] for u in units if u[3] is not None)
+    to_procs = sum(u[0] for u in units if u[3] is not None and any(k in u[3] for k in PROCESS_KINDS))
     if len(units) <= 1 or nworkers == 1:
         for u in units:
             run(u)
-    elif PROCESS_MIN_BYTES is not None and ranged >= PROCESS_MIN_BYTES:
+    elif PROCESS_MIN_BYTES is not None and to_procs and to_procs >= PROCESS_MIN_BYTES:
         _run_in_processes(units, min(nworkers, len(units)), prog, run)
     else:
         with ThreadPoolExecutor(max_workers=min(nworkers, len(units)), thread_name_prefix="verify") as ex:

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import mmap
 import os
 import stat
 import sys
@@ -33,7 +34,7 @@ V2_BLOCK = 16 * 1024
 ZERO = bytes(32)
 
 
-def read_range(path: str, offset: int, length: int, buf: bytearray, consume: Callable[[memoryview], None]) -> int:
+def read_range(path: str, offset: int, length: int, buf: memoryview, consume: Callable[[memoryview], None]) -> int:
     """Feed ``consume`` up to ``length`` bytes of the regular file ``path`` from ``offset``; the bytes read."""
     fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
     try:
@@ -58,7 +59,7 @@ def read_range(path: str, offset: int, length: int, buf: bytearray, consume: Cal
 
 
 def v1_digests(path: str, offset: int, plen: int, count: int,
-               buf: bytearray) -> tuple[list[bytes], bytes | None, int]:
+               buf: memoryview) -> tuple[list[bytes], bytes | None, int]:
     """SHA-1 of ``count`` pieces of ``plen`` bytes from ``offset`` (fewer when the file ends first),
     the zero-padded SHA-1 of a short last piece (else None), and the bytes read."""
     out: list[bytes] = []
@@ -86,7 +87,7 @@ def v1_digests(path: str, offset: int, plen: int, count: int,
     return out, padded, n
 
 
-def v2_chunk_root(path: str, index: int, chunk: int, buf: bytearray) -> tuple[bytes, int]:
+def v2_chunk_root(path: str, index: int, chunk: int, buf: memoryview) -> tuple[bytes, int]:
     """BEP 52 subtree root over chunk ``index`` (``chunk`` leaves of 16 KiB), leaves past the end of
     the file zero; and the bytes read."""
     leaves: list[bytes] = []
@@ -112,7 +113,7 @@ def v2_chunk_root(path: str, index: int, chunk: int, buf: bytearray) -> tuple[by
     return row[0], n
 
 
-def run_job(job: dict[str, Any], buf: bytearray) -> dict[str, Any]:
+def run_job(job: dict[str, Any], buf: memoryview) -> dict[str, Any]:
     try:
         if "v1" in job:
             path, offset, plen, count = job["v1"]
@@ -130,7 +131,7 @@ def run_job(job: dict[str, Any], buf: bytearray) -> dict[str, Any]:
 
 
 def main() -> int:
-    buf = bytearray(BLOCK)
+    buf = memoryview(mmap.mmap(-1, BLOCK))  # page-aligned: see provision.io.diskio.aligned_buffer
     for line in sys.stdin:
         if line.strip():
             sys.stdout.write(json.dumps(run_job(json.loads(line), buf)) + "\n")

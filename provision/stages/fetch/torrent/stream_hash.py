@@ -27,7 +27,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from provision.io.diskio import drop_cached, hash_range, start_writeback, write_back_and_drop
+from provision.io.diskio import aligned_buffer, drop_cached, hash_range, start_writeback, write_back_and_drop
 
 HASH_READ_BYTES = 4 << 20
 SYNC_CHUNK = 64 << 20  # the write-behind waits for and drops 64 MiB stretches
@@ -114,7 +114,7 @@ class StreamHasher:
             return not self.stopped
 
     def _run(self) -> None:
-        mv = memoryview(bytearray(HASH_READ_BYTES))
+        mv = aligned_buffer(HASH_READ_BYTES)
         try:
             for f in self.files:
                 if not self._file(f, mv):

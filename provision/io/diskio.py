@@ -49,6 +49,22 @@ def aligned_buffer(size: int) -> memoryview:
     return memoryview(mmap.mmap(-1, max(size, 1)))
 
 
+def read_full(fd: int, mv: memoryview, offset: int) -> int:
+    """Read into all of ``mv`` from ``offset`` of ``fd`` unless the file ends first; the bytes read."""
+    got = 0
+    while got < len(mv):
+        try:
+            n = os.preadv(fd, [mv[got:]], offset + got)
+        except OSError as e:
+            if got and e.errno == errno.EINVAL:  # O_DIRECT after a short read (the file's end): now unaligned
+                break
+            raise
+        if not n:
+            break
+        got += n
+    return got
+
+
 def start_writeback(fd: int, offset: int, length: int) -> None:
     """Ask the kernel to start writing a completed range back (does not wait; Linux only)."""
     if _SYNC_FILE_RANGE is not None:

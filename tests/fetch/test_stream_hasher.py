@@ -23,7 +23,7 @@ import pytest
 
 from provision.cli.main import run_cli
 from provision.io import diskio
-from provision.stages.fetch.torrent.stream_hash import WriteBehind
+from provision.stages.fetch.torrent.stream_hash import ReadBack, WriteBehind
 from provision.testing.torrent_fixtures import seed_thread
 
 
@@ -209,3 +209,28 @@ def test_a_fetch_leaves_its_verified_files_out_of_the_page_cache(
     assert resident_bytes(big) < big.stat().st_size // 4
     for f in vfiles:  # still the verified bytes
         assert hashlib.sha256((dest / f["path"]).read_bytes()).hexdigest() == f["sha256"]
+
+
+@pytest.mark.parametrize("direct", [True, False])
+def test_write_behind_reads_each_stretch_back_and_records_only_whole_pieces_that_match(
+        disk_dir: Path, monkeypatch: pytest.MonkeyPatch, direct: bool) -> None:
+    pl = 64 * 1024
+    data = os.urandom(9 * pl + 1000)  # nine whole pieces and a short tenth
+    path = disk_dir / "part.bin"
+    path.write_bytes(data)
+    hashes = [hashlib.sha1(data[i:i + pl]).digest() for i in range(0, len(data), pl)]
+    hashes[4] = bytes(20)  # what the disk holds for piece 4 is not what the torrent says
+    if not direct:  # a filesystem without O_DIRECT: read through the page cache
+        monkeypatch.setattr("provision.stages.fetch.torrent.stream_hash.reopen_direct", lambda fd: None)
+    wb = WriteBehind(drop=True, piece_length=pl)
+    wb.start()
+    rb = ReadBack(pieces=tuple(hashes))
+    wb.put("part.bin", path, 0, 3 * pl + 5, read_back=rb)  # pieces 0-2 whole; 3 not yet
+    wb.put("part.bin", path, 3 * pl + 5, len(data), read_back=rb)  # then 3 (now complete) to 8
+    wb.put("part.bin", path, 0, len(data), final=True)
+    wb.close()
+    wb.join(30)
+    assert not wb.thread.is_alive()
+    assert wb.checked == {"part.bin": {0, 1, 2, 3, 5, 6, 7, 8}}  # not 4 (bad) nor 9 (short: verify's)
+    assert wb.read_back_bytes == 9 * pl  # each whole piece read back once
+    assert wb.synced == {"part.bin"} and path.read_bytes() == data

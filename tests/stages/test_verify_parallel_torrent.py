@@ -333,3 +333,40 @@ def test_the_worker_process_answers_json_lines_with_the_digests_verify_computes_
     buf = bytearray(1 << 20)
     assert v2["roots"] == [v2_chunk_root(f, i, 64, buf).hex() for i in (0, 1)] and v2["n"] == len(data)
     assert gone == {"error": "No such file or directory"}
+
+
+def test_pieces_the_fetcher_read_back_are_not_read_again_and_the_others_still_catch_a_flipped_byte(
+        tiny_copy: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from provision.stages.verify import verify_files
+    from provision.stages.verify.torrent import with_torrent
+
+    folder = _only_big(tiny_copy, tmp_path)
+    data, _ = _torrent(folder, "v1", (BIG,))
+    (tmp_path / "t.torrent").write_bytes(data)
+    size = (folder / BIG).stat().st_size
+    npieces = -(-size // PIECE)
+    ranges: list[tuple[int, int]] = []
+    real = parallel._v1_unit
+
+    def spy(w: Any, first: int, count: int, *rest: Any) -> None:
+        ranges.append((first, count))
+        real(w, first, count, *rest)
+
+    monkeypatch.setattr(parallel, "_v1_unit", spy)
+    from provision.stages.verify.torrent import find_torrent
+
+    ref = find_torrent(None, None, torrent_file=tmp_path / "t.torrent")
+    auths = with_torrent({}, ref, add_missing=True)
+    assert auths[BIG].kind == "torrent-v1-pieces" and len(auths[BIG].piece_hashes) == npieces
+    read_back = set(range(npieces)) - {7, 8, 50}
+    rep = verify_files(folder, auths, checked_pieces={BIG: read_back}, whole_sha256=False)
+    rep.raise_for_failure()
+    assert sorted(ranges) == [(7, 2), (50, 1)]  # only the pieces nobody read back
+    [f] = rep.files
+    assert f.to_dict()["hash"]["read_back_by_fetcher"] == len(read_back)
+
+    flip_byte(folder / BIG, 50 * PIECE + 3)  # a piece nobody read back: found
+    ranges.clear()
+    bad = verify_files(folder, auths, checked_pieces={BIG: read_back}, whole_sha256=False)
+    assert [c.name for c in bad.failures] == ["torrent-v1-pieces"]
+    assert bad.failures[0].error is not None and bad.failures[0].error.context["bad_pieces"] == [50]

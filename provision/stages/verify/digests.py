@@ -15,7 +15,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from provision.errors import VerifyError
-from provision.io.diskio import aligned_buffer
+from provision.io.diskio import aligned_buffer, read_full
 from provision.io.hashing import BLOCK_SIZE, open_regular, stream_file
 
 V2_BLOCK = 16 * 1024  # BEP 52 leaf block
@@ -67,23 +67,22 @@ def v2_root(chunk_roots: list[bytes], chunk: int, total: int) -> bytes:
     return merkle_reduce(chunk_roots, total // chunk, pad_hash(chunk.bit_length() - 1))
 
 
-def _fill(fd: int, mv: memoryview, offset: int) -> int:
-    """Read into all of ``mv`` from ``offset`` unless the file ends first; the bytes read."""
-    got = 0
-    while got < len(mv):
-        n = os.preadv(fd, [mv[got:]], offset + got)
-        if not n:
-            break
-        got += n
-    return got
-
-
 def v2_chunk_roots(path: Path, first: int, count: int, chunk: int, buf: bytearray | memoryview | None = None,
                    on_bytes: Callable[[int], None] | None = None) -> list[bytes]:
     """Roots of the subtrees over chunks ``first`` .. ``first + count - 1`` (``chunk`` leaves of
-    16 KiB each) of ``path``: one open, positioned reads into ``buf`` (whole leaves at a time) and
-    the leaves hashed straight from it. Leaves past the end of the file are zero (BEP 52); a short
-    last block is hashed as it is."""
+    16 KiB each) of ``path`` (``v2_chunk_roots_fd`` on one open of it)."""
+    fd = open_regular(path)
+    try:
+        return v2_chunk_roots_fd(fd, first, count, chunk, buf, on_bytes)
+    finally:
+        os.close(fd)
+
+
+def v2_chunk_roots_fd(fd: int, first: int, count: int, chunk: int, buf: bytearray | memoryview | None = None,
+                      on_bytes: Callable[[int], None] | None = None) -> list[bytes]:
+    """``v2_chunk_roots`` of an open file: positioned reads into ``buf`` (whole leaves at a time;
+    page-aligned by default, so an ``O_DIRECT`` descriptor works) and the leaves hashed straight
+    from it. Leaves past the end of the file are zero (BEP 52); a short last block is hashed as it is."""
     span = chunk * V2_BLOCK
     if buf is None or len(buf) < V2_BLOCK:
         buf = aligned_buffer(span)
@@ -91,23 +90,19 @@ def v2_chunk_roots(path: Path, first: int, count: int, chunk: int, buf: bytearra
     mv = memoryview(buf)
     sha256 = hashlib.sha256
     roots: list[bytes] = []
-    fd = open_regular(path)
-    try:
-        for index in range(first, first + count):
-            leaves: list[bytes] = []
-            for off in range(index * span, (index + 1) * span, step):
-                got = _fill(fd, mv[:step], off)
-                full = got - got % V2_BLOCK
-                leaves += [sha256(mv[k:k + V2_BLOCK]).digest() for k in range(0, full, V2_BLOCK)]
-                if full < got:
-                    leaves.append(sha256(mv[full:got]).digest())
-                if got and on_bytes is not None:
-                    on_bytes(got)
-                if got < step:
-                    break
-            roots.append(merkle_reduce(leaves, chunk, ZERO))
-    finally:
-        os.close(fd)
+    for index in range(first, first + count):
+        leaves: list[bytes] = []
+        for off in range(index * span, (index + 1) * span, step):
+            got = read_full(fd, mv[:step], off)
+            full = got - got % V2_BLOCK
+            leaves += [sha256(mv[k:k + V2_BLOCK]).digest() for k in range(0, full, V2_BLOCK)]
+            if full < got:
+                leaves.append(sha256(mv[full:got]).digest())
+            if got and on_bytes is not None:
+                on_bytes(got)
+            if got < step:
+                break
+        roots.append(merkle_reduce(leaves, chunk, ZERO))
     return roots
 
 

@@ -70,6 +70,9 @@ class FileWork:
     range_units: int = 0  # of those, torrent piece / merkle-chunk ranges (independent of each other)
     threads: set[str] = field(default_factory=set)  # the pool threads (or worker processes) that ran its units
     done_units: int = 0  # units that finished (a unit that never ran must not read as "no bad piece")
+    # v1 pieces (indices in the file) the caller already read back and matched: not read again
+    skip_pieces: frozenset[int] = frozenset()
+    given_roots: int = 0  # v2 chunk roots the caller computed from the disk (``v2_roots`` starts with them)
 
 
 class _Progress:
@@ -218,6 +221,22 @@ def _apply(w: FileWork, job: dict[str, Any], res: dict[str, Any]) -> None:
         w.v2_roots[first + k] = bytes.fromhex(root)
 
 
+def _runs(n: int, skip: frozenset[int], per: int) -> list[tuple[int, int]]:
+    """(first, count) ranges of at most ``per`` consecutive indices of ``range(n)`` not in ``skip``."""
+    out: list[tuple[int, int]] = []
+    i = 0
+    while i < n:
+        if i in skip:
+            i += 1
+            continue
+        j = i
+        while j < n and j - i < per and j not in skip:
+            j += 1
+        out.append((i, j - i))
+        i = j
+    return out
+
+
 def _units(works: Mapping[str, FileWork]) -> list[_Unit]:
     units: list[_Unit] = []
     for w in works.values():
@@ -229,16 +248,14 @@ def _units(works: Mapping[str, FileWork]) -> list[_Unit]:
         if a.piece_hashes and a.piece_length and -(-w.size // a.piece_length) == len(a.piece_hashes):
             plen = a.piece_length
             per = max(1, SPLIT_UNIT_BYTES // plen)
-            for first in range(0, len(a.piece_hashes), per):
-                cnt = min(per, len(a.piece_hashes) - first)
+            for first, cnt in _runs(len(a.piece_hashes), w.skip_pieces, per):
                 nbytes = min(cnt * plen, w.size - first * plen)  # the last piece may be short
                 units.append((nbytes, partial(_v1_unit, w, first, cnt), w,
                               {"v1": [str(w.path), first * plen, plen, cnt]}))
         if a.merkle_root is not None and w.size > 0:
             nchunks, chunk, _ = v2_geometry(w.size)
             per = max(1, SPLIT_UNIT_BYTES // (chunk * V2_BLOCK))
-            for first in range(0, nchunks, per):
-                cnt = min(per, nchunks - first)
+            for first, cnt in _runs(nchunks, frozenset(w.v2_roots), per):
                 nbytes = min(cnt * chunk * V2_BLOCK, w.size - first * chunk * V2_BLOCK)  # the last may be short
                 units.append((nbytes, partial(_v2_unit, w, first, cnt, chunk), w,
                               {"v2": [str(w.path), first, cnt, chunk]}))

@@ -61,6 +61,7 @@ class FileReport:
     hash_units: int = 0  # hashing units read (a whole-file pass, torrent piece ranges)
     hash_ranges: int = 0  # of those, independent piece / merkle-chunk ranges (only a torrent authority splits)
     hash_threads: int = 0  # distinct workers that ran them
+    read_back: int = 0  # v1 pieces (matched) or v2 merkle chunks (roots) the fetcher read back from the disk
 
     def to_dict(self) -> dict[str, Any]:
         d: dict[str, Any] = {"path": self.path, "status": self.status, "authority": self.authority,
@@ -70,8 +71,10 @@ class FileReport:
             d["sha256_source"] = self.sha256_source
         if self.git_sha1:
             d["git_sha1"] = self.git_sha1
-        if self.hash_units:
+        if self.hash_units or self.read_back:
             d["hash"] = {"units": self.hash_units, "ranges": self.hash_ranges, "workers": self.hash_threads}
+            if self.read_back:
+                d["hash"]["read_back_by_fetcher"] = self.read_back
         return d
 
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 import os
 import stat
 import time
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -26,6 +26,7 @@ from provision.io.paths import safe_join, safe_relpath
 from provision.progress import ProgressFn
 from provision.stages.verify.authority import Authority, authorities_from_manifest
 from provision.stages.verify.content import hash_check, v1_check, v2_check
+from provision.stages.verify.digests import v2_geometry
 from provision.stages.verify.parallel import FileWork, hash_all
 from provision.stages.verify.report import Check, FileReport, VerifyReport
 from provision.stages.verify.scan import Entry, hostile_check, scan
@@ -154,6 +155,8 @@ def verify_files(
     workers: int | None = None,
     pickles_as_data: bool = False,
     whole_sha256: bool = True,
+    checked_pieces: Mapping[str, Collection[int]] | None = None,
+    chunk_roots: Mapping[str, Mapping[int, bytes]] | None = None,
 ) -> VerifyReport:
     """Verify the ``expected`` files under ``root`` (see the module docstring); different files
     are hashed in parallel on ``workers`` threads (default: the CPU count). Never raises for bad
@@ -163,6 +166,11 @@ def verify_files(
     its authority: a file torrent pieces vouch for is checked in ranges on every worker and its
     report carries no sha256 unless ``known_sha256`` gives it (the default, True, also reports the
     sha256 of such a file: one more single-stream pass, which bounds the time of a big file).
+    ``checked_pieces`` (the torrent fetch's write-behind) names, per file, the torrent v1 pieces
+    (indices within the file) already read back from the file after they reached the disk and
+    matched this authority's SHA-1: they are not read again (the report counts them);
+    ``chunk_roots`` likewise gives v2 merkle chunk roots computed from what the file held on the
+    disk: those chunks are not read again, and the root they reduce to is checked as usual.
     """
     t0 = time.monotonic()
     root = _check_root(root)
@@ -170,6 +178,8 @@ def verify_files(
     report = VerifyReport(root=root, workers=nworkers)
     known = {_norm(k): v.lower() for k, v in (known_sha256 or {}).items()}
     expected = {_norm(k): v for k, v in expected.items()}
+    checked = {_norm(k): v for k, v in (checked_pieces or {}).items()}
+    given_roots = {_norm(k): v for k, v in (chunk_roots or {}).items()}
 
     entries = {e.rel: e for e in scan(root)}
     if pickles_as_data:  # a pickled release's download: its pickles are hashed as bytes, never opened as pickles
@@ -192,7 +202,13 @@ def verify_files(
         if admitted is not None:
             path, size = admitted
             want = rel not in known and (whole_sha256 or not auth.splittable)
-            works[rel] = FileWork(rel=rel, path=path, size=size, auth=auth, want_sha256=want)
+            skip = frozenset(checked.get(rel, ())) if auth.piece_hashes else frozenset()
+            works[rel] = FileWork(rel=rel, path=path, size=size, auth=auth, want_sha256=want,
+                                  skip_pieces=frozenset(i for i in skip if 0 <= i < len(auth.piece_hashes)))
+            if auth.merkle_root is not None and size > 0 and rel in given_roots:
+                nchunks = v2_geometry(size)[0]
+                works[rel].v2_roots = {i: r for i, r in given_roots[rel].items() if 0 <= i < nchunks}
+                works[rel].given_roots = len(works[rel].v2_roots)
 
     # structure before hashing: headers only, so a hostile header is reported within milliseconds
     st_infos: dict[str, SafetensorsInfo] = {}
@@ -210,6 +226,7 @@ def verify_files(
         file_checks[rel] += _content_checks(w, reports[rel], known)
         reports[rel].hash_units, reports[rel].hash_ranges = w.units, w.range_units
         reports[rel].hash_threads = len(w.threads)
+        reports[rel].read_back = len(w.skip_pieces) + w.given_roots
         if rel in st_checks:
             file_checks[rel].append(st_checks[rel])
 

@@ -41,9 +41,10 @@ from provision.stages.fetch.torrent.meta import (
 from provision.stages.fetch.torrent.place import DeferredSignals, remove_staging
 from provision.stages.fetch.torrent.seed import add_seed_torrent, current_scope, serve_after_fetch
 from provision.stages.fetch.torrent.session import NOT_STARTED, close_session, closed_flags, open_session
-from provision.stages.fetch.torrent.stream_hash import StreamFile, StreamHasher
+from provision.stages.fetch.torrent.stream_hash import ReadBack, StreamFile, StreamHasher
 from provision.stages.fetch.torrent.telemetry import Clock, FetchTelemetry, steady_rate
 from provision.stages.verify import Authority, VerifyReport
+from provision.stages.verify.digests import V2_BLOCK, v2_geometry
 
 if TYPE_CHECKING:
     from provision.stages.fetch.request import FetchRequest, TorrentOptions
@@ -114,9 +115,12 @@ def fetch_torrent(plan: FetchRequest, *, dest: Path, options: TorrentOptions,
         # stream-hash every file while its pieces are in the page cache: a manifest sha256 is checked
         # against it; under a torrent authority verify checks the pieces (in ranges, on every core)
         # and records this hash, so no file is read once more for its whole-file sha256
+        # where the torrent's pieces or merkle tree are a file's authority, the write-behind also reads
+        # each stretch back once it is on the disk and checks it: verify then reads only the rest
+        pl = int(ti.piece_length())
         hasher = live.pieces.hasher = StreamHasher(
-            [StreamFile(s.rel, s.staged, s.offset, s.size, True) for s in todo],
-            int(ti.piece_length()), int(ti.num_pieces()))
+            [StreamFile(s.rel, s.staged, s.offset, s.size, True, _read_back(auths[s.rel], s, pl))
+             for s in todo], pl, int(ti.num_pieces()))
         if options.piece_watch is not None and todo:  # run converts what is verified while the rest arrives
             options.piece_watch(hasher, live.h)
         log = DownloadLog(resumed=resumed)
@@ -171,7 +175,8 @@ def _telemetry(job: FetchJob, ti: Any, live: LiveTorrent, st: Any, clock: Clock,
         peers_seen=len(live.swarm.seen), peers_max=live.swarm.most,
         download_rate=round(int(st.total_payload_download) / clock.download_seconds, 1) if todo else 0.0,
         steady_rate=steady_rate(log.samples), piece_order=log.order.name,
-        hashed_while_downloading_bytes=hasher.bytes_hashed, reused=[s.rel for s in sels if s.reused],
+        hashed_while_downloading_bytes=hasher.bytes_hashed, read_back_while_downloading_bytes=hasher.writer.read_back_bytes,
+        reused=[s.rel for s in sels if s.reused],
         verify=vreport.to_dict() if vreport is not None else None,
         **clock.phase_seconds(swarm_at=log.order.swarm_at),
     )
@@ -422,6 +427,38 @@ def _emit_progress(job: FetchJob, st: Any, done: int, wanted: int) -> None:
                "eta": f"{eta:.0f}s" if eta is not None else "?"}))
 
 
+def _read_back(a: Authority, s: Selected, pl: int) -> ReadBack | None:
+    """What the write-behind checks of ``s`` on the disk: the merkle chunks of a v2 authority, or
+    the v1 piece hashes when they are the torrent's pieces of exactly this file (it starts on a
+    piece boundary); else nothing (a manifest sha256: the stream hash is checked against it)."""
+    if a.kind == "torrent-v2-merkle" and a.merkle_root is not None and s.size > 0:
+        return ReadBack(merkle_size=s.size)
+    if a.kind == "torrent-v1-pieces" and a.piece_length == pl and not s.offset % pl and a.piece_hashes:
+        return ReadBack(pieces=a.piece_hashes)
+    return None
+
+
+def _read_back_results(todo: Sequence[Selected], hasher: StreamHasher) -> tuple[dict[str, set[int]],
+                                                                                  dict[str, dict[int, bytes]]]:
+    """The v1 pieces and v2 chunk roots the write-behind read back, less any touching a piece whose
+    alert never came (``mark_all`` released it: not trusted without a read after the download)."""
+    pl, w = hasher.pl, hasher.writer
+    pieces: dict[str, set[int]] = {}
+    roots: dict[str, dict[int, bytes]] = {}
+    for s in todo:
+        forced = [p for p in hasher.forced if s.offset <= (p + 1) * pl - 1 and p * pl < s.offset + s.size]
+        if s.rel in w.checked:
+            pieces[s.rel] = {i for i in w.checked[s.rel] if s.offset // pl + i not in hasher.forced}
+        if s.rel in w.roots:
+            span = v2_geometry(s.size)[1] * V2_BLOCK
+            bad: set[int] = set()
+            for p in forced:
+                a, b = max(p * pl - s.offset, 0), min((p + 1) * pl - s.offset, s.size)
+                bad.update(range(a // span, (b - 1) // span + 1))
+            roots[s.rel] = {i: r for i, r in w.roots[s.rel].items() if i not in bad}
+    return pieces, roots
+
+
 def _verify(job: FetchJob, ti: Any, todo: Sequence[Selected], auths: dict[str, Authority], hasher: StreamHasher,
             clock: Clock) -> tuple[dict[str, str], VerifyReport | None]:
     """Wait for the stream hashes, then verify the staged files; return the trusted hashes and
@@ -441,6 +478,7 @@ def _verify(job: FetchJob, ti: Any, todo: Sequence[Selected], auths: dict[str, A
             known.pop(s.rel, None)
         elif not a.sha256 and s.rel in forced:
             known.pop(s.rel, None)
+    checked, roots = _read_back_results(todo, hasher)
     for s in todo:
         if s.size == 0 and not s.staged.exists():
             s.staged.parent.mkdir(parents=True, exist_ok=True)
@@ -449,7 +487,8 @@ def _verify(job: FetchJob, ti: Any, todo: Sequence[Selected], auths: dict[str, A
     if todo:
         note(job.progress, "fetch", f"verifying {len(todo)} files")
         vreport = verify.verify_files(job.staged_root(ti), {s.rel: auths[s.rel] for s in todo}, known_sha256=known,
-                               progress=job.progress, pickles_as_data=job.pickles_as_data)
+                               progress=job.progress, pickles_as_data=job.pickles_as_data,
+                               checked_pieces=checked, chunk_roots=roots)
         vreport.raise_for_failure()
     clock.verified = time.monotonic()
     return known, vreport

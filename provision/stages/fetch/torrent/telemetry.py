@@ -101,6 +101,7 @@ class FetchTelemetry:
     piece_order: str
     rarest_first_after_seconds: float | None
     hashed_while_downloading_bytes: int
+    read_back_while_downloading_bytes: int  # written stretches read back from the disk for their v1 pieces
     hash_tail_seconds: float
     verify_seconds: float
     post_download_check_seconds: float

@@ -338,7 +338,7 @@ def test_the_worker_process_answers_json_lines_with_the_digests_verify_computes_
 def test_pieces_the_fetcher_read_back_are_not_read_again_and_the_others_still_catch_a_flipped_byte(
         tiny_copy: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from provision.stages.verify import verify_files
-    from provision.stages.verify.torrent import with_torrent
+    from provision.stages.verify.torrent import find_torrent, with_torrent
 
     folder = _only_big(tiny_copy, tmp_path)
     data, _ = _torrent(folder, "v1", (BIG,))
@@ -353,8 +353,6 @@ def test_pieces_the_fetcher_read_back_are_not_read_again_and_the_others_still_ca
         real(w, first, count, *rest)
 
     monkeypatch.setattr(parallel, "_v1_unit", spy)
-    from provision.stages.verify.torrent import find_torrent
-
     ref = find_torrent(None, None, torrent_file=tmp_path / "t.torrent")
     auths = with_torrent({}, ref, add_missing=True)
     assert auths[BIG].kind == "torrent-v1-pieces" and len(auths[BIG].piece_hashes) == npieces
@@ -370,3 +368,37 @@ def test_pieces_the_fetcher_read_back_are_not_read_again_and_the_others_still_ca
     bad = verify_files(folder, auths, checked_pieces={BIG: read_back}, whole_sha256=False)
     assert [c.name for c in bad.failures] == ["torrent-v1-pieces"]
     assert bad.failures[0].error is not None and bad.failures[0].error.context["bad_pieces"] == [50]
+
+
+def test_merkle_chunk_roots_the_fetcher_read_back_are_not_read_again_and_a_wrong_one_fails_the_root_check(
+        tiny_copy: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from provision.stages.verify import verify_files
+    from provision.stages.verify.digests import v2_chunk_roots, v2_geometry
+    from provision.stages.verify.torrent import find_torrent, with_torrent
+
+    folder = _only_big(tiny_copy, tmp_path)
+    data, _ = _torrent(folder, "hybrid", (BIG,))
+    (tmp_path / "t.torrent").write_bytes(data)
+    auths = with_torrent({}, find_torrent(None, None, torrent_file=tmp_path / "t.torrent"), add_missing=True)
+    assert auths[BIG].kind == "torrent-v2-merkle"
+    nchunks, chunk, _ = v2_geometry((folder / BIG).stat().st_size)
+    roots = dict(enumerate(v2_chunk_roots(folder / BIG, 0, nchunks, chunk)))
+    read: list[tuple[int, int]] = []
+    real = parallel._v2_unit
+
+    def spy(w: Any, first: int, count: int, *rest: Any) -> None:
+        read.append((first, count))
+        real(w, first, count, *rest)
+
+    monkeypatch.setattr(parallel, "_v2_unit", spy)
+    given = {i: r for i, r in roots.items() if i != 3}
+    rep = verify_files(folder, auths, chunk_roots={BIG: given}, whole_sha256=False)
+    rep.raise_for_failure()
+    assert read == [(3, 1)]  # only the chunk nobody read back
+    assert rep.files[0].to_dict()["hash"]["read_back_by_fetcher"] == nchunks - 1
+
+    # a root computed from bad bytes on the disk is not trusted blindly: the merkle root fails
+    bad = dict(given)
+    bad[5] = bytes(32)
+    failed = verify_files(folder, auths, chunk_roots={BIG: bad}, whole_sha256=False)
+    assert [c.name for c in failed.failures] == ["torrent-v2-merkle"]

@@ -45,6 +45,14 @@ def _only_big(tiny_copy: Path, tmp_path: Path) -> Path:
     return folder
 
 
+def _single_torrent(tiny_copy: Path, tmp_path: Path, version: str) -> Path:
+    """A folder holding only BIG, and its ``version`` torrent as ``tmp_path/t.torrent``."""
+    folder = _only_big(tiny_copy, tmp_path)
+    data, _ = _torrent(folder, version, (BIG,))
+    (tmp_path / "t.torrent").write_bytes(data)
+    return folder
+
+
 def _meet_on_two_threads(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     """Make each range unit wait until a second pool thread runs one too (a broken barrier, after
     30 s, fails the verification): passing proves two ranges ran at the same time."""
@@ -67,9 +75,7 @@ def _meet_on_two_threads(monkeypatch: pytest.MonkeyPatch) -> list[str]:
 @pytest.mark.parametrize("version,kind", [("v1", "torrent-v1-pieces"), ("hybrid", "torrent-v2-merkle")])
 def test_a_single_big_file_is_checked_in_piece_ranges_on_two_workers_without_a_sha256_pass(
         tiny_copy: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, version: str, kind: str) -> None:
-    folder = _only_big(tiny_copy, tmp_path)
-    data, _ = _torrent(folder, version, (BIG,))
-    (tmp_path / "t.torrent").write_bytes(data)
+    folder = _single_torrent(tiny_copy, tmp_path, version)
     monkeypatch.setattr(parallel, "SPLIT_UNIT_BYTES", 4 << 20)  # 34 MB -> 9 ranges
     threads = _meet_on_two_threads(monkeypatch)
 
@@ -90,9 +96,7 @@ def test_a_single_big_file_is_checked_in_piece_ranges_on_two_workers_without_a_s
 
 def test_a_flipped_byte_is_named_by_its_piece_and_nothing_is_written(
         tiny_copy: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    folder = _only_big(tiny_copy, tmp_path)
-    data, _ = _torrent(folder, "v1", (BIG,))
-    (tmp_path / "t.torrent").write_bytes(data)
+    folder = _single_torrent(tiny_copy, tmp_path, "v1")
     monkeypatch.setattr(parallel, "SPLIT_UNIT_BYTES", 4 << 20)
     offset = 20_000_123
     flip_byte(folder / BIG, offset)
@@ -219,9 +223,7 @@ def test_run_adopt_and_reverify_check_the_pieces_of_the_pinned_torrent(
 @pytest.mark.parametrize("version,kind", [("v1", "torrent-v1-pieces"), ("hybrid", "torrent-v2-merkle")])
 def test_worker_processes_check_the_ranges_and_find_the_same_flipped_piece_as_threads(
         tiny_copy: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, version: str, kind: str) -> None:
-    folder = _only_big(tiny_copy, tmp_path)
-    data, _ = _torrent(folder, version, (BIG,))
-    (tmp_path / "t.torrent").write_bytes(data)
+    folder = _single_torrent(tiny_copy, tmp_path, version)
     monkeypatch.setattr(parallel, "SPLIT_UNIT_BYTES", 4 << 20)
     monkeypatch.setattr(parallel, "PROCESS_MIN_BYTES", 0)  # the 34 MB file counts as big
     monkeypatch.setattr(parallel, "PROCESS_KINDS", ("v1", "v2"))
@@ -249,9 +251,7 @@ def test_worker_processes_check_the_ranges_and_find_the_same_flipped_piece_as_th
 @pytest.mark.parametrize("version,procs", [("hybrid", 2), ("v1", 0)])
 def test_by_default_merkle_ranges_past_the_threshold_go_to_worker_processes_and_v1_pieces_stay_on_threads(
         tiny_copy: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, version: str, procs: int) -> None:
-    folder = _only_big(tiny_copy, tmp_path)
-    data, _ = _torrent(folder, version, (BIG,))
-    (tmp_path / "t.torrent").write_bytes(data)
+    folder = _single_torrent(tiny_copy, tmp_path, version)
     monkeypatch.setattr(parallel, "SPLIT_UNIT_BYTES", 4 << 20)
     monkeypatch.setattr(parallel, "PROCESS_MIN_BYTES", 30 << 20)  # 34 MB of ranges: past it (the kinds stay default)
     started: list[int] = []
@@ -296,9 +296,7 @@ def test_worker_processes_accept_a_zero_padded_last_piece_only_with_the_size_pin
 
 def test_a_range_that_never_ran_fails_the_file_instead_of_passing_it(
         tiny_copy: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    folder = _only_big(tiny_copy, tmp_path)
-    data, _ = _torrent(folder, "v1", (BIG,))
-    (tmp_path / "t.torrent").write_bytes(data)
+    folder = _single_torrent(tiny_copy, tmp_path, "v1")
     monkeypatch.setattr(parallel, "SPLIT_UNIT_BYTES", 4 << 20)
     monkeypatch.setattr(parallel, "PROCESS_MIN_BYTES", 0)
     monkeypatch.setattr(parallel, "PROCESS_KINDS", ("v1", "v2"))
@@ -335,26 +333,34 @@ def test_the_worker_process_answers_json_lines_with_the_digests_verify_computes_
     assert gone == {"error": "No such file or directory"}
 
 
-def test_pieces_the_fetcher_read_back_are_not_read_again_and_the_others_still_catch_a_flipped_byte(
-        tiny_copy: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from provision.stages.verify import verify_files
+def _single_file_authority(tiny_copy: Path, tmp_path: Path, version: str) -> tuple[Path, dict[str, Any]]:
+    """A folder holding only BIG and the authorities its ``version`` torrent gives (as ``verify --torrent``)."""
     from provision.stages.verify.torrent import find_torrent, with_torrent
 
-    folder = _only_big(tiny_copy, tmp_path)
-    data, _ = _torrent(folder, "v1", (BIG,))
-    (tmp_path / "t.torrent").write_bytes(data)
-    size = (folder / BIG).stat().st_size
-    npieces = -(-size // PIECE)
+    folder = _single_torrent(tiny_copy, tmp_path, version)
+    return folder, with_torrent({}, find_torrent(None, None, torrent_file=tmp_path / "t.torrent"), add_missing=True)
+
+
+def _record_ranges(monkeypatch: pytest.MonkeyPatch, unit: str) -> list[tuple[int, int]]:
+    """The (first, count) of every range ``parallel.<unit>`` (``_v1_unit`` or ``_v2_unit``) reads."""
     ranges: list[tuple[int, int]] = []
-    real = parallel._v1_unit
+    real = getattr(parallel, unit)
 
     def spy(w: Any, first: int, count: int, *rest: Any) -> None:
         ranges.append((first, count))
         real(w, first, count, *rest)
 
-    monkeypatch.setattr(parallel, "_v1_unit", spy)
-    ref = find_torrent(None, None, torrent_file=tmp_path / "t.torrent")
-    auths = with_torrent({}, ref, add_missing=True)
+    monkeypatch.setattr(parallel, unit, spy)
+    return ranges
+
+
+def test_pieces_the_fetcher_read_back_are_not_read_again_and_the_others_still_catch_a_flipped_byte(
+        tiny_copy: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from provision.stages.verify import verify_files
+
+    folder, auths = _single_file_authority(tiny_copy, tmp_path, "v1")
+    npieces = -(-(folder / BIG).stat().st_size // PIECE)
+    ranges = _record_ranges(monkeypatch, "_v1_unit")
     assert auths[BIG].kind == "torrent-v1-pieces" and len(auths[BIG].piece_hashes) == npieces
     read_back = set(range(npieces)) - {7, 8, 50}
     rep = verify_files(folder, auths, checked_pieces={BIG: read_back}, whole_sha256=False)
@@ -374,23 +380,12 @@ def test_merkle_chunk_roots_the_fetcher_read_back_are_not_read_again_and_a_wrong
         tiny_copy: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from provision.stages.verify import verify_files
     from provision.stages.verify.digests import v2_chunk_roots, v2_geometry
-    from provision.stages.verify.torrent import find_torrent, with_torrent
 
-    folder = _only_big(tiny_copy, tmp_path)
-    data, _ = _torrent(folder, "hybrid", (BIG,))
-    (tmp_path / "t.torrent").write_bytes(data)
-    auths = with_torrent({}, find_torrent(None, None, torrent_file=tmp_path / "t.torrent"), add_missing=True)
+    folder, auths = _single_file_authority(tiny_copy, tmp_path, "hybrid")
     assert auths[BIG].kind == "torrent-v2-merkle"
     nchunks, chunk, _ = v2_geometry((folder / BIG).stat().st_size)
     roots = dict(enumerate(v2_chunk_roots(folder / BIG, 0, nchunks, chunk)))
-    read: list[tuple[int, int]] = []
-    real = parallel._v2_unit
-
-    def spy(w: Any, first: int, count: int, *rest: Any) -> None:
-        read.append((first, count))
-        real(w, first, count, *rest)
-
-    monkeypatch.setattr(parallel, "_v2_unit", spy)
+    read = _record_ranges(monkeypatch, "_v2_unit")
     given = {i: r for i, r in roots.items() if i != 3}
     rep = verify_files(folder, auths, chunk_roots={BIG: given}, whole_sha256=False)
     rep.raise_for_failure()

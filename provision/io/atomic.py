@@ -11,13 +11,14 @@ paths or space, or moves whole folders (``provision.io.staging`` does).
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
-import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import IO
 
+from provision.io.diskio import aligned_buffer
 from provision.io.space import disk_full_error, is_disk_full
 
 TMP_PREFIX = ".provision-tmp-"
@@ -110,7 +111,39 @@ def atomic_write_text(target: Path, text: str, *, perms: int | None = None, dura
     atomic_write_bytes(target, text.encode("utf-8"), perms=perms, durable=durable)
 
 
+COPY_BLOCK = 4 << 20
+# copy_file_range refusals that mean "not between these two files": copy through memory instead
+_NO_KERNEL_COPY = {errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EBADF,
+                   errno.EPERM}
+
+
+def copy_fd(src: int, dst: int) -> int:
+    """Copy what ``src`` holds from its offset to ``dst`` at its offset (both advance); the bytes copied.
+
+    In the kernel (``copy_file_range``: no copy through this process, a reflink where the filesystem
+    shares extents) where the pair allows it, else through a page-aligned buffer (a misaligned one
+    is four times slower to fill on some CPUs: ``diskio.aligned_buffer``). A full disk raises."""
+    total = 0
+    if hasattr(os, "copy_file_range"):
+        try:
+            while k := os.copy_file_range(src, dst, 1 << 30):
+                total += k
+            return total
+        except OSError as e:
+            if e.errno not in _NO_KERNEL_COPY:
+                raise
+    buf = aligned_buffer(COPY_BLOCK)
+    while n := os.readv(src, [buf]):
+        view = buf[:n]
+        while view:
+            w = os.write(dst, view)
+            view = view[w:]
+        total += n
+    return total
+
+
 def atomic_copy(src: Path, target: Path, *, perms: int | None = None) -> None:
     """Copy ``src``'s bytes to ``target`` atomically and durably (e.g. across filesystems)."""
     with open(src, "rb") as fi, atomic_writer(target, perms=perms) as fo:
-        shutil.copyfileobj(fi, fo, 1 << 22)
+        fo.flush()
+        copy_fd(fi.fileno(), fo.fileno())

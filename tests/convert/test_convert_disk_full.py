@@ -59,3 +59,15 @@ def test_an_atomic_write_on_a_filesystem_without_free_inodes_is_exit_6_and_leave
         assert e.value.exit_code == 6 and "state.json" in str(e.value)
         assert not (disk / "state.json").exists()
         assert not [p for p in disk.iterdir() if p.name.startswith(".provision-tmp-")]
+
+
+def test_an_atomic_copy_onto_a_disk_too_small_is_exit_6_and_leaves_nothing(tmp_path: Path) -> None:
+    from provision.io.atomic import atomic_copy
+
+    src = tmp_path / "big.bin"
+    src.write_bytes(b"\x5a" * (6 * MiB))
+    with small_tmpfs(tmp_path / "disk", 4 * MiB) as disk:
+        with pytest.raises(DiskSpaceError) as e:
+            atomic_copy(src, disk / "big.bin")
+        assert e.value.exit_code == 6 and "big.bin" in str(e.value) and "\n" not in str(e.value)
+        assert sorted(p.name for p in disk.iterdir()) == []  # no final name, no temporary

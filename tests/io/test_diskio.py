@@ -130,3 +130,42 @@ def test_stream_file_and_merkle_chunks_read_into_cache_line_aligned_memory_by_de
     assert digests.merkle_root_file(path) is not None
     monkeypatch.undo()
     assert reads and all(a % 64 == 0 for a in reads)
+
+
+@pytest.mark.parametrize("kernel", [True, False])
+def test_copy_fd_copies_every_byte_in_the_kernel_or_through_memory_and_continues_after_a_refusal_midway(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, kernel: bool) -> None:
+    import errno
+
+    from provision.io import atomic
+
+    data = os.urandom((9 << 20) + 4321)
+    src, dst = tmp_path / "src.bin", tmp_path / "dst.bin"
+    src.write_bytes(data)
+    calls: list[int] = []
+    real = os.copy_file_range
+
+    def refuse_after_first(fi: int, fo: int, n: int, *a: int) -> int:
+        calls.append(n)
+        if len(calls) > 1:  # a filesystem pair that copies once and then refuses: the rest goes through memory
+            raise OSError(errno.EXDEV, "cross-device")
+        return real(fi, fo, 3 << 20)
+
+    if not kernel:
+        monkeypatch.setattr(os, "copy_file_range", refuse_after_first)
+    with open(src, "rb") as fi, open(dst, "wb") as fo:
+        assert atomic.copy_fd(fi.fileno(), fo.fileno()) == len(data)
+    assert dst.read_bytes() == data
+    assert kernel or len(calls) == 2
+
+
+def test_atomic_copy_replaces_the_target_with_the_source_bytes(tmp_path: Path) -> None:
+    from provision.io.atomic import atomic_copy
+
+    src, target = tmp_path / "src.bin", tmp_path / "out" / "t.bin"
+    data = os.urandom(5 << 20)
+    src.write_bytes(data)
+    target.parent.mkdir()
+    target.write_bytes(b"old")
+    atomic_copy(src, target)
+    assert target.read_bytes() == data and sorted(p.name for p in target.parent.iterdir()) == ["t.bin"]

@@ -9,6 +9,7 @@ its files verified but not resident (``fincore`` from util-linux reads the resid
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import mmap
 import os
@@ -23,7 +24,8 @@ import pytest
 
 from provision.cli.main import run_cli
 from provision.io import diskio
-from provision.stages.fetch.torrent.stream_hash import ReadBack, WriteBehind
+from provision.stages.fetch.torrent.read_back import ReadBack, ReadBackWorker
+from provision.stages.fetch.torrent.stream_hash import WriteBehind
 from provision.testing.torrent_fixtures import seed_thread
 
 
@@ -212,7 +214,7 @@ def test_a_fetch_leaves_its_verified_files_out_of_the_page_cache(
 
 
 @pytest.mark.parametrize("direct", [True, False])
-def test_write_behind_reads_each_stretch_back_and_records_only_whole_pieces_that_match(
+def test_the_read_back_reads_each_written_stretch_from_the_disk_and_records_only_whole_pieces_that_match(
         disk_dir: Path, monkeypatch: pytest.MonkeyPatch, direct: bool) -> None:
     pl = 64 * 1024
     data = os.urandom(9 * pl + 1000)  # nine whole pieces and a short tenth
@@ -221,8 +223,9 @@ def test_write_behind_reads_each_stretch_back_and_records_only_whole_pieces_that
     hashes = [hashlib.sha1(data[i:i + pl]).digest() for i in range(0, len(data), pl)]
     hashes[4] = bytes(20)  # what the disk holds for piece 4 is not what the torrent says
     if not direct:  # a filesystem without O_DIRECT: read through the page cache
-        monkeypatch.setattr("provision.stages.fetch.torrent.stream_hash.reopen_direct", lambda fd: None)
-    wb = WriteBehind(drop=True, piece_length=pl)
+        monkeypatch.setattr("provision.stages.fetch.torrent.read_back.reopen_direct", lambda fd: None)
+    reader = ReadBackWorker(pl)
+    wb = WriteBehind(drop=True, reader=reader)
     wb.start()
     rb = ReadBack(pieces=tuple(hashes))
     wb.put("part.bin", path, 0, 3 * pl + 5, read_back=rb)  # pieces 0-2 whole; 3 not yet
@@ -230,7 +233,48 @@ def test_write_behind_reads_each_stretch_back_and_records_only_whole_pieces_that
     wb.put("part.bin", path, 0, len(data), final=True)
     wb.close()
     wb.join(30)
-    assert not wb.thread.is_alive()
-    assert wb.checked == {"part.bin": {0, 1, 2, 3, 5, 6, 7, 8}}  # not 4 (bad) nor 9 (short: verify's)
-    assert wb.read_back_bytes == 9 * pl  # each whole piece read back once
+    assert not wb.thread.is_alive() and not reader.thread.is_alive()
+    assert reader.checked == {"part.bin": {0, 1, 2, 3, 5, 6, 7, 8}}  # not 4 (bad) nor 9 (short: verify's)
+    assert reader.read_back_bytes == 9 * pl  # each whole piece read back once
     assert wb.synced == {"part.bin"} and path.read_bytes() == data
+
+
+def test_a_read_back_too_far_behind_lets_stretches_go_and_resumes_at_the_first_chunk_wholly_after_them(
+        tmp_path: Path) -> None:
+    from provision.stages.verify.digests import v2_chunk_roots, v2_geometry
+
+    chunk_bytes = 4 << 20
+    data = os.urandom(5 * chunk_bytes + 12345)
+    path = tmp_path / "f.bin"
+    path.write_bytes(data)
+    nchunks, chunk, _ = v2_geometry(len(data))
+    assert (nchunks, chunk) == (6, 256)
+    reader = ReadBackWorker(1 << 20, depth=1)  # not started yet: its one slot fills at once
+    rb = ReadBack(merkle_size=len(data))
+    edges = [0, chunk_bytes + 3, 2 * chunk_bytes + 100, 3 * chunk_bytes + 7, 5 * chunk_bytes]
+    queued = [reader.offer("f.bin", path, a, b, rb) for a, b in itertools.pairwise(edges)]
+    assert queued == [True, False, False, False]  # behind by its whole queue: the rest is left to verify
+    assert reader.skipped_bytes == edges[-1] - edges[1]
+    reader.start()
+    reader.join(0.5)
+    assert reader.thread.is_alive()  # waiting for more
+    assert reader.offer("f.bin", path, edges[-1], len(data), rb)  # the last stretch, after the gap
+    reader.close()
+    reader.join(30)
+    assert not reader.thread.is_alive()
+    want = dict(enumerate(v2_chunk_roots(path, 0, nchunks, chunk)))
+    # chunk 0 from the first stretch (chunk 1 straddles into the gap); after the gap, the short last chunk
+    assert reader.roots == {"f.bin": {0: want[0], 5: want[5]}}
+
+
+def test_a_stopped_read_back_does_not_hold_up_the_write_behind_closing(tmp_path: Path) -> None:
+    path = tmp_path / "f.bin"
+    path.write_bytes(os.urandom(1 << 20))
+    reader = ReadBackWorker(1 << 16, depth=1)
+    reader.start()
+    reader.stop()
+    reader.join(10)
+    assert not reader.thread.is_alive()
+    reader.offer("f.bin", path, 0, 1 << 20, ReadBack(merkle_size=1 << 20))  # fills the queue nobody reads
+    reader.close()  # returns: the worker is gone
+    assert reader.roots == {}

@@ -39,9 +39,10 @@ from provision.stages.fetch.torrent.meta import (
     load_torrent_info,
 )
 from provision.stages.fetch.torrent.place import DeferredSignals, remove_staging
+from provision.stages.fetch.torrent.read_back import ReadBack
 from provision.stages.fetch.torrent.seed import add_seed_torrent, current_scope, serve_after_fetch
 from provision.stages.fetch.torrent.session import NOT_STARTED, close_session, closed_flags, open_session
-from provision.stages.fetch.torrent.stream_hash import ReadBack, StreamFile, StreamHasher
+from provision.stages.fetch.torrent.stream_hash import StreamFile, StreamHasher
 from provision.stages.fetch.torrent.telemetry import Clock, FetchTelemetry, steady_rate
 from provision.stages.verify import Authority, VerifyReport
 from provision.stages.verify.digests import V2_BLOCK, v2_geometry
@@ -175,7 +176,7 @@ def _telemetry(job: FetchJob, ti: Any, live: LiveTorrent, st: Any, clock: Clock,
         peers_seen=len(live.swarm.seen), peers_max=live.swarm.most,
         download_rate=round(int(st.total_payload_download) / clock.download_seconds, 1) if todo else 0.0,
         steady_rate=steady_rate(log.samples), piece_order=log.order.name,
-        hashed_while_downloading_bytes=hasher.bytes_hashed, read_back_while_downloading_bytes=hasher.writer.read_back_bytes,
+        hashed_while_downloading_bytes=hasher.bytes_hashed, read_back_while_downloading_bytes=hasher.read_back.read_back_bytes,
         reused=[s.rel for s in sels if s.reused],
         verify=vreport.to_dict() if vreport is not None else None,
         **clock.phase_seconds(swarm_at=log.order.swarm_at),
@@ -442,7 +443,7 @@ def _read_back_results(todo: Sequence[Selected], hasher: StreamHasher) -> tuple[
                                                                                   dict[str, dict[int, bytes]]]:
     """The v1 pieces and v2 chunk roots the write-behind read back, less any touching a piece whose
     alert never came (``mark_all`` released it: not trusted without a read after the download)."""
-    pl, w = hasher.pl, hasher.writer
+    pl, w = hasher.pl, hasher.read_back
     pieces: dict[str, set[int]] = {}
     roots: dict[str, dict[int, bytes]] = {}
     for s in todo:

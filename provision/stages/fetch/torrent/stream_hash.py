@@ -21,23 +21,14 @@ import errno
 import hashlib
 import os
 import queue
-import sys
 import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from provision.io.diskio import (
-    aligned_buffer,
-    drop_cached,
-    hash_range,
-    read_full,
-    reopen_direct,
-    start_writeback,
-    write_back_and_drop,
-)
-from provision.stages.verify.digests import V2_BLOCK, v2_chunk_roots_fd, v2_geometry
+from provision.io.diskio import aligned_buffer, drop_cached, hash_range, start_writeback, write_back_and_drop
+from provision.stages.fetch.torrent.read_back import ReadBack, ReadBackWorker
 
 HASH_READ_BYTES = 4 << 20
 SYNC_CHUNK = 64 << 20  # the write-behind waits for and drops 64 MiB stretches
@@ -56,18 +47,6 @@ class StreamFile:
     read_back: ReadBack | None = None  # what the write-behind checks once a stretch is on the disk
 
 
-@dataclass(frozen=True)
-class ReadBack:
-    """What the write-behind reads back and checks of a file once each stretch is on the disk, so
-    that the verification after the download need not read those bytes again: the torrent's v1
-    piece SHA-1s when they cover exactly this file (it starts on a piece boundary), or, for a v2
-    merkle authority, the file's ``size`` (its merkle chunk roots are computed; verify reduces them
-    to the root it checks)."""
-
-    pieces: tuple[bytes, ...] = ()
-    merkle_size: int = 0
-
-
 class StreamHasher:
     """Hash the files in torrent order as their pieces are marked (see the module docstring)."""
 
@@ -83,7 +62,9 @@ class StreamHasher:
         self.bytes_hashed = 0
         self.forced: set[int] = set()  # pieces ``mark_all`` released without their alert
         self.hashed_at: float | None = None  # when the last file's hash was done
-        self.writer = WriteBehind(drop=drop_behind, piece_length=piece_length)
+        self.read_back = ReadBackWorker(piece_length)
+        self.writer = WriteBehind(drop=drop_behind,
+                                  reader=self.read_back if any(f.read_back for f in self.files) else None)
         self.thread = threading.Thread(target=self._run, name="provision-stream-hash", daemon=True)
 
     @property
@@ -195,29 +176,25 @@ class WriteBehind:
     the model's size, which on a VM whose fresh pages are costly is most of a write's CPU), and
     fsync each file once its last stretch is queued."""
 
-    def __init__(self, *, drop: bool, piece_length: int = 0) -> None:
+    def __init__(self, *, drop: bool, reader: ReadBackWorker | None = None) -> None:
         self.drop = drop
-        self.pl = piece_length
+        self.reader = reader  # reads the stretches back from the disk once written (``read_back``)
         self.queue: queue.SimpleQueue[tuple[str, Path, int, int, bool, ReadBack | None] | None] = queue.SimpleQueue()
         self.synced: set[str] = set()
-        self.checked: dict[str, set[int]] = {}  # file -> its v1 pieces read back from the disk and matched
-        self.roots: dict[str, dict[int, bytes]] = {}  # file -> its v2 merkle chunk roots, read back from the disk
-        self.read_back_bytes = 0
-        self._buf: memoryview | None = None
-        self._direct: dict[str, int | None] = {}
-        self._frontier: dict[str, int] = {}  # file -> the first piece / chunk not read back yet
         self.finished_at: float | None = None
         self.stopped = False
         self.thread = threading.Thread(target=self._run, name="provision-write-behind", daemon=True)
 
     def start(self) -> None:
+        if self.reader is not None:
+            self.reader.start()
         self.thread.start()
 
     def put(self, rel: str, path: Path, start: int, end: int, *, final: bool = False,
             read_back: ReadBack | None = None) -> None:
         """Queue a stretch ``[start, end)`` of a file (``final``: the whole file, complete); with
-        ``read_back``, what the file holds up to ``end`` is read back and checked once it is on the
-        disk (stretches of one file come in order, each starting where the last one ended)."""
+        ``read_back``, the stretch is handed to the reader once it is on the disk (stretches of one
+        file come in order, each starting where the last one ended)."""
         self.queue.put((rel, path, start, end, final, read_back))
 
     def close(self) -> None:
@@ -227,10 +204,15 @@ class WriteBehind:
     def stop(self) -> None:
         self.stopped = True
         self.queue.put(None)
+        if self.reader is not None:
+            self.reader.stop()
 
     def join(self, timeout: float | None = None) -> None:
+        """Wait for the write-behind, then for the reader it hands stretches to."""
         if self.thread.is_alive():
             self.thread.join(timeout)
+        if self.reader is not None:
+            self.reader.join(timeout)
 
     def _run(self) -> None:
         fds: dict[str, int] = {}
@@ -244,10 +226,12 @@ class WriteBehind:
                 except OSError:
                     pass  # the move fsyncs a file that is not in ``synced``
         finally:
-            for fd in [*fds.values(), *(d for d in self._direct.values() if d is not None)]:
+            for fd in fds.values():
                 with contextlib.suppress(OSError):  # closing a read-only descriptor: nothing to lose
                     os.close(fd)
             self.finished_at = time.monotonic()
+            if self.reader is not None:
+                self.reader.close()
 
     def _stretch(self, fds: dict[str, int], rel: str, path: Path, start: int, end: int, final: bool,
                  read_back: ReadBack | None) -> None:
@@ -260,65 +244,8 @@ class WriteBehind:
             if self.drop:
                 drop_cached(fd, start, end - start)
             os.close(fds.pop(rel))
-            dfd = self._direct.pop(rel, None)
-            if dfd is not None:
-                os.close(dfd)
             return
         if self.drop:
             write_back_and_drop(fd, start, end - start)
-        if read_back is not None:
-            self._read_back(rel, fd, end, read_back)
-
-    def _read_back(self, rel: str, fd: int, end: int, rb: ReadBack) -> None:
-        """Read back the whole pieces (v1) or merkle chunks (v2) of the file that end by ``end``
-        and were not read yet: from the disk with ``O_DIRECT`` where the filesystem takes it (as a
-        later read of the file would otherwise). A v1 piece is recorded when its SHA-1 matches (one
-        that does not is only left out: verify reads it again and reports it); a chunk's root is
-        recorded as computed (verify's merkle root check judges it)."""
-        if rb.merkle_size > 0:
-            nchunks, chunk, _ = v2_geometry(rb.merkle_size)
-            unit, count = chunk * V2_BLOCK, nchunks
-            hi = count if end >= rb.merkle_size else end // unit  # the short last chunk once the file is complete
-        elif rb.pieces and self.pl > 0:
-            unit, count = self.pl, len(rb.pieces)
-            hi = min(end // unit, count)  # whole pieces only: a short last piece is left to verify
-        else:
-            return
-        lo = self._frontier.get(rel, 0)
-        if hi <= lo:
-            return
-        self._frontier[rel] = hi
-        if self._buf is None or self._buf.nbytes < unit:
-            self._buf = aligned_buffer(max(unit, 4 << 20))
-        if rel not in self._direct:
-            self._direct[rel] = reopen_direct(fd)
-        dfd = self._direct[rel]
-        try:
-            try:
-                self._read_units(rel, dfd if dfd is not None else fd, lo, hi, unit, rb, self._buf)
-            except OSError:
-                if dfd is None:
-                    raise
-                os.close(dfd)  # the filesystem refused the direct read after all: read through the cache
-                self._direct[rel] = None
-                self._read_units(rel, fd, lo, hi, unit, rb, self._buf)
-        except Exception:  # a check that could not be made is left to verify; the write-behind goes on
-            self.checked.pop(rel, None)
-            self.roots.pop(rel, None)
-            self._frontier[rel] = sys.maxsize  # nothing more of this file is read back
-
-    def _read_units(self, rel: str, fd: int, lo: int, hi: int, unit: int, rb: ReadBack, buf: memoryview) -> None:
-        if rb.merkle_size > 0:
-            roots = v2_chunk_roots_fd(fd, lo, hi - lo, unit // V2_BLOCK, buf, on_bytes=self._count)
-            self.roots.setdefault(rel, {}).update(zip(range(lo, hi), roots, strict=True))
-            return
-        mv = buf[:unit]
-        done = self.checked.setdefault(rel, set())
-        for i in range(lo, hi):
-            n = read_full(fd, mv, i * unit)
-            self._count(n)
-            if n == unit and hashlib.sha1(mv, usedforsecurity=False).digest() == rb.pieces[i]:
-                done.add(i)
-
-    def _count(self, n: int) -> None:
-        self.read_back_bytes += n
+        if read_back is not None and self.reader is not None:
+            self.reader.offer(rel, path, start, end, read_back)

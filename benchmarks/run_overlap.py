@@ -130,6 +130,23 @@ def baseline_once(magnet: str, work: Path) -> float:
         shutil.rmtree(home, ignore_errors=True)
 
 
+def find_key(doc: Any, key: str) -> Any:
+    """The first value under ``key`` anywhere in a report (the fetch's telemetry sits deep in it)."""
+    if isinstance(doc, dict):
+        if key in doc:
+            return doc[key]
+        items: list[Any] = list(doc.values())
+    elif isinstance(doc, list):
+        items = doc
+    else:
+        return None
+    for v in items:
+        found = find_key(v, key)
+        if found is not None:
+            return found
+    return None
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--dir", type=Path, default=None, help="where the work folder goes (default: a temp dir)")
@@ -172,6 +189,8 @@ def main() -> int:
                           "ratio_not_overlapped_to_fetch": round(base_s / fetch_s, 3) if base_s is not None else None,
                           "ready_after_last_byte_seconds": doc.get("ready_after_last_byte_seconds"),
                           "convert_stage_seconds": conv.get("seconds"), "overlap": doc.get("overlap"),
+                          "fetch_post_download_check_seconds": find_key(doc, "post_download_check_seconds"),
+                          "fetch_read_back_bytes": find_key(doc, "read_back_while_downloading_bytes"),
                           "stage_seconds": {s.get("stage"): s.get("seconds") for s in doc.get("stages", [])}},
                          indent=2))
         if ratio > RATIO_TARGET:

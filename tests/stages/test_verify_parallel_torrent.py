@@ -298,17 +298,46 @@ def test_a_range_that_never_ran_fails_the_file_instead_of_passing_it(
         tiny_copy: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     folder = _single_torrent(tiny_copy, tmp_path, "v1")
     monkeypatch.setattr(parallel, "SPLIT_UNIT_BYTES", 4 << 20)
-    monkeypatch.setattr(parallel, "PROCESS_MIN_BYTES", 0)
-    monkeypatch.setattr(parallel, "PROCESS_KINDS", ("v1", "v2"))
 
-    def no_worker(*_a: Any, **_k: Any) -> Any:
-        raise OSError("no processes left")
+    class LosesOne:  # a pool that never runs the last unit it is given
+        def __init__(self, **_k: Any) -> None:
+            pass
 
-    monkeypatch.setattr(parallel.subprocess, "Popen", no_worker)  # every driver fails before its first range
+        def __enter__(self) -> LosesOne:
+            return self
+
+        def __exit__(self, *_a: Any) -> None:
+            return None
+
+        def map(self, fn: Callable[[Any], None], items: Any) -> list[None]:
+            return [fn(u) for u in list(items)[:-1]]
+
+    monkeypatch.setattr(parallel, "ThreadPoolExecutor", LosesOne)
     rep = verify_dir(folder, torrent=tmp_path / "t.torrent", workers=2)
     assert not rep.ok
     assert [(c.name, c.file) for c in rep.failures] == [("read", BIG)]
     assert "hashing units did not run" in rep.failures[0].message
+
+
+def test_when_no_worker_process_can_start_the_ranges_are_hashed_on_the_driver_threads(
+        tiny_copy: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    folder = _single_torrent(tiny_copy, tmp_path, "hybrid")
+    monkeypatch.setattr(parallel, "SPLIT_UNIT_BYTES", 4 << 20)
+    monkeypatch.setattr(parallel, "PROCESS_MIN_BYTES", 0)
+
+    def no_worker(*_a: Any, **_k: Any) -> Any:
+        raise OSError("no processes left")
+
+    monkeypatch.setattr(parallel.subprocess, "Popen", no_worker)
+    rep = verify_dir(folder, torrent=tmp_path / "t.torrent", workers=2)
+    rep.raise_for_failure()
+    [f] = rep.files
+    assert f.hash_ranges == 9 and f.hash_threads == 2  # every range ran, on the two driver threads
+    assert rep.bytes_hashed == (folder / BIG).stat().st_size
+
+    flip_byte(folder / BIG, 20_000_123)  # and they still find a damaged piece
+    assert [c.name for c in verify_dir(folder, torrent=tmp_path / "t.torrent", workers=2).failures] == [
+        "torrent-v2-merkle"]
 
 
 def test_the_worker_process_answers_json_lines_with_the_digests_verify_computes_itself(tmp_path: Path) -> None:

@@ -312,7 +312,8 @@ def hash_all(works: Mapping[str, FileWork], nworkers: int, progress: ProgressFn 
 def _run_in_processes(units: list[_Unit], nprocs: int, prog: _Progress, run_here: Callable[[_Unit], None]) -> None:
     """Run the range units on ``nprocs`` worker processes (``worker``), one driver thread each
     (the whole-file passes run in the driver threads themselves). Each driver starts with its own
-    unit, then takes the next largest; a worker that dies fails the unit it had."""
+    unit, then takes the next largest; a worker that dies fails the unit it had, and a driver whose
+    worker cannot start hashes its units on its own thread instead."""
     queue = deque(units[nprocs:])
     lock = threading.Lock()
 
@@ -320,10 +321,15 @@ def _run_in_processes(units: list[_Unit], nprocs: int, prog: _Progress, run_here
         try:
             proc = subprocess.Popen([sys.executable, "-I", str(WORKER)], stdin=subprocess.PIPE,
                                     stdout=subprocess.PIPE, text=True, bufsize=1)
-        except OSError:  # no worker: its units stay undone and fail their files (hash_all checks)
+        except OSError:  # no worker process (a process limit, a sandbox): this driver hashes on its own thread
+            unit: _Unit | None = first
+            while unit is not None:
+                run_here(unit)
+                with lock:
+                    unit = queue.popleft() if queue else None
             return
         assert proc.stdin is not None and proc.stdout is not None
-        unit: _Unit | None = first
+        unit = first
         try:
             while unit is not None:
                 job = unit[3]

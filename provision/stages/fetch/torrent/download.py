@@ -116,8 +116,8 @@ def fetch_torrent(plan: FetchRequest, *, dest: Path, options: TorrentOptions,
         # stream-hash every file while its pieces are in the page cache: a manifest sha256 is checked
         # against it; under a torrent authority verify checks the pieces (in ranges, on every core)
         # and records this hash, so no file is read once more for its whole-file sha256
-        # where the torrent's pieces or merkle tree are a file's authority, the write-behind also reads
-        # each stretch back once it is on the disk and checks it: verify then reads only the rest
+        # where the torrent's pieces or merkle tree are a file's authority, each stretch is also read
+        # back once it is on the disk and checked (``read_back``): verify then reads only the rest
         pl = int(ti.piece_length())
         hasher = live.pieces.hasher = StreamHasher(
             [StreamFile(s.rel, s.staged, s.offset, s.size, True, _read_back(auths[s.rel], s, pl))
@@ -176,8 +176,8 @@ def _telemetry(job: FetchJob, ti: Any, live: LiveTorrent, st: Any, clock: Clock,
         peers_seen=len(live.swarm.seen), peers_max=live.swarm.most,
         download_rate=round(int(st.total_payload_download) / clock.download_seconds, 1) if todo else 0.0,
         steady_rate=steady_rate(log.samples), piece_order=log.order.name,
-        hashed_while_downloading_bytes=hasher.bytes_hashed, read_back_while_downloading_bytes=hasher.read_back.read_back_bytes,
-        reused=[s.rel for s in sels if s.reused],
+        hashed_while_downloading_bytes=hasher.bytes_hashed,
+        read_back_while_downloading_bytes=hasher.read_back.read_back_bytes, reused=[s.rel for s in sels if s.reused],
         verify=vreport.to_dict() if vreport is not None else None,
         **clock.phase_seconds(swarm_at=log.order.swarm_at),
     )
@@ -429,7 +429,7 @@ def _emit_progress(job: FetchJob, st: Any, done: int, wanted: int) -> None:
 
 
 def _read_back(a: Authority, s: Selected, pl: int) -> ReadBack | None:
-    """What the write-behind checks of ``s`` on the disk: the merkle chunks of a v2 authority, or
+    """What the read-back checks of ``s`` on the disk: the merkle chunks of a v2 authority, or
     the v1 piece hashes when they are the torrent's pieces of exactly this file (it starts on a
     piece boundary); else nothing (a manifest sha256: the stream hash is checked against it)."""
     if a.kind == "torrent-v2-merkle" and a.merkle_root is not None and s.size > 0:
@@ -441,7 +441,7 @@ def _read_back(a: Authority, s: Selected, pl: int) -> ReadBack | None:
 
 def _read_back_results(todo: Sequence[Selected], hasher: StreamHasher) -> tuple[dict[str, set[int]],
                                                                                   dict[str, dict[int, bytes]]]:
-    """The v1 pieces and v2 chunk roots the write-behind read back, less any touching a piece whose
+    """The v1 pieces and v2 chunk roots the read-back computed, less any touching a piece whose
     alert never came (``mark_all`` released it: not trusted without a read after the download)."""
     pl, w = hasher.pl, hasher.read_back
     pieces: dict[str, set[int]] = {}

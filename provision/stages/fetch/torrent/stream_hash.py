@@ -8,7 +8,8 @@ the torrent's pieces are the authority this hash is the sha256 recorded) and sta
 completed stretch back at once.
 :class:`WriteBehind` waits for those stretches to reach the disk, drops them from the page
 cache and fsyncs each file once complete, so the hasher never waits for the disk and the fsync
-before the final rename is cheap. Neither talks to libtorrent: the download loop tells the
+before the final rename is cheap; where a file's ``read_back`` says what to check, it hands each
+stretch on the disk to the ``read_back.ReadBackWorker``. Neither talks to libtorrent: the download loop tells the
 hasher which pieces are on disk (``mark``). A file whose hash needed a piece released only by
 ``mark_all`` (its alert never came) is listed by ``forced_files``: the caller reads it again
 rather than trust bytes read before libtorrent surely wrote them.
@@ -44,7 +45,7 @@ class StreamFile:
     offset: int  # in the torrent
     size: int
     want_hash: bool
-    read_back: ReadBack | None = None  # what the write-behind checks once a stretch is on the disk
+    read_back: ReadBack | None = None  # what the read-back checks once a stretch is on the disk
 
 
 class StreamHasher:

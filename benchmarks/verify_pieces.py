@@ -36,6 +36,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from provision.hardware import mem_available
 from provision.stages.fetch.torrent.create import create_torrent
 from provision.stages.verify import verify_dir
 
@@ -115,11 +116,7 @@ def main() -> int:
     if free < size + 2 * GIB:
         print(f"not enough disk in {args.dir}: {free / GIB:.1f} GiB free, {size / GIB + 2:.1f} needed", file=sys.stderr)
         return 2
-    avail = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    with open("/proc/meminfo") as mi:
-        for line in mi:
-            if line.startswith("MemAvailable:"):
-                avail = int(line.split()[1]) * 1024
+    avail = mem_available()
     if avail < size * 1.2:
         print(f"the page cache cannot hold {size / GIB:.1f} GiB ({avail / GIB:.1f} GiB available): "
               "a warm-cache benchmark is impossible; pass a smaller --size-gib", file=sys.stderr)

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from provision.errors import HostileContentError, StructureError
+from provision.io.diskio import read_full
 from provision.io.opening import open_regular, read_regular
 from provision.io.paths import safe_relpath
 
@@ -184,13 +185,8 @@ def read_header(fd: int, path: Path) -> bytearray:
                    header_len=n, size=size)
     raw = bytearray(8 + n)
     raw[:8] = head
-    mv = memoryview(raw)
-    got = 8
-    while got < 8 + n:
-        k = os.preadv(fd, [mv[got:]], got)
-        if not k:
-            raise _bad(path, "the file shrank while its header was read")
-        got += k
+    if 8 + read_full(fd, memoryview(raw)[8:], 8) < 8 + n:
+        raise _bad(path, "the file shrank while its header was read")
     return raw
 
 

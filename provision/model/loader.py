@@ -45,6 +45,7 @@ from provision.formats.safetensors import (
     read_index,
 )
 from provision.hardware import mem_available
+from provision.io.diskio import read_full
 from provision.io.opening import read_regular
 from provision.model.pixtral import Pixtral, build_model
 from provision.model.placement import Placement
@@ -367,13 +368,10 @@ def copier_for(device: torch.device) -> Copier:
 
 
 def _read_chunk(fd: int, path: Path, chunk: Chunk, view: memoryview) -> None:
-    got = 0
-    while got < chunk.nbytes:
-        n = os.preadv(fd, [view[got:chunk.nbytes]], chunk.file_off + got)
-        if n <= 0:
-            raise StructureError(f"{path} ended at byte {chunk.file_off + got} while its header promised "
-                                 f"{chunk.file_off + chunk.nbytes}; fetch it again.", path=str(path))
-        got += n
+    got = read_full(fd, view[:chunk.nbytes], chunk.file_off)
+    if got < chunk.nbytes:
+        raise StructureError(f"{path} ended at byte {chunk.file_off + got} while its header promised "
+                             f"{chunk.file_off + chunk.nbytes}; fetch it again.", path=str(path))
 
 
 def stream_into(paths: list[Path], chunks: list[Chunk], dests: list[torch.Tensor], copiers: list[Copier],

@@ -20,7 +20,7 @@ from pathlib import Path
 from provision.errors import ConvertError, HostileContentError, StructureError, UsageError
 from provision.formats.pickles import is_pickle_name
 from provision.formats.safetensors import parse_header, read_header
-from provision.io.diskio import DIRECT_ALIGN, reopen_direct
+from provision.io.diskio import DIRECT_ALIGN, read_full, reopen_direct
 from provision.io.opening import open_regular
 
 SOURCE_NAME = re.compile(r"consolidated(-\d{5}-of-\d{5})?\.safetensors")
@@ -74,12 +74,9 @@ class SafetensorsSource:
 
     def read_into(self, mv: memoryview, start: int) -> None:
         n = mv.nbytes
-        got = 0
-        while got < n:
-            k = os.preadv(self.fd, [mv[got:]], start + got)
-            if k == 0:
-                raise StructureError(f"{self.path.name} ended early at byte {start + got}.", path=str(self.path))
-            got += k
+        got = read_full(self.fd, mv, start)
+        if got < n:
+            raise StructureError(f"{self.path.name} ended early at byte {start + got}.", path=str(self.path))
         self.read_end = start + n  # how far the conversion has read (the source hasher keeps pages just ahead of it)
 
     def _direct(self) -> int | None:

@@ -447,7 +447,7 @@ def _read_back_results(todo: Sequence[Selected], hasher: StreamHasher) -> tuple[
     pieces: dict[str, set[int]] = {}
     roots: dict[str, dict[int, bytes]] = {}
     for s in todo:
-        forced = [p for p in hasher.forced if s.offset <= (p + 1) * pl - 1 and p * pl < s.offset + s.size]
+        forced = [p for p in hasher.forced if p * pl < s.offset + s.size and (p + 1) * pl > s.offset]
         if s.rel in w.checked:
             pieces[s.rel] = {i for i in w.checked[s.rel] if s.offset // pl + i not in hasher.forced}
         if s.rel in w.roots:

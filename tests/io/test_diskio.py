@@ -151,12 +151,27 @@ def test_copy_fd_copies_every_byte_in_the_kernel_or_through_memory_and_continues
             raise OSError(errno.EXDEV, "cross-device")
         return real(fi, fo, 3 << 20)
 
-    if not kernel:
-        monkeypatch.setattr(os, "copy_file_range", refuse_after_first)
+    def counted(fi: int, fo: int, n: int, *a: int) -> int:
+        calls.append(n)
+        return real(fi, fo, n, *a)
+
+    through_memory: list[int] = []
+    real_readv = os.readv
+
+    def readv(fd: int, bufs: list[memoryview]) -> int:
+        n = real_readv(fd, bufs)
+        through_memory.append(n)
+        return n
+
+    monkeypatch.setattr(os, "copy_file_range", counted if kernel else refuse_after_first)
+    monkeypatch.setattr(os, "readv", readv)
     with open(src, "rb") as fi, open(dst, "wb") as fo:
         assert atomic.copy_fd(fi.fileno(), fo.fileno()) == len(data)
     assert dst.read_bytes() == data
-    assert kernel or len(calls) == 2
+    if kernel:  # copy_file_range until it reports the end (a 0); nothing through this process
+        assert calls[-1:] and through_memory == []
+    else:  # 3 MiB in the kernel, then the refusal; the rest through memory
+        assert len(calls) == 2 and sum(through_memory) == len(data) - (3 << 20)
 
 
 def test_atomic_copy_replaces_the_target_with_the_source_bytes(tmp_path: Path) -> None:
